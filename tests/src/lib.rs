@@ -1,0 +1,1 @@
+//! Test kit: network namespaces, a fake QEMU for helpers, the tiny guest.
