@@ -1,0 +1,85 @@
+//! Command line: QEMU's helper protocol plus a man-style `--help`.
+
+use clap::Parser;
+use qnet_hostnet::protocol::ProtocolArgs;
+
+const ABOUT: &str = "Attach a QEMU guest to a Linux bridge through a new TAP device \
+(drop-in replacement for qemu-bridge-helper)";
+
+const LONG_ABOUT: &str = "\
+NAME
+    qnet-bridge-helper - attach a QEMU guest NIC to a Linux bridge
+
+SYNOPSIS
+    qnet-bridge-helper [--use-vnet] --br=BRIDGE --fd=N [--debug]
+
+DESCRIPTION
+    QEMU runs this program for `-netdev bridge,br=BRIDGE,helper=PATH` and
+    `-netdev tap,helper=PATH`. It checks that the calling user may use BRIDGE
+    (see ACL FILES), creates a brand-new TAP device, copies the bridge's MTU
+    to it, gives it a MAC starting with fe: (so the bridge keeps its own
+    address), enslaves it to the bridge, brings it up, and sends the open TAP
+    file descriptor to QEMU over the unix socket N with SCM_RIGHTS. The TAP is
+    not persistent: it disappears when QEMU closes the descriptor.
+
+    Extra arguments may follow the path in QEMU's helper string, e.g.
+    helper=\"/usr/libexec/qnet-bridge-helper --br=br1\"; QEMU then runs the
+    helper through /bin/sh -c and does not add its own --br.";
+
+const AFTER_LONG_HELP: &str = "\
+ACL FILES
+    CONFIG_DIR/bridge.conf (CONFIG_DIR is fixed at build time; see --version)
+    lists which bridges callers may use, one rule per line:
+        allow NAME | allow all | deny NAME | deny all | include PATH
+    Every rule of the file and its includes is evaluated; a bridge must be
+    allowed and not denied (deny wins, the default is deny). Includes are
+    read as the calling user, so a root:alice 0640 file included from
+    bridge.conf applies to alice only; a missing or unreadable include is
+    skipped. A relative include path is relative to the including file.
+    Blank lines and # comments (also after a rule) are ignored. Unlike
+    qemu-bridge-helper, a malformed line in any file is an error that names
+    file:line, include cycles and nesting deeper than 8 are refused, and
+    names of 16 bytes or more are refused.
+
+    Example /etc/qemu/bridge.conf:
+        allow br0
+        include /etc/qemu/users/alice.conf
+
+PRIVILEGES
+    Install setuid root (chmod 4755) or with `setcap cap_net_admin+ep`.
+    Before reading any input the helper keeps only CAP_NET_ADMIN, returns to
+    the caller's uid/gid, clears the bounding, ambient and inheritable
+    capability sets, sets no_new_privs and ignores the environment.
+
+EXIT STATUS
+    0  the TAP descriptor was sent to QEMU
+    1  anything else; one line on stderr says what went wrong and how to fix
+       it, and no device is left behind";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qnet-bridge-helper",
+    version = version(),
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = AFTER_LONG_HELP,
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub protocol: ProtocolArgs,
+
+    /// Log each step to stderr (a qnet extension; QEMU never passes it).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// The version line also names the build-time ACL directory, so a user can
+/// tell which `bridge.conf` this binary reads.
+fn version() -> &'static str {
+    let line = format!(
+        "{} (config dir {})",
+        env!("CARGO_PKG_VERSION"),
+        qnet_hostnet::CONFIG_DIR
+    );
+    Box::leak(line.into_boxed_str())
+}

@@ -1,0 +1,211 @@
+//! TAP devices through `/dev/net/tun`, and macvtap character devices.
+//!
+//! A [`Tap`] is one open file descriptor on a tun/tap queue plus the name
+//! the kernel gave the device. The helpers create it, configure the link
+//! over netlink and hand the descriptor to QEMU; they never persist it, so
+//! the device disappears as soon as the last holder closes the fd. That is
+//! what makes every failure path leak-free: dropping the `Tap` is the
+//! cleanup.
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use thiserror::Error;
+
+const TUN_CLONE_DEVICE: &str = "/dev/net/tun";
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error("cannot open {path}: {source}{hint}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("{op} on {path} failed: {source}{hint}")]
+    Ioctl {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+/// An open TAP queue. Dropping it closes the fd (and so removes a
+/// non-persistent TAP device).
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    vnet_hdr: bool,
+}
+
+impl Tap {
+    /// Creates a brand-new TAP device with a kernel-chosen `tapN` name.
+    ///
+    /// `IFF_TUN_EXCL` plus an empty name guarantee that the device did not
+    /// exist before this call, so a caller can never obtain a queue of
+    /// somebody else's TAP through us. `IFF_VNET_HDR` is requested only when
+    /// asked for and supported by the kernel, as qemu-bridge-helper does.
+    pub fn create_new(want_vnet_hdr: bool) -> Result<Tap, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(TUN_CLONE_DEVICE)
+            .map_err(|source| TapError::Open {
+                path: TUN_CLONE_DEVICE.into(),
+                hint: open_hint(&source),
+                source,
+            })?;
+        let features = tun_features(&file)?;
+        let vnet_hdr = want_vnet_hdr && features & (libc::IFF_VNET_HDR as u32) != 0;
+
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        let mut ifr = ifreq_with_flags(flags);
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `ifr` is.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        if rc < 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(TapError::Ioctl {
+                op: "TUNSETIFF",
+                path: TUN_CLONE_DEVICE.into(),
+                hint: open_hint(&source),
+                source,
+            });
+        }
+        Ok(Tap {
+            file,
+            name: ifreq_name(&ifr),
+            vnet_hdr,
+        })
+    }
+
+    /// Opens the character device of an existing macvtap link
+    /// (`/dev/tapN`, N = ifindex) and sets `IFF_VNET_HDR` when asked for.
+    pub fn open_macvtap(node: &Path, name: &str, want_vnet_hdr: bool) -> Result<Tap, TapError> {
+        let path = node.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(node)
+            .map_err(|source| TapError::Open {
+                path: path.clone(),
+                hint: open_hint(&source),
+                source,
+            })?;
+        let ioctl_err = |op, source: std::io::Error| TapError::Ioctl {
+            op,
+            path: path.clone(),
+            hint: "",
+            source,
+        };
+        let mut ifr = ifreq_with_flags(0);
+        // SAFETY: TUNGETIFF fills a `struct ifreq`.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
+            return Err(ioctl_err("TUNGETIFF", std::io::Error::last_os_error()));
+        }
+        let features = tun_features(&file)?;
+        let vnet_hdr = want_vnet_hdr && features & (libc::IFF_VNET_HDR as u32) != 0;
+        // SAFETY: the kernel filled the flags member of the union.
+        let mut flags = unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        } else {
+            flags &= !libc::IFF_VNET_HDR;
+        }
+        let mut set = ifreq_with_flags(flags);
+        // SAFETY: TUNSETIFF on a macvtap fd only updates the queue flags.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut set) } < 0 {
+            return Err(ioctl_err("TUNSETIFF", std::io::Error::last_os_error()));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+            vnet_hdr,
+        })
+    }
+
+    /// The interface name the kernel gave the device.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the queue carries a virtio-net header.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// What an open tun/tap fd is: its interface name and `IFF_*` flags.
+/// Used by tests and by the daemon to identify fds handed to QEMU.
+pub fn tap_info(fd: BorrowedFd<'_>) -> std::io::Result<(String, i32)> {
+    let mut ifr = ifreq_with_flags(0);
+    // SAFETY: TUNGETIFF fills a `struct ifreq`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as i32;
+    Ok((ifreq_name(&ifr), flags))
+}
+
+fn tun_features(file: &File) -> Result<u32, TapError> {
+    let mut features: libc::c_uint = 0;
+    // SAFETY: TUNGETFEATURES writes one unsigned int.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETFEATURES, &mut features) } < 0 {
+        return Err(TapError::Ioctl {
+            op: "TUNGETFEATURES",
+            path: TUN_CLONE_DEVICE.into(),
+            hint: "",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(features)
+}
+
+fn ifreq_with_flags(flags: libc::c_int) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid (empty-name) value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    ifr
+}
+
+fn ifreq_name(ifr: &libc::ifreq) -> String {
+    // The kernel always NUL-terminates ifr_name; fall back to lossy on the
+    // off chance it did not.
+    let bytes: Vec<u8> = ifr.ifr_name.iter().map(|&c| c as u8).collect();
+    match CStr::from_bytes_until_nul(&bytes) {
+        Ok(name) => name.to_string_lossy().into_owned(),
+        Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+fn open_hint(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EACCES) => {
+            " (the device node must be usable by the calling user: distributions make /dev/net/tun mode 0666)"
+        }
+        Some(libc::EPERM) => {
+            " (needs CAP_NET_ADMIN: install the helper setuid root or with `setcap cap_net_admin+ep`)"
+        }
+        Some(libc::ENOENT) | Some(libc::ENODEV) => {
+            " (is the tun module loaded? try `modprobe tun`)"
+        }
+        _ => "",
+    }
+}

@@ -1,0 +1,308 @@
+//! Real-kernel tests of `qnet_hostnet::link`.
+//!
+//! Each test creates its own network namespace with `ip netns add` and runs
+//! its body on a fresh thread that has joined that namespace (the network
+//! namespace is per thread), so neither the host nor the other tests see any
+//! of the devices. The namespace is deleted when the test ends, including
+//! after a failed assertion. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
+
+use std::fs::File;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+
+use nix::errno::Errno;
+use nix::sched::{setns, CloneFlags};
+use qnet_hostnet::link::{LinkError, LinkSocket, MacvtapMode, PortChange};
+
+/// A named network namespace, deleted on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("qnet-test-link-{}-{n}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        NetNs { name }
+    }
+
+    /// Runs `ip -n NS ARGS...` and asserts it succeeded.
+    fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    /// Runs `body` on a new thread inside the namespace; its panics are
+    /// re-raised here, after the thread has ended.
+    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let ns = File::open(&path).expect("open netns file");
+                    setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
+                    body()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("failed to delete netns {}: {status:?}", self.name);
+        }
+    }
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().expect("spawn ip");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn index_of(socket: &mut LinkSocket, name: &str) -> u32 {
+    socket
+        .link_by_name(name)
+        .expect("lookup")
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .index
+}
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+#[test]
+fn missing_device_is_none() {
+    let ns = NetNs::new();
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        assert_eq!(socket.link_by_name("nosuchdev0").unwrap(), None);
+        assert_eq!(socket.link_by_index(999_999).unwrap(), None);
+        assert!(matches!(
+            socket.link_by_name("much-too-long-name"),
+            Err(LinkError::InvalidName(_))
+        ));
+    });
+}
+
+#[test]
+fn loopback_by_name_and_index_agree() {
+    let ns = NetNs::new();
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        let by_name = socket.link_by_name("lo").unwrap().unwrap();
+        assert_eq!(by_name.name, "lo");
+        assert_eq!(by_name.kind, None);
+        assert_eq!(by_name.master, None);
+        let by_index = socket.link_by_index(by_name.index).unwrap().unwrap();
+        assert_eq!(by_index, by_name);
+    });
+}
+
+#[test]
+fn bridge_is_created_and_read_back() {
+    let ns = NetNs::new();
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        socket.create_bridge("qbr0", Some(MAC)).unwrap();
+        let bridge = socket.link_by_name("qbr0").unwrap().unwrap();
+        assert_eq!(bridge.name, "qbr0");
+        assert_eq!(bridge.kind.as_deref(), Some("bridge"));
+        assert_eq!(bridge.mac, Some(MAC));
+        assert_eq!(bridge.mtu, 1500);
+        assert!(!bridge.up);
+        assert_eq!(bridge.master, None);
+        assert_eq!(bridge.macvtap_mode, None);
+
+        let again = socket.create_bridge("qbr0", None).unwrap_err();
+        assert!(matches!(again, LinkError::Exists { .. }), "{again:?}");
+
+        // Without a MAC the kernel picks one.
+        socket.create_bridge("qbr1", None).unwrap();
+        let random = socket.link_by_name("qbr1").unwrap().unwrap();
+        assert!(random.mac.is_some());
+        assert_ne!(random.index, bridge.index);
+    });
+}
+
+#[test]
+fn macvtap_in_every_mode() {
+    let ns = NetNs::new();
+    let modes = [
+        MacvtapMode::Bridge,
+        MacvtapMode::Vepa,
+        MacvtapMode::Private,
+        MacvtapMode::Passthru,
+    ];
+    // One veth pair per mode: passthru insists on having its lower device
+    // to itself.
+    for i in 0..modes.len() {
+        let (a, b) = (format!("va{i}"), format!("vb{i}"));
+        ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    }
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        for (i, mode) in modes.into_iter().enumerate() {
+            let lower = socket.link_by_name(&format!("va{i}")).unwrap().unwrap();
+            assert_eq!(lower.kind.as_deref(), Some("veth"));
+            let name = format!("mvt{i}");
+            let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, i as u8];
+            socket
+                .create_macvtap(&name, lower.index, mac, mode, Some(1400))
+                .unwrap_or_else(|e| panic!("{mode}: {e}"));
+
+            let tap = socket.link_by_name(&name).unwrap().unwrap();
+            assert_eq!(tap.kind.as_deref(), Some("macvtap"), "{mode}");
+            assert_eq!(tap.macvtap_mode, Some(mode));
+            assert_eq!(tap.mtu, 1400, "{mode}");
+            // Passthru takes the lower device's address, whatever we ask.
+            let expected_mac = match mode {
+                MacvtapMode::Passthru => lower.mac,
+                _ => Some(mac),
+            };
+            assert_eq!(tap.mac, expected_mac, "{mode}");
+
+            let again = socket
+                .create_macvtap(&name, lower.index, mac, mode, None)
+                .unwrap_err();
+            assert!(matches!(again, LinkError::Exists { .. }), "{again:?}");
+            assert_eq!(again.errno(), Some(Errno::EEXIST));
+        }
+    });
+}
+
+#[test]
+fn macvtap_on_missing_lower_fails_with_errno() {
+    let ns = NetNs::new();
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        let error = socket
+            .create_macvtap("mvt0", 999_999, MAC, MacvtapMode::Bridge, None)
+            .unwrap_err();
+        assert!(matches!(error, LinkError::Kernel { .. }), "{error:?}");
+        assert!(error.errno().is_some(), "{error:?}");
+        assert!(matches!(
+            socket.create_macvtap("mvt%d", 1, MAC, MacvtapMode::Bridge, None),
+            Err(LinkError::InvalidName(_))
+        ));
+    });
+}
+
+#[test]
+fn configure_port_in_one_request() {
+    let ns = NetNs::new();
+    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        socket.create_bridge("qbr0", None).unwrap();
+        let bridge = index_of(&mut socket, "qbr0");
+        let before = socket.link_by_name("t0").unwrap().unwrap();
+        assert_eq!(before.kind.as_deref(), Some("tun"));
+        assert!(!before.up);
+
+        let change = PortChange {
+            mtu: Some(1400),
+            mac: Some(MAC),
+            master: Some(bridge),
+            up: true,
+        };
+        socket.configure_port(before.index, change).unwrap();
+
+        let after = socket.link_by_index(before.index).unwrap().unwrap();
+        assert_eq!(after.mtu, 1400);
+        assert_eq!(after.mac, Some(MAC));
+        assert_eq!(after.master, Some(bridge));
+        assert!(after.up);
+    });
+}
+
+#[test]
+fn configure_port_reports_kernel_errors() {
+    let ns = NetNs::new();
+    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        let tap = index_of(&mut socket, "t0");
+        let change = PortChange {
+            mtu: Some(10),
+            ..PortChange::default()
+        };
+        let error = socket.configure_port(tap, change).unwrap_err();
+        assert_eq!(error.errno(), Some(Errno::EINVAL), "{error}");
+        // The error says what was being done.
+        assert!(
+            error.to_string().contains(&format!("ifindex {tap}")),
+            "{error}"
+        );
+
+        let error = socket.set_up(999_999).unwrap_err();
+        assert_eq!(error.errno(), Some(Errno::ENODEV), "{error}");
+    });
+}
+
+#[test]
+fn single_setters() {
+    let ns = NetNs::new();
+    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        let tap = index_of(&mut socket, "t0");
+
+        socket.set_mac(tap, MAC).unwrap();
+        socket.set_alias(tap, "guest vm1 net0").unwrap();
+        socket.set_up(tap).unwrap();
+        let link = socket.link_by_index(tap).unwrap().unwrap();
+        assert_eq!(link.mac, Some(MAC));
+        assert_eq!(link.alias.as_deref(), Some("guest vm1 net0"));
+        assert!(link.up);
+
+        // An empty alias removes it.
+        socket.set_alias(tap, "").unwrap();
+        assert_eq!(socket.link_by_index(tap).unwrap().unwrap().alias, None);
+    });
+}
+
+#[test]
+fn delete_removes_the_link() {
+    let ns = NetNs::new();
+    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        socket.create_bridge("qbr0", None).unwrap();
+        for name in ["qbr0", "t0"] {
+            let index = index_of(&mut socket, name);
+            socket.delete(index).unwrap();
+            assert_eq!(socket.link_by_name(name).unwrap(), None);
+            assert_eq!(socket.link_by_index(index).unwrap(), None);
+            let error = socket.delete(index).unwrap_err();
+            assert_eq!(error.errno(), Some(Errno::ENODEV), "{error}");
+        }
+    });
+}
+
+#[test]
+fn devices_stay_in_their_namespace() {
+    let ns = NetNs::new();
+    let name = format!("qnt{}", std::process::id() % 100_000);
+    ns.run(|| {
+        LinkSocket::new()
+            .unwrap()
+            .create_bridge(&name, None)
+            .unwrap()
+    });
+    // This thread is still in the host namespace.
+    assert_eq!(
+        LinkSocket::new().unwrap().link_by_name(&name).unwrap(),
+        None
+    );
+}
