@@ -1,1 +1,58 @@
-//! Test kit: network namespaces, a fake QEMU for helpers, the tiny guest.
+//! Test kit shared by qnet's integration tests, end-to-end tests and
+//! benchmarks: network namespaces, a sandbox with its own `/etc/qemu`, a
+//! fake QEMU that runs helpers, and the tiny guest.
+//!
+//! Prerequisites are checked loudly: a test that lacks root, a tool or a
+//! kernel feature panics with what to install. It never skips.
+
+pub mod fake_qemu;
+pub mod netns;
+pub mod sandbox;
+
+use std::path::PathBuf;
+
+/// Panics unless running as root: these tests create namespaces and
+/// devices.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "qnet's integration tests need root (they create network namespaces); run them as root"
+    );
+}
+
+/// Panics unless `program` is on PATH (or an absolute path that exists),
+/// naming the Debian package that provides it.
+pub fn require_tool(program: &str, package: &str) -> PathBuf {
+    let found = if program.contains('/') {
+        Some(PathBuf::from(program)).filter(|p| p.exists())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|p| p.exists())
+        })
+    };
+    found.unwrap_or_else(|| panic!("`{program}` not found: install the Debian package `{package}`"))
+}
+
+/// The directory cargo puts this build's binaries in (target/debug or
+/// target/release), derived from the running test executable.
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of one of the workspace's binaries, built by `cargo test --workspace`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        path.display()
+    );
+    path
+}
