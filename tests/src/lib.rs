@@ -5,7 +5,10 @@
 //! Prerequisites are checked loudly: a test that lacks root, a tool or a
 //! kernel feature panics with what to install. It never skips.
 
+pub mod dnsmasq;
 pub mod fake_qemu;
+pub mod guest;
+pub mod http;
 pub mod netns;
 pub mod sandbox;
 

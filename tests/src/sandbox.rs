@@ -10,6 +10,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -110,6 +111,68 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// Everything a process needs to enter the sandbox, prepared up front so
+/// that entering makes system calls only (safe between fork and exec).
+struct Entry {
+    netns_path: CString,
+    overlay_opts: CString,
+    config_path: CString,
+    tun_path: CString,
+    run_as: Option<RunAs>,
+}
+
+impl Entry {
+    fn new(netns: &NetNs, config: &ConfigDir, run_as: Option<RunAs>) -> Entry {
+        let (upper, work) = config.overlay_layers();
+        let c_path = |path: PathBuf| CString::new(path.into_os_string().into_encoded_bytes()).unwrap();
+        Entry {
+            netns_path: CString::new(netns.path()).unwrap(),
+            overlay_opts: CString::new(format!(
+                "lowerdir=/etc,upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            ))
+            .unwrap(),
+            config_path: c_path(config.path()),
+            tun_path: c_path(config.root.path().join("tun")),
+            run_as,
+        }
+    }
+
+    /// Joins the network namespace, makes a private mount namespace with the
+    /// test's `/etc/qemu` and `/dev/net/tun`, then drops to `run_as`.
+    fn enter(&self) -> std::io::Result<()> {
+        // SAFETY: open(2) of a NUL-terminated path; the fd is owned below.
+        let raw = unsafe { libc::open(self.netns_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just opened and is owned by nothing else.
+        let ns = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        setns(ns, CloneFlags::CLONE_NEWNET)?;
+        unshare(CloneFlags::CLONE_NEWNS)?;
+        let none = None::<&str>;
+        mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+        mount(
+            Some("overlay"),
+            "/etc",
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(self.overlay_opts.as_c_str()),
+        )?;
+        mount(Some(self.config_path.as_c_str()), "/etc/qemu", none, MsFlags::MS_BIND, none)?;
+        mount(Some(self.tun_path.as_c_str()), "/dev/net/tun", none, MsFlags::MS_BIND, none)?;
+        if let Some(user) = self.run_as {
+            let gid = Gid::from_raw(user.gid);
+            let uid = Uid::from_raw(user.uid);
+            setgroups(&[gid])?;
+            setresgid(gid, gid, gid)?;
+            setresuid(uid, uid, uid)?;
+        }
+        Ok(())
+    }
+}
+
 /// Builds a `Command` for `program` that runs inside `netns` with
 /// `config` as `/etc/qemu`, as `run_as` when given (root otherwise).
 pub fn sandboxed(
@@ -118,70 +181,11 @@ pub fn sandboxed(
     config: &ConfigDir,
     run_as: Option<RunAs>,
 ) -> Command {
-    let (upper, work) = config.overlay_layers();
-    let netns_path = netns.path();
-    let overlay_opts = CString::new(format!(
-        "lowerdir=/etc,upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    ))
-    .unwrap();
-    let config_path = CString::new(config.path().into_os_string().into_encoded_bytes()).unwrap();
-    let tun_path = CString::new(
-        config
-            .root
-            .path()
-            .join("tun")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .unwrap();
-
+    let entry = Entry::new(netns, config, run_as);
     let mut cmd = Command::new(program.as_ref());
-    // SAFETY: the closure only makes system calls (no allocation, no
-    // locks) between fork and exec; everything it needs was built above.
+    // SAFETY: `enter` only makes system calls between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            let ns = fs::File::open(&netns_path)?;
-            setns(ns, CloneFlags::CLONE_NEWNET)?;
-            unshare(CloneFlags::CLONE_NEWNS)?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
-            mount(
-                Some("overlay"),
-                "/etc",
-                Some("overlay"),
-                MsFlags::empty(),
-                Some(overlay_opts.as_c_str()),
-            )?;
-            mount(
-                Some(config_path.as_c_str()),
-                "/etc/qemu",
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )?;
-            mount(
-                Some(tun_path.as_c_str()),
-                "/dev/net/tun",
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )?;
-            if let Some(user) = run_as {
-                let gid = Gid::from_raw(user.gid);
-                let uid = Uid::from_raw(user.uid);
-                setgroups(&[gid])?;
-                setresgid(gid, gid, gid)?;
-                setresuid(uid, uid, uid)?;
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || entry.enter());
     }
     cmd
 }

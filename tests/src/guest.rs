@@ -1,0 +1,551 @@
+//! The tiny test guest: build it, boot it under QEMU, read what it says.
+//!
+//! The guest (`tests/guest/`, built by `tests/guest/build-guest.sh`) is
+//! Debian's cloud kernel plus a busybox initramfs. Its `/init` configures
+//! `eth0` by DHCP and then serves, on the leased address:
+//! - HTTP on port 80: `/` is the kernel parameter `qnet.token=...` byte for
+//!   byte (so a test proves which guest answered);
+//! - TCP echo on port 7 and, when the build host had a static C toolchain,
+//!   UDP echo on port 7;
+//! - ping (answered by the kernel).
+//!
+//! # Console protocol
+//! `/init` reports on the serial console (`console=ttyS0`, which
+//! [`GuestSpec::qemu_command`] sends to a file), one line each, `\r\n` ended:
+//!
+//! ```text
+//! QNET-GUEST-INIT uptime=<seconds>
+//! QNET-GUEST-LEASE ip=<a.b.c.d> prefix=<n> router=<a.b.c.d|none> mac=<mac> uptime=<seconds>
+//! QNET-GUEST-NOLEASE mac=<mac> uptime=<seconds>        (DHCP gave up: fatal)
+//! QNET-GUEST-ERROR <message>                           (fatal)
+//! QNET-GUEST-READY http=80 tcpecho=7 udpecho=<7|none> uptime=<seconds>
+//! ```
+//!
+//! Lines are `MARKER key=value...`; keys may be added later, so parsers
+//! ignore keys they do not know. READY comes after LEASE, once the servers
+//! listen. After NOLEASE or ERROR the guest idles until killed.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// `/init` started (kernel boot is over).
+pub const INIT_MARKER: &str = "QNET-GUEST-INIT";
+/// `eth0` got a DHCP lease; see [`GuestLease`].
+pub const LEASE_MARKER: &str = "QNET-GUEST-LEASE";
+/// DHCP failed; the guest will not serve anything.
+pub const NOLEASE_MARKER: &str = "QNET-GUEST-NOLEASE";
+/// `/init` hit an error it cannot recover from.
+pub const ERROR_MARKER: &str = "QNET-GUEST-ERROR";
+/// The HTTP and echo servers listen.
+pub const READY_MARKER: &str = "QNET-GUEST-READY";
+
+/// The guest's HTTP port (`/` answers the token).
+pub const HTTP_PORT: u16 = 80;
+/// The guest's TCP and UDP echo port.
+pub const ECHO_PORT: u16 = 7;
+
+/// The built guest: a kernel and an initramfs for `qemu -kernel/-initrd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The cargo target directory of this workspace: `$CARGO_TARGET_DIR` if set
+/// (relative to the workspace root when relative), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    // The parent rather than `tests/..`, so that messages read `/x/target`.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace");
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir), // join() keeps an absolute dir as is
+        None => workspace.join("target"),
+    }
+}
+
+/// Builds the guest if needed (`<target>/qnet-guest/`) and returns its paths.
+///
+/// The build runs once per process; across processes the script itself takes
+/// a lock and skips work already done. Takes a few seconds the first time
+/// (the kernel package is downloaded with apt), then nothing.
+pub fn guest_image() -> Result<GuestImage, String> {
+    static IMAGE: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    IMAGE.get_or_init(build_guest_image).clone()
+}
+
+fn build_guest_image() -> Result<GuestImage, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build-guest.sh");
+    let outdir = target_dir().join("qnet-guest");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(&outdir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the test guest failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let image = GuestImage {
+        kernel: outdir.join("vmlinuz"),
+        initrd: outdir.join("initrd.gz"),
+    };
+    for file in [&image.kernel, &image.initrd] {
+        if !file.is_file() {
+            return Err(format!(
+                "{} succeeded but {} is missing",
+                script.display(),
+                file.display()
+            ));
+        }
+    }
+    Ok(image)
+}
+
+/// Checks that the programs the guest tests run are installed, naming the
+/// Debian package for each one missing. Tests call it first so that a missing
+/// tool fails with a clear message (never a skip).
+pub fn check_prerequisites() -> Result<(), String> {
+    let needed = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("ip", "iproute2"),
+        ("busybox", "busybox-static"),
+        ("cpio", "cpio"),
+        ("flock", "util-linux"),
+    ];
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|(program, _)| find_program(program).is_none())
+        .map(|(program, package)| format!("{program} (apt-get install {package})"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("missing programs: {}", missing.join(", ")))
+    }
+}
+
+/// Looks a program up in `$PATH` plus the sbin directories (tests may run
+/// with a user's PATH that lacks them, as root still can run those).
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A random MAC in QEMU's range, `52:54:00:xx:xx:xx`.
+pub fn random_mac() -> String {
+    let b = random_bytes::<3>();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// A random token for `qnet.token=`: 32 lowercase hex digits.
+pub fn random_token() -> String {
+    random_bytes::<16>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `N` bytes from the kernel's random source (no rand crate needed).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf
+}
+
+/// Makes `cmd` start inside the network namespace `/run/netns/<netns>`
+/// (as created by `ip netns add`), with a `setns` between fork and exec.
+///
+/// The namespace file is opened now, so a missing namespace is reported here
+/// and the child does no allocation before exec.
+pub fn command_in_netns(cmd: &mut Command, netns: &str) -> Result<(), String> {
+    let path = Path::new("/run/netns").join(netns);
+    let ns = File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: the hook only calls setns(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+        });
+    }
+    Ok(())
+}
+
+/// How to boot one guest. Build it with [`GuestSpec::new`], adjust the
+/// public fields if needed, then get the QEMU command line.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// MAC of the guest's NIC, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    /// What the guest serves at `http://<ip>/`; no whitespace or quotes
+    /// (it travels on the kernel command line).
+    pub token: String,
+    /// Guest RAM; 128 MiB is plenty.
+    pub memory_mib: u32,
+    /// Extra kernel parameters, appended as they are.
+    pub extra_append: Vec<String>,
+}
+
+impl GuestSpec {
+    pub fn new(image: &GuestImage, mac: impl Into<String>, token: impl Into<String>) -> Self {
+        GuestSpec {
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            mac: mac.into(),
+            token: token.into(),
+            memory_mib: 128,
+            extra_append: Vec::new(),
+        }
+    }
+
+    /// The kernel command line.
+    pub fn append(&self) -> String {
+        let mut append = format!("console=ttyS0 panic=-1 quiet qnet.token={}", self.token);
+        for extra in &self.extra_append {
+            append.push(' ');
+            append.push_str(extra);
+        }
+        append
+    }
+
+    /// The QEMU command booting this guest with one virtio-net NIC on
+    /// `netdev` (a `-netdev` value such as
+    /// `tap,id=n0,ifname=qtap0,script=no,downscript=no` or
+    /// `bridge,id=n0,br=qbr0,helper=/path/to/helper`; its `id=` names the
+    /// NIC's backend). The console goes to `serial_log`.
+    ///
+    /// Always software emulation (`-accel tcg`): KVM is not usable on the
+    /// test machines. The caller may add `pre_exec` hooks (for example
+    /// [`command_in_netns`]) before handing it to [`RunningGuest::spawn`].
+    ///
+    /// Panics on a `netdev` without `id=`, or a token or path QEMU cannot
+    /// take: those are mistakes in the test, not conditions to handle.
+    pub fn qemu_command(&self, netdev: &str, serial_log: &Path) -> Command {
+        let id = netdev_id(netdev).unwrap_or_else(|| panic!("-netdev {netdev:?} has no id="));
+        assert!(
+            !self.token.is_empty() && !self.token.contains(|c: char| c.is_whitespace() || c == '"'),
+            "token {:?} cannot go on the kernel command line",
+            self.token
+        );
+        // QEMU's option parser splits on commas.
+        assert!(
+            !serial_log.to_string_lossy().contains(','),
+            "comma in {}",
+            serial_log.display()
+        );
+
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m"])
+            .arg(self.memory_mib.to_string())
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial_log.display()))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(self.append())
+            .arg("-netdev")
+            .arg(netdev)
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev={id},mac={}", self.mac));
+        cmd
+    }
+}
+
+/// The `id=` of a `-netdev` value: `tap,id=n0,ifname=t0` -> `n0`.
+pub fn netdev_id(netdev: &str) -> Option<&str> {
+    netdev
+        .split(',')
+        .find_map(|opt| opt.strip_prefix("id="))
+        .filter(|id| !id.is_empty())
+}
+
+/// What the guest's LEASE line says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLease {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub router: Option<Ipv4Addr>,
+    pub mac: String,
+}
+
+/// Parses a LEASE line (`QNET-GUEST-LEASE ip=... prefix=... router=... mac=...`).
+pub fn parse_lease_line(line: &str) -> Result<GuestLease, String> {
+    let fields = line
+        .trim()
+        .strip_prefix(LEASE_MARKER)
+        .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+        .ok_or_else(|| format!("not a lease line: {line:?}"))?;
+    let get = |key: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .ok_or_else(|| format!("lease line without {key}=: {line:?}"))
+    };
+    let bad = |key: &str| format!("bad {key}= in lease line: {line:?}");
+    let router = get("router")?;
+    Ok(GuestLease {
+        ip: get("ip")?.parse().map_err(|_| bad("ip"))?,
+        prefix: get("prefix")?
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| bad("prefix"))?,
+        router: match router {
+            "none" | "" => None,
+            r => Some(r.parse().map_err(|_| bad("router"))?),
+        },
+        mac: get("mac")?.to_string(),
+    })
+}
+
+/// A QEMU process running the guest. Dropping it kills QEMU (SIGKILL) and
+/// reaps it, so no QEMU outlives its test, whatever happens in the test.
+pub struct RunningGuest {
+    child: Mutex<Child>,
+    serial_log: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl RunningGuest {
+    /// Starts `cmd` (from [`GuestSpec::qemu_command`]) whose console goes to
+    /// `serial_log`. QEMU's own stdout and stderr go to
+    /// `<serial_log>.qemu-stderr`, quoted in errors; stdin is closed.
+    pub fn spawn(mut cmd: Command, serial_log: &Path) -> Result<Self, String> {
+        // A log left by an earlier run would be read as this guest's output.
+        match fs::remove_file(serial_log) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(format!("remove old {}: {e}", serial_log.display()))
+            }
+            _ => {}
+        }
+        let stderr_log = PathBuf::from(format!("{}.qemu-stderr", serial_log.display()));
+        let stderr = File::create(&stderr_log)
+            .map_err(|e| format!("create {}: {e}", stderr_log.display()))?;
+        let stdout = stderr.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => format!(
+                    "cannot start {:?}: not found (apt-get install qemu-system-x86)",
+                    cmd.get_program()
+                ),
+                _ => format!("cannot start {:?}: {e}", cmd.get_program()),
+            })?;
+        Ok(RunningGuest {
+            child: Mutex::new(child),
+            serial_log: serial_log.to_path_buf(),
+            stderr_log,
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
+    /// The serial log (the guest's console) so far.
+    pub fn serial_output(&self) -> String {
+        fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the guest's DHCP lease and returns its address.
+    pub fn wait_for_lease(&self, timeout: Duration) -> Result<Ipv4Addr, String> {
+        self.wait_for_lease_info(timeout).map(|lease| lease.ip)
+    }
+
+    /// Waits for the guest's DHCP lease and returns all the LEASE line says.
+    pub fn wait_for_lease_info(&self, timeout: Duration) -> Result<GuestLease, String> {
+        let line = self.wait_for_line(LEASE_MARKER, timeout)?;
+        parse_lease_line(&line).map_err(|e| self.failure(&e))
+    }
+
+    /// Waits until the guest's servers listen; returns the READY line
+    /// (whose `udpecho=` tells whether the guest has UDP echo).
+    pub fn wait_for_ready(&self, timeout: Duration) -> Result<String, String> {
+        self.wait_for_line(READY_MARKER, timeout)
+    }
+
+    /// Waits for a console line holding `marker` (followed by a space or the
+    /// end of the line) and returns it from the marker on. Fails at once on a
+    /// NOLEASE or ERROR line or when QEMU exits; every error quotes the tail
+    /// of the serial log and QEMU's stderr.
+    pub fn wait_for_line(&self, marker: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Checked before reading the log, so that a QEMU that printed
+            // its last line and then exited is still read in full.
+            let exited = self.try_wait()?;
+            for line in complete_lines(&self.serial_output()) {
+                if let Some(found) = find_marker(line, marker) {
+                    return Ok(found.to_string());
+                }
+                for fatal in [NOLEASE_MARKER, ERROR_MARKER] {
+                    if let Some(found) = find_marker(line, fatal) {
+                        return Err(
+                            self.failure(&format!("waiting for {marker}, the guest said: {found}"))
+                        );
+                    }
+                }
+            }
+            if let Some(status) = exited {
+                return Err(self.failure(&format!("waiting for {marker}: QEMU exited ({status})")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(&format!("no {marker} line within {timeout:?}")));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_wait(&self) -> Result<Option<ExitStatus>, String> {
+        self.child
+            .lock()
+            .unwrap()
+            .try_wait()
+            .map_err(|e| format!("waitpid QEMU: {e}"))
+    }
+
+    /// An error message with what is needed to debug it.
+    fn failure(&self, what: &str) -> String {
+        format!(
+            "guest (QEMU pid {}): {what}\n--- last lines of {} ---\n{}\n--- {} ---\n{}",
+            self.pid(),
+            self.serial_log.display(),
+            tail(&self.serial_output(), 40),
+            self.stderr_log.display(),
+            tail(
+                &fs::read_to_string(&self.stderr_log).unwrap_or_default(),
+                20
+            ),
+        )
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The lines of `text` that are complete (newline-ended: a line still being
+/// written could be cut in the middle of an address), without `\r`.
+fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete.lines().map(|l| l.trim_end_matches('\r'))
+}
+
+/// `line` from `marker` on, if the marker is there as a whole word (kernel
+/// messages may share the line; `QNET-GUEST-LEASE` must not match
+/// `QNET-GUEST-LEASED`).
+fn find_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.match_indices(marker)
+        .map(|(at, _)| &line[at..])
+        .find(|rest| {
+            let after = &rest[marker.len()..];
+            after.is_empty() || after.starts_with(' ')
+        })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lease_line() {
+        let lease = parse_lease_line(
+            "QNET-GUEST-LEASE ip=10.1.2.3 prefix=24 router=10.1.2.1 mac=52:54:00:aa:bb:cc uptime=2.1",
+        )
+        .unwrap();
+        assert_eq!(
+            lease,
+            GuestLease {
+                ip: Ipv4Addr::new(10, 1, 2, 3),
+                prefix: 24,
+                router: Some(Ipv4Addr::new(10, 1, 2, 1)),
+                mac: "52:54:00:aa:bb:cc".into(),
+            }
+        );
+        let no_router = parse_lease_line(
+            "QNET-GUEST-LEASE ip=10.0.0.9 prefix=8 router=none mac=52:54:00:00:00:01",
+        )
+        .unwrap();
+        assert_eq!(no_router.router, None);
+    }
+
+    #[test]
+    fn rejects_bad_lease_lines() {
+        assert!(parse_lease_line("QNET-GUEST-NOLEASE mac=52:54:00:00:00:01").is_err());
+        assert!(parse_lease_line("QNET-GUEST-LEASE prefix=24 router=none mac=m").is_err());
+        assert!(
+            parse_lease_line("QNET-GUEST-LEASE ip=10.0.0.300 prefix=24 router=none mac=m").is_err()
+        );
+        assert!(
+            parse_lease_line("QNET-GUEST-LEASE ip=10.0.0.3 prefix=33 router=none mac=m").is_err()
+        );
+    }
+
+    #[test]
+    fn finds_markers_as_whole_words_in_complete_lines() {
+        let log = "[ 1.0] boot\r\nxx QNET-GUEST-LEASE ip=1.2.3.4\r\nQNET-GUEST-READY http=8";
+        let lines: Vec<&str> = complete_lines(log).collect();
+        assert_eq!(lines, ["[ 1.0] boot", "xx QNET-GUEST-LEASE ip=1.2.3.4"]);
+        assert_eq!(
+            find_marker(lines[1], LEASE_MARKER),
+            Some("QNET-GUEST-LEASE ip=1.2.3.4")
+        );
+        assert_eq!(find_marker("QNET-GUEST-NOLEASE mac=x", LEASE_MARKER), None);
+        assert_eq!(find_marker("QNET-GUEST-LEASED", LEASE_MARKER), None);
+        assert_eq!(
+            find_marker("QNET-GUEST-READY", READY_MARKER),
+            Some("QNET-GUEST-READY")
+        );
+    }
+
+    #[test]
+    fn netdev_ids() {
+        assert_eq!(netdev_id("tap,id=n0,ifname=t0,script=no"), Some("n0"));
+        assert_eq!(netdev_id("bridge,br=qbr0,id=x1"), Some("x1"));
+        assert_eq!(netdev_id("user"), None);
+        assert_eq!(netdev_id("tap,id="), None);
+    }
+}
