@@ -105,16 +105,15 @@ fn cli_exit(err: clap::Error) -> ExitCode {
 
 /// Logging goes to stderr (QEMU shows it to the user) and is configured by
 /// argv only: the environment is never trusted in a privileged helper.
+/// Without `--debug` no subscriber is installed at all: errors are printed
+/// by `main`, and a one-shot helper should not pay for an idle logger.
 fn init_logging(debug: bool) {
-    let level = if debug {
-        tracing::Level::DEBUG
-    } else {
-        tracing::Level::WARN
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(level)
-        .with_target(false)
-        .without_time()
-        .init();
+    if debug {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_target(false)
+            .without_time()
+            .init();
+    }
 }

@@ -112,7 +112,9 @@ fn verify(uid: Uid, gid: Gid, wanted: &CapsHashSet) -> Result<(), PrivilegeError
     {
         return Err(failed("verify", "uid/gid still differ from the caller's"));
     }
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Ambient] {
+    // The ambient set needs no check: it was cleared above, and the kernel
+    // keeps it a subset of permitted ∩ inheritable, which is now empty.
+    for set in [CapSet::Effective, CapSet::Permitted] {
         let held = caps::read(None, set).map_err(|e| failed("verify caps", e))?;
         let extra: Vec<_> = held.difference(wanted).collect();
         if !extra.is_empty() {

@@ -124,7 +124,8 @@ struct Entry {
 impl Entry {
     fn new(netns: &NetNs, config: &ConfigDir, run_as: Option<RunAs>) -> Entry {
         let (upper, work) = config.overlay_layers();
-        let c_path = |path: PathBuf| CString::new(path.into_os_string().into_encoded_bytes()).unwrap();
+        let c_path =
+            |path: PathBuf| CString::new(path.into_os_string().into_encoded_bytes()).unwrap();
         Entry {
             netns_path: CString::new(netns.path()).unwrap(),
             overlay_opts: CString::new(format!(
@@ -160,8 +161,20 @@ impl Entry {
             MsFlags::empty(),
             Some(self.overlay_opts.as_c_str()),
         )?;
-        mount(Some(self.config_path.as_c_str()), "/etc/qemu", none, MsFlags::MS_BIND, none)?;
-        mount(Some(self.tun_path.as_c_str()), "/dev/net/tun", none, MsFlags::MS_BIND, none)?;
+        mount(
+            Some(self.config_path.as_c_str()),
+            "/etc/qemu",
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )?;
+        mount(
+            Some(self.tun_path.as_c_str()),
+            "/dev/net/tun",
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )?;
         if let Some(user) = self.run_as {
             let gid = Gid::from_raw(user.gid);
             let uid = Uid::from_raw(user.uid);
