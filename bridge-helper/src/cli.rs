@@ -83,3 +83,70 @@ fn version() -> &'static str {
     );
     Box::leak(line.into_boxed_str())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::Parser;
+
+    use super::Cli;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("qnet-bridge-helper").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn qemus_argv_is_accepted() {
+        let cli = parse(&["--use-vnet", "--fd=5", "--br=br0"]).unwrap();
+        assert!(cli.protocol.use_vnet);
+        assert_eq!(cli.protocol.fd, 5);
+        assert_eq!(cli.protocol.br, "br0");
+        assert!(!cli.debug);
+    }
+
+    #[test]
+    fn sh_c_form_puts_extra_arguments_first() {
+        // helper="qnet-bridge-helper --br=br1 --debug" becomes
+        // `qnet-bridge-helper --br=br1 --debug --use-vnet --fd=7`.
+        let cli = parse(&["--br=br1", "--debug", "--use-vnet", "--fd=7"]).unwrap();
+        assert_eq!(cli.protocol.br, "br1");
+        assert_eq!(cli.protocol.fd, 7);
+        assert!(cli.debug);
+    }
+
+    #[test]
+    fn use_vnet_is_optional() {
+        let cli = parse(&["--fd=3", "--br=br0"]).unwrap();
+        assert!(!cli.protocol.use_vnet);
+    }
+
+    #[test]
+    fn bridge_and_fd_are_required() {
+        for args in [&["--fd=3"][..], &["--br=br0"][..], &[][..]] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn anything_else_is_an_error() {
+        for args in [
+            &["--fd=3", "--br=br0", "--ifname=tap9"][..],
+            &["--fd=3", "--br=br0", "extra"][..],
+            &["--fd=three", "--br=br0"][..],
+            &["--fd=3", "--br=br0", "--br=br1"][..],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(
+                !matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors_to_report() {
+        assert_eq!(parse(&["--help"]).unwrap_err().kind(), ErrorKind::DisplayHelp);
+        assert_eq!(parse(&["--version"]).unwrap_err().kind(), ErrorKind::DisplayVersion);
+    }
+}

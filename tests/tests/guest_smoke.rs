@@ -9,8 +9,6 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
@@ -19,62 +17,13 @@ use qnet_tests::guest::{
     target_dir, GuestSpec, RunningGuest, ECHO_PORT, HTTP_PORT,
 };
 use qnet_tests::http::{http_get_in_netns, with_netns};
+use qnet_tests::netns::NetNs;
 
 /// Generous failure bounds, not expectations (boot to lease takes ~3 s).
 const LEASE_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A network namespace owned by this test; deleted on drop, including when
-/// an assertion fails. (A shared guard lives in `qnet_tests::netns`; this
-/// one stays private so the smoke test only depends on the guest kit.)
-struct TestNetns {
-    name: String,
-}
-
-impl TestNetns {
-    fn create() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "qnet-test-guest-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        TestNetns { name }
-    }
-
-    /// `ip -n NS args...`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full);
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        // Deleting the namespace also destroys the bridge and the tap.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A fresh directory for this test's logs, kept after the test for
 /// debugging (under the target dir, so `cargo clean` removes it).
@@ -131,14 +80,13 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
     let image = guest_image().expect("guest image");
 
     // Declared first so it is dropped last: processes die before their netns.
-    let ns = TestNetns::create();
-    let logs = log_dir(&ns.name);
+    let ns = NetNs::new("guest");
+    let logs = log_dir(ns.name());
 
     // A /24 of its own per test (the namespace isolates it anyway).
     let [subnet] = random_bytes::<1>();
     let net = |host: u8| Ipv4Addr::new(10, 77, subnet, host);
     let gateway = net(1);
-    ns.ip(&["link", "set", "lo", "up"]);
     ns.ip(&["link", "add", "qbr0", "type", "bridge"]);
     ns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "qbr0"]);
     ns.ip(&["link", "set", "qbr0", "up"]);
@@ -153,7 +101,7 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
     let reserved = net(2 + random_bytes::<1>()[0] % 90);
     let token = random_token();
     let dnsmasq_cfg = DnsmasqConfig::new(
-        &ns.name,
+        ns.name(),
         "qbr0",
         net(100),
         net(150),
@@ -168,7 +116,7 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
         "tap,id=n0,ifname=qtap0,script=no,downscript=no",
         &serial_log,
     );
-    command_in_netns(&mut qemu, &ns.name).expect("enter netns");
+    command_in_netns(&mut qemu, ns.name()).expect("enter netns");
     let started = Instant::now();
     let guest = RunningGuest::spawn(qemu, &serial_log).expect("start QEMU");
 
@@ -196,25 +144,14 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
 
     // busybox's ping: prerequisites already require busybox, not iputils.
     // 3 echo requests; one reply is enough.
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            "busybox",
-            "ping",
-            "-c",
-            "3",
-            "-W",
-            "5",
-            "-q",
-            &reserved.to_string(),
-        ],
-    );
+    ns.exec(
+        "busybox",
+        &["ping", "-c", "3", "-W", "5", "-q", &reserved.to_string()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let body = http_get_in_netns(
-        &ns.name,
+        ns.name(),
         SocketAddr::from((reserved, HTTP_PORT)),
         "/",
         HTTP_TIMEOUT,
@@ -225,13 +162,13 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
 
     let echo_addr = SocketAddr::from((reserved, ECHO_PORT));
     let payload = format!("echo-{token}").into_bytes();
-    let echoed = with_netns(&ns.name, move || tcp_echo(echo_addr, &payload)).expect("netns");
+    let echoed = with_netns(ns.name(), move || tcp_echo(echo_addr, &payload)).expect("netns");
     assert_eq!(
         echoed.expect("TCP echo"),
         format!("echo-{token}").into_bytes()
     );
     let payload = format!("datagram-{token}").into_bytes();
-    let echoed = with_netns(&ns.name, move || udp_echo(echo_addr, &payload)).expect("netns");
+    let echoed = with_netns(ns.name(), move || udp_echo(echo_addr, &payload)).expect("netns");
     assert_eq!(
         echoed.expect("UDP echo"),
         format!("datagram-{token}").into_bytes()
