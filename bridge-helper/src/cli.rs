@@ -138,7 +138,10 @@ mod tests {
         ] {
             let err = parse(args).unwrap_err();
             assert!(
-                !matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion),
+                !matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                ),
                 "{args:?}"
             );
         }
@@ -146,7 +149,13 @@ mod tests {
 
     #[test]
     fn help_and_version_are_not_errors_to_report() {
-        assert_eq!(parse(&["--help"]).unwrap_err().kind(), ErrorKind::DisplayHelp);
-        assert_eq!(parse(&["--version"]).unwrap_err().kind(), ErrorKind::DisplayVersion);
+        assert_eq!(
+            parse(&["--help"]).unwrap_err().kind(),
+            ErrorKind::DisplayHelp
+        );
+        assert_eq!(
+            parse(&["--version"]).unwrap_err().kind(),
+            ErrorKind::DisplayVersion
+        );
     }
 }

@@ -20,11 +20,21 @@ fn help_and_version_work_for_every_binary() {
         let help = Command::new(&path).arg("--help").output().unwrap();
         assert!(help.status.success(), "{name} --help: {}", help.status);
         let text = String::from_utf8_lossy(&help.stdout);
-        assert!(text.contains(name), "{name} --help does not name itself:\n{text}");
-        assert!(text.lines().count() > 5, "{name} --help says too little:\n{text}");
+        assert!(
+            text.contains(name),
+            "{name} --help does not name itself:\n{text}"
+        );
+        assert!(
+            text.lines().count() > 5,
+            "{name} --help says too little:\n{text}"
+        );
 
         let version = Command::new(&path).arg("--version").output().unwrap();
-        assert!(version.status.success(), "{name} --version: {}", version.status);
+        assert!(
+            version.status.success(),
+            "{name} --version: {}",
+            version.status
+        );
         let text = String::from_utf8_lossy(&version.stdout);
         assert!(
             text.starts_with(&format!("{name} {}", env!("CARGO_PKG_VERSION"))),
