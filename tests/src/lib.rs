@@ -59,3 +59,31 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// Checks that `binary --help` and `--version` exit 0 on stdout, that the
+/// help names the program and says something, and that the version line
+/// is `NAME VERSION`. Each binary crate runs this from an integration test
+/// of its own, which also makes `cargo test --workspace` build every
+/// binary before the namespaced tests exec them.
+pub fn check_help_and_version(binary: &std::path::Path, name: &str, version: &str) {
+    use std::process::Command;
+    let help = Command::new(binary).arg("--help").output().unwrap();
+    assert!(help.status.success(), "{name} --help: {}", help.status);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains(name),
+        "{name} --help does not name itself:\n{text}"
+    );
+    assert!(
+        text.lines().count() > 5,
+        "{name} --help says too little:\n{text}"
+    );
+
+    let out = Command::new(binary).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{name} --version: {}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("{name} {version}")),
+        "{name} --version: {text}"
+    );
+}
