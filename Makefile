@@ -26,6 +26,7 @@ test:
 bench: helpers
 	cargo build --release --workspace
 	cargo bench -p qnet-tests --bench helper_latency
+	cargo bench -p qnet-tests --bench macvtap_latency
 
 demo:
 	./demo.sh
@@ -36,13 +37,17 @@ install: helpers
 	install -o root -g root -m 4755 $(STATIC)/qnet-bridge-helper $(DESTDIR)$(LIBEXEC)/qnet-bridge-helper
 	install -o root -g root -m 4755 $(STATIC)/qnet-macvtap-helper $(DESTDIR)$(LIBEXEC)/qnet-macvtap-helper
 
-# File-capability install: the helpers get CAP_NET_ADMIN and nothing else.
+# File-capability install: the bridge helper gets CAP_NET_ADMIN and nothing
+# else; the macvtap helper also needs CAP_DAC_OVERRIDE to open the root-only
+# /dev/tapN, and CAP_MKNOD and CAP_CHOWN for a private node when /dev/tapN
+# belongs to another network namespace (kept permitted but not effective,
+# dropped once the device is open; see SECURITY.md).
 install-setcap: helpers
 	install -d $(DESTDIR)$(LIBEXEC)
 	install -o root -g root -m 0755 $(STATIC)/qnet-bridge-helper $(DESTDIR)$(LIBEXEC)/qnet-bridge-helper
 	install -o root -g root -m 0755 $(STATIC)/qnet-macvtap-helper $(DESTDIR)$(LIBEXEC)/qnet-macvtap-helper
 	setcap cap_net_admin+ep $(DESTDIR)$(LIBEXEC)/qnet-bridge-helper
-	setcap cap_net_admin+ep $(DESTDIR)$(LIBEXEC)/qnet-macvtap-helper
+	setcap cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep $(DESTDIR)$(LIBEXEC)/qnet-macvtap-helper
 
 clean:
 	cargo clean

@@ -5,10 +5,13 @@
 //! surface and every millisecond of start-up is paid per guest NIC.
 
 pub mod acl;
+pub mod devnode;
 pub mod fdpass;
 pub mod link;
+pub mod macvtap;
 pub mod privilege;
 pub mod protocol;
+pub mod reaper;
 pub mod tap;
 
 /// Directory holding `bridge.conf` and `macvtap.conf`.

@@ -36,6 +36,18 @@ pub struct Privileges {
 /// effective, and capabilities survive the uid change only with
 /// `PR_SET_KEEPCAPS`.
 pub fn drop_to_net_admin() -> Result<Privileges, PrivilegeError> {
+    drop_to_net_admin_keeping(&[])
+}
+
+/// Like [`drop_to_net_admin`], but those capabilities of `spare` that the
+/// process holds stay in its *permitted* set (never in the effective one),
+/// so that one short step can raise them with [`with_raised`] before
+/// [`release_spare`] gives them up for good.
+///
+/// File access checks use the effective set only, so until a spare
+/// capability is raised the process is exactly as privileged as with
+/// [`drop_to_net_admin`].
+pub fn drop_to_net_admin_keeping(spare: &[Capability]) -> Result<Privileges, PrivilegeError> {
     // SAFETY: getauxval has no preconditions.
     let secure_exec = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
     let uids = getresuid().map_err(|e| failed("getresuid", e))?;
@@ -71,15 +83,18 @@ pub fn drop_to_net_admin() -> Result<Privileges, PrivilegeError> {
     } else {
         CapsHashSet::new()
     };
+    let mut still_permitted = only_net_admin.clone();
+    still_permitted.extend(spare.iter().filter(|cap| permitted.contains(cap)));
     caps::set(None, CapSet::Effective, &only_net_admin)
         .map_err(|e| failed("set effective set", e))?;
-    caps::set(None, CapSet::Permitted, &only_net_admin)
+    caps::set(None, CapSet::Permitted, &still_permitted)
         .map_err(|e| failed("set permitted set", e))?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
     // Changing credentials resets the dumpable flag: set it again.
     set_no_dumpable()?;
 
     verify(uids.real, gids.real, &only_net_admin)?;
+    verify_set(CapSet::Permitted, &still_permitted)?;
     Ok(Privileges {
         secure_exec,
         was_setuid,
@@ -114,17 +129,64 @@ fn verify(uid: Uid, gid: Gid, wanted: &CapsHashSet) -> Result<(), PrivilegeError
     }
     // The ambient set needs no check: it was cleared above, and the kernel
     // keeps it a subset of permitted ∩ inheritable, which is now empty.
-    for set in [CapSet::Effective, CapSet::Permitted] {
-        let held = caps::read(None, set).map_err(|e| failed("verify caps", e))?;
-        let extra: Vec<_> = held.difference(wanted).collect();
-        if !extra.is_empty() {
-            return Err(failed(
-                "verify",
-                format!("{set:?} set still holds {extra:?}"),
-            ));
-        }
+    // The permitted set is checked by the caller (it may hold spares).
+    verify_set(CapSet::Effective, wanted)
+}
+
+/// Fails if `set` holds anything beyond `wanted`.
+fn verify_set(set: CapSet, wanted: &CapsHashSet) -> Result<(), PrivilegeError> {
+    let held = caps::read(None, set).map_err(|e| failed("verify caps", e))?;
+    let extra: Vec<_> = held.difference(wanted).collect();
+    if !extra.is_empty() {
+        return Err(failed(
+            "verify",
+            format!("{set:?} set still holds {extra:?}"),
+        ));
     }
     Ok(())
+}
+
+/// Whether `cap` is in the permitted set (so [`with_raised`] can raise it).
+pub fn holds(cap: Capability) -> bool {
+    caps::has_cap(None, CapSet::Permitted, cap).unwrap_or(false)
+}
+
+/// Runs `f` with those of `wanted` that are permitted raised in the
+/// effective set, and lowers them again afterwards (also when `f` fails).
+/// Capabilities that are not permitted are skipped: `f` then runs with
+/// less and fails with the kernel's EPERM/EACCES, which callers explain.
+pub fn with_raised<T>(wanted: &[Capability], f: impl FnOnce() -> T) -> Result<T, PrivilegeError> {
+    let permitted = caps::read(None, CapSet::Permitted).map_err(|e| failed("read caps", e))?;
+    let effective = caps::read(None, CapSet::Effective).map_err(|e| failed("read caps", e))?;
+    let raised: Vec<Capability> = wanted
+        .iter()
+        .copied()
+        .filter(|cap| permitted.contains(cap) && !effective.contains(cap))
+        .collect();
+    for &cap in &raised {
+        caps::raise(None, CapSet::Effective, cap).map_err(|e| failed("raise capability", e))?;
+    }
+    let result = f();
+    caps::set(None, CapSet::Effective, &effective)
+        .map_err(|e| failed("lower raised capabilities", e))?;
+    Ok(result)
+}
+
+/// Gives up every spare capability kept by [`drop_to_net_admin_keeping`]
+/// for good: afterwards the process holds CAP_NET_ADMIN (if it did) and
+/// nothing else, in both the effective and the permitted set.
+pub fn release_spare() -> Result<(), PrivilegeError> {
+    let only_net_admin: CapsHashSet = if holds(Capability::CAP_NET_ADMIN) {
+        [Capability::CAP_NET_ADMIN].into_iter().collect()
+    } else {
+        CapsHashSet::new()
+    };
+    caps::set(None, CapSet::Effective, &only_net_admin)
+        .map_err(|e| failed("set effective set", e))?;
+    caps::set(None, CapSet::Permitted, &only_net_admin)
+        .map_err(|e| failed("set permitted set", e))?;
+    verify_set(CapSet::Effective, &only_net_admin)?;
+    verify_set(CapSet::Permitted, &only_net_admin)
 }
 
 fn set_no_dumpable() -> Result<(), PrivilegeError> {

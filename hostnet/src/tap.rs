@@ -98,6 +98,19 @@ impl Tap {
                 hint: open_hint(&source),
                 source,
             })?;
+        Self::from_macvtap_file(file, &path, name, want_vnet_hdr)
+    }
+
+    /// Like [`Tap::open_macvtap`], for a macvtap character device the
+    /// caller has already opened (and checked); `path` is only for error
+    /// messages.
+    pub fn from_macvtap_file(
+        file: File,
+        path: &str,
+        name: &str,
+        want_vnet_hdr: bool,
+    ) -> Result<Tap, TapError> {
+        let path = path.to_string();
         let ioctl_err = |op, source: std::io::Error| TapError::Ioctl {
             op,
             path: path.clone(),

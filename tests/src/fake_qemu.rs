@@ -111,3 +111,96 @@ pub fn helper_socketpair() -> (OwnedFd, OwnedFd) {
     )
     .expect("socketpair")
 }
+
+/// A `qnet-fake-qemu` process (`tests/src/bin/fake_qemu.rs`) that ran a
+/// helper and now holds the fd it received, like a running guest. It is
+/// killed (SIGKILL) and reaped on drop.
+pub struct HeldFd {
+    child: std::process::Child,
+    /// The fake QEMU's pid (what `SO_PEERCRED` tells the helper).
+    pub pid: u32,
+    /// Interface name of the fd (TUNGETIFF).
+    pub ifname: String,
+    /// `IFF_*` flags of the fd.
+    pub flags: i32,
+    stderr_log: tempfile::NamedTempFile,
+}
+
+impl HeldFd {
+    /// Starts `cmd` (a command for `qnet-fake-qemu HELPER ARGS...`, e.g.
+    /// from [`crate::sandbox::sandboxed`]) and waits for its report. Err
+    /// holds the report and stderr if the helper failed or sent no fd.
+    pub fn start(mut cmd: Command) -> Result<HeldFd, String> {
+        use std::io::BufRead;
+        let stderr_log = tempfile::NamedTempFile::new().expect("temp file");
+        let stderr = stderr_log.reopen().expect("reopen temp file");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn qnet-fake-qemu");
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        let ok =
+            field("status").as_deref() == Some("0") && field("fd").is_some_and(|fd| fd != "none");
+        if !ok {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "fake QEMU: {:?}; stderr: {}",
+                line.trim(),
+                std::fs::read_to_string(stderr_log.path()).unwrap_or_default()
+            ));
+        }
+        Ok(HeldFd {
+            pid: child.id(),
+            ifname: field("fd").unwrap(),
+            flags: field("flags")
+                .and_then(|f| i32::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0),
+            child,
+            stderr_log,
+        })
+    }
+
+    /// What the fake QEMU and the helper wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_log.path()).unwrap_or_default()
+    }
+
+    /// `kill -9` and reap: the guest "crashes".
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HeldFd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true or `bound` has passed;
+/// returns whether it became true. `bound` is a generous failure bound, not
+/// an expectation.
+pub fn wait_until(bound: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

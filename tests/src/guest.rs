@@ -19,12 +19,22 @@
 //! QNET-GUEST-NOLEASE mac=<mac> uptime=<seconds>        (DHCP gave up: fatal)
 //! QNET-GUEST-ERROR <message>                           (fatal)
 //! QNET-GUEST-READY http=80 tcpecho=7 udpecho=<7|none> uptime=<seconds>
+//! QNET-GUEST-PROBE ok target=<ip:port> tries=<n> body=<text> uptime=<seconds>
+//! QNET-GUEST-PROBE fail target=<ip:port> tries=<n> uptime=<seconds>
 //! ```
 //!
 //! Lines are `MARKER key=value...`; keys may be added later, so parsers
 //! ignore keys they do not know. READY comes after LEASE, once the servers
 //! listen. After NOLEASE or ERROR the guest idles until killed.
+//!
+//! PROBE comes after READY, and only when the kernel command line has
+//! `qnet.probe=IP:PORT` (add it to [`GuestSpec::extra_append`]): the guest
+//! then fetches `http://IP:PORT/` (up to 10 tries) and reports `ok` with the
+//! first 64 bytes of the page (characters outside `[A-Za-z0-9._-]` replaced
+//! by `_`; a token comes through unchanged), or `fail`. Tests use it to check
+//! whether one guest reaches another; see [`RunningGuest::wait_for_probe`].
 
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::net::Ipv4Addr;
@@ -45,6 +55,8 @@ pub const NOLEASE_MARKER: &str = "QNET-GUEST-NOLEASE";
 pub const ERROR_MARKER: &str = "QNET-GUEST-ERROR";
 /// The HTTP and echo servers listen.
 pub const READY_MARKER: &str = "QNET-GUEST-READY";
+/// The result of `qnet.probe=`; see [`ProbeOutcome`].
+pub const PROBE_MARKER: &str = "QNET-GUEST-PROBE";
 
 /// The guest's HTTP port (`/` answers the token).
 pub const HTTP_PORT: u16 = 80;
@@ -240,6 +252,16 @@ impl GuestSpec {
     /// Panics on a `netdev` without `id=`, or a token or path QEMU cannot
     /// take: those are mistakes in the test, not conditions to handle.
     pub fn qemu_command(&self, netdev: &str, serial_log: &Path) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(self.qemu_args(netdev, serial_log));
+        cmd
+    }
+
+    /// The arguments of [`GuestSpec::qemu_command`], for a caller that
+    /// builds the `Command` itself (for example
+    /// `sandboxed("qemu-system-x86_64", ...)`, so that a network helper
+    /// QEMU runs starts inside the sandbox). Panics as `qemu_command` does.
+    pub fn qemu_args(&self, netdev: &str, serial_log: &Path) -> Vec<OsString> {
         let id = netdev_id(netdev).unwrap_or_else(|| panic!("-netdev {netdev:?} has no id="));
         assert!(
             !self.token.is_empty() && !self.token.contains(|c: char| c.is_whitespace() || c == '"'),
@@ -253,23 +275,23 @@ impl GuestSpec {
             serial_log.display()
         );
 
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m"])
-            .arg(self.memory_mib.to_string())
-            .args(["-nodefaults", "-display", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial_log.display()))
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .arg("-append")
-            .arg(self.append())
-            .arg("-netdev")
-            .arg(netdev)
-            .arg("-device")
-            .arg(format!("virtio-net-pci,netdev={id},mac={}", self.mac));
-        cmd
+        let strings = |items: &[&str]| items.iter().map(OsString::from).collect::<Vec<_>>();
+        let mut args = strings(&["-accel", "tcg", "-m"]);
+        args.push(self.memory_mib.to_string().into());
+        args.extend(strings(&["-nodefaults", "-display", "none", "-no-reboot"]));
+        args.push("-serial".into());
+        args.push(format!("file:{}", serial_log.display()).into());
+        args.push("-kernel".into());
+        args.push(self.kernel.clone().into());
+        args.push("-initrd".into());
+        args.push(self.initrd.clone().into());
+        args.push("-append".into());
+        args.push(self.append().into());
+        args.push("-netdev".into());
+        args.push(netdev.into());
+        args.push("-device".into());
+        args.push(format!("virtio-net-pci,netdev={id},mac={}", self.mac).into());
+        args
     }
 }
 
@@ -318,6 +340,34 @@ pub fn parse_lease_line(line: &str) -> Result<GuestLease, String> {
         },
         mac: get("mac")?.to_string(),
     })
+}
+
+/// What a PROBE line says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The page was fetched; `body` is its start (see the module docs).
+    Reached { body: String },
+    /// Every try failed.
+    Failed,
+}
+
+/// Parses a PROBE line (`QNET-GUEST-PROBE ok ... body=...` or `... fail ...`).
+pub fn parse_probe_line(line: &str) -> Result<ProbeOutcome, String> {
+    let mut words = line
+        .trim()
+        .strip_prefix(PROBE_MARKER)
+        .ok_or_else(|| format!("not a probe line: {line:?}"))?
+        .split_whitespace();
+    match words.next() {
+        Some("ok") => Ok(ProbeOutcome::Reached {
+            body: words
+                .find_map(|kv| kv.strip_prefix("body="))
+                .unwrap_or_default()
+                .to_string(),
+        }),
+        Some("fail") => Ok(ProbeOutcome::Failed),
+        _ => Err(format!("bad probe line: {line:?}")),
+    }
 }
 
 /// A QEMU process running the guest. Dropping it kills QEMU (SIGKILL) and
@@ -390,6 +440,13 @@ impl RunningGuest {
     /// (whose `udpecho=` tells whether the guest has UDP echo).
     pub fn wait_for_ready(&self, timeout: Duration) -> Result<String, String> {
         self.wait_for_line(READY_MARKER, timeout)
+    }
+
+    /// Waits for the result of `qnet.probe=` (the guest tries for up to
+    /// a minute before it reports a failure).
+    pub fn wait_for_probe(&self, timeout: Duration) -> Result<ProbeOutcome, String> {
+        let line = self.wait_for_line(PROBE_MARKER, timeout)?;
+        parse_probe_line(&line).map_err(|e| self.failure(&e))
     }
 
     /// Waits for a console line holding `marker` (followed by a space or the
@@ -539,6 +596,20 @@ mod tests {
             find_marker("QNET-GUEST-READY", READY_MARKER),
             Some("QNET-GUEST-READY")
         );
+    }
+
+    #[test]
+    fn parses_probe_lines() {
+        assert_eq!(
+            parse_probe_line("QNET-GUEST-PROBE ok target=10.0.0.2:80 tries=1 body=abc uptime=3"),
+            Ok(ProbeOutcome::Reached { body: "abc".into() })
+        );
+        assert_eq!(
+            parse_probe_line("QNET-GUEST-PROBE fail target=10.0.0.2:80 tries=10"),
+            Ok(ProbeOutcome::Failed)
+        );
+        assert!(parse_probe_line("QNET-GUEST-PROBE maybe").is_err());
+        assert!(parse_probe_line("QNET-GUEST-READY http=80").is_err());
     }
 
     #[test]

@@ -79,6 +79,24 @@ impl NetNs {
         self.ip(&["link", "set", name, "up"]);
     }
 
+    /// Uses up `2 * pairs` ifindexes of this namespace by creating and
+    /// deleting veth pairs: ifindexes are handed out cyclically from the last
+    /// one, so afterwards the next device gets the ifindex after them. Lets
+    /// a test predict (and collide with) the ifindex of the next device,
+    /// e.g. to make `/dev/tap<ifindex>` belong to another namespace.
+    pub fn use_up_ifindexes(&self, pairs: u32) {
+        let batch = tempfile::NamedTempFile::new().expect("temp file");
+        let mut text = String::new();
+        for i in 0..pairs {
+            text.push_str(&format!("link add qadv{i}a type veth peer name qadv{i}b\n"));
+        }
+        for i in 0..pairs {
+            text.push_str(&format!("link del qadv{i}a\n"));
+        }
+        std::fs::write(batch.path(), text).unwrap();
+        self.ip(&["-batch", batch.path().to_str().unwrap()]);
+    }
+
     /// Names of all links in the namespace.
     pub fn link_names(&self) -> Vec<String> {
         self.ip(&["-o", "link", "show"])

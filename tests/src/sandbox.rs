@@ -7,6 +7,8 @@
 //! overlay over `/etc` (the host's files stay untouched below it; the
 //! overlay's upper layer is a throwaway directory holding an empty `qemu/`
 //! mount point) and then bind-mounts the test's config directory there.
+//! It also mounts a fresh sysfs on `/sys`, so that `/sys/class/net` shows
+//! the test's namespace (as `ip netns exec` does).
 
 use std::ffi::CString;
 use std::fs;
@@ -141,7 +143,8 @@ impl Entry {
     }
 
     /// Joins the network namespace, makes a private mount namespace with the
-    /// test's `/etc/qemu` and `/dev/net/tun`, then drops to `run_as`.
+    /// test's `/etc/qemu`, `/dev/net/tun` and a sysfs of the namespace, then
+    /// drops to `run_as`.
     fn enter(&self) -> std::io::Result<()> {
         // SAFETY: open(2) of a NUL-terminated path; the fd is owned below.
         let raw = unsafe { libc::open(self.netns_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -173,6 +176,16 @@ impl Entry {
             "/dev/net/tun",
             none,
             MsFlags::MS_BIND,
+            none,
+        )?;
+        // sysfs shows the network namespace of whoever mounted it: a fresh
+        // one makes /sys/class/net this namespace's, as `ip netns exec`
+        // does (the macvtap helper reads its device number there).
+        mount(
+            Some("sysfs"),
+            "/sys",
+            Some("sysfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             none,
         )?;
         if let Some(user) = self.run_as {

@@ -1,0 +1,407 @@
+//! Opening the character device of a macvtap (`/dev/tap<ifindex>`) without
+//! ever opening somebody else's.
+//!
+//! Ifindexes are per network namespace, but devtmpfs is global: a macvtap
+//! with ifindex 5 in one namespace and another with ifindex 5 in a second
+//! namespace both want `/dev/tap5`. Whoever comes first gets the node, the
+//! other gets none (devtmpfs does not replace an existing node). So the node
+//! may be missing, late (a static `/dev` with udev), or belong to a
+//! different device. Hence:
+//!
+//! 1. The device number of *our* macvtap is read from sysfs
+//!    (`/sys/class/net/<name>/macvtap/tap<ifindex>/dev`), after checking
+//!    that sysfs shows our device (same ifindex): sysfs shows the network
+//!    namespace it was mounted in, which must be the helper's.
+//! 2. `/dev/tap<ifindex>` is opened with `O_NOFOLLOW` (and `O_NONBLOCK`, so
+//!    a FIFO cannot block us) and accepted only if `fstat` says it is a
+//!    character device with exactly that device number. A missing node is
+//!    retried briefly.
+//! 3. Otherwise a private node is made: `mknod` in a fresh directory
+//!    (`mkdtemp` semantics) inside [`PRIVATE_BASE`], which is root-owned
+//!    and mode 0700, so the caller can never reach the node; it is opened,
+//!    checked the same way, and unlinked together with its directory
+//!    before anything else happens. It lives under `/dev` because `/run`
+//!    is usually mounted `nodev`, where a device node cannot be opened.
+//!
+//! Opening a root-only node as the calling user needs CAP_DAC_OVERRIDE,
+//! and step 3 also CAP_MKNOD and CAP_CHOWN: the caller keeps them as spare
+//! capabilities ([`crate::privilege::drop_to_net_admin_keeping`]); they
+//! are raised only around these system calls.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use caps::Capability;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
+use thiserror::Error;
+
+use crate::privilege::{self, PrivilegeError};
+
+/// Root-owned 0700 directory holding the private nodes of step 3 (only
+/// while the helper opens them).
+pub const PRIVATE_BASE: &str = "/dev/qnet-macvtap";
+
+/// How long a missing `/dev/tap<ifindex>` is waited for: devtmpfs creates
+/// nodes synchronously, so this only matters for a udev-managed static
+/// `/dev`.
+const NODE_WAIT: Duration = Duration::from_millis(500);
+const NODE_POLL: Duration = Duration::from_millis(5);
+
+/// Capabilities raised to open a root-only device node as the caller.
+pub const OPEN_CAPS: [Capability; 1] = [Capability::CAP_DAC_OVERRIDE];
+/// Capabilities raised to make, open and remove a private node.
+pub const PRIVATE_NODE_CAPS: [Capability; 3] = [
+    Capability::CAP_MKNOD,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_CHOWN,
+];
+
+#[derive(Debug, Error)]
+pub enum DevNodeError {
+    #[error(
+        "cannot read {}: {source}: /sys must be the sysfs of the helper's network namespace \
+         (`ip netns exec NS qemu ...` mounts one)", path.display()
+    )]
+    Sysfs { path: PathBuf, source: io::Error },
+    #[error(
+        "/sys/class/net/{name} is another device (ifindex {found}, ours is {expected}): /sys \
+         belongs to another network namespace; run QEMU with `ip netns exec`, which mounts the \
+         namespace's own sysfs"
+    )]
+    SysfsMismatch {
+        name: String,
+        found: String,
+        expected: u32,
+    },
+    #[error("cannot open {}: {source}{hint}", path.display())]
+    Open {
+        path: PathBuf,
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error(
+        "/dev/tap{index} {why}, and making a private node needs CAP_MKNOD, CAP_DAC_OVERRIDE and \
+         CAP_CHOWN: install the helper setuid root (chmod 4755) or with \
+         `setcap cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep`"
+    )]
+    CannotMakePrivateNode { index: u32, why: &'static str },
+    #[error("{PRIVATE_BASE} is not a root-owned directory of mode 0700 (remove it, the helper recreates it)")]
+    UnsafeBase,
+    #[error("making a private device node in {PRIVATE_BASE}: {what}: {source}")]
+    PrivateNode { what: &'static str, source: Errno },
+    #[error("{} is not the character device of our macvtap (expected {expected}, found {found})", path.display())]
+    WrongDevice {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
+}
+
+/// Where the open descriptor came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeSource {
+    /// `/dev/tap<ifindex>`, made by devtmpfs or udev.
+    Dev,
+    /// A private node made (and already removed) by [`open_macvtap_node`].
+    Private,
+}
+
+/// The device number of macvtap `name` (ifindex `index`), from sysfs.
+pub fn macvtap_devt(name: &str, index: u32) -> Result<libc::dev_t, DevNodeError> {
+    let dir = Path::new("/sys/class/net").join(name);
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).map_err(|source| DevNodeError::Sysfs { path, source })
+    };
+    let found = read(dir.join("ifindex"))?;
+    if found.trim() != index.to_string() {
+        return Err(DevNodeError::SysfsMismatch {
+            name: name.to_string(),
+            found: found.trim().to_string(),
+            expected: index,
+        });
+    }
+    let dev_path = dir.join(format!("macvtap/tap{index}/dev"));
+    let text = read(dev_path.clone())?;
+    parse_devt(&text).ok_or_else(|| DevNodeError::Sysfs {
+        path: dev_path,
+        source: io::Error::new(io::ErrorKind::InvalidData, format!("bad content {text:?}")),
+    })
+}
+
+/// `MAJOR:MINOR\n` as sysfs writes it.
+fn parse_devt(text: &str) -> Option<libc::dev_t> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+}
+
+fn show_devt(devt: libc::dev_t) -> String {
+    format!("{}:{}", libc::major(devt), libc::minor(devt))
+}
+
+/// Opens the character device of macvtap `name` (ifindex `index`) for
+/// reading and writing, as described in the module documentation.
+pub fn open_macvtap_node(name: &str, index: u32) -> Result<(File, NodeSource), DevNodeError> {
+    let devt = macvtap_devt(name, index)?;
+    let path = PathBuf::from(format!("/dev/tap{index}"));
+    let deadline = Instant::now() + NODE_WAIT;
+    let why = loop {
+        let attempt = privilege::with_raised(&OPEN_CAPS, || open_checked(None, &path, devt))?;
+        match attempt {
+            Ok(file) => return Ok((file, NodeSource::Dev)),
+            Err(Attempt::Wrong { found }) => {
+                tracing::debug!(node = %path.display(), found, "not our device");
+                break "belongs to another device (a macvtap with the same ifindex in another network namespace)";
+            }
+            Err(Attempt::Failed(Errno::ENOENT)) if Instant::now() < deadline => {
+                thread::sleep(NODE_POLL)
+            }
+            Err(Attempt::Failed(Errno::ENOENT)) => break "did not appear",
+            Err(Attempt::Failed(errno)) => {
+                return Err(DevNodeError::Open {
+                    hint: open_hint(errno),
+                    path,
+                    source: errno.into(),
+                })
+            }
+        }
+    };
+    tracing::debug!(node = %path.display(), why, "making a private node");
+    if !PRIVATE_NODE_CAPS.iter().all(|&cap| privilege::holds(cap)) {
+        return Err(DevNodeError::CannotMakePrivateNode { index, why });
+    }
+    let file = privilege::with_raised(&PRIVATE_NODE_CAPS, || open_private_node(index, devt))??;
+    Ok((file, NodeSource::Private))
+}
+
+fn open_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::EACCES | Errno::EPERM => {
+            " (the node is root-only: install the helper setuid root (chmod 4755) or with \
+             `setcap cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep`)"
+        }
+        _ => "",
+    }
+}
+
+enum Attempt {
+    /// Open failed with this errno.
+    Failed(Errno),
+    /// Opened something that is not our device (closed again).
+    Wrong { found: String },
+}
+
+/// Opens `path` (relative to `dir` if given) without following a symlink
+/// or blocking, and keeps it only if it is the character device `devt`.
+fn open_checked(dir: Option<&OwnedFd>, path: &Path, devt: libc::dev_t) -> Result<File, Attempt> {
+    let flags =
+        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let opened = match dir {
+        Some(dir) => nix::fcntl::openat(dir, path, flags, Mode::empty()),
+        None => nix::fcntl::open(path, flags, Mode::empty()),
+    };
+    let fd = match opened {
+        Ok(fd) => fd,
+        // O_NOFOLLOW on a symlink.
+        Err(Errno::ELOOP) => {
+            return Err(Attempt::Wrong {
+                found: "a symlink".into(),
+            })
+        }
+        Err(errno) => return Err(Attempt::Failed(errno)),
+    };
+    let stat = fstat(&fd).map_err(Attempt::Failed)?;
+    let is_char = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
+    if !is_char || stat.st_rdev != devt {
+        let found = if is_char {
+            format!("character device {}", show_devt(stat.st_rdev))
+        } else {
+            format!("file of mode {:o}", stat.st_mode)
+        };
+        return Err(Attempt::Wrong { found });
+    }
+    // Blocking I/O, like a node opened by libvirt; QEMU sets O_NONBLOCK
+    // itself where it wants it.
+    fcntl(&fd, FcntlArg::F_SETFL(OFlag::empty())).map_err(Attempt::Failed)?;
+    Ok(File::from(fd))
+}
+
+/// Step 3 of the module documentation; runs with [`PRIVATE_NODE_CAPS`]
+/// raised.
+fn open_private_node(index: u32, devt: libc::dev_t) -> Result<File, DevNodeError> {
+    // The caller's umask must not loosen (or break) the modes below.
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+    let base = open_private_base()?;
+    let dir_name = make_private_dir(&base, index)?;
+    let dir = DirGuard {
+        base: &base,
+        name: &dir_name,
+    };
+    let dir_fd = nix::fcntl::openat(
+        &base,
+        dir_name.as_c_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|source| DevNodeError::PrivateNode {
+        what: "open the private directory",
+        source,
+    })?;
+    nix::sys::stat::mknodat(
+        &dir_fd,
+        "tap",
+        SFlag::S_IFCHR,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+        devt,
+    )
+    .map_err(|source| DevNodeError::PrivateNode {
+        what: "mknod",
+        source,
+    })?;
+    let opened = open_checked(Some(&dir_fd), Path::new("tap"), devt);
+    let unlinked = nix::unistd::unlinkat(&dir_fd, "tap", nix::unistd::UnlinkatFlags::NoRemoveDir);
+    drop(dir);
+    unlinked.map_err(|source| DevNodeError::PrivateNode {
+        what: "unlink the node",
+        source,
+    })?;
+    let path = PathBuf::from(PRIVATE_BASE).join(dir_name.to_string_lossy().as_ref());
+    match opened {
+        Ok(file) => Ok(file),
+        Err(Attempt::Failed(errno)) => Err(DevNodeError::Open {
+            path: path.join("tap"),
+            source: errno.into(),
+            hint: "",
+        }),
+        Err(Attempt::Wrong { found }) => Err(DevNodeError::WrongDevice {
+            path: path.join("tap"),
+            expected: show_devt(devt),
+            found,
+        }),
+    }
+}
+
+/// Opens [`PRIVATE_BASE`], creating it if needed, and checks that it is a
+/// root-owned directory nobody else can enter.
+fn open_private_base() -> Result<OwnedFd, DevNodeError> {
+    let fail = |what| move |source| DevNodeError::PrivateNode { what, source };
+    match nix::unistd::mkdir(PRIVATE_BASE, Mode::S_IRWXU) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(errno) => return Err(fail("mkdir")(errno)),
+    }
+    let base = nix::fcntl::open(
+        PRIVATE_BASE,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(fail("open"))?;
+    let mut stat = fstat(&base).map_err(fail("stat"))?;
+    if stat.st_uid != 0 || stat.st_gid != 0 {
+        // Just made by a setuid helper running as the caller: hand it to
+        // root before anything is put in it. An existing directory owned
+        // by someone else is refused below.
+        if nix::unistd::fchown(
+            &base,
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(0)),
+        )
+        .is_ok()
+        {
+            stat = fstat(&base).map_err(fail("stat"))?;
+        }
+    }
+    let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+    if !is_dir || stat.st_uid != 0 || stat.st_gid != 0 || stat.st_mode & 0o7777 != 0o700 {
+        return Err(DevNodeError::UnsafeBase);
+    }
+    Ok(base)
+}
+
+/// Creates a fresh `tap<index>-<random>` directory (mode 0700) in `base`,
+/// never reusing an existing one.
+fn make_private_dir(base: &OwnedFd, index: u32) -> Result<CString, DevNodeError> {
+    for _ in 0..16 {
+        let name = CString::new(format!("tap{index}-{:016x}", random_u64()))
+            .expect("no NUL in a formatted name");
+        match nix::sys::stat::mkdirat(base, name.as_c_str(), Mode::S_IRWXU) {
+            Ok(()) => return Ok(name),
+            Err(Errno::EEXIST) => continue,
+            Err(source) => {
+                return Err(DevNodeError::PrivateNode {
+                    what: "mkdir the private directory",
+                    source,
+                })
+            }
+        }
+    }
+    Err(DevNodeError::PrivateNode {
+        what: "mkdir the private directory",
+        source: Errno::EEXIST,
+    })
+}
+
+/// Removes the private directory (by then empty) on every path out.
+struct DirGuard<'a> {
+    base: &'a OwnedFd,
+    name: &'a CString,
+}
+
+impl Drop for DirGuard<'_> {
+    fn drop(&mut self) {
+        // A leftover "tap" node is removed first in case an error came
+        // between mknod and its unlink.
+        if let Ok(dir) = nix::fcntl::openat(
+            self.base,
+            self.name.as_c_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = nix::unistd::unlinkat(&dir, "tap", nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+        if let Err(errno) = nix::unistd::unlinkat(
+            self.base,
+            self.name.as_c_str(),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        ) {
+            tracing::debug!(%errno, "removing the private directory failed");
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        // Uniqueness, not secrecy, is what matters (mkdirat refuses an
+        // existing name); fall back to time and pid.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return nanos ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_dev_numbers_parse() {
+        assert_eq!(parse_devt("246:1\n"), Some(libc::makedev(246, 1)));
+        assert_eq!(show_devt(libc::makedev(246, 1)), "246:1");
+        for bad in ["", "246", "x:1", "246:", "1:2:3"] {
+            assert_eq!(parse_devt(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! qnet-macvtap-helper as an ordinary user runs it: setuid root, or with
+//! file capabilities (`cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep`;
+//! `cap_net_admin+ep` alone is not enough to open the root-only
+//! /dev/tapN, and says so). The user is a throwaway uid/gid that no
+//! account on the machine uses.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use qnet_hostnet::tap::tap_info;
+use qnet_tests::fake_qemu::{run_helper, wait_until, HeldFd};
+use qnet_tests::guest::{random_bytes, random_mac};
+use qnet_tests::netns::{run, NetNs};
+use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
+use qnet_tests::{require_tool, workspace_binary};
+
+const FULL_CAPS: &str = "cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep";
+
+#[derive(Clone, Copy, Debug)]
+enum Install {
+    FileCaps,
+    Setuid,
+}
+
+const INSTALLS: [Install; 2] = [Install::FileCaps, Install::Setuid];
+
+/// Installed copies of the helper, in a directory the test user can reach.
+struct Installed {
+    dir: tempfile::TempDir,
+}
+
+impl Installed {
+    fn new() -> Installed {
+        require_tool("setcap", "libcap2-bin");
+        let dir = tempfile::Builder::new()
+            .prefix("qnet-test-bin-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let built = workspace_binary("qnet-macvtap-helper");
+        for (name, mode) in [
+            ("caps", 0o755),
+            ("net-admin-only", 0o755),
+            ("setuid", 0o4755),
+            ("plain", 0o755),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::copy(&built, &path).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        run("setcap", &[FULL_CAPS, &path_str(&dir.path().join("caps"))]).unwrap();
+        run(
+            "setcap",
+            &[
+                "cap_net_admin+ep",
+                &path_str(&dir.path().join("net-admin-only")),
+            ],
+        )
+        .unwrap();
+        Installed { dir }
+    }
+
+    fn path(&self, install: Install) -> PathBuf {
+        self.dir.path().join(match install {
+            Install::FileCaps => "caps",
+            Install::Setuid => "setuid",
+        })
+    }
+
+    fn copy(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+/// Namespace with veth pair qv0/qv1 and qv2/qv3, an installed helper and
+/// a user; macvtap.conf allows qv0 and denies qv2.
+struct Setup {
+    netns: NetNs,
+    config: ConfigDir,
+    installed: Installed,
+    user: RunAs,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let netns = NetNs::new(tag);
+        for (a, b) in [("qv0", "qv1"), ("qv2", "qv3")] {
+            netns.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+            netns.ip(&["link", "set", a, "up"]);
+        }
+        let user = unused_user();
+        let config = ConfigDir::new();
+        config.write("macvtap.conf", "allow qv0\ndeny qv2\nallow qv2\n");
+        Setup {
+            netns,
+            config,
+            installed: Installed::new(),
+            user,
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = sandboxed(program, &self.netns, &self.config, Some(self.user));
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd
+    }
+
+    fn helper(&self, program: &Path, mac: &str) -> Command {
+        let mut cmd = self.command(program);
+        cmd.arg(format!("--mac={mac}"));
+        cmd
+    }
+
+    fn macvtaps(&self) -> Vec<String> {
+        self.netns
+            .link_names()
+            .into_iter()
+            .filter(|n| n.starts_with("qmvtap"))
+            .collect()
+    }
+}
+
+#[test]
+fn allowed_lower_device_works_for_an_ordinary_user() {
+    let setup = Setup::new("mvt-unpriv-ok");
+    for install in INSTALLS {
+        let mac = random_mac();
+        let fd = run_helper(
+            setup.helper(&setup.installed.path(install), &mac),
+            Some("qv0"),
+        )
+        .expect_fd();
+        let (name, flags) = tap_info(fd.as_fd()).unwrap();
+        assert!(flags & libc::IFF_VNET_HDR != 0, "{install:?}");
+        let line = setup.netns.ip(&["-d", "-o", "link", "show", "dev", &name]);
+        assert!(
+            line.contains("macvtap mode bridge") && line.contains(&mac),
+            "{install:?}: {line}"
+        );
+    }
+}
+
+#[test]
+fn privileges_are_net_admin_plus_spares_only_until_the_device_is_open() {
+    let setup = Setup::new("mvt-unpriv-creds");
+    for install in INSTALLS {
+        let mut cmd = setup.helper(&setup.installed.path(install), &random_mac());
+        cmd.arg("--debug");
+        let outcome = run_helper(cmd, Some("qv0"));
+        let log = outcome.stderr.clone();
+        outcome.expect_fd();
+        let line_with = |what: &str| {
+            log.lines()
+                .find(|l| l.contains(what) && l.contains("credentials"))
+                .unwrap_or_else(|| panic!("{install:?}: no `{what}` credentials: {log}"))
+                .to_string()
+        };
+        let (uid, gid) = (setup.user.uid, setup.user.gid);
+        let start = line_with("at start");
+        let after = line_with("after opening the device");
+        for line in [&start, &after] {
+            assert!(
+                line.contains(&format!("Uid: {uid} {uid} {uid} {uid}")),
+                "{install:?}: {line}"
+            );
+            assert!(
+                line.contains(&format!("Gid: {gid} {gid} {gid} {gid}")),
+                "{install:?}: {line}"
+            );
+            // Never more than CAP_NET_ADMIN (bit 12) effective.
+            assert!(
+                line.contains("CapEff: 0000000000001000"),
+                "{install:?}: {line}"
+            );
+            assert!(
+                line.contains("CapInh: 0000000000000000"),
+                "{install:?}: {line}"
+            );
+            assert!(
+                line.contains("CapAmb: 0000000000000000"),
+                "{install:?}: {line}"
+            );
+            assert!(line.contains("NoNewPrivs: 1"), "{install:?}: {line}");
+        }
+        // Spares while reading input: CAP_CHOWN (0), CAP_DAC_OVERRIDE (1),
+        // CAP_MKNOD (27), permitted only.
+        assert!(
+            start.contains("CapPrm: 0000000008001003"),
+            "{install:?}: {start}"
+        );
+        assert!(
+            after.contains("CapPrm: 0000000000001000"),
+            "{install:?}: {after}"
+        );
+        if matches!(install, Install::Setuid) {
+            assert!(
+                start.contains("CapBnd: 0000000000000000"),
+                "{install:?}: {start}"
+            );
+        }
+    }
+}
+
+#[test]
+fn net_admin_alone_is_refused_with_what_to_install() {
+    let setup = Setup::new("mvt-unpriv-na");
+    let before = setup.netns.link_names();
+    let message = run_helper(
+        setup.helper(&setup.installed.copy("net-admin-only"), &random_mac()),
+        Some("qv0"),
+    )
+    .expect_refusal();
+    assert!(message.contains(FULL_CAPS), "{message}");
+    assert_eq!(setup.netns.link_names(), before, "device left behind");
+}
+
+#[test]
+fn an_uninstalled_copy_says_how_to_install_it() {
+    let setup = Setup::new("mvt-unpriv-plain");
+    let before = setup.netns.link_names();
+    let message = run_helper(
+        setup.helper(&setup.installed.copy("plain"), &random_mac()),
+        Some("qv0"),
+    )
+    .expect_refusal();
+    assert!(message.contains("CAP_NET_ADMIN"), "{message}");
+    assert!(message.contains("chmod 4755"), "{message}");
+    assert_eq!(setup.netns.link_names(), before);
+}
+
+#[test]
+fn denied_lower_device_is_refused() {
+    let setup = Setup::new("mvt-unpriv-deny");
+    for install in INSTALLS {
+        let message = run_helper(
+            setup.helper(&setup.installed.path(install), &random_mac()),
+            Some("qv2"),
+        )
+        .expect_refusal();
+        assert!(
+            message.contains("denied by /etc/qemu/macvtap.conf:2"),
+            "{install:?}: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_private_node_is_made_when_dev_tap_belongs_to_another_namespace() {
+    let setup = Setup::new("mvt-unpriv-node");
+    // lo is 1, qv0..qv3 are 2..5; see macvtap_helper.rs for the decoy.
+    let pairs = 300 + u32::from(random_bytes::<1>()[0] % 100);
+    setup.netns.use_up_ifindexes(pairs);
+    let decoy_ns = NetNs::new("mvt-unpriv-decoy");
+    decoy_ns.ip(&["link", "add", "dv0", "type", "veth", "peer", "name", "dv1"]);
+    for (i, install) in INSTALLS.into_iter().enumerate() {
+        let index = (6 + 2 * pairs + i as u32).to_string();
+        decoy_ns.ip(&[
+            "link",
+            "add",
+            "link",
+            "dv0",
+            "name",
+            &format!("decoy{i}"),
+            "index",
+            &index,
+            "type",
+            "macvtap",
+        ]);
+        let mut cmd = setup.helper(&setup.installed.path(install), &random_mac());
+        cmd.arg("--debug");
+        let outcome = run_helper(cmd, Some("qv0"));
+        let log = outcome.stderr.clone();
+        let fd = outcome.expect_fd();
+        let (name, _) = tap_info(fd.as_fd()).unwrap();
+        let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
+        assert!(
+            line.starts_with(&format!("{index}: ")),
+            "{install:?}: expected ifindex {index}: {line}"
+        );
+        assert!(log.contains("making a private node"), "{install:?}: {log}");
+    }
+}
+
+#[test]
+fn the_reaper_works_for_an_ordinary_user() {
+    let setup = Setup::new("mvt-unpriv-reap");
+    for install in INSTALLS {
+        let mut cmd = setup.command(&workspace_binary("qnet-fake-qemu"));
+        cmd.arg(setup.installed.path(install))
+            .arg(format!("--mac={}", random_mac()))
+            .arg("--br=qv0");
+        let qemu = HeldFd::start(cmd).expect("helper");
+        let name = qemu.ifname.clone();
+        assert!(setup.macvtaps().contains(&name));
+        qemu.kill();
+        assert!(
+            wait_until(Duration::from_secs(10), || !setup
+                .macvtaps()
+                .contains(&name)),
+            "{install:?}: {name} outlived QEMU"
+        );
+    }
+}
