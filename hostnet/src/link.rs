@@ -18,7 +18,7 @@ use std::io;
 use netlink_packet_core::{
     DecodeError, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     NlasIterator, Parseable, ParseableParametrized, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
-    NLMSG_OVERRUN, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_EXCL,
+    NLMSG_OVERRUN, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{
@@ -307,6 +307,15 @@ impl LinkSocket {
         msg.header.index = index;
         self.get_link(msg)
             .map_err(|f| f.during(|| format!("looking up ifindex {index}")))
+    }
+
+    /// Every link of the current network namespace (an RTM_GETLINK dump).
+    pub fn links(&mut self) -> Result<Vec<Link>, LinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        self.transact(RouteNetlinkMessage::GetLink(msg), NLM_F_DUMP)
+            .map_err(|f| f.during(|| "listing links".to_owned()))
     }
 
     /// Applies MTU, MAC, master and up state to a port in a single request.

@@ -306,3 +306,23 @@ fn devices_stay_in_their_namespace() {
         None
     );
 }
+
+#[test]
+fn links_lists_every_device_of_the_namespace() {
+    let ns = NetNs::new();
+    ns.run(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        socket.create_bridge("qbrlist0", None).unwrap();
+        socket.create_bridge("qbrlist1", Some(MAC)).unwrap();
+        let mut names: Vec<String> = socket
+            .links()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["lo", "qbrlist0", "qbrlist1"]);
+        // The socket still works for ordinary requests after a dump.
+        assert!(socket.link_by_name("qbrlist1").unwrap().is_some());
+    });
+}

@@ -21,15 +21,21 @@
 //! QNET-GUEST-READY http=80 tcpecho=7 udpecho=<7|none> uptime=<seconds>
 //! QNET-GUEST-PROBE ok target=<ip:port> tries=<n> body=<text> uptime=<seconds>
 //! QNET-GUEST-PROBE fail target=<ip:port> tries=<n> uptime=<seconds>
+//! QNET-GUEST-RESOLVE name=<name> ip=<a.b.c.d|none> uptime=<seconds>
 //! ```
 //!
 //! Lines are `MARKER key=value...`; keys may be added later, so parsers
 //! ignore keys they do not know. READY comes after LEASE, once the servers
 //! listen. After NOLEASE or ERROR the guest idles until killed.
 //!
-//! PROBE comes after READY, and only when the kernel command line has
-//! `qnet.probe=IP:PORT` (add it to [`GuestSpec::extra_append`]): the guest
-//! then fetches `http://IP:PORT/` (up to 10 tries) and reports `ok` with the
+//! RESOLVE comes after READY, only with `qnet.resolve=NAME`: NAME looked up
+//! with the DNS server of the lease ([`RunningGuest::wait_for_resolve`]).
+//!
+//! PROBE lines come after READY (and RESOLVE), only when the kernel command
+//! line has `qnet.probe=IP:PORT[,IP:PORT...]` (add it to
+//! [`GuestSpec::extra_append`]): for each target in order the guest fetches
+//! `http://IP:PORT/` (up to `qnet.probe_tries=N` tries, default 10) and
+//! reports `ok` with the
 //! first 64 bytes of the page (characters outside `[A-Za-z0-9._-]` replaced
 //! by `_`; a token comes through unchanged), or `fail`. Tests use it to check
 //! whether one guest reaches another; see [`RunningGuest::wait_for_probe`].
@@ -57,6 +63,8 @@ pub const ERROR_MARKER: &str = "QNET-GUEST-ERROR";
 pub const READY_MARKER: &str = "QNET-GUEST-READY";
 /// The result of `qnet.probe=`; see [`ProbeOutcome`].
 pub const PROBE_MARKER: &str = "QNET-GUEST-PROBE";
+/// Result of `qnet.resolve=NAME`.
+pub const RESOLVE_MARKER: &str = "QNET-GUEST-RESOLVE";
 
 /// The guest's HTTP port (`/` answers the token).
 pub const HTTP_PORT: u16 = 80;
@@ -447,6 +455,41 @@ impl RunningGuest {
     pub fn wait_for_probe(&self, timeout: Duration) -> Result<ProbeOutcome, String> {
         let line = self.wait_for_line(PROBE_MARKER, timeout)?;
         parse_probe_line(&line).map_err(|e| self.failure(&e))
+    }
+
+    /// Waits for the PROBE line of one `qnet.probe=` target (`IP:PORT`).
+    pub fn wait_for_probe_to(
+        &self,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<ProbeOutcome, String> {
+        let wanted = format!("target={target} ");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let exited = self.try_wait()?;
+            for line in complete_lines(&self.serial_output()) {
+                if let Some(found) = find_marker(line, PROBE_MARKER) {
+                    if found.contains(&wanted) {
+                        return parse_probe_line(found).map_err(|e| self.failure(&e));
+                    }
+                }
+            }
+            if exited.is_some() || Instant::now() >= deadline {
+                return Err(self.failure(&format!("no PROBE line for {target} within {timeout:?}")));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the result of `qnet.resolve=NAME`: the address the guest's
+    /// DNS server gave, or `None` if the name did not resolve.
+    pub fn wait_for_resolve(&self, timeout: Duration) -> Result<Option<Ipv4Addr>, String> {
+        let line = self.wait_for_line(RESOLVE_MARKER, timeout)?;
+        let ip = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ip="))
+            .ok_or_else(|| self.failure(&format!("bad resolve line: {line:?}")))?;
+        Ok(ip.parse().ok())
     }
 
     /// Waits for a console line holding `marker` (followed by a space or the

@@ -8,6 +8,7 @@
 pub mod dnsmasq;
 pub mod fake_qemu;
 pub mod guest;
+pub mod hookd;
 pub mod http;
 pub mod netns;
 pub mod sandbox;

@@ -1,20 +1,238 @@
-//! qnetctl: the client of qnet-hookd. Not implemented yet: this binary only
-//! describes itself.
+//! qnetctl: the command-line client of qnet-hookd.
 
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use qnet_hookd::api::{self, Reply, Request};
+use qnet_hookd::client;
 
-/// Control qnet-hookd: networks, guests, reservations and port forwards.
+/// Control qnet-hookd: networks, guests and DHCP reservations.
 ///
-/// It will talk to the daemon over /run/qnet/ctl.sock: `status`, `guests`, `reserve`,
-/// `forward`, `network up|down` and `attach --qmp PATH`. Not implemented yet.
+/// qnetctl talks to the daemon over its control socket (root, or a member of group `qnet`).
+/// root may do anything; other users see and act on their own guests only (those whose QEMU
+/// runs under their uid). Output is a table for people, or JSON with --json.
 #[derive(Debug, Parser)]
 #[command(name = "qnetctl", version)]
-struct Cli {}
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = api::DEFAULT_CTL_SOCKET)]
+    socket: PathBuf,
+
+    /// Print the daemon's reply as JSON (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Networks: mode, bridge, subnet, up/down, guests, traffic.
+    Status,
+    /// Running guests: name, uuid, pid, user, MAC, address, network.
+    Guests,
+    /// Sticky DHCP reservations (MAC → address + DNS name).
+    #[command(subcommand)]
+    Reserve(ReserveCommand),
+    /// Bring a network up or down (down removes its bridge, rules and dnsmasq).
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
+    Attach {
+        /// QEMU's QMP server socket.
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReserveCommand {
+    /// Reserve an address (the next free one unless --ip) for a MAC, kept until `reserve rm`.
+    Add {
+        network: String,
+        mac: String,
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// DNS name (without the network's domain).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove a reservation.
+    Rm { network: String, mac: String },
+    /// List reservations (of one network, or all).
+    List { network: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    Up { name: String },
+    Down { name: String },
+}
 
 fn main() -> ExitCode {
-    let _ = Cli::parse();
-    eprintln!("qnetctl: not implemented yet");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    let request = match cli.command {
+        Command::Status => Request::Status,
+        Command::Guests => Request::Guests,
+        Command::Reserve(ReserveCommand::Add {
+            network,
+            mac,
+            ip,
+            name,
+        }) => Request::ReserveAdd {
+            network,
+            mac,
+            ip,
+            name,
+        },
+        Command::Reserve(ReserveCommand::Rm { network, mac }) => {
+            Request::ReserveRm { network, mac }
+        }
+        Command::Reserve(ReserveCommand::List { network }) => Request::ReserveList { network },
+        Command::Network(NetworkCommand::Up { name }) => Request::NetworkUp { name },
+        Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown { name },
+        Command::Attach { qmp } => {
+            // The daemon dials the path itself, so it must be absolute.
+            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
+            Request::Attach { qmp }
+        }
+    };
+    match client::request(&cli.socket, &request, Duration::from_secs(30)) {
+        Ok(reply) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).expect("serialisable")
+                );
+            } else {
+                print!("{}", render(&reply));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("qnetctl: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn render(reply: &Reply) -> String {
+    match reply {
+        Reply::Done { message } => format!("{message}\n"),
+        Reply::Status { networks } => table(
+            &[
+                "NETWORK", "MODE", "BRIDGE", "SUBNET", "STATE", "GUESTS", "RX", "TX",
+            ],
+            networks
+                .iter()
+                .map(|n| {
+                    let subnet = match &n.ipv6 {
+                        Some(v6) => format!("{} {v6}", n.subnet),
+                        None => n.subnet.clone(),
+                    };
+                    vec![
+                        n.name.clone(),
+                        n.mode.to_string(),
+                        n.bridge.clone(),
+                        subnet,
+                        if n.up { "up" } else { "down" }.to_string(),
+                        n.guests.to_string(),
+                        bytes(n.rx_bytes),
+                        bytes(n.tx_bytes),
+                    ]
+                })
+                .collect(),
+        ),
+        Reply::Guests { guests } => table(
+            &["GUEST", "UUID", "PID", "USER", "MAC", "IP", "NETWORK"],
+            guests
+                .iter()
+                .flat_map(|g| {
+                    let user = g.user.clone().unwrap_or_else(|| g.uid.to_string());
+                    let name = g.name.clone().unwrap_or_else(|| "-".into());
+                    let uuid = g.uuid.clone().unwrap_or_else(|| "-".into());
+                    let nics: Vec<Option<&api::GuestNic>> = if g.nics.is_empty() {
+                        vec![None]
+                    } else {
+                        g.nics.iter().map(Some).collect()
+                    };
+                    nics.into_iter()
+                        .map(|nic| {
+                            vec![
+                                name.clone(),
+                                uuid.clone(),
+                                g.pid.to_string(),
+                                user.clone(),
+                                nic.map_or("-".into(), |n| n.mac.clone()),
+                                nic.and_then(|n| n.ip)
+                                    .map_or("-".into(), |ip| ip.to_string()),
+                                nic.and_then(|n| n.network.clone())
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        ),
+        Reply::Reservations { reservations } => table(
+            &["NETWORK", "MAC", "IP", "NAME", "KIND"],
+            reservations
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.network.clone(),
+                        r.mac.clone(),
+                        r.ip.to_string(),
+                        r.name.clone().unwrap_or_else(|| "-".into()),
+                        if r.explicit { "explicit" } else { "sticky" }.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// A left-aligned table with a header row.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.to_vec());
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

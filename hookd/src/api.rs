@@ -1,0 +1,234 @@
+//! The control protocol: one vocabulary for `qnetctl`, the libvirt hook and
+//! the daemon, so a request means the same thing from every door.
+//!
+//! Wire format: the client connects to the control socket, writes one
+//! [`Request`] as a JSON line, and reads one [`Response`] as a JSON line.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CTL_SOCKET: &str = "/run/qnet/ctl.sock";
+pub const DEFAULT_QMP_SOCKET: &str = "/run/qnet/qmp.sock";
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How a network reaches the outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Guests reach out through masquerade; nothing reaches in unless forwarded.
+    Nat,
+    /// Like nat without masquerade: the subnet is routed.
+    Routed,
+    /// Guests reach each other and the host only.
+    Isolated,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Nat => "nat",
+            Mode::Routed => "routed",
+            Mode::Isolated => "isolated",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("`{other}` is not a protocol: use tcp or udp")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Networks and their state.
+    Status,
+    /// Running guests the caller may see.
+    Guests,
+    /// Reserve `ip` (or the next free address) for `mac` on `network`.
+    ReserveAdd {
+        network: String,
+        mac: String,
+        #[serde(default)]
+        ip: Option<Ipv4Addr>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    ReserveRm {
+        network: String,
+        mac: String,
+    },
+    ReserveList {
+        #[serde(default)]
+        network: Option<String>,
+    },
+    NetworkUp {
+        name: String,
+    },
+    NetworkDown {
+        name: String,
+    },
+    /// Dial a QEMU QMP server socket and follow that guest.
+    Attach {
+        qmp: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Ok(Reply),
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    Done { message: String },
+    Status { networks: Vec<NetworkStatus> },
+    Guests { guests: Vec<GuestStatus> },
+    Reservations { reservations: Vec<Reservation> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub name: String,
+    pub mode: Mode,
+    pub bridge: String,
+    pub subnet: String,
+    pub router: Ipv4Addr,
+    pub ipv6: Option<String>,
+    pub up: bool,
+    pub guests: usize,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStatus {
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    pub pid: u32,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub status: String,
+    pub nics: Vec<GuestNic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNic {
+    pub mac: String,
+    /// The host device (TAP or macvtap) backing the NIC, when known.
+    pub device: Option<String>,
+    pub network: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub network: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    /// DNS name (without domain).
+    pub name: Option<String>,
+    /// Made by `reserve add` (kept until `reserve rm`), rather than
+    /// assigned automatically when the guest first appeared.
+    pub explicit: bool,
+}
+
+/// Normalises a MAC address to lower-case `aa:bb:cc:dd:ee:ff`.
+pub fn normalize_mac(mac: &str) -> Result<String, String> {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    let valid = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !valid {
+        return Err(format!(
+            "`{mac}` is not a MAC address such as 52:54:00:12:34:56"
+        ));
+    }
+    let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
+    if first & 1 == 1 {
+        return Err(format!("`{mac}` is a multicast address, not a NIC's MAC"));
+    }
+    Ok(parts.join(":").to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let req = Request::ReserveAdd {
+            network: "qnet0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: Some(Ipv4Addr::new(10, 0, 0, 5)),
+            name: None,
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(line.contains("\"op\":\"reserve-add\""), "{line}");
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), req);
+        let status: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
+        assert_eq!(status, Request::Status);
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"network-up","name":"a","x":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_are_ok_or_error() {
+        let ok = Response::Ok(Reply::Done {
+            message: "done".into(),
+        });
+        let line = serde_json::to_string(&ok).unwrap();
+        assert_eq!(line, r#"{"ok":{"kind":"done","message":"done"}}"#);
+        let err: Response = serde_json::from_str(r#"{"error":"no such network"}"#).unwrap();
+        assert_eq!(err, Response::Error("no such network".into()));
+    }
+
+    #[test]
+    fn macs_are_normalised() {
+        assert_eq!(
+            normalize_mac("52:54:00:AB:cd:0F").unwrap(),
+            "52:54:00:ab:cd:0f"
+        );
+        assert_eq!(
+            normalize_mac("52-54-00-ab-cd-0f").unwrap(),
+            "52:54:00:ab:cd:0f"
+        );
+        assert!(normalize_mac("52:54:00:ab:cd").is_err());
+        assert!(normalize_mac("01:00:5e:00:00:01").is_err());
+        assert!(normalize_mac("zz:54:00:ab:cd:0f").is_err());
+    }
+}

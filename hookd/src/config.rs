@@ -1,0 +1,541 @@
+//! `/etc/qnet/hookd.toml`: the networks the daemon keeps up.
+//!
+//! ```toml
+//! [[network]]
+//! name = "lab"                  # required; also the default bridge name
+//! bridge = "qnlab"              # default: the name
+//! mode = "nat"                  # nat (default) | routed | isolated
+//! subnet = "10.42.0.0/24"       # required (IPv4)
+//! router = "10.42.0.1"          # default: the subnet's first address
+//! dhcp-range = ["10.42.0.100", "10.42.0.199"]   # default: .2 .. last-1
+//! domain = "lab.qnet"           # default: "<name>.qnet"
+//! uplink = "eth0"               # optional: masquerade/forward only via it
+//! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
+//! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//! ```
+//!
+//! With no file at all, one NAT network `qnet0` is used, on a /24 the
+//! daemon picks (see [`Config::default_network`]). Errors name the file,
+//! the line and the key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::api::{Mode, Proto};
+
+pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
+pub const DEFAULT_NETWORK: &str = "qnet0";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A TOML syntax or type error; toml's message names line, column and
+    /// key.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: network `{network}`: `{key}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        network: String,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// One network as the daemon uses it: every default filled in, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub bridge: String,
+    pub mode: Mode,
+    pub subnet: Ipv4Net,
+    pub router: Ipv4Addr,
+    pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    pub domain: String,
+    pub uplink: Option<String>,
+    pub blocked_ports: Vec<BlockedPort>,
+    pub ipv6: Option<Ipv6Config>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Config {
+    pub subnet: Ipv6Net,
+    pub router: Ipv6Addr,
+}
+
+/// An outgoing port guests may not reach: `tcp/25`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BlockedPort {
+    pub proto: Proto,
+    pub port: u16,
+}
+
+impl FromStr for BlockedPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (proto, port) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not PROTO/PORT, e.g. `tcp/25`"))?;
+        let proto = proto.parse()?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{port}` is not a port number (1-65535)"))?;
+        Ok(BlockedPort { proto, port })
+    }
+}
+
+impl fmt::Display for BlockedPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.proto, self.port)
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub networks: Vec<NetworkConfig>,
+    /// No config file existed: the caller must provide the default
+    /// network with a subnet it picks.
+    pub use_default_network: bool,
+}
+
+impl Config {
+    /// Reads `path`; a missing file means "the default network".
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config {
+                networks: Vec::new(),
+                use_default_network: true,
+            }),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line(&e),
+        })?;
+        let mut networks = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut bridges = BTreeSet::new();
+        for spanned in raw.network {
+            let line = line_of(text, spanned.span().start);
+            let raw = spanned.into_inner();
+            let name = raw.name.clone();
+            let invalid = |key, problem: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                network: name.clone(),
+                key,
+                problem,
+            };
+            let net = raw
+                .validate()
+                .map_err(|(key, problem)| invalid(key, problem))?;
+            if !names.insert(net.name.clone()) {
+                return Err(invalid("name", "another network has this name".into()));
+            }
+            if !bridges.insert(net.bridge.clone()) {
+                return Err(invalid("bridge", "another network uses this bridge".into()));
+            }
+            networks.push(net);
+        }
+        check_overlaps(&networks).map_err(|(name, problem)| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: 0,
+            network: name,
+            key: "subnet",
+            problem,
+        })?;
+        Ok(Config {
+            networks,
+            use_default_network: false,
+        })
+    }
+
+    /// The network used when there is no config file, on `subnet`.
+    pub fn default_network(subnet: Ipv4Net) -> NetworkConfig {
+        RawNetwork {
+            name: DEFAULT_NETWORK.into(),
+            subnet: subnet.to_string(),
+            ..RawNetwork::default()
+        }
+        .validate()
+        .expect("the default network is valid for any /24")
+    }
+}
+
+fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (String, String)> {
+    for (i, a) in networks.iter().enumerate() {
+        for b in &networks[i + 1..] {
+            if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {
+                return Err((
+                    b.name.clone(),
+                    format!("{} overlaps network `{}` ({})", b.subnet, a.name, a.subnet),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    network: Vec<Spanned<RawNetwork>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNetwork {
+    name: String,
+    bridge: Option<String>,
+    mode: Option<Mode>,
+    subnet: String,
+    router: Option<Ipv4Addr>,
+    dhcp_range: Option<(Ipv4Addr, Ipv4Addr)>,
+    domain: Option<String>,
+    uplink: Option<String>,
+    #[serde(default)]
+    blocked_ports: Vec<String>,
+    ipv6: Option<RawIpv6>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIpv6 {
+    subnet: String,
+    router: Option<Ipv6Addr>,
+}
+
+type Problem = (&'static str, String);
+
+impl RawNetwork {
+    fn validate(self) -> Result<NetworkConfig, Problem> {
+        check_token("name", &self.name)?;
+        let bridge = self.bridge.unwrap_or_else(|| self.name.clone());
+        check_ifname("bridge", &bridge)?;
+        if let Some(uplink) = &self.uplink {
+            check_ifname("uplink", uplink)?;
+        }
+        let subnet: Ipv4Net = self.subnet.parse().map_err(|_| {
+            (
+                "subnet",
+                format!("`{}` is not an IPv4 CIDR such as 10.42.0.0/24", self.subnet),
+            )
+        })?;
+        if subnet != subnet.trunc() {
+            return Err((
+                "subnet",
+                format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
+            ));
+        }
+        if subnet.prefix_len() > 29 {
+            return Err((
+                "subnet",
+                format!("`{subnet}` is too small: use /29 or larger"),
+            ));
+        }
+        let first = u32::from(subnet.network()) + 1;
+        let last = u32::from(subnet.broadcast()) - 1;
+        let in_hosts = |a: Ipv4Addr| (first..=last).contains(&u32::from(a));
+        let router = self.router.unwrap_or(Ipv4Addr::from(first));
+        if !in_hosts(router) {
+            return Err((
+                "router",
+                format!("{router} is not a host address of {subnet}"),
+            ));
+        }
+        let dhcp_range = self
+            .dhcp_range
+            .unwrap_or((Ipv4Addr::from(first + 1), Ipv4Addr::from(last)));
+        let (start, end) = dhcp_range;
+        if !in_hosts(start) || !in_hosts(end) || u32::from(start) > u32::from(end) {
+            return Err((
+                "dhcp-range",
+                format!("{start}..{end} must be host addresses of {subnet}, in order"),
+            ));
+        }
+        if (u32::from(start)..=u32::from(end)).contains(&u32::from(router)) {
+            return Err((
+                "dhcp-range",
+                format!("{start}..{end} contains the router address {router}"),
+            ));
+        }
+        let domain = self.domain.unwrap_or_else(|| format!("{}.qnet", self.name));
+        check_domain(&domain)?;
+        let mut blocked_ports = Vec::new();
+        for port in &self.blocked_ports {
+            blocked_ports.push(port.parse().map_err(|e| ("blocked-ports", e))?);
+        }
+        blocked_ports.sort();
+        blocked_ports.dedup();
+        let ipv6 = self.ipv6.map(validate_ipv6).transpose()?;
+        Ok(NetworkConfig {
+            name: self.name,
+            bridge,
+            mode: self.mode.unwrap_or(Mode::Nat),
+            subnet,
+            router,
+            dhcp_range,
+            domain,
+            uplink: self.uplink,
+            blocked_ports,
+            ipv6,
+        })
+    }
+}
+
+fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
+    let subnet: Ipv6Net = raw.subnet.parse().map_err(|_| {
+        (
+            "ipv6",
+            format!("`{}` is not an IPv6 CIDR such as fd42::/64", raw.subnet),
+        )
+    })?;
+    if subnet != subnet.trunc() {
+        return Err((
+            "ipv6",
+            format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
+        ));
+    }
+    let router = raw
+        .router
+        .unwrap_or_else(|| Ipv6Addr::from(u128::from(subnet.network()) + 1));
+    if !subnet.contains(&router) || router == subnet.network() {
+        return Err((
+            "ipv6",
+            format!("router {router} is not a host address of {subnet}"),
+        ));
+    }
+    Ok(Ipv6Config { subnet, router })
+}
+
+/// Network names end up in file names and nft comments: keep them plain.
+fn check_token(key: &'static str, value: &str) -> Result<(), Problem> {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err((
+            key,
+            format!("`{value}` must be 1-32 characters of a-z, A-Z, 0-9, `-`, `_`"),
+        ))
+    }
+}
+
+fn check_ifname(key: &'static str, value: &str) -> Result<(), Problem> {
+    qnet_hostnet::acl::check_name(value).map_err(|e| (key, format!("`{value}`: {e}")))
+}
+
+fn check_domain(domain: &str) -> Result<(), Problem> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err((
+            "domain",
+            format!("`{domain}` is not a DNS domain such as lab.qnet"),
+        ))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    1 + text[..offset.min(text.len())].matches('\n').count()
+}
+
+fn one_line(err: &toml::de::Error) -> String {
+    let message = err.message().trim();
+    match err.span() {
+        Some(span) => {
+            let line = line_of_span(err, span.start);
+            format!("line {line}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
+fn line_of_span(err: &toml::de::Error, offset: usize) -> usize {
+    // toml's full Display holds "TOML parse error at line N, column M";
+    // prefer it, fall back to counting from the offset we were given.
+    let display = err.to_string();
+    display
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/qnet/hookd.toml"), text)
+    }
+
+    #[test]
+    fn minimal_network_gets_every_default() {
+        let config = parse("[[network]]\nname = \"lab\"\nsubnet = \"10.42.0.0/24\"\n").unwrap();
+        let net = &config.networks[0];
+        assert_eq!(net.bridge, "lab");
+        assert_eq!(net.mode, Mode::Nat);
+        assert_eq!(net.router, Ipv4Addr::new(10, 42, 0, 1));
+        assert_eq!(
+            net.dhcp_range,
+            (Ipv4Addr::new(10, 42, 0, 2), Ipv4Addr::new(10, 42, 0, 254))
+        );
+        assert_eq!(net.domain, "lab.qnet");
+        assert!(!config.use_default_network);
+    }
+
+    #[test]
+    fn full_network_is_read() {
+        let config = parse(
+            r#"
+[[network]]
+name = "iso"
+bridge = "qniso"
+mode = "isolated"
+subnet = "10.43.0.0/24"
+router = "10.43.0.254"
+dhcp-range = ["10.43.0.10", "10.43.0.20"]
+domain = "iso.example"
+uplink = "eth0"
+blocked-ports = ["tcp/25", "udp/1900", "tcp/25"]
+ipv6 = { subnet = "fd43::/64" }
+"#,
+        )
+        .unwrap();
+        let net = &config.networks[0];
+        assert_eq!(net.mode, Mode::Isolated);
+        assert_eq!(net.router, Ipv4Addr::new(10, 43, 0, 254));
+        assert_eq!(net.blocked_ports.len(), 2);
+        assert_eq!(net.blocked_ports[0].to_string(), "tcp/25");
+        assert_eq!(
+            net.ipv6.unwrap().router,
+            "fd43::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(net.uplink.as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n\n[[network]]\nname = \"b\"\nsubnet = \"10.1.0.0/24\"\nrouter = \"10.9.9.9\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "/etc/qnet/hookd.toml:5: network `b`: `router`: 10.9.9.9 is not a host address of 10.1.0.0/24"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors_with_a_line() {
+        let err = parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmtu = 9000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("mtu"), "{err}");
+        let err =
+            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"bridged\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("line 4") && err.contains("bridged"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (body, key) in [
+            ("subnet = \"10.0.0.1/24\"", "subnet"),
+            ("subnet = \"banana\"", "subnet"),
+            ("subnet = \"10.0.0.0/30\"", "subnet"),
+            (
+                "subnet = \"10.0.0.0/24\"\nbridge = \"waytoolongbridgename\"",
+                "bridge",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\ndhcp-range = [\"10.0.0.1\", \"10.0.0.9\"]",
+                "dhcp-range",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\ndhcp-range = [\"10.0.0.9\", \"10.0.0.3\"]",
+                "dhcp-range",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\nblocked-ports = [\"tcp/0\"]",
+                "blocked-ports",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\nblocked-ports = [\"icmp/1\"]",
+                "blocked-ports",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\ndomain = \"bad domain\"",
+                "domain",
+            ),
+            (
+                "subnet = \"10.0.0.0/24\"\nipv6 = { subnet = \"fd00::1/64\" }",
+                "ipv6",
+            ),
+        ] {
+            let text = format!("[[network]]\nname = \"n\"\n{body}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_names_bridges_and_overlapping_subnets_are_refused() {
+        let dup = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[network]]\nname = \"a\"\nsubnet = \"10.1.0.0/24\"\n";
+        assert!(parse(dup).unwrap_err().to_string().contains("`name`"));
+        let bridge = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[network]]\nname = \"b\"\nbridge = \"a\"\nsubnet = \"10.1.0.0/24\"\n";
+        assert!(parse(bridge).unwrap_err().to_string().contains("`bridge`"));
+        let overlap = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/16\"\n[[network]]\nname = \"b\"\nsubnet = \"10.0.5.0/24\"\n";
+        assert!(parse(overlap).unwrap_err().to_string().contains("overlaps"));
+    }
+
+    #[test]
+    fn missing_file_means_default_network() {
+        let config = Config::load(Path::new("/nonexistent/qnet/hookd.toml")).unwrap();
+        assert!(config.use_default_network);
+        let net = Config::default_network("10.213.7.0/24".parse().unwrap());
+        assert_eq!(net.name, "qnet0");
+        assert_eq!(net.bridge, "qnet0");
+        assert_eq!(net.router, Ipv4Addr::new(10, 213, 7, 1));
+        assert_eq!(net.mode, Mode::Nat);
+    }
+}

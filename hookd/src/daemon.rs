@@ -1,0 +1,1014 @@
+//! The reconciler: one task owns the desired state (networks, guests,
+//! reservations) and makes the world match it through small appliers
+//! (`network`, `nft`, `dnsmasq`). Inputs arrive on one channel: control
+//! requests, guests found over QMP, their events and their exits.
+//!
+//! Each QMP connection is a task of its own (`follow_guest`) that only
+//! reads events and sends them on, and does any QMP round trip itself, so a
+//! slow or hostile QEMU, nft or dnsmasq never stalls another guest's
+//! reader. The same start-up path rebuilds everything from the persisted
+//! state, which is what makes a restart after kill -9 exact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{self, GuestNic, GuestStatus, NetworkStatus, Reply, Request, Response};
+use crate::config::{Config, NetworkConfig};
+use crate::discover::{self, GuestPort, PortKind};
+use crate::dnsmasq::{self, DhcpHost, DnsHost, DnsmasqHandle};
+use crate::qmp::{self, GuestIdentity, GuestInfo, NicInfo, QmpEvent, QmpSession};
+use crate::state::{self, GuestRecord, State, StoredReservation};
+use crate::{ctl, network, nft, orphans, subnet};
+
+/// Where the daemon keeps things; every path can be moved by a flag.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub ctl_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+}
+
+/// Identifies one QMP connection (a guest may reconnect with a new one).
+type ConnId = u64;
+
+/// Who sent a control request (SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+impl Peer {
+    fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+pub enum Input {
+    Ctl {
+        request: Request,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+    },
+    GuestUp(Box<GuestUp>),
+    GuestNics {
+        conn: ConnId,
+        nics: Vec<NicInfo>,
+        ports: Vec<GuestPort>,
+    },
+    GuestGone {
+        conn: ConnId,
+        why: String,
+    },
+    /// A guest recorded before a restart that never came back.
+    StaleGuestExited {
+        pid: u32,
+    },
+}
+
+pub struct GuestUp {
+    conn: ConnId,
+    identity: GuestIdentity,
+    info: GuestInfo,
+    ports: Vec<GuestPort>,
+    qmp_server: Option<PathBuf>,
+}
+
+struct NetworkRuntime {
+    config: NetworkConfig,
+    up: bool,
+    dnsmasq: Option<DnsmasqHandle>,
+}
+
+struct GuestRuntime {
+    pid: u32,
+}
+
+pub struct Daemon {
+    paths: Paths,
+    state: State,
+    networks: BTreeMap<String, NetworkRuntime>,
+    guests: HashMap<ConnId, GuestRuntime>,
+    inputs: mpsc::UnboundedSender<Input>,
+    next_conn: ConnId,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
+/// up when it exits: running guests keep working, and the next start
+/// adopts them.
+pub async fn run(paths: Paths) -> Result<(), String> {
+    let config = Config::load(&paths.config).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&paths.run_dir)
+        .map_err(|e| format!("{}: {e}", paths.run_dir.display()))?;
+    std::fs::create_dir_all(&paths.state_dir)
+        .map_err(|e| format!("{}: {e}", paths.state_dir.display()))?;
+    let state = State::load(&paths.state_dir).map_err(|e| e.to_string())?;
+
+    let (inputs, mut receiver) = mpsc::unbounded_channel();
+    let mut daemon = Daemon {
+        paths: paths.clone(),
+        state,
+        networks: BTreeMap::new(),
+        guests: HashMap::new(),
+        inputs: inputs.clone(),
+        next_conn: 1,
+    };
+    daemon.start(config).await?;
+
+    let ctl_listener = bind(&paths.ctl_socket, 0o660)?;
+    ctl::set_group(&paths.ctl_socket);
+    let qmp_listener = bind(&paths.qmp_socket, 0o666)?;
+    tokio::spawn(ctl::serve(ctl_listener, inputs.clone()));
+    tokio::spawn(accept_qmp(qmp_listener, inputs.clone()));
+    tracing::info!(
+        ctl = %paths.ctl_socket.display(),
+        qmp = %paths.qmp_socket.display(),
+        "qnet-hookd ready"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            input = receiver.recv() => match input {
+                Some(input) => daemon.handle(input).await,
+                None => break,
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("stopping; networks, rules and dnsmasq stay up for running guests");
+    let _ = std::fs::remove_file(&paths.ctl_socket);
+    let _ = std::fs::remove_file(&paths.qmp_socket);
+    Ok(())
+}
+
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    // A socket file left by a killed daemon.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+impl Daemon {
+    /// Brings the world to the persisted + configured state: networks up
+    /// (or down), one nft transaction, dnsmasq with every reservation,
+    /// guests that are gone dropped, server-mode guests re-dialed.
+    async fn start(&mut self, config: Config) -> Result<(), String> {
+        let mut wanted = config.networks;
+        if config.use_default_network {
+            let subnet = match self.state.default_subnet {
+                Some(subnet) => subnet,
+                None => {
+                    let subnet = subnet::pick_free_subnet()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(%subnet, "no config file: default network qnet0 on a free /24");
+                    self.state.default_subnet = Some(subnet);
+                    subnet
+                }
+            };
+            wanted.push(Config::default_network(subnet));
+        }
+
+        // Networks we brought up before that the config no longer has.
+        let wanted_names: Vec<&str> = wanted.iter().map(|n| n.name.as_str()).collect();
+        let vanished: Vec<NetworkConfig> = self
+            .state
+            .known_networks
+            .values()
+            .filter(|n| !wanted_names.contains(&n.name.as_str()))
+            .cloned()
+            .collect();
+        for net in vanished {
+            tracing::info!(network = %net.name, "no longer configured: removing it");
+            if let Err(e) = network::bring_down(&net).await {
+                tracing::warn!(network = %net.name, "removing: {e}");
+            }
+            self.state.known_networks.remove(&net.name);
+        }
+
+        for net in wanted {
+            let name = net.name.clone();
+            let up = !self.state.networks_down.contains(&name);
+            self.networks.insert(
+                name.clone(),
+                NetworkRuntime {
+                    config: net,
+                    up: false,
+                    dnsmasq: None,
+                },
+            );
+            if up {
+                self.network_up(&name).await?;
+            }
+        }
+        self.apply_rules().await?;
+
+        // Guests from before the restart: drop the dead, watch the living.
+        let records: Vec<GuestRecord> = self.state.guests.values().cloned().collect();
+        for record in records {
+            if !state::still_running(&record) {
+                tracing::info!(pid = record.pid, "guest gone while the daemon was down");
+                self.state.guests.remove(&record.pid);
+                continue;
+            }
+            watch_stale_guest(record.pid, self.inputs.clone());
+            if let Some(path) = record.qmp_server.clone() {
+                let conn = self.new_conn();
+                tokio::spawn(follow_guest(
+                    Origin::Server(path),
+                    conn,
+                    self.inputs.clone(),
+                    None,
+                ));
+            }
+        }
+        for path in self.state.attached.clone() {
+            let known = self
+                .state
+                .guests
+                .values()
+                .any(|g| g.qmp_server.as_ref() == Some(&path));
+            if !known {
+                self.state.attached.remove(&path);
+            }
+        }
+        self.remove_orphan_macvtaps().await;
+        self.sync_dnsmasq().await;
+        self.save();
+        Ok(())
+    }
+
+    fn new_conn(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Ctl {
+                request,
+                peer,
+                reply,
+            } => self.request(request, peer, reply).await,
+            Input::GuestUp(up) => self.guest_up(*up).await,
+            Input::GuestNics { conn, nics, ports } => {
+                if let Some(pid) = self.guests.get(&conn).map(|g| g.pid) {
+                    self.assign_nics(pid, &nics, &ports);
+                    self.sync_dnsmasq().await;
+                    self.save();
+                }
+            }
+            Input::GuestGone { conn, why } => {
+                if let Some(guest) = self.guests.remove(&conn) {
+                    // A guest that reconnected has a newer connection.
+                    if self.guests.values().any(|g| g.pid == guest.pid) {
+                        return;
+                    }
+                    tracing::info!(pid = guest.pid, %why, "guest gone: tearing down");
+                    if let Some(record) = self.state.guests.remove(&guest.pid) {
+                        if let Some(path) = record.qmp_server {
+                            self.state.attached.remove(&path);
+                        }
+                    }
+                    self.sync_dnsmasq().await;
+                    self.save();
+                }
+            }
+            Input::StaleGuestExited { pid } => {
+                let followed = self.guests.values().any(|g| g.pid == pid);
+                if !followed && self.state.guests.remove(&pid).is_some() {
+                    tracing::info!(pid, "guest from before the restart exited");
+                    self.sync_dnsmasq().await;
+                    self.save();
+                }
+            }
+        }
+    }
+
+    /// Handles a control request; the reply goes out on `reply` (possibly
+    /// later, from a task, for `attach`).
+    async fn request(&mut self, request: Request, peer: Peer, reply: oneshot::Sender<Response>) {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::Guests => Ok(self.guest_list(peer)),
+            Request::ReserveList { network } => self.reserve_list(network.as_deref(), peer),
+            Request::ReserveAdd {
+                network,
+                mac,
+                ip,
+                name,
+            } => self.reserve_add(&network, &mac, ip, name, peer).await,
+            Request::ReserveRm { network, mac } => self.reserve_rm(&network, &mac, peer).await,
+            Request::NetworkUp { name } => self.ctl_network_up(&name, peer).await,
+            Request::NetworkDown { name } => self.ctl_network_down(&name, peer).await,
+            Request::Attach { qmp } => {
+                let conn = self.new_conn();
+                tokio::spawn(follow_guest(
+                    Origin::Server(qmp),
+                    conn,
+                    self.inputs.clone(),
+                    Some((peer, reply)),
+                ));
+                return;
+            }
+        };
+        let _ = reply.send(match result {
+            Ok(r) => Response::Ok(r),
+            Err(e) => Response::Error(e),
+        });
+    }
+
+    // ----- networks --------------------------------------------------------
+
+    async fn network_up(&mut self, name: &str) -> Result<(), String> {
+        let runtime = self
+            .networks
+            .get_mut(name)
+            .ok_or_else(|| format!("no network `{name}`"))?;
+        let net = runtime.config.clone();
+        network::bring_up(&net)
+            .await
+            .map_err(|e| format!("network `{name}`: {e}"))?;
+        let paths = self.dnsmasq_paths();
+        let handle = dnsmasq::spawn(&net, &paths).map_err(|e| format!("network `{name}`: {e}"))?;
+        let runtime = self.networks.get_mut(name).expect("checked above");
+        runtime.dnsmasq = Some(handle);
+        runtime.up = true;
+        self.state.known_networks.insert(name.to_string(), net);
+        Ok(())
+    }
+
+    async fn network_down(&mut self, name: &str) -> Result<(), String> {
+        let runtime = self
+            .networks
+            .get_mut(name)
+            .ok_or_else(|| format!("no network `{name}`"))?;
+        if let Some(handle) = runtime.dnsmasq.take() {
+            handle.stop().await;
+        }
+        runtime.up = false;
+        let net = runtime.config.clone();
+        network::bring_down(&net)
+            .await
+            .map_err(|e| format!("network `{name}`: {e}"))?;
+        self.state.known_networks.remove(name);
+        Ok(())
+    }
+
+    async fn ctl_network_up(&mut self, name: &str, peer: Peer) -> Result<Reply, String> {
+        require_root(peer, "bring networks up")?;
+        let runtime = self
+            .networks
+            .get(name)
+            .ok_or_else(|| self.no_such_network(name))?;
+        if runtime.up {
+            return Ok(done(format!("network `{name}` is already up")));
+        }
+        self.state.networks_down.remove(name);
+        self.network_up(name).await?;
+        self.apply_rules().await?;
+        self.sync_dnsmasq().await;
+        self.save();
+        Ok(done(format!("network `{name}` is up")))
+    }
+
+    async fn ctl_network_down(&mut self, name: &str, peer: Peer) -> Result<Reply, String> {
+        require_root(peer, "take networks down")?;
+        let runtime = self
+            .networks
+            .get(name)
+            .ok_or_else(|| self.no_such_network(name))?;
+        if !runtime.up {
+            return Ok(done(format!("network `{name}` is already down")));
+        }
+        self.state.networks_down.insert(name.to_string());
+        self.network_down(name).await?;
+        self.apply_rules().await?;
+        self.save();
+        Ok(done(format!(
+            "network `{name}` is down: bridge, rules and dnsmasq removed (reservations kept)"
+        )))
+    }
+
+    fn no_such_network(&self, name: &str) -> String {
+        let known: Vec<&str> = self.networks.keys().map(String::as_str).collect();
+        format!("no network `{name}` (networks: {})", known.join(", "))
+    }
+
+    /// Replaces our nft table with the rules of every network that is up,
+    /// in one transaction.
+    async fn apply_rules(&self) -> Result<(), String> {
+        let up: Vec<NetworkConfig> = self
+            .networks
+            .values()
+            .filter(|n| n.up)
+            .map(|n| n.config.clone())
+            .collect();
+        nft::apply(&up).await.map_err(|e| format!("nftables: {e}"))
+    }
+
+    fn dnsmasq_paths(&self) -> dnsmasq::Paths {
+        dnsmasq::Paths {
+            run_dir: self.paths.run_dir.clone(),
+            state_dir: self.paths.state_dir.clone(),
+        }
+    }
+
+    /// Rewrites every running dnsmasq's hosts files from the state: DHCP
+    /// for every reservation, DNS names for running guests and for explicit
+    /// reservations with a name. dnsmasq gets SIGHUP only on change.
+    async fn sync_dnsmasq(&self) {
+        for runtime in self.networks.values() {
+            let Some(handle) = &runtime.dnsmasq else {
+                continue;
+            };
+            let net = &runtime.config;
+            let running_macs: Vec<&str> = self
+                .state
+                .guests
+                .values()
+                .flat_map(|g| g.nics.iter())
+                .filter(|nic| nic.network.as_deref() == Some(net.name.as_str()))
+                .map(|nic| nic.mac.as_str())
+                .collect();
+            let mut dhcp = Vec::new();
+            let mut dns = Vec::new();
+            for (mac, r) in self.state.reservations.get(&net.name).into_iter().flatten() {
+                dhcp.push(DhcpHost {
+                    mac: mac.clone(),
+                    ip: r.ip,
+                    name: r.name.clone(),
+                });
+                if let Some(name) = &r.name {
+                    if r.explicit || running_macs.contains(&mac.as_str()) {
+                        dns.push(DnsHost {
+                            ip: r.ip,
+                            name: name.clone(),
+                        });
+                    }
+                }
+            }
+            if let Err(e) = handle.set_hosts(dhcp, dns).await {
+                tracing::warn!(network = %net.name, "updating dnsmasq hosts: {e}");
+            }
+        }
+    }
+
+    // ----- guests ----------------------------------------------------------
+
+    async fn guest_up(&mut self, up: GuestUp) {
+        let GuestUp {
+            conn,
+            identity,
+            info,
+            ports,
+            qmp_server,
+        } = up;
+        let pid = identity.pid;
+        let start_time = state::process_start_time(pid).unwrap_or(0);
+        tracing::info!(
+            pid,
+            name = info.name.as_deref().unwrap_or("-"),
+            nics = info.nics.len(),
+            "guest connected"
+        );
+        self.guests.retain(|_, g| g.pid != pid);
+        self.guests.insert(conn, GuestRuntime { pid });
+        if let Some(path) = &qmp_server {
+            self.state.attached.insert(path.clone());
+        }
+        self.state.guests.insert(
+            pid,
+            GuestRecord {
+                pid,
+                start_time,
+                uid: identity.uid,
+                name: info.name.clone(),
+                uuid: info.uuid.clone(),
+                qmp_server,
+                nics: Vec::new(),
+            },
+        );
+        self.assign_nics(pid, &info.nics, &ports);
+        self.sync_dnsmasq().await;
+        self.save();
+    }
+
+    /// Works out which network each NIC is on and gives it its sticky
+    /// reservation there.
+    ///
+    /// QMP names NICs and MACs; `/proc` names the host devices. A macvtap
+    /// carries the guest's MAC, so it matches exactly. TAPs carry their own
+    /// MACs: they are paired with the NICs in order (QEMU opens the netdevs
+    /// and creates the NICs in command-line order), or, when the counts
+    /// differ, every NIC is reserved on the one qnet network the guest's
+    /// TAPs are on, if there is exactly one.
+    fn assign_nics(&mut self, pid: u32, nics: &[NicInfo], ports: &[GuestPort]) {
+        let taps: Vec<&GuestPort> = ports.iter().filter(|p| p.kind == PortKind::Tap).collect();
+        let tap_networks: Vec<Option<String>> = taps
+            .iter()
+            .map(|p| p.master.as_deref().and_then(|b| self.network_of_bridge(b)))
+            .collect();
+        let mut single: Vec<&String> = tap_networks.iter().flatten().collect();
+        single.dedup();
+        let only_network = if single.len() == 1 {
+            Some(single[0].clone())
+        } else {
+            None
+        };
+        let name = self
+            .state
+            .guests
+            .get(&pid)
+            .and_then(|g| g.name.as_deref())
+            .and_then(dns_label);
+
+        let mut assigned = Vec::new();
+        for (i, nic) in nics.iter().enumerate() {
+            let macvtap = ports.iter().find(|p| {
+                p.kind == PortKind::Macvtap && p.mac.map(mac_string).as_deref() == Some(&nic.mac)
+            });
+            let (device, network) = if let Some(port) = macvtap {
+                (Some(port.ifname.clone()), None)
+            } else if taps.len() == nics.len() {
+                (Some(taps[i].ifname.clone()), tap_networks[i].clone())
+            } else {
+                (None, only_network.clone())
+            };
+            let ip = network.as_ref().and_then(|net_name| {
+                let net = &self.networks.get(net_name)?.config;
+                let ip = self.state.reserve(net, &nic.mac, name.as_deref());
+                if ip.is_none() {
+                    tracing::warn!(network = %net_name, mac = %nic.mac, "address pool exhausted");
+                }
+                ip
+            });
+            assigned.push(GuestNic {
+                mac: nic.mac.clone(),
+                device,
+                network,
+                ip,
+            });
+        }
+        if let Some(record) = self.state.guests.get_mut(&pid) {
+            record.nics = assigned;
+        }
+    }
+
+    fn network_of_bridge(&self, bridge: &str) -> Option<String> {
+        self.networks
+            .values()
+            .find(|n| n.config.bridge == bridge)
+            .map(|n| n.config.name.clone())
+    }
+
+    /// Deletes qnet macvtaps whose QEMU is gone (left by a host crash or a
+    /// killed reaper).
+    async fn remove_orphan_macvtaps(&self) {
+        match tokio::task::spawn_blocking(orphans::remove_orphan_macvtaps).await {
+            Ok(Ok(removed)) => {
+                for name in removed {
+                    tracing::info!(macvtap = %name, "removed orphaned qnet macvtap");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("looking for orphaned macvtaps: {e}"),
+            Err(e) => tracing::warn!("looking for orphaned macvtaps: {e}"),
+        }
+    }
+
+    // ----- control requests -------------------------------------------------
+
+    fn status(&self) -> Reply {
+        let networks = self
+            .networks
+            .values()
+            .map(|n| {
+                let (rx_bytes, tx_bytes) = if n.up {
+                    network::bridge_counters(&n.config.bridge).unwrap_or((0, 0))
+                } else {
+                    (0, 0)
+                };
+                NetworkStatus {
+                    name: n.config.name.clone(),
+                    mode: n.config.mode,
+                    bridge: n.config.bridge.clone(),
+                    subnet: n.config.subnet.to_string(),
+                    router: n.config.router,
+                    ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
+                    up: n.up,
+                    guests: self
+                        .state
+                        .guests
+                        .values()
+                        .filter(|g| {
+                            g.nics
+                                .iter()
+                                .any(|nic| nic.network.as_deref() == Some(&n.config.name))
+                        })
+                        .count(),
+                    rx_bytes,
+                    tx_bytes,
+                }
+            })
+            .collect();
+        Reply::Status { networks }
+    }
+
+    fn guest_list(&self, peer: Peer) -> Reply {
+        let guests = self
+            .state
+            .guests
+            .values()
+            .filter(|g| peer.is_root() || g.uid == peer.uid)
+            .map(|g| GuestStatus {
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                pid: g.pid,
+                uid: g.uid,
+                user: user_name(g.uid),
+                status: if state::still_running(g) {
+                    "running".into()
+                } else {
+                    "gone".into()
+                },
+                nics: g.nics.clone(),
+            })
+            .collect();
+        Reply::Guests { guests }
+    }
+
+    /// MACs of the running guests of `uid`.
+    fn macs_of(&self, uid: u32) -> Vec<&str> {
+        self.state
+            .guests
+            .values()
+            .filter(|g| g.uid == uid)
+            .flat_map(|g| g.nics.iter().map(|n| n.mac.as_str()))
+            .collect()
+    }
+
+    fn reserve_list(&self, network: Option<&str>, peer: Peer) -> Result<Reply, String> {
+        if let Some(name) = network {
+            if !self.networks.contains_key(name) {
+                return Err(self.no_such_network(name));
+            }
+        }
+        let own = self.macs_of(peer.uid);
+        let reservations = self
+            .networks
+            .keys()
+            .filter(|name| network.is_none_or(|n| n == name.as_str()))
+            .flat_map(|name| self.state.reservations_of(name))
+            .filter(|r| peer.is_root() || own.contains(&r.mac.as_str()))
+            .collect();
+        Ok(Reply::Reservations { reservations })
+    }
+
+    async fn reserve_add(
+        &mut self,
+        network: &str,
+        mac: &str,
+        ip: Option<Ipv4Addr>,
+        name: Option<String>,
+        peer: Peer,
+    ) -> Result<Reply, String> {
+        let mac = api::normalize_mac(mac)?;
+        if !peer.is_root() && !self.macs_of(peer.uid).contains(&mac.as_str()) {
+            return Err(format!(
+                "{mac} is not a NIC of one of your running guests: only root may reserve other MACs"
+            ));
+        }
+        let net = self
+            .networks
+            .get(network)
+            .ok_or_else(|| self.no_such_network(network))?
+            .config
+            .clone();
+        let name =
+            match name {
+                Some(n) => Some(dns_label(&n).ok_or_else(|| {
+                    format!("`{n}` is not a DNS name: use letters, digits and `-`")
+                })?),
+                None => None,
+            };
+        let table = self.state.reservations.entry(net.name.clone()).or_default();
+        let ip = match ip {
+            Some(ip) => {
+                if !net.subnet.contains(&ip)
+                    || ip == net.router
+                    || ip == net.subnet.network()
+                    || ip == net.subnet.broadcast()
+                {
+                    return Err(format!(
+                        "{ip} is not a guest address of {} ({})",
+                        net.name, net.subnet
+                    ));
+                }
+                if let Some((other, _)) = table.iter().find(|(m, r)| r.ip == ip && **m != mac) {
+                    return Err(format!(
+                        "{ip} is already reserved for {other} on {}",
+                        net.name
+                    ));
+                }
+                ip
+            }
+            None => match table.get(&mac) {
+                Some(existing) => existing.ip,
+                None => state::free_address(&net, table)
+                    .ok_or_else(|| format!("network `{}` has no free address left", net.name))?,
+            },
+        };
+        table.insert(
+            mac.clone(),
+            StoredReservation {
+                ip,
+                name: name.clone(),
+                explicit: true,
+            },
+        );
+        self.sync_dnsmasq().await;
+        self.save();
+        let named = name
+            .map(|n| format!(" ({n}.{})", net.domain))
+            .unwrap_or_default();
+        Ok(done(format!("reserved {ip}{named} for {mac} on {network}")))
+    }
+
+    async fn reserve_rm(&mut self, network: &str, mac: &str, peer: Peer) -> Result<Reply, String> {
+        let mac = api::normalize_mac(mac)?;
+        if !peer.is_root() && !self.macs_of(peer.uid).contains(&mac.as_str()) {
+            return Err(format!("{mac} is not a NIC of one of your running guests"));
+        }
+        if !self.networks.contains_key(network) {
+            return Err(self.no_such_network(network));
+        }
+        let removed = self
+            .state
+            .reservations
+            .get_mut(network)
+            .and_then(|t| t.remove(&mac));
+        match removed {
+            Some(r) => {
+                self.sync_dnsmasq().await;
+                self.save();
+                Ok(done(format!(
+                    "removed the reservation of {} for {mac} on {network}",
+                    r.ip
+                )))
+            }
+            None => Err(format!("{mac} has no reservation on {network}")),
+        }
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.state.save(&self.paths.state_dir) {
+            tracing::error!("saving state: {e}");
+        }
+    }
+}
+
+fn done(message: String) -> Reply {
+    Reply::Done { message }
+}
+
+fn require_root(peer: Peer, what: &str) -> Result<(), String> {
+    if peer.is_root() {
+        Ok(())
+    } else {
+        Err(format!("only root may {what}"))
+    }
+}
+
+/// A guest name as a DNS label: lower-case letters, digits and `-`.
+fn dns_label(name: &str) -> Option<String> {
+    let label: String = name
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            '_' | '.' | ' ' => '-',
+            _ => '\0',
+        })
+        .filter(|&c| c != '\0')
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    (!label.is_empty() && label.len() <= 63).then_some(label)
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+// ----- QMP connections --------------------------------------------------------
+
+/// How the daemon reached a QEMU.
+#[derive(Debug)]
+pub enum Origin {
+    /// QEMU dialed the daemon's QMP socket.
+    Client(UnixStream),
+    /// The daemon dials QEMU's QMP server socket.
+    Server(PathBuf),
+}
+
+async fn accept_qmp(listener: UnixListener, inputs: mpsc::UnboundedSender<Input>) {
+    // Connection ids for client-mode guests count down from the top so they
+    // never meet the reconciler's own counter.
+    let mut conn: ConnId = u64::MAX;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                conn -= 1;
+                tokio::spawn(follow_guest(
+                    Origin::Client(stream),
+                    conn,
+                    inputs.clone(),
+                    None,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("accepting a QMP connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Follows one QEMU: handshake and queries, then forwards its events and
+/// reports its end (QMP EOF, process exit, or SHUTDOWN when QEMU will exit).
+/// `attach` carries the control request to answer (server mode).
+async fn follow_guest(
+    origin: Origin,
+    conn: ConnId,
+    inputs: mpsc::UnboundedSender<Input>,
+    attach: Option<(Peer, oneshot::Sender<Response>)>,
+) {
+    let (stream, qmp_server) = match origin {
+        Origin::Client(stream) => (Ok(stream), None),
+        Origin::Server(path) => (
+            qmp::dial(&path).await.map_err(|e| e.to_string()),
+            Some(path),
+        ),
+    };
+    let answer = |attach: Option<(Peer, oneshot::Sender<Response>)>, response: Response| {
+        if let Some((_, reply)) = attach {
+            let _ = reply.send(response);
+        }
+    };
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!("QMP: {e}");
+            answer(attach, Response::Error(e));
+            return;
+        }
+    };
+    let (events_tx, mut events) = mpsc::channel(256);
+    let (session, identity) = match QmpSession::start(stream, events_tx).await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::warn!("QMP handshake: {e}");
+            answer(attach, Response::Error(format!("QMP handshake: {e}")));
+            return;
+        }
+    };
+    if let Some((peer, _)) = &attach {
+        if !peer.is_root() && peer.uid != identity.uid {
+            answer(
+                attach,
+                Response::Error(
+                    "that QEMU does not run under your uid: only root may attach it".into(),
+                ),
+            );
+            return;
+        }
+    }
+    let info = match session.query_info().await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(pid = identity.pid, "QMP queries: {e}");
+            answer(attach, Response::Error(format!("QMP queries: {e}")));
+            return;
+        }
+    };
+    let pid = identity.pid;
+    let ports = ports_of(pid).await;
+    let name = info.name.clone();
+    let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
+        conn,
+        identity,
+        info,
+        ports,
+        qmp_server,
+    })));
+    answer(
+        attach,
+        Response::Ok(done(format!(
+            "following QEMU pid {pid}{}",
+            name.map(|n| format!(" ({n})")).unwrap_or_default()
+        ))),
+    );
+
+    let no_shutdown = cmdline_has(pid, "-no-shutdown");
+    let exited = process_exit(pid);
+    tokio::pin!(exited);
+    let why = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                None => break "QMP connection closed".to_string(),
+                Some(QmpEvent::Closed { error }) => {
+                    break match error {
+                        Some(e) => format!("QMP connection closed: {e}"),
+                        None => "QMP connection closed".to_string(),
+                    };
+                }
+                Some(QmpEvent::Shutdown { guest, reason }) if !no_shutdown => {
+                    break format!("SHUTDOWN (guest: {guest}, reason: {})", reason.unwrap_or_default());
+                }
+                Some(QmpEvent::NicRxFilterChanged { .. })
+                | Some(QmpEvent::DeviceDeleted { .. })
+                | Some(QmpEvent::Lagged(_)) => {
+                    match session.query_nics().await {
+                        Ok(nics) => {
+                            let ports = ports_of(pid).await;
+                            let _ = inputs.send(Input::GuestNics { conn, nics, ports });
+                        }
+                        Err(e) => tracing::warn!(pid, "query-rx-filter: {e}"),
+                    }
+                }
+                Some(other) => tracing::debug!(pid, event = ?other, "QMP event"),
+            },
+            _ = &mut exited => break "QEMU exited".to_string(),
+        }
+    };
+    let _ = inputs.send(Input::GuestGone { conn, why });
+}
+
+async fn ports_of(pid: u32) -> Vec<GuestPort> {
+    match tokio::task::spawn_blocking(move || discover::guest_ports(pid)).await {
+        Ok(Ok(ports)) => ports,
+        Ok(Err(e)) => {
+            tracing::warn!(pid, "finding the guest's devices: {e}");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(pid, "finding the guest's devices: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn cmdline_has(pid: u32, arg: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| bytes.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// Resolves when process `pid` exits (pidfd); never, if it cannot be
+/// watched (the QMP connection's EOF then reports the exit).
+async fn process_exit(pid: u32) {
+    let Ok(fd) = qnet_hostnet::reaper::pidfd_open(pid) else {
+        return std::future::pending().await;
+    };
+    // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the
+    // same descriptor, for the AsyncFd's whole life.
+    match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+        // A pidfd becomes readable when the process exits.
+        Ok(async_fd) => drop(async_fd.readable().await),
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A guest recorded before a restart: report its exit unless it reconnects.
+fn watch_stale_guest(pid: u32, inputs: mpsc::UnboundedSender<Input>) {
+    tokio::spawn(async move {
+        process_exit(pid).await;
+        let _ = inputs.send(Input::StaleGuestExited { pid });
+    });
+}

@@ -1,0 +1,452 @@
+//! Which host network devices a QEMU process is attached to.
+//!
+//! From a pid (from `SO_PEERCRED` on its QMP socket, see
+//! [`crate::qmp::GuestIdentity`]) this walks `/proc/<pid>/fd`:
+//!
+//! * an fd on the TUN/TAP clone device (`/dev/net/tun`, checked to be
+//!   char 10:200) is a TAP; `/proc/<pid>/fdinfo/<fd>` names it
+//!   (`iff:\t<name>`; absent while the fd is not attached to a device);
+//! * an fd on a macvtap character device is a macvtap: those nodes are named
+//!   `tap<ifindex>`, whether it is devtmpfs' `/dev/tap<ifindex>` or a
+//!   private node made elsewhere (and possibly already unlinked, which
+//!   readlink shows as `... (deleted)`). The device number is checked
+//!   against the `macvtap` major from `/proc/devices`, so a regular file
+//!   called `tap3` is not mistaken for one.
+//!
+//! Each device is then resolved with rtnetlink, not sysfs (a daemon in a
+//! network namespace may see another namespace's sysfs): for a TAP its
+//! master (usually a bridge), for a macvtap its lower device.
+//!
+//! # Namespaces
+//!
+//! TAP names and ifindexes only mean something within a network namespace,
+//! and `/proc` does not say which one a device lives in. Everything is
+//! resolved in the namespace of the *calling thread*, which must be the one
+//! QEMU's devices are in (normally the host's). A device found there under
+//! that name but of the wrong kind (not a TAP, not a macvtap) is skipped
+//! with a warning; a same-named TAP in another namespace cannot be told
+//! apart.
+//!
+//! # Matching ports to guest NICs
+//!
+//! This module reports host-side devices; the MAC here is the device's own,
+//! not the guest's. The guest's NICs and MACs come from QMP
+//! ([`crate::qmp::QmpSession::query_nics`]). The caller matches them: a
+//! macvtap's MAC *is* its guest's MAC (QEMU must be given the same one), so
+//! match those by MAC; TAPs carry no trace of the guest MAC, so match them
+//! in order (QEMU opens netdevs in command-line order, and ports are
+//! returned by ascending fd number), one NIC per TAP. That order only lines
+//! up if every NIC is on a TAP or macvtap: QMP does not say which backend a
+//! NIC has (HMP `info network` shows it, unofficially, as the NIC's peer
+//! line), so a guest that mixes TAPs with e.g. `-netdev user` NICs cannot be
+//! matched by order alone.
+//!
+//! Everything here is blocking (procfs and netlink); call it from
+//! `tokio::task::spawn_blocking` (or a thread that entered the right
+//! namespace).
+
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use qnet_hostnet::link::{Link, LinkError, LinkSocket};
+
+/// The TUN/TAP clone device, and its number (misc major 10, `TUN_MINOR`
+/// 200).
+const TUN_PATH: &str = "/dev/net/tun";
+const TUN_MAJOR: u32 = 10;
+const TUN_MINOR: u32 = 200;
+
+/// The kind of host device behind a guest NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortKind {
+    Tap,
+    Macvtap,
+}
+
+/// A host network device a QEMU process holds open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPort {
+    pub kind: PortKind,
+    pub ifname: String,
+    pub ifindex: u32,
+    /// The host device's MAC address. For a TAP this is *not* the guest's;
+    /// for a macvtap it is (see the module documentation).
+    pub mac: Option<[u8; 6]>,
+    /// Master device (bridge) a TAP is enslaved to, if any.
+    pub master: Option<String>,
+    /// Lower device of a macvtap; `None` if it is in another network
+    /// namespace.
+    pub lower: Option<String>,
+    /// Lowest descriptor number QEMU holds on the device (a multiqueue NIC
+    /// holds one per queue); ports are sorted by it.
+    pub fd: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    /// No such process (it exited before we looked).
+    #[error("process {pid} does not exist")]
+    NoProcess { pid: u32 },
+
+    /// `/proc` refused to show us the process' descriptors (usually
+    /// EACCES: not root and not the process' owner).
+    #[error("reading {}: {source}", path.display())]
+    Proc {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(transparent)]
+    Netlink(#[from] LinkError),
+
+    #[error("looking up the lower device of ifindex {index}: {detail}")]
+    Lower { index: u32, detail: String },
+}
+
+/// The TAPs and macvtaps process `pid` holds open, resolved in the calling
+/// thread's network namespace, sorted by descriptor number.
+///
+/// A process that exits or closes descriptors during the walk is not an
+/// error: whatever was gone is skipped. A process that does not exist at
+/// all is [`DiscoverError::NoProcess`].
+pub fn guest_ports(pid: u32) -> Result<Vec<GuestPort>, DiscoverError> {
+    let devices = open_devices(pid)?;
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut links = LinkSocket::new()?;
+    resolve(&mut links, devices)
+}
+
+/// [`guest_ports`] on an existing netlink socket (which fixes the namespace
+/// names are resolved in: the one the socket was opened in).
+pub fn guest_ports_with(links: &mut LinkSocket, pid: u32) -> Result<Vec<GuestPort>, DiscoverError> {
+    let devices = open_devices(pid)?;
+    resolve(links, devices)
+}
+
+/// A device found in `/proc/<pid>/fd`, before netlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Device {
+    Tap { name: String },
+    Macvtap { index: u32 },
+}
+
+/// Walks `/proc/<pid>/fd`; returns each TAP/macvtap once, with its lowest
+/// fd, sorted by fd.
+fn open_devices(pid: u32) -> Result<Vec<(u32, Device)>, DiscoverError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(DiscoverError::NoProcess { pid })
+        }
+        Err(source) => return Err(DiscoverError::Proc { path: dir, source }),
+    };
+    let mut macvtap_major: Option<Option<u32>> = None;
+    let mut found: Vec<(u32, Device)> = Vec::new();
+    // Errors past this point mean the process or the fd went away: skip.
+    for entry in entries.map_while(Result::ok) {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let Ok(target) = fs::read_link(&path) else {
+            continue;
+        };
+        // Only names that can be ours are looked at (and stat'ed), so a
+        // disk image on a hung network filesystem cannot block the walk.
+        // Sockets, pipes and anon inodes ("socket:[123]") never qualify.
+        let tap_index = tap_node_index(&target);
+        if target != Path::new(TUN_PATH) && tap_index.is_none() {
+            continue;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.file_type().is_char_device() {
+            continue;
+        }
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        let device = if (major, minor) == (TUN_MAJOR, TUN_MINOR) {
+            match tun_name(pid, fd) {
+                Some(name) => Device::Tap { name },
+                None => continue,
+            }
+        } else if let Some(index) = tap_index {
+            let wanted = *macvtap_major.get_or_insert_with(|| char_major("macvtap"));
+            if wanted != Some(major) {
+                continue;
+            }
+            Device::Macvtap { index }
+        } else {
+            continue;
+        };
+        match found.iter_mut().find(|(_, d)| *d == device) {
+            Some((lowest, _)) => *lowest = (*lowest).min(fd),
+            None => found.push((fd, device)),
+        }
+    }
+    found.sort_by_key(|(fd, _)| *fd);
+    Ok(found)
+}
+
+/// The interface a `/dev/net/tun` descriptor is attached to, from the
+/// `iff:` line of its fdinfo.
+fn tun_name(pid: u32, fd: u32) -> Option<String> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("iff:"))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+}
+
+/// The ifindex in a macvtap node's name: `.../tap<N>`, possibly followed
+/// by readlink's ` (deleted)`.
+fn tap_node_index(target: &Path) -> Option<u32> {
+    let bytes = target.as_os_str().as_bytes();
+    let bytes = bytes.strip_suffix(b" (deleted)").unwrap_or(bytes);
+    let base = bytes.rsplit(|&b| b == b'/').next()?;
+    let digits = base.strip_prefix(b"tap")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || digits[0] == b'0' {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Major number of a character device driver, from `/proc/devices`
+/// (global, not namespaced).
+fn char_major(driver: &str) -> Option<u32> {
+    let devices = fs::read_to_string("/proc/devices").ok()?;
+    devices
+        .lines()
+        .skip_while(|line| !line.starts_with("Character devices"))
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .find_map(|line| {
+            let (major, name) = line.trim().split_once(' ')?;
+            (name.trim() == driver).then(|| major.parse().ok())?
+        })
+}
+
+fn resolve(
+    links: &mut LinkSocket,
+    devices: Vec<(u32, Device)>,
+) -> Result<Vec<GuestPort>, DiscoverError> {
+    let mut ports = Vec::with_capacity(devices.len());
+    for (fd, device) in devices {
+        let (kind, link) = match &device {
+            Device::Tap { name } => match links.link_by_name(name) {
+                Ok(link) => (PortKind::Tap, link),
+                // fdinfo showed a name the kernel would not accept: not
+                // something we can look up.
+                Err(LinkError::InvalidName(_)) => continue,
+                Err(e) => return Err(e.into()),
+            },
+            Device::Macvtap { index } => (PortKind::Macvtap, links.link_by_index(*index)?),
+        };
+        let Some(link) = link else {
+            tracing::debug!("{device:?} (fd {fd}) is gone or in another network namespace");
+            continue;
+        };
+        let expected = match kind {
+            PortKind::Tap => "tun",
+            PortKind::Macvtap => "macvtap",
+        };
+        if link.kind.as_deref() != Some(expected) {
+            tracing::warn!(
+                "{device:?} (fd {fd}) resolved to {:?} of kind {:?}, not {expected}: \
+                 the device is probably in another network namespace; skipping it",
+                link.name,
+                link.kind
+            );
+            continue;
+        }
+        let master = match link.master {
+            Some(master) => links.link_by_index(master)?.map(|m| m.name),
+            None => None,
+        };
+        let lower = match kind {
+            PortKind::Macvtap => lower_name(links, &link)?,
+            PortKind::Tap => None,
+        };
+        ports.push(GuestPort {
+            kind,
+            ifname: link.name,
+            ifindex: link.index,
+            mac: link.mac,
+            master,
+            lower,
+            fd,
+        });
+    }
+    Ok(ports)
+}
+
+/// Name of a macvtap's lower device.
+fn lower_name(links: &mut LinkSocket, link: &Link) -> Result<Option<String>, DiscoverError> {
+    let (lower, other_namespace) =
+        lower::link_of(link.index).map_err(|detail| DiscoverError::Lower {
+            index: link.index,
+            detail,
+        })?;
+    match lower {
+        Some(_) if other_namespace => Ok(None),
+        Some(index) => Ok(links.link_by_index(index)?.map(|l| l.name)),
+        None => Ok(None),
+    }
+}
+
+/// `IFLA_LINK` of a device, which [`Link`] does not carry: a single
+/// RTM_GETLINK on a throwaway rtnetlink socket.
+// TODO: drop this once qnet_hostnet's `Link` reports IFLA_LINK and
+// IFLA_LINK_NETNSID.
+mod lower {
+    use netlink_packet_core::{NetlinkBuffer, NlasIterator, NLMSG_ERROR};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_GETLINK: u16 = 18;
+    const NLM_F_REQUEST: u16 = 1;
+    const IFLA_LINK: u16 = 5;
+    const IFLA_EXT_MASK: u16 = 29;
+    const IFLA_LINK_NETNSID: u16 = 37;
+    const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+    const HEADER_LEN: usize = 16;
+    const IFINFOMSG_LEN: usize = 16;
+
+    /// `(IFLA_LINK, whether IFLA_LINK_NETNSID says it is in another
+    /// namespace)`; `(None, false)` if the device has no lower device or
+    /// is gone.
+    pub(super) fn link_of(index: u32) -> Result<(Option<u32>, bool), String> {
+        let socket = Socket::new(NETLINK_ROUTE).map_err(|e| format!("socket: {e}"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| format!("connect: {e}"))?;
+        let seq = 1u32;
+        let mut request = Vec::with_capacity(HEADER_LEN + IFINFOMSG_LEN + 8);
+        let length = (HEADER_LEN + IFINFOMSG_LEN + 8) as u32;
+        request.extend(length.to_ne_bytes());
+        request.extend(RTM_GETLINK.to_ne_bytes());
+        request.extend(NLM_F_REQUEST.to_ne_bytes());
+        request.extend(seq.to_ne_bytes());
+        request.extend(0u32.to_ne_bytes()); // port id: the kernel fills it in
+                                            // struct ifinfomsg: family, pad, type, index, flags, change.
+        request.extend([0u8; 4]);
+        request.extend(index.to_ne_bytes());
+        request.extend([0u8; 8]);
+        request.extend(8u16.to_ne_bytes());
+        request.extend(IFLA_EXT_MASK.to_ne_bytes());
+        request.extend(RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
+        socket.send(&request, 0).map_err(|e| format!("send: {e}"))?;
+        loop {
+            let (datagram, _) = socket.recv_from_full().map_err(|e| format!("recv: {e}"))?;
+            let mut rest = &datagram[..];
+            while !rest.is_empty() {
+                let message = NetlinkBuffer::new_checked(rest).map_err(|e| e.to_string())?;
+                let next = (message.length() as usize + 3) & !3;
+                let payload = message.payload();
+                if message.sequence_number() == seq {
+                    match message.message_type() {
+                        // Only ever an error here (we asked for no ack);
+                        // ENODEV: the device is gone.
+                        NLMSG_ERROR => {
+                            let code = payload
+                                .get(..4)
+                                .map(|c| i32::from_ne_bytes(c.try_into().unwrap_or_default()))
+                                .unwrap_or(0);
+                            if code == -libc::ENODEV {
+                                return Ok((None, false));
+                            }
+                            return Err(format!(
+                                "kernel error {}",
+                                std::io::Error::from_raw_os_error(-code)
+                            ));
+                        }
+                        RTM_NEWLINK => return Ok(parse(payload)),
+                        other => return Err(format!("unexpected message type {other}")),
+                    }
+                }
+                rest = rest.get(next..).unwrap_or_default();
+            }
+        }
+    }
+
+    fn parse(payload: &[u8]) -> (Option<u32>, bool) {
+        let mut link = None;
+        let mut other_namespace = false;
+        let attributes = payload.get(IFINFOMSG_LEN..).unwrap_or_default();
+        for nla in NlasIterator::new(attributes).map_while(Result::ok) {
+            let value = nla.value();
+            match nla.kind() {
+                IFLA_LINK => {
+                    link = value
+                        .get(..4)
+                        .and_then(|v| v.try_into().ok())
+                        .map(u32::from_ne_bytes)
+                        .filter(|&i| i != 0);
+                }
+                IFLA_LINK_NETNSID => {
+                    // A valid nsid (>= 0) names a peer namespace; -1 would
+                    // mean "same namespace" and is not sent in practice.
+                    other_namespace = value
+                        .get(..4)
+                        .and_then(|v| v.try_into().ok())
+                        .map(i32::from_ne_bytes)
+                        .is_some_and(|id| id >= 0);
+                }
+                _ => {}
+            }
+        }
+        (link, other_namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_nodes() {
+        assert_eq!(tap_node_index(Path::new("/dev/tap7")), Some(7));
+        assert_eq!(
+            tap_node_index(Path::new("/dev/qnet-macvtap/a1b2/tap12 (deleted)")),
+            Some(12)
+        );
+        for other in [
+            "/dev/tap",
+            "/dev/tap0",
+            "/dev/tap7x",
+            "/dev/net/tun",
+            "/dev/tapx7",
+            "/dev/tap07",
+        ] {
+            assert_eq!(tap_node_index(Path::new(other)), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn proc_devices_has_misc() {
+        // misc (10) is built into every kernel; macvtap may not be.
+        assert_eq!(char_major("misc"), Some(10));
+        assert_eq!(char_major("no-such-driver"), None);
+    }
+
+    #[test]
+    fn missing_process() {
+        // pid_max is at most 2^22.
+        assert!(matches!(
+            guest_ports(u32::MAX - 1),
+            Err(DiscoverError::NoProcess { .. })
+        ));
+    }
+}

@@ -1,0 +1,382 @@
+//! dnsmasq.rs with a real dnsmasq on a real bridge, and a real DHCP client
+//! (busybox udhcpc) in a guest namespace plugged into it.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{network, plug_guest, require, Netns};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use qnet_hookd::api::Mode;
+use qnet_hookd::config::{Ipv6Config, NetworkConfig};
+use qnet_hookd::dnsmasq::{spawn, DhcpHost, DnsHost, DnsmasqError, Paths};
+use qnet_hookd::network::bring_up;
+
+/// Generous failure bound for dnsmasq to (re)start.
+const READY: Duration = Duration::from_secs(20);
+const GUEST_MAC: &str = "52:54:00:00:00:42";
+
+/// Run and state directories in a fresh temporary directory that
+/// dnsmasq's unprivileged user can traverse (as /run/qnet would be).
+fn paths() -> (tempfile::TempDir, Paths) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let paths = Paths {
+        run_dir: dir.path().join("run"),
+        state_dir: dir.path().join("state"),
+    };
+    (dir, paths)
+}
+
+fn ipv6(subnet: &str, router: &str) -> Ipv6Config {
+    Ipv6Config {
+        subnet: subnet.parse().unwrap(),
+        router: router.parse().unwrap(),
+    }
+}
+
+/// A daemon namespace with `net` up and a guest plugged into its bridge.
+fn lan(what: &str, net: &NetworkConfig) -> (Netns, Netns) {
+    require(&["ip", "dnsmasq", "busybox"]);
+    let daemon = Netns::new(&format!("{what}-d"));
+    let guest = Netns::new(&format!("{what}-g"));
+    daemon.block_on(|| bring_up(net)).expect("bring_up");
+    plug_guest(&daemon, &net.bridge, "gport", &guest, GUEST_MAC);
+    (daemon, guest)
+}
+
+/// A udhcpc script that prints the address it was given.
+fn lease_script(dir: &Path) -> String {
+    let path = dir.join("udhcpc.sh");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"QNET-LEASE $ip\"\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+/// Asks for a lease from inside `guest` (a fresh DISCOVER every time:
+/// the script configures nothing) and returns the address offered.
+async fn dhcp(guest: &Netns, script: &str) -> Ipv4Addr {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", guest.name(), "busybox", "udhcpc"])
+        .args([
+            "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "2", "-s", script,
+        ])
+        .output()
+        .await
+        .expect("cannot run udhcpc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("QNET-LEASE "))
+        .and_then(|ip| ip.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "udhcpc got no lease ({}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Resolves `name` at `server` from inside `guest`.
+async fn resolve(guest: &Netns, name: &str, server: &str) -> Option<Ipv4Addr> {
+    let out = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            guest.name(),
+            "busybox",
+            "nslookup",
+            name,
+            server,
+        ])
+        .output()
+        .await
+        .expect("cannot run nslookup");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The server's own "Address: 10.42.0.1:53" comes first; answers follow
+    // the "Name:" line.
+    stdout.split_once("Name:").and_then(|(_, answer)| {
+        answer
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Address:"))
+            .find_map(|a| a.trim().parse().ok())
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().to_owned());
+            !matches!(
+                state.as_deref().and_then(|s| s.chars().next()),
+                Some('Z' | 'X')
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// `(uid, session id, process group)` of `pid`.
+fn owner_and_session(pid: u32) -> (u32, u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    (uid, fields[3].parse().unwrap(), fields[2].parse().unwrap())
+}
+
+async fn wait_for_new_pid(handle: &qnet_hookd::dnsmasq::DnsmasqHandle, old: u32) -> u32 {
+    let deadline = tokio::time::Instant::now() + READY;
+    loop {
+        if let Some(pid) = handle.pid() {
+            if pid != old {
+                return pid;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dnsmasq was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
+    let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
+    let (daemon, guest) = lan("dhcp", &net);
+    let (tmp, paths) = paths();
+    let script = lease_script(tmp.path());
+    // The guest talks DNS from a static address outside the DHCP range.
+    guest.ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
+    let host = |ip: [u8; 4]| {
+        let ip = Ipv4Addr::from(ip);
+        (
+            vec![DhcpHost {
+                mac: GUEST_MAC.into(),
+                ip,
+                name: Some("vm1".into()),
+            }],
+            vec![DnsHost {
+                ip,
+                name: "vm1".into(),
+            }],
+        )
+    };
+
+    daemon.block_on(|| async {
+        let handle = spawn(&net, &paths).expect("spawn");
+        let pid = handle.wait_ready(READY).await.expect("dnsmasq starts");
+        assert_eq!(handle.pid(), Some(pid));
+        let config = std::fs::read_to_string(paths.config_file("lab")).unwrap();
+        assert!(!config.contains("user=root"), "{config}");
+        let (uid, sid, pgid) = owner_and_session(pid);
+        assert_ne!(uid, 0, "dnsmasq dropped root");
+        assert_eq!((sid, pgid), (pid, pid), "dnsmasq has a session of its own");
+
+        // A reservation, then a real DHCP client gets it; DNS knows the name.
+        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 50]);
+        handle
+            .set_hosts(dhcp_hosts, dns_hosts)
+            .await
+            .expect("set_hosts");
+        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 50));
+        assert_eq!(
+            resolve(&guest, "vm1.lab.qnet", "10.42.0.1").await,
+            Some(Ipv4Addr::new(10, 42, 0, 50))
+        );
+
+        // Moved: SIGHUP, same process, the next request gets the new one.
+        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
+        handle
+            .set_hosts(dhcp_hosts.clone(), dns_hosts.clone())
+            .await
+            .expect("set_hosts");
+        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 60));
+        assert_eq!(
+            resolve(&guest, "vm1.lab.qnet", "10.42.0.1").await,
+            Some(Ipv4Addr::new(10, 42, 0, 60))
+        );
+        assert_eq!(handle.pid(), Some(pid), "reloaded, not restarted");
+
+        // Unchanged: the files are not even rewritten.
+        let inode = std::fs::metadata(paths.dhcp_hosts_file("lab"))
+            .unwrap()
+            .ino();
+        handle
+            .set_hosts(dhcp_hosts, dns_hosts)
+            .await
+            .expect("set_hosts");
+        assert_eq!(
+            std::fs::metadata(paths.dhcp_hosts_file("lab"))
+                .unwrap()
+                .ino(),
+            inode
+        );
+
+        // Killed: restarted by the supervisor, and DHCP answers again.
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let new_pid = wait_for_new_pid(&handle, pid).await;
+        assert_eq!(handle.wait_ready(READY).await.expect("restarted"), new_pid);
+        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 60));
+
+        // Stopped: process and run directory gone, leases kept.
+        handle.stop().await;
+        assert!(!alive(new_pid), "dnsmasq {new_pid} still runs");
+        assert!(!paths.net_dir("lab").exists());
+        let leases = std::fs::read_to_string(paths.lease_file("lab")).expect("lease file kept");
+        assert!(leases.contains(GUEST_MAC), "{leases}");
+    });
+}
+
+#[test]
+fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
+    let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
+    let (daemon, guest) = lan("adopt", &net);
+    let (tmp, paths) = paths();
+    let script = lease_script(tmp.path());
+    daemon.block_on(|| async {
+        let first = spawn(&net, &paths).expect("spawn");
+        let old = first.wait_ready(READY).await.expect("dnsmasq starts");
+        first
+            .set_hosts(
+                vec![DhcpHost {
+                    mac: GUEST_MAC.into(),
+                    ip: Ipv4Addr::new(10, 42, 0, 77),
+                    name: None,
+                }],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 77));
+        // The daemon goes away without stopping it (as on a crash).
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(alive(old), "dnsmasq must outlive the daemon's handle");
+
+        let second = spawn(&net, &paths).expect("spawn again");
+        let new = second
+            .wait_ready(READY)
+            .await
+            .expect("dnsmasq starts again");
+        assert_ne!(new, old);
+        assert!(!alive(old), "the old dnsmasq was replaced");
+        // The reservation file was kept across the restart.
+        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 77));
+        second.stop().await;
+    });
+}
+
+#[test]
+fn two_networks_run_their_own_dnsmasq_side_by_side() {
+    require(&["ip", "dnsmasq"]);
+    let daemon = Netns::new("two");
+    let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
+    let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
+    // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
+    a.ipv6 = Some(ipv6("fd42::/64", "fd42::1"));
+    b.ipv6 = Some(ipv6("fd43::/64", "fd43::1"));
+    let (_tmp, paths) = paths();
+    daemon.block_on(|| async {
+        bring_up(&a).await.unwrap();
+        bring_up(&b).await.unwrap();
+        let ha = spawn(&a, &paths).unwrap();
+        let hb = spawn(&b, &paths).unwrap();
+        let pa = ha.wait_ready(READY).await.expect("a's dnsmasq");
+        let pb = hb.wait_ready(READY).await.expect("b's dnsmasq");
+        assert_ne!(pa, pb);
+        ha.stop().await;
+        // b is untouched by a's stop.
+        assert_eq!(hb.pid(), Some(pb));
+        assert!(alive(pb));
+        hb.stop().await;
+    });
+}
+
+#[test]
+fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
+    require(&["ip", "dnsmasq"]);
+    let daemon = Netns::new("broken");
+    let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
+    // Not a range within one /24: dnsmasq refuses its config.
+    net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));
+    let (_tmp, paths) = paths();
+    daemon.block_on(|| async {
+        bring_up(&net).await.unwrap();
+        let handle = spawn(&net, &paths).unwrap();
+        let err = handle
+            .wait_ready(Duration::from_secs(2))
+            .await
+            .expect_err("this dnsmasq cannot start");
+        let DnsmasqError::NotReady { last_exit, .. } = &err else {
+            panic!("{err}");
+        };
+        let last_exit = last_exit.as_deref().expect("it exited at least once");
+        assert!(last_exit.contains("exit status: 1"), "{last_exit}");
+        assert!(last_exit.contains("inconsistent DHCP range"), "{last_exit}");
+        handle.stop().await;
+        assert!(!paths.net_dir("lab").exists());
+    });
+}
+
+#[test]
+fn router_advertisements_give_guests_an_ipv6_address() {
+    let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
+    net.ipv6 = Some(ipv6("fd42::/64", "fd42::1"));
+    let (daemon, guest) = lan("ra", &net);
+    let (_tmp, paths) = paths();
+    daemon.block_on(|| async {
+        let handle = spawn(&net, &paths).expect("spawn");
+        handle.wait_ready(READY).await.expect("dnsmasq starts");
+        // SLAAC from dnsmasq's RAs.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = tokio::process::Command::new("ip")
+                .args([
+                    "-n",
+                    guest.name(),
+                    "-6",
+                    "addr",
+                    "show",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "global",
+                ])
+                .output()
+                .await
+                .expect("ip");
+            if String::from_utf8_lossy(&out.stdout).contains("inet6 fd42::") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the guest got no SLAAC address in fd42::/64"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        handle.stop().await;
+    });
+}

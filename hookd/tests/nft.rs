@@ -1,0 +1,318 @@
+//! nft.rs against the real kernel: our table beside a foreign one, and real
+//! TCP connections through it. Topology of the packet tests:
+//!
+//! ```text
+//!  guest ns                daemon ns                      outside ns
+//!  eth0 10.42.0.10 ── gport ─[bridge qnlab 10.42.0.1]
+//!  fd42::10                          up0 10.99.0.1 ─────── eth0 10.99.0.2
+//!                                    fd99::1                   fd99::2
+//! ```
+//!
+//! The outside has no route back to the guests' subnet (unless a test adds
+//! one), so a connection from a guest only works if it is masqueraded.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, UdpSocket};
+use std::time::Duration;
+
+use common::{accept_one, network, plug_guest, require, veth, Netns};
+use qnet_hookd::api::{Mode, Proto};
+use qnet_hookd::config::{BlockedPort, Ipv6Config, NetworkConfig};
+use qnet_hookd::network::bring_up;
+use qnet_hookd::nft::{self, NftError};
+
+/// Generous failure bound for connections that must succeed.
+const OK_WITHIN: Duration = Duration::from_secs(10);
+/// How long a connection that must fail (dropped packets) is given.
+const DROPPED_AFTER: Duration = Duration::from_secs(3);
+
+fn lab(mode: Mode) -> NetworkConfig {
+    let mut net = network("lab", "qnlab", mode, "10.42.0.0/24");
+    net.ipv6 = Some(Ipv6Config {
+        subnet: "fd42::/64".parse().unwrap(),
+        router: "fd42::1".parse().unwrap(),
+    });
+    net
+}
+
+struct Topology {
+    daemon: Netns,
+    outside: Netns,
+    guest: Netns,
+}
+
+fn topology(what: &str, net: &NetworkConfig) -> Topology {
+    require(&["ip", "nft"]);
+    let daemon = Netns::new(&format!("{what}-d"));
+    let outside = Netns::new(&format!("{what}-o"));
+    let guest = Netns::new(&format!("{what}-g"));
+    veth(&daemon, "up0", &outside, "eth0");
+    daemon.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
+    daemon.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
+    outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    outside.ip(&["addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]);
+    daemon.block_on(|| bring_up(net)).expect("bring_up");
+    plug_guest(&daemon, &net.bridge, "gport", &guest, "52:54:00:00:00:10");
+    guest.ip(&["addr", "add", "10.42.0.10/24", "dev", "eth0"]);
+    guest.ip(&["route", "add", "default", "via", "10.42.0.1"]);
+    guest.ip(&["addr", "add", "fd42::10/64", "dev", "eth0", "nodad"]);
+    guest.ip(&["-6", "route", "add", "default", "via", "fd42::1"]);
+    Topology {
+        daemon,
+        outside,
+        guest,
+    }
+}
+
+/// Connects from `from` to `to` (listening in `listen_ns`) and returns the
+/// source address the listener saw.
+fn connect_and_see_source(from: &Netns, listen_ns: &Netns, to: &str) -> IpAddr {
+    let listener = listen_ns.listen(to);
+    let seen = accept_one(listener, OK_WITHIN);
+    from.connect(to, OK_WITHIN)
+        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+    seen.recv_timeout(OK_WITHIN)
+        .unwrap_or_else(|_| panic!("{to} saw no connection"))
+        .ip()
+}
+
+#[test]
+fn apply_replaces_only_our_table_and_is_repeatable() {
+    require(&["ip", "nft"]);
+    let ns = Netns::new("nft-table");
+    ns.exec_ok(&["nft", "add", "table", "ip", "foreign"]);
+    ns.exec_ok(&["nft", "add", "chain", "ip", "foreign", "c"]);
+    let foreign = || ns.exec_ok(&["nft", "list", "table", "ip", "foreign"]);
+    let foreign_before = foreign();
+
+    let mut nat = lab(Mode::Nat);
+    nat.blocked_ports = vec![BlockedPort {
+        proto: Proto::Tcp,
+        port: 25,
+    }];
+    let iso = network("iso", "qniso", Mode::Isolated, "10.43.0.0/24");
+    let nets = vec![nat.clone(), iso];
+
+    let (absent, first, second) = ns.block_on(|| async {
+        let absent = nft::list().await.expect("list without our table");
+        nft::apply(&nets).await.expect("first apply");
+        let first = nft::list().await.expect("list");
+        nft::apply(&nets).await.expect("second apply");
+        let second = nft::list().await.expect("list");
+        (absent, first, second)
+    });
+    assert_eq!(absent, "");
+    assert_eq!(first, second, "re-applying changes nothing");
+    assert!(first.starts_with("table inet qnet {\n"), "{first}");
+    assert_eq!(
+        first.matches("masquerade").count(),
+        2,
+        "IPv4 and IPv6, once each:\n{first}"
+    );
+    assert_eq!(first.matches("chain net_lab_out {").count(), 1, "{first}");
+    assert!(
+        first.contains("tcp dport 25 reject with tcp reset"),
+        "{first}"
+    );
+    // What nft lists is what we rendered, rule for rule (nft may list the
+    // elements of an anonymous set in another order, so compare the shape).
+    assert_eq!(
+        first.lines().count(),
+        nft::normalize(&nft::render(&nets)).lines().count(),
+        "{first}"
+    );
+
+    let tables = ns.exec_ok(&["nft", "list", "tables"]);
+    let mut tables: Vec<&str> = tables.lines().collect();
+    tables.sort();
+    assert_eq!(tables, ["table inet qnet", "table ip foreign"]);
+    assert_eq!(
+        foreign(),
+        foreign_before,
+        "apply left the foreign table alone"
+    );
+
+    // A different configuration replaces the table as a whole.
+    let only_nat = vec![nat];
+    let changed = ns.block_on(|| async {
+        nft::apply(&only_nat).await.expect("apply");
+        nft::list().await.expect("list")
+    });
+    assert!(!changed.contains("qniso"), "{changed}");
+
+    ns.block_on(|| async {
+        nft::remove().await.expect("remove");
+        assert_eq!(nft::list().await.expect("list"), "");
+        nft::remove().await.expect("removing an absent table");
+        nft::apply(&[]).await.expect("applying nothing");
+    });
+    assert_eq!(
+        foreign(),
+        foreign_before,
+        "remove left the foreign table alone"
+    );
+    assert_eq!(
+        ns.exec_ok(&["nft", "list", "tables"]).trim(),
+        "table ip foreign"
+    );
+}
+
+#[test]
+fn a_failed_apply_reports_nft_and_keeps_the_previous_table() {
+    require(&["ip", "nft"]);
+    let ns = Netns::new("nft-fail");
+    let good = vec![lab(Mode::Nat)];
+    // The config refuses such a name; the struct does not.
+    let mut bad = lab(Mode::Routed);
+    bad.name = "bad name".into();
+    let (before, err, after) = ns.block_on(|| async {
+        nft::apply(&good).await.expect("apply");
+        let before = nft::list().await.unwrap();
+        let err = nft::apply(&[bad]).await.expect_err("nft must refuse this");
+        let after = nft::list().await.unwrap();
+        (before, err, after)
+    });
+    let NftError::Failed { message, .. } = &err else {
+        panic!("expected nft's error, got {err}");
+    };
+    assert!(message.contains("Error: syntax error"), "{message}");
+    assert!(
+        message.contains("net_bad name_in"),
+        "the offending line: {message}"
+    );
+    assert!(err.to_string().contains(message.as_str()), "{err}");
+    assert_eq!(before, after, "the transaction changed nothing");
+}
+
+#[test]
+fn nat_masquerades_rejects_blocked_ports_and_keeps_the_outside_out() {
+    let mut net = lab(Mode::Nat);
+    net.blocked_ports = vec![
+        BlockedPort {
+            proto: Proto::Tcp,
+            port: 2525,
+        },
+        BlockedPort {
+            proto: Proto::Udp,
+            port: 5353,
+        },
+    ];
+    let t = topology("nat", &net);
+    t.daemon
+        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .expect("apply");
+
+    // Out through the uplink, masqueraded: the outside sees the daemon's
+    // uplink address, for IPv4 and IPv6.
+    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
+    assert_eq!(source, "10.99.0.1".parse::<IpAddr>().unwrap());
+    let source = connect_and_see_source(&t.guest, &t.outside, "[fd99::2]:8080");
+    assert_eq!(source, "fd99::1".parse::<IpAddr>().unwrap());
+
+    // A blocked TCP port fails at once with a reset, although the outside
+    // listens on it.
+    let _listener = t.outside.listen("10.99.0.2:2525");
+    let err = t
+        .guest
+        .connect("10.99.0.2:2525", OK_WITHIN)
+        .expect_err("tcp/2525 is blocked");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // A blocked UDP port gets an ICMP port unreachable, although a socket
+    // is bound to it outside.
+    let _bound = t.outside.run(|| UdpSocket::bind("10.99.0.2:5353").unwrap());
+    let err = t.guest.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect("10.99.0.2:5353").unwrap();
+        socket.set_read_timeout(Some(OK_WITHIN)).unwrap();
+        socket.send(b"ping").unwrap();
+        socket.recv(&mut [0; 16]).expect_err("udp/5353 is blocked")
+    });
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // Nothing gets in from outside, even with a route to the guests.
+    t.outside
+        .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
+    let _guest_listener = t.guest.listen("10.42.0.10:2222");
+    let result = t.outside.connect("10.42.0.10:2222", DROPPED_AFTER);
+    assert!(result.is_err(), "the outside reached a NAT guest");
+}
+
+#[test]
+fn nat_with_uplink_masquerades_only_via_the_uplink() {
+    let mut net = lab(Mode::Nat);
+    net.uplink = Some("up0".into());
+    let t = topology("natup", &net);
+    // A second way out, not the uplink: forwarding there is refused.
+    let other = Netns::new("natup-x");
+    veth(&t.daemon, "side0", &other, "eth0");
+    t.daemon
+        .ip(&["addr", "add", "10.98.0.1/24", "dev", "side0"]);
+    other.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"]);
+    t.daemon
+        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .expect("apply");
+
+    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
+    assert_eq!(source, "10.99.0.1".parse::<IpAddr>().unwrap());
+    let _listener = other.listen("10.98.0.2:8080");
+    let result = t.guest.connect("10.98.0.2:8080", DROPPED_AFTER);
+    assert!(
+        result.is_err(),
+        "forwarded via a device that is not the uplink"
+    );
+}
+
+#[test]
+fn routed_forwards_both_ways_without_masquerade() {
+    let net = lab(Mode::Routed);
+    let t = topology("routed", &net);
+    t.outside
+        .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
+    t.daemon
+        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .expect("apply");
+
+    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
+    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
+    let source = connect_and_see_source(&t.outside, &t.guest, "10.42.0.10:2222");
+    assert_eq!(source, "10.99.0.2".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
+    let net = lab(Mode::Isolated);
+    let t = topology("iso", &net);
+    // Forwarding on, as if another network needed it: only our rules
+    // keep this one isolated.
+    t.daemon
+        .exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    t.outside
+        .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
+    let second = Netns::new("iso-g2");
+    plug_guest(&t.daemon, "qnlab", "gport2", &second, "52:54:00:00:00:11");
+    second.ip(&["addr", "add", "10.42.0.11/24", "dev", "eth0"]);
+
+    // Without our table the guest does get out (the topology works).
+    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
+    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
+
+    t.daemon
+        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .expect("apply");
+
+    let _outside_listener = t.outside.listen("10.99.0.2:8081");
+    let out = t.guest.connect("10.99.0.2:8081", DROPPED_AFTER);
+    assert!(out.is_err(), "an isolated guest reached the outside");
+    let _guest_listener = t.guest.listen("10.42.0.10:2222");
+    let inbound = t.outside.connect("10.42.0.10:2222", DROPPED_AFTER);
+    assert!(inbound.is_err(), "the outside reached an isolated guest");
+
+    // Bridged guest to guest, and guest to host, still work.
+    let source = connect_and_see_source(&second, &t.guest, "10.42.0.10:2223");
+    assert_eq!(source, "10.42.0.11".parse::<IpAddr>().unwrap());
+    let source = connect_and_see_source(&t.guest, &t.daemon, "10.42.0.1:7000");
+    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
+}

@@ -1,0 +1,363 @@
+//! qnet-hookd end to end with real guests: NAT and isolated networks, sticky
+//! reservations, DNS names, masquerade, blocked ports, teardown when QEMU
+//! is killed, a daemon killed and restarted, dnsmasq killed.
+//!
+//! Three namespaces: "hk" runs the daemon (and the guests, attached through
+//! qnet-bridge-helper and dialing the daemon's QMP socket); "out" plays the
+//! outside world behind a veth uplink and runs a small HTTP server that
+//! answers with the address it sees the client from. Nothing touches the
+//! host's own namespace.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
+    ProbeOutcome, RunningGuest,
+};
+use qnet_tests::hookd::{qmp_client_args, Hookd};
+use qnet_tests::netns::NetNs;
+use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::workspace_binary;
+
+const LONG: Duration = Duration::from_secs(90);
+const TEARDOWN: Duration = Duration::from_secs(20);
+
+const CONFIG: &str = r#"
+[[network]]
+name = "lab"
+bridge = "qnlab"
+mode = "nat"
+subnet = "10.77.0.0/24"
+domain = "lab.qnet"
+blocked-ports = ["tcp/2525"]
+
+[[network]]
+name = "iso"
+bridge = "qniso"
+mode = "isolated"
+subnet = "10.78.0.0/24"
+"#;
+
+const UPLINK: &str = "10.254.0.1";
+const OUTSIDE: &str = "10.254.0.2";
+
+/// The daemon's namespace with an uplink to an "outside" namespace.
+struct World {
+    // Field order is drop order: guests are dropped by the tests first.
+    hookd: Hookd,
+    _servers: Vec<OutsideServer>,
+    config: ConfigDir,
+    hk: NetNs,
+    _out: NetNs,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+        let hk = NetNs::new(&format!("{tag}-hk"));
+        let out = NetNs::new(&format!("{tag}-out"));
+        hk.ip(&[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "out0",
+            "netns",
+            out.name(),
+        ]);
+        hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
+        hk.ip(&["link", "set", "up0", "up"]);
+        out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
+        out.ip(&["link", "set", "out0", "up"]);
+        let servers = vec![
+            OutsideServer::start(&out, format!("{OUTSIDE}:8080").parse().unwrap()),
+            OutsideServer::start(&out, format!("{OUTSIDE}:2525").parse().unwrap()),
+        ];
+        let config = ConfigDir::new();
+        config.write("bridge.conf", "allow qnlab\nallow qniso\n");
+        let hookd = Hookd::start(&hk, Some(CONFIG));
+        World {
+            hookd,
+            _servers: servers,
+            config,
+            hk,
+            _out: out,
+        }
+    }
+
+    /// Boots a guest named `name` on `bridge` through the bridge helper,
+    /// dialing the daemon's QMP socket.
+    fn boot(&self, name: &str, mac: &str, bridge: &str, append: &[&str]) -> RunningGuest {
+        let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = GuestSpec::new(&image, mac, random_token());
+        spec.extra_append = append.iter().map(|s| s.to_string()).collect();
+        let logs = target_dir().join("qnet-test-logs").join(self.hk.name());
+        std::fs::create_dir_all(&logs).unwrap();
+        let serial = logs.join(format!("{name}-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&serial);
+        let helper = workspace_binary("qnet-bridge-helper");
+        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
+        let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, None);
+        qemu.args(spec.qemu_args(&netdev, &serial))
+            .args(["-name", name])
+            .args(qmp_client_args(&self.hookd.qmp_socket()));
+        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn guest_named(&self, name: &str) -> Option<serde_json::Value> {
+        self.hookd.guests().into_iter().find(|g| g["name"] == name)
+    }
+}
+
+/// An HTTP server in the outside namespace that answers every request with
+/// `from-<client address>`: what masquerade made of the guest's address.
+struct OutsideServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OutsideServer {
+    fn start(ns: &NetNs, addr: SocketAddr) -> OutsideServer {
+        let path = ns.path();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listener = TcpListener::bind(addr).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(2)))
+                            .unwrap();
+                        let mut buf = [0; 1024];
+                        let _ = stream.read(&mut buf);
+                        let body = format!("from-{}", peer.ip());
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        ready_rx.recv().expect("outside server started");
+        OutsideServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for OutsideServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn ip_of(nic_owner: &serde_json::Value) -> Option<String> {
+    nic_owner["nics"][0]["ip"].as_str().map(str::to_string)
+}
+
+#[test]
+fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
+    let world = World::new("hkgnat");
+    let mac = random_mac();
+    let guest = world.boot(
+        "guest-a",
+        &mac,
+        "qnlab",
+        &[
+            "qnet.resolve=guest-a.lab.qnet",
+            &format!("qnet.probe={OUTSIDE}:8080,{OUTSIDE}:2525"),
+            "qnet.probe_tries=2",
+        ],
+    );
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+
+    // The address is the daemon's sticky reservation for this MAC.
+    let reserved = world
+        .hookd
+        .reservation("lab", &mac)
+        .unwrap_or_else(|| panic!("no reservation for {mac}\n{}", world.hookd.log()));
+    assert_eq!(leased.to_string(), reserved);
+    let listed = world.guest_named("guest-a").expect("guest-a listed");
+    assert_eq!(ip_of(&listed).as_deref(), Some(reserved.as_str()));
+    assert_eq!(listed["nics"][0]["network"], "lab");
+    assert_eq!(listed["nics"][0]["mac"], mac.as_str());
+
+    // Its own name resolves to it through the network's dnsmasq.
+    let resolved = guest
+        .wait_for_resolve(LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resolved, Some(leased), "guest-a.lab.qnet");
+
+    // Outbound through masquerade: the outside sees the uplink address.
+    match guest
+        .wait_for_probe_to(&format!("{OUTSIDE}:8080"), LONG)
+        .unwrap_or_else(|e| panic!("{e}"))
+    {
+        ProbeOutcome::Reached { body } => assert_eq!(body, format!("from-{UPLINK}")),
+        ProbeOutcome::Failed => panic!("guest could not reach the outside"),
+    }
+    // The blocked port is refused.
+    assert_eq!(
+        guest
+            .wait_for_probe_to(&format!("{OUTSIDE}:2525"), LONG)
+            .unwrap_or_else(|e| panic!("{e}")),
+        ProbeOutcome::Failed,
+        "tcp/2525 is blocked for network lab"
+    );
+
+    let status = world.hookd.qnetctl(&["status"]).unwrap();
+    let lab = status["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "lab")
+        .unwrap()
+        .clone();
+    assert_eq!(lab["up"], true);
+    assert_eq!(lab["guests"], 1);
+    assert!(lab["rx_bytes"].as_u64().unwrap() > 0, "{lab}");
+
+    // kill -9 QEMU: its runtime state goes, its reservation stays.
+    drop(guest);
+    world.hookd.wait_until("guest-a to be gone", TEARDOWN, |h| {
+        h.guests().iter().all(|g| g["name"] != "guest-a")
+    });
+    let dns_hosts = std::fs::read_to_string(world.hookd.run_dir().join("lab/dns-hosts")).unwrap();
+    assert!(!dns_hosts.contains("guest-a"), "{dns_hosts}");
+    assert_eq!(world.hookd.reservation("lab", &mac), Some(reserved.clone()));
+
+    // Started again: the same address.
+    let again = world.boot("guest-a", &mac, "qnlab", &[]);
+    let leased_again = again.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(leased_again, leased, "the reservation is sticky");
+}
+
+#[test]
+fn isolated_guest_cannot_reach_the_outside() {
+    let world = World::new("hkgiso");
+    let mac = random_mac();
+    let guest = world.boot(
+        "guest-i",
+        &mac,
+        "qniso",
+        &[&format!("qnet.probe={OUTSIDE}:8080"), "qnet.probe_tries=2"],
+    );
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        world.hookd.reservation("iso", &mac),
+        Some(leased.to_string())
+    );
+    assert_eq!(
+        guest
+            .wait_for_probe_to(&format!("{OUTSIDE}:8080"), LONG)
+            .unwrap_or_else(|e| panic!("{e}")),
+        ProbeOutcome::Failed,
+        "an isolated network must not reach the outside"
+    );
+}
+
+#[test]
+fn daemon_killed_and_restarted_rebuilds_exactly_and_readopts_guests() {
+    let mut world = World::new("hkgrst");
+    let mac = random_mac();
+    let guest = world.boot("guest-r", &mac, "qnlab", &[]);
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    world.hookd.wait_until("guest-r listed", TEARDOWN, |h| {
+        h.guests().iter().any(|g| g["name"] == "guest-r")
+    });
+    let rules_before = world
+        .hk
+        .exec("nft", &["list", "table", "inet", "qnet"])
+        .unwrap();
+    let reservations_before = world.hookd.qnetctl(&["reserve", "list"]).unwrap();
+
+    world.hookd.kill9();
+    // Networking keeps working without the daemon.
+    assert!(world.hk.link_names().contains(&"qnlab".to_string()));
+    world.hookd.spawn();
+
+    let rules_after = world
+        .hk
+        .exec("nft", &["list", "table", "inet", "qnet"])
+        .unwrap();
+    assert_eq!(
+        sorted_lines(&rules_after),
+        sorted_lines(&rules_before),
+        "ruleset changed"
+    );
+    let tables = world.hk.exec("nft", &["list", "tables"]).unwrap();
+    assert_eq!(tables.matches("inet qnet").count(), 1, "{tables}");
+    assert_eq!(
+        world.hookd.qnetctl(&["reserve", "list"]).unwrap(),
+        reservations_before
+    );
+
+    // The client-mode QEMU reconnects by itself and is followed again.
+    world.hookd.wait_until("guest-r re-adopted", LONG, |h| {
+        h.guests()
+            .iter()
+            .any(|g| g["name"] == "guest-r" && ip_of(g) == Some(leased.to_string()))
+    });
+
+    // Killing QEMU after the restart still tears down.
+    drop(guest);
+    world.hookd.wait_until("guest-r gone", TEARDOWN, |h| {
+        h.guests().iter().all(|g| g["name"] != "guest-r")
+    });
+}
+
+#[test]
+fn killed_dnsmasq_is_restarted_and_still_serves_leases() {
+    let world = World::new("hkgdns");
+    let pid_file = world.hookd.run_dir().join("lab/dnsmasq.pid");
+    let read_pid = || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+    };
+    let first = read_pid().expect("dnsmasq pid file");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    world.hookd.wait_until("dnsmasq restarted", TEARDOWN, |_| {
+        matches!(read_pid(), Some(pid) if pid != first
+            && std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+
+    let mac = random_mac();
+    let guest = world.boot("guest-d", &mac, "qnlab", &[]);
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        world.hookd.reservation("lab", &mac),
+        Some(leased.to_string())
+    );
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    lines.sort();
+    lines
+}
