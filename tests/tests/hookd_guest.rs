@@ -95,6 +95,18 @@ impl World {
     /// Boots a guest named `name` on `bridge` through the bridge helper,
     /// dialing the daemon's QMP socket.
     fn boot(&self, name: &str, mac: &str, bridge: &str, append: &[&str]) -> RunningGuest {
+        self.boot_with(name, mac, bridge, append, &[])
+    }
+
+    /// [`World::boot`] with extra QEMU arguments.
+    fn boot_with(
+        &self,
+        name: &str,
+        mac: &str,
+        bridge: &str,
+        append: &[&str],
+        qemu_args: &[&str],
+    ) -> RunningGuest {
         let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
         let mut spec = GuestSpec::new(&image, mac, random_token());
         spec.extra_append = append.iter().map(|s| s.to_string()).collect();
@@ -107,7 +119,8 @@ impl World {
         let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, None);
         qemu.args(spec.qemu_args(&netdev, &serial))
             .args(["-name", name])
-            .args(qmp_client_args(&self.hookd.qmp_socket()));
+            .args(qmp_client_args(&self.hookd.qmp_socket()))
+            .args(qemu_args);
         RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -360,4 +373,66 @@ fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
     lines.sort();
     lines
+}
+
+#[test]
+fn guest_changing_its_mac_gets_a_reservation_for_the_new_one() {
+    let world = World::new("hkgmac");
+    let mac = random_mac();
+    let new_mac = random_mac();
+    let guest = world.boot(
+        "guest-m",
+        &mac,
+        "qnlab",
+        &[&format!("qnet.newmac={new_mac}")],
+    );
+    guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    guest
+        .wait_for_line("QNET-GUEST-NEWMAC", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // NIC_RX_FILTER_CHANGED → the daemon re-reads the NICs.
+    world.hookd.wait_until("the new MAC followed", LONG, |h| {
+        h.guests()
+            .iter()
+            .any(|g| g["name"] == "guest-m" && g["nics"][0]["mac"] == new_mac.as_str())
+    });
+    assert!(world.hookd.reservation("lab", &new_mac).is_some());
+    // The old MAC keeps its sticky reservation.
+    assert!(world.hookd.reservation("lab", &mac).is_some());
+}
+
+#[test]
+fn guest_poweroff_tears_down_unless_qemu_runs_with_no_shutdown() {
+    let world = World::new("hkgoff");
+    // Without -no-shutdown QEMU exits: SHUTDOWN (or EOF) tears down.
+    let plain = world.boot("guest-p", &random_mac(), "qnlab", &["qnet.poweroff=1"]);
+    // With -no-shutdown QEMU stays (paused): the guest is kept.
+    let kept = world.boot_with(
+        "guest-k",
+        &random_mac(),
+        "qnlab",
+        &["qnet.poweroff=1"],
+        &["-no-shutdown"],
+    );
+    for guest in [&plain, &kept] {
+        guest
+            .wait_for_line("QNET-GUEST-POWEROFF", LONG)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    world.hookd.wait_until("guest-p gone", LONG, |h| {
+        h.guests().iter().all(|g| g["name"] != "guest-p")
+    });
+    world
+        .hookd
+        .wait_until("guest-k's SHUTDOWN event seen", LONG, |h| {
+            h.log().lines().any(|l| {
+                l.contains("QMP event")
+                    && l.contains("Shutdown")
+                    && l.contains(&kept.pid().to_string())
+            })
+        });
+    assert!(
+        world.guest_named("guest-k").is_some(),
+        "a -no-shutdown guest stays followed after SHUTDOWN"
+    );
 }
