@@ -436,3 +436,63 @@ fn guest_poweroff_tears_down_unless_qemu_runs_with_no_shutdown() {
         "a -no-shutdown guest stays followed after SHUTDOWN"
     );
 }
+
+#[test]
+fn qemu_with_its_own_qmp_server_is_attached_and_redialed_after_a_restart() {
+    let mut world = World::new("hkgatt");
+    let mac = random_mac();
+    let qmp = world.hookd.dir().join("vm-att.qmp");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+    // No -chardev to the daemon: this QEMU only listens.
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let spec = GuestSpec::new(&image, &mac, random_token());
+    let serial = target_dir()
+        .join("qnet-test-logs")
+        .join(format!("{}-att.log", world.hk.name()));
+    std::fs::create_dir_all(serial.parent().unwrap()).unwrap();
+    let helper = workspace_binary("qnet-bridge-helper");
+    let netdev = format!("bridge,id=n0,br=qnlab,helper={}", helper.display());
+    let mut qemu = sandboxed("qemu-system-x86_64", &world.hk, &world.config, None);
+    qemu.args(spec.qemu_args(&netdev, &serial))
+        .args(["-name", "guest-att", "-qmp", &qmp_arg]);
+    let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+    world
+        .hookd
+        .wait_until("QEMU's QMP socket", LONG, |_| qmp.exists());
+
+    let reply = world
+        .hookd
+        .qnetctl(&["attach", "--qmp", qmp.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        reply["message"].as_str().unwrap().contains("guest-att"),
+        "{reply}"
+    );
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        world.hookd.reservation("lab", &mac),
+        Some(leased.to_string())
+    );
+
+    // SIGTERM leaves the guest's networking alone...
+    world.hookd.terminate();
+    assert!(world.hk.link_names().contains(&"qnlab".to_string()));
+    assert!(world.hookd.run_dir().join("lab/dnsmasq.pid").exists());
+    // ... and the next start dials QEMU's socket again by itself.
+    world.hookd.spawn();
+    world.hookd.wait_until("guest-att re-attached", LONG, |h| {
+        let connects = h
+            .log()
+            .lines()
+            .filter(|l| l.contains("guest connected") && l.contains("guest-att"))
+            .count();
+        connects == 2
+            && h.guests()
+                .iter()
+                .any(|g| g["name"] == "guest-att" && ip_of(g) == Some(leased.to_string()))
+    });
+    drop(guest);
+    world.hookd.wait_until("guest-att gone", TEARDOWN, |h| {
+        h.guests().iter().all(|g| g["name"] != "guest-att")
+    });
+}
