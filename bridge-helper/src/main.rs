@@ -15,11 +15,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use qnet_hostnet::acl::{self, Decision, FsReader};
-use qnet_hostnet::{fdpass, privilege, CONFIG_DIR};
+use qnet_hostnet::{fdpass, privilege, protocol, CONFIG_DIR};
 
 use crate::cli::Cli;
 use crate::error::HelperError;
 
+const USAGE: &str = "[--use-vnet] --br=BRIDGE --fd=N";
 const PROGRAM: &str = "qnet-bridge-helper";
 
 fn main() -> ExitCode {
@@ -28,9 +29,9 @@ fn main() -> ExitCode {
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => return cli_exit(err),
+        Err(err) => return protocol::exit_for_cli_error(PROGRAM, USAGE, err),
     };
-    init_logging(cli.debug);
+    protocol::init_debug_logging(cli.debug);
 
     match privileges
         .map_err(HelperError::from)
@@ -80,40 +81,4 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     })?;
     tracing::debug!(tap = tap.name(), vnet_hdr = tap.vnet_hdr(), "fd sent");
     Ok(())
-}
-
-/// `--help`/`--version` print and succeed; any other argv problem is a
-/// usage error with exit status 1, as in qemu-bridge-helper.
-fn cli_exit(err: clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    match err.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = err.print();
-            ExitCode::SUCCESS
-        }
-        _ => {
-            let first = err.to_string();
-            let first = first.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!(
-                "{PROGRAM}: {first}; usage: {PROGRAM} [--use-vnet] --br=BRIDGE --fd=N (see --help)"
-            );
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Logging goes to stderr (QEMU shows it to the user) and is configured by
-/// argv only: the environment is never trusted in a privileged helper.
-/// Without `--debug` no subscriber is installed at all: errors are printed
-/// by `main`, and a one-shot helper should not pay for an idle logger.
-fn init_logging(debug: bool) {
-    if debug {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_target(false)
-            .without_time()
-            .init();
-    }
 }

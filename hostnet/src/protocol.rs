@@ -23,3 +23,38 @@ pub struct ProtocolArgs {
     #[arg(long = "br", value_name = "NAME", required = true)]
     pub br: String,
 }
+
+/// What a helper does with a clap error: `--help`/`--version` print and
+/// succeed; anything else is one usage line on stderr and exit status 1,
+/// as qemu-bridge-helper does.
+pub fn exit_for_cli_error(program: &str, usage: &str, err: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = err.print();
+            std::process::ExitCode::SUCCESS
+        }
+        _ => {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            eprintln!("{program}: {first}; usage: {program} {usage} (see --help)");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logging goes to stderr (QEMU shows it to the user) and is configured by
+/// argv only: the environment is never trusted in a privileged helper.
+/// Without `--debug` no subscriber is installed at all: errors are printed
+/// by `main`, and a one-shot helper should not pay for an idle logger.
+pub fn init_debug_logging(debug: bool) {
+    if debug {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_target(false)
+            .without_time()
+            .init();
+    }
+}

@@ -17,12 +17,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use qnet_hostnet::acl::{self, AclError, Decision, FsReader, ReadError};
 use qnet_hostnet::link::MacvtapMode;
-use qnet_hostnet::{devnode, fdpass, privilege, reaper, CONFIG_DIR};
+use qnet_hostnet::{devnode, fdpass, privilege, protocol, reaper, CONFIG_DIR};
 
 use crate::cli::Cli;
 use crate::device::{Macvtap, Request};
 use crate::error::HelperError;
 
+const USAGE: &str = "[--mode=MODE] [--mac=MAC] [--use-vnet] --br=LOWER --fd=N";
 const PROGRAM: &str = "qnet-macvtap-helper";
 
 fn main() -> ExitCode {
@@ -32,9 +33,9 @@ fn main() -> ExitCode {
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => return cli_exit(err),
+        Err(err) => return protocol::exit_for_cli_error(PROGRAM, USAGE, err),
     };
-    init_logging(cli.debug);
+    protocol::init_debug_logging(cli.debug);
 
     match privileges
         .map_err(HelperError::from)
@@ -144,40 +145,4 @@ fn qemu_pid(socket: BorrowedFd<'_>) -> Result<u32, String> {
         .ok()
         .filter(|&pid| pid > 0)
         .ok_or_else(|| "QEMU's pid is not visible in this pid namespace".to_string())
-}
-
-/// `--help`/`--version` print and succeed; any other argv problem is a
-/// usage error with exit status 1, as in qemu-bridge-helper.
-fn cli_exit(err: clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    match err.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = err.print();
-            ExitCode::SUCCESS
-        }
-        _ => {
-            let first = err.to_string();
-            let first = first.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!(
-                "{PROGRAM}: {first}; usage: {PROGRAM} [--mode=MODE] [--mac=MAC] [--use-vnet] \
-                 --br=LOWER --fd=N (see --help)"
-            );
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Logging goes to stderr (QEMU shows it to the user) and is configured by
-/// argv only: the environment is never trusted in a privileged helper.
-/// Without `--debug` no subscriber is installed at all.
-fn init_logging(debug: bool) {
-    if debug {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_target(false)
-            .without_time()
-            .init();
-    }
 }
