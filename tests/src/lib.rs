@@ -10,6 +10,7 @@ pub mod fake_qemu;
 pub mod guest;
 pub mod hookd;
 pub mod http;
+pub mod install;
 pub mod netns;
 pub mod sandbox;
 

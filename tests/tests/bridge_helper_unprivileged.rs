@@ -4,61 +4,15 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::fake_qemu::run_helper;
+use qnet_tests::install::{Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
+use qnet_tests::require_tool;
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
-use qnet_tests::{require_tool, workspace_binary};
-
-#[derive(Clone, Copy, Debug)]
-enum Install {
-    FileCaps,
-    Setuid,
-}
-
-const INSTALLS: [Install; 2] = [Install::FileCaps, Install::Setuid];
-
-/// Installed copies of the helper, in a directory the test user can reach.
-struct Installed {
-    dir: tempfile::TempDir,
-}
-
-impl Installed {
-    fn new() -> Installed {
-        require_tool("setcap", "libcap2-bin");
-        let dir = tempfile::Builder::new()
-            .prefix("qnet-test-bin-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let built = workspace_binary("qnet-bridge-helper");
-        for (name, mode) in [("caps", 0o755), ("setuid", 0o4755), ("plain", 0o755)] {
-            let path = dir.path().join(name);
-            std::fs::copy(&built, &path).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        }
-        run(
-            "setcap",
-            &["cap_net_admin+ep", &path_str(&dir.path().join("caps"))],
-        )
-        .unwrap();
-        Installed { dir }
-    }
-
-    fn path(&self, install: Install) -> PathBuf {
-        self.dir.path().join(match install {
-            Install::FileCaps => "caps",
-            Install::Setuid => "setuid",
-        })
-    }
-
-    fn plain(&self) -> PathBuf {
-        self.dir.path().join("plain")
-    }
-}
 
 fn path_str(path: &Path) -> String {
     path.to_str().unwrap().to_string()
@@ -91,7 +45,14 @@ impl Setup {
         Setup {
             netns,
             config,
-            installed: Installed::new(),
+            installed: Installed::new(
+                "qnet-bridge-helper",
+                &[
+                    ("caps", 0o755, Some("cap_net_admin+ep")),
+                    ("setuid", 0o4755, None),
+                    ("plain", 0o755, None),
+                ],
+            ),
             user,
         }
     }
@@ -195,7 +156,8 @@ fn includes_are_read_as_the_calling_user() {
 fn an_uninstalled_copy_says_how_to_install_it() {
     let setup = Setup::new("unpriv-plain");
     let before = setup.netns.link_names();
-    let message = run_helper(setup.helper(&setup.installed.plain()), Some("qbr0")).expect_refusal();
+    let message =
+        run_helper(setup.helper(&setup.installed.copy("plain")), Some("qbr0")).expect_refusal();
     assert!(message.contains("CAP_NET_ADMIN"), "{message}");
     assert!(message.contains("setcap cap_net_admin+ep"), "{message}");
     assert_eq!(setup.netns.link_names(), before);

@@ -5,79 +5,19 @@
 //! account on the machine uses.
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::fake_qemu::{run_helper, wait_until, HeldFd};
 use qnet_tests::guest::{random_bytes, random_mac};
-use qnet_tests::netns::{run, NetNs};
+use qnet_tests::install::{Install, Installed, INSTALLS};
+use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
-use qnet_tests::{require_tool, workspace_binary};
+use qnet_tests::workspace_binary;
 
 const FULL_CAPS: &str = "cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep";
-
-#[derive(Clone, Copy, Debug)]
-enum Install {
-    FileCaps,
-    Setuid,
-}
-
-const INSTALLS: [Install; 2] = [Install::FileCaps, Install::Setuid];
-
-/// Installed copies of the helper, in a directory the test user can reach.
-struct Installed {
-    dir: tempfile::TempDir,
-}
-
-impl Installed {
-    fn new() -> Installed {
-        require_tool("setcap", "libcap2-bin");
-        let dir = tempfile::Builder::new()
-            .prefix("qnet-test-bin-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let built = workspace_binary("qnet-macvtap-helper");
-        for (name, mode) in [
-            ("caps", 0o755),
-            ("net-admin-only", 0o755),
-            ("setuid", 0o4755),
-            ("plain", 0o755),
-        ] {
-            let path = dir.path().join(name);
-            std::fs::copy(&built, &path).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        }
-        run("setcap", &[FULL_CAPS, &path_str(&dir.path().join("caps"))]).unwrap();
-        run(
-            "setcap",
-            &[
-                "cap_net_admin+ep",
-                &path_str(&dir.path().join("net-admin-only")),
-            ],
-        )
-        .unwrap();
-        Installed { dir }
-    }
-
-    fn path(&self, install: Install) -> PathBuf {
-        self.dir.path().join(match install {
-            Install::FileCaps => "caps",
-            Install::Setuid => "setuid",
-        })
-    }
-
-    fn copy(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_str().unwrap().to_string()
-}
 
 /// Namespace with veth pair qv0/qv1 and qv2/qv3, an installed helper and
 /// a user; macvtap.conf allows qv0 and denies qv2.
@@ -101,7 +41,15 @@ impl Setup {
         Setup {
             netns,
             config,
-            installed: Installed::new(),
+            installed: Installed::new(
+                "qnet-macvtap-helper",
+                &[
+                    ("caps", 0o755, Some(FULL_CAPS)),
+                    ("net-admin-only", 0o755, Some("cap_net_admin+ep")),
+                    ("setuid", 0o4755, None),
+                    ("plain", 0o755, None),
+                ],
+            ),
             user,
         }
     }
