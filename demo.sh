@@ -1,6 +1,8 @@
 #!/bin/sh
-# Boot a tiny guest on a bridge through qnet-bridge-helper and fetch a page
-# from it, all inside a private network namespace (see tests/src/bin/qnet-demo.rs).
+# qnet-hookd's default NAT network, a tiny guest on it through
+# qnet-bridge-helper, a port forward host:8080 -> guest:80 and a fetch
+# through it from an "outside" namespace; all inside private namespaces
+# (see tests/src/bin/qnet-demo.rs).
 # Needs: qemu-system-x86, dnsmasq-base, busybox-static, cpio, iproute2 (and
 # network access to Debian's archive once, to fetch the guest kernel).
 set -eu

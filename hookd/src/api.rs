@@ -5,7 +5,7 @@
 //! [`Request`] as a JSON line, and reads one [`Response`] as a JSON line.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -100,6 +100,101 @@ pub enum Request {
     Attach {
         qmp: PathBuf,
     },
+    /// Forward host port(s) to a guest, while the guest runs.
+    ForwardAdd {
+        #[serde(flatten)]
+        forward: ForwardSpec,
+    },
+    /// Remove the forward of `proto` `host_port` (on `host_addr`).
+    ForwardRm {
+        proto: Proto,
+        host_port: u16,
+        #[serde(default)]
+        host_addr: Option<IpAddr>,
+    },
+    ForwardList,
+}
+
+/// A port forward as a user declares it: host port(s) → a guest's port(s).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// The guest's name (`-name`) or the MAC of one of its NICs.
+    pub guest: String,
+    pub proto: Proto,
+    /// First and last host port (equal for a single port).
+    pub host_ports: (u16, u16),
+    /// The guest port the first host port goes to; the rest follow in order.
+    pub guest_port: u16,
+    /// Only this host address; `None`: every address of the host (and
+    /// 127.0.0.1).
+    #[serde(default)]
+    pub host_addr: Option<IpAddr>,
+    /// The network of the guest NIC to forward to; `None`: the guest's
+    /// first NIC on a qnet network.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+impl ForwardSpec {
+    /// Parses `HOSTPORT[-HOSTPORT2][:GUESTPORT]` (the guest port defaults to
+    /// the first host port; a range keeps its offsets).
+    pub fn parse_ports(text: &str) -> Result<((u16, u16), u16), String> {
+        let bad = || {
+            format!("`{text}` is not HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080 or 8080:80 or 9000-9009:9000")
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        let (hosts, guest) = match text.split_once(':') {
+            Some((hosts, guest)) => (hosts, Some(port(guest)?)),
+            None => (text, None),
+        };
+        let (start, end) = match hosts.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(hosts)?, port(hosts)?),
+        };
+        if end < start {
+            return Err(format!("`{text}`: the range ends before it starts"));
+        }
+        let guest = guest.unwrap_or(start);
+        if u32::from(guest) + u32::from(end - start) > 65535 {
+            return Err(format!("`{text}`: the guest ports would run past 65535"));
+        }
+        Ok(((start, end), guest))
+    }
+
+    /// `tcp 8080-8081:80` as people write it.
+    pub fn ports_text(&self) -> String {
+        let (start, end) = self.host_ports;
+        let hosts = if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        };
+        format!("{} {hosts}:{}", self.proto, self.guest_port)
+    }
+
+    /// Whether two forwards claim a common host address + port + protocol.
+    pub fn overlaps(&self, other: &ForwardSpec) -> bool {
+        let addrs_meet = match (self.host_addr, other.host_addr) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.proto == other.proto
+            && addrs_meet
+            && self.host_ports.0 <= other.host_ports.1
+            && other.host_ports.0 <= self.host_ports.1
+    }
+}
+
+/// A forward and whether it is in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardInfo {
+    #[serde(flatten)]
+    pub forward: ForwardSpec,
+    /// `config` (hookd.toml) or `runtime` (qnetctl, the libvirt hook).
+    pub origin: String,
+    /// The guest's address while the guest runs (the forward is active).
+    pub guest_addr: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +211,7 @@ pub enum Reply {
     Status { networks: Vec<NetworkStatus> },
     Guests { guests: Vec<GuestStatus> },
     Reservations { reservations: Vec<Reservation> },
+    Forwards { forwards: Vec<ForwardInfo> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +311,52 @@ mod tests {
         assert_eq!(line, r#"{"ok":{"kind":"done","message":"done"}}"#);
         let err: Response = serde_json::from_str(r#"{"error":"no such network"}"#).unwrap();
         assert_eq!(err, Response::Error("no such network".into()));
+    }
+
+    #[test]
+    fn forward_ports_parse() {
+        assert_eq!(ForwardSpec::parse_ports("8080"), Ok(((8080, 8080), 8080)));
+        assert_eq!(ForwardSpec::parse_ports("8080:80"), Ok(((8080, 8080), 80)));
+        assert_eq!(
+            ForwardSpec::parse_ports("9000-9009:100"),
+            Ok(((9000, 9009), 100))
+        );
+        assert_eq!(
+            ForwardSpec::parse_ports("9000-9009"),
+            Ok(((9000, 9009), 9000))
+        );
+        for bad in [
+            "",
+            "0",
+            "x",
+            "80-79",
+            "65535-65535:0",
+            "100-200:65500",
+            "1:2:3",
+            "80-",
+        ] {
+            assert!(ForwardSpec::parse_ports(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwards_overlap_on_proto_address_and_ports() {
+        let spec = |proto, (a, b), addr: Option<&str>| ForwardSpec {
+            guest: "g".into(),
+            proto,
+            host_ports: (a, b),
+            guest_port: a,
+            host_addr: addr.map(|a| a.parse().unwrap()),
+            network: None,
+        };
+        let web = spec(Proto::Tcp, (8080, 8090), None);
+        assert!(web.overlaps(&spec(Proto::Tcp, (8090, 8095), None)));
+        assert!(web.overlaps(&spec(Proto::Tcp, (8085, 8085), Some("10.0.0.1"))));
+        assert!(!web.overlaps(&spec(Proto::Udp, (8085, 8085), None)));
+        assert!(!web.overlaps(&spec(Proto::Tcp, (8091, 8099), None)));
+        let a = spec(Proto::Tcp, (80, 80), Some("10.0.0.1"));
+        assert!(!a.overlaps(&spec(Proto::Tcp, (80, 80), Some("10.0.0.2"))));
+        assert_eq!(web.ports_text(), "tcp 8080-8090:8080");
     }
 
     #[test]

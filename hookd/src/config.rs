@@ -12,6 +12,13 @@
 //! uplink = "eth0"               # optional: masquerade/forward only via it
 //! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//!
+//! [[forward]]                   # active while the guest runs
+//! guest = "web1"                # the guest's -name, or a NIC's MAC
+//! proto = "tcp"                 # tcp | udp
+//! ports = "8080:80"             # HOSTPORT[-HOSTPORT2][:GUESTPORT]
+//! host-addr = "192.0.2.10"      # optional: only this host address
+//! network = "lab"               # optional: the guest NIC's network
 //! ```
 //!
 //! With no file at all, one NAT network `qnet0` is used, on a /24 the
@@ -29,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::api::{Mode, Proto};
+use crate::api::{ForwardSpec, Mode, Proto};
 
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
 pub const DEFAULT_NETWORK: &str = "qnet0";
@@ -45,6 +52,13 @@ pub enum ConfigError {
     /// key.
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: forward: `{key}`: {problem}")]
+    InvalidForward {
+        path: PathBuf,
+        line: usize,
+        key: &'static str,
+        problem: String,
+    },
     #[error("{path}:{line}: network `{network}`: `{key}`: {problem}")]
     Invalid {
         path: PathBuf,
@@ -110,6 +124,8 @@ impl fmt::Display for BlockedPort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub networks: Vec<NetworkConfig>,
+    /// Port forwards declared in the file.
+    pub forwards: Vec<ForwardSpec>,
     /// No config file existed: the caller must provide the default
     /// network with a subnet it picks.
     pub use_default_network: bool,
@@ -122,6 +138,7 @@ impl Config {
             Ok(text) => Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config {
                 networks: Vec::new(),
+                forwards: Vec::new(),
                 use_default_network: true,
             }),
             Err(source) => Err(ConfigError::Read {
@@ -168,8 +185,43 @@ impl Config {
             key: "subnet",
             problem,
         })?;
+        let mut forwards: Vec<ForwardSpec> = Vec::new();
+        for spanned in raw.forward {
+            let line = line_of(text, spanned.span().start);
+            let raw = spanned.into_inner();
+            let invalid = |key, problem: String| ConfigError::InvalidForward {
+                path: path.to_path_buf(),
+                line,
+                key,
+                problem,
+            };
+            let spec = raw
+                .validate()
+                .map_err(|(key, problem)| invalid(key, problem))?;
+            if let Some(net) = &spec.network {
+                if !networks.iter().any(|n| &n.name == net) {
+                    return Err(invalid(
+                        "network",
+                        format!("no network `{net}` in this file"),
+                    ));
+                }
+            }
+            if let Some(other) = forwards.iter().find(|f| f.overlaps(&spec)) {
+                return Err(invalid(
+                    "ports",
+                    format!(
+                        "{} overlaps the forward of {} to `{}`",
+                        spec.ports_text(),
+                        other.ports_text(),
+                        other.guest
+                    ),
+                ));
+            }
+            forwards.push(spec);
+        }
         Ok(Config {
             networks,
+            forwards,
             use_default_network: false,
         })
     }
@@ -205,6 +257,36 @@ fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (String, String)> {
 struct RawConfig {
     #[serde(default)]
     network: Vec<Spanned<RawNetwork>>,
+    #[serde(default)]
+    forward: Vec<Spanned<RawForward>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawForward {
+    guest: String,
+    proto: Proto,
+    ports: String,
+    host_addr: Option<std::net::IpAddr>,
+    network: Option<String>,
+}
+
+impl RawForward {
+    fn validate(self) -> Result<ForwardSpec, Problem> {
+        if self.guest.trim().is_empty() {
+            return Err(("guest", "name a guest (its -name) or a NIC's MAC".into()));
+        }
+        let (host_ports, guest_port) =
+            ForwardSpec::parse_ports(&self.ports).map_err(|e| ("ports", e))?;
+        Ok(ForwardSpec {
+            guest: self.guest,
+            proto: self.proto,
+            host_ports,
+            guest_port,
+            host_addr: self.host_addr,
+            network: self.network,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -526,6 +608,35 @@ ipv6 = { subnet = "fd43::/64" }
         assert!(parse(bridge).unwrap_err().to_string().contains("`bridge`"));
         let overlap = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/16\"\n[[network]]\nname = \"b\"\nsubnet = \"10.0.5.0/24\"\n";
         assert!(parse(overlap).unwrap_err().to_string().contains("overlaps"));
+    }
+
+    #[test]
+    fn forwards_are_read_and_checked() {
+        let base = "[[network]]\nname = \"lab\"\nsubnet = \"10.0.0.0/24\"\n";
+        let config = parse(&format!(
+            "{base}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"8080:80\"\nnetwork = \"lab\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.forwards[0].host_ports, (8080, 8080));
+        assert_eq!(config.forwards[0].guest_port, 80);
+        let err = parse(&format!(
+            "{base}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"80-70\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(":4: forward: `ports`"), "{err}");
+        let err = parse(&format!(
+            "{base}[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\n[[forward]]\nguest = \"b\"\nproto = \"tcp\"\nports = \"8000-8090\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("overlaps"), "{err}");
+        let err = parse(&format!(
+            "{base}[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\nnetwork = \"nope\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no network `nope`"), "{err}");
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! reader. The same start-up path rebuilds everything from the persisted
 //! state, which is what makes a restart after kill -9 exact.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,13 +19,17 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{self, GuestNic, GuestStatus, NetworkStatus, Reply, Request, Response};
+use crate::api::{
+    self, ForwardInfo, ForwardSpec, GuestNic, GuestStatus, NetworkStatus, Proto, Reply, Request,
+    Response,
+};
 use crate::config::{Config, NetworkConfig};
 use crate::discover::{self, GuestPort, PortKind};
 use crate::dnsmasq::{self, DhcpHost, DnsHost, DnsmasqHandle};
+use crate::nft::ForwardRule;
 use crate::qmp::{self, GuestIdentity, GuestInfo, NicInfo, QmpEvent, QmpSession};
-use crate::state::{self, GuestRecord, State, StoredReservation};
-use crate::{ctl, network, nft, orphans, subnet};
+use crate::state::{self, GuestRecord, State, StoredForward, StoredReservation};
+use crate::{ctl, forwards, network, nft, orphans, subnet};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
 #[derive(Debug, Clone)]
@@ -96,6 +100,10 @@ struct GuestRuntime {
 pub struct Daemon {
     paths: Paths,
     state: State,
+    /// Forwards of hookd.toml.
+    config_forwards: Vec<ForwardSpec>,
+    /// The forward map elements installed now.
+    installed_forwards: BTreeSet<ForwardRule>,
     networks: BTreeMap<String, NetworkRuntime>,
     guests: HashMap<ConnId, GuestRuntime>,
     inputs: mpsc::UnboundedSender<Input>,
@@ -117,6 +125,8 @@ pub async fn run(paths: Paths) -> Result<(), String> {
     let mut daemon = Daemon {
         paths: paths.clone(),
         state,
+        config_forwards: Vec::new(),
+        installed_forwards: BTreeSet::new(),
         networks: BTreeMap::new(),
         guests: HashMap::new(),
         inputs: inputs.clone(),
@@ -170,6 +180,10 @@ impl Daemon {
     /// (or down), one nft transaction, dnsmasq with every reservation,
     /// guests that are gone dropped, server-mode guests re-dialed.
     async fn start(&mut self, config: Config) -> Result<(), String> {
+        self.config_forwards = config.forwards;
+        if let Err(e) = nft::enable_localhost_forwards() {
+            tracing::warn!("enabling forwards to 127.0.0.1 (route_localnet): {e}");
+        }
         let mut wanted = config.networks;
         if config.use_default_network {
             let subnet = match self.state.default_subnet {
@@ -251,6 +265,7 @@ impl Daemon {
         }
         self.remove_orphan_macvtaps().await;
         self.sync_dnsmasq().await;
+        self.sync_forwards().await;
         self.save();
         Ok(())
     }
@@ -272,6 +287,7 @@ impl Daemon {
                 if let Some(pid) = self.guests.get(&conn).map(|g| g.pid) {
                     self.assign_nics(pid, &nics, &ports);
                     self.sync_dnsmasq().await;
+                    self.sync_forwards().await;
                     self.save();
                 }
             }
@@ -288,6 +304,7 @@ impl Daemon {
                         }
                     }
                     self.sync_dnsmasq().await;
+                    self.sync_forwards().await;
                     self.save();
                 }
             }
@@ -296,6 +313,7 @@ impl Daemon {
                 if !followed && self.state.guests.remove(&pid).is_some() {
                     tracing::info!(pid, "guest from before the restart exited");
                     self.sync_dnsmasq().await;
+                    self.sync_forwards().await;
                     self.save();
                 }
             }
@@ -318,6 +336,13 @@ impl Daemon {
             Request::ReserveRm { network, mac } => self.reserve_rm(&network, &mac, peer).await,
             Request::NetworkUp { name } => self.ctl_network_up(&name, peer).await,
             Request::NetworkDown { name } => self.ctl_network_down(&name, peer).await,
+            Request::ForwardAdd { forward } => self.forward_add(forward, peer).await,
+            Request::ForwardRm {
+                proto,
+                host_port,
+                host_addr,
+            } => self.forward_rm(proto, host_port, host_addr, peer).await,
+            Request::ForwardList => Ok(self.forward_list(peer)),
             Request::Attach { qmp } => {
                 let conn = self.new_conn();
                 tokio::spawn(follow_guest(
@@ -385,6 +410,7 @@ impl Daemon {
         self.network_up(name).await?;
         self.apply_rules().await?;
         self.sync_dnsmasq().await;
+        self.sync_forwards().await;
         self.save();
         Ok(done(format!("network `{name}` is up")))
     }
@@ -414,14 +440,78 @@ impl Daemon {
 
     /// Replaces our nft table with the rules of every network that is up,
     /// in one transaction.
-    async fn apply_rules(&self) -> Result<(), String> {
+    async fn apply_rules(&mut self) -> Result<(), String> {
         let up: Vec<NetworkConfig> = self
             .networks
             .values()
             .filter(|n| n.up)
             .map(|n| n.config.clone())
             .collect();
-        nft::apply(&up).await.map_err(|e| format!("nftables: {e}"))
+        let forwards = self.desired_forwards();
+        let rules: Vec<ForwardRule> = forwards.iter().copied().collect();
+        nft::apply_with_forwards(&up, &rules)
+            .await
+            .map_err(|e| format!("nftables: {e}"))?;
+        self.installed_forwards = forwards;
+        Ok(())
+    }
+
+    /// Every forward declared, from the file and from requests.
+    fn forward_specs(&self) -> impl Iterator<Item = (&ForwardSpec, &'static str)> {
+        self.config_forwards
+            .iter()
+            .map(|f| (f, "config"))
+            .chain(self.state.forwards.iter().map(|f| (&f.spec, "runtime")))
+    }
+
+    /// The forward map elements that must exist now: forwards of running
+    /// guests on networks that are up.
+    fn desired_forwards(&self) -> BTreeSet<ForwardRule> {
+        let guests: Vec<&GuestRecord> = self.state.guests.values().collect();
+        let networks: Vec<&NetworkConfig> = self
+            .networks
+            .values()
+            .filter(|n| n.up)
+            .map(|n| &n.config)
+            .collect();
+        let mut rules = forwards::desired(self.forward_specs().map(|(f, _)| f), &guests, &networks);
+        rules.retain(|r| {
+            let guest_net_up = networks.iter().any(|n| match r.guest_addr {
+                IpAddr::V4(a) => n.subnet.contains(&a),
+                IpAddr::V6(a) => n.ipv6.is_some_and(|v6| v6.subnet.contains(&a)),
+            });
+            guest_net_up
+        });
+        rules
+    }
+
+    /// Brings the installed forward elements to the desired set, changing
+    /// only the difference (one small transaction each way).
+    async fn sync_forwards(&mut self) {
+        let desired = self.desired_forwards();
+        let stale: Vec<ForwardRule> = self
+            .installed_forwards
+            .difference(&desired)
+            .copied()
+            .collect();
+        let new: Vec<ForwardRule> = desired
+            .difference(&self.installed_forwards)
+            .copied()
+            .collect();
+        if !stale.is_empty() {
+            match nft::remove_forwards(&stale).await {
+                Ok(()) => stale.iter().for_each(|r| {
+                    self.installed_forwards.remove(r);
+                }),
+                Err(e) => tracing::warn!("removing {} forward(s): {e}", stale.len()),
+            }
+        }
+        if !new.is_empty() {
+            match nft::add_forwards(&new).await {
+                Ok(()) => self.installed_forwards.extend(new),
+                Err(e) => tracing::warn!("adding {} forward(s): {e}", new.len()),
+            }
+        }
     }
 
     fn dnsmasq_paths(&self) -> dnsmasq::Paths {
@@ -440,7 +530,9 @@ impl Daemon {
                 continue;
             };
             let net = &runtime.config;
-            let running_macs: Vec<&str> = self
+            // A set: it is looked up once per reservation, and a Vec made
+            // this O(guests x reservations) on every guest event.
+            let running_macs: BTreeSet<&str> = self
                 .state
                 .guests
                 .values()
@@ -508,6 +600,7 @@ impl Daemon {
         );
         self.assign_nics(pid, &info.nics, &ports);
         self.sync_dnsmasq().await;
+        self.sync_forwards().await;
         self.save();
     }
 
@@ -744,6 +837,7 @@ impl Daemon {
             },
         );
         self.sync_dnsmasq().await;
+        self.sync_forwards().await;
         self.save();
         let named = name
             .map(|n| format!(" ({n}.{})", net.domain))
@@ -767,6 +861,7 @@ impl Daemon {
         match removed {
             Some(r) => {
                 self.sync_dnsmasq().await;
+                self.sync_forwards().await;
                 self.save();
                 Ok(done(format!(
                     "removed the reservation of {} for {mac} on {network}",
@@ -775,6 +870,130 @@ impl Daemon {
             }
             None => Err(format!("{mac} has no reservation on {network}")),
         }
+    }
+
+    // ----- port forwards -----------------------------------------------------
+
+    async fn forward_add(&mut self, spec: ForwardSpec, peer: Peer) -> Result<Reply, String> {
+        if let Some(net) = &spec.network {
+            if !self.networks.contains_key(net) {
+                return Err(self.no_such_network(net));
+            }
+        }
+        if !peer.is_root() {
+            if spec.host_ports.0 < 1024 {
+                return Err(format!(
+                    "host port {} is privileged: only root may forward ports below 1024",
+                    spec.host_ports.0
+                ));
+            }
+            let own: Vec<&GuestRecord> = self
+                .state
+                .guests
+                .values()
+                .filter(|g| g.uid == peer.uid)
+                .collect();
+            if forwards::target_nic(&spec, own.iter().copied()).is_none() {
+                return Err(format!(
+                    "`{}` is not one of your running guests: only root may forward to other guests",
+                    spec.guest
+                ));
+            }
+        }
+        if let Some((other, origin)) = self.forward_specs().find(|(f, _)| f.overlaps(&spec)) {
+            if other == &spec {
+                return Ok(done(format!(
+                    "{} to {} is already forwarded",
+                    spec.ports_text(),
+                    spec.guest
+                )));
+            }
+            return Err(format!(
+                "{} is taken by guest `{}` ({origin} forward {})",
+                spec.ports_text(),
+                other.guest,
+                other.ports_text()
+            ));
+        }
+        for port in spec.host_ports.0..=spec.host_ports.1 {
+            if let Some(owner) = forwards::host_listener(spec.proto, port) {
+                return Err(format!(
+                    "{}/{port} is taken by a host socket of {owner}: stop it or pick another port",
+                    spec.proto
+                ));
+            }
+        }
+        let text = format!("{} to {}", spec.ports_text(), spec.guest);
+        self.state.forwards.push(StoredForward {
+            spec,
+            owner_uid: peer.uid,
+        });
+        self.save();
+        self.sync_forwards().await;
+        Ok(done(format!("forwarding {text}")))
+    }
+
+    async fn forward_rm(
+        &mut self,
+        proto: Proto,
+        host_port: u16,
+        host_addr: Option<IpAddr>,
+        peer: Peer,
+    ) -> Result<Reply, String> {
+        let found = self.state.forwards.iter().position(|f| {
+            f.spec.proto == proto
+                && (f.spec.host_ports.0..=f.spec.host_ports.1).contains(&host_port)
+                && (host_addr.is_none() || f.spec.host_addr == host_addr)
+        });
+        let Some(index) = found else {
+            let in_config = self.config_forwards.iter().any(|f| {
+                f.proto == proto && (f.host_ports.0..=f.host_ports.1).contains(&host_port)
+            });
+            return Err(if in_config {
+                format!(
+                    "{proto}/{host_port} is forwarded by {}: remove it there",
+                    self.paths.config.display()
+                )
+            } else {
+                format!("no forward of {proto}/{host_port}")
+            });
+        };
+        if !peer.is_root() && self.state.forwards[index].owner_uid != peer.uid {
+            return Err(
+                "that forward is not yours: only root may remove other users' forwards".into(),
+            );
+        }
+        let removed = self.state.forwards.remove(index);
+        self.save();
+        self.sync_forwards().await;
+        Ok(done(format!(
+            "removed the forward of {} to {}",
+            removed.spec.ports_text(),
+            removed.spec.guest
+        )))
+    }
+
+    fn forward_list(&self, peer: Peer) -> Reply {
+        let guests: Vec<&GuestRecord> = self.state.guests.values().collect();
+        let owners: Vec<Option<u32>> = self
+            .config_forwards
+            .iter()
+            .map(|_| None)
+            .chain(self.state.forwards.iter().map(|f| Some(f.owner_uid)))
+            .collect();
+        let forwards = self
+            .forward_specs()
+            .zip(owners)
+            .filter(|(_, owner)| peer.is_root() || *owner == Some(peer.uid))
+            .map(|((spec, origin), _)| ForwardInfo {
+                forward: spec.clone(),
+                origin: origin.to_string(),
+                guest_addr: forwards::target_nic(spec, guests.iter().copied())
+                    .and_then(|nic| nic.ip)
+                    .map(IpAddr::V4),
+            })
+            .collect();
+        Reply::Forwards { forwards }
     }
 
     fn save(&self) {

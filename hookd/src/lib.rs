@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
+pub mod forwards;
 pub mod network;
 pub mod nft;
 pub mod orphans;

@@ -20,9 +20,67 @@
 //! evaluates every base chain), so everything else keeps working exactly as
 //! it did — but note that a host firewall dropping forwarded traffic (e.g.
 //! Docker's `FORWARD` policy drop) also drops our guests' traffic.
+//!
+//! # Port forwards
+//!
+//! Host ports are forwarded to guests by DNAT through four maps of the
+//! table (see [`ForwardRule`] and [`render_with_forwards`]):
+//!
+//! | map | key | value |
+//! |---|---|---|
+//! | `fwd4` | `ipv4_addr . inet_proto . inet_service` (host address, proto, port) | `ipv4_addr . inet_service` |
+//! | `fwd4_any` | `inet_proto . inet_service` (any local IPv4 address) | `ipv4_addr . inet_service` |
+//! | `fwd6` | `ipv6_addr . inet_proto . inet_service` | `ipv6_addr . inet_service` |
+//! | `fwd6_any` | `inet_proto . inet_service` (any local IPv6 address but `::1`) | `ipv6_addr . inet_service` |
+//!
+//! The maps are hash tables: a lookup costs the same with 1 or 10,000
+//! forwards, and adding or removing a forward is one small transaction of
+//! `add element` / `delete element` lines ([`add_forwards`],
+//! [`remove_forwards`]) that touches nothing else — the table is only
+//! rebuilt by [`apply_with_forwards`] (daemon start, network changes).
+//! The maps' values are concatenations, which nft 1.0.6 only handles in
+//! its text syntax (its JSON cannot create them, and `nft -j list ruleset`
+//! fails once such a map exists anywhere): we only ever speak text to nft
+//! and only ever list our own table.
+//!
+//! The same chain `port_forwards` is jumped to from `prerouting` (packets
+//! from the outside and from guests) and from `output` (the host's own
+//! connections), so a forward works from every direction:
+//!
+//! - from the outside, to the uplink address (or any local address);
+//! - from the host itself to one of its addresses, and to `127.0.0.1`
+//!   (a "localhost forward", like QEMU's `hostfwd`): the DNAT'ed packet
+//!   leaves through a bridge with source 127.0.0.1, which the kernel only
+//!   routes with `route_localnet` (see [`enable_localhost_forwards`]), and
+//!   `postrouting` masquerades it to the bridge's (router) address;
+//! - from a guest to the host's address, forwarded to a guest on the same
+//!   bridge ("hairpin"): `postrouting` masquerades DNAT'ed connections from
+//!   the network's subnet that leave through its own bridge, so that the
+//!   target answers through the host instead of directly to the sender
+//!   (which would drop the unexpected reply);
+//! - IPv4 and IPv6 alike, except localhost: Linux cannot DNAT a connection
+//!   to `::1` to another host (there is no IPv6 `route_localnet`), so
+//!   `::1` is left alone (the host answers it itself) and localhost
+//!   forwards are IPv4 only.
+//!
+//! A forward into a `nat` network passes `forward` through its
+//! `ct status dnat accept`; into an `isolated` network it is dropped there
+//! (except from the same bridge). Removing a forward stops *new*
+//! connections; flows conntrack already knows (a TCP connection, a UDP
+//! flow within its timeout) keep their translation until they end.
+//!
+//! The one rule that touches traffic not of our bridges is in
+//! `loopback_guard` (prerouting, priority raw): a packet arriving on any
+//! interface but `lo` for 127.0.0.0/8 is dropped. Without `route_localnet`
+//! the kernel drops those itself; with it (which localhost forwards need)
+//! a neighbour could otherwise reach the host's loopback-only services
+//! (CVE-2020-8558). It runs before conntrack, so the replies to localhost
+//! forwards (addressed to the router address on the wire) pass.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 
@@ -34,6 +92,154 @@ use crate::config::NetworkConfig;
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "qnet";
+
+/// `net.ipv4.conf.all.route_localnet` of the current network namespace.
+pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
+/// One forwarded host port (a port range is expanded into one
+/// `ForwardRule` per port by the caller: `HOSTPORT-HOSTPORT2:GUESTPORT`
+/// means GUESTPORT is the guest port of HOSTPORT, and the offsets are
+/// kept, e.g. `9000-9002:80` is 9000→80, 9001→81, 9002→82).
+///
+/// A rule is one element of one map: `host_addr` `Some(v4)` → `fwd4`,
+/// `Some(v6)` → `fwd6`, `None` → `fwd4_any` or `fwd6_any` after the
+/// family of `guest_addr`. The map key is (host address, proto, host
+/// port): two rules with the same key and different guests conflict.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct ForwardRule {
+    /// Tcp | Udp.
+    pub proto: Proto,
+    /// `None`: every local address of the host (for IPv4 including
+    /// 127.0.0.1; for IPv6 excluding `::1`, which cannot be forwarded).
+    pub host_addr: Option<IpAddr>,
+    pub host_port: u16,
+    /// IPv4 or IPv6; must be of the family of `host_addr` when that is set.
+    pub guest_addr: IpAddr,
+    pub guest_port: u16,
+}
+
+impl ForwardRule {
+    /// Why nft could not install this rule, if it could not.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.host_port == 0 || self.guest_port == 0 {
+            return Some("port 0 cannot be forwarded");
+        }
+        match (self.host_addr, self.guest_addr) {
+            (Some(IpAddr::V4(_)), IpAddr::V6(_)) => {
+                Some("an IPv4 host address needs an IPv4 guest address")
+            }
+            (Some(IpAddr::V6(_)), IpAddr::V4(_)) => {
+                Some("an IPv6 host address needs an IPv6 guest address")
+            }
+            _ => None,
+        }
+    }
+
+    /// The map this rule is an element of.
+    pub fn map(&self) -> &'static str {
+        match (self.host_addr, self.guest_addr) {
+            (Some(IpAddr::V4(_)), _) => "fwd4",
+            (Some(IpAddr::V6(_)), _) => "fwd6",
+            (None, IpAddr::V4(_)) => "fwd4_any",
+            (None, IpAddr::V6(_)) => "fwd6_any",
+        }
+    }
+
+    /// The element's key as nft writes it: `10.99.0.1 . tcp . 8080`, or
+    /// `tcp . 8080` for any address.
+    pub fn key(&self) -> String {
+        match self.host_addr {
+            Some(addr) => format!("{addr} . {} . {}", self.proto, self.host_port),
+            None => format!("{} . {}", self.proto, self.host_port),
+        }
+    }
+
+    /// The element's value: `10.42.0.10 . 80`.
+    pub fn value(&self) -> String {
+        format!("{} . {}", self.guest_addr, self.guest_port)
+    }
+
+    /// The order nft lists a map's elements in: by the key's bytes.
+    fn listing_order(&self) -> ListingOrder {
+        let addr = match self.host_addr {
+            Some(IpAddr::V4(a)) => a.octets().to_vec(),
+            Some(IpAddr::V6(a)) => a.octets().to_vec(),
+            None => Vec::new(),
+        };
+        let proto = match self.proto {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        };
+        (addr, proto, self.host_port)
+    }
+}
+
+/// Sorts like nft's listing of a map: (address bytes, protocol number, port).
+type ListingOrder = (Vec<u8>, u8, u16);
+
+/// `tcp 10.99.0.1:8080 -> 10.42.0.10:80`, `udp *:53 -> [fd42::10]:53`.
+impl fmt::Display for ForwardRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sock = |addr: IpAddr, port: u16| match addr {
+            IpAddr::V4(a) => format!("{a}:{port}"),
+            IpAddr::V6(a) => format!("[{a}]:{port}"),
+        };
+        let host = match self.host_addr {
+            Some(addr) => sock(addr, self.host_port),
+            None => format!("*:{}", self.host_port),
+        };
+        write!(
+            f,
+            "{} {host} -> {}",
+            self.proto,
+            sock(self.guest_addr, self.guest_port)
+        )
+    }
+}
+
+/// The maps and their element lists, in nft's order, without duplicates.
+const MAPS: [(&str, &str); 4] = [
+    (
+        "fwd4",
+        "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+    ),
+    (
+        "fwd4_any",
+        "inet_proto . inet_service : ipv4_addr . inet_service",
+    ),
+    (
+        "fwd6",
+        "ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service",
+    ),
+    (
+        "fwd6_any",
+        "inet_proto . inet_service : ipv6_addr . inet_service",
+    ),
+];
+
+/// Checks every rule and that no two rules give one key different guests.
+pub fn check_forwards(rules: &[ForwardRule]) -> Result<(), NftError> {
+    let mut seen: BTreeMap<(&'static str, String), &ForwardRule> = BTreeMap::new();
+    for rule in rules {
+        if let Some(problem) = rule.problem() {
+            return Err(NftError::InvalidForward {
+                rule: *rule,
+                problem: problem.into(),
+            });
+        }
+        if let Some(other) = seen.insert((rule.map(), rule.key()), rule) {
+            if other.value() != rule.value() {
+                return Err(NftError::InvalidForward {
+                    rule: *rule,
+                    problem: format!("conflicts with `{other}`: one host port, two guests"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Error)]
 pub enum NftError {
@@ -52,6 +258,9 @@ pub enum NftError {
         message: String,
         stderr: String,
     },
+    /// A forward nft cannot install (checked before nft runs).
+    #[error("port forward `{rule}`: {problem}")]
+    InvalidForward { rule: ForwardRule, problem: String },
 }
 
 /// Where `name` is: the first match on `$PATH`, then `/usr/sbin`, `/sbin`
@@ -100,17 +309,39 @@ fn quoted(s: &str) -> String {
     format!("\"{}\"", s.replace(['"', '\\'], ""))
 }
 
-/// The complete `table inet qnet { ... }` for `networks`, without the
-/// add/delete preamble (see [`script`]). Pure and deterministic: networks
-/// are emitted sorted by name.
+/// The complete `table inet qnet { ... }` for `networks`, with empty
+/// port-forward maps: [`render_with_forwards`]`(networks, &[])`.
+pub fn render(networks: &[NetworkConfig]) -> String {
+    render_with_forwards(networks, &[])
+}
+
+/// The complete `table inet qnet { ... }` for `networks` and `forwards`,
+/// without the add/delete preamble (see [`script_with_forwards`]). Pure and
+/// deterministic: networks are emitted sorted by name, map elements in the
+/// order nft lists them, each once. Rules with a [`ForwardRule::problem`]
+/// are left out, and of two rules with one key only the first is kept
+/// ([`apply_with_forwards`] refuses both cases, see [`check_forwards`]).
 ///
 /// Layout:
+/// - maps `fwd4`, `fwd4_any`, `fwd6`, `fwd6_any`: the port forwards (see
+///   the module documentation);
+/// - `loopback_guard` (filter, prerouting, raw): drops packets for
+///   127.0.0.0/8 that did not come from `lo`;
+/// - `prerouting` (nat, dstnat) and `output` (nat, -100, i.e. dstnat):
+///   both jump to `port_forwards`, which DNATs through the maps — `fwd4` /
+///   `fwd6` by destination address, `fwd4_any` / `fwd6_any` only for
+///   destinations of type local (`fib daddr type local`), and never `::1`;
 /// - `postrouting` (nat, srcnat): one masquerade rule per `nat` network
 ///   (IPv4, and IPv6 when configured): from its subnet, not to its subnet,
-///   out of any interface but its bridge — or only out of `uplink`.
+///   out of any interface but its bridge — or only out of `uplink`; then
+///   masquerade for DNAT'ed connections from 127.0.0.0/8 leaving through
+///   anything but `lo` (localhost forwards), and, per network, for
+///   DNAT'ed connections from its subnet back out of its own bridge
+///   (hairpin);
 /// - `forward` (filter, policy accept), in order:
 ///   1. traffic that stays on one of our bridges (seen here only with
-///      br_netfilter loaded, e.g. by Docker): accept;
+///      br_netfilter loaded, e.g. by Docker, and for hairpin forwards):
+///      accept;
 ///   2. `isolated` bridges: drop whatever is forwarded into or out of them;
 ///   3. `ct state established,related accept`;
 ///   4. traffic into a bridge jumps to `net_<name>_in`: `nat` accepts only
@@ -122,9 +353,8 @@ fn quoted(s: &str) -> String {
 ///      via `uplink` when set, accept.
 ///
 /// "In" is checked before "out", so one `nat` network cannot open
-/// connections into another. Port forwards (DNAT) can later be added as a
-/// `prerouting` chain and a map without changing this layout.
-pub fn render(networks: &[NetworkConfig]) -> String {
+/// connections into another.
+pub fn render_with_forwards(networks: &[NetworkConfig], forwards: &[ForwardRule]) -> String {
     let mut nets: Vec<&NetworkConfig> = networks.iter().collect();
     nets.sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -132,7 +362,76 @@ pub fn render(networks: &[NetworkConfig]) -> String {
     let w = &mut out;
     let _ = writeln!(w, "table {TABLE_FAMILY} {TABLE_NAME} {{");
 
+    // --- the port-forward maps, as nft lists them ---
+    let mut elements: BTreeMap<&str, BTreeMap<ListingOrder, &ForwardRule>> = BTreeMap::new();
+    for rule in forwards.iter().filter(|r| r.problem().is_none()) {
+        elements
+            .entry(rule.map())
+            .or_default()
+            .entry(rule.listing_order())
+            .or_insert(rule);
+    }
+    for (map, ty) in MAPS {
+        let _ = writeln!(w, "\tmap {map} {{");
+        let _ = writeln!(w, "\t\ttype {ty}");
+        if let Some(rules) = elements.get(map) {
+            let items: Vec<String> = rules
+                .values()
+                .map(|r| format!("{} : {}", r.key(), r.value()))
+                .collect();
+            // nft's layout: one element per line, aligned after the brace.
+            let _ = writeln!(w, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
+        }
+        let _ = writeln!(w, "\t}}");
+        let _ = writeln!(w);
+    }
+
+    // --- the loopback guard (see the module documentation) ---
+    let _ = writeln!(w, "\tchain loopback_guard {{");
+    let _ = writeln!(
+        w,
+        "\t\ttype filter hook prerouting priority raw; policy accept;"
+    );
+    let _ = writeln!(w, "\t\tiifname != \"lo\" ip daddr 127.0.0.0/8 drop");
+    let _ = writeln!(w, "\t}}");
+
+    // --- DNAT: from outside and guests (prerouting), from the host (output) ---
+    let _ = writeln!(w);
+    let _ = writeln!(w, "\tchain prerouting {{");
+    let _ = writeln!(
+        w,
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+    );
+    let _ = writeln!(w, "\t\tjump port_forwards");
+    let _ = writeln!(w, "\t}}");
+    let _ = writeln!(w);
+    let _ = writeln!(w, "\tchain output {{");
+    // `dstnat` names -100 only for prerouting in nft 1.0.6.
+    let _ = writeln!(w, "\t\ttype nat hook output priority -100; policy accept;");
+    let _ = writeln!(w, "\t\tjump port_forwards");
+    let _ = writeln!(w, "\t}}");
+    let _ = writeln!(w);
+    let _ = writeln!(w, "\tchain port_forwards {{");
+    let _ = writeln!(
+        w,
+        "\t\tdnat ip to ip daddr . meta l4proto . th dport map @fwd4"
+    );
+    let _ = writeln!(
+        w,
+        "\t\tmeta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @fwd4_any"
+    );
+    let _ = writeln!(
+        w,
+        "\t\tdnat ip6 to ip6 daddr . meta l4proto . th dport map @fwd6"
+    );
+    let _ = writeln!(
+        w,
+        "\t\tip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @fwd6_any"
+    );
+    let _ = writeln!(w, "\t}}");
+
     // --- postrouting: masquerade ---
+    let _ = writeln!(w);
     let _ = writeln!(w, "\tchain postrouting {{");
     let _ = writeln!(
         w,
@@ -155,6 +454,28 @@ pub fn render(networks: &[NetworkConfig]) -> String {
                 "\t\tip6 saddr {s} ip6 daddr != {s} {via} masquerade comment {c}",
                 s = v6.subnet.trunc(),
                 c = quoted(&net.name)
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\t\tct status dnat ip saddr 127.0.0.0/8 oifname != \"lo\" masquerade comment \"localhost forwards\""
+    );
+    for net in &nets {
+        let _ = writeln!(
+            w,
+            "\t\tct status dnat ip saddr {s} oifname {b} masquerade comment {c}",
+            s = net.subnet.trunc(),
+            b = quoted(&net.bridge),
+            c = quoted(&format!("{} hairpin", net.name))
+        );
+        if let Some(v6) = &net.ipv6 {
+            let _ = writeln!(
+                w,
+                "\t\tct status dnat ip6 saddr {s} oifname {b} masquerade comment {c}",
+                s = v6.subnet.trunc(),
+                b = quoted(&net.bridge),
+                c = quoted(&format!("{} hairpin", net.name))
             );
         }
     }
@@ -255,25 +576,182 @@ pub fn render(networks: &[NetworkConfig]) -> String {
 
 /// The transaction that replaces our table with the one for `networks`.
 pub fn script(networks: &[NetworkConfig]) -> String {
+    script_with_forwards(networks, &[])
+}
+
+/// The transaction that replaces our table with the one for `networks`
+/// and `forwards`.
+pub fn script_with_forwards(networks: &[NetworkConfig], forwards: &[ForwardRule]) -> String {
     format!(
         "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n{}",
-        render(networks)
+        render_with_forwards(networks, forwards)
     )
 }
 
-/// Installs our table for `networks`, replacing the previous one
-/// atomically. With no networks our table is removed.
+/// Installs our table for `networks` (with empty port-forward maps),
+/// replacing the previous one atomically — and with it every forward: a
+/// daemon with forwards calls [`apply_with_forwards`]. With no networks
+/// our table is removed.
 pub async fn apply(networks: &[NetworkConfig]) -> Result<(), NftError> {
-    if networks.is_empty() {
+    apply_with_forwards(networks, &[]).await
+}
+
+/// Installs our table for `networks` with exactly `forwards` in its maps,
+/// replacing the previous table atomically (one transaction, also with
+/// 10,000 forwards). With no networks and no forwards our table is
+/// removed. Invalid or conflicting forwards ([`check_forwards`]) are an
+/// error before nft runs; the previous table stays.
+pub async fn apply_with_forwards(
+    networks: &[NetworkConfig],
+    forwards: &[ForwardRule],
+) -> Result<(), NftError> {
+    check_forwards(forwards)?;
+    if networks.is_empty() && forwards.is_empty() {
         return remove().await;
     }
     run_nft(
         "applying table inet qnet",
         &["-f", "-"],
-        Some(&script(networks)),
+        Some(&script_with_forwards(networks, forwards)),
     )
     .await?;
-    tracing::debug!(networks = networks.len(), "applied table inet qnet");
+    tracing::debug!(
+        networks = networks.len(),
+        forwards = forwards.len(),
+        "applied table inet qnet"
+    );
+    Ok(())
+}
+
+/// The transaction [`add_forwards`] runs: one `add element` line per rule.
+pub fn add_forwards_script(rules: &[ForwardRule]) -> String {
+    let mut script = String::new();
+    for rule in rules {
+        let _ = writeln!(
+            script,
+            "add element {TABLE_FAMILY} {TABLE_NAME} {} {{ {} : {} }}",
+            rule.map(),
+            rule.key(),
+            rule.value()
+        );
+    }
+    script
+}
+
+/// The transaction [`remove_forwards`] runs: per rule, `add element` (a
+/// no-op if it is there, so that the delete cannot fail because it is
+/// absent — nft 1.0.6 has no `destroy element`) then `delete element`.
+pub fn remove_forwards_script(rules: &[ForwardRule]) -> String {
+    let mut script = add_forwards_script(rules);
+    for rule in rules {
+        let _ = writeln!(
+            script,
+            "delete element {TABLE_FAMILY} {TABLE_NAME} {} {{ {} }}",
+            rule.map(),
+            rule.key()
+        );
+    }
+    script
+}
+
+/// Adds port forwards to the installed table: ONE transaction of one
+/// `add element` line per rule, touching nothing else; its cost does not
+/// depend on how many forwards exist. All or nothing:
+///
+/// - a rule that is installed already (same key, same guest) is a no-op,
+///   so adding twice is fine;
+/// - a rule whose host address/proto/port is forwarded to another guest
+///   fails the transaction (nft: `File exists`) and nothing changes, as
+///   do invalid or mutually conflicting rules ([`check_forwards`], before
+///   nft runs) and a missing table.
+pub async fn add_forwards(rules: &[ForwardRule]) -> Result<(), NftError> {
+    check_forwards(rules)?;
+    if rules.is_empty() {
+        return Ok(());
+    }
+    run_nft(
+        "adding port forwards",
+        &["-f", "-"],
+        Some(&add_forwards_script(rules)),
+    )
+    .await
+    .map_err(|e| {
+        explain_clash(
+            e,
+            "adding port forwards (a host port is already forwarded to another guest)",
+        )
+    })?;
+    tracing::debug!(forwards = rules.len(), "added port forwards");
+    Ok(())
+}
+
+/// Removes port forwards from the installed table: ONE transaction (see
+/// [`remove_forwards_script`]), touching nothing else, independent of how
+/// many forwards exist. A rule that is not installed is skipped without
+/// failing the others, so removing twice is fine. A rule whose key is
+/// installed with *another* guest is not ours to remove: the transaction
+/// fails (nft: `File exists`) and nothing changes.
+pub async fn remove_forwards(rules: &[ForwardRule]) -> Result<(), NftError> {
+    check_forwards(rules)?;
+    if rules.is_empty() {
+        return Ok(());
+    }
+    run_nft(
+        "removing port forwards",
+        &["-f", "-"],
+        Some(&remove_forwards_script(rules)),
+    )
+    .await
+    .map_err(|e| {
+        explain_clash(
+            e,
+            "removing port forwards (a host port is forwarded to another guest than the one given)",
+        )
+    })?;
+    tracing::debug!(forwards = rules.len(), "removed port forwards");
+    Ok(())
+}
+
+/// nft says `File exists` when an element's key is in the map with
+/// another value; say what that means for a forward.
+fn explain_clash(error: NftError, meaning: &'static str) -> NftError {
+    match error {
+        NftError::Failed {
+            status,
+            message,
+            stderr,
+            ..
+        } if stderr.contains("File exists") => NftError::Failed {
+            action: meaning,
+            status,
+            message,
+            stderr,
+        },
+        other => other,
+    }
+}
+
+/// Sets `net.ipv4.conf.all.route_localnet` to 1 in the current network
+/// namespace (the sysctl is per namespace; `/proc/sys/net` is the calling
+/// thread's). Needed for localhost forwards (`127.0.0.1:HOSTPORT` from the
+/// host itself): after DNAT, the connection leaves through a bridge with
+/// source 127.0.0.1, and the kernel refuses to route a loopback source (or
+/// destination, for the replies after de-NAT) to or from a device without
+/// `route_localnet` — the connection silently times out. `postrouting`
+/// masquerades such packets to the bridge's address before they leave.
+///
+/// Turning it on also lets packets for 127.0.0.0/8 *arrive* from the
+/// network on every interface; our table's `loopback_guard` drops those
+/// while the table exists. The per-device sysctl
+/// (`net.ipv4.conf.<bridge>.route_localnet`) is enough too (the kernel ORs
+/// `all` and the device's), but does not survive the bridge being
+/// re-created. IPv6 has no equivalent: localhost forwards are IPv4 only.
+pub fn enable_localhost_forwards() -> std::io::Result<()> {
+    if std::fs::read_to_string(ROUTE_LOCALNET)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(ROUTE_LOCALNET, "1\n")?;
+    tracing::info!("set {ROUTE_LOCALNET} to 1 (localhost port forwards)");
     Ok(())
 }
 
@@ -397,6 +875,48 @@ mod tests {
         }
     }
 
+    /// What every table starts with when there are no forwards: the empty
+    /// maps, the loopback guard and the DNAT chains.
+    const FORWARD_PARTS: &str = r#"	map fwd4 {
+		type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+	}
+
+	map fwd4_any {
+		type inet_proto . inet_service : ipv4_addr . inet_service
+	}
+
+	map fwd6 {
+		type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service
+	}
+
+	map fwd6_any {
+		type inet_proto . inet_service : ipv6_addr . inet_service
+	}
+
+	chain loopback_guard {
+		type filter hook prerouting priority raw; policy accept;
+		iifname != "lo" ip daddr 127.0.0.0/8 drop
+	}
+
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump port_forwards
+	}
+
+	chain output {
+		type nat hook output priority -100; policy accept;
+		jump port_forwards
+	}
+
+	chain port_forwards {
+		dnat ip to ip daddr . meta l4proto . th dport map @fwd4
+		meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @fwd4_any
+		dnat ip6 to ip6 daddr . meta l4proto . th dport map @fwd6
+		ip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @fwd6_any
+	}
+
+"#;
+
     #[test]
     fn nat_network_with_blocked_ports() {
         let mut lab = net("lab", Mode::Nat, "10.42.0.0/24");
@@ -414,10 +934,13 @@ mod tests {
                 port: 1900,
             },
         ];
-        let expected = r#"table inet qnet {
-	chain postrouting {
+        let expected = String::from("table inet qnet {\n")
+            + FORWARD_PARTS
+            + r#"	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		ip saddr 10.42.0.0/24 ip daddr != 10.42.0.0/24 oifname != "br-lab" masquerade comment "lab"
+		ct status dnat ip saddr 127.0.0.0/8 oifname != "lo" masquerade comment "localhost forwards"
+		ct status dnat ip saddr 10.42.0.0/24 oifname "br-lab" masquerade comment "lab hairpin"
 	}
 
 	chain forward {
@@ -448,9 +971,12 @@ mod tests {
     #[test]
     fn isolated_network_only_drops() {
         let iso = net("iso", Mode::Isolated, "10.43.0.0/24");
-        let expected = r#"table inet qnet {
-	chain postrouting {
+        let expected = String::from("table inet qnet {\n")
+            + FORWARD_PARTS
+            + r#"	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
+		ct status dnat ip saddr 127.0.0.0/8 oifname != "lo" masquerade comment "localhost forwards"
+		ct status dnat ip saddr 10.43.0.0/24 oifname "br-iso" masquerade comment "iso hairpin"
 	}
 
 	chain forward {
@@ -474,7 +1000,14 @@ mod tests {
             router: "fd44::1".parse().unwrap(),
         });
         let text = render(&[r]);
-        assert!(!text.contains("masquerade"), "{text}");
+        // No outgoing masquerade; only that of port forwards (hairpin,
+        // localhost), which need it in every mode.
+        assert!(
+            text.lines()
+                .filter(|l| l.contains("masquerade"))
+                .all(|l| l.contains("ct status dnat")),
+            "{text}"
+        );
         assert!(
             text.contains("\tchain net_r-1_in {\n\t\tiifname != \"eth0\" drop\n\t\taccept\n\t}\n"),
             "{text}"
@@ -527,6 +1060,113 @@ mod tests {
         ), "{one}");
         assert!(script(&[])
             .starts_with("add table inet qnet\ndelete table inet qnet\ntable inet qnet {"));
+    }
+
+    fn rule(proto: Proto, host: Option<&str>, port: u16, guest: &str, gport: u16) -> ForwardRule {
+        ForwardRule {
+            proto,
+            host_addr: host.map(|h| h.parse().unwrap()),
+            host_port: port,
+            guest_addr: guest.parse().unwrap(),
+            guest_port: gport,
+        }
+    }
+
+    #[test]
+    fn forwards_are_map_elements_in_nfts_order_each_once() {
+        let mut lab = net("lab", Mode::Nat, "10.42.0.0/24");
+        lab.ipv6 = Some(Ipv6Config {
+            subnet: "fd42::/64".parse().unwrap(),
+            router: "fd42::1".parse().unwrap(),
+        });
+        let web = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
+        let dns = rule(Proto::Udp, None, 5353, "10.42.0.11", 53);
+        let ssh = rule(Proto::Tcp, None, 22, "10.42.0.11", 22);
+        let web6 = rule(Proto::Tcp, Some("fd99::1"), 8080, "fd42::10", 80);
+        let text =
+            render_with_forwards(std::slice::from_ref(&lab), &[dns, web6, web, ssh, dns, web]);
+        let expected = r#"table inet qnet {
+	map fwd4 {
+		type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+		elements = { 10.99.0.1 . tcp . 8080 : 10.42.0.10 . 80 }
+	}
+
+	map fwd4_any {
+		type inet_proto . inet_service : ipv4_addr . inet_service
+		elements = { tcp . 22 : 10.42.0.11 . 22,
+			     udp . 5353 : 10.42.0.11 . 53 }
+	}
+
+	map fwd6 {
+		type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service
+		elements = { fd99::1 . tcp . 8080 : fd42::10 . 80 }
+	}
+
+	map fwd6_any {
+		type inet_proto . inet_service : ipv6_addr . inet_service
+	}
+"#;
+        assert!(text.starts_with(expected), "{text}");
+        assert!(text.contains(
+            "\t\tct status dnat ip6 saddr fd42::/64 oifname \"br-lab\" masquerade comment \"lab hairpin\"\n"
+        ), "{text}");
+        // Without forwards: the same layout, empty maps.
+        assert_eq!(
+            render(std::slice::from_ref(&lab)),
+            render_with_forwards(&[lab], &[])
+        );
+    }
+
+    #[test]
+    fn adding_and_removing_touch_only_the_elements() {
+        let web = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
+        let any6 = rule(Proto::Udp, None, 53, "fd42::10", 5353);
+        assert_eq!(
+            add_forwards_script(&[web, any6]),
+            "add element inet qnet fwd4 { 10.99.0.1 . tcp . 8080 : 10.42.0.10 . 80 }\n\
+             add element inet qnet fwd6_any { udp . 53 : fd42::10 . 5353 }\n"
+        );
+        assert_eq!(
+            remove_forwards_script(&[web]),
+            "add element inet qnet fwd4 { 10.99.0.1 . tcp . 8080 : 10.42.0.10 . 80 }\n\
+             delete element inet qnet fwd4 { 10.99.0.1 . tcp . 8080 }\n"
+        );
+        assert_eq!(web.to_string(), "tcp 10.99.0.1:8080 -> 10.42.0.10:80");
+        assert_eq!(any6.to_string(), "udp *:53 -> [fd42::10]:5353");
+    }
+
+    #[test]
+    fn invalid_and_conflicting_forwards_are_refused_before_nft() {
+        let ok = rule(Proto::Tcp, None, 8080, "10.42.0.10", 80);
+        assert!(check_forwards(&[ok, ok]).is_ok(), "a duplicate is harmless");
+        let cases = [
+            (
+                vec![rule(Proto::Tcp, Some("10.99.0.1"), 8080, "fd42::10", 80)],
+                "IPv4 host address",
+            ),
+            (
+                vec![rule(Proto::Tcp, Some("fd99::1"), 8080, "10.42.0.10", 80)],
+                "IPv6 host address",
+            ),
+            (vec![rule(Proto::Udp, None, 0, "10.42.0.10", 80)], "port 0"),
+            (
+                vec![ok, rule(Proto::Tcp, None, 8080, "10.42.0.11", 80)],
+                "conflicts with `tcp *:8080 -> 10.42.0.10:80`",
+            ),
+        ];
+        for (rules, why) in cases {
+            let err = check_forwards(&rules).expect_err(why);
+            assert!(matches!(err, NftError::InvalidForward { .. }), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        // Not a conflict: another family, protocol or address.
+        assert!(check_forwards(&[
+            ok,
+            rule(Proto::Tcp, None, 8080, "fd42::10", 80),
+            rule(Proto::Udp, None, 8080, "10.42.0.11", 80),
+            rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.11", 80),
+        ])
+        .is_ok());
     }
 
     #[test]

@@ -59,6 +59,18 @@ pub struct State {
     /// QMP server sockets to re-dial after a restart (`qnetctl attach`).
     #[serde(default)]
     pub attached: BTreeSet<PathBuf>,
+    /// Port forwards added at run time (qnetctl, the libvirt hook); those
+    /// of hookd.toml come from the file at every start.
+    #[serde(default)]
+    pub forwards: Vec<StoredForward>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredForward {
+    #[serde(flatten)]
+    pub spec: api::ForwardSpec,
+    /// Who added it.
+    pub owner_uid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,9 +107,9 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
     assert_eq!(first, second, "re-applying changes nothing");
     assert!(first.starts_with("table inet qnet {\n"), "{first}");
     assert_eq!(
-        first.matches("masquerade").count(),
+        first.matches("masquerade comment \"lab\"").count(),
         2,
-        "IPv4 and IPv6, once each:\n{first}"
+        "outgoing masquerade, IPv4 and IPv6, once each:\n{first}"
     );
     assert_eq!(first.matches("chain net_lab_out {").count(), 1, "{first}");
     assert!(

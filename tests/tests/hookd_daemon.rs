@@ -185,11 +185,14 @@ fn qnetctl_says_when_the_daemon_is_not_running() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
+/// What a hostile QMP peer does on its connection.
+type HostilePeer = Box<dyn Fn(&mut UnixStream)>;
+
 #[test]
 fn hostile_qmp_peers_never_crash_the_daemon() {
     let ns = NetNs::new("hkqmp");
     let hookd = Hookd::start(&ns, Some(LAB));
-    let peers: Vec<Box<dyn Fn(&mut UnixStream)>> = vec![
+    let peers: Vec<HostilePeer> = vec![
         Box::new(|s| drop(s.write_all(b"garbage\n{not json\n"))),
         Box::new(|s| drop(s.write_all(&vec![b'{'; 6 << 20]))),
         Box::new(|_| {}),

@@ -1,15 +1,15 @@
 //! qnetctl: the command-line client of qnet-hookd.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use qnet_hookd::api::{self, Reply, Request};
+use qnet_hookd::api::{self, ForwardSpec, Proto, Reply, Request};
 use qnet_hookd::client;
 
-/// Control qnet-hookd: networks, guests and DHCP reservations.
+/// Control qnet-hookd: networks, guests, DHCP reservations and port forwards.
 ///
 /// qnetctl talks to the daemon over its control socket (root, or a member of group `qnet`).
 /// root may do anything; other users see and act on their own guests only (those whose QEMU
@@ -41,6 +41,9 @@ enum Command {
     /// Bring a network up or down (down removes its bridge, rules and dnsmasq).
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Host-port forwards to guests (active while the guest runs).
+    #[command(subcommand)]
+    Forward(ForwardCommand),
     /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
     Attach {
         /// QEMU's QMP server socket.
@@ -65,6 +68,33 @@ enum ReserveCommand {
     Rm { network: String, mac: String },
     /// List reservations (of one network, or all).
     List { network: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum ForwardCommand {
+    /// Forward HOSTPORT[-HOSTPORT2][:GUESTPORT] of the host to GUEST (its -name or a NIC's MAC).
+    Add {
+        guest: String,
+        /// tcp or udp.
+        proto: Proto,
+        /// HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080:80 or 9000-9009.
+        ports: String,
+        /// Only this host address (default: every address of the host, and 127.0.0.1).
+        #[arg(long)]
+        host_addr: Option<IpAddr>,
+        /// The network of the guest's NIC (default: its first qnet network).
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Remove the forward of a host port.
+    Rm {
+        proto: Proto,
+        port: u16,
+        #[arg(long)]
+        host_addr: Option<IpAddr>,
+    },
+    /// List forwards and whether they are active.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +125,38 @@ fn main() -> ExitCode {
         Command::Reserve(ReserveCommand::List { network }) => Request::ReserveList { network },
         Command::Network(NetworkCommand::Up { name }) => Request::NetworkUp { name },
         Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown { name },
+        Command::Forward(ForwardCommand::Add {
+            guest,
+            proto,
+            ports,
+            host_addr,
+            network,
+        }) => match ForwardSpec::parse_ports(&ports) {
+            Ok((host_ports, guest_port)) => Request::ForwardAdd {
+                forward: ForwardSpec {
+                    guest,
+                    proto,
+                    host_ports,
+                    guest_port,
+                    host_addr,
+                    network,
+                },
+            },
+            Err(e) => {
+                eprintln!("qnetctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Forward(ForwardCommand::Rm {
+            proto,
+            port,
+            host_addr,
+        }) => Request::ForwardRm {
+            proto,
+            host_port: port,
+            host_addr,
+        },
+        Command::Forward(ForwardCommand::List) => Request::ForwardList,
         Command::Attach { qmp } => {
             // The daemon dials the path itself, so it must be absolute.
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
@@ -175,6 +237,39 @@ fn render(reply: &Reply) -> String {
                             ]
                         })
                         .collect::<Vec<_>>()
+                })
+                .collect(),
+        ),
+        Reply::Forwards { forwards } => table(
+            &[
+                "GUEST",
+                "PROTO",
+                "HOST",
+                "GUEST-PORT",
+                "HOST-ADDR",
+                "GUEST-ADDR",
+                "ORIGIN",
+            ],
+            forwards
+                .iter()
+                .map(|f| {
+                    let spec = &f.forward;
+                    let (start, end) = spec.host_ports;
+                    let host = if start == end {
+                        start.to_string()
+                    } else {
+                        format!("{start}-{end}")
+                    };
+                    vec![
+                        spec.guest.clone(),
+                        spec.proto.to_string(),
+                        host,
+                        spec.guest_port.to_string(),
+                        spec.host_addr.map_or("*".into(), |a| a.to_string()),
+                        f.guest_addr
+                            .map_or("- (guest not running)".into(), |a| a.to_string()),
+                        f.origin.clone(),
+                    ]
                 })
                 .collect(),
         ),

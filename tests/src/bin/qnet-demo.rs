@@ -1,30 +1,35 @@
-//! The demo a new user runs (`./demo.sh`): boots the tiny guest on a
-//! bridge through qnet-bridge-helper and fetches a page from it, printing
-//! each step. Everything happens in a private network namespace and a
-//! private mount namespace (with its own `/etc/qemu`); the host's network
-//! and files are left alone, and everything is removed at the end.
+//! The demo a new user runs (`./demo.sh`): qnet-hookd brings up its
+//! default NAT network, a tiny guest boots on it through
+//! qnet-bridge-helper and gets its sticky address, a port forward
+//! host:8080 → guest:80 is added, and the guest's page is fetched through
+//! the forward from an "outside" namespace. Each step is printed.
+//!
+//! Everything happens in private network namespaces and a private mount
+//! namespace (with its own `/etc/qemu`); the host's network and files are
+//! left alone, and everything is removed at the end.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest, HTTP_PORT,
+    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest,
 };
-use qnet_tests::http::http_get_in_netns;
+use qnet_tests::hookd::{qmp_client_args, Hookd};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
 
-const BRIDGE: &str = "qnbr0";
-const ROUTER: &str = "10.99.0.1/24";
-const RESERVED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
+const UPLINK: &str = "10.254.0.1";
+const OUTSIDE: &str = "10.254.0.2";
 
 fn main() -> ExitCode {
     match run() {
         Ok(()) => {
-            println!("\nDone: the guest got its address through the bridge and served its page. Everything was cleaned up.");
+            println!(
+                "\nDone: network, lease, forward and fetch all worked. Everything was cleaned up."
+            );
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -41,7 +46,7 @@ fn step(n: u32, text: impl AsRef<str>) {
 fn run() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err(
-            "run the demo as root (./demo.sh uses sudo): it creates a network namespace".into(),
+            "run the demo as root (./demo.sh uses sudo): it creates network namespaces".into(),
         );
     }
     check_prerequisites()?;
@@ -50,116 +55,122 @@ fn run() -> Result<(), String> {
     step(1, "building the tiny guest (Debian cloud kernel + busybox initramfs; cached under target/qnet-guest)");
     let image = guest_image()?;
 
-    let netns = NetNs::new("demo");
-    netns.add_bridge(BRIDGE, Some(ROUTER));
+    // "host" runs the daemon and the guest; "outside" is another machine on
+    // the host's uplink (all addresses live inside these namespaces).
+    let host = NetNs::new("demo-host");
+    let outside = NetNs::new("demo-out");
+    host.ip(&[
+        "link",
+        "add",
+        "uplink0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        outside.name(),
+    ]);
+    host.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "uplink0"]);
+    host.ip(&["link", "set", "uplink0", "up"]);
+    outside.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
+    outside.ip(&["link", "set", "eth0", "up"]);
     step(
         2,
         format!(
-            "network namespace {} with bridge {BRIDGE} ({ROUTER})",
-            netns.name()
+            "namespaces: {} (the host, uplink {UPLINK}) and {} (the outside, {OUTSIDE})",
+            host.name(),
+            outside.name()
         ),
     );
+
+    let hookd = Hookd::start(&host, None);
+    let status = hookd.qnetctl(&["status"])?;
+    let net = &status["networks"][0];
+    let bridge = net["bridge"].as_str().unwrap_or("qnet0").to_string();
+    step(3, format!(
+        "qnet-hookd up with its default network: {} ({}, {} on bridge {bridge}, dnsmasq for DHCP/DNS)",
+        net["name"].as_str().unwrap_or("?"),
+        net["mode"].as_str().unwrap_or("?"),
+        net["subnet"].as_str().unwrap_or("?"),
+    ));
 
     let config = ConfigDir::new();
-    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
-    step(
-        3,
-        format!(
-            "private /etc/qemu/bridge.conf: `allow {BRIDGE}` (the host's /etc/qemu is not touched)"
-        ),
-    );
-
+    config.write("bridge.conf", &format!("allow {bridge}\n"));
     let mac = random_mac();
-    let logs = tempfile::Builder::new()
-        .prefix("qnet-demo-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let _dnsmasq = Dnsmasq::start(
-        &DnsmasqConfig::new(
-            netns.name(),
-            BRIDGE,
-            Ipv4Addr::new(10, 99, 0, 100),
-            Ipv4Addr::new(10, 99, 0, 150),
-            logs.path().join("dnsmasq.log"),
-        )
-        .host(&mac, RESERVED, Some("demo-guest")),
-    )?;
-    step(
-        4,
-        format!("dnsmasq serves DHCP on {BRIDGE}, reserving {RESERVED} for {mac}"),
-    );
-
     let token = random_token();
-    let netdev = format!("bridge,id=n0,br={BRIDGE},helper={}", helper.display());
-    let serial = logs.path().join("serial.log");
-    let planned = GuestSpec::new(&image, &mac, &token).qemu_command(&netdev, &serial);
-    let mut qemu = sandboxed(planned.get_program(), &netns, &config, None);
-    qemu.args(planned.get_args());
-    step(5, format!("booting QEMU (TCG) with -netdev {netdev}"));
+    let serial = hookd.dir().join("demo-guest.log");
+    let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
+    let mut qemu = sandboxed("qemu-system-x86_64", &host, &config, None);
+    qemu.args(GuestSpec::new(&image, &mac, &token).qemu_args(&netdev, &serial))
+        .args(["-name", "demo"])
+        .args(qmp_client_args(&hookd.qmp_socket()));
+    step(4, format!(
+        "booting QEMU (TCG) with -netdev {netdev}, dialing the daemon over QMP (private /etc/qemu/bridge.conf: `allow {bridge}`)"
+    ));
     let started = Instant::now();
     let guest = RunningGuest::spawn(qemu, &serial)?;
-
     let leased = guest.wait_for_lease(Duration::from_secs(90))?;
+    let reserved = hookd.reservation(net["name"].as_str().unwrap_or("qnet0"), &mac);
+    step(
+        5,
+        format!(
+            "guest `demo` ({mac}) leased {leased} after {:.1} s (its sticky reservation: {})",
+            started.elapsed().as_secs_f64(),
+            reserved.as_deref().unwrap_or("none")
+        ),
+    );
+    if reserved.as_deref() != Some(leased.to_string().as_str()) {
+        return Err("the lease is not the daemon's reservation".into());
+    }
+    guest.wait_for_ready(Duration::from_secs(30))?;
+
+    let added = hookd.qnetctl(&["forward", "add", "demo", "tcp", "8080:80"])?;
     step(
         6,
         format!(
-            "the guest leased {leased} after {:.1} s",
-            started.elapsed().as_secs_f64()
+            "qnetctl forward add demo tcp 8080:80 -> {}",
+            added["message"].as_str().unwrap_or("?")
         ),
     );
-    if leased != RESERVED {
-        return Err(format!(
-            "expected the reserved address {RESERVED}, got {leased}"
-        ));
-    }
 
-    let ports = netns.ip(&["-o", "link", "show", "master", BRIDGE]);
-    for port in ports.lines() {
-        let fields: Vec<&str> = port.split_whitespace().collect();
-        step(
-            7,
-            format!(
-                "the helper attached TAP {} to {BRIDGE}: {}",
-                fields.get(1).unwrap_or(&"?").trim_end_matches(':'),
-                summary(port)
-            ),
-        );
-    }
-
-    let page = http_get_in_netns(
-        netns.name(),
-        SocketAddr::from((leased, HTTP_PORT)),
-        "/",
-        Duration::from_secs(30),
-    )?;
-    step(8, format!("GET http://{leased}/ -> {page:?}"));
+    let target: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
+    let page = fetch(&outside, target)?;
+    step(
+        7,
+        format!("from the outside: GET http://{target}/ -> {page:?}"),
+    );
     if page != token {
         return Err(format!("the page should be the guest's token {token:?}"));
     }
 
     drop(guest);
-    step(
-        9,
-        "QEMU stopped; its TAP went with it; removing dnsmasq, the namespace and the config",
-    );
+    step(8, "QEMU stopped; the daemon removed its forward; removing the daemon, dnsmasq, bridge, rules and namespaces");
     Ok(())
 }
 
-/// The interesting part of an `ip -o link` line: mtu, master, state, MAC.
-fn summary(line: &str) -> String {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |key: &str| {
-        words
-            .iter()
-            .position(|w| *w == key)
-            .and_then(|i| words.get(i + 1))
-            .copied()
-            .unwrap_or("?")
-    };
-    format!(
-        "mtu {}, master {}, MAC {}",
-        after("mtu"),
-        after("master"),
-        after("link/ether")
-    )
+/// GET / from inside `ns`, retrying briefly while the forward settles.
+fn fetch(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = ns.run_in(|| -> Result<String, String> {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+            let mut reply = String::new();
+            stream
+                .read_to_string(&mut reply)
+                .map_err(|e| e.to_string())?;
+            reply
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body.to_string())
+                .ok_or_else(|| format!("no HTTP reply: {reply:?}"))
+        });
+        match attempt {
+            Ok(body) => return Ok(body),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }

@@ -1,0 +1,854 @@
+//! Port forwards (nft.rs maps) against the real kernel, with real TCP and
+//! UDP traffic from every direction. Topology, built anew by every test:
+//!
+//! ```text
+//!  outside ns               host ns (our table)                     guest1 ns
+//!  eth0 10.99.0.2 ── up0 10.99.0.1  [bridge qnfwd 10.42.0.1] ── gport1 ── eth0 10.42.0.11
+//!       fd99::2          fd99::1                  fd42::1                      fd42::11
+//!                                                             ── gport2 ── eth0 10.42.0.12
+//!                                                                guest2 ns     fd42::12
+//! ```
+//!
+//! Each guest runs servers (TCP 80, 81, 82 and UDP 53, dual-stack) that
+//! answer every connection or datagram with `NAME LOCALPORT PEERADDR`: who
+//! answered, on which port, and the source address it saw (so masquerade
+//! is visible). The outside has no route to the guests' subnet: it only
+//! reaches them through forwards.
+//!
+//! Port ranges: `HOSTPORT-HOSTPORT2:GUESTPORT` means GUESTPORT is the guest
+//! port of HOSTPORT and the offsets are kept (`9000-9002:80` is 9000→80,
+//! 9001→81, 9002→82); the caller expands it into one rule per port, as
+//! [`expand`] does here.
+
+mod common;
+
+use std::io::{ErrorKind, Read};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use common::{ip_json, network, plug_guest, require, veth, Netns};
+use qnet_hookd::api::{Mode, Proto};
+use qnet_hookd::config::{Ipv6Config, NetworkConfig};
+use qnet_hookd::network::bring_up;
+use qnet_hookd::nft::{self, ForwardRule, NftError};
+
+/// Generous failure bound for what must succeed.
+const OK_WITHIN: Duration = Duration::from_secs(10);
+/// How long something that must fail by silence (dropped packets) is given.
+const DROPPED_AFTER: Duration = Duration::from_secs(3);
+
+const UPLINK: &str = "10.99.0.1";
+const UPLINK6: &str = "fd99::1";
+
+fn net() -> NetworkConfig {
+    let mut net = network("fwd", "qnfwd", Mode::Nat, "10.42.0.0/24");
+    net.ipv6 = Some(Ipv6Config {
+        subnet: "fd42::/64".parse().unwrap(),
+        router: "fd42::1".parse().unwrap(),
+    });
+    net
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn rule(proto: Proto, host: Option<&str>, port: u16, guest: &str, guest_port: u16) -> ForwardRule {
+    ForwardRule {
+        proto,
+        host_addr: host.map(ip),
+        host_port: port,
+        guest_addr: ip(guest),
+        guest_port,
+    }
+}
+
+/// `HOST..=HOST_END:GUEST` as one rule per port, offsets kept.
+fn expand(
+    proto: Proto,
+    host: Option<&str>,
+    ports: (u16, u16),
+    guest: &str,
+    guest_port: u16,
+) -> Vec<ForwardRule> {
+    (ports.0..=ports.1)
+        .map(|port| rule(proto, host, port, guest, guest_port + (port - ports.0)))
+        .collect()
+}
+
+/// Answers on TCP and UDP ports inside a guest namespace until dropped.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn answer(name: &str, local_port: u16, peer: SocketAddr) -> String {
+    format!("{name} {local_port} {}\n", peer.ip().to_canonical())
+}
+
+/// Dual-stack servers in `ns`: TCP on each of `tcp`, UDP on each of `udp`.
+fn serve(ns: &Netns, name: &'static str, tcp: &[u16], udp: &[u16]) -> Servers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for &port in tcp {
+        let listener = ns.run(move || TcpListener::bind(("::", port)).expect("bind tcp"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = stop.clone();
+        threads.push(thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        use std::io::Write;
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.write_all(answer(name, port, peer).as_bytes());
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    for &port in udp {
+        let socket = ns.run(move || UdpSocket::bind(("::", port)).expect("bind udp"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = stop.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0; 64];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(answer(name, port, peer).as_bytes(), peer);
+                }
+            }
+        }));
+    }
+    Servers { stop, threads }
+}
+
+/// What a server answered: its name, its port, the source it saw.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    name: String,
+    port: u16,
+    peer: IpAddr,
+}
+
+fn answered(name: &str, port: u16, peer: &str) -> Answer {
+    Answer {
+        name: name.into(),
+        port,
+        peer: ip(peer),
+    }
+}
+
+fn parse_answer(text: &str) -> Answer {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "not an answer: {text:?}");
+    Answer {
+        name: fields[0].into(),
+        port: fields[1].parse().unwrap(),
+        peer: ip(fields[2]),
+    }
+}
+
+/// A TCP connection from `from` to `to`, and what came back.
+fn ask_tcp(from: &Netns, to: &str, timeout: Duration) -> std::io::Result<Answer> {
+    let to: SocketAddr = to.parse().expect("socket address");
+    from.run(move || {
+        let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+        stream.set_read_timeout(Some(OK_WITHIN))?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(parse_answer(&text))
+    })
+}
+
+/// One datagram from a fresh socket (a new conntrack flow) in `from` to
+/// `to`, and the reply.
+fn ask_udp(from: &Netns, to: &str, timeout: Duration) -> std::io::Result<Answer> {
+    let to: SocketAddr = to.parse().expect("socket address");
+    from.run(move || {
+        let any: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send(b"hello")?;
+        let mut buf = [0; 128];
+        let n = socket.recv(&mut buf)?;
+        Ok(parse_answer(&String::from_utf8_lossy(&buf[..n])))
+    })
+}
+
+#[track_caller]
+fn must_answer(result: std::io::Result<Answer>, what: &str) -> Answer {
+    result.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[track_caller]
+fn must_be_refused(result: std::io::Result<Answer>, what: &str) {
+    match result {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}"),
+        Ok(answer) => panic!("{what}: answered {answer:?}"),
+    }
+}
+
+/// How the host's bridge hands frames to netfilter. With br_netfilter
+/// (a module Docker and Kubernetes load; built in on some kernels) and
+/// `bridge-nf-call-iptables=1`, the IP hooks — our DNAT included — run
+/// while a frame is bridged, so a forward to a guest on the same bridge is
+/// bridged rather than routed. Every packet test runs in both modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BridgeNf {
+    /// No br_netfilter, or `bridge-nf-call-ip(6)tables=0`: routed.
+    Off,
+    /// br_netfilter with `bridge-nf-call-ip(6)tables=1`.
+    On,
+}
+
+/// Whether br_netfilter is in the kernel (loaded or built in): its
+/// sysctls then exist in every network namespace.
+fn bridge_nf_exists() -> bool {
+    std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
+}
+
+/// Off, and On where the kernel has br_netfilter (without it, On cannot
+/// happen on this machine, so there is nothing to test).
+fn modes() -> Vec<BridgeNf> {
+    if bridge_nf_exists() {
+        vec![BridgeNf::Off, BridgeNf::On]
+    } else {
+        eprintln!("no br_netfilter in this kernel: testing the routed bridge only");
+        vec![BridgeNf::Off]
+    }
+}
+
+struct Lab {
+    host: Netns,
+    outside: Netns,
+    guest1: Netns,
+    guest2: Netns,
+    net: NetworkConfig,
+    _servers: Vec<Servers>,
+}
+
+impl Lab {
+    fn new(what: &str, mode: BridgeNf) -> Lab {
+        require(&["ip", "nft", "sysctl"]);
+        let host = Netns::new(&format!("{what}-h"));
+        let outside = Netns::new(&format!("{what}-o"));
+        let guest1 = Netns::new(&format!("{what}-g1"));
+        let guest2 = Netns::new(&format!("{what}-g2"));
+        veth(&host, "up0", &outside, "eth0");
+        host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
+        host.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
+        outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+        outside.ip(&["addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]);
+        let net = net();
+        host.block_on(|| bring_up(&net)).expect("bring_up");
+        if bridge_nf_exists() {
+            let value = if mode == BridgeNf::On { 1 } else { 0 };
+            for family in ["iptables", "ip6tables"] {
+                host.exec_ok(&[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.bridge.bridge-nf-call-{family}={value}"),
+                ]);
+            }
+        } else {
+            assert_eq!(mode, BridgeNf::Off, "this kernel has no br_netfilter");
+        }
+        for (n, guest, port) in [(1, &guest1, "gport1"), (2, &guest2, "gport2")] {
+            plug_guest(
+                &host,
+                &net.bridge,
+                port,
+                guest,
+                &format!("52:54:00:00:00:1{n}"),
+            );
+            guest.ip(&["addr", "add", &format!("10.42.0.1{n}/24"), "dev", "eth0"]);
+            guest.ip(&["route", "add", "default", "via", "10.42.0.1"]);
+            guest.ip(&[
+                "addr",
+                "add",
+                &format!("fd42::1{n}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            guest.ip(&["-6", "route", "add", "default", "via", "fd42::1"]);
+        }
+        let servers = vec![
+            serve(&guest1, "guest1", &[80, 81, 82], &[53]),
+            serve(&guest2, "guest2", &[80, 81, 82], &[53]),
+        ];
+        Lab {
+            host,
+            outside,
+            guest1,
+            guest2,
+            net,
+            _servers: servers,
+        }
+    }
+
+    fn apply(&self, forwards: &[ForwardRule]) {
+        self.host
+            .block_on(|| nft::apply_with_forwards(std::slice::from_ref(&self.net), forwards))
+            .expect("apply_with_forwards");
+    }
+
+    fn add(&self, rules: &[ForwardRule]) -> Result<(), NftError> {
+        self.host.block_on(|| nft::add_forwards(rules))
+    }
+
+    fn remove(&self, rules: &[ForwardRule]) -> Result<(), NftError> {
+        self.host.block_on(|| nft::remove_forwards(rules))
+    }
+
+    fn list(&self) -> String {
+        self.host.block_on(nft::list).expect("list")
+    }
+}
+
+#[test]
+fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
+    for mode in modes() {
+        eprintln!("bridge netfilter: {mode:?}");
+        let lab = Lab::new("fw-out", mode);
+        let mut forwards = vec![
+            rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
+            rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
+        ];
+        // 9000-9002:80 → guest2 80, 81, 82.
+        forwards.extend(expand(Proto::Tcp, None, (9000, 9002), "10.42.0.12", 80));
+        lab.apply(&forwards);
+
+        // The guest sees the outside's own address: no masquerade inbound.
+        let got = must_answer(
+            ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+            "tcp 8080",
+        );
+        assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+        let got = must_answer(
+            ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+            "udp 5353",
+        );
+        assert_eq!(got, answered("guest1", 53, "10.99.0.2"));
+        for (offset, host_port) in (9000..=9002).enumerate() {
+            let got = must_answer(
+                ask_tcp(&lab.outside, &format!("10.99.0.1:{host_port}"), OK_WITHIN),
+                "range",
+            );
+            assert_eq!(got, answered("guest2", 80 + offset as u16, "10.99.0.2"));
+        }
+
+        // Only what is forwarded: other ports, and the other protocol on a
+        // forwarded port, reach the host itself, which has nothing there.
+        must_be_refused(
+            ask_tcp(&lab.outside, "10.99.0.1:8081", OK_WITHIN),
+            "tcp 8081",
+        );
+        must_be_refused(
+            ask_tcp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+            "tcp 5353",
+        );
+        must_be_refused(
+            ask_udp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+            "udp 8080",
+        );
+        // And the guests stay unreachable directly (NAT network).
+        lab.outside
+            .ip(&["route", "add", "10.42.0.0/24", "via", UPLINK]);
+        assert!(
+            ask_tcp(&lab.outside, "10.42.0.11:80", DROPPED_AFTER).is_err(),
+            "the outside reached a NAT guest without a forward"
+        );
+    }
+}
+
+#[test]
+fn ipv6_forwards_from_the_outside_through_the_uplinks_v6_address() {
+    for mode in modes() {
+        eprintln!("bridge netfilter: {mode:?}");
+        let lab = Lab::new("fw-v6", mode);
+        lab.apply(&[
+            rule(Proto::Tcp, Some(UPLINK6), 8080, "fd42::11", 80),
+            rule(Proto::Udp, None, 5353, "fd42::12", 53),
+            // The same port over IPv4 goes elsewhere: the families are apart.
+            rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.12", 81),
+        ]);
+        let got = must_answer(ask_tcp(&lab.outside, "[fd99::1]:8080", OK_WITHIN), "tcp6");
+        assert_eq!(got, answered("guest1", 80, "fd99::2"));
+        let got = must_answer(ask_udp(&lab.outside, "[fd99::1]:5353", OK_WITHIN), "udp6");
+        assert_eq!(got, answered("guest2", 53, "fd99::2"));
+        let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "tcp4");
+        assert_eq!(got, answered("guest2", 81, "10.99.0.2"));
+        // An "any address" IPv6 forward is not an IPv4 one.
+        must_be_refused(
+            ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+            "udp4 5353",
+        );
+    }
+}
+
+#[test]
+fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
+    for mode in modes() {
+        eprintln!("bridge netfilter: {mode:?}");
+        let lab = Lab::new("fw-local", mode);
+        lab.apply(&[
+            rule(Proto::Tcp, None, 8080, "10.42.0.11", 80),
+            rule(Proto::Tcp, None, 8080, "fd42::11", 80),
+            rule(Proto::Udp, None, 5353, "10.42.0.12", 53),
+        ]);
+
+        // To its own uplink address: the source is that address, which the
+        // guest can answer through its default route.
+        let got = must_answer(
+            ask_tcp(&lab.host, "10.99.0.1:8080", OK_WITHIN),
+            "host → uplink",
+        );
+        assert_eq!(got, answered("guest1", 80, "10.99.0.1"));
+        let got = must_answer(
+            ask_tcp(&lab.host, "[fd99::1]:8080", OK_WITHIN),
+            "host → uplink v6",
+        );
+        assert_eq!(got, answered("guest1", 80, "fd99::1"));
+        // Any local address, also the router's own on the bridge.
+        let got = must_answer(
+            ask_tcp(&lab.host, "10.42.0.1:8080", OK_WITHIN),
+            "host → router",
+        );
+        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+
+        // 127.0.0.1 needs route_localnet: without it the kernel will not route
+        // the DNAT'ed packet (source 127.0.0.1) out of the bridge.
+        let localnet = || {
+            lab.host
+                .run(|| std::fs::read_to_string(nft::ROUTE_LOCALNET).unwrap())
+                .trim()
+                .to_owned()
+        };
+        // A new namespace inherits the host's IPv4 settings: start from 0.
+        for conf in ["all", "default", "qnfwd"] {
+            lab.host.exec_ok(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv4.conf.{conf}.route_localnet=0"),
+            ]);
+        }
+        assert_eq!(localnet(), "0");
+        assert!(
+            ask_tcp(&lab.host, "127.0.0.1:8080", DROPPED_AFTER).is_err(),
+            "127.0.0.1 was forwarded without route_localnet"
+        );
+        lab.host
+            .run(nft::enable_localhost_forwards)
+            .expect("enable_localhost_forwards");
+        assert_eq!(localnet(), "1");
+        lab.host
+            .run(nft::enable_localhost_forwards)
+            .expect("enabling twice");
+        // Masqueraded to the router address, so the guest can answer.
+        let got = must_answer(
+            ask_tcp(&lab.host, "127.0.0.1:8080", OK_WITHIN),
+            "host → 127.0.0.1",
+        );
+        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+        let got = must_answer(
+            ask_udp(&lab.host, "127.0.0.1:5353", OK_WITHIN),
+            "udp → 127.0.0.1",
+        );
+        assert_eq!(got, answered("guest2", 53, "10.42.0.1"));
+        // ::1 is never forwarded (Linux cannot): the host answers it itself,
+        // and nothing listens there.
+        must_be_refused(ask_tcp(&lab.host, "[::1]:8080", OK_WITHIN), "host → ::1");
+    }
+}
+
+#[test]
+fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
+    for mode in modes() {
+        eprintln!("bridge netfilter: {mode:?}");
+        let lab = Lab::new("fw-hair", mode);
+        lab.apply(&[
+            rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
+            rule(Proto::Tcp, Some(UPLINK6), 8080, "fd42::11", 80),
+            rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
+        ]);
+        // guest2 → the host's public address → guest1, on the same bridge:
+        // guest1 sees the router (masquerade), so its answer goes back through
+        // the host, which undoes both translations.
+        let got = must_answer(ask_tcp(&lab.guest2, "10.99.0.1:8080", OK_WITHIN), "hairpin");
+        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+        let got = must_answer(
+            ask_tcp(&lab.guest2, "[fd99::1]:8080", OK_WITHIN),
+            "hairpin v6",
+        );
+        assert_eq!(got, answered("guest1", 80, "fd42::1"));
+        let got = must_answer(
+            ask_udp(&lab.guest2, "10.99.0.1:5353", OK_WITHIN),
+            "hairpin udp",
+        );
+        assert_eq!(got, answered("guest1", 53, "10.42.0.1"));
+        // Again, and a service of the host on the same address: an ICMP
+        // redirect ("10.99.0.1 is reachable via guest1") must not have sent
+        // guest2 around the host.
+        let got = must_answer(ask_tcp(&lab.guest2, "10.99.0.1:8080", OK_WITHIN), "again");
+        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+        let host_service = lab.host.listen("10.99.0.1:7000");
+        let seen = common::accept_one(host_service, OK_WITHIN);
+        lab.guest2
+            .connect("10.99.0.1:7000", OK_WITHIN)
+            .expect("guest2 → the host's own service");
+        assert_eq!(
+            seen.recv_timeout(OK_WITHIN).expect("the host saw it").ip(),
+            ip("10.42.0.12")
+        );
+
+        // A guest reaching its own forward. Routed, that just works; when
+        // the bridge applies the DNAT (br_netfilter), the frame has to go
+        // back out of the port it came in by, which a bridge only does for
+        // ports in hairpin mode.
+        if mode == BridgeNf::On {
+            assert!(
+                ask_tcp(&lab.guest1, "10.99.0.1:8080", DROPPED_AFTER).is_err(),
+                "br_netfilter without hairpin mode: dropped by the bridge"
+            );
+            lab.host.ip(&[
+                "link",
+                "set",
+                "gport1",
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
+            ]);
+        }
+        let got = must_answer(
+            ask_tcp(&lab.guest1, "10.99.0.1:8080", OK_WITHIN),
+            "to itself",
+        );
+        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+        // Bound to the uplink address: the router address is not forwarded.
+        must_be_refused(
+            ask_tcp(&lab.guest2, "10.42.0.1:8080", OK_WITHIN),
+            "router:8080",
+        );
+        // Guest to guest directly is untouched (bridged, no NAT).
+        let got = must_answer(ask_tcp(&lab.guest2, "10.42.0.11:80", OK_WITHIN), "direct");
+        assert_eq!(got, answered("guest1", 80, "10.42.0.12"));
+    }
+}
+
+#[test]
+fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
+    let lab = Lab::new("fw-rm", BridgeNf::Off);
+    let web = rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80);
+    let dns = rule(Proto::Udp, None, 5353, "10.42.0.11", 53);
+    let other = rule(Proto::Tcp, Some(UPLINK), 8082, "10.42.0.12", 82);
+    // Same host address, protocol and port as `web`, another guest.
+    let clash = rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.12", 80);
+    lab.apply(&[]);
+    let empty = lab.list();
+
+    lab.add(&[web]).expect("add");
+    lab.add(&[web])
+        .expect("adding the same forward again is a no-op");
+    lab.add(&[dns, web]).expect("add");
+    let installed = lab.list();
+    assert_eq!(
+        installed.matches(": 10.42.0.11 . 80").count(),
+        1,
+        "{installed}"
+    );
+    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
+    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    must_answer(ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN), "dns");
+
+    // A host port forwarded elsewhere already: the whole transaction
+    // fails, `other` included, and nothing changes.
+    let err = lab.add(&[other, clash]).expect_err("a clash");
+    let NftError::Failed {
+        action, message, ..
+    } = &err
+    else {
+        panic!("expected nft's refusal, got {err}");
+    };
+    assert!(action.contains("already forwarded"), "{err}");
+    assert!(message.contains("File exists"), "{err}");
+    assert_eq!(lab.list(), installed);
+    must_be_refused(ask_tcp(&lab.outside, "10.99.0.1:8082", OK_WITHIN), "other");
+    // Two different guests for one port within one call: refused before nft.
+    let err = lab.add(&[web, clash]).expect_err("conflicting rules");
+    assert!(matches!(err, NftError::InvalidForward { .. }), "{err}");
+    // Removing with the wrong guest removes nothing either.
+    lab.remove(&[clash]).expect_err("not this guest's forward");
+    assert_eq!(lab.list(), installed);
+
+    lab.remove(&[web]).expect("remove");
+    must_be_refused(
+        ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+        "removed web",
+    );
+    // An absent forward does not fail the others in its transaction.
+    lab.remove(&[web, dns]).expect("remove absent + present");
+    must_be_refused(
+        ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+        "removed dns",
+    );
+    lab.remove(&[web, dns]).expect("removing twice is a no-op");
+    lab.remove(&[]).expect("removing nothing");
+    assert_eq!(
+        lab.list(),
+        empty,
+        "every element is gone, nothing else changed"
+    );
+
+    // Re-added, it works again.
+    lab.add(&[web]).expect("add again");
+    let got = must_answer(
+        ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+        "web again",
+    );
+    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    // A table without us: adding fails clearly.
+    lab.host.block_on(nft::remove).expect("remove table");
+    let err = lab.add(&[web]).expect_err("no table");
+    assert!(
+        err.to_string().contains("No such file or directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_alone() {
+    require(&["ip", "nft"]);
+    let ns = Netns::new("fw-list");
+    // A foreign table with a concatenated-value map of its own.
+    ns.exec_ok(&[
+        "nft",
+        "add table ip foreign; add chain ip foreign c; \
+         add map ip foreign m { type ipv4_addr : ipv4_addr . inet_service; }; \
+         add element ip foreign m { 1.2.3.4 : 5.6.7.8 . 80 }",
+    ]);
+    let foreign = || ns.exec_ok(&["nft", "list", "table", "ip", "foreign"]);
+    let foreign_before = foreign();
+
+    let nets = vec![net()];
+    let mut forwards = vec![
+        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
+        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
+        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
+        rule(Proto::Tcp, None, 22, "fd42::12", 22),
+    ];
+    forwards.extend(expand(Proto::Tcp, None, (9000, 9099), "10.42.0.12", 9000));
+    let (first, after_adds, second, rendered) = ns.block_on(|| async {
+        nft::apply_with_forwards(&nets, &forwards)
+            .await
+            .expect("apply");
+        let first = nft::list().await.expect("list");
+        nft::add_forwards(&forwards)
+            .await
+            .expect("adding them all again");
+        let after_adds = nft::list().await.expect("list");
+        nft::apply_with_forwards(&nets, &forwards)
+            .await
+            .expect("re-apply");
+        let second = nft::list().await.expect("list");
+        (
+            first,
+            after_adds,
+            second,
+            nft::render_with_forwards(&nets, &forwards),
+        )
+    });
+    assert_eq!(first, second, "re-applying changes nothing");
+    assert_eq!(
+        first, after_adds,
+        "adding installed forwards changes nothing"
+    );
+    assert_eq!(
+        first,
+        nft::normalize(&rendered),
+        "nft lists exactly what we rendered"
+    );
+    for rule in &forwards {
+        let element = format!("{} : {}", rule.key(), rule.value());
+        assert_eq!(
+            first.matches(&element).count(),
+            1,
+            "{element} once:\n{first}"
+        );
+    }
+
+    // Invalid forwards are refused before nft runs; the table stays.
+    let invalid = [rule(Proto::Tcp, Some(UPLINK), 1, "fd42::11", 1)];
+    let err = ns
+        .block_on(|| nft::apply_with_forwards(&nets, &invalid))
+        .expect_err("v4 host address, v6 guest");
+    assert!(matches!(err, NftError::InvalidForward { .. }), "{err}");
+    assert_eq!(ns.block_on(nft::list).unwrap(), first);
+
+    // apply() of the networks alone keeps the maps, empty.
+    let bare = ns.block_on(|| async {
+        nft::apply(&nets).await.expect("apply");
+        nft::list().await.expect("list")
+    });
+    assert_eq!(bare, nft::normalize(&nft::render(&nets)));
+    assert!(bare.contains("\tmap fwd4 {\n"), "{bare}");
+    assert!(!bare.contains("elements"), "{bare}");
+
+    let mut tables: Vec<String> = ns
+        .exec_ok(&["nft", "list", "tables"])
+        .lines()
+        .map(String::from)
+        .collect();
+    tables.sort();
+    assert_eq!(tables, ["table inet qnet", "table ip foreign"]);
+    ns.block_on(nft::remove).expect("remove");
+    assert_eq!(foreign(), foreign_before, "the foreign table is untouched");
+    assert_eq!(
+        ns.exec_ok(&["nft", "list", "tables"]).trim(),
+        "table ip foreign"
+    );
+}
+
+/// An IPv4/UDP frame from `src` to `dst` with no UDP checksum.
+fn udp_frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut header = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    header[2..4].copy_from_slice(&total.to_be_bytes());
+    header.extend_from_slice(&src);
+    header.extend_from_slice(&dst);
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&4444u16.to_be_bytes());
+    frame.extend_from_slice(&dport.to_be_bytes());
+    frame.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Sends `frame` out of `ifname` of `ns` as is (AF_PACKET).
+fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    ns.run(move || unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let index = libc::if_nametoindex(ifname.as_ptr());
+        assert!(index != 0, "no such interface");
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, frame.len() as isize, "sendto: {err}");
+    });
+}
+
+#[test]
+fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
+    require(&["ip", "nft"]);
+    let host = Netns::new("fw-guard-h");
+    let outside = Netns::new("fw-guard-o");
+    veth(&host, "up0", &outside, "eth0");
+    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
+    outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    host.run(nft::enable_localhost_forwards)
+        .expect("route_localnet");
+    let mac: String = ip_json(&host, &["link", "show", "up0"])[0]["address"]
+        .as_str()
+        .expect("up0 has a MAC")
+        .to_owned();
+    let mac: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    let mac: [u8; 6] = mac.try_into().unwrap();
+    // A service of the host that only listens on loopback.
+    let private = host.run(|| UdpSocket::bind("127.0.0.1:7777").expect("bind"));
+    private.set_read_timeout(Some(DROPPED_AFTER)).unwrap();
+    let probe = |payload: &'static [u8]| {
+        send_raw(
+            &outside,
+            "eth0",
+            udp_frame(mac, [10, 99, 0, 2], [127, 0, 0, 1], 7777, payload),
+        );
+        let mut buf = [0; 32];
+        private.recv(&mut buf).map(|n| buf[..n].to_vec())
+    };
+
+    // With route_localnet and no guard, a neighbour gets in: the probe
+    // works (this is what the guard is for).
+    assert_eq!(
+        probe(b"before").expect("the probe reaches 127.0.0.1"),
+        b"before"
+    );
+
+    let net = network("guard", "qnguard", Mode::Nat, "10.47.0.0/24");
+    host.block_on(|| bring_up(&net)).expect("bring_up");
+    let forwards = [rule(Proto::Tcp, None, 8080, "10.47.0.50", 80)];
+    host.block_on(|| nft::apply_with_forwards(std::slice::from_ref(&net), &forwards))
+        .expect("apply");
+    let err = probe(b"after").expect_err("our table drops it");
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    // Local use of 127.0.0.1 is untouched.
+    host.run(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.send_to(b"local", "127.0.0.1:7777").unwrap();
+    });
+    let mut buf = [0; 32];
+    let n = private.recv(&mut buf).expect("local traffic still arrives");
+    assert_eq!(&buf[..n], b"local");
+}

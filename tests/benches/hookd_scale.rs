@@ -1,0 +1,759 @@
+//! qnet-hookd under many guests: QMP connect → reservation in dnsmasq's
+//! hosts file, and the daemon's (and its dnsmasq's) memory and CPU with 1,
+//! 100 and 1000 guests connected, then all of them exiting at once.
+//!
+//! Run as root: `cargo build --release --workspace && cargo bench -p
+//! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
+//! `qnet-hookd`; MAX_GUESTS defaults to 1000).
+//!
+//! The bench makes a network namespace, starts the daemon in it with one
+//! NAT network on a /16 (`qnbench`, 10.90.0.0/16) and logging at `info`
+//! (`RUST_LOG=info`, the daemon's default; the test kit asks for debug),
+//! then adds guests one at a time. Each fake guest is a process of its own
+//! (this program re-run with `QNET_HOOKD_SCALE_WORKER` set, entered into the
+//! namespace before exec) because the daemon finds a guest's network
+//! through the TAPs its process holds (`/proc/<SO_PEERCRED pid>/fd`). A
+//! worker creates a TAP (`TUNSETIFF`), enslaves it to the bridge and brings
+//! it up (one `RTM_SETLINK`), says it is ready, and on "go" takes a
+//! `CLOCK_MONOTONIC` timestamp, connects to the daemon's QMP socket and
+//! plays QEMU 7.2: greeting, then a reply to every command
+//! (`query-rx-filter` as QEMU sends it for one virtio-net NIC, with its
+//! 4096-entry `vlan-table`; HMP `info network` with the NIC on a TAP). It
+//! stays connected until it is killed.
+//!
+//! Latency is measured by this (parent) process, which blocks in `poll()`
+//! on an inotify watch of `RUN/bench/` (the daemon renames each new
+//! `dhcp-hosts` into place: `IN_MOVED_TO`), with a 1 ms timeout as a
+//! fallback, takes a `CLOCK_MONOTONIC` timestamp on waking and then
+//! re-reads the file: connect → reservation is that timestamp minus the
+//! worker's. Resolution: the wake-up plus one read of the file (tens of
+//! µs), at worst the 1 ms fallback. Guests are connected one after the
+//! other, each once the previous one's reservation is in the file, so the
+//! k-th sample is the latency with k-1 guests already connected.
+//!
+//! Memory and CPU come from `/proc/<pid>/status` (`VmRSS`, `Threads`),
+//! `/proc/<pid>/stat` (utime + stime, in clock ticks: 10 ms) and
+//! `/proc/<pid>/fd`, for the daemon and its dnsmasq. dnsmasq logs `read
+//! .../dhcp-hosts` at each SIGHUP; those lines are counted. Results are
+//! printed as Markdown tables. Every worker is killed and reaped, and the
+//! namespace (with the daemon and dnsmasq) deleted, on exit.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qnet_hostnet::link::{LinkSocket, PortChange};
+use qnet_hostnet::tap::Tap;
+use qnet_tests::hookd::Hookd;
+use qnet_tests::netns::{run, NetNs};
+use serde_json::{json, Value};
+
+const NET: &str = "bench";
+const BRIDGE: &str = "qnbench";
+const WORKER_ENV: &str = "QNET_HOOKD_SCALE_WORKER";
+const SOCKET_ENV: &str = "QNET_HOOKD_SCALE_SOCKET";
+const STEPS: [usize; 3] = [1, 100, 1000];
+/// Latency is summarised over buckets of this many consecutive guests.
+const BUCKET: usize = 50;
+const IDLE: Duration = Duration::from_secs(10);
+/// Bound on any one wait for the daemon (not a timing assertion: a daemon
+/// that never writes the reservation would otherwise hang the bench).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+const CONFIG: &str = r#"
+[[network]]
+name = "bench"
+bridge = "qnbench"
+mode = "nat"
+subnet = "10.90.0.0/16"
+"#;
+
+const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+
+fn main() {
+    if let Some(index) = std::env::var_os(WORKER_ENV) {
+        let index: u32 = index.to_str().and_then(|s| s.parse().ok()).unwrap();
+        let socket = PathBuf::from(std::env::var_os(SOCKET_ENV).unwrap());
+        worker(index, &socket);
+        return;
+    }
+    let max: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let mut steps: Vec<usize> = STEPS.iter().copied().filter(|&n| n < max).collect();
+    steps.push(max);
+
+    // The daemon's default level; Hookd::start passes --log debug, which
+    // RUST_LOG overrides. Set before any thread exists.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
+    let netns = NetNs::new("hkscale");
+    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
+    let net_dir = hookd.run_dir().join(NET);
+    let hosts_file = net_dir.join("dhcp-hosts");
+    let dns_file = net_dir.join("dns-hosts");
+    let watch = Watch::new(&net_dir);
+    let dnsmasq = wait_for_dnsmasq(&net_dir);
+    let ns_file = File::open(netns.path()).expect("open the namespace");
+    let socket = hookd.qmp_socket();
+    println!(
+        "qnet-hookd pid {daemon}, dnsmasq pid {dnsmasq}, run dir {}",
+        hookd.run_dir().display()
+    );
+
+    let target = Target {
+        daemon,
+        net_dir: net_dir.clone(),
+    };
+
+    // Let start-up settle before the first sample.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut rows = vec![measure_step(&target, 0, 0, || {})];
+
+    let mut guests = Guests::default();
+    let mut latencies: Vec<Duration> = Vec::new();
+    for &step in &steps {
+        let from = guests.0.len();
+        rows.push(measure_step(&target, from, step, || {
+            while guests.0.len() < step {
+                let index = guests.0.len() as u32;
+                let mut guest = Guest::spawn(index, &socket, &ns_file);
+                let t0 = guest.go();
+                let seen = wait_for(&watch, Duration::from_millis(1), "reservation", |now| {
+                    has_mac(&hosts_file, &guest.mac).then_some(now)
+                });
+                latencies.push(Duration::from_nanos(seen - t0));
+                guests.0.push(guest);
+            }
+        }));
+        eprintln!("{step} guests connected");
+    }
+
+    // dnsmasq's cost per SIGHUP with every reservation in its files, apart
+    // from its netlink work for new TAPs.
+    let sighup = sighup_cost(&target);
+
+    // Every guest exits at once (a host shutting down): the daemon drops
+    // each one's DNS name; sticky DHCP reservations stay.
+    let before = target.snapshot();
+    let n = guests.0.len();
+    guests.kill_all();
+    wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
+        std::fs::read_to_string(&dns_file)
+            .map(|t| t.trim().is_empty())
+            .unwrap_or(false)
+            .then_some(())
+    });
+    let wall = before.at.elapsed();
+    // dnsmasq's last re-reads come a little later.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = target.snapshot();
+    let listed = hookd.qnetctl(&["guests"]).expect("qnetctl guests")["guests"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let teardown = Teardown {
+        guests: n,
+        wall,
+        before,
+        after,
+        listed,
+    };
+    print_results(&rows, &latencies, &teardown, sighup);
+    drop(hookd);
+    drop(netns);
+}
+
+// ----- the fake QEMU ----------------------------------------------------------
+
+fn guest_mac(index: u32) -> String {
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (index >> 16) & 0xff,
+        (index >> 8) & 0xff,
+        index & 0xff
+    )
+}
+
+/// A worker: one fake QEMU process with one TAP on the bridge.
+fn worker(index: u32, socket: &Path) {
+    let tap = Tap::create_new(true).expect("create a TAP");
+    let mut links = LinkSocket::new().expect("netlink");
+    let port = links
+        .link_by_name(tap.name())
+        .expect("look up the TAP")
+        .expect("the TAP exists");
+    let bridge = links
+        .link_by_name(BRIDGE)
+        .expect("look up the bridge")
+        .expect("the daemon made the bridge");
+    links
+        .configure_port(
+            port.index,
+            PortChange {
+                master: Some(bridge.index),
+                up: true,
+                ..PortChange::default()
+            },
+        )
+        .expect("enslave the TAP");
+    drop(links);
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {}", tap.name()).unwrap();
+    out.flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    if line.trim() != "go" {
+        return;
+    }
+    let t0 = monotonic_ns();
+    // Reported before connecting: the parent is then already waiting.
+    writeln!(out, "t0 {t0}").unwrap();
+    out.flush().unwrap();
+    let stream = UnixStream::connect(socket).expect("connect to the QMP socket");
+    play_qemu(stream, index);
+    drop(tap);
+}
+
+/// Answers like QEMU 7.2 until the daemon hangs up.
+fn play_qemu(stream: UnixStream, index: u32) {
+    let mac = guest_mac(index);
+    let mut writer = stream.try_clone().unwrap();
+    let mut send = |line: &str| -> bool {
+        writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .and_then(|()| writer.flush())
+            .is_ok()
+    };
+    if !send(GREETING) {
+        return;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let Ok(message) = serde_json::from_str::<Value>(&line) else {
+            return;
+        };
+        let id = message.get("id").cloned().unwrap_or(Value::Null);
+        let command = message["execute"].as_str().unwrap_or_default();
+        let reply = match answer(command, &message, index, &mac) {
+            Ok(value) => json!({"return": value, "id": id}),
+            Err(desc) => json!({"error": {"class": "CommandNotFound", "desc": desc}, "id": id}),
+        };
+        if !send(&reply.to_string()) {
+            return;
+        }
+    }
+}
+
+fn answer(command: &str, message: &Value, index: u32, mac: &str) -> Result<Value, String> {
+    Ok(match command {
+        "qmp_capabilities" => json!({}),
+        "query-name" => json!({"name": format!("bench-{index}")}),
+        "query-uuid" => json!({"UUID": format!("6c0e2b9a-3f1d-4c55-9e0a-{index:012x}")}),
+        "query-status" => json!({"status": "running", "singlestep": false, "running": true}),
+        "query-rx-filter" => {
+            // QEMU 7.2, virtio-net without VLAN filtering: all 4096 VLANs.
+            let vlans: Vec<u32> = (0..4096).rev().collect();
+            json!([{
+                "promiscuous": false, "name": "net0", "main-mac": mac, "unicast": "normal",
+                "vlan": "all", "vlan-table": vlans, "unicast-table": [], "multicast": "normal",
+                "multicast-overflow": false, "unicast-overflow": false,
+                "multicast-table": ["01:00:5e:00:00:01", "33:33:00:00:00:01", "33:33:ff:12:34:56"],
+                "broadcast-allowed": false
+            }])
+        }
+        "human-monitor-command" if message["arguments"]["command-line"] == "info network" => {
+            json!(format!(
+                "net0: index=0,type=nic,model=virtio-net-pci,macaddr={mac}\r\n \\ n0: \
+                 index=0,type=tap,helper=/usr/lib/qemu/qemu-bridge-helper,br={BRIDGE}\r\n"
+            ))
+        }
+        other => return Err(format!("The command {other} has not been found")),
+    })
+}
+
+// ----- the parent's side of a guest -------------------------------------------
+
+struct Guest {
+    child: Child,
+    mac: String,
+}
+
+impl Guest {
+    /// Starts worker `index` in the namespace and waits until its TAP is on
+    /// the bridge.
+    fn spawn(index: u32, socket: &Path, ns: &File) -> Guest {
+        let ns_fd = ns.as_raw_fd();
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env(WORKER_ENV, index.to_string())
+            .env(SOCKET_ENV, socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Never outlive the bench, whatever happens to it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn a worker");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let ready = read_line(&mut stdout);
+        assert!(ready.starts_with("ready "), "worker {index}: {ready:?}");
+        child.stdout = Some(stdout.into_inner());
+        Guest {
+            child,
+            mac: guest_mac(index),
+        }
+    }
+
+    /// Lets the worker connect; returns its timestamp from just before
+    /// connect().
+    fn go(&mut self) -> u64 {
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        drop(stdin);
+        let mut stdout = BufReader::new(self.child.stdout.take().unwrap());
+        let line = read_line(&mut stdout);
+        line.strip_prefix("t0 ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("worker: {line:?}"))
+    }
+}
+
+fn read_line(reader: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read from a worker");
+    line.trim_end().to_string()
+}
+
+/// The workers; killed (SIGKILL) and reaped on drop.
+#[derive(Default)]
+struct Guests(Vec<Guest>);
+
+impl Guests {
+    fn kill_all(&mut self) {
+        for guest in &mut self.0 {
+            let _ = guest.child.kill();
+        }
+        for guest in self.0.drain(..) {
+            let mut child = guest.child;
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Guests {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+// ----- watching the hosts files ----------------------------------------------
+
+/// An inotify watch on a directory: files renamed into it or written.
+struct Watch {
+    fd: OwnedFd,
+}
+
+impl Watch {
+    fn new(dir: &Path) -> Watch {
+        // SAFETY: plain system calls; the fd is owned from here on.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                fd.as_raw_fd(),
+                path.as_ptr(),
+                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
+            )
+        };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Watch { fd }
+    }
+
+    /// Blocks until something changed in the directory or `timeout` passed.
+    fn wait(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        if n > 0 {
+            let mut buf = [0u8; 4096];
+            let mut file = File::from(self.fd.try_clone().unwrap());
+            while matches!(file.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
+}
+
+/// Calls `check` with the time (`CLOCK_MONOTONIC`, ns) at once and then
+/// after every change in the watched directory (or every `fallback`) until
+/// it returns something.
+fn wait_for<T>(
+    watch: &Watch,
+    fallback: Duration,
+    what: &str,
+    mut check: impl FnMut(u64) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(found) = check(monotonic_ns()) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no {what} after {PATIENCE:?}");
+        watch.wait(fallback);
+    }
+}
+
+fn has_mac(hosts_file: &Path, mac: &str) -> bool {
+    std::fs::read_to_string(hosts_file)
+        .map(|text| text.lines().any(|l| l.split(',').next() == Some(mac)))
+        .unwrap_or(false)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+// ----- /proc ----------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    rss_kib: u64,
+    threads: u64,
+    /// utime + stime, clock ticks.
+    cpu_ticks: u64,
+    fds: usize,
+}
+
+fn usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime (14) and stime (15) the 12th and 13th.
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let cpu_ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    Usage {
+        rss_kib: field("VmRSS:"),
+        threads: field("Threads:"),
+        cpu_ticks,
+        fds,
+    }
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).unwrap_or(100)
+}
+
+fn ticks_ms(ticks: u64) -> u64 {
+    ticks * 1000 / clock_ticks_per_sec()
+}
+
+/// The process called `comm` inside the namespace.
+fn process_in(netns: &NetNs, comm: &str) -> Option<u32> {
+    let pids = run("ip", &["netns", "pids", netns.name()]).ok()?;
+    pids.split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+}
+
+fn wait_for_dnsmasq(net_dir: &Path) -> u32 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(pid) = dnsmasq_pid(net_dir) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "dnsmasq did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dnsmasq_pid(net_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(net_dir.join("dnsmasq.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The daemon's and dnsmasq's usage, and how often dnsmasq re-read the
+/// DHCP hosts file (start-up + one per SIGHUP) so far.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    daemon: Usage,
+    dnsmasq: Usage,
+    dnsmasq_pid: u32,
+    rereads: usize,
+    at: Instant,
+}
+
+fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
+    let dnsmasq_pid = dnsmasq_pid(net_dir).unwrap_or(0);
+    let log = std::fs::read_to_string(net_dir.join("dnsmasq.log")).unwrap_or_default();
+    let rereads = log
+        .lines()
+        .filter(|l| l.contains(" read ") && l.trim_end().ends_with("/dhcp-hosts"))
+        .count();
+    Snapshot {
+        daemon: usage(daemon),
+        dnsmasq: usage(dnsmasq_pid),
+        dnsmasq_pid,
+        rereads,
+        at: Instant::now(),
+    }
+}
+
+/// The processes measured.
+struct Target {
+    daemon: u32,
+    net_dir: PathBuf,
+}
+
+impl Target {
+    fn snapshot(&self) -> Snapshot {
+        daemon_and_dnsmasq(self.daemon, &self.net_dir)
+    }
+}
+
+/// One row of the scale table: connecting up to `guests`, then idling.
+struct Row {
+    guests: usize,
+    /// Guests connected in this step.
+    added: usize,
+    connect_wall: Duration,
+    /// Right after connecting.
+    after: Snapshot,
+    /// (daemon, dnsmasq) CPU while connecting, ms.
+    connect_cpu_ms: (u64, u64),
+    /// dnsmasq's re-reads of dhcp-hosts while connecting.
+    sighups: usize,
+    /// (daemon, dnsmasq) CPU over [`IDLE`] with `guests` connected, ms.
+    idle_cpu_ms: (u64, u64),
+    dnsmasq_restarted: bool,
+}
+
+/// Runs `connect` (bringing the guest count from `from` to `guests`),
+/// samples, idles for [`IDLE`] and samples again.
+fn measure_step(target: &Target, from: usize, guests: usize, connect: impl FnOnce()) -> Row {
+    let before = target.snapshot();
+    connect();
+    let after = target.snapshot();
+    std::thread::sleep(IDLE);
+    let idle = target.snapshot();
+    Row {
+        guests,
+        added: guests - from,
+        connect_wall: after.at - before.at,
+        after,
+        connect_cpu_ms: cpu_ms(&before, &after),
+        // dnsmasq handles each SIGHUP a little after the daemon wrote the
+        // file: count until the end of the idle period.
+        sighups: idle.rereads.saturating_sub(before.rereads),
+        idle_cpu_ms: cpu_ms(&after, &idle),
+        dnsmasq_restarted: before.dnsmasq_pid != idle.dnsmasq_pid,
+    }
+}
+
+fn cpu_ms(from: &Snapshot, to: &Snapshot) -> (u64, u64) {
+    (
+        ticks_ms(to.daemon.cpu_ticks.saturating_sub(from.daemon.cpu_ticks)),
+        ticks_ms(to.dnsmasq.cpu_ticks.saturating_sub(from.dnsmasq.cpu_ticks)),
+    )
+}
+
+const SIGHUPS: u64 = 40;
+
+/// dnsmasq's mean CPU per SIGHUP, in ms: [`SIGHUPS`] of them 150 ms apart.
+fn sighup_cost(target: &Target) -> f64 {
+    let before = target.snapshot();
+    for _ in 0..SIGHUPS {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(before.dnsmasq_pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let after = target.snapshot();
+    let (_, dnsmasq_ms) = cpu_ms(&before, &after);
+    dnsmasq_ms as f64 / SIGHUPS as f64
+}
+
+// ----- results ----------------------------------------------------------------
+
+struct Teardown {
+    guests: usize,
+    wall: Duration,
+    before: Snapshot,
+    after: Snapshot,
+    /// Guests `qnetctl guests` still lists afterwards.
+    listed: usize,
+}
+
+fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sighup: f64) {
+    println!();
+    println!("### QMP connect → reservation in dhcp-hosts (one guest at a time)");
+    println!();
+    println!("| guests already connected | samples | median | p10 | p90 | max |");
+    println!("|---|---|---|---|---|---|");
+    let n = latencies.len();
+    let mut starts: Vec<usize> = vec![0, BUCKET, 500, n.saturating_sub(BUCKET)];
+    starts.retain(|&s| s < n);
+    starts.sort_unstable();
+    starts.dedup();
+    for start in starts {
+        let end = (start + BUCKET).min(n);
+        let mut bucket = latencies[start..end].to_vec();
+        bucket.sort();
+        println!(
+            "| {}–{} | {} | {} | {} | {} | {} |",
+            start,
+            end - 1,
+            bucket.len(),
+            ms(percentile(&bucket, 50)),
+            ms(percentile(&bucket, 10)),
+            ms(percentile(&bucket, 90)),
+            ms(bucket[bucket.len() - 1]),
+        );
+    }
+    let mut all = latencies.to_vec();
+    all.sort();
+    if !all.is_empty() {
+        println!(
+            "| all ({n}) | {n} | {} | {} | {} | {} |",
+            ms(percentile(&all, 50)),
+            ms(percentile(&all, 10)),
+            ms(percentile(&all, 90)),
+            ms(all[n - 1]),
+        );
+    }
+
+    println!();
+    println!("### Daemon and dnsmasq with N guests connected");
+    println!();
+    println!(
+        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq re-reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS |",
+        IDLE.as_secs()
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let per = |total: u64| {
+            if row.added == 0 {
+                "—".to_string()
+            } else {
+                format!("{total} ms ({:.2} ms)", total as f64 / row.added as f64)
+            }
+        };
+        println!(
+            "| {} (+{}) | {:.1} MiB | {} | {} | {:.2} s | {} | {} | {} | {} ms | {} ms | {:.1} MiB{} |",
+            row.guests,
+            row.added,
+            row.after.daemon.rss_kib as f64 / 1024.0,
+            row.after.daemon.fds,
+            row.after.daemon.threads,
+            row.connect_wall.as_secs_f64(),
+            per(row.connect_cpu_ms.0),
+            per(row.connect_cpu_ms.1),
+            row.sighups,
+            row.idle_cpu_ms.0,
+            row.idle_cpu_ms.1,
+            row.after.dnsmasq.rss_kib as f64 / 1024.0,
+            if row.dnsmasq_restarted {
+                " (dnsmasq restarted!)"
+            } else {
+                ""
+            },
+        );
+    }
+
+    let reservations = rows.last().map_or(0, |r| r.guests);
+    println!();
+    println!(
+        "dnsmasq CPU per SIGHUP with {reservations} reservations (mean of {SIGHUPS}, nothing else changing): {sighup:.1} ms"
+    );
+
+    let t = teardown;
+    let (daemon_ms, dnsmasq_ms) = cpu_ms(&t.before, &t.after);
+    println!();
+    println!("### All {} guests exit at once", t.guests);
+    println!();
+    println!(
+        "| until dns-hosts is empty | daemon CPU | dnsmasq CPU | dnsmasq re-reads | daemon RSS after | guests still listed |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {:.2} s | {daemon_ms} ms | {dnsmasq_ms} ms | {} | {:.1} MiB | {} |",
+        t.wall.as_secs_f64(),
+        t.after.rereads.saturating_sub(t.before.rereads),
+        t.after.daemon.rss_kib as f64 / 1024.0,
+        t.listed,
+    );
+}
+
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[(sorted.len() - 1) * pct / 100]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}

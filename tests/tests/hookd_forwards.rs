@@ -1,0 +1,366 @@
+//! Port forwards end to end with real guests: from the outside through the
+//! uplink, from the host to its own address and to 127.0.0.1, from another
+//! guest through the public address (hairpin), UDP, a port range, IPv6;
+//! removed when QEMU dies and back when it returns, intact across a daemon
+//! restart, conflicts refused, unprivileged users limited.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
+    ProbeOutcome, RunningGuest,
+};
+use qnet_tests::hookd::{qmp_client_args, Hookd};
+use qnet_tests::netns::NetNs;
+use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir};
+use qnet_tests::workspace_binary;
+
+const LONG: Duration = Duration::from_secs(90);
+const SHORT: Duration = Duration::from_secs(20);
+
+const UPLINK: &str = "10.254.0.1";
+const OUTSIDE: &str = "10.254.0.2";
+const UPLINK6: &str = "fd99::1";
+const OUTSIDE6: &str = "fd99::2";
+
+const CONFIG: &str = r#"
+[[network]]
+name = "lab"
+bridge = "qnlab"
+subnet = "10.77.0.0/24"
+ipv6 = { subnet = "fd77::/64" }
+
+[[forward]]
+guest = "cfg-guest"
+proto = "tcp"
+ports = "7070:80"
+"#;
+
+struct World {
+    hookd: Hookd,
+    config: ConfigDir,
+    hk: NetNs,
+    out: NetNs,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+        let hk = NetNs::new(&format!("{tag}-hk"));
+        let out = NetNs::new(&format!("{tag}-out"));
+        hk.ip(&[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "out0",
+            "netns",
+            out.name(),
+        ]);
+        hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
+        hk.ip(&[
+            "addr",
+            "add",
+            &format!("{UPLINK6}/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ]);
+        hk.ip(&["link", "set", "up0", "up"]);
+        out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
+        out.ip(&[
+            "addr",
+            "add",
+            &format!("{OUTSIDE6}/64"),
+            "dev",
+            "out0",
+            "nodad",
+        ]);
+        out.ip(&["link", "set", "out0", "up"]);
+        let config = ConfigDir::new();
+        config.write("bridge.conf", "allow qnlab\n");
+        let hookd = Hookd::start(&hk, Some(CONFIG));
+        World {
+            hookd,
+            config,
+            hk,
+            out,
+        }
+    }
+
+    fn boot(&self, name: &str, mac: &str, token: &str, append: &[&str]) -> RunningGuest {
+        let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = GuestSpec::new(&image, mac, token);
+        spec.extra_append = append.iter().map(|s| s.to_string()).collect();
+        let logs = target_dir().join("qnet-test-logs").join(self.hk.name());
+        std::fs::create_dir_all(&logs).unwrap();
+        let serial = logs.join(format!("{name}-{}.log", random_token()));
+        let helper = workspace_binary("qnet-bridge-helper");
+        let netdev = format!("bridge,id=n0,br=qnlab,helper={}", helper.display());
+        let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, None);
+        qemu.args(spec.qemu_args(&netdev, &serial))
+            .args(["-name", name])
+            .args(qmp_client_args(&self.hookd.qmp_socket()));
+        let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+        guest.wait_for_ready(LONG).unwrap_or_else(|e| panic!("{e}"));
+        guest
+    }
+
+    fn forward(&self, args: &[&str]) {
+        let mut full = vec!["forward", "add"];
+        full.extend_from_slice(args);
+        self.hookd
+            .qnetctl(&full)
+            .unwrap_or_else(|e| panic!("forward add {args:?}: {e}\n{}", self.hookd.log()));
+    }
+}
+
+/// GET / from `addr` inside `ns`, retrying for a while (forwards and guest
+/// servers come up asynchronously).
+fn fetch(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let result = ns.run_in(|| get(addr));
+        match result {
+            Ok(body) => return Ok(body),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn get(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .ok_or_else(|| format!("no HTTP reply from {addr}: {reply:?}"))
+}
+
+/// One try, no retries: does `addr` answer at all?
+fn refused(ns: &NetNs, addr: SocketAddr) -> bool {
+    ns.run_in(|| get(addr)).is_err()
+}
+
+fn udp_echo(ns: &NetNs, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let payload = payload.to_vec();
+    ns.run_in(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        for _ in 0..10 {
+            socket.send_to(&payload, addr).map_err(|e| e.to_string())?;
+            let mut buf = [0; 2048];
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+        Err(format!("no UDP echo from {addr}"))
+    })
+}
+
+fn sock(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse().unwrap(), port)
+}
+
+#[test]
+fn forwards_work_from_every_direction() {
+    let world = World::new("fwdall");
+    let token = random_token();
+    let web = world.boot("web", &random_mac(), &token, &[]);
+    world.forward(&["web", "tcp", "8080:80"]);
+    world.forward(&["web", "udp", "7007:7"]);
+    world.forward(&["web", "tcp", "9080-9081:80"]);
+
+    // From the outside, through the uplink address.
+    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token);
+    // From the host itself, to its own address and to 127.0.0.1.
+    assert_eq!(fetch(&world.hk, sock(UPLINK, 8080), SHORT).unwrap(), token);
+    assert_eq!(
+        fetch(&world.hk, sock("127.0.0.1", 8080), SHORT).unwrap(),
+        token
+    );
+    // UDP.
+    assert_eq!(
+        udp_echo(&world.out, sock(UPLINK, 7007), b"qnet-udp").unwrap(),
+        b"qnet-udp"
+    );
+    // A range keeps its offsets: 9080 → 80 answers, 9081 → 81 does not.
+    assert_eq!(fetch(&world.out, sock(UPLINK, 9080), SHORT).unwrap(), token);
+    assert!(refused(&world.out, sock(UPLINK, 9081)));
+    // IPv6, from the outside through the uplink's IPv6 address.
+    assert_eq!(fetch(&world.out, sock(UPLINK6, 8080), LONG).unwrap(), token);
+
+    // Hairpin: another guest on the same network, through the public address.
+    let other = world.boot(
+        "other",
+        &random_mac(),
+        &random_token(),
+        &[&format!("qnet.probe={UPLINK}:8080"), "qnet.probe_tries=5"],
+    );
+    match other
+        .wait_for_probe_to(&format!("{UPLINK}:8080"), LONG)
+        .unwrap_or_else(|e| panic!("{e}"))
+    {
+        ProbeOutcome::Reached { body } => assert_eq!(body, token),
+        ProbeOutcome::Failed => panic!("hairpin forward failed"),
+    }
+
+    let list = world.hookd.qnetctl(&["forward", "list"]).unwrap();
+    let forwards = list["forwards"].as_array().unwrap();
+    assert_eq!(forwards.len(), 4, "{list}");
+    assert!(forwards
+        .iter()
+        .any(|f| f["guest"] == "cfg-guest" && f["origin"] == "config"));
+    drop(web);
+}
+
+#[test]
+fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
+    let mut world = World::new("fwdlife");
+    let mac = random_mac();
+    let token = random_token();
+    let web = world.boot("web", &mac, &token, &[]);
+    world.forward(&["web", "tcp", "8080:80"]);
+    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token);
+
+    // QEMU killed: the forward goes (the port then refuses).
+    drop(web);
+    world.hookd.wait_until("forward removed", SHORT, |_| {
+        refused(&world.out, sock(UPLINK, 8080))
+    });
+    let listed = world.hookd.qnetctl(&["forward", "list"]).unwrap();
+    assert!(listed["forwards"][0]["guest_addr"].is_null(), "{listed}");
+
+    // Back with the same MAC: same address, forward back.
+    let token2 = random_token();
+    let _web = world.boot("web", &mac, &token2, &[]);
+    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token2);
+
+    // kill -9 the daemon: forwards keep working, and after the restart
+    // they are there exactly once.
+    let before = world
+        .hk
+        .exec("nft", &["list", "table", "inet", "qnet"])
+        .unwrap();
+    world.hookd.kill9();
+    assert_eq!(
+        fetch(&world.out, sock(UPLINK, 8080), SHORT).unwrap(),
+        token2
+    );
+    world.hookd.spawn();
+    let after = world
+        .hk
+        .exec("nft", &["list", "table", "inet", "qnet"])
+        .unwrap();
+    let mut a: Vec<&str> = before.lines().map(str::trim).collect();
+    let mut b: Vec<&str> = after.lines().map(str::trim).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(
+        a, b,
+        "ruleset (with its forward elements) changed across a restart"
+    );
+    assert_eq!(
+        fetch(&world.out, sock(UPLINK, 8080), SHORT).unwrap(),
+        token2
+    );
+}
+
+#[test]
+fn conflicting_forwards_are_refused_and_users_are_limited() {
+    let world = World::new("fwdconf");
+    let _web = world.boot("web", &random_mac(), &random_token(), &[]);
+    world.forward(&["web", "tcp", "8080:80"]);
+    let err = world
+        .hookd
+        .qnetctl(&["forward", "add", "web", "tcp", "8075-8085:80"])
+        .unwrap_err();
+    assert!(err.contains("taken by guest `web`"), "{err}");
+    // The port of a forward in hookd.toml is taken too.
+    let err = world
+        .hookd
+        .qnetctl(&["forward", "add", "web", "tcp", "7070"])
+        .unwrap_err();
+    assert!(err.contains("cfg-guest") && err.contains("config"), "{err}");
+
+    // A host socket holds 8181.
+    let hk_path = world.hk.path();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let ns = std::fs::File::open(hk_path).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind("0.0.0.0:8181").unwrap();
+        tx.send(()).unwrap();
+        let _ = stop_rx.recv();
+        drop(listener);
+    });
+    rx.recv().unwrap();
+    let err = world
+        .hookd
+        .qnetctl(&["forward", "add", "web", "tcp", "8181:80"])
+        .unwrap_err();
+    assert!(
+        err.contains("tcp/8181 is taken by a host socket of pid"),
+        "{err}"
+    );
+    stop_tx.send(()).unwrap();
+    holder.join().unwrap();
+
+    // An ordinary user (as a member of group qnet would be) may not
+    // forward to root's guest, nor below port 1024.
+    let user = unused_user();
+    std::fs::set_permissions(world.hookd.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        world.hookd.ctl_socket(),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    for (args, expect) in [
+        (
+            ["forward", "add", "web", "tcp", "8282:80"],
+            "not one of your running guests",
+        ),
+        (
+            ["forward", "add", "web", "tcp", "80"],
+            "only root may forward ports below 1024",
+        ),
+    ] {
+        let out = Command::new(workspace_binary("qnetctl"))
+            .arg("--socket")
+            .arg(world.hookd.ctl_socket())
+            .args(args)
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+    // Removing works, and then the port is free again.
+    world
+        .hookd
+        .qnetctl(&["forward", "rm", "tcp", "8080"])
+        .unwrap();
+    world.forward(&["web", "tcp", "8075-8085:80"]);
+}
