@@ -28,7 +28,7 @@
 //!    no TIME_WAIT), one connection after the other. Ours: the measured
 //!    forward is one element of `fwd4` among N; anchors: N DNAT rules in
 //!    `QNETBENCH` with the measured port's rule last. Each measurement is
-//!    200 warm-up connections, then 5,000 timed; 3 rounds per N, the
+//!    200 warm-up connections, then 5,000 timed; 5 rounds per N, the
 //!    candidates' order rotating each round; the median is reported.
 
 use std::io::{Read, Write};
@@ -46,10 +46,10 @@ use qnet_hookd::nft::{self, ForwardRule};
 use qnet_tests::netns::NetNs;
 
 const POINTS: [usize; 3] = [1, 1_000, 10_000];
-const ADD_SAMPLES: usize = 15;
+const ADD_SAMPLES: usize = 25;
 const WARMUP_CONNS: usize = 200;
 const CONNS: usize = 5_000;
-const CONN_ROUNDS: usize = 3;
+const CONN_ROUNDS: usize = 5;
 const UPLINK: &str = "10.99.0.1";
 const GUEST: &str = "10.42.0.10";
 const MEASURED_PORT: u16 = 8080;
@@ -275,8 +275,8 @@ fn bench_add() {
         "Adding forward #k: median of {ADD_SAMPLES} single adds (each removed again, untimed), candidates alternating"
     );
     println!();
-    println!("| forward # | ours: `add_forwards` (1 element, 1 `nft -f`) | (`nft --version`: process floor) | anchor: `iptables -A` (nf_tables) | anchor: `iptables-legacy -A` | anchor ÷ ours (`iptables`) | anchor ÷ ours (`iptables-legacy`) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| forward # | ours: `add_forwards` (1 element, 1 `nft -f`) | (`nft --version`: process floor) | (ours: `remove_forwards`, 1 element) | anchor: `iptables -A` (nf_tables) | anchor: `iptables-legacy -A` | anchor ÷ ours (`iptables`) | anchor ÷ ours (`iptables-legacy`) |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut filled = 0;
     for k in POINTS {
         // Fill to k-1 forwards.
@@ -297,6 +297,7 @@ fn bench_add() {
         thread::sleep(Duration::from_secs(2));
         let rule = filler(k - 1);
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); namespaces.len()];
+        let mut removals: Vec<Duration> = Vec::new();
         for round in 0..ADD_SAMPLES {
             for i in 0..namespaces.len() {
                 let index = (i + round) % namespaces.len();
@@ -306,7 +307,9 @@ fn bench_add() {
                         let start = Instant::now();
                         nft::add_forwards(&[rule]).await.expect("add");
                         let took = start.elapsed();
+                        let start = Instant::now();
                         nft::remove_forwards(&[rule]).await.expect("remove");
+                        removals.push(start.elapsed());
                         took
                     }),
                     Candidate::Iptables { program, .. } => {
@@ -337,9 +340,10 @@ fn bench_add() {
             .collect();
         let medians: Vec<Duration> = samples.iter_mut().map(|s| median(s)).collect();
         println!(
-            "| {k} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
+            "| {k} | {} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
             ms(medians[0]),
             ms(median(&mut floor)),
+            ms(median(&mut removals)),
             ms(medians[1]),
             ms(medians[2]),
             medians[1].as_secs_f64() / medians[0].as_secs_f64(),

@@ -114,6 +114,7 @@ pub struct Daemon {
 /// up when it exits: running guests keep working, and the next start
 /// adopts them.
 pub async fn run(paths: Paths) -> Result<(), String> {
+    raise_fd_limit();
     let config = Config::load(&paths.config).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&paths.run_dir)
         .map_err(|e| format!("{}: {e}", paths.run_dir.display()))?;
@@ -161,6 +162,37 @@ pub async fn run(paths: Paths) -> Result<(), String> {
     let _ = std::fs::remove_file(&paths.ctl_socket);
     let _ = std::fs::remove_file(&paths.qmp_socket);
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one. Every guest holds
+/// two descriptors in the daemon (its QMP socket and a pidfd), so the usual
+/// soft limit of 1024 (systemd's default for services) would stop the
+/// daemon at about 500 guests: `accept` on both sockets, the hosts files and
+/// the state file then all fail with EMFILE. The daemon never uses
+/// `select()`, which is why the soft limit is low by default.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills one struct rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one struct rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::warn!(
+                soft = limit.rlim_cur,
+                "cannot raise the open files limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {

@@ -39,9 +39,10 @@
 //! [`remove_forwards`]) that touches nothing else — the table is only
 //! rebuilt by [`apply_with_forwards`] (daemon start, network changes).
 //! The maps' values are concatenations, which nft 1.0.6 only handles in
-//! its text syntax (its JSON cannot create them, and `nft -j list ruleset`
-//! fails once such a map exists anywhere): we only ever speak text to nft
-//! and only ever list our own table.
+//! its text syntax: its JSON cannot create such maps, and its JSON listing
+//! of our DNAT rules is lossy (it drops the port half of the value, so
+//! feeding it back would install different rules). We only ever speak text
+//! to nft and only ever list our own table.
 //!
 //! The same chain `port_forwards` is jumped to from `prerouting` (packets
 //! from the outside and from guests) and from `output` (the host's own
@@ -69,8 +70,16 @@
 //! connections; flows conntrack already knows (a TCP connection, a UDP
 //! flow within its timeout) keep their translation until they end.
 //!
-//! The one rule that touches traffic not of our bridges is in
-//! `loopback_guard` (prerouting, priority raw): a packet arriving on any
+//! With br_netfilter (Docker, Kubernetes; `bridge-nf-call-iptables=1`) the
+//! IP hooks also run while a frame is bridged, so a forward from a guest
+//! to a guest on the same bridge is applied by the bridge: that still
+//! works (and is masqueraded), except for a guest reaching *its own*
+//! forward, whose frame would have to leave by the port it came in by —
+//! which the bridge only does for a port in hairpin mode.
+//!
+//! Besides the forwards themselves, the one rule that touches traffic not
+//! of our bridges is in `loopback_guard` (prerouting, priority raw): a
+//! packet arriving on any
 //! interface but `lo` for 127.0.0.0/8 is dropped. Without `route_localnet`
 //! the kernel drops those itself; with it (which localhost forwards need)
 //! a neighbour could otherwise reach the host's loopback-only services
@@ -691,6 +700,11 @@ pub async fn add_forwards(rules: &[ForwardRule]) -> Result<(), NftError> {
 /// failing the others, so removing twice is fine. A rule whose key is
 /// installed with *another* guest is not ours to remove: the transaction
 /// fails (nft: `File exists`) and nothing changes.
+///
+/// Deleting set elements makes nft's exit wait for an RCU grace period
+/// (the kernel frees the elements when nft closes its netlink socket), so
+/// a removal takes ~10-20 ms where an addition takes ~3 ms — the same with
+/// 1 or 10,000 forwards.
 pub async fn remove_forwards(rules: &[ForwardRule]) -> Result<(), NftError> {
     check_forwards(rules)?;
     if rules.is_empty() {
