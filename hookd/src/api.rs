@@ -113,6 +113,45 @@ pub enum Request {
         host_addr: Option<IpAddr>,
     },
     ForwardList,
+    /// A libvirt guest (from the libvirt hook, root only): reservations for
+    /// its NICs on qnet networks, the forwards its domain XML declares, and,
+    /// once QEMU runs (`pid`), a guest record the daemon watches until the
+    /// process exits. Sending it again is idempotent: it replaces the
+    /// guest's forwards and record.
+    GuestRegister {
+        name: String,
+        uuid: String,
+        #[serde(default)]
+        nics: Vec<LibvirtNic>,
+        #[serde(default)]
+        forwards: Vec<ForwardSpec>,
+        #[serde(default)]
+        pid: Option<u32>,
+    },
+    /// The libvirt guest stopped: drop its record and its forwards (its
+    /// reservations stay, sticky).
+    GuestUnregister {
+        uuid: String,
+    },
+}
+
+/// One `<interface>` of a libvirt domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtNic {
+    pub mac: String,
+    /// `<source network=...>`: used when a qnet network has that name.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// `<source bridge=...>`: the qnet network owning that bridge.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// `<target dev=...>`: the host device, when libvirt names it.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// A fixed address (`<qnet:address>`) instead of one from the pool.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// A port forward as a user declares it: host port(s) → a guest's port(s).

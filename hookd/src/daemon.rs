@@ -375,6 +375,17 @@ impl Daemon {
                 host_addr,
             } => self.forward_rm(proto, host_port, host_addr, peer).await,
             Request::ForwardList => Ok(self.forward_list(peer)),
+            Request::GuestRegister {
+                name,
+                uuid,
+                nics,
+                forwards,
+                pid,
+            } => {
+                self.guest_register(name, uuid, nics, forwards, pid, peer)
+                    .await
+            }
+            Request::GuestUnregister { uuid } => self.guest_unregister(&uuid, peer).await,
             Request::Attach { qmp } => {
                 let conn = self.new_conn();
                 tokio::spawn(follow_guest(
@@ -493,7 +504,14 @@ impl Daemon {
         self.config_forwards
             .iter()
             .map(|f| (f, "config"))
-            .chain(self.state.forwards.iter().map(|f| (&f.spec, "runtime")))
+            .chain(self.state.forwards.iter().map(|f| {
+                let origin = if f.libvirt.is_some() {
+                    "libvirt"
+                } else {
+                    "runtime"
+                };
+                (&f.spec, origin)
+            }))
     }
 
     /// The forward map elements that must exist now: forwards of running
@@ -959,6 +977,7 @@ impl Daemon {
         self.state.forwards.push(StoredForward {
             spec,
             owner_uid: peer.uid,
+            libvirt: None,
         });
         self.save();
         self.sync_forwards().await;
@@ -1003,6 +1022,228 @@ impl Daemon {
             removed.spec.ports_text(),
             removed.spec.guest
         )))
+    }
+
+    // ----- libvirt guests ----------------------------------------------------
+
+    /// Registers a libvirt guest (the libvirt hook): reservations first,
+    /// then the forwards of its domain XML (replacing those it declared
+    /// before), then, with a pid, the guest record the daemon watches.
+    async fn guest_register(
+        &mut self,
+        name: String,
+        uuid: String,
+        nics: Vec<api::LibvirtNic>,
+        specs: Vec<ForwardSpec>,
+        pid: Option<u32>,
+        peer: Peer,
+    ) -> Result<Reply, String> {
+        require_root(peer, "register libvirt guests")?;
+        if uuid.is_empty() || name.is_empty() {
+            return Err("a libvirt guest needs a name and a UUID".into());
+        }
+        let start_time = match pid {
+            Some(pid) => Some(
+                state::process_start_time(pid)
+                    .ok_or_else(|| format!("guest `{name}`: no process {pid}"))?,
+            ),
+            None => None,
+        };
+        // Work out every NIC's network and check fixed addresses before
+        // changing anything.
+        let mut placed = Vec::new();
+        for nic in &nics {
+            let mac = api::normalize_mac(&nic.mac)?;
+            let network = nic
+                .network
+                .as_deref()
+                .filter(|n| self.networks.contains_key(*n))
+                .map(str::to_string)
+                .or_else(|| {
+                    nic.bridge
+                        .as_deref()
+                        .and_then(|b| self.network_of_bridge(b))
+                });
+            if let (Some(ip), Some(net_name)) = (nic.ip, &network) {
+                let net = &self.networks[net_name].config;
+                if !net.subnet.contains(&ip)
+                    || ip == net.router
+                    || ip == net.subnet.network()
+                    || ip == net.subnet.broadcast()
+                {
+                    return Err(format!(
+                        "guest `{name}`: {ip} is not a guest address of {} ({})",
+                        net.name, net.subnet
+                    ));
+                }
+                let taken = self
+                    .state
+                    .reservations
+                    .get(net_name)
+                    .and_then(|t| t.iter().find(|(m, r)| r.ip == ip && **m != mac));
+                if let Some((other, _)) = taken {
+                    return Err(format!(
+                        "guest `{name}`: {ip} is already reserved for {other} on {net_name}"
+                    ));
+                }
+            }
+            placed.push((mac, network, nic));
+        }
+        for spec in &specs {
+            if let Some(net) = &spec.network {
+                if !self.networks.contains_key(net) {
+                    return Err(self.no_such_network(net));
+                }
+            }
+            let clash =
+                self.forward_specs()
+                    .zip(self.forward_owners())
+                    .find(|((other, _), owner)| {
+                        other.overlaps(spec) && owner.as_deref() != Some(&uuid)
+                    });
+            if let Some(((other, origin), _)) = clash {
+                return Err(format!(
+                    "guest `{name}`: {} is taken by guest `{}` ({origin} forward {})",
+                    spec.ports_text(),
+                    other.guest,
+                    other.ports_text()
+                ));
+            }
+        }
+
+        // Reservations.
+        let label = dns_label(&name);
+        let mut guest_nics = Vec::new();
+        for (mac, network, nic) in placed {
+            let ip = match &network {
+                Some(net_name) => {
+                    let net = self.networks[net_name].config.clone();
+                    match nic.ip {
+                        Some(ip) => {
+                            let table = self.state.reservations.entry(net.name).or_default();
+                            let explicit = table.get(&mac).is_some_and(|r| r.explicit);
+                            table.insert(
+                                mac.clone(),
+                                StoredReservation {
+                                    ip,
+                                    name: label.clone(),
+                                    explicit,
+                                },
+                            );
+                            Some(ip)
+                        }
+                        None => Some(
+                            self.state
+                                .reserve(&net, &mac, label.as_deref())
+                                .ok_or_else(|| {
+                                    format!("network `{net_name}` has no free address left")
+                                })?,
+                        ),
+                    }
+                }
+                None => None,
+            };
+            guest_nics.push(GuestNic {
+                mac,
+                device: nic.device.clone(),
+                network,
+                ip,
+            });
+        }
+
+        // Forwards: exactly those of the domain XML.
+        self.state
+            .forwards
+            .retain(|f| f.libvirt.as_deref() != Some(uuid.as_str()));
+        let forward_count = specs.len();
+        for spec in specs {
+            self.state.forwards.push(StoredForward {
+                spec,
+                owner_uid: peer.uid,
+                libvirt: Some(uuid.clone()),
+            });
+        }
+
+        // The guest record, once QEMU runs.
+        if let (Some(pid), Some(start_time)) = (pid, start_time) {
+            let known = self
+                .state
+                .guests
+                .get(&pid)
+                .is_some_and(|g| g.start_time == start_time);
+            self.state
+                .guests
+                .retain(|p, g| *p == pid || g.uuid.as_deref() != Some(uuid.as_str()));
+            let uid = std::fs::metadata(format!("/proc/{pid}"))
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap_or(0);
+            self.state.guests.insert(
+                pid,
+                GuestRecord {
+                    pid,
+                    start_time,
+                    uid,
+                    name: Some(name.clone()),
+                    uuid: Some(uuid.clone()),
+                    qmp_server: None,
+                    nics: guest_nics.clone(),
+                },
+            );
+            if !known {
+                watch_stale_guest(pid, self.inputs.clone());
+            }
+        }
+        self.sync_dnsmasq().await;
+        self.sync_forwards().await;
+        self.save();
+        let addresses: Vec<String> = guest_nics
+            .iter()
+            .map(|n| match (&n.network, n.ip) {
+                (Some(net), Some(ip)) => format!("{} {ip} on {net}", n.mac),
+                _ => format!("{} not on a qnet network", n.mac),
+            })
+            .collect();
+        tracing::info!(guest = %name, %uuid, ?pid, "libvirt guest registered");
+        Ok(done(format!(
+            "registered libvirt guest `{name}`{}: {}; {forward_count} forward(s)",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            if addresses.is_empty() {
+                "no NICs".to_string()
+            } else {
+                addresses.join(", ")
+            }
+        )))
+    }
+
+    /// The libvirt guest `uuid` stopped: its record and forwards go; its
+    /// reservations stay (sticky).
+    async fn guest_unregister(&mut self, uuid: &str, peer: Peer) -> Result<Reply, String> {
+        require_root(peer, "unregister libvirt guests")?;
+        let guests_before = self.state.guests.len();
+        self.state
+            .guests
+            .retain(|_, g| g.qmp_server.is_some() || g.uuid.as_deref() != Some(uuid));
+        let forwards_before = self.state.forwards.len();
+        self.state
+            .forwards
+            .retain(|f| f.libvirt.as_deref() != Some(uuid));
+        let guests = guests_before - self.state.guests.len();
+        let forwards = forwards_before - self.state.forwards.len();
+        self.sync_dnsmasq().await;
+        self.sync_forwards().await;
+        self.save();
+        tracing::info!(%uuid, guests, forwards, "libvirt guest unregistered");
+        Ok(done(format!(
+            "unregistered libvirt guest {uuid}: {forwards} forward(s) removed"
+        )))
+    }
+
+    /// The libvirt owner of each entry of [`Self::forward_specs`].
+    fn forward_owners(&self) -> impl Iterator<Item = Option<String>> + '_ {
+        self.config_forwards
+            .iter()
+            .map(|_| None)
+            .chain(self.state.forwards.iter().map(|f| f.libvirt.clone()))
     }
 
     fn forward_list(&self, peer: Peer) -> Reply {

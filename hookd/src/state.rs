@@ -71,6 +71,10 @@ pub struct StoredForward {
     pub spec: api::ForwardSpec,
     /// Who added it.
     pub owner_uid: u32,
+    /// The UUID of the libvirt domain whose XML declares it (the libvirt
+    /// hook): removed when that guest unregisters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,21 +1,166 @@
-//! qnet-libvirt-hook: libvirt's qemu hook for qnet. Not implemented yet:
-//! this binary only describes itself.
+//! qnet-libvirt-hook: libvirt's qemu hook for qnet. libvirt runs it as
+//! `qemu GUEST OPERATION SUB-OP EXTRA` with the domain XML on stdin; it
+//! registers the guest with qnet-hookd (reservations, the port forwards of
+//! the domain's qnet metadata) and unregisters it when it stops. It never
+//! calls libvirt (libvirt waits for its hooks) and every request to hookd
+//! has a short timeout.
 
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use qnet_hookd::api::{Request, DEFAULT_CTL_SOCKET};
+use qnet_hookd::client::{self, ClientError};
+use qnet_libvirt_hook::{parse_domain_bytes, DomainInfo, MAX_XML_BYTES};
 
 /// libvirt qemu hook: gives libvirt guests qnet reservations and port forwards.
 ///
-/// Installed as /etc/libvirt/hooks/qemu.d/qnet, libvirt will run it as
-/// `qemu GUEST OPERATION SUB-OP EXTRA` with the domain XML on stdin; it will read qnet's
-/// <metadata> block and ask qnet-hookd to set up or tear down the guest. Not implemented yet.
+/// Install as /etc/libvirt/hooks/qemu.d/qnet (or /etc/libvirt/hooks/qemu);
+/// libvirt runs it as `qemu GUEST OPERATION SUB-OP EXTRA` with the domain
+/// XML on stdin. prepare/start register the guest with qnet-hookd,
+/// started/reconnect confirm it with QEMU's pid, stopped/release
+/// unregister it, migrate/restore print the XML unchanged; anything else
+/// does nothing.
 #[derive(Debug, Parser)]
 #[command(name = "qnet-libvirt-hook", version)]
-struct Cli {}
+struct Cli {
+    /// qnet-hookd's control socket.
+    #[arg(long, default_value = DEFAULT_CTL_SOCKET)]
+    socket: PathBuf,
+    /// Where libvirt keeps the pid files of running QEMUs (NAME.pid).
+    #[arg(long, default_value = "/run/libvirt/qemu")]
+    pid_dir: PathBuf,
+    /// Timeout of each request to qnet-hookd, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// The domain's name.
+    guest: Option<String>,
+    /// prepare, start, started, stopped, release, migrate, restore,
+    /// reconnect, attach.
+    operation: Option<String>,
+    /// libvirt's sub-operation and extra argument (ignored).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
 
 fn main() -> ExitCode {
-    let _ = Cli::parse();
-    eprintln!("qnet-libvirt-hook: not implemented yet");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    let guest = cli.guest.clone().unwrap_or_default();
+    let operation = cli.operation.clone().unwrap_or_default();
+    // libvirt writes the XML for every operation: read it (bounded) so it
+    // never meets a closed pipe.
+    let mut input = Vec::new();
+    let read = std::io::stdin()
+        .take(MAX_XML_BYTES as u64 + 1)
+        .read_to_end(&mut input);
+    let fail = |message: String| {
+        eprintln!("qnet-libvirt-hook: guest `{guest}` ({operation}): {message}");
+        ExitCode::FAILURE
+    };
+    match operation.as_str() {
+        "migrate" | "restore" => {
+            // A filter: the XML goes back unchanged.
+            if let Err(e) = read {
+                return fail(format!("reading the domain XML: {e}"));
+            }
+            if input.len() > MAX_XML_BYTES {
+                return fail("domain XML too long".into());
+            }
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(&input).and_then(|()| out.flush()) {
+                return fail(format!("writing the domain XML: {e}"));
+            }
+            ExitCode::SUCCESS
+        }
+        "prepare" | "start" | "started" | "reconnect" => {
+            if let Err(e) = read {
+                return fail(format!("reading the domain XML: {e}"));
+            }
+            let domain = match parse_domain_bytes(&input) {
+                Ok(domain) => domain,
+                Err(e) => return fail(e),
+            };
+            let pid = match operation.as_str() {
+                "started" | "reconnect" => read_pid(&cli.pid_dir, &domain.name),
+                _ => None,
+            };
+            register(&cli, &domain, pid, &fail)
+        }
+        "stopped" | "release" => {
+            // Teardown never fails the guest: report and go on.
+            let uuid = match read
+                .map_err(|e| e.to_string())
+                .and_then(|_| parse_domain_bytes(&input))
+            {
+                Ok(domain) => domain.uuid,
+                Err(e) => {
+                    let _ = fail(e);
+                    return ExitCode::SUCCESS;
+                }
+            };
+            let request = Request::GuestUnregister { uuid };
+            match client::request(&cli.socket, &request, timeout(&cli)) {
+                Ok(_) | Err(ClientError::NotRunning { .. }) => {}
+                Err(e) => {
+                    let _ = fail(e.to_string());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        // attach and operations of newer libvirt versions.
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn timeout(cli: &Cli) -> Duration {
+    Duration::from_millis(cli.timeout_ms.max(1))
+}
+
+/// QEMU's pid from libvirt's pid file, if it is there.
+fn read_pid(dir: &Path, name: &str) -> Option<u32> {
+    if name.contains('/') {
+        return None;
+    }
+    std::fs::read_to_string(dir.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|pid| *pid > 0)
+}
+
+/// Registers the guest. A guest with qnet metadata fails to start when
+/// hookd is unreachable or refuses; one without starts anyway.
+fn register(
+    cli: &Cli,
+    domain: &DomainInfo,
+    pid: Option<u32>,
+    fail: &dyn Fn(String) -> ExitCode,
+) -> ExitCode {
+    if domain.interfaces.is_empty() && !domain.has_qnet {
+        return ExitCode::SUCCESS;
+    }
+    let request = Request::GuestRegister {
+        name: domain.name.clone(),
+        uuid: domain.uuid.clone(),
+        nics: domain.nics(),
+        forwards: domain.forwards.clone(),
+        pid,
+    };
+    match client::request(&cli.socket, &request, timeout(cli)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e @ ClientError::NotRunning { .. }) if domain.has_qnet => fail(format!(
+            "the domain's XML asks for qnet (qnet metadata), but {e}"
+        )),
+        Err(ClientError::NotRunning { .. }) => ExitCode::SUCCESS,
+        Err(e) if domain.has_qnet => fail(e.to_string()),
+        Err(e) => {
+            let _ = fail(format!(
+                "{e} (the guest has no qnet metadata: starting anyway)"
+            ));
+            ExitCode::SUCCESS
+        }
+    }
 }

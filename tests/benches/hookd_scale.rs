@@ -4,7 +4,8 @@
 //!
 //! Run as root: `cargo build --release --workspace && cargo bench -p
 //! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
-//! `qnet-hookd`; MAX_GUESTS defaults to 1000).
+//! `qnet-hookd`; MAX_GUESTS defaults to 1000, at most 1023: one bridge
+//! port each).
 //!
 //! The bench makes a network namespace, starts the daemon in it with one
 //! NAT network on a /16 (`qnbench`, 10.90.0.0/16) and logging at `info`
@@ -40,7 +41,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -60,6 +61,8 @@ const BRIDGE: &str = "qnbench";
 const WORKER_ENV: &str = "QNET_HOOKD_SCALE_WORKER";
 const SOCKET_ENV: &str = "QNET_HOOKD_SCALE_SOCKET";
 const STEPS: [usize; 3] = [1, 100, 1000];
+/// A Linux bridge has at most 1023 ports (`BR_MAX_PORTS` - 1).
+const MAX_PORTS: usize = 1023;
 /// Latency is summarised over buckets of this many consecutive guests.
 const BUCKET: usize = 50;
 const IDLE: Duration = Duration::from_secs(10);
@@ -88,6 +91,10 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
+    assert!(
+        (1..=MAX_PORTS).contains(&max),
+        "MAX_GUESTS must be 1..={MAX_PORTS} (one bridge port each)"
+    );
     let mut steps: Vec<usize> = STEPS.iter().copied().filter(|&n| n < max).collect();
     steps.push(max);
 
@@ -114,6 +121,7 @@ fn main() {
     let target = Target {
         daemon,
         net_dir: net_dir.clone(),
+        state_file: hookd.dir().join("state/state.json"),
     };
 
     // Let start-up settle before the first sample.
@@ -148,6 +156,9 @@ fn main() {
     let before = target.snapshot();
     let n = guests.0.len();
     guests.kill_all();
+    // Every worker has exited (its TAP deleted: the kernel serialises
+    // those on the RTNL lock) and been reaped.
+    let reaped = before.at.elapsed();
     wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
         std::fs::read_to_string(&dns_file)
             .map(|t| t.trim().is_empty())
@@ -163,6 +174,7 @@ fn main() {
         .map_or(0, Vec::len);
     let teardown = Teardown {
         guests: n,
+        reaped,
         wall,
         before,
         after,
@@ -417,9 +429,13 @@ impl Watch {
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
         if n > 0 {
+            // Drain the events (non-blocking fd): only "something
+            // changed" matters.
             let mut buf = [0u8; 4096];
-            let mut file = File::from(self.fd.try_clone().unwrap());
-            while matches!(file.read(&mut buf), Ok(n) if n > 0) {}
+            // SAFETY: reads into a buffer of the length given.
+            while unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0
+            {
+            }
         }
     }
 }
@@ -545,6 +561,8 @@ struct Snapshot {
     dnsmasq: Usage,
     dnsmasq_pid: u32,
     rereads: usize,
+    /// Size of the daemon's state.json, rewritten at every guest event.
+    state_bytes: u64,
     at: Instant,
 }
 
@@ -560,6 +578,7 @@ fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
         dnsmasq: usage(dnsmasq_pid),
         dnsmasq_pid,
         rereads,
+        state_bytes: 0,
         at: Instant::now(),
     }
 }
@@ -568,11 +587,14 @@ fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
 struct Target {
     daemon: u32,
     net_dir: PathBuf,
+    state_file: PathBuf,
 }
 
 impl Target {
     fn snapshot(&self) -> Snapshot {
-        daemon_and_dnsmasq(self.daemon, &self.net_dir)
+        let mut snapshot = daemon_and_dnsmasq(self.daemon, &self.net_dir);
+        snapshot.state_bytes = std::fs::metadata(&self.state_file).map_or(0, |m| m.len());
+        snapshot
     }
 }
 
@@ -591,6 +613,9 @@ struct Row {
     /// (daemon, dnsmasq) CPU over [`IDLE`] with `guests` connected, ms.
     idle_cpu_ms: (u64, u64),
     dnsmasq_restarted: bool,
+    /// state.json after the idle period (the daemon saves it after
+    /// updating the hosts files).
+    state_bytes: u64,
 }
 
 /// Runs `connect` (bringing the guest count from `from` to `guests`),
@@ -612,6 +637,7 @@ fn measure_step(target: &Target, from: usize, guests: usize, connect: impl FnOnc
         sighups: idle.rereads.saturating_sub(before.rereads),
         idle_cpu_ms: cpu_ms(&after, &idle),
         dnsmasq_restarted: before.dnsmasq_pid != idle.dnsmasq_pid,
+        state_bytes: idle.state_bytes,
     }
 }
 
@@ -643,6 +669,8 @@ fn sighup_cost(target: &Target) -> f64 {
 
 struct Teardown {
     guests: usize,
+    /// Until every worker had exited and been reaped.
+    reaped: Duration,
     wall: Duration,
     before: Snapshot,
     after: Snapshot,
@@ -692,10 +720,10 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### Daemon and dnsmasq with N guests connected");
     println!();
     println!(
-        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq re-reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS |",
+        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq re-reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS | state.json |",
         IDLE.as_secs()
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let per = |total: u64| {
             if row.added == 0 {
@@ -705,7 +733,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
             }
         };
         println!(
-            "| {} (+{}) | {:.1} MiB | {} | {} | {:.2} s | {} | {} | {} | {} ms | {} ms | {:.1} MiB{} |",
+            "| {} (+{}) | {:.1} MiB | {} | {} | {:.2} s | {} | {} | {} | {} ms | {} ms | {:.1} MiB{} | {:.1} KiB |",
             row.guests,
             row.added,
             row.after.daemon.rss_kib as f64 / 1024.0,
@@ -723,6 +751,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
             } else {
                 ""
             },
+            row.state_bytes as f64 / 1024.0,
         );
     }
 
@@ -738,11 +767,12 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### All {} guests exit at once", t.guests);
     println!();
     println!(
-        "| until dns-hosts is empty | daemon CPU | dnsmasq CPU | dnsmasq re-reads | daemon RSS after | guests still listed |"
+        "| all workers exited and reaped | until dns-hosts is empty | daemon CPU | dnsmasq CPU | dnsmasq re-reads | daemon RSS after | guests still listed |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {:.2} s | {daemon_ms} ms | {dnsmasq_ms} ms | {} | {:.1} MiB | {} |",
+        "| {:.2} s | {:.2} s | {daemon_ms} ms | {dnsmasq_ms} ms | {} | {:.1} MiB | {} |",
+        t.reaped.as_secs_f64(),
         t.wall.as_secs_f64(),
         t.after.rereads.saturating_sub(t.before.rereads),
         t.after.daemon.rss_kib as f64 / 1024.0,

@@ -1,0 +1,464 @@
+//! qnet-libvirt-hook with a real libvirtd: a TCG domain booting the tiny
+//! guest on hookd's bridge gets its reservation and the forward its qnet
+//! metadata declares; `virsh destroy` removes the forward; a libvirtd
+//! restart (`reconnect`) keeps everything working.
+//!
+//! libvirtd runs inside the test network namespace (so QEMU's TAP lands
+//! there), with our hook installed as /etc/libvirt/hooks/qemu.d/qnet (a
+//! wrapper that records every call and its XML). Every libvirt file the
+//! test changes is restored and libvirtd is stopped by pid, whatever
+//! happens. The XML libvirt hands the hook is kept under
+//! target/qnet-test-logs/libvirt-xml/ (qemu-hooks/tests/data/ holds a copy).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
+use qnet_tests::hookd::Hookd;
+use qnet_tests::netns::NetNs;
+use qnet_tests::{require_tool, workspace_binary};
+
+const LONG: Duration = Duration::from_secs(90);
+const UPLINK: &str = "10.254.0.1";
+const OUTSIDE: &str = "10.254.0.2";
+const QNET_XMLNS: &str = "https://qnet.example/xmlns/libvirt/1";
+
+const CONFIG: &str = r#"
+[[network]]
+name = "lab"
+bridge = "qnlvb"
+subnet = "10.78.0.0/24"
+"#;
+
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+const HOOK_DIR: &str = "/etc/libvirt/hooks/qemu.d";
+const HOOK: &str = "/etc/libvirt/hooks/qemu.d/qnet";
+
+/// A file or directory the test changed, and how to put it back.
+enum Undo {
+    Restore(PathBuf, Vec<u8>),
+    Remove(PathBuf),
+    RemoveDir(PathBuf),
+    Run(&'static str, Vec<String>),
+}
+
+/// libvirtd in a namespace, with our config; dropping it stops libvirtd by
+/// pid and restores every file.
+struct Libvirtd {
+    ns: String,
+    log: PathBuf,
+    child: Option<Child>,
+    undo: Vec<Undo>,
+}
+
+impl Libvirtd {
+    fn setup(ns: &NetNs, dir: &Path, hookd: &Hookd) -> Libvirtd {
+        require_tool("libvirtd", "libvirt-daemon");
+        require_tool("virsh", "libvirt-clients");
+        if let Some(pid) = running_libvirtd() {
+            panic!("another libvirtd runs (pid {pid}): its sockets in /run/libvirt would clash; stop it first");
+        }
+        let mut me = Libvirtd {
+            ns: ns.name().to_string(),
+            log: dir.join("libvirtd.log"),
+            child: None,
+            undo: Vec::new(),
+        };
+        std::fs::create_dir_all("/var/log/libvirt").unwrap();
+        // The QEMU driver looks up its build-time user and group even when
+        // qemu.conf says root (libvirt-daemon-system would create them).
+        if !id_exists("passwd", "libvirt-qemu") {
+            run(&[
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "libvirt-qemu",
+            ]);
+            me.undo
+                .push(Undo::Run("userdel", vec!["libvirt-qemu".into()]));
+        }
+        if !id_exists("group", "kvm") {
+            run(&["groupadd", "--system", "kvm"]);
+            me.undo.push(Undo::Run("groupdel", vec!["kvm".into()]));
+        }
+        me.write(
+            Path::new(QEMU_CONF),
+            "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\n",
+        );
+        for d in ["/etc/libvirt/hooks", HOOK_DIR] {
+            if !Path::new(d).exists() {
+                std::fs::create_dir(d).unwrap();
+                me.undo.push(Undo::RemoveDir(d.into()));
+            }
+        }
+        let captured = target_dir().join("qnet-test-logs").join("libvirt-xml");
+        std::fs::create_dir_all(&captured).unwrap();
+        let script = format!(
+            "#!/bin/sh\n\
+             # qnet test wrapper: record the call and its XML, then run the hook.\n\
+             xml={captured}/$2.xml\n\
+             cat > \"$xml\"\n\
+             echo \"$*\" >> {calls}\n\
+             exec {bin} --socket {sock} \"$@\" < \"$xml\" 2>>{errs}\n",
+            captured = captured.display(),
+            calls = dir.join("hook-calls.log").display(),
+            errs = dir.join("hook-stderr.log").display(),
+            bin = workspace_binary("qnet-libvirt-hook").display(),
+            sock = hookd.ctl_socket().display(),
+        );
+        me.write(Path::new(HOOK), &script);
+        std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755)).unwrap();
+        me.start();
+        me
+    }
+
+    fn write(&mut self, path: &Path, text: &str) {
+        match std::fs::read(path) {
+            Ok(old) => self.undo.push(Undo::Restore(path.into(), old)),
+            Err(_) => self.undo.push(Undo::Remove(path.into())),
+        }
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // `ip netns exec` execs libvirtd: the child is libvirtd itself.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "libvirtd"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start libvirtd");
+        self.child = Some(child);
+        let deadline = Instant::now() + LONG;
+        while virsh(&["list", "--all"]).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("libvirtd exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not answer:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        self.stop();
+        for undo in self.undo.drain(..).rev() {
+            let _ = match undo {
+                Undo::Restore(path, bytes) => std::fs::write(path, bytes),
+                Undo::Remove(path) => std::fs::remove_file(path),
+                Undo::RemoveDir(path) => std::fs::remove_dir(path),
+                Undo::Run(program, args) => Command::new(program).args(args).status().map(drop),
+            };
+        }
+    }
+}
+
+fn id_exists(db: &str, name: &str) -> bool {
+    Command::new("getent")
+        .args([db, name])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(args: &[&str]) {
+    let status = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(status.success(), "{args:?}: {status}");
+}
+
+/// A process named libvirtd, if one runs.
+fn running_libvirtd() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "libvirtd").then_some(pid)
+    })
+}
+
+fn virsh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "-q"])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The domain: TCG, the tiny guest by direct kernel boot, one virtio NIC
+/// on hookd's bridge, a forward in the qnet metadata.
+fn domain_xml(name: &str, mac: &str, token: &str, serial: &Path, host_port: u16) -> String {
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    format!(
+        r#"<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <metadata>
+    <qnet:qnet xmlns:qnet="{QNET_XMLNS}">
+      <qnet:forward proto="tcp" host-port="{host_port}" guest-port="80"/>
+    </qnet:qnet>
+  </metadata>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet qnet.token={token}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='bridge'>
+      <source bridge='qnlvb'/>
+      <mac address='{mac}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='{serial}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+        kernel = image.kernel.display(),
+        initrd = image.initrd.display(),
+        serial = serial.display(),
+    )
+}
+
+fn get(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .ok_or_else(|| format!("no HTTP reply from {addr}: {reply:?}"))
+}
+
+fn fetch(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match ns.run_in(|| get(addr)) {
+            Ok(body) => return Ok(body),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    let hk = NetNs::new("lvhk");
+    let out = NetNs::new("lvout");
+    hk.ip(&[
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "out0",
+        "netns",
+        out.name(),
+    ]);
+    hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
+    hk.ip(&["link", "set", "up0", "up"]);
+    out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
+    out.ip(&["link", "set", "out0", "up"]);
+    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let dir = tempfile::Builder::new()
+        .prefix("qnet-test-libvirt-")
+        .tempdir()
+        .unwrap();
+    let qemu_conf_before = std::fs::read(QEMU_CONF).ok();
+    let hook_existed = Path::new(HOOK).exists();
+    let mut libvirtd = Libvirtd::setup(&hk, dir.path(), &hookd);
+
+    let name = format!("qnet-test-{}", random_token());
+    let mac = random_mac();
+    let token = random_token();
+    let serial = dir.path().join("serial.log");
+    let xml = dir.path().join("domain.xml");
+    std::fs::write(&xml, domain_xml(&name, &mac, &token, &serial, 8088)).unwrap();
+    let calls = || std::fs::read_to_string(dir.path().join("hook-calls.log")).unwrap_or_default();
+    let libvirtd_log = libvirtd.log.clone();
+    let context = || {
+        format!(
+            "--- hook calls ---\n{}\n--- hook stderr ---\n{}\n--- serial ---\n{}\n--- hookd ---\n{}\n--- libvirtd ---\n{}",
+            calls(),
+            std::fs::read_to_string(dir.path().join("hook-stderr.log")).unwrap_or_default(),
+            std::fs::read_to_string(&serial).unwrap_or_default(),
+            hookd.log(),
+            std::fs::read_to_string(&libvirtd_log).unwrap_or_default()
+        )
+    };
+
+    // Start: the hook registers the guest, its reservation comes first.
+    let started = Instant::now();
+    virsh(&["create", xml.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    eprintln!("virsh create took {:?}", started.elapsed());
+    for op in ["prepare", "start", "started"] {
+        assert!(
+            calls()
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(op)),
+            "the hook did not run for {op}\n{}",
+            context()
+        );
+    }
+    let reserved = hookd
+        .reservation("lab", &mac)
+        .unwrap_or_else(|| panic!("no reservation for {mac}\n{}", context()));
+    let lease_line = format!("QNET-GUEST-LEASE ip={reserved} ");
+    wait_for(
+        "the guest's DHCP lease",
+        LONG,
+        || {
+            std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .contains(&lease_line)
+        },
+        context,
+    );
+    let guests = hookd.guests();
+    let guest = guests
+        .iter()
+        .find(|g| g["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("hookd does not list {name}: {guests:?}\n{}", context()));
+    let pid = guest["pid"].as_u64().unwrap();
+    assert_eq!(guest["nics"][0]["ip"], reserved.as_str(), "{guest}");
+
+    // The forward of the metadata, from the outside namespace.
+    let forward = SocketAddr::new(UPLINK.parse().unwrap(), 8088);
+    assert_eq!(
+        fetch(&out, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context())),
+        token
+    );
+    let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
+    assert!(listed.to_string().contains("libvirt"), "{listed}");
+
+    // libvirtd restart: reconnect re-registers, everything keeps working.
+    libvirtd.stop();
+    libvirtd.start();
+    wait_for(
+        "the reconnect hook",
+        LONG,
+        || calls().contains(" reconnect "),
+        context,
+    );
+    assert!(virsh(&["domstate", &name]).unwrap().contains("running"));
+    assert_eq!(fetch(&out, forward, LONG).unwrap(), token);
+    let guests = hookd.guests();
+    assert!(
+        guests
+            .iter()
+            .any(|g| g["name"] == name.as_str() && g["pid"].as_u64() == Some(pid)),
+        "{guests:?}"
+    );
+    assert_eq!(hookd.reservation("lab", &mac), Some(reserved.clone()));
+
+    // Destroy: stopped/release unregister, the forward is gone.
+    virsh(&["destroy", &name]).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    wait_for(
+        "the release hook",
+        Duration::from_secs(20),
+        || calls().contains(" release "),
+        context,
+    );
+    wait_for(
+        "the forward to go",
+        Duration::from_secs(20),
+        || out.run_in(|| get(forward)).is_err(),
+        context,
+    );
+    let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
+    assert!(!listed.to_string().contains("8088"), "{listed}");
+    assert!(hookd.guests().iter().all(|g| g["name"] != name.as_str()));
+    // The reservation is sticky.
+    assert_eq!(hookd.reservation("lab", &mac), Some(reserved));
+    drop(libvirtd);
+    assert_eq!(
+        std::fs::read(QEMU_CONF).ok(),
+        qemu_conf_before,
+        "qemu.conf not restored"
+    );
+    assert_eq!(
+        Path::new(HOOK).exists(),
+        hook_existed,
+        "{HOOK} not restored"
+    );
+}
