@@ -149,9 +149,44 @@ pub struct LibvirtNic {
     /// `<target dev=...>`: the host device, when libvirt names it.
     #[serde(default)]
     pub device: Option<String>,
-    /// A fixed address (`<qnet:address>`) instead of one from the pool.
+    /// A fixed address (`<qnet:address>`) instead of one from the pool
+    /// (on a libvirt network: the address the guest has, instead of its
+    /// lease).
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// The libvirt network (one of libvirt's own, from libvirt's live
+    /// network status) that `network` or `bridge` names, if any. Used when
+    /// neither names a qnet network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_network: Option<LibvirtNetwork>,
+}
+
+/// One of libvirt's own networks, as its live status file describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtNetwork {
+    pub name: String,
+    /// Its bridge: libvirt's dnsmasq keeps the leases of the network in
+    /// `/var/lib/libvirt/dnsmasq/BRIDGE.status`.
+    pub bridge: String,
+    /// `<forward mode=...>`: `nat`, `route`, `open`, ...; `None`: no
+    /// `<forward>`, an isolated network.
+    #[serde(default)]
+    pub forward_mode: Option<String>,
+    /// Its IPv4 subnets (`<ip address=... netmask|prefix=...>`).
+    #[serde(default)]
+    pub subnets: Vec<ipnet::Ipv4Net>,
+}
+
+impl LibvirtNetwork {
+    /// Whether libvirt's own firewall rules let new connections from
+    /// outside the host into the network. libvirt 9.0 rejects them in its
+    /// iptables chain `LIBVIRT_FWI` for `nat` and isolated networks (only
+    /// replies pass); `route` accepts them, `open` adds no rules, and the
+    /// `bridge`/`hostdev`/macvtap modes do not route through the host.
+    pub fn admits_inbound(&self) -> bool {
+        !matches!(self.forward_mode.as_deref(), None | Some("nat"))
+    }
 }
 
 /// A port forward as a user declares it: host port(s) → a guest's port(s).
@@ -285,6 +320,12 @@ pub struct GuestNic {
     pub device: Option<String>,
     pub network: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// The bridge of the libvirt network the NIC is on, when `network` is
+    /// one of libvirt's own networks rather than a qnet network: `ip` is
+    /// then the address libvirt's dnsmasq leased (or the metadata's fixed
+    /// address), and no qnet reservation exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_bridge: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

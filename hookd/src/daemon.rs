@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{
     self, ForwardInfo, ForwardSpec, GuestNic, GuestStatus, NetworkStatus, Proto, Reply, Request,
@@ -26,9 +26,10 @@ use crate::api::{
 use crate::config::{Config, NetworkConfig};
 use crate::discover::{self, GuestPort, PortKind};
 use crate::dnsmasq::{self, DhcpHost, DnsHost, DnsmasqHandle};
+use crate::libvirt::{self, LeaseUpdate};
 use crate::nft::ForwardRule;
 use crate::qmp::{self, GuestIdentity, GuestInfo, NicInfo, QmpEvent, QmpSession};
-use crate::state::{self, GuestRecord, State, StoredForward, StoredReservation};
+use crate::state::{self, GuestRecord, LibvirtAddress, State, StoredForward, StoredReservation};
 use crate::{ctl, forwards, network, nft, orphans, subnet};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
@@ -77,6 +78,8 @@ pub enum Input {
     StaleGuestExited {
         pid: u32,
     },
+    /// The lease status file of a libvirt network's bridge changed.
+    LibvirtLeases(LeaseUpdate),
 }
 
 pub struct GuestUp {
@@ -108,6 +111,11 @@ pub struct Daemon {
     guests: HashMap<ConnId, GuestRuntime>,
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: ConnId,
+    /// The bridges whose libvirt lease files the watcher follows.
+    lease_watch: watch::Sender<BTreeSet<String>>,
+    /// (guest UUID, libvirt network) pairs already warned about: a forward
+    /// into a libvirt network whose firewall rejects inbound connections.
+    libvirt_warned: BTreeSet<(String, String)>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
@@ -123,6 +131,13 @@ pub async fn run(paths: Paths) -> Result<(), String> {
     let state = State::load(&paths.state_dir).map_err(|e| e.to_string())?;
 
     let (inputs, mut receiver) = mpsc::unbounded_channel();
+    let (lease_watch, lease_bridges) = watch::channel(BTreeSet::new());
+    let lease_inputs = inputs.clone();
+    tokio::spawn(libvirt::watch_leases(
+        PathBuf::from(libvirt::LEASE_DIR),
+        lease_bridges,
+        move |update| lease_inputs.send(Input::LibvirtLeases(update)).is_ok(),
+    ));
     let mut daemon = Daemon {
         paths: paths.clone(),
         state,
@@ -132,6 +147,8 @@ pub async fn run(paths: Paths) -> Result<(), String> {
         guests: HashMap::new(),
         inputs: inputs.clone(),
         next_conn: 1,
+        lease_watch,
+        libvirt_warned: BTreeSet::new(),
     };
     daemon.start(config).await?;
 
@@ -349,6 +366,7 @@ impl Daemon {
                     self.save();
                 }
             }
+            Input::LibvirtLeases(update) => self.libvirt_leases(update).await,
         }
     }
 
@@ -524,13 +542,21 @@ impl Daemon {
             .filter(|n| n.up)
             .map(|n| &n.config)
             .collect();
+        // Addresses of guests on libvirt's own networks: libvirt keeps
+        // those networks up, not us.
+        let on_libvirt: BTreeSet<IpAddr> = guests
+            .iter()
+            .flat_map(|g| g.nics.iter())
+            .filter(|nic| nic.libvirt_bridge.is_some())
+            .filter_map(|nic| nic.ip.map(IpAddr::V4))
+            .collect();
         let mut rules = forwards::desired(self.forward_specs().map(|(f, _)| f), &guests, &networks);
         rules.retain(|r| {
             let guest_net_up = networks.iter().any(|n| match r.guest_addr {
                 IpAddr::V4(a) => n.subnet.contains(&a),
                 IpAddr::V6(a) => n.ipv6.is_some_and(|v6| v6.subnet.contains(&a)),
             });
-            guest_net_up
+            guest_net_up || on_libvirt.contains(&r.guest_addr)
         });
         rules
     }
@@ -538,6 +564,9 @@ impl Daemon {
     /// Brings the installed forward elements to the desired set, changing
     /// only the difference (one small transaction each way).
     async fn sync_forwards(&mut self) {
+        // Forwards to guests on libvirt networks follow their leases: the
+        // set of lease files to watch changes with the same events.
+        self.update_lease_watch();
         let desired = self.desired_forwards();
         let stale: Vec<ForwardRule> = self
             .installed_forwards
@@ -587,7 +616,10 @@ impl Daemon {
                 .guests
                 .values()
                 .flat_map(|g| g.nics.iter())
-                .filter(|nic| nic.network.as_deref() == Some(net.name.as_str()))
+                .filter(|nic| {
+                    nic.libvirt_bridge.is_none()
+                        && nic.network.as_deref() == Some(net.name.as_str())
+                })
                 .map(|nic| nic.mac.as_str())
                 .collect();
             let mut dhcp = Vec::new();
@@ -708,6 +740,7 @@ impl Daemon {
                 device,
                 network,
                 ip,
+                libvirt_bridge: None,
             });
         }
         if let Some(record) = self.state.guests.get_mut(&pid) {
@@ -761,9 +794,10 @@ impl Daemon {
                         .guests
                         .values()
                         .filter(|g| {
-                            g.nics
-                                .iter()
-                                .any(|nic| nic.network.as_deref() == Some(&n.config.name))
+                            g.nics.iter().any(|nic| {
+                                nic.libvirt_bridge.is_none()
+                                    && nic.network.as_deref() == Some(&n.config.name)
+                            })
                         })
                         .count(),
                     rx_bytes,
@@ -926,7 +960,7 @@ impl Daemon {
 
     async fn forward_add(&mut self, spec: ForwardSpec, peer: Peer) -> Result<Reply, String> {
         if let Some(net) = &spec.network {
-            if !self.networks.contains_key(net) {
+            if !self.networks.contains_key(net) && !self.is_libvirt_network(net) {
                 return Err(self.no_such_network(net));
             }
         }
@@ -1029,6 +1063,11 @@ impl Daemon {
     /// Registers a libvirt guest (the libvirt hook): reservations first,
     /// then the forwards of its domain XML (replacing those it declared
     /// before), then, with a pid, the guest record the daemon watches.
+    ///
+    /// A NIC on one of libvirt's own networks gets no reservation (libvirt's
+    /// dnsmasq hands out its address): its address is the fixed one of the
+    /// metadata, else the lease in libvirt's status file, else the last one
+    /// remembered for its MAC; the lease watcher updates it later.
     async fn guest_register(
         &mut self,
         name: String,
@@ -1054,7 +1093,7 @@ impl Daemon {
         let mut placed = Vec::new();
         for nic in &nics {
             let mac = api::normalize_mac(&nic.mac)?;
-            let network = nic
+            let qnet = nic
                 .network
                 .as_deref()
                 .filter(|n| self.networks.contains_key(*n))
@@ -1064,34 +1103,71 @@ impl Daemon {
                         .as_deref()
                         .and_then(|b| self.network_of_bridge(b))
                 });
-            if let (Some(ip), Some(net_name)) = (nic.ip, &network) {
-                let net = &self.networks[net_name].config;
-                if !net.subnet.contains(&ip)
-                    || ip == net.router
-                    || ip == net.subnet.network()
-                    || ip == net.subnet.broadcast()
-                {
-                    return Err(format!(
-                        "guest `{name}`: {ip} is not a guest address of {} ({})",
-                        net.name, net.subnet
-                    ));
+            let place = match (qnet, &nic.libvirt_network) {
+                (Some(net_name), _) => Place::Qnet(net_name),
+                (None, Some(lv)) => {
+                    libvirt::status_path(Path::new(libvirt::LEASE_DIR), &lv.bridge).map_err(
+                        |e| format!("guest `{name}`: libvirt network `{}`: {e}", lv.name),
+                    )?;
+                    Place::Libvirt(lv.clone())
                 }
-                let taken = self
-                    .state
-                    .reservations
-                    .get(net_name)
-                    .and_then(|t| t.iter().find(|(m, r)| r.ip == ip && **m != mac));
-                if let Some((other, _)) = taken {
-                    return Err(format!(
-                        "guest `{name}`: {ip} is already reserved for {other} on {net_name}"
-                    ));
+                (None, None) => Place::Elsewhere,
+            };
+            match (&place, nic.ip) {
+                (Place::Qnet(net_name), Some(ip)) => {
+                    let net = &self.networks[net_name].config;
+                    if !net.subnet.contains(&ip)
+                        || ip == net.router
+                        || ip == net.subnet.network()
+                        || ip == net.subnet.broadcast()
+                    {
+                        return Err(format!(
+                            "guest `{name}`: {ip} is not a guest address of {} ({})",
+                            net.name, net.subnet
+                        ));
+                    }
+                    let taken = self
+                        .state
+                        .reservations
+                        .get(net_name)
+                        .and_then(|t| t.iter().find(|(m, r)| r.ip == ip && **m != mac));
+                    if let Some((other, _)) = taken {
+                        return Err(format!(
+                            "guest `{name}`: {ip} is already reserved for {other} on {net_name}"
+                        ));
+                    }
                 }
+                (Place::Libvirt(lv), Some(ip)) => {
+                    let inside = lv.subnets.iter().any(|s| {
+                        s.contains(&ip)
+                            && ip != s.network()
+                            && ip != s.broadcast()
+                            && ip != s.addr()
+                    });
+                    if !lv.subnets.is_empty() && !inside {
+                        let subnets: Vec<String> =
+                            lv.subnets.iter().map(|s| s.trunc().to_string()).collect();
+                        return Err(format!(
+                            "guest `{name}`: {ip} is not a guest address of libvirt network `{}` ({})",
+                            lv.name,
+                            subnets.join(", ")
+                        ));
+                    }
+                }
+                _ => {}
             }
-            placed.push((mac, network, nic));
+            placed.push((mac, place, nic));
         }
+        let libvirt_names: BTreeSet<&str> = placed
+            .iter()
+            .filter_map(|(_, place, _)| match place {
+                Place::Libvirt(lv) => Some(lv.name.as_str()),
+                _ => None,
+            })
+            .collect();
         for spec in &specs {
             if let Some(net) = &spec.network {
-                if !self.networks.contains_key(net) {
+                if !self.networks.contains_key(net) && !libvirt_names.contains(net.as_str()) {
                     return Err(self.no_such_network(net));
                 }
             }
@@ -1111,14 +1187,15 @@ impl Daemon {
             }
         }
 
-        // Reservations.
+        // Reservations, and addresses on libvirt networks.
         let label = dns_label(&name);
         let mut guest_nics = Vec::new();
-        for (mac, network, nic) in placed {
-            let ip = match &network {
-                Some(net_name) => {
-                    let net = self.networks[net_name].config.clone();
-                    match nic.ip {
+        let mut libvirt_nets = Vec::new();
+        for (mac, place, nic) in placed {
+            let (network, ip, libvirt_bridge) = match place {
+                Place::Qnet(net_name) => {
+                    let net = self.networks[&net_name].config.clone();
+                    let ip = match nic.ip {
                         Some(ip) => {
                             let table = self.state.reservations.entry(net.name).or_default();
                             let explicit = table.get(&mac).is_some_and(|r| r.explicit);
@@ -1130,25 +1207,35 @@ impl Daemon {
                                     explicit,
                                 },
                             );
-                            Some(ip)
+                            ip
                         }
-                        None => Some(
-                            self.state
-                                .reserve(&net, &mac, label.as_deref())
-                                .ok_or_else(|| {
-                                    format!("network `{net_name}` has no free address left")
-                                })?,
-                        ),
-                    }
+                        None => self
+                            .state
+                            .reserve(&net, &mac, label.as_deref())
+                            .ok_or_else(|| {
+                                format!("network `{net_name}` has no free address left")
+                            })?,
+                    };
+                    (Some(net_name), Some(ip), None)
                 }
-                None => None,
+                Place::Libvirt(lv) => {
+                    let ip = self.libvirt_address(&mac, &lv, nic.ip).await;
+                    let entry = (Some(lv.name.clone()), ip, Some(lv.bridge.clone()));
+                    libvirt_nets.push(lv);
+                    entry
+                }
+                Place::Elsewhere => (None, None, None),
             };
             guest_nics.push(GuestNic {
                 mac,
                 device: nic.device.clone(),
                 network,
                 ip,
+                libvirt_bridge,
             });
+        }
+        if !specs.is_empty() {
+            self.warn_libvirt_inbound(&name, &uuid, &libvirt_nets);
         }
 
         // Forwards: exactly those of the domain XML.
@@ -1198,9 +1285,15 @@ impl Daemon {
         self.save();
         let addresses: Vec<String> = guest_nics
             .iter()
-            .map(|n| match (&n.network, n.ip) {
-                (Some(net), Some(ip)) => format!("{} {ip} on {net}", n.mac),
-                _ => format!("{} not on a qnet network", n.mac),
+            .map(|n| match (&n.network, n.ip, &n.libvirt_bridge) {
+                (Some(net), Some(ip), None) => format!("{} {ip} on {net}", n.mac),
+                (Some(net), Some(ip), Some(_)) => {
+                    format!("{} {ip} on libvirt network {net}", n.mac)
+                }
+                (Some(net), None, Some(_)) => {
+                    format!("{} on libvirt network {net}, waiting for its lease", n.mac)
+                }
+                _ => format!("{} not on a qnet or libvirt network", n.mac),
             })
             .collect();
         tracing::info!(guest = %name, %uuid, ?pid, "libvirt guest registered");
@@ -1215,6 +1308,158 @@ impl Daemon {
         )))
     }
 
+    /// The address of `mac` on libvirt network `lv`: `fixed` (the
+    /// metadata's), else its lease in libvirt's status file, else the last
+    /// one remembered for it on that bridge. Remembers what it finds.
+    async fn libvirt_address(
+        &mut self,
+        mac: &str,
+        lv: &api::LibvirtNetwork,
+        fixed: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let leased = match fixed {
+            Some(_) => None,
+            None => {
+                let path = libvirt::status_path(Path::new(libvirt::LEASE_DIR), &lv.bridge).ok()?;
+                match tokio::task::spawn_blocking(move || libvirt::read_status(&path)).await {
+                    Ok(Ok(leases)) => libvirt::address_of(&leases, mac),
+                    Ok(Err(e)) => {
+                        tracing::warn!("libvirt leases: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        let remembered = self
+            .state
+            .libvirt_addresses
+            .get(mac)
+            .filter(|a| a.bridge == lv.bridge && !a.fixed)
+            .map(|a| a.ip);
+        let ip = fixed.or(leased).or(remembered)?;
+        self.state.libvirt_addresses.insert(
+            mac.to_string(),
+            LibvirtAddress {
+                network: lv.name.clone(),
+                bridge: lv.bridge.clone(),
+                ip,
+                fixed: fixed.is_some(),
+            },
+        );
+        Some(ip)
+    }
+
+    /// Warns, once per guest and network, that forwards into a libvirt
+    /// network whose own firewall rejects inbound connections work from
+    /// the host only. We never edit libvirt's rules (they are not ours).
+    fn warn_libvirt_inbound(&mut self, name: &str, uuid: &str, nets: &[api::LibvirtNetwork]) {
+        for lv in nets.iter().filter(|lv| !lv.admits_inbound()) {
+            if self
+                .libvirt_warned
+                .insert((uuid.to_string(), lv.name.clone()))
+            {
+                tracing::warn!(
+                    guest = %name,
+                    network = %lv.name,
+                    mode = lv.forward_mode.as_deref().unwrap_or("isolated"),
+                    "forwards to this guest work from the host only: libvirt's firewall \
+                     (iptables chain LIBVIRT_FWI) rejects new connections from outside into \
+                     {} networks; use <forward mode='route'/> or 'open' for the libvirt \
+                     network, or accept them in your own FORWARD rules",
+                    lv.forward_mode.as_deref().unwrap_or("isolated")
+                );
+            }
+        }
+    }
+
+    /// libvirt's dnsmasq changed the leases of `update.bridge`: guests on
+    /// that bridge whose lease is new or moved get their forwards (re)made.
+    async fn libvirt_leases(&mut self, update: LeaseUpdate) {
+        let mut changed = Vec::new();
+        for guest in self.state.guests.values_mut() {
+            for nic in guest.nics.iter_mut() {
+                if nic.libvirt_bridge.as_deref() != Some(update.bridge.as_str()) {
+                    continue;
+                }
+                let fixed = self
+                    .state
+                    .libvirt_addresses
+                    .get(&nic.mac)
+                    .is_some_and(|a| a.fixed && a.bridge == update.bridge);
+                if fixed {
+                    continue;
+                }
+                let Some(ip) = libvirt::address_of(&update.leases, &nic.mac) else {
+                    continue;
+                };
+                if nic.ip != Some(ip) {
+                    tracing::info!(
+                        guest = guest.name.as_deref().unwrap_or("-"),
+                        mac = %nic.mac,
+                        %ip,
+                        bridge = %update.bridge,
+                        "libvirt lease"
+                    );
+                    nic.ip = Some(ip);
+                    changed.push((nic.mac.clone(), nic.network.clone().unwrap_or_default(), ip));
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        for (mac, network, ip) in changed {
+            self.state.libvirt_addresses.insert(
+                mac,
+                LibvirtAddress {
+                    network,
+                    bridge: update.bridge.clone(),
+                    ip,
+                    fixed: false,
+                },
+            );
+        }
+        self.sync_forwards().await;
+        self.save();
+    }
+
+    /// Tells the lease watcher which bridges matter now: those of running
+    /// libvirt guests' NICs whose address comes from a lease.
+    fn update_lease_watch(&self) {
+        let bridges: BTreeSet<String> = self
+            .state
+            .guests
+            .values()
+            .flat_map(|g| g.nics.iter())
+            .filter(|nic| {
+                !self
+                    .state
+                    .libvirt_addresses
+                    .get(&nic.mac)
+                    .is_some_and(|a| a.fixed)
+            })
+            .filter_map(|nic| nic.libvirt_bridge.clone())
+            .collect();
+        self.lease_watch.send_if_modified(|current| {
+            if *current == bridges {
+                false
+            } else {
+                *current = bridges;
+                true
+            }
+        });
+    }
+
+    /// Whether a running guest has a NIC on the libvirt network `name`.
+    fn is_libvirt_network(&self, name: &str) -> bool {
+        self.state
+            .guests
+            .values()
+            .flat_map(|g| g.nics.iter())
+            .any(|nic| nic.libvirt_bridge.is_some() && nic.network.as_deref() == Some(name))
+    }
+
     /// The libvirt guest `uuid` stopped: its record and forwards go; its
     /// reservations stay (sticky).
     async fn guest_unregister(&mut self, uuid: &str, peer: Peer) -> Result<Reply, String> {
@@ -1227,6 +1472,8 @@ impl Daemon {
         self.state
             .forwards
             .retain(|f| f.libvirt.as_deref() != Some(uuid));
+        // Its next start warns again.
+        self.libvirt_warned.retain(|(u, _)| u != uuid);
         let guests = guests_before - self.state.guests.len();
         let forwards = forwards_before - self.state.forwards.len();
         self.sync_dnsmasq().await;
@@ -1274,6 +1521,16 @@ impl Daemon {
             tracing::error!("saving state: {e}");
         }
     }
+}
+
+/// Where a libvirt guest's NIC is.
+enum Place {
+    /// On this qnet network.
+    Qnet(String),
+    /// On one of libvirt's own networks.
+    Libvirt(api::LibvirtNetwork),
+    /// Neither (a host bridge, macvtap, user networking...).
+    Elsewhere,
 }
 
 fn done(message: String) -> Reply {

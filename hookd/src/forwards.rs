@@ -99,9 +99,14 @@ pub fn desired<'a>(
     let mut rules = BTreeSet::new();
     for spec in specs {
         if let Some(nic) = target_nic(spec, guests.iter().copied()) {
+            // A NIC on a libvirt network is never on a qnet network, even
+            // one of the same name (and has no IPv6 forward: libvirt's
+            // dnsmasq may hand out DHCPv6 addresses we cannot predict).
             let net = networks
                 .iter()
-                .find(|n| Some(n.name.as_str()) == nic.network.as_deref())
+                .find(|n| {
+                    nic.libvirt_bridge.is_none() && Some(n.name.as_str()) == nic.network.as_deref()
+                })
                 .copied();
             rules.extend(rules_for(spec, nic, net));
         }
@@ -194,6 +199,7 @@ mod tests {
                 device: None,
                 network: Some("lab".into()),
                 ip: Some(Ipv4Addr::from(ip)),
+                libvirt_bridge: None,
             }],
         }
     }
@@ -218,6 +224,25 @@ mod tests {
         let rules = desired([&spec("web", (9000, 9002), 100)], &[&web], &[]);
         let pairs: Vec<(u16, u16)> = rules.iter().map(|r| (r.host_port, r.guest_port)).collect();
         assert_eq!(pairs, [(9000, 100), (9001, 101), (9002, 102)]);
+    }
+
+    #[test]
+    fn a_nic_on_a_libvirt_network_gets_ipv4_only_even_if_a_qnet_network_has_its_name() {
+        let mut web = guest("web", "52:54:00:00:00:01", [192, 168, 122, 9]);
+        web.nics[0].libvirt_bridge = Some("virbr0".into());
+        // A qnet network called like the libvirt one, with IPv6.
+        let mut lab = crate::config::Config::default_network("10.9.0.0/24".parse().unwrap());
+        lab.name = "lab".into();
+        lab.ipv6 = Some(crate::config::Ipv6Config {
+            subnet: "fd42::/64".parse().unwrap(),
+            router: "fd42::1".parse().unwrap(),
+        });
+        let rules = desired([&spec("web", (8080, 8080), 80)], &[&web], &[&lab]);
+        let targets: Vec<IpAddr> = rules.iter().map(|r| r.guest_addr).collect();
+        assert_eq!(targets, [IpAddr::V4(Ipv4Addr::new(192, 168, 122, 9))]);
+        // Without an address yet (no lease), no forward.
+        web.nics[0].ip = None;
+        assert!(desired([&spec("web", (8080, 8080), 80)], &[&web], &[&lab]).is_empty());
     }
 
     #[test]

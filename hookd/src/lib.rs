@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
 pub mod forwards;
+pub mod libvirt;
 pub mod network;
 pub mod nft;
 pub mod orphans;

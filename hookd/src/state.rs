@@ -63,6 +63,22 @@ pub struct State {
     /// of hookd.toml come from the file at every start.
     #[serde(default)]
     pub forwards: Vec<StoredForward>,
+    /// Addresses of guest NICs on libvirt's own networks, by MAC: the last
+    /// lease libvirt's dnsmasq gave (or the fixed address of the qnet
+    /// metadata), so a restart of the guest or of the daemon installs its
+    /// forwards at once instead of after the next lease.
+    #[serde(default)]
+    pub libvirt_addresses: BTreeMap<String, LibvirtAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtAddress {
+    /// The libvirt network's name and bridge when the address was seen.
+    pub network: String,
+    pub bridge: String,
+    pub ip: Ipv4Addr,
+    /// From `<qnet:address>`: leases do not change it.
+    pub fixed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +285,30 @@ mod tests {
         assert_eq!(State::load(dir.path()).unwrap(), state);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file may remain");
+    }
+
+    #[test]
+    fn libvirt_addresses_persist_and_older_files_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state file of a daemon before libvirt networks: no such key.
+        fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version": 1, "reservations": {}}"#,
+        )
+        .unwrap();
+        let mut state = State::load(dir.path()).unwrap();
+        assert!(state.libvirt_addresses.is_empty());
+        state.libvirt_addresses.insert(
+            "52:54:00:00:00:0a".into(),
+            LibvirtAddress {
+                network: "default".into(),
+                bridge: "virbr0".into(),
+                ip: Ipv4Addr::new(192, 168, 122, 7),
+                fixed: false,
+            },
+        );
+        state.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), state);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::time::Duration;
 use clap::Parser;
 use qnet_hookd::api::{Request, DEFAULT_CTL_SOCKET};
 use qnet_hookd::client::{self, ClientError};
-use qnet_libvirt_hook::{parse_domain_bytes, DomainInfo, MAX_XML_BYTES};
+use qnet_libvirt_hook::{
+    find_libvirt_network, parse_domain_bytes, DomainInfo, LIBVIRT_NETWORK_DIR, MAX_XML_BYTES,
+};
 
 /// libvirt qemu hook: gives libvirt guests qnet reservations and port forwards.
 ///
@@ -32,6 +34,10 @@ struct Cli {
     /// Where libvirt keeps the pid files of running QEMUs (NAME.pid).
     #[arg(long, default_value = "/run/libvirt/qemu")]
     pid_dir: PathBuf,
+    /// Where libvirt keeps the live status of its networks (NAME.xml): a
+    /// NIC on one of libvirt's own networks gets its forwards there.
+    #[arg(long, default_value = LIBVIRT_NETWORK_DIR)]
+    libvirt_network_dir: PathBuf,
     /// Timeout of each request to qnet-hookd, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
@@ -142,10 +148,21 @@ fn register(
     if domain.interfaces.is_empty() && !domain.has_qnet {
         return ExitCode::SUCCESS;
     }
+    // A NIC on a libvirt network we cannot read about just gets no
+    // forwards: say so, and start the guest.
+    let nics = domain.nics_on(|iface| {
+        find_libvirt_network(&cli.libvirt_network_dir, iface).unwrap_or_else(|e| {
+            eprintln!(
+                "qnet-libvirt-hook: guest `{}`: interface {}: {e}",
+                domain.name, iface.mac
+            );
+            None
+        })
+    });
     let request = Request::GuestRegister {
         name: domain.name.clone(),
         uuid: domain.uuid.clone(),
-        nics: domain.nics(),
+        nics,
         forwards: domain.forwards.clone(),
         pid,
     };

@@ -1,7 +1,15 @@
 //! qnet-libvirt-hook with a real libvirtd: a TCG domain booting the tiny
 //! guest on hookd's bridge gets its reservation and the forward its qnet
 //! metadata declares; `virsh destroy` removes the forward; a libvirtd
-//! restart (`reconnect`) keeps everything working.
+//! restart (`reconnect`) keeps everything working. Domains on libvirt's
+//! own networks (defined and started by the test with `virsh net-define`)
+//! get their forwards to the address libvirt's dnsmasq leased them: from
+//! the host on a NAT network (libvirt's firewall rejects the outside, which
+//! the test checks too), from the outside on a `route` network.
+//!
+//! Only one libvirtd may run on the machine (its sockets are in
+//! /run/libvirt): the tests take a lock file and wait for another libvirtd
+//! (another test process) to finish.
 //!
 //! libvirtd runs inside the test network namespace (so QEMU's TAP lands
 //! there), with our hook installed as /etc/libvirt/hooks/qemu.d/qnet (a
@@ -15,6 +23,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
@@ -33,6 +42,12 @@ name = "lab"
 bridge = "qnlvb"
 subnet = "10.78.0.0/24"
 "#;
+
+/// Serialises the tests of this binary: one libvirtd at a time.
+static ONE_LIBVIRTD: Mutex<()> = Mutex::new(());
+/// Serialises libvirtd between test processes (parallel test binaries,
+/// checkouts).
+const LIBVIRTD_LOCK: &str = "/run/lock/qnet-test-libvirtd.lock";
 
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
 const HOOK_DIR: &str = "/etc/libvirt/hooks/qemu.d";
@@ -53,20 +68,50 @@ struct Libvirtd {
     log: PathBuf,
     child: Option<Child>,
     undo: Vec<Undo>,
+    /// Held while libvirtd runs (flock; released on close).
+    _lock: std::fs::File,
+}
+
+/// Takes the machine-wide libvirtd lock and waits until no other libvirtd
+/// runs (one started by a test binary without the lock, or a leftover).
+fn lock_libvirtd() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LIBVIRTD_LOCK)
+        .unwrap_or_else(|e| panic!("{LIBVIRTD_LOCK}: {e}"));
+    // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock {LIBVIRTD_LOCK}: {}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while let Some(pid) = running_libvirtd() {
+        assert!(
+            Instant::now() < deadline,
+            "another libvirtd runs (pid {pid}): its sockets in /run/libvirt would clash; stop it first"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    file
 }
 
 impl Libvirtd {
-    fn setup(ns: &NetNs, dir: &Path, hookd: &Hookd) -> Libvirtd {
+    fn setup(ns: &NetNs, dir: &Path, hookd: &Hookd, capture: &str) -> Libvirtd {
         require_tool("libvirtd", "libvirt-daemon");
         require_tool("virsh", "libvirt-clients");
-        if let Some(pid) = running_libvirtd() {
-            panic!("another libvirtd runs (pid {pid}): its sockets in /run/libvirt would clash; stop it first");
-        }
+        let lock = lock_libvirtd();
         let mut me = Libvirtd {
             ns: ns.name().to_string(),
             log: dir.join("libvirtd.log"),
             child: None,
             undo: Vec::new(),
+            _lock: lock,
         };
         std::fs::create_dir_all("/var/log/libvirt").unwrap();
         // The QEMU driver looks up its build-time user and group even when
@@ -96,7 +141,7 @@ impl Libvirtd {
                 me.undo.push(Undo::RemoveDir(d.into()));
             }
         }
-        let captured = target_dir().join("qnet-test-logs").join("libvirt-xml");
+        let captured = target_dir().join("qnet-test-logs").join(capture);
         std::fs::create_dir_all(&captured).unwrap();
         let script = format!(
             "#!/bin/sh\n\
@@ -232,6 +277,25 @@ fn virsh(args: &[&str]) -> Result<String, String> {
 /// The domain: TCG, the tiny guest by direct kernel boot, one virtio NIC
 /// on hookd's bridge, a forward in the qnet metadata.
 fn domain_xml(name: &str, mac: &str, token: &str, serial: &Path, host_port: u16) -> String {
+    domain_xml_with(
+        name,
+        mac,
+        token,
+        serial,
+        host_port,
+        "<interface type='bridge'>\n      <source bridge='qnlvb'/>",
+    )
+}
+
+/// The domain with `interface` as the opening of its one `<interface>`.
+fn domain_xml_with(
+    name: &str,
+    mac: &str,
+    token: &str,
+    serial: &Path,
+    host_port: u16,
+    interface: &str,
+) -> String {
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
     format!(
         r#"<domain type='qemu'>
@@ -254,8 +318,7 @@ fn domain_xml(name: &str, mac: &str, token: &str, serial: &Path, host_port: u16)
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='bridge'>
-      <source bridge='qnlvb'/>
+    {interface}
       <mac address='{mac}'/>
       <model type='virtio'/>
     </interface>
@@ -346,7 +409,8 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
         .unwrap();
     let qemu_conf_before = std::fs::read(QEMU_CONF).ok();
     let hook_existed = Path::new(HOOK).exists();
-    let mut libvirtd = Libvirtd::setup(&hk, dir.path(), &hookd);
+    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut libvirtd = Libvirtd::setup(&hk, dir.path(), &hookd, "libvirt-xml");
 
     let name = format!("qnet-test-{}", random_token());
     let mac = random_mac();
@@ -461,4 +525,352 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
         hook_existed,
         "{HOOK} not restored"
     );
+}
+
+/// A libvirt network defined and started by the test (`virsh net-define`,
+/// `net-start`); dropping it destroys and undefines it and removes what
+/// libvirt leaves behind (dnsmasq's pid file). Must be dropped before the
+/// [`Libvirtd`] it lives in.
+struct LibvirtNet {
+    name: String,
+    bridge: String,
+}
+
+impl LibvirtNet {
+    /// `mode`: `nat`, `route`, ...; `third`: the network is 10.79.THIRD.0/24.
+    fn start(dir: &Path, mode: &str, third: u8) -> LibvirtNet {
+        let tag = &random_token()[..6];
+        let net = LibvirtNet {
+            name: format!("qnet-test-{mode}-{tag}"),
+            bridge: format!("qnlv{}{tag}", &mode[..1]),
+        };
+        let xml = format!(
+            "<network>\n  <name>{name}</name>\n  <forward mode='{mode}'/>\n  \
+             <bridge name='{bridge}'/>\n  <ip address='10.79.{third}.1' netmask='255.255.255.0'>\n    \
+             <dhcp><range start='10.79.{third}.100' end='10.79.{third}.199'/></dhcp>\n  </ip>\n</network>\n",
+            name = net.name,
+            bridge = net.bridge,
+        );
+        let path = dir.join(format!("{}.xml", net.name));
+        std::fs::write(&path, xml).unwrap();
+        virsh(&["net-define", path.to_str().unwrap()]).unwrap_or_else(|e| {
+            panic!("{e}\n(libvirt's network driver is libvirt_driver_network.so of the Debian package libvirt-daemon)")
+        });
+        // From here on the guard undefines it.
+        virsh(&["net-start", &net.name]).unwrap_or_else(|e| panic!("{e}"));
+        net
+    }
+
+    fn status_file(&self) -> PathBuf {
+        Path::new("/var/lib/libvirt/dnsmasq").join(format!("{}.status", self.bridge))
+    }
+}
+
+impl Drop for LibvirtNet {
+    fn drop(&mut self) {
+        let _ = virsh(&["net-destroy", &self.name]);
+        if let Err(e) = virsh(&["net-undefine", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+        for leftover in [
+            format!("/run/libvirt/network/{}.pid", self.name),
+            format!("/run/libvirt/network/{}.xml", self.name),
+            format!("/var/lib/libvirt/dnsmasq/{}.status", self.bridge),
+        ] {
+            let _ = std::fs::remove_file(leftover);
+        }
+        // libvirt's record of the network's ports (type='network' NICs).
+        let _ = std::fs::remove_dir_all(format!("/run/libvirt/network/{}", self.name));
+    }
+}
+
+/// The lease of `mac` in libvirt's status file, checking the file's format
+/// on the way: a JSON array of objects with `ip-address`, `mac-address`,
+/// `expiry-time` (and `hostname` when the client sent one).
+fn libvirt_lease(status: &Path, mac: &str) -> Option<String> {
+    let text = std::fs::read_to_string(status).ok()?;
+    let leases: serde_json::Value = serde_json::from_str(&text).ok()?;
+    leases.as_array()?.iter().find_map(|l| {
+        (l["mac-address"] == mac && l["expiry-time"].is_u64())
+            .then(|| l["ip-address"].as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
+/// The address `qnetctl forward list` shows for the forward of `port`.
+fn forward_addr(hookd: &Hookd, port: u16) -> Option<String> {
+    let listed = hookd.qnetctl(&["forward", "list"]).ok()?;
+    listed["forwards"].as_array()?.iter().find_map(|f| {
+        (f["host_ports"][0] == port)
+            .then(|| f["guest_addr"].as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
+#[test]
+fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    require_tool("dnsmasq", "dnsmasq-base");
+    require_tool("iptables", "iptables");
+    let hk = NetNs::new("lvnh");
+    let out = NetNs::new("lvno");
+    hk.ip(&[
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "out0",
+        "netns",
+        out.name(),
+    ]);
+    hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
+    hk.ip(&["link", "set", "up0", "up"]);
+    out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
+    out.ip(&["link", "set", "out0", "up"]);
+    let mut hookd = Hookd::start(&hk, Some(CONFIG));
+    let dir = tempfile::Builder::new()
+        .prefix("qnet-test-libvirt-net-")
+        .tempdir()
+        .unwrap();
+    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let libvirtd = Libvirtd::setup(&hk, dir.path(), &hookd, "libvirt-xml-network");
+    let calls = || std::fs::read_to_string(dir.path().join("hook-calls.log")).unwrap_or_default();
+    let serial_of = |name: &str| dir.path().join(format!("{name}.serial"));
+    let context = |hookd: &Hookd, name: &str| {
+        format!(
+            "--- hook calls ---\n{}\n--- hook stderr ---\n{}\n--- serial ---\n{}\n--- hookd ---\n{}\n--- libvirtd ---\n{}",
+            calls(),
+            std::fs::read_to_string(dir.path().join("hook-stderr.log")).unwrap_or_default(),
+            std::fs::read_to_string(serial_of(name)).unwrap_or_default(),
+            hookd.log(),
+            libvirtd.log()
+        )
+    };
+
+    // --- a NAT network, the guest by <interface type='network'> ---------
+    let nat = LibvirtNet::start(dir.path(), "nat", 77);
+    let name = format!("qnet-test-{}", &random_token()[..12]);
+    let mac = random_mac();
+    let token = random_token();
+    let xml = dir.path().join("nat-domain.xml");
+    let interface = format!(
+        "<interface type='network'>\n      <source network='{}'/>",
+        nat.name
+    );
+    std::fs::write(
+        &xml,
+        domain_xml_with(&name, &mac, &token, &serial_of(&name), 8090, &interface),
+    )
+    .unwrap();
+    virsh(&["create", xml.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    // The guest leases from libvirt's dnsmasq; hookd follows the lease.
+    let lease_line = "QNET-GUEST-LEASE ip=";
+    wait_for(
+        "the guest's lease from libvirt's dnsmasq",
+        LONG,
+        || {
+            std::fs::read_to_string(serial_of(&name))
+                .unwrap_or_default()
+                .contains(lease_line)
+        },
+        || context(&hookd, &name),
+    );
+    let mut leased = None;
+    wait_for(
+        "the lease in libvirt's status file",
+        Duration::from_secs(20),
+        || {
+            leased = libvirt_lease(&nat.status_file(), &mac);
+            leased.is_some()
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                std::fs::read_to_string(nat.status_file()),
+                context(&hookd, &name)
+            )
+        },
+    );
+    let leased = leased.unwrap();
+    assert!(leased.starts_with("10.79.77."), "{leased}");
+    assert!(
+        std::fs::read_to_string(serial_of(&name))
+            .unwrap()
+            .contains(&format!("{lease_line}{leased} ")),
+        "the guest's own lease differs from libvirt's status file ({leased})"
+    );
+    wait_for(
+        "hookd to install the forward to the lease",
+        Duration::from_secs(20),
+        || forward_addr(&hookd, 8090).as_deref() == Some(leased.as_str()),
+        || context(&hookd, &name),
+    );
+    let guests = hookd.guests();
+    let guest = guests
+        .iter()
+        .find(|g| g["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("hookd does not list {name}: {guests:?}"));
+    assert_eq!(guest["nics"][0]["ip"], leased.as_str(), "{guest}");
+    assert_eq!(guest["nics"][0]["network"], nat.name.as_str(), "{guest}");
+    assert_eq!(
+        guest["nics"][0]["libvirt_bridge"],
+        nat.bridge.as_str(),
+        "{guest}"
+    );
+    // The lease came after the guest registered: the watcher found it.
+    assert!(hookd.log().contains("libvirt lease"), "{}", hookd.log());
+    // No qnet reservation on a libvirt network.
+    assert_eq!(hookd.reservation("lab", &mac), None);
+
+    // From the host itself (its own address and 127.0.0.1): the OUTPUT
+    // path, which libvirt's rules leave alone.
+    for addr in [UPLINK, "127.0.0.1"] {
+        let forward = SocketAddr::new(addr.parse().unwrap(), 8090);
+        assert_eq!(
+            fetch(&hk, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
+            token,
+            "{forward}"
+        );
+    }
+    // From outside: libvirt's LIBVIRT_FWI rejects new connections into a
+    // NAT network (icmp-port-unreachable: connection refused), and we
+    // never edit libvirt's rules. hookd says so in its log.
+    let from_outside = out.run_in(|| get(SocketAddr::new(UPLINK.parse().unwrap(), 8090)));
+    let refused = from_outside.expect_err("libvirt lets the outside into a NAT network?");
+    assert!(refused.contains("refused"), "{refused}");
+    let rules = hk.exec("iptables", &["-S", "LIBVIRT_FWI"]).unwrap();
+    assert!(
+        rules.contains(&format!("-o {} -j REJECT", nat.bridge)),
+        "{rules}"
+    );
+    assert_eq!(
+        hookd.log().matches("work from the host only").count(),
+        1,
+        "one warning per guest and network:\n{}",
+        hookd.log()
+    );
+
+    // The lease moves (written the way libvirt's helper does, by rename):
+    // the forward follows; then libvirt's own file comes back.
+    let original = std::fs::read(nat.status_file()).unwrap();
+    let moved_to = "10.79.77.250";
+    let moved = String::from_utf8(original.clone())
+        .unwrap()
+        .replace(&format!("\"{leased}\""), &format!("\"{moved_to}\""));
+    let write_status = |bytes: &[u8]| {
+        let tmp = nat.status_file().with_extension("status.new");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, nat.status_file()).unwrap();
+    };
+    write_status(moved.as_bytes());
+    wait_for(
+        "the forward to follow the lease",
+        Duration::from_secs(20),
+        || forward_addr(&hookd, 8090).as_deref() == Some(moved_to),
+        || context(&hookd, &name),
+    );
+    write_status(&original);
+    wait_for(
+        "the forward to follow the lease back",
+        Duration::from_secs(20),
+        || forward_addr(&hookd, 8090).as_deref() == Some(leased.as_str()),
+        || context(&hookd, &name),
+    );
+
+    // hookd restarts: the remembered address installs the forward at once.
+    hookd.kill9();
+    hookd.spawn();
+    assert_eq!(forward_addr(&hookd, 8090).as_deref(), Some(leased.as_str()));
+    assert_eq!(
+        fetch(&hk, SocketAddr::new(UPLINK.parse().unwrap(), 8090), LONG).unwrap(),
+        token
+    );
+
+    // Destroy: the forward goes.
+    virsh(&["destroy", &name]).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    wait_for(
+        "the forward to go",
+        Duration::from_secs(20),
+        || {
+            forward_addr(&hookd, 8090).is_none()
+                && hk
+                    .run_in(|| get(SocketAddr::new(UPLINK.parse().unwrap(), 8090)))
+                    .is_err()
+        },
+        || context(&hookd, &name),
+    );
+    assert!(hookd.guests().iter().all(|g| g["name"] != name.as_str()));
+    let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
+    assert!(!listed.to_string().contains("8090"), "{listed}");
+    // Keep the XML libvirt handed the hook for type='network' (the next
+    // domain's overwrites the capture).
+    let captured = target_dir()
+        .join("qnet-test-logs")
+        .join("libvirt-xml-network");
+    let kept = captured.join("type-network");
+    std::fs::create_dir_all(&kept).unwrap();
+    for op in ["prepare", "start", "started", "stopped", "release"] {
+        let _ = std::fs::copy(
+            captured.join(format!("{op}.xml")),
+            kept.join(format!("{op}.xml")),
+        );
+    }
+
+    // --- a routed network, the guest by <interface type='bridge'> -------
+    let routed = LibvirtNet::start(dir.path(), "route", 78);
+    let name = format!("qnet-test-{}", &random_token()[..12]);
+    let mac = random_mac();
+    let token = random_token();
+    let xml = dir.path().join("route-domain.xml");
+    let interface = format!(
+        "<interface type='bridge'>\n      <source bridge='{}'/>",
+        routed.bridge
+    );
+    std::fs::write(
+        &xml,
+        domain_xml_with(&name, &mac, &token, &serial_of(&name), 8091, &interface),
+    )
+    .unwrap();
+    virsh(&["create", xml.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    let forward = SocketAddr::new(UPLINK.parse().unwrap(), 8091);
+    // From the outside namespace: libvirt accepts routed traffic in.
+    assert_eq!(
+        fetch(&out, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
+        token
+    );
+    let leased = libvirt_lease(&routed.status_file(), &mac).expect("a lease");
+    assert!(leased.starts_with("10.79.78."), "{leased}");
+    assert_eq!(forward_addr(&hookd, 8091).as_deref(), Some(leased.as_str()));
+    assert_eq!(
+        hookd.log().matches("work from the host only").count(),
+        1,
+        "no warning for a routed network"
+    );
+    virsh(&["destroy", &name]).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    wait_for(
+        "the forward to go",
+        Duration::from_secs(20),
+        || forward_addr(&hookd, 8091).is_none() && out.run_in(|| get(forward)).is_err(),
+        || context(&hookd, &name),
+    );
+
+    let (nat_status, routed_status) = (nat.status_file(), routed.status_file());
+    let names = [nat.name.clone(), routed.name.clone()];
+    drop(routed);
+    drop(nat);
+    for name in &names {
+        assert!(
+            virsh(&["net-info", name]).is_err(),
+            "network {name} still defined"
+        );
+        assert!(!Path::new(&format!("/etc/libvirt/qemu/networks/{name}.xml")).exists());
+        assert!(!Path::new(&format!("/run/libvirt/network/{name}")).exists());
+    }
+    assert!(!nat_status.exists() && !routed_status.exists());
+    drop(libvirtd);
 }
