@@ -584,6 +584,17 @@ impl Drop for LibvirtNet {
     }
 }
 
+/// A transient domain the test created; dropping it destroys it (when an
+/// assertion failed before the test did), before its network goes.
+struct Domain(String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // An error is the normal case: the test destroyed it already.
+        let _ = virsh(&["destroy", &self.0]);
+    }
+}
+
 /// The lease of `mac` in libvirt's status file, checking the file's format
 /// on the way: a JSON array of objects with `ip-address`, `mac-address`,
 /// `expiry-time` (and `hostname` when the client sent one).
@@ -667,6 +678,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     .unwrap();
     virsh(&["create", xml.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    let _domain = Domain(name.clone());
     // The guest leases from libvirt's dnsmasq; hookd follows the lease.
     let lease_line = "QNET-GUEST-LEASE ip=";
     wait_for(
@@ -753,6 +765,30 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
         "one warning per guest and network:\n{}",
         hookd.log()
     );
+    // The README's workaround: the user's own accept ahead of libvirt's
+    // chains (in the test's namespace) lets the outside in.
+    let accept = [
+        "FORWARD",
+        "-o",
+        &nat.bridge,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "ACCEPT",
+    ];
+    let mut insert = vec!["-I"];
+    insert.extend_from_slice(&accept);
+    hk.exec("iptables", &insert).unwrap();
+    let through = fetch(&out, SocketAddr::new(UPLINK.parse().unwrap(), 8090), LONG);
+    let mut delete = vec!["-D"];
+    delete.extend_from_slice(&accept);
+    hk.exec("iptables", &delete).unwrap();
+    assert_eq!(
+        through.unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
+        token
+    );
 
     // The lease moves (written the way libvirt's helper does, by rename):
     // the forward follows; then libvirt's own file comes back.
@@ -837,6 +873,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     .unwrap();
     virsh(&["create", xml.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
+    let _domain = Domain(name.clone());
     let forward = SocketAddr::new(UPLINK.parse().unwrap(), 8091);
     // From the outside namespace: libvirt accepts routed traffic in.
     assert_eq!(
