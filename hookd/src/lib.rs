@@ -18,6 +18,7 @@ pub mod forwards;
 pub mod libvirt;
 pub mod network;
 pub mod nft;
+pub mod nft_elements;
 pub mod orphans;
 pub mod qmp;
 pub mod state;
