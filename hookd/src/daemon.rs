@@ -82,6 +82,23 @@ pub enum Input {
     LibvirtLeases(LeaseUpdate),
 }
 
+impl Input {
+    /// Events whose syncing [`Daemon::coalesce`] may batch.
+    fn is_guest_event(&self) -> bool {
+        matches!(
+            self,
+            Input::GuestUp(_)
+                | Input::GuestNics { .. }
+                | Input::GuestGone { .. }
+                | Input::StaleGuestExited { .. }
+        )
+    }
+}
+
+/// Most guest events applied before one sync: bounds how long the first
+/// of them waits for its hosts file (each takes microseconds to apply).
+const COALESCE_LIMIT: usize = 256;
+
 pub struct GuestUp {
     conn: ConnId,
     identity: GuestIdentity,
@@ -116,6 +133,9 @@ pub struct Daemon {
     /// (guest UUID, libvirt network) pairs already warned about: a forward
     /// into a libvirt network whose firewall rejects inbound connections.
     libvirt_warned: BTreeSet<(String, String)>,
+    /// Guest events changed the state; dnsmasq, forwards and the state
+    /// file have not followed yet ([`Daemon::flush`]).
+    pending_sync: bool,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
@@ -149,6 +169,7 @@ pub async fn run(paths: Paths) -> Result<(), String> {
         next_conn: 1,
         lease_watch,
         libvirt_warned: BTreeSet::new(),
+        pending_sync: false,
     };
     daemon.start(config).await?;
 
@@ -168,7 +189,10 @@ pub async fn run(paths: Paths) -> Result<(), String> {
     loop {
         tokio::select! {
             input = receiver.recv() => match input {
-                Some(input) => daemon.handle(input).await,
+                Some(input) => {
+                    daemon.handle(input).await;
+                    daemon.coalesce(&mut receiver).await;
+                }
                 None => break,
             },
             _ = term.recv() => break,
@@ -319,6 +343,41 @@ impl Daemon {
         Ok(())
     }
 
+    /// Guest events (connect, NIC change, exit) only change the state and
+    /// set `pending_sync`; the hosts files, forwards and state file follow
+    /// here, once for every guest event already queued (at most
+    /// [`COALESCE_LIMIT`]). 1000 guests exiting at once (a host shutting
+    /// down) then cost a handful of rewrites, fsyncs and SIGHUPs instead of
+    /// 1000 each. Any other input waits until the sync is done, so a ctl
+    /// request still sees every earlier event applied.
+    async fn coalesce(&mut self, receiver: &mut mpsc::UnboundedReceiver<Input>) {
+        let mut applied = 1;
+        while self.pending_sync && applied < COALESCE_LIMIT {
+            match receiver.try_recv() {
+                Ok(next) if next.is_guest_event() => {
+                    self.handle(next).await;
+                    applied += 1;
+                }
+                Ok(next) => {
+                    self.flush().await;
+                    self.handle(next).await;
+                }
+                Err(_) => break,
+            }
+        }
+        self.flush().await;
+    }
+
+    /// Makes dnsmasq, the forwards and the state file follow the state
+    /// after guest events.
+    async fn flush(&mut self) {
+        if std::mem::take(&mut self.pending_sync) {
+            self.sync_dnsmasq().await;
+            self.sync_forwards().await;
+            self.save();
+        }
+    }
+
     fn new_conn(&mut self) -> ConnId {
         self.next_conn += 1;
         self.next_conn
@@ -335,9 +394,7 @@ impl Daemon {
             Input::GuestNics { conn, nics, ports } => {
                 if let Some(pid) = self.guests.get(&conn).map(|g| g.pid) {
                     self.assign_nics(pid, &nics, &ports);
-                    self.sync_dnsmasq().await;
-                    self.sync_forwards().await;
-                    self.save();
+                    self.pending_sync = true;
                 }
             }
             Input::GuestGone { conn, why } => {
@@ -352,18 +409,14 @@ impl Daemon {
                             self.state.attached.remove(&path);
                         }
                     }
-                    self.sync_dnsmasq().await;
-                    self.sync_forwards().await;
-                    self.save();
+                    self.pending_sync = true;
                 }
             }
             Input::StaleGuestExited { pid } => {
                 let followed = self.guests.values().any(|g| g.pid == pid);
                 if !followed && self.state.guests.remove(&pid).is_some() {
                     tracing::info!(pid, "guest from before the restart exited");
-                    self.sync_dnsmasq().await;
-                    self.sync_forwards().await;
-                    self.save();
+                    self.pending_sync = true;
                 }
             }
             Input::LibvirtLeases(update) => self.libvirt_leases(update).await,
@@ -681,9 +734,7 @@ impl Daemon {
             },
         );
         self.assign_nics(pid, &info.nics, &ports);
-        self.sync_dnsmasq().await;
-        self.sync_forwards().await;
-        self.save();
+        self.pending_sync = true;
     }
 
     /// Works out which network each NIC is on and gives it its sticky

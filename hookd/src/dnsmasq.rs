@@ -449,11 +449,19 @@ impl DnsmasqHandle {
         }
         let dhcp_path = self.paths.dhcp_hosts_file(&self.network);
         let dns_path = self.paths.dns_hosts_file(&self.network);
-        write_atomic(&dhcp_path, new.0.as_bytes(), 0o644)
-            .map_err(io_err(format!("writing {}", dhcp_path.display())))?;
-        write_atomic(&dns_path, new.1.as_bytes(), 0o644)
-            .map_err(io_err(format!("writing {}", dns_path.display())))?;
-        *current = new;
+        // Only the file that changed (each write is a temp file, fsync
+        // and rename): a guest starting or stopping usually changes the
+        // DNS names only, its reservation being sticky.
+        if current.0 != new.0 {
+            write_atomic(&dhcp_path, new.0.as_bytes(), 0o644)
+                .map_err(io_err(format!("writing {}", dhcp_path.display())))?;
+            current.0 = new.0;
+        }
+        if current.1 != new.1 {
+            write_atomic(&dns_path, new.1.as_bytes(), 0o644)
+                .map_err(io_err(format!("writing {}", dns_path.display())))?;
+            current.1 = new.1;
+        }
         // A dnsmasq that is starting (running, pid file not yet written)
         // may have read the old files and cannot take SIGHUP yet: wait for
         // it. One in its restart backoff will read the new files anyway.

@@ -948,6 +948,9 @@ impl EventSink {
     }
 }
 
+/// Line buffer capacity a QMP reader keeps between messages.
+const KEEP_LINE_BUFFER: usize = 4096;
+
 async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,
     shared: Arc<Shared>,
@@ -971,6 +974,12 @@ async fn read_loop(
             Ok(Some(message)) => {
                 if let Err(e) = handle_message(message, &shared, &mut sink) {
                     break Err(e);
+                }
+                // A Vec keeps the capacity of the longest line it held;
+                // `query-rx-filter` answers are ~20 KiB, events ~200 bytes.
+                // Idle guests would otherwise each keep ~20 KiB.
+                if buf.capacity() > KEEP_LINE_BUFFER {
+                    buf = Vec::new();
                 }
             }
             Ok(None) => break Ok(true),
