@@ -136,6 +136,8 @@ pub struct Daemon {
     /// Guest events changed the state; dnsmasq, forwards and the state
     /// file have not followed yet ([`Daemon::flush`]).
     pending_sync: bool,
+    /// What the state directory holds, so a save writes only what changed.
+    on_disk: state::OnDisk,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
@@ -148,7 +150,7 @@ pub async fn run(paths: Paths) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", paths.run_dir.display()))?;
     std::fs::create_dir_all(&paths.state_dir)
         .map_err(|e| format!("{}: {e}", paths.state_dir.display()))?;
-    let state = State::load(&paths.state_dir).map_err(|e| e.to_string())?;
+    let (state, on_disk) = State::load_with_files(&paths.state_dir).map_err(|e| e.to_string())?;
 
     let (inputs, mut receiver) = mpsc::unbounded_channel();
     let (lease_watch, lease_bridges) = watch::channel(BTreeSet::new());
@@ -170,6 +172,7 @@ pub async fn run(paths: Paths) -> Result<(), String> {
         lease_watch,
         libvirt_warned: BTreeSet::new(),
         pending_sync: false,
+        on_disk,
     };
     daemon.start(config).await?;
 
@@ -1567,8 +1570,8 @@ impl Daemon {
         Reply::Forwards { forwards }
     }
 
-    fn save(&self) {
-        if let Err(e) = self.state.save(&self.paths.state_dir) {
+    fn save(&mut self) {
+        if let Err(e) = self.state.save(&self.paths.state_dir, &mut self.on_disk) {
             tracing::error!("saving state: {e}");
         }
     }

@@ -5,6 +5,13 @@
 //!
 //! Written atomically (temp file in the same directory, fsync, rename,
 //! fsync of the directory): a crash leaves either the old or the new file.
+//!
+//! Port forwards added at run time are not in `state.json` but one small
+//! file each in `forwards/` (`tcp-8080-<hash>.json`): there can be
+//! thousands, and a change to one of them writes (or unlinks) only its own
+//! file, so adding forward #10,000 costs what adding #1 does. [`OnDisk`]
+//! remembers what the files hold, so a save writes only what changed —
+//! also `state.json`, which is left alone when its content is the same.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -20,6 +27,8 @@ use crate::api;
 use crate::config::NetworkConfig;
 
 pub const STATE_FILE: &str = "state.json";
+/// One file per run-time port forward, under the state directory.
+pub const FORWARDS_DIR: &str = "forwards";
 const VERSION: u32 = 1;
 
 #[derive(Debug, Error)]
@@ -60,8 +69,10 @@ pub struct State {
     #[serde(default)]
     pub attached: BTreeSet<PathBuf>,
     /// Port forwards added at run time (qnetctl, the libvirt hook); those
-    /// of hookd.toml come from the file at every start.
-    #[serde(default)]
+    /// of hookd.toml come from the file at every start. Saved as files of
+    /// their own in [`FORWARDS_DIR`], never in `state.json` (which older
+    /// versions did: such a file is still read).
+    #[serde(default, skip_serializing)]
     pub forwards: Vec<StoredForward>,
     /// Addresses of guest NICs on libvirt's own networks, by MAC: the last
     /// lease libvirt's dnsmasq gave (or the fixed address of the qnet
@@ -114,12 +125,81 @@ pub struct GuestRecord {
     pub nics: Vec<api::GuestNic>,
 }
 
+/// What the state directory holds, as of the last load or save.
+#[derive(Debug, Default)]
+pub struct OnDisk {
+    state_json: Option<Vec<u8>>,
+    /// File name in [`FORWARDS_DIR`] → its forward.
+    forwards: BTreeMap<String, StoredForward>,
+}
+
+/// The file of one run-time forward: readable, and unique for each
+/// distinct forward (the hash is of its whole content, FNV-1a, stable
+/// across builds).
+pub fn forward_file_name(forward: &StoredForward) -> String {
+    let json = serde_json::to_vec(forward).expect("forwards always serialise");
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!(
+        "{}-{}-{hash:016x}.json",
+        forward.spec.proto, forward.spec.host_ports.0
+    )
+}
+
 impl State {
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(STATE_FILE)
     }
 
-    /// Loads the state; a missing file is an empty state.
+    /// Loads the state and what is on disk; a missing file or directory
+    /// is an empty state.
+    pub fn load_with_files(state_dir: &Path) -> Result<(State, OnDisk), StateError> {
+        let mut state = Self::load(state_dir)?;
+        let mut on_disk = OnDisk::default();
+        let dir = state_dir.join(FORWARDS_DIR);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((state, on_disk));
+            }
+            Err(source) => return Err(StateError::Io { path: dir, source }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| StateError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Temp files of an interrupted write start with a dot.
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let path = entry.path();
+            let text = fs::read(&path).map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let forward: StoredForward =
+                serde_json::from_slice(&text).map_err(|e| StateError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            on_disk.forwards.insert(name, forward);
+        }
+        // Forwards of an older state.json that are also in files (a crash
+        // between the two writes of the first save) count once.
+        let mut forwards: Vec<StoredForward> = on_disk.forwards.values().cloned().collect();
+        for legacy in state.forwards.drain(..) {
+            if !forwards.contains(&legacy) {
+                forwards.push(legacy);
+            }
+        }
+        state.forwards = forwards;
+        Ok((state, on_disk))
+    }
+
+    /// Loads `state.json` alone; a missing file is an empty state.
     pub fn load(state_dir: &Path) -> Result<State, StateError> {
         let path = Self::path(state_dir);
         let text = match fs::read_to_string(&path) {
@@ -145,10 +225,52 @@ impl State {
         Ok(state)
     }
 
-    /// Writes the state atomically.
-    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
+    /// Writes what changed since `on_disk`, each file atomically: the
+    /// forwards' files first (new ones written, gone ones unlinked), then
+    /// `state.json` if its content changed.
+    pub fn save(&self, state_dir: &Path, on_disk: &mut OnDisk) -> Result<(), StateError> {
+        let dir = state_dir.join(FORWARDS_DIR);
+        let wanted: BTreeMap<String, &StoredForward> = self
+            .forwards
+            .iter()
+            .map(|f| (forward_file_name(f), f))
+            .collect();
+        for (name, forward) in &wanted {
+            if on_disk.forwards.get(name) != Some(*forward) {
+                let json = serde_json::to_vec_pretty(forward).expect("forwards always serialise");
+                write_atomically(&dir.join(name), &json)?;
+                on_disk.forwards.insert(name.clone(), (*forward).clone());
+            }
+        }
+        let gone: Vec<String> = on_disk
+            .forwards
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &gone {
+            let path = dir.join(name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StateError::Io { path, source }),
+            }
+            on_disk.forwards.remove(name);
+        }
+        if !gone.is_empty() {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| StateError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
         let text = serde_json::to_vec_pretty(self).expect("state always serialises");
-        write_atomically(&Self::path(state_dir), &text)
+        if on_disk.state_json.as_ref() != Some(&text) {
+            write_atomically(&Self::path(state_dir), &text)?;
+            on_disk.state_json = Some(text);
+        }
+        Ok(())
     }
 
     /// The reservation of `mac` on `network`, making a sticky one from the
@@ -281,10 +403,123 @@ mod tests {
         assert_eq!(state.version, VERSION);
         state.reserve(&net(), "52:54:00:00:00:0a", Some("a"));
         state.networks_down.insert("lab".into());
-        state.save(dir.path()).unwrap();
+        state.save(dir.path(), &mut OnDisk::default()).unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), state);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file may remain");
+    }
+
+    fn forward(port: u16) -> StoredForward {
+        StoredForward {
+            spec: api::ForwardSpec {
+                guest: "web".into(),
+                proto: api::Proto::Tcp,
+                host_ports: (port, port),
+                guest_port: 80,
+                host_addr: None,
+                network: None,
+            },
+            owner_uid: 0,
+            libvirt: None,
+        }
+    }
+
+    fn forward_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(FORWARDS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn forwards_are_files_of_their_own_written_and_removed_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut state, mut on_disk) = State::load_with_files(dir.path()).unwrap();
+        state.forwards = vec![forward(8080), forward(8081)];
+        state.save(dir.path(), &mut on_disk).unwrap();
+        let files = forward_files(dir.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert!(files[0].starts_with("tcp-8080-"), "{files:?}");
+        let state_json = fs::read_to_string(State::path(dir.path())).unwrap();
+        assert!(!state_json.contains("8080"), "{state_json}");
+        let written = fs::metadata(dir.path().join(FORWARDS_DIR).join(&files[0]))
+            .unwrap()
+            .modified()
+            .unwrap();
+
+        // One more forward: one more file, the others untouched.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        state.forwards.push(forward(8082));
+        state.save(dir.path(), &mut on_disk).unwrap();
+        let files = forward_files(dir.path());
+        assert_eq!(files.len(), 3);
+        let again = fs::metadata(dir.path().join(FORWARDS_DIR).join(&files[0]))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(written, again, "an unchanged forward is not rewritten");
+
+        state.forwards.retain(|f| f.spec.host_ports.0 != 8081);
+        state.save(dir.path(), &mut on_disk).unwrap();
+        assert_eq!(forward_files(dir.path()).len(), 2);
+        let (loaded, _) = State::load_with_files(dir.path()).unwrap();
+        let mut ports: Vec<u16> = loaded
+            .forwards
+            .iter()
+            .map(|f| f.spec.host_ports.0)
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [8080, 8082]);
+    }
+
+    #[test]
+    fn forwards_of_an_older_state_file_are_kept_once_and_moved_to_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // As older versions wrote it: forwards inside state.json.
+        let mut old = serde_json::to_value(State {
+            version: VERSION,
+            ..State::default()
+        })
+        .unwrap();
+        old["forwards"] = serde_json::to_value(vec![forward(8080), forward(9090)]).unwrap();
+        fs::write(State::path(dir.path()), old.to_string()).unwrap();
+        // ... and a crash after the first new-style save wrote one file.
+        let mut half = OnDisk::default();
+        State {
+            version: VERSION,
+            forwards: vec![forward(8080)],
+            ..State::default()
+        }
+        .save(&dir.path().join("elsewhere"), &mut half)
+        .unwrap();
+        fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
+        let name = forward_file_name(&forward(8080));
+        fs::copy(
+            dir.path().join("elsewhere").join(FORWARDS_DIR).join(&name),
+            dir.path().join(FORWARDS_DIR).join(&name),
+        )
+        .unwrap();
+
+        let (state, mut on_disk) = State::load_with_files(dir.path()).unwrap();
+        assert_eq!(state.forwards.len(), 2, "{:?}", state.forwards);
+        state.save(dir.path(), &mut on_disk).unwrap();
+        assert_eq!(forward_files(dir.path()).len(), 2);
+        let (again, _) = State::load_with_files(dir.path()).unwrap();
+        assert_eq!(again.forwards.len(), 2);
+        assert!(!fs::read_to_string(State::path(dir.path()))
+            .unwrap()
+            .contains("9090"));
+    }
+
+    #[test]
+    fn a_broken_forward_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
+        fs::write(dir.path().join(FORWARDS_DIR).join("tcp-1-x.json"), "{").unwrap();
+        let err = State::load_with_files(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("tcp-1-x.json"), "{err}");
     }
 
     #[test]
@@ -307,7 +542,7 @@ mod tests {
                 fixed: false,
             },
         );
-        state.save(dir.path()).unwrap();
+        state.save(dir.path(), &mut OnDisk::default()).unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), state);
     }
 

@@ -6,6 +6,9 @@
 //! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
 //! `qnet-hookd`; MAX_GUESTS defaults to 1000, at most 1023: one bridge
 //! port each).
+//! `cargo bench -p qnet-tests --bench hookd_scale forwards` instead times
+//! adding forward #1, #1,000 and #10,000 through the daemon's control
+//! socket for one running (fake) guest.
 //!
 //! The bench makes a network namespace, starts the daemon in it with one
 //! NAT network on a /16 (`qnbench`, 10.90.0.0/16) and logging at `info`
@@ -85,6 +88,10 @@ fn main() {
         let index: u32 = index.to_str().and_then(|s| s.parse().ok()).unwrap();
         let socket = PathBuf::from(std::env::var_os(SOCKET_ENV).unwrap());
         worker(index, &socket);
+        return;
+    }
+    if std::env::args().skip(1).any(|a| a == "forwards") {
+        forwards_through_the_daemon();
         return;
     }
     let max: usize = std::env::args()
@@ -183,6 +190,145 @@ fn main() {
     print_results(&rows, &latencies, &teardown, sighup);
     drop(hookd);
     drop(netns);
+}
+
+// ----- forwards through the daemon --------------------------------------------
+
+const FORWARD_POINTS: [usize; 3] = [1, 1000, 10_000];
+const FORWARD_SAMPLES: usize = 25;
+const QNETCTL_SAMPLES: usize = 10;
+/// The measured forward's host port; the fill uses 20000 and up.
+const MEASURED_PORT: u16 = 40000;
+
+/// Adding forward #1, #1,000 and #10,000 end to end: a ctl request to the
+/// running daemon (its checks, state file, nfnetlink change, reply), for a
+/// running (fake) guest, with k-1 forwards added before it one request
+/// each. Also as a `qnetctl forward add` process.
+fn forwards_through_the_daemon() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
+    let netns = NetNs::new("hkfwd");
+    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let net_dir = hookd.run_dir().join(NET);
+    let hosts_file = net_dir.join("dhcp-hosts");
+    wait_for_dnsmasq(&net_dir);
+    let watch = Watch::new(&net_dir);
+    let ns_file = File::open(netns.path()).expect("open the namespace");
+    let mut guests = Guests::default();
+    guests
+        .0
+        .push(Guest::spawn(0, &hookd.qmp_socket(), &ns_file));
+    guests.0[0].go();
+    let mac = guests.0[0].mac.clone();
+    wait_for(&watch, Duration::from_millis(10), "reservation", |_| {
+        has_mac(&hosts_file, &mac).then_some(())
+    });
+    let ctl = hookd.ctl_socket();
+    let add = |port: u16| {
+        json!({"op": "forward-add", "guest": mac, "proto": "tcp",
+               "host_ports": [port, port], "guest_port": 80})
+    };
+    let rm = |port: u16| json!({"op": "forward-rm", "proto": "tcp", "host_port": port});
+    let installed = |port: u16| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns.name(),
+                "nft",
+                "list",
+                "map",
+                "inet",
+                "qnet",
+                "fwd4_any",
+            ])
+            .output()
+            .expect("nft list map");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("tcp . {port} : "))
+    };
+    let state_file = hookd.dir().join("state/state.json");
+
+    println!();
+    println!("### Adding forward #k through the daemon (median of {FORWARD_SAMPLES}; qnetctl: of {QNETCTL_SAMPLES})");
+    println!();
+    println!("| forward # | ctl request `forward-add` (in-process client) | `qnetctl forward add` (process) | ctl request `forward-rm` | filling k-1 forwards, per request | state.json |");
+    println!("|---|---|---|---|---|---|");
+    let mut filled = 0usize;
+    for k in FORWARD_POINTS {
+        let fill_start = Instant::now();
+        for i in filled..k - 1 {
+            ctl_request(&ctl, &add(20000 + i as u16));
+        }
+        let fill_each = (k - 1 > filled).then(|| fill_start.elapsed() / (k - 1 - filled) as u32);
+        filled = k - 1;
+        std::thread::sleep(Duration::from_secs(1));
+        let mut adds = Vec::new();
+        let mut removals = Vec::new();
+        for _ in 0..FORWARD_SAMPLES {
+            adds.push(ctl_request(&ctl, &add(MEASURED_PORT)));
+            assert!(installed(MEASURED_PORT), "forward #{k} is in the map");
+            removals.push(ctl_request(&ctl, &rm(MEASURED_PORT)));
+        }
+        assert!(!installed(MEASURED_PORT), "forward #{k} removed");
+        let mut processes = Vec::new();
+        for _ in 0..QNETCTL_SAMPLES {
+            let start = Instant::now();
+            let out = Command::new(qnet_tests::workspace_binary("qnetctl"))
+                .arg("--socket")
+                .arg(&ctl)
+                .args([
+                    "forward",
+                    "add",
+                    &mac,
+                    "tcp",
+                    &format!("{MEASURED_PORT}:80"),
+                ])
+                .output()
+                .expect("run qnetctl");
+            processes.push(start.elapsed());
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ctl_request(&ctl, &rm(MEASURED_PORT));
+        }
+        let state_kib = std::fs::metadata(&state_file).map_or(0, |m| m.len()) / 1024;
+        println!(
+            "| {k} | {} | {} | {} | {} | {state_kib} KiB |",
+            ms(median(&mut adds)),
+            ms(median(&mut processes)),
+            ms(median(&mut removals)),
+            fill_each.map_or("—".into(), ms),
+        );
+    }
+    drop(guests);
+    drop(hookd);
+    drop(netns);
+}
+
+/// One request on the control socket, as any client speaks it; panics on
+/// an error reply. Returns the time from connect to the reply.
+fn ctl_request(socket: &Path, request: &Value) -> Duration {
+    let start = Instant::now();
+    let mut stream = UnixStream::connect(socket).expect("connect to the ctl socket");
+    let mut line = request.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).expect("send");
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .expect("reply");
+    let took = start.elapsed();
+    let reply: Value = serde_json::from_str(&reply).expect("JSON reply");
+    assert!(reply.get("ok").is_some(), "{request} → {reply}");
+    took
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
 }
 
 // ----- the fake QEMU ----------------------------------------------------------
