@@ -591,6 +591,14 @@ impl Daemon {
     /// The forward map elements that must exist now: forwards of running
     /// guests on networks that are up.
     fn desired_forwards(&self) -> BTreeSet<ForwardRule> {
+        self.desired_forwards_of(self.forward_specs().map(|(f, _)| f))
+    }
+
+    /// The elements `specs` need now (a subset of [`Self::desired_forwards`]).
+    fn desired_forwards_of<'a>(
+        &self,
+        specs: impl IntoIterator<Item = &'a ForwardSpec>,
+    ) -> BTreeSet<ForwardRule> {
         let guests: Vec<&GuestRecord> = self.state.guests.values().collect();
         let networks: Vec<&NetworkConfig> = self
             .networks
@@ -606,7 +614,7 @@ impl Daemon {
             .filter(|nic| nic.libvirt_bridge.is_some())
             .filter_map(|nic| nic.ip.map(IpAddr::V4))
             .collect();
-        let mut rules = forwards::desired(self.forward_specs().map(|(f, _)| f), &guests, &networks);
+        let mut rules = forwards::desired(specs, &guests, &networks);
         rules.retain(|r| {
             let guest_net_up = networks.iter().any(|n| match r.guest_addr {
                 IpAddr::V4(a) => n.subnet.contains(&a),
@@ -646,6 +654,38 @@ impl Daemon {
                 Ok(()) => self.installed_forwards.extend(new),
                 Err(e) => tracing::warn!("adding {} forward(s): {e}", new.len()),
             }
+        }
+    }
+
+    /// Adds the elements of `rules` that are not installed yet.
+    async fn install_forwards(&mut self, rules: BTreeSet<ForwardRule>) {
+        let new: Vec<ForwardRule> = rules
+            .difference(&self.installed_forwards)
+            .copied()
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        match nft::add_forwards(&new).await {
+            Ok(()) => self.installed_forwards.extend(new),
+            Err(e) => tracing::warn!("adding {} forward(s): {e}", new.len()),
+        }
+    }
+
+    /// Removes the installed elements of `rules`.
+    async fn uninstall_forwards(&mut self, rules: BTreeSet<ForwardRule>) {
+        let stale: Vec<ForwardRule> = rules
+            .intersection(&self.installed_forwards)
+            .copied()
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        match nft::remove_forwards(&stale).await {
+            Ok(()) => stale.iter().for_each(|r| {
+                self.installed_forwards.remove(r);
+            }),
+            Err(e) => tracing::warn!("removing {} forward(s): {e}", stale.len()),
         }
     }
 
@@ -1062,13 +1102,17 @@ impl Daemon {
             }
         }
         let text = format!("{} to {}", spec.ports_text(), spec.guest);
-        self.state.forwards.push(StoredForward {
+        let stored = StoredForward {
             spec,
             owner_uid: peer.uid,
             libvirt: None,
-        });
-        self.save();
-        self.sync_forwards().await;
+        };
+        self.state.forwards.push(stored.clone());
+        // Only this forward's file and elements: the cost does not depend
+        // on how many forwards exist.
+        self.save_forward(&stored, true);
+        let rules = self.desired_forwards_of([&stored.spec]);
+        self.install_forwards(rules).await;
         Ok(done(format!("forwarding {text}")))
     }
 
@@ -1102,9 +1146,12 @@ impl Daemon {
                 "that forward is not yours: only root may remove other users' forwards".into(),
             );
         }
+        // Its elements, worked out while it is still declared (no other
+        // forward can map the same keys: overlaps are refused).
+        let rules = self.desired_forwards_of([&self.state.forwards[index].spec]);
         let removed = self.state.forwards.remove(index);
-        self.save();
-        self.sync_forwards().await;
+        self.save_forward(&removed, false);
+        self.uninstall_forwards(rules).await;
         Ok(done(format!(
             "removed the forward of {} to {}",
             removed.spec.ports_text(),
@@ -1568,6 +1615,17 @@ impl Daemon {
             })
             .collect();
         Reply::Forwards { forwards }
+    }
+
+    /// Persists one forward just added to (`present`) or removed from the
+    /// state.
+    fn save_forward(&mut self, forward: &StoredForward, present: bool) {
+        if let Err(e) =
+            self.state
+                .save_forward(&self.paths.state_dir, &mut self.on_disk, forward, present)
+        {
+            tracing::error!("saving state: {e}");
+        }
     }
 
     fn save(&mut self) {

@@ -13,7 +13,7 @@
 //! remembers what the files hold, so a save writes only what changed —
 //! also `state.json`, which is left alone when its content is the same.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -92,7 +92,7 @@ pub struct LibvirtAddress {
     pub fixed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StoredForward {
     #[serde(flatten)]
     pub spec: api::ForwardSpec,
@@ -129,8 +129,9 @@ pub struct GuestRecord {
 #[derive(Debug, Default)]
 pub struct OnDisk {
     state_json: Option<Vec<u8>>,
-    /// File name in [`FORWARDS_DIR`] → its forward.
-    forwards: BTreeMap<String, StoredForward>,
+    /// Each forward that has a file, with the file's name in
+    /// [`FORWARDS_DIR`].
+    forwards: HashMap<StoredForward, String>,
 }
 
 /// The file of one run-time forward: readable, and unique for each
@@ -185,11 +186,16 @@ impl State {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-            on_disk.forwards.insert(name, forward);
+            on_disk.forwards.insert(forward, name);
         }
         // Forwards of an older state.json that are also in files (a crash
-        // between the two writes of the first save) count once.
-        let mut forwards: Vec<StoredForward> = on_disk.forwards.values().cloned().collect();
+        // between the two writes of the first save) count once. In the
+        // order of their files: by protocol and first port.
+        let mut by_name: Vec<(&String, &StoredForward)> =
+            on_disk.forwards.iter().map(|(f, name)| (name, f)).collect();
+        by_name.sort_by(|a, b| a.0.cmp(b.0));
+        let mut forwards: Vec<StoredForward> =
+            by_name.into_iter().map(|(_, f)| f.clone()).collect();
         for legacy in state.forwards.drain(..) {
             if !forwards.contains(&legacy) {
                 forwards.push(legacy);
@@ -227,43 +233,28 @@ impl State {
 
     /// Writes what changed since `on_disk`, each file atomically: the
     /// forwards' files first (new ones written, gone ones unlinked), then
-    /// `state.json` if its content changed.
+    /// `state.json` if its content changed. Finding the forwards that
+    /// changed is a hash lookup each, no serialising; a caller that
+    /// knows which forward it added or removed uses [`State::save_forward`]
+    /// instead, whose cost does not depend on how many forwards exist.
     pub fn save(&self, state_dir: &Path, on_disk: &mut OnDisk) -> Result<(), StateError> {
-        let dir = state_dir.join(FORWARDS_DIR);
-        let wanted: BTreeMap<String, &StoredForward> = self
-            .forwards
-            .iter()
-            .map(|f| (forward_file_name(f), f))
-            .collect();
-        for (name, forward) in &wanted {
-            if on_disk.forwards.get(name) != Some(*forward) {
-                let json = serde_json::to_vec_pretty(forward).expect("forwards always serialise");
-                write_atomically(&dir.join(name), &json)?;
-                on_disk.forwards.insert(name.clone(), (*forward).clone());
+        for forward in &self.forwards {
+            if !on_disk.forwards.contains_key(forward) {
+                write_forward(state_dir, on_disk, forward)?;
             }
         }
-        let gone: Vec<String> = on_disk
-            .forwards
-            .keys()
-            .filter(|name| !wanted.contains_key(*name))
-            .cloned()
-            .collect();
-        for name in &gone {
-            let path = dir.join(name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StateError::Io { path, source }),
+        // Every current forward has a file now; any other file is gone.
+        let current: HashSet<&StoredForward> = self.forwards.iter().collect();
+        if on_disk.forwards.len() > current.len() {
+            let gone: Vec<StoredForward> = on_disk
+                .forwards
+                .keys()
+                .filter(|f| !current.contains(f))
+                .cloned()
+                .collect();
+            for forward in &gone {
+                unlink_forward(state_dir, on_disk, forward)?;
             }
-            on_disk.forwards.remove(name);
-        }
-        if !gone.is_empty() {
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| StateError::Io {
-                    path: dir.clone(),
-                    source,
-                })?;
         }
         let text = serde_json::to_vec_pretty(self).expect("state always serialises");
         if on_disk.state_json.as_ref() != Some(&text) {
@@ -271,6 +262,22 @@ impl State {
             on_disk.state_json = Some(text);
         }
         Ok(())
+    }
+
+    /// Persists one forward that was just added to (`present`) or removed
+    /// from `self.forwards`: its file alone is written or unlinked.
+    pub fn save_forward(
+        &self,
+        state_dir: &Path,
+        on_disk: &mut OnDisk,
+        forward: &StoredForward,
+        present: bool,
+    ) -> Result<(), StateError> {
+        match (present, on_disk.forwards.contains_key(forward)) {
+            (true, false) => write_forward(state_dir, on_disk, forward),
+            (false, true) => unlink_forward(state_dir, on_disk, forward),
+            _ => Ok(()),
+        }
     }
 
     /// The reservation of `mac` on `network`, making a sticky one from the
@@ -315,6 +322,41 @@ impl State {
             })
             .collect()
     }
+}
+
+fn write_forward(
+    state_dir: &Path,
+    on_disk: &mut OnDisk,
+    forward: &StoredForward,
+) -> Result<(), StateError> {
+    let name = forward_file_name(forward);
+    let json = serde_json::to_vec_pretty(forward).expect("forwards always serialise");
+    write_atomically(&state_dir.join(FORWARDS_DIR).join(&name), &json)?;
+    on_disk.forwards.insert(forward.clone(), name);
+    Ok(())
+}
+
+fn unlink_forward(
+    state_dir: &Path,
+    on_disk: &mut OnDisk,
+    forward: &StoredForward,
+) -> Result<(), StateError> {
+    let Some(name) = on_disk.forwards.get(forward) else {
+        return Ok(());
+    };
+    let dir = state_dir.join(FORWARDS_DIR);
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StateError::Io { path, source }),
+    }
+    // The unlink is durable once the directory is.
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StateError::Io { path: dir, source })?;
+    on_disk.forwards.remove(forward);
+    Ok(())
 }
 
 /// The first address of the DHCP range that no reservation holds.
