@@ -262,7 +262,9 @@ fn forwards_through_the_daemon() {
         }
         let fill_each = (k - 1 > filled).then(|| fill_start.elapsed() / (k - 1 - filled) as u32);
         filled = k - 1;
-        std::thread::sleep(Duration::from_secs(1));
+        // Let the file system write back the fill's files first.
+        nix::unistd::sync();
+        std::thread::sleep(Duration::from_secs(3));
         let mut adds = Vec::new();
         let mut removals = Vec::new();
         for _ in 0..FORWARD_SAMPLES {
@@ -294,9 +296,9 @@ fn forwards_through_the_daemon() {
             );
             ctl_request(&ctl, &rm(MEASURED_PORT));
         }
-        let state_kib = std::fs::metadata(&state_file).map_or(0, |m| m.len()) / 1024;
+        let state_kib = std::fs::metadata(&state_file).map_or(0, |m| m.len()) as f64 / 1024.0;
         println!(
-            "| {k} | {} | {} | {} | {} | {state_kib} KiB |",
+            "| {k} | {} | {} | {} | {} | {state_kib:.1} KiB |",
             ms(median(&mut adds)),
             ms(median(&mut processes)),
             ms(median(&mut removals)),
