@@ -30,7 +30,8 @@ DESCRIPTION
     exit, SHUTDOWN without -no-shutdown) its runtime state goes within a
     second.
 
-    State lives in STATE_DIR/state.json, written atomically. SIGTERM leaves
+    State lives in STATE_DIR/state.json and STATE_DIR/forwards/ (one file
+    per forward added at run time), written atomically. SIGTERM leaves
     bridges, rules and dnsmasq running for the guests; the next start
     rebuilds the rules in one transaction and re-adopts running guests.
 
@@ -38,7 +39,7 @@ FILES
     /etc/qnet/hookd.toml   networks (see README.md for every key)
     /run/qnet/ctl.sock     control socket (root and group `qnet`)
     /run/qnet/qmp.sock     where QEMUs dial in
-    /var/lib/qnet/         state and dnsmasq lease files";
+    /var/lib/qnet/         state, run-time forwards, dnsmasq lease files";
 
 #[derive(Debug, Parser)]
 #[command(
