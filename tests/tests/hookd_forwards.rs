@@ -283,6 +283,32 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
         fetch(&world.out, sock(UPLINK, 8080), SHORT).unwrap(),
         token2
     );
+
+    // The forward is kept as a file of its own; removed, the file goes,
+    // and after another kill -9 and restart the forward stays removed.
+    let forward_files = || {
+        std::fs::read_dir(world.hookd.dir().join("state/forwards"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(forward_files(), 1);
+    world
+        .hookd
+        .qnetctl(&["forward", "rm", "tcp", "8080"])
+        .unwrap();
+    assert!(refused(&world.out, sock(UPLINK, 8080)), "removed");
+    assert_eq!(forward_files(), 0);
+    world.hookd.kill9();
+    world.hookd.spawn();
+    let listed = world.hookd.qnetctl(&["forward", "list"]).unwrap();
+    let runtime = listed["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["origin"] == "runtime")
+        .count();
+    assert_eq!(runtime, 0, "{listed}");
+    assert!(refused(&world.out, sock(UPLINK, 8080)), "still removed");
 }
 
 #[test]
