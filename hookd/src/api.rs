@@ -328,6 +328,14 @@ pub struct GuestNic {
     pub libvirt_bridge: Option<String>,
 }
 
+impl GuestNic {
+    /// Whether the NIC is on the qnet network `name` (a NIC on a libvirt
+    /// network of the same name is not).
+    pub fn is_on_qnet_network(&self, name: &str) -> bool {
+        self.libvirt_bridge.is_none() && self.network.as_deref() == Some(name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     pub network: String,

@@ -574,24 +574,31 @@ impl Daemon {
     }
 
     /// Every forward declared, from the file and from requests.
-    fn forward_specs(&self) -> impl Iterator<Item = (&ForwardSpec, &'static str)> {
+    fn forward_specs(&self) -> impl Iterator<Item = Declared<'_>> {
         self.config_forwards
             .iter()
-            .map(|f| (f, "config"))
-            .chain(self.state.forwards.iter().map(|f| {
-                let origin = if f.libvirt.is_some() {
+            .map(|spec| Declared {
+                spec,
+                origin: "config",
+                owner_uid: None,
+                libvirt: None,
+            })
+            .chain(self.state.forwards.iter().map(|f| Declared {
+                spec: &f.spec,
+                origin: if f.libvirt.is_some() {
                     "libvirt"
                 } else {
                     "runtime"
-                };
-                (&f.spec, origin)
+                },
+                owner_uid: Some(f.owner_uid),
+                libvirt: f.libvirt.as_deref(),
             }))
     }
 
     /// The forward map elements that must exist now: forwards of running
     /// guests on networks that are up.
     fn desired_forwards(&self) -> BTreeSet<ForwardRule> {
-        self.desired_forwards_of(self.forward_specs().map(|(f, _)| f))
+        self.desired_forwards_of(self.forward_specs().map(|d| d.spec))
     }
 
     /// The elements `specs` need now (a subset of [`Self::desired_forwards`]).
@@ -632,29 +639,13 @@ impl Daemon {
         // set of lease files to watch changes with the same events.
         self.update_lease_watch();
         let desired = self.desired_forwards();
-        let stale: Vec<ForwardRule> = self
+        let stale: BTreeSet<ForwardRule> = self
             .installed_forwards
             .difference(&desired)
             .copied()
             .collect();
-        let new: Vec<ForwardRule> = desired
-            .difference(&self.installed_forwards)
-            .copied()
-            .collect();
-        if !stale.is_empty() {
-            match nft::remove_forwards(&stale).await {
-                Ok(()) => stale.iter().for_each(|r| {
-                    self.installed_forwards.remove(r);
-                }),
-                Err(e) => tracing::warn!("removing {} forward(s): {e}", stale.len()),
-            }
-        }
-        if !new.is_empty() {
-            match nft::add_forwards(&new).await {
-                Ok(()) => self.installed_forwards.extend(new),
-                Err(e) => tracing::warn!("adding {} forward(s): {e}", new.len()),
-            }
-        }
+        self.uninstall_forwards(stale).await;
+        self.install_forwards(desired).await;
     }
 
     /// Adds the elements of `rules` that are not installed yet.
@@ -712,10 +703,7 @@ impl Daemon {
                 .guests
                 .values()
                 .flat_map(|g| g.nics.iter())
-                .filter(|nic| {
-                    nic.libvirt_bridge.is_none()
-                        && nic.network.as_deref() == Some(net.name.as_str())
-                })
+                .filter(|nic| nic.is_on_qnet_network(&net.name))
                 .map(|nic| nic.mac.as_str())
                 .collect();
             let mut dhcp = Vec::new();
@@ -888,10 +876,9 @@ impl Daemon {
                         .guests
                         .values()
                         .filter(|g| {
-                            g.nics.iter().any(|nic| {
-                                nic.libvirt_bridge.is_none()
-                                    && nic.network.as_deref() == Some(&n.config.name)
-                            })
+                            g.nics
+                                .iter()
+                                .any(|nic| nic.is_on_qnet_network(&n.config.name))
                         })
                         .count(),
                     rx_bytes,
@@ -1078,7 +1065,12 @@ impl Daemon {
                 ));
             }
         }
-        if let Some((other, origin)) = self.forward_specs().find(|(f, _)| f.overlaps(&spec)) {
+        if let Some(Declared {
+            spec: other,
+            origin,
+            ..
+        }) = self.forward_specs().find(|d| d.spec.overlaps(&spec))
+        {
             if other == &spec {
                 return Ok(done(format!(
                     "{} to {} is already forwarded",
@@ -1272,13 +1264,15 @@ impl Daemon {
                     return Err(self.no_such_network(net));
                 }
             }
-            let clash =
-                self.forward_specs()
-                    .zip(self.forward_owners())
-                    .find(|((other, _), owner)| {
-                        other.overlaps(spec) && owner.as_deref() != Some(&uuid)
-                    });
-            if let Some(((other, origin), _)) = clash {
+            let clash = self
+                .forward_specs()
+                .find(|d| d.spec.overlaps(spec) && d.libvirt != Some(uuid.as_str()));
+            if let Some(Declared {
+                spec: other,
+                origin,
+                ..
+            }) = clash
+            {
                 return Err(format!(
                     "guest `{name}`: {} is taken by guest `{}` ({origin} forward {})",
                     spec.ports_text(),
@@ -1586,30 +1580,15 @@ impl Daemon {
         )))
     }
 
-    /// The libvirt owner of each entry of [`Self::forward_specs`].
-    fn forward_owners(&self) -> impl Iterator<Item = Option<String>> + '_ {
-        self.config_forwards
-            .iter()
-            .map(|_| None)
-            .chain(self.state.forwards.iter().map(|f| f.libvirt.clone()))
-    }
-
     fn forward_list(&self, peer: Peer) -> Reply {
         let guests: Vec<&GuestRecord> = self.state.guests.values().collect();
-        let owners: Vec<Option<u32>> = self
-            .config_forwards
-            .iter()
-            .map(|_| None)
-            .chain(self.state.forwards.iter().map(|f| Some(f.owner_uid)))
-            .collect();
         let forwards = self
             .forward_specs()
-            .zip(owners)
-            .filter(|(_, owner)| peer.is_root() || *owner == Some(peer.uid))
-            .map(|((spec, origin), _)| ForwardInfo {
-                forward: spec.clone(),
-                origin: origin.to_string(),
-                guest_addr: forwards::target_nic(spec, guests.iter().copied())
+            .filter(|d| peer.is_root() || d.owner_uid == Some(peer.uid))
+            .map(|d| ForwardInfo {
+                forward: d.spec.clone(),
+                origin: d.origin.to_string(),
+                guest_addr: forwards::target_nic(d.spec, guests.iter().copied())
                     .and_then(|nic| nic.ip)
                     .map(IpAddr::V4),
             })
@@ -1633,6 +1612,17 @@ impl Daemon {
             tracing::error!("saving state: {e}");
         }
     }
+}
+
+/// A declared forward, wherever it was declared.
+struct Declared<'a> {
+    spec: &'a ForwardSpec,
+    /// `config`, `runtime` or `libvirt`, as `forward list` shows it.
+    origin: &'static str,
+    /// Who added it at run time; `None` for hookd.toml's.
+    owner_uid: Option<u32>,
+    /// The UUID of the libvirt domain that declares it.
+    libvirt: Option<&'a str>,
 }
 
 /// Where a libvirt guest's NIC is.

@@ -105,9 +105,7 @@ pub fn desired<'a>(
             // dnsmasq may hand out DHCPv6 addresses we cannot predict).
             let net = networks
                 .iter()
-                .find(|n| {
-                    nic.libvirt_bridge.is_none() && Some(n.name.as_str()) == nic.network.as_deref()
-                })
+                .find(|n| nic.is_on_qnet_network(&n.name))
                 .copied();
             rules.extend(rules_for(spec, nic, net));
         }

@@ -875,7 +875,7 @@ pub fn relevant_error(stderr: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{BlockedPort, Ipv6Config};
 
@@ -1083,7 +1083,13 @@ mod tests {
             .starts_with("add table inet qnet\ndelete table inet qnet\ntable inet qnet {"));
     }
 
-    fn rule(proto: Proto, host: Option<&str>, port: u16, guest: &str, gport: u16) -> ForwardRule {
+    pub(crate) fn rule(
+        proto: Proto,
+        host: Option<&str>,
+        port: u16,
+        guest: &str,
+        gport: u16,
+    ) -> ForwardRule {
         ForwardRule {
             proto,
             host_addr: host.map(|h| h.parse().unwrap()),

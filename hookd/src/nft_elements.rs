@@ -43,6 +43,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
 use crate::api::Proto;
 use crate::nft::{ForwardRule, TABLE_NAME};
@@ -67,8 +69,6 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_HDRLEN: usize = 16;
-const SOL_NETLINK: libc::c_int = 270;
-const NETLINK_CAP_ACK: libc::c_int = 10;
 
 /// Elements per message: the list is one netlink attribute, whose length
 /// is 16 bits; an IPv6 element takes 72 bytes, so 512 of them fit with room.
@@ -144,9 +144,10 @@ impl NftSocket {
         socket.bind_auto()?;
         // Connected to the kernel: nobody else can send us datagrams.
         socket.connect(&SocketAddr::new(0, 0))?;
-        set_receive_timeout(&socket, ANSWER_TIMEOUT)?;
+        let timeout = TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0);
+        setsockopt(&socket, sockopt::ReceiveTimeout, &timeout)?;
         // Errors echo only the failed message's header, not all of it.
-        set_int_option(&socket, SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
+        socket.set_cap_ack(true)?;
         Ok(NftSocket {
             namespace,
             socket,
@@ -165,8 +166,8 @@ impl NftSocket {
         // send buffer (default ~200 KiB; 10,000 elements are ~450 KiB). We
         // are root (nftables needs CAP_NET_ADMIN anyway): force it.
         if batch.bytes.len() > 64 * 1024 {
-            let size = libc::c_int::try_from(batch.bytes.len() * 2).unwrap_or(libc::c_int::MAX);
-            set_int_option(&self.socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)?;
+            setsockopt(&self.socket, sockopt::SndBufForce, &(batch.bytes.len() * 2))
+                .map_err(io::Error::from)?;
         }
         let sent = self.socket.send(&batch.bytes, 0)?;
         if sent != batch.bytes.len() {
@@ -349,51 +350,6 @@ fn nested(out: &mut Vec<u8>, kind: u16, body: impl FnOnce(&mut Vec<u8>)) {
     out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
 }
 
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid socket fd and a timeval of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn set_int_option(
-    socket: &Socket,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: a valid socket fd and an int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Reads answers to the batch that began with sequence `begin` until
 /// `expected` acknowledgements (or errors) arrived; the first error is
 /// the batch's result. An error for the batch header itself (the kernel
@@ -485,36 +441,27 @@ fn answers(datagram: &[u8]) -> impl Iterator<Item = io::Result<Answer>> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rule(host: Option<&str>, proto: Proto, port: u16, guest: &str, gport: u16) -> ForwardRule {
-        ForwardRule {
-            proto,
-            host_addr: host.map(|h| h.parse().unwrap()),
-            host_port: port,
-            guest_addr: guest.parse().unwrap(),
-            guest_port: gport,
-        }
-    }
+    use crate::nft::tests::rule;
 
     #[test]
     fn keys_and_values_are_padded_registers_in_network_order() {
-        let r = rule(Some("10.99.0.1"), Proto::Tcp, 8080, "10.42.0.10", 80);
+        let r = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
         assert_eq!(key_bytes(&r), [10, 99, 0, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         assert_eq!(value_bytes(&r), [10, 42, 0, 10, 0, 80, 0, 0]);
-        let any = rule(None, Proto::Udp, 53, "fd42::10", 5353);
+        let any = rule(Proto::Udp, None, 53, "fd42::10", 5353);
         assert_eq!(key_bytes(&any), [17, 0, 0, 0, 0, 53, 0, 0]);
         let value = value_bytes(&any);
         assert_eq!(value.len(), 20);
         assert_eq!(&value[16..], [0x14, 0xe9, 0, 0]);
-        let v6 = rule(Some("fd00::1"), Proto::Tcp, 1, "fd42::10", 1);
+        let v6 = rule(Proto::Tcp, Some("fd00::1"), 1, "fd42::10", 1);
         assert_eq!(key_bytes(&v6).len(), 24);
     }
 
     #[test]
     fn a_batch_has_one_message_per_map_and_change_between_begin_and_end() {
-        let a = rule(Some("10.99.0.1"), Proto::Tcp, 8080, "10.42.0.10", 80);
-        let b = rule(Some("10.99.0.1"), Proto::Udp, 53, "10.42.0.10", 53);
-        let c = rule(None, Proto::Tcp, 22, "10.42.0.10", 22);
+        let a = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
+        let b = rule(Proto::Udp, Some("10.99.0.1"), 53, "10.42.0.10", 53);
+        let c = rule(Proto::Tcp, None, 22, "10.42.0.10", 22);
         let rules = [a, b, c];
         let batch = encode_batch(&[(Change::Add, &rules), (Change::Delete, &rules)], 7);
         // fwd4 and fwd4_any, for add and for delete.
@@ -541,7 +488,7 @@ mod tests {
     #[test]
     fn big_lists_are_split_so_every_attribute_length_fits_16_bits() {
         let rules: Vec<ForwardRule> = (1..=2000)
-            .map(|p| rule(Some("fd00::1"), Proto::Tcp, p, "fd42::10", p))
+            .map(|p| rule(Proto::Tcp, Some("fd00::1"), p, "fd42::10", p))
             .collect();
         let batch = encode_batch(&[(Change::Add, &rules)], 1);
         assert_eq!(batch.acks, 4); // 512 + 512 + 512 + 464
