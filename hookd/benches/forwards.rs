@@ -392,40 +392,17 @@ impl Site {
         let host = NetNs::new(&format!("fwbc-{tag}-h"));
         let outside = NetNs::new(&format!("fwbc-{tag}-o"));
         let guest = NetNs::new(&format!("fwbc-{tag}-g"));
-        host.ip(&[
-            "link",
-            "add",
+        host.add_veth_to(
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
+            Some("10.99.0.1/24"),
+            &outside,
             "eth0",
-            "netns",
-            outside.name(),
-        ]);
-        host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
-        host.ip(&["link", "set", "up0", "up"]);
-        outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-        outside.ip(&["link", "set", "eth0", "up"]);
+            Some("10.99.0.2/24"),
+        );
         let net = network();
         host.run_in(|| block_on(bring_up(&net))).expect("bring_up");
-        host.ip(&[
-            "link",
-            "add",
-            "gport",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            guest.name(),
-        ]);
+        host.add_veth_to("gport", None, &guest, "eth0", Some("10.42.0.10/24"));
         host.ip(&["link", "set", "gport", "master", "qnbench"]);
-        host.ip(&["link", "set", "gport", "up"]);
-        guest.ip(&["addr", "add", "10.42.0.10/24", "dev", "eth0"]);
-        guest.ip(&["link", "set", "eth0", "up"]);
         guest.ip(&["route", "add", "default", "via", "10.42.0.1"]);
         host.run_in(|| match candidate {
             Candidate::Ours => {

@@ -52,19 +52,9 @@ pub fn http_get_in_netns(
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let last_error = match try_get(addr, path, deadline) {
-            Ok(Response { status: 200, body }) => {
-                return String::from_utf8(body)
-                    .map_err(|_| format!("GET http://{addr}{path}: body is not UTF-8"))
-            }
-            // An answer other than 200 will not change on retry.
-            Ok(Response { status, body }) => {
-                return Err(format!(
-                    "GET http://{addr}{path}: status {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ))
-            }
-            Err(e) => e,
+        let last_error = match attempt(addr, path, deadline) {
+            Attempt::Answered(result) => return result,
+            Attempt::NoAnswer(e) => e,
         };
         if Instant::now() + Duration::from_millis(100) >= deadline {
             return Err(format!(
@@ -72,6 +62,37 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
             ));
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Like [`http_get`], but one attempt and no retry: for "does anything
+/// answer there now?" (e.g. a removed port forward must refuse).
+pub fn http_get_once(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
+    match attempt(addr, path, Instant::now() + timeout) {
+        Attempt::Answered(result) => result,
+        Attempt::NoAnswer(e) => Err(format!("GET http://{addr}{path}: {e}")),
+    }
+}
+
+enum Attempt {
+    /// The server answered: the body of a 200, or why not.
+    Answered(Result<String, String>),
+    /// No answer (connection refused, timed out, cut): worth retrying.
+    NoAnswer(String),
+}
+
+fn attempt(addr: SocketAddr, path: &str, deadline: Instant) -> Attempt {
+    match try_get(addr, path, deadline) {
+        Ok(Response { status: 200, body }) => Attempt::Answered(
+            String::from_utf8(body)
+                .map_err(|_| format!("GET http://{addr}{path}: body is not UTF-8")),
+        ),
+        // An answer other than 200 will not change on retry.
+        Ok(Response { status, body }) => Attempt::Answered(Err(format!(
+            "GET http://{addr}{path}: status {status}: {}",
+            String::from_utf8_lossy(&body)
+        ))),
+        Err(e) => Attempt::NoAnswer(e),
     }
 }
 

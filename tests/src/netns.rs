@@ -79,6 +79,28 @@ impl NetNs {
         self.ip(&["link", "set", name, "up"]);
     }
 
+    /// Connects this namespace to `peer` with a veth pair, `name` here and
+    /// `peer_name` there, each with its address (CIDR) when one is given,
+    /// both up.
+    pub fn add_veth_to(
+        &self,
+        name: &str,
+        cidr: Option<&str>,
+        peer: &NetNs,
+        peer_name: &str,
+        peer_cidr: Option<&str>,
+    ) {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ]);
+        for (ns, dev, cidr) in [(self, name, cidr), (peer, peer_name, peer_cidr)] {
+            if let Some(cidr) = cidr {
+                ns.ip(&["addr", "add", cidr, "dev", dev]);
+            }
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+    }
+
     /// Uses up `2 * pairs` ifindexes of this namespace by creating and
     /// deleting veth pairs: ifindexes are handed out cyclically from the last
     /// one, so afterwards the next device gets the ifindex after them. Lets

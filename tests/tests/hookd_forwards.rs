@@ -4,8 +4,7 @@
 //! removed when QEMU dies and back when it returns, intact across a daemon
 //! restart, conflicts refused, unprivileged users limited.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -16,12 +15,15 @@ use qnet_tests::guest::{
     ProbeOutcome, RunningGuest,
 };
 use qnet_tests::hookd::{qmp_client_args, Hookd};
+use qnet_tests::http::{http_get_in_netns, http_get_once};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir};
 use qnet_tests::workspace_binary;
 
 const LONG: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(20);
+/// One HTTP attempt's budget (connect, send, read).
+const ONE_TRY: Duration = Duration::from_secs(5);
 
 const UPLINK: &str = "10.254.0.1";
 const OUTSIDE: &str = "10.254.0.2";
@@ -53,19 +55,13 @@ impl World {
         check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let hk = NetNs::new(&format!("{tag}-hk"));
         let out = NetNs::new(&format!("{tag}-out"));
-        hk.ip(&[
-            "link",
-            "add",
+        hk.add_veth_to(
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
+            Some(&format!("{UPLINK}/24")),
+            &out,
             "out0",
-            "netns",
-            out.name(),
-        ]);
-        hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
+            Some(&format!("{OUTSIDE}/24")),
+        );
         hk.ip(&[
             "addr",
             "add",
@@ -74,8 +70,6 @@ impl World {
             "up0",
             "nodad",
         ]);
-        hk.ip(&["link", "set", "up0", "up"]);
-        out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
         out.ip(&[
             "addr",
             "add",
@@ -84,7 +78,6 @@ impl World {
             "out0",
             "nodad",
         ]);
-        out.ip(&["link", "set", "out0", "up"]);
         let config = ConfigDir::new();
         config.write("bridge.conf", "allow qnlab\n");
         let hookd = Hookd::start(&hk, Some(CONFIG));
@@ -123,40 +116,9 @@ impl World {
     }
 }
 
-/// GET / from `addr` inside `ns`, retrying for a while (forwards and guest
-/// servers come up asynchronously).
-fn fetch(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let result = ns.run_in(|| get(addr));
-        match result {
-            Ok(body) => return Ok(body),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-fn get(addr: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .map_err(|e| e.to_string())?;
-    reply
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .ok_or_else(|| format!("no HTTP reply from {addr}: {reply:?}"))
-}
-
 /// One try, no retries: does `addr` answer at all?
 fn refused(ns: &NetNs, addr: SocketAddr) -> bool {
-    ns.run_in(|| get(addr)).is_err()
+    ns.run_in(|| http_get_once(addr, "/", ONE_TRY)).is_err()
 }
 
 fn udp_echo(ns: &NetNs, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>, String> {
@@ -191,11 +153,17 @@ fn forwards_work_from_every_direction() {
     world.forward(&["web", "tcp", "9080-9081:80"]);
 
     // From the outside, through the uplink address.
-    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token);
-    // From the host itself, to its own address and to 127.0.0.1.
-    assert_eq!(fetch(&world.hk, sock(UPLINK, 8080), SHORT).unwrap(), token);
     assert_eq!(
-        fetch(&world.hk, sock("127.0.0.1", 8080), SHORT).unwrap(),
+        http_get_in_netns(world.out.name(), sock(UPLINK, 8080), "/", LONG).unwrap(),
+        token
+    );
+    // From the host itself, to its own address and to 127.0.0.1.
+    assert_eq!(
+        http_get_in_netns(world.hk.name(), sock(UPLINK, 8080), "/", SHORT).unwrap(),
+        token
+    );
+    assert_eq!(
+        http_get_in_netns(world.hk.name(), sock("127.0.0.1", 8080), "/", SHORT).unwrap(),
         token
     );
     // UDP.
@@ -204,10 +172,16 @@ fn forwards_work_from_every_direction() {
         b"qnet-udp"
     );
     // A range keeps its offsets: 9080 → 80 answers, 9081 → 81 does not.
-    assert_eq!(fetch(&world.out, sock(UPLINK, 9080), SHORT).unwrap(), token);
+    assert_eq!(
+        http_get_in_netns(world.out.name(), sock(UPLINK, 9080), "/", SHORT).unwrap(),
+        token
+    );
     assert!(refused(&world.out, sock(UPLINK, 9081)));
     // IPv6, from the outside through the uplink's IPv6 address.
-    assert_eq!(fetch(&world.out, sock(UPLINK6, 8080), LONG).unwrap(), token);
+    assert_eq!(
+        http_get_in_netns(world.out.name(), sock(UPLINK6, 8080), "/", LONG).unwrap(),
+        token
+    );
 
     // Hairpin: another guest on the same network, through the public address.
     let other = world.boot(
@@ -240,7 +214,10 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
     let token = random_token();
     let web = world.boot("web", &mac, &token, &[]);
     world.forward(&["web", "tcp", "8080:80"]);
-    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token);
+    assert_eq!(
+        http_get_in_netns(world.out.name(), sock(UPLINK, 8080), "/", LONG).unwrap(),
+        token
+    );
 
     // QEMU killed: the forward goes (the port then refuses).
     drop(web);
@@ -253,7 +230,10 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
     // Back with the same MAC: same address, forward back.
     let token2 = random_token();
     let _web = world.boot("web", &mac, &token2, &[]);
-    assert_eq!(fetch(&world.out, sock(UPLINK, 8080), LONG).unwrap(), token2);
+    assert_eq!(
+        http_get_in_netns(world.out.name(), sock(UPLINK, 8080), "/", LONG).unwrap(),
+        token2
+    );
 
     // kill -9 the daemon: forwards keep working, and after the restart
     // they are there exactly once.
@@ -263,7 +243,7 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
         .unwrap();
     world.hookd.kill9();
     assert_eq!(
-        fetch(&world.out, sock(UPLINK, 8080), SHORT).unwrap(),
+        http_get_in_netns(world.out.name(), sock(UPLINK, 8080), "/", SHORT).unwrap(),
         token2
     );
     world.hookd.spawn();
@@ -280,7 +260,7 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
         "ruleset (with its forward elements) changed across a restart"
     );
     assert_eq!(
-        fetch(&world.out, sock(UPLINK, 8080), SHORT).unwrap(),
+        http_get_in_netns(world.out.name(), sock(UPLINK, 8080), "/", SHORT).unwrap(),
         token2
     );
 

@@ -60,22 +60,13 @@ impl World {
         check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let hk = NetNs::new(&format!("{tag}-hk"));
         let out = NetNs::new(&format!("{tag}-out"));
-        hk.ip(&[
-            "link",
-            "add",
+        hk.add_veth_to(
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
+            Some(&format!("{UPLINK}/24")),
+            &out,
             "out0",
-            "netns",
-            out.name(),
-        ]);
-        hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
-        hk.ip(&["link", "set", "up0", "up"]);
-        out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
-        out.ip(&["link", "set", "out0", "up"]);
+            Some(&format!("{OUTSIDE}/24")),
+        );
         let servers = vec![
             OutsideServer::start(&out, format!("{OUTSIDE}:8080").parse().unwrap()),
             OutsideServer::start(&out, format!("{OUTSIDE}:2525").parse().unwrap()),

@@ -18,8 +18,7 @@
 //! happens. The XML libvirt hands the hook is kept under
 //! target/qnet-test-logs/libvirt-xml/ (qemu-hooks/tests/data/ holds a copy).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,10 +27,13 @@ use std::time::{Duration, Instant};
 
 use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
 use qnet_tests::hookd::Hookd;
+use qnet_tests::http::{http_get_in_netns, http_get_once};
 use qnet_tests::netns::NetNs;
 use qnet_tests::{require_tool, workspace_binary};
 
 const LONG: Duration = Duration::from_secs(90);
+/// One HTTP attempt's budget (connect, send, read).
+const ONE_TRY: Duration = Duration::from_secs(5);
 const UPLINK: &str = "10.254.0.1";
 const OUTSIDE: &str = "10.254.0.2";
 const QNET_XMLNS: &str = "https://qnet.example/xmlns/libvirt/1";
@@ -336,34 +338,6 @@ fn domain_xml_with(
     )
 }
 
-fn get(addr: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .map_err(|e| e.to_string())?;
-    reply
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .ok_or_else(|| format!("no HTTP reply from {addr}: {reply:?}"))
-}
-
-fn fetch(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match ns.run_in(|| get(addr)) {
-            Ok(body) => return Ok(body),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
-}
-
 fn wait_for(
     what: &str,
     timeout: Duration,
@@ -386,22 +360,13 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     let hk = NetNs::new("lvhk");
     let out = NetNs::new("lvout");
-    hk.ip(&[
-        "link",
-        "add",
+    hk.add_veth_to(
         "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
+        Some(&format!("{UPLINK}/24")),
+        &out,
         "out0",
-        "netns",
-        out.name(),
-    ]);
-    hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
-    hk.ip(&["link", "set", "up0", "up"]);
-    out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
-    out.ip(&["link", "set", "out0", "up"]);
+        Some(&format!("{OUTSIDE}/24")),
+    );
     let hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-")
@@ -469,7 +434,8 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     // The forward of the metadata, from the outside namespace.
     let forward = SocketAddr::new(UPLINK.parse().unwrap(), 8088);
     assert_eq!(
-        fetch(&out, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context())),
+        http_get_in_netns(out.name(), forward, "/", LONG)
+            .unwrap_or_else(|e| panic!("{e}\n{}", context())),
         token
     );
     let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
@@ -485,7 +451,10 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
         context,
     );
     assert!(virsh(&["domstate", &name]).unwrap().contains("running"));
-    assert_eq!(fetch(&out, forward, LONG).unwrap(), token);
+    assert_eq!(
+        http_get_in_netns(out.name(), forward, "/", LONG).unwrap(),
+        token
+    );
     let guests = hookd.guests();
     assert!(
         guests
@@ -506,7 +475,7 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     wait_for(
         "the forward to go",
         Duration::from_secs(20),
-        || out.run_in(|| get(forward)).is_err(),
+        || out.run_in(|| http_get_once(forward, "/", ONE_TRY)).is_err(),
         context,
     );
     let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
@@ -625,22 +594,13 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     require_tool("iptables", "iptables");
     let hk = NetNs::new("lvnh");
     let out = NetNs::new("lvno");
-    hk.ip(&[
-        "link",
-        "add",
+    hk.add_veth_to(
         "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
+        Some(&format!("{UPLINK}/24")),
+        &out,
         "out0",
-        "netns",
-        out.name(),
-    ]);
-    hk.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "up0"]);
-    hk.ip(&["link", "set", "up0", "up"]);
-    out.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "out0"]);
-    out.ip(&["link", "set", "out0", "up"]);
+        Some(&format!("{OUTSIDE}/24")),
+    );
     let mut hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-net-")
@@ -743,7 +703,8 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     for addr in [UPLINK, "127.0.0.1"] {
         let forward = SocketAddr::new(addr.parse().unwrap(), 8090);
         assert_eq!(
-            fetch(&hk, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
+            http_get_in_netns(hk.name(), forward, "/", LONG)
+                .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
             token,
             "{forward}"
         );
@@ -751,7 +712,8 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     // From outside: libvirt's LIBVIRT_FWI rejects new connections into a
     // NAT network (icmp-port-unreachable: connection refused), and we
     // never edit libvirt's rules. hookd says so in its log.
-    let from_outside = out.run_in(|| get(SocketAddr::new(UPLINK.parse().unwrap(), 8090)));
+    let from_outside =
+        out.run_in(|| http_get_once(SocketAddr::new(UPLINK.parse().unwrap(), 8090), "/", ONE_TRY));
     let refused = from_outside.expect_err("libvirt lets the outside into a NAT network?");
     assert!(refused.contains("refused"), "{refused}");
     let rules = hk.exec("iptables", &["-S", "LIBVIRT_FWI"]).unwrap();
@@ -781,7 +743,12 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     let mut insert = vec!["-I"];
     insert.extend_from_slice(&accept);
     hk.exec("iptables", &insert).unwrap();
-    let through = fetch(&out, SocketAddr::new(UPLINK.parse().unwrap(), 8090), LONG);
+    let through = http_get_in_netns(
+        out.name(),
+        SocketAddr::new(UPLINK.parse().unwrap(), 8090),
+        "/",
+        LONG,
+    );
     let mut delete = vec!["-D"];
     delete.extend_from_slice(&accept);
     hk.exec("iptables", &delete).unwrap();
@@ -822,7 +789,13 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     hookd.spawn();
     assert_eq!(forward_addr(&hookd, 8090).as_deref(), Some(leased.as_str()));
     assert_eq!(
-        fetch(&hk, SocketAddr::new(UPLINK.parse().unwrap(), 8090), LONG).unwrap(),
+        http_get_in_netns(
+            hk.name(),
+            SocketAddr::new(UPLINK.parse().unwrap(), 8090),
+            "/",
+            LONG
+        )
+        .unwrap(),
         token
     );
 
@@ -834,7 +807,9 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
         || {
             forward_addr(&hookd, 8090).is_none()
                 && hk
-                    .run_in(|| get(SocketAddr::new(UPLINK.parse().unwrap(), 8090)))
+                    .run_in(|| {
+                        http_get_once(SocketAddr::new(UPLINK.parse().unwrap(), 8090), "/", ONE_TRY)
+                    })
                     .is_err()
         },
         || context(&hookd, &name),
@@ -877,7 +852,8 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     let forward = SocketAddr::new(UPLINK.parse().unwrap(), 8091);
     // From the outside namespace: libvirt accepts routed traffic in.
     assert_eq!(
-        fetch(&out, forward, LONG).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
+        http_get_in_netns(out.name(), forward, "/", LONG)
+            .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name))),
         token
     );
     let leased = libvirt_lease(&routed.status_file(), &mac).expect("a lease");
@@ -892,7 +868,10 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     wait_for(
         "the forward to go",
         Duration::from_secs(20),
-        || forward_addr(&hookd, 8091).is_none() && out.run_in(|| get(forward)).is_err(),
+        || {
+            forward_addr(&hookd, 8091).is_none()
+                && out.run_in(|| http_get_once(forward, "/", ONE_TRY)).is_err()
+        },
         || context(&hookd, &name),
     );
 

@@ -70,21 +70,7 @@ impl Lan {
 
         let [subnet] = random_bytes::<1>();
         let net = |host: u8| Ipv4Addr::new(10, 78, subnet, host);
-        a.ip(&[
-            "link",
-            "add",
-            "qv0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "qv1",
-            "netns",
-            b.name(),
-        ]);
-        a.ip(&["link", "set", "qv0", "up"]);
-        b.ip(&["addr", "add", &format!("{}/24", net(1)), "dev", "qv1"]);
-        b.ip(&["link", "set", "qv1", "up"]);
+        a.add_veth_to("qv0", None, &b, "qv1", Some(&format!("{}/24", net(1))));
 
         // Reservations outside the dynamic range: getting one proves dnsmasq
         // saw this guest's MAC, i.e. the macvtap carries the guest's frames.

@@ -8,8 +8,7 @@
 //! namespace (with its own `/etc/qemu`); the host's network and files are
 //! left alone, and everything is removed at the end.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use qnet_tests::guest::{
     check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest,
 };
 use qnet_tests::hookd::{qmp_client_args, Hookd};
+use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
@@ -59,22 +59,13 @@ fn run() -> Result<(), String> {
     // the host's uplink (all addresses live inside these namespaces).
     let host = NetNs::new("demo-host");
     let outside = NetNs::new("demo-out");
-    host.ip(&[
-        "link",
-        "add",
+    host.add_veth_to(
         "uplink0",
-        "type",
-        "veth",
-        "peer",
-        "name",
+        Some(&format!("{UPLINK}/24")),
+        &outside,
         "eth0",
-        "netns",
-        outside.name(),
-    ]);
-    host.ip(&["addr", "add", &format!("{UPLINK}/24"), "dev", "uplink0"]);
-    host.ip(&["link", "set", "uplink0", "up"]);
-    outside.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
-    outside.ip(&["link", "set", "eth0", "up"]);
+        Some(&format!("{OUTSIDE}/24")),
+    );
     step(
         2,
         format!(
@@ -135,7 +126,8 @@ fn run() -> Result<(), String> {
     );
 
     let target: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
-    let page = fetch(&outside, target)?;
+    // Retried briefly while the forward settles.
+    let page = http_get_in_netns(outside.name(), target, "/", Duration::from_secs(30))?;
     step(
         7,
         format!("from the outside: GET http://{target}/ -> {page:?}"),
@@ -147,30 +139,4 @@ fn run() -> Result<(), String> {
     drop(guest);
     step(8, "QEMU stopped; the daemon removed its forward; removing the daemon, dnsmasq, bridge, rules and namespaces");
     Ok(())
-}
-
-/// GET / from inside `ns`, retrying briefly while the forward settles.
-fn fetch(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let attempt = ns.run_in(|| -> Result<String, String> {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
-            write!(stream, "GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-            let mut reply = String::new();
-            stream
-                .read_to_string(&mut reply)
-                .map_err(|e| e.to_string())?;
-            reply
-                .split_once("\r\n\r\n")
-                .map(|(_, body)| body.to_string())
-                .ok_or_else(|| format!("no HTTP reply: {reply:?}"))
-        });
-        match attempt {
-            Ok(body) => return Ok(body),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
