@@ -553,6 +553,29 @@ impl Drop for LibvirtNet {
     }
 }
 
+/// A new guest (random name, MAC and page token) with `interface` and a
+/// qnet forward of host port `port`, its domain XML written to
+/// `dir/TAG-domain.xml` and its serial console to `dir/NAME.serial`:
+/// `(name, mac, token, xml path)`.
+fn write_guest_xml(
+    dir: &Path,
+    tag: &str,
+    port: u16,
+    interface: &str,
+) -> (String, String, String, PathBuf) {
+    let name = format!("qnet-test-{}", &random_token()[..12]);
+    let mac = random_mac();
+    let token = random_token();
+    let xml = dir.join(format!("{tag}-domain.xml"));
+    let serial = dir.join(format!("{name}.serial"));
+    std::fs::write(
+        &xml,
+        domain_xml_with(&name, &mac, &token, &serial, port, interface),
+    )
+    .unwrap();
+    (name, mac, token, xml)
+}
+
 /// A transient domain the test created; dropping it destroys it (when an
 /// assertion failed before the test did), before its network goes.
 struct Domain(String);
@@ -623,19 +646,11 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
 
     // --- a NAT network, the guest by <interface type='network'> ---------
     let nat = LibvirtNet::start(dir.path(), "nat", 77);
-    let name = format!("qnet-test-{}", &random_token()[..12]);
-    let mac = random_mac();
-    let token = random_token();
-    let xml = dir.path().join("nat-domain.xml");
     let interface = format!(
         "<interface type='network'>\n      <source network='{}'/>",
         nat.name
     );
-    std::fs::write(
-        &xml,
-        domain_xml_with(&name, &mac, &token, &serial_of(&name), 8090, &interface),
-    )
-    .unwrap();
+    let (name, mac, token, xml) = write_guest_xml(dir.path(), "nat", 8090, &interface);
     virsh(&["create", xml.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
     let _domain = Domain(name.clone());
@@ -833,19 +848,11 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
 
     // --- a routed network, the guest by <interface type='bridge'> -------
     let routed = LibvirtNet::start(dir.path(), "route", 78);
-    let name = format!("qnet-test-{}", &random_token()[..12]);
-    let mac = random_mac();
-    let token = random_token();
-    let xml = dir.path().join("route-domain.xml");
     let interface = format!(
         "<interface type='bridge'>\n      <source bridge='{}'/>",
         routed.bridge
     );
-    std::fs::write(
-        &xml,
-        domain_xml_with(&name, &mac, &token, &serial_of(&name), 8091, &interface),
-    )
-    .unwrap();
+    let (name, mac, token, xml) = write_guest_xml(dir.path(), "route", 8091, &interface);
     virsh(&["create", xml.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
     let _domain = Domain(name.clone());
