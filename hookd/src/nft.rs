@@ -644,7 +644,9 @@ pub async fn apply_with_forwards(
     Ok(())
 }
 
-/// The transaction [`add_forwards`] runs: one `add element` line per rule.
+/// The transaction [`add_forwards`] sends over nfnetlink, as nft text: one
+/// `add element` line per rule (for `nft -f`, e.g. the benchmark's
+/// reference, and as the readable statement of what the batch does).
 pub fn add_forwards_script(rules: &[ForwardRule]) -> String {
     let mut script = String::new();
     for rule in rules {
@@ -659,9 +661,10 @@ pub fn add_forwards_script(rules: &[ForwardRule]) -> String {
     script
 }
 
-/// The transaction [`remove_forwards`] runs: per rule, `add element` (a
-/// no-op if it is there, so that the delete cannot fail because it is
-/// absent — nft 1.0.6 has no `destroy element`) then `delete element`.
+/// The transaction [`remove_forwards`] sends over nfnetlink, as nft text:
+/// per rule, `add element` (a no-op if it is there, so that the delete
+/// cannot fail because it is absent — nft 1.0.6 has no `destroy element`)
+/// then `delete element`.
 pub fn remove_forwards_script(rules: &[ForwardRule]) -> String {
     let mut script = add_forwards_script(rules);
     for rule in rules {
