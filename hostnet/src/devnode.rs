@@ -12,10 +12,12 @@
 //!    (`/sys/class/net/<name>/macvtap/tap<ifindex>/dev`), after checking
 //!    that sysfs shows our device (same ifindex): sysfs shows the network
 //!    namespace it was mounted in, which must be the helper's.
-//! 2. `/dev/tap<ifindex>` is opened with `O_NOFOLLOW` (and `O_NONBLOCK`, so
-//!    a FIFO cannot block us) and accepted only if `fstat` says it is a
-//!    character device with exactly that device number. A missing node is
-//!    retried briefly.
+//! 2. `/dev/tap<ifindex>` is looked at (`lstat`) and opened only if it is a
+//!    character device with exactly that device number; the open uses
+//!    `O_NOFOLLOW` (and `O_NONBLOCK`, so a FIFO cannot block us) and is
+//!    kept only if `fstat` agrees. A missing node is retried briefly; a
+//!    node whose device vanished under the open (`ENODEV`: another
+//!    namespace's macvtap being deleted) counts as somebody else's.
 //! 3. Otherwise a private node is made: `mknod` in a fresh directory
 //!    (`mkdtemp` semantics) inside [`PRIVATE_BASE`], which is root-owned
 //!    and mode 0700, so the caller can never reach the node; it is opened,
@@ -202,6 +204,17 @@ enum Attempt {
 /// Opens `path` (relative to `dir` if given) without following a symlink
 /// or blocking, and keeps it only if it is the character device `devt`.
 fn open_checked(dir: Option<&OwnedFd>, path: &Path, devt: libc::dev_t) -> Result<File, Attempt> {
+    // Look before opening: a node of another namespace's macvtap is never
+    // opened at all (opening a tap queue is not free of side effects).
+    // The fstat below still decides; this only spares the open.
+    let looked = match dir {
+        Some(dir) => nix::sys::stat::fstatat(dir, path, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW),
+        None => nix::sys::stat::lstat(path),
+    };
+    match looked {
+        Ok(stat) => check_node(&stat, devt)?,
+        Err(errno) => return Err(Attempt::Failed(errno)),
+    }
     let flags =
         OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
     let opened = match dir {
@@ -216,22 +229,37 @@ fn open_checked(dir: Option<&OwnedFd>, path: &Path, devt: libc::dev_t) -> Result
                 found: "a symlink".into(),
             })
         }
+        // The node was replaced between the look and the open by one
+        // whose device is gone: a stale node of another namespace's
+        // macvtap that devtmpfs is about to remove. Ours exists while we
+        // hold it, so this node is not ours.
+        Err(Errno::ENODEV | Errno::ENXIO) => {
+            return Err(Attempt::Wrong {
+                found: "a node of a device that no longer exists".into(),
+            })
+        }
         Err(errno) => return Err(Attempt::Failed(errno)),
     };
     let stat = fstat(&fd).map_err(Attempt::Failed)?;
-    let is_char = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
-    if !is_char || stat.st_rdev != devt {
-        let found = if is_char {
-            format!("character device {}", show_devt(stat.st_rdev))
-        } else {
-            format!("file of mode {:o}", stat.st_mode)
-        };
-        return Err(Attempt::Wrong { found });
-    }
+    check_node(&stat, devt)?;
     // Blocking I/O, like a node opened by libvirt; QEMU sets O_NONBLOCK
     // itself where it wants it.
     fcntl(&fd, FcntlArg::F_SETFL(OFlag::empty())).map_err(Attempt::Failed)?;
     Ok(File::from(fd))
+}
+
+/// Accepts only the character device `devt`.
+fn check_node(stat: &libc::stat, devt: libc::dev_t) -> Result<(), Attempt> {
+    let is_char = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
+    if is_char && stat.st_rdev == devt {
+        return Ok(());
+    }
+    let found = if is_char {
+        format!("character device {}", show_devt(stat.st_rdev))
+    } else {
+        format!("file of mode {:o}", stat.st_mode)
+    };
+    Err(Attempt::Wrong { found })
 }
 
 /// Step 3 of the module documentation; runs with [`PRIVATE_NODE_CAPS`]

@@ -568,6 +568,79 @@ fn a_node_of_another_namespace_is_never_opened() {
 }
 
 #[test]
+fn a_stale_node_of_a_vanished_device_is_never_opened() {
+    // The race CI once hit: /dev/tapN left by another namespace's macvtap
+    // that is being deleted points at a minor no device has any more, and
+    // opening it fails with ENODEV. The helper must treat such a node as
+    // somebody else's (look before opening) and make a private node, not
+    // fail. The stale node is made here with mknod: the macvtap major and
+    // a minor far above what the tests' macvtaps get.
+    let setup = Setup::new("mvt-stale", "allow qv0\n");
+    let pairs = 200 + u32::from(qnet_tests::guest::random_bytes::<1>()[0] % 100);
+    setup.netns.use_up_ifindexes(pairs);
+    let index = (4 + 2 * pairs).to_string();
+    let major = macvtap_major();
+    let minor = 60_000 + u32::from(qnet_tests::guest::random_bytes::<1>()[0]);
+    let node = StaleNode::make(&format!("/dev/tap{index}"), libc::makedev(major, minor));
+
+    let mut cmd = setup.helper();
+    cmd.args(["--debug", &format!("--mac={}", random_mac())]);
+    let outcome = run_helper(cmd, Some(LOWER));
+    let log = outcome.stderr.clone();
+    let fd = outcome.expect_fd();
+    let name = assert_tap_with_vnet_hdr(&fd);
+    let line = setup.link(&name);
+    assert!(
+        line.starts_with(&format!("{index}: ")),
+        "the test expected ifindex {index}: {line}"
+    );
+    assert!(log.contains("making a private node"), "{log}");
+    let rdev = std::fs::File::from(fd).metadata().unwrap().rdev();
+    assert_ne!(rdev, node.rdev, "got the stale node's device");
+    assert_eq!(libc::major(rdev), major, "not a macvtap device");
+}
+
+/// The character-device major of macvtap queues, from /proc/devices.
+fn macvtap_major() -> u32 {
+    let devices = std::fs::read_to_string("/proc/devices").unwrap();
+    devices
+        .lines()
+        .find_map(|line| {
+            let (major, name) = line.trim().split_once(' ')?;
+            (name == "macvtap").then(|| major.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no macvtap major in /proc/devices:\n{devices}"))
+}
+
+/// A device node in /dev, removed again even when the test fails.
+struct StaleNode {
+    path: std::ffi::CString,
+    rdev: u64,
+}
+
+impl StaleNode {
+    fn make(path: &str, rdev: libc::dev_t) -> StaleNode {
+        let path = std::ffi::CString::new(path).unwrap();
+        // SAFETY: path is a valid NUL-terminated string.
+        let made = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, rdev) };
+        assert_eq!(
+            made,
+            0,
+            "mknod {path:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        StaleNode { path, rdev }
+    }
+}
+
+impl Drop for StaleNode {
+    fn drop(&mut self) {
+        // SAFETY: path is a valid NUL-terminated string.
+        unsafe { libc::unlink(self.path.as_ptr()) };
+    }
+}
+
+#[test]
 fn missing_mac_is_refused_with_the_reason() {
     let setup = Setup::new("mvt-nomac", "allow qv0\n");
     for mode in ["bridge", "vepa", "private"] {
