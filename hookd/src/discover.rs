@@ -182,7 +182,8 @@ fn open_devices(pid: u32) -> Result<Vec<(u32, Device)>, DiscoverError> {
                 None => continue,
             }
         } else if let Some(index) = tap_index {
-            let wanted = *macvtap_major.get_or_insert_with(|| char_major("macvtap"));
+            let wanted =
+                *macvtap_major.get_or_insert_with(|| qnet_hostnet::devnode::char_major("macvtap"));
             if wanted != Some(major) {
                 continue;
             }
@@ -221,21 +222,6 @@ fn tap_node_index(target: &Path) -> Option<u32> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Major number of a character device driver, from `/proc/devices`
-/// (global, not namespaced).
-fn char_major(driver: &str) -> Option<u32> {
-    let devices = fs::read_to_string("/proc/devices").ok()?;
-    devices
-        .lines()
-        .skip_while(|line| !line.starts_with("Character devices"))
-        .skip(1)
-        .take_while(|line| !line.trim().is_empty())
-        .find_map(|line| {
-            let (major, name) = line.trim().split_once(' ')?;
-            (name.trim() == driver).then(|| major.parse().ok())?
-        })
 }
 
 fn resolve(
@@ -432,13 +418,6 @@ mod tests {
         ] {
             assert_eq!(tap_node_index(Path::new(other)), None, "{other}");
         }
-    }
-
-    #[test]
-    fn proc_devices_has_misc() {
-        // misc (10) is built into every kernel; macvtap may not be.
-        assert_eq!(char_major("misc"), Some(10));
-        assert_eq!(char_major("no-such-driver"), None);
     }
 
     #[test]

@@ -149,6 +149,21 @@ fn show_devt(devt: libc::dev_t) -> String {
     format!("{}:{}", libc::major(devt), libc::minor(devt))
 }
 
+/// Major number of a character device driver, from `/proc/devices`
+/// (global, not namespaced).
+pub fn char_major(driver: &str) -> Option<u32> {
+    let devices = std::fs::read_to_string("/proc/devices").ok()?;
+    devices
+        .lines()
+        .skip_while(|line| !line.starts_with("Character devices"))
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .find_map(|line| {
+            let (major, name) = line.trim().split_once(' ')?;
+            (name.trim() == driver).then(|| major.parse().ok())?
+        })
+}
+
 /// Opens the character device of macvtap `name` (ifindex `index`) for
 /// reading and writing, as described in the module documentation.
 pub fn open_macvtap_node(name: &str, index: u32) -> Result<(File, NodeSource), DevNodeError> {
@@ -423,6 +438,13 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_devices_has_misc() {
+        // misc (10) is built into every kernel; macvtap may not be.
+        assert_eq!(char_major("misc"), Some(10));
+        assert_eq!(char_major("no-such-driver"), None);
+    }
 
     #[test]
     fn sysfs_dev_numbers_parse() {

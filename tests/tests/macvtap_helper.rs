@@ -97,6 +97,36 @@ impl Setup {
         self.netns.ip(&["-d", "-o", "link", "show", "dev", name])
     }
 
+    /// Uses up a random number (at least `above`) of this namespace's
+    /// ifindexes and returns the one the helper's macvtap will get next,
+    /// beyond what other tests reach.
+    fn next_ifindex_beyond(&self, above: u32) -> String {
+        let pairs = above + u32::from(qnet_tests::guest::random_bytes::<1>()[0] % 100);
+        self.netns.use_up_ifindexes(pairs);
+        // lo is 1, qv0/qv1 are 2 and 3.
+        (4 + 2 * pairs).to_string()
+    }
+
+    /// Runs the helper, whose macvtap must get ifindex `index` and whose
+    /// `/dev/tap<index>` is somebody else's, and checks that it sent a
+    /// vnet_hdr tap fd opened through a private node; returns that fd's
+    /// device number.
+    fn helper_with_private_node(&self, index: &str) -> u64 {
+        let mut cmd = self.helper();
+        cmd.args(["--debug", &format!("--mac={}", random_mac())]);
+        let outcome = run_helper(cmd, Some(LOWER));
+        let log = outcome.stderr.clone();
+        let fd = outcome.expect_fd();
+        let name = assert_tap_with_vnet_hdr(&fd);
+        let line = self.link(&name);
+        assert!(
+            line.starts_with(&format!("{index}: ")),
+            "the test expected ifindex {index}: {line}"
+        );
+        assert!(log.contains("making a private node"), "{log}");
+        std::fs::File::from(fd).metadata().unwrap().rdev()
+    }
+
     fn mac_of(&self, name: &str) -> String {
         mac_in(&self.link(name))
     }
@@ -530,10 +560,7 @@ fn a_node_of_another_namespace_is_never_opened() {
     // gives a decoy macvtap in a second namespace ifindex N: the decoy owns
     // /dev/tapN, and the helper must make a private node instead.
     let setup = Setup::new("mvt-node", "allow qv0\n");
-    // lo is 1, qv0/qv1 are 2 and 3.
-    let pairs = 100 + u32::from(qnet_tests::guest::random_bytes::<1>()[0] % 100);
-    setup.netns.use_up_ifindexes(pairs);
-    let index = (4 + 2 * pairs).to_string();
+    let index = setup.next_ifindex_beyond(100);
     let decoy_ns = NetNs::new("mvt-decoy");
     decoy_ns.ip(&["link", "add", "dv0", "type", "veth", "peer", "name", "dv1"]);
     decoy_ns.ip(&[
@@ -544,19 +571,7 @@ fn a_node_of_another_namespace_is_never_opened() {
         .unwrap_or_else(|e| panic!("{node} of the decoy: {e}"))
         .rdev();
 
-    let mut cmd = setup.helper();
-    cmd.args(["--debug", &format!("--mac={}", random_mac())]);
-    let outcome = run_helper(cmd, Some(LOWER));
-    let log = outcome.stderr.clone();
-    let fd = outcome.expect_fd();
-    let name = assert_tap_with_vnet_hdr(&fd);
-    let line = setup.link(&name);
-    assert!(
-        line.starts_with(&format!("{index}: ")),
-        "the test expected ifindex {index}: {line}"
-    );
-    assert!(log.contains("making a private node"), "{log}");
-    let rdev = std::fs::File::from(fd).metadata().unwrap().rdev();
+    let rdev = setup.helper_with_private_node(&index);
     assert_ne!(rdev, decoy_rdev, "opened the other namespace's device");
     assert_eq!(
         std::fs::metadata(&node).unwrap().rdev(),
@@ -576,67 +591,37 @@ fn a_stale_node_of_a_vanished_device_is_never_opened() {
     // fail. The stale node is made here with mknod: the macvtap major and
     // a minor far above what the tests' macvtaps get.
     let setup = Setup::new("mvt-stale", "allow qv0\n");
-    let pairs = 200 + u32::from(qnet_tests::guest::random_bytes::<1>()[0] % 100);
-    setup.netns.use_up_ifindexes(pairs);
-    let index = (4 + 2 * pairs).to_string();
-    let major = macvtap_major();
+    let index = setup.next_ifindex_beyond(200);
+    let major = qnet_hostnet::devnode::char_major("macvtap").expect("macvtap in /proc/devices");
     let minor = 60_000 + u32::from(qnet_tests::guest::random_bytes::<1>()[0]);
     let node = StaleNode::make(&format!("/dev/tap{index}"), libc::makedev(major, minor));
 
-    let mut cmd = setup.helper();
-    cmd.args(["--debug", &format!("--mac={}", random_mac())]);
-    let outcome = run_helper(cmd, Some(LOWER));
-    let log = outcome.stderr.clone();
-    let fd = outcome.expect_fd();
-    let name = assert_tap_with_vnet_hdr(&fd);
-    let line = setup.link(&name);
-    assert!(
-        line.starts_with(&format!("{index}: ")),
-        "the test expected ifindex {index}: {line}"
-    );
-    assert!(log.contains("making a private node"), "{log}");
-    let rdev = std::fs::File::from(fd).metadata().unwrap().rdev();
+    let rdev = setup.helper_with_private_node(&index);
     assert_ne!(rdev, node.rdev, "got the stale node's device");
     assert_eq!(libc::major(rdev), major, "not a macvtap device");
 }
 
-/// The character-device major of macvtap queues, from /proc/devices.
-fn macvtap_major() -> u32 {
-    let devices = std::fs::read_to_string("/proc/devices").unwrap();
-    devices
-        .lines()
-        .find_map(|line| {
-            let (major, name) = line.trim().split_once(' ')?;
-            (name == "macvtap").then(|| major.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no macvtap major in /proc/devices:\n{devices}"))
-}
-
 /// A device node in /dev, removed again even when the test fails.
 struct StaleNode {
-    path: std::ffi::CString,
+    path: String,
     rdev: u64,
 }
 
 impl StaleNode {
     fn make(path: &str, rdev: libc::dev_t) -> StaleNode {
-        let path = std::ffi::CString::new(path).unwrap();
-        // SAFETY: path is a valid NUL-terminated string.
-        let made = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, rdev) };
-        assert_eq!(
-            made,
-            0,
-            "mknod {path:?}: {}",
-            std::io::Error::last_os_error()
-        );
-        StaleNode { path, rdev }
+        use nix::sys::stat::{mknod, Mode, SFlag};
+        mknod(path, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, rdev)
+            .unwrap_or_else(|errno| panic!("mknod {path}: {errno}"));
+        StaleNode {
+            path: path.to_string(),
+            rdev,
+        }
     }
 }
 
 impl Drop for StaleNode {
     fn drop(&mut self) {
-        // SAFETY: path is a valid NUL-terminated string.
-        unsafe { libc::unlink(self.path.as_ptr()) };
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
