@@ -30,7 +30,7 @@ use crate::libvirt::{self, LeaseUpdate};
 use crate::nft::ForwardRule;
 use crate::qmp::{self, GuestIdentity, GuestInfo, NicInfo, QmpEvent, QmpSession};
 use crate::state::{self, GuestRecord, LibvirtAddress, State, StoredForward, StoredReservation};
-use crate::{ctl, forwards, network, nft, orphans, subnet};
+use crate::{ctl, forwards, network, nft, orphans, procfs, subnet};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
 #[derive(Debug, Clone)]
@@ -740,7 +740,7 @@ impl Daemon {
             qmp_server,
         } = up;
         let pid = identity.pid;
-        let start_time = state::process_start_time(pid).unwrap_or(0);
+        let start_time = procfs::start_time(pid).unwrap_or(0);
         tracing::info!(
             pid,
             name = info.name.as_deref().unwrap_or("-"),
@@ -1176,7 +1176,7 @@ impl Daemon {
         }
         let start_time = match pid {
             Some(pid) => Some(
-                state::process_start_time(pid)
+                procfs::start_time(pid)
                     .ok_or_else(|| format!("guest `{name}`: no process {pid}"))?,
             ),
             None => None,
@@ -1356,9 +1356,7 @@ impl Daemon {
             self.state
                 .guests
                 .retain(|p, g| *p == pid || g.uuid.as_deref() != Some(uuid.as_str()));
-            let uid = std::fs::metadata(format!("/proc/{pid}"))
-                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-                .unwrap_or(0);
+            let uid = procfs::uid_of(pid).unwrap_or(0);
             self.state.guests.insert(
                 pid,
                 GuestRecord {
@@ -1786,7 +1784,7 @@ async fn follow_guest(
         ))),
     );
 
-    let no_shutdown = cmdline_has(pid, "-no-shutdown");
+    let no_shutdown = procfs::has_arg(pid, "-no-shutdown");
     let exited = process_exit(pid);
     tokio::pin!(exited);
     let why = loop {
@@ -1833,12 +1831,6 @@ async fn ports_of(pid: u32) -> Vec<GuestPort> {
             Vec::new()
         }
     }
-}
-
-fn cmdline_has(pid: u32, arg: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|bytes| bytes.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
-        .unwrap_or(false)
 }
 
 /// Resolves when process `pid` exits (pidfd); never, if it cannot be

@@ -23,7 +23,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -38,7 +38,9 @@ use tokio::task::JoinHandle;
 
 use crate::api::{normalize_mac, Mode};
 use crate::config::NetworkConfig;
-use crate::nft::find_program;
+use crate::fsutil::write_atomic;
+use crate::procfs::{self, is_alive};
+use crate::programs::find_program;
 
 /// First restart delay; doubled after every quick exit up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -242,32 +244,6 @@ pub fn render_config(net: &NetworkConfig, paths: &Paths, run_as_root: bool) -> S
         let _ = writeln!(c, "user=root");
     }
     c
-}
-
-/// Writes `contents` to `path` atomically: a temp file in the same
-/// directory, fsynced, renamed over `path`, and the directory fsynced.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed `mode`.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Whether every directory from `/` down to `dir` lets others in, i.e.
@@ -715,28 +691,12 @@ async fn replace_stale(s: &Supervised) {
 
 /// Whether `pid` is a dnsmasq whose command line has `--conf-file=CONFIG`.
 fn runs_our_config(pid: u32, config: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
+    let args = procfs::cmdline(pid);
     let is_dnsmasq = args
-        .next()
-        .map(|argv0| argv0.rsplit(|b| *b == b'/').next() == Some(b"dnsmasq"))
-        .unwrap_or(false);
+        .first()
+        .is_some_and(|argv0| argv0.rsplit(|b| *b == b'/').next() == Some(b"dnsmasq"));
     let wanted = format!("--conf-file={}", config.display());
-    is_dnsmasq && args.any(|a| a == wanted.as_bytes())
-}
-
-/// Alive and not a zombie.
-fn is_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    is_dnsmasq && args[1..].iter().any(|a| a == wanted.as_bytes())
 }
 
 /// The last non-empty line of the log, for exit messages.
@@ -886,23 +846,5 @@ log-dhcp
             name: "x\ny".into(),
         };
         assert!(render_dns_hosts("lab.qnet", &[bad_dns]).is_err());
-    }
-
-    #[test]
-    fn atomic_write_replaces_contents_and_sets_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        write_atomic(&path, b"one", 0o644).unwrap();
-        write_atomic(&path, b"two", 0o644).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temp files left"
-        );
     }
 }

@@ -79,12 +79,7 @@ impl NetworkError {
 /// MAC of its ports, so the router's address would change as guests come
 /// and go.
 pub fn bridge_mac(network_name: &str) -> [u8; 6] {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in b"qnet-bridge:".iter().chain(network_name.as_bytes()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let h = hash.to_be_bytes();
+    let h = crate::fsutil::fnv1a(format!("qnet-bridge:{network_name}").as_bytes()).to_be_bytes();
     [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
 

@@ -93,7 +93,7 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::io;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 
 use thiserror::Error;
@@ -102,6 +102,7 @@ use tokio::io::AsyncWriteExt;
 use crate::api::{Mode, Proto};
 use crate::config::NetworkConfig;
 use crate::nft_elements::{self, Change};
+use crate::programs::find_program;
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "qnet";
@@ -282,24 +283,6 @@ pub enum NftError {
     /// A forward nft cannot install (checked before nft runs).
     #[error("port forward `{rule}`: {problem}")]
     InvalidForward { rule: ForwardRule, problem: String },
-}
-
-/// Where `name` is: the first match on `$PATH`, then `/usr/sbin`, `/sbin`
-/// (a daemon started with a minimal `PATH` still finds nft and dnsmasq).
-pub(crate) fn find_program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 /// The name of network `name`'s chain for traffic forwarded into (`in`) or

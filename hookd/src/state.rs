@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +24,7 @@ use thiserror::Error;
 
 use crate::api;
 use crate::config::NetworkConfig;
+use crate::{fsutil, procfs};
 
 pub const STATE_FILE: &str = "state.json";
 /// One file per run-time port forward, under the state directory.
@@ -139,9 +139,7 @@ pub struct OnDisk {
 /// across builds).
 pub fn forward_file_name(forward: &StoredForward) -> String {
     let json = serde_json::to_vec(forward).expect("forwards always serialise");
-    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = fsutil::fnv1a(&json);
     format!(
         "{}-{}-{hash:016x}.json",
         forward.spec.proto, forward.spec.host_ports.0
@@ -371,41 +369,24 @@ pub fn free_address(
         .find(|ip| !used.contains(ip) && *ip != net.router)
 }
 
-/// Writes `bytes` to `path` so that readers see the old or the new content,
-/// never a mix: temp file in the same directory, fsync, rename, fsync dir.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let io = |source| StateError::Io {
+/// Writes one file of the state directory atomically and durably
+/// ([`fsutil::write_atomic`]).
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    fsutil::write_atomic(path, bytes, 0o644).map_err(|source| StateError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    let mut file = File::create(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(())
-}
-
-/// Start time of a process (/proc/PID/stat field 22), `None` if it is gone.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: the
-    // fields we want follow the last ')'.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    })
 }
 
 /// Whether the guest recorded as `record` is still the running process.
 pub fn still_running(record: &GuestRecord) -> bool {
-    process_start_time(record.pid) == Some(record.start_time)
+    procfs::is_same_process(record.pid, record.start_time)
 }
 
 #[cfg(test)]
@@ -594,12 +575,5 @@ mod tests {
         fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
         let err = State::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("move it away"), "{err}");
-    }
-
-    #[test]
-    fn own_process_start_time_is_known() {
-        let me = std::process::id();
-        assert!(process_start_time(me).is_some());
-        assert!(process_start_time(u32::MAX).is_none());
     }
 }

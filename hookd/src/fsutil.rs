@@ -1,0 +1,157 @@
+//! Files the daemon writes: one atomic writer for every file a reader
+//! must see whole (state, forwards, dnsmasq's config and hosts files), the
+//! sweep of temp files a crash left behind, and one stable hash for names
+//! derived from content.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Temp files are `.NAME.tmp.PID` next to their target: hidden, and
+/// recognisable by [`remove_temp_files`] after a crash.
+const TEMP_MARK: &str = ".tmp.";
+
+/// Writes `contents` to `path` so that readers see the old or the new
+/// content, never a mix, and the new content survives a power cut once
+/// this returns: a temp file in the same directory (so the rename cannot
+/// cross file systems), fsync, rename over `path`, fsync of the directory.
+/// The temp file is removed on every error (a full disk must not fill up
+/// further with our leftovers). `mode` is applied exactly, whatever the
+/// umask.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{file_name}{TEMP_MARK}{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes `path` and makes the removal durable (fsync of its directory).
+/// A missing file is fine: the result is the same.
+pub fn remove_durably(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsync of a directory: makes renames and unlinks in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes the temp files [`write_atomic`] leaves when the process is
+/// killed between creating and renaming one (any pid: a daemon killed
+/// with -9 never cleans up after itself). Returns how many went.
+pub fn remove_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if is_temp_name(&name) && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether `name` is one of [`write_atomic`]'s temp files.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(TEMP_MARK)
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// 64-bit FNV-1a of `bytes`: tiny, and stable across builds and versions
+/// (std's hashers are neither), for names derived from content.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_leave_only_the_target_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.json");
+        write_atomic(&path, b"one", 0o640).unwrap();
+        write_atomic(&path, b"two", 0o640).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Renaming a file over a non-empty directory fails after the temp
+        // file was written.
+        let target = dir.path().join("d");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), b"").unwrap();
+        assert!(write_atomic(&target, b"data", 0o600).is_err());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["d"]);
+    }
+
+    #[test]
+    fn temp_files_of_any_pid_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            ".state.json.tmp.123",
+            ".a.tmp.9",
+            "state.json",
+            ".hidden",
+            "x.tmp.1",
+        ] {
+            fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(remove_temp_files(dir.path()), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".hidden", "state.json", "x.tmp.1"]);
+    }
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        // Test vectors of the FNV specification.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
