@@ -105,8 +105,8 @@ impl Candidate {
 fn network() -> NetworkConfig {
     let subnet: ipnet::Ipv4Net = "10.42.0.0/24".parse().unwrap();
     NetworkConfig {
-        name: "bench".into(),
-        bridge: "qnbench".into(),
+        name: "bench".parse().unwrap(),
+        bridge: "qnbench".parse().unwrap(),
         mode: Mode::Nat,
         subnet,
         router: "10.42.0.1".parse().unwrap(),
@@ -114,7 +114,7 @@ fn network() -> NetworkConfig {
             "10.42.0.100".parse().unwrap(),
             "10.42.0.199".parse().unwrap(),
         ),
-        domain: "bench.qnet".into(),
+        domain: "bench.qnet".parse().unwrap(),
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,

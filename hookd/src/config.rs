@@ -21,9 +21,20 @@
 //! network = "lab"               # optional: the guest NIC's network
 //! ```
 //!
-//! With no file at all, one NAT network `qnet0` is used, on a /24 the
-//! daemon picks (see [`Config::default_network`]). Errors name the file,
-//! the line and the key.
+//! ```toml
+//! [limits]                      # optional; these are the defaults
+//! auto-reservations-per-nic = 4 # automatic reservations a guest NIC may hold
+//! reclaim-after-days = 30       # an automatic reservation unseen this long may
+//!                               # be reused when the pool is empty
+//! qmp-sessions-per-user = 64    # QMP connections one non-root uid may hold
+//! default-network = true        # no [[network]]: run the default network
+//! ```
+//!
+//! With no file at all, or a file without any `[[network]]`, one NAT
+//! network `qnet0` is used, on a /24 the daemon picks (see
+//! [`Config::default_network`]): a file that names no network never tears
+//! the running ones down. Only `default-network = false` means "no
+//! network at all". Errors name the file, the line and the key.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -36,7 +47,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::api::{ForwardSpec, Mode, Proto};
+use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
+use crate::state::alloc;
 
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
 pub const DEFAULT_NETWORK: &str = "qnet0";
@@ -59,6 +71,12 @@ pub enum ConfigError {
         key: &'static str,
         problem: String,
     },
+    #[error("{path}: [limits]: `{key}`: {problem}")]
+    InvalidLimits {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
     #[error("{path}:{line}: network `{network}`: `{key}`: {problem}")]
     Invalid {
         path: PathBuf,
@@ -72,14 +90,14 @@ pub enum ConfigError {
 /// One network as the daemon uses it: every default filled in, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkConfig {
-    pub name: String,
-    pub bridge: String,
+    pub name: NetName,
+    pub bridge: IfName,
     pub mode: Mode,
     pub subnet: Ipv4Net,
     pub router: Ipv4Addr,
     pub dhcp_range: (Ipv4Addr, Ipv4Addr),
-    pub domain: String,
-    pub uplink: Option<String>,
+    pub domain: DomainName,
+    pub uplink: Option<IfName>,
     pub blocked_ports: Vec<BlockedPort>,
     pub ipv6: Option<Ipv6Config>,
 }
@@ -104,7 +122,9 @@ impl FromStr for BlockedPort {
         let (proto, port) = s
             .split_once('/')
             .ok_or_else(|| format!("`{s}` is not PROTO/PORT, e.g. `tcp/25`"))?;
-        let proto = proto.parse()?;
+        let proto = proto
+            .parse()
+            .map_err(|e: crate::api::Invalid| e.to_string())?;
         let port = port
             .parse::<u16>()
             .ok()
@@ -126,9 +146,27 @@ pub struct Config {
     pub networks: Vec<NetworkConfig>,
     /// Port forwards declared in the file.
     pub forwards: Vec<ForwardSpec>,
-    /// No config file existed: the caller must provide the default
-    /// network with a subnet it picks.
+    /// No network is configured and the default network is wanted: the
+    /// caller provides it, on a subnet it picks.
     pub use_default_network: bool,
+    pub limits: Limits,
+}
+
+/// `[limits]`: how much one guest or user may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub reservations: alloc::Limits,
+    /// QMP sessions one non-root uid may hold open at once.
+    pub qmp_sessions_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            reservations: alloc::Limits::default(),
+            qmp_sessions_per_user: 64,
+        }
+    }
 }
 
 impl Config {
@@ -140,6 +178,7 @@ impl Config {
                 networks: Vec::new(),
                 forwards: Vec::new(),
                 use_default_network: true,
+                limits: Limits::default(),
             }),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
@@ -154,6 +193,7 @@ impl Config {
             message: one_line(&e),
         })?;
         let mut networks = Vec::new();
+        let mut lines = Vec::new();
         let mut names = BTreeSet::new();
         let mut bridges = BTreeSet::new();
         for spanned in raw.network {
@@ -177,11 +217,12 @@ impl Config {
                 return Err(invalid("bridge", "another network uses this bridge".into()));
             }
             networks.push(net);
+            lines.push(line);
         }
-        check_overlaps(&networks).map_err(|(name, problem)| ConfigError::Invalid {
+        check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: 0,
-            network: name,
+            line: lines[index],
+            network: networks[index].name.to_string(),
             key: "subnet",
             problem,
         })?;
@@ -199,7 +240,7 @@ impl Config {
                 .validate()
                 .map_err(|(key, problem)| invalid(key, problem))?;
             if let Some(net) = &spec.network {
-                if !networks.iter().any(|n| &n.name == net) {
+                if !networks.iter().any(|n| n.name == net.as_str()) {
                     return Err(invalid(
                         "network",
                         format!("no network `{net}` in this file"),
@@ -219,10 +260,20 @@ impl Config {
             }
             forwards.push(spec);
         }
+        let limits = raw.limits.unwrap_or_default();
+        let use_default_network = networks.is_empty() && limits.default_network.unwrap_or(true);
+        let limits = limits
+            .validate()
+            .map_err(|(key, problem)| ConfigError::InvalidLimits {
+                path: path.to_path_buf(),
+                key,
+                problem,
+            })?;
         Ok(Config {
             networks,
             forwards,
-            use_default_network: false,
+            use_default_network,
+            limits,
         })
     }
 
@@ -238,12 +289,13 @@ impl Config {
     }
 }
 
-fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (String, String)> {
+/// The index of the later of two networks whose subnets overlap, and why.
+fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
     for (i, a) in networks.iter().enumerate() {
-        for b in &networks[i + 1..] {
+        for (j, b) in networks.iter().enumerate().skip(i + 1) {
             if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {
                 return Err((
-                    b.name.clone(),
+                    j,
                     format!("{} overlaps network `{}` ({})", b.subnet, a.name, a.subnet),
                 ));
             }
@@ -259,6 +311,56 @@ struct RawConfig {
     network: Vec<Spanned<RawNetwork>>,
     #[serde(default)]
     forward: Vec<Spanned<RawForward>>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    auto_reservations_per_nic: Option<usize>,
+    reclaim_after_days: Option<u64>,
+    qmp_sessions_per_user: Option<usize>,
+    default_network: Option<bool>,
+}
+
+impl RawLimits {
+    fn validate(self) -> Result<Limits, Problem> {
+        let defaults = Limits::default();
+        let per_nic = self
+            .auto_reservations_per_nic
+            .unwrap_or(defaults.reservations.per_nic);
+        if !(1..=1024).contains(&per_nic) {
+            return Err((
+                "auto-reservations-per-nic",
+                format!("{per_nic} must be 1-1024"),
+            ));
+        }
+        let sessions = self
+            .qmp_sessions_per_user
+            .unwrap_or(defaults.qmp_sessions_per_user);
+        if !(1..=100_000).contains(&sessions) {
+            return Err((
+                "qmp-sessions-per-user",
+                format!("{sessions} must be 1-100000"),
+            ));
+        }
+        let days = self
+            .reclaim_after_days
+            .unwrap_or(defaults.reservations.reclaim_after / 86_400);
+        if days > 36_500 {
+            return Err((
+                "reclaim-after-days",
+                format!("{days} must be at most 36500"),
+            ));
+        }
+        Ok(Limits {
+            reservations: alloc::Limits {
+                per_nic,
+                reclaim_after: days * 86_400,
+            },
+            qmp_sessions_per_user: sessions,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,16 +375,15 @@ struct RawForward {
 
 impl RawForward {
     fn validate(self) -> Result<ForwardSpec, Problem> {
-        if self.guest.trim().is_empty() {
-            return Err(("guest", "name a guest (its -name) or a NIC's MAC".into()));
-        }
-        let (host_ports, guest_port) =
-            ForwardSpec::parse_ports(&self.ports).map_err(|e| ("ports", e))?;
+        let guest = self
+            .guest
+            .parse()
+            .map_err(|e: crate::api::Invalid| ("guest", e.0))?;
+        let ports = PortMap::parse(&self.ports).map_err(|e| ("ports", e.0))?;
         Ok(ForwardSpec {
-            guest: self.guest,
+            guest,
             proto: self.proto,
-            host_ports,
-            guest_port,
+            ports,
             host_addr: self.host_addr,
             network: self.network,
         })
@@ -316,12 +417,13 @@ type Problem = (&'static str, String);
 
 impl RawNetwork {
     fn validate(self) -> Result<NetworkConfig, Problem> {
-        check_token("name", &self.name)?;
-        let bridge = self.bridge.unwrap_or_else(|| self.name.clone());
-        check_ifname("bridge", &bridge)?;
-        if let Some(uplink) = &self.uplink {
-            check_ifname("uplink", uplink)?;
-        }
+        let name: NetName = typed("name", &self.name)?;
+        let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;
+        let uplink: Option<IfName> = self
+            .uplink
+            .as_deref()
+            .map(|u| typed("uplink", u))
+            .transpose()?;
         let subnet: Ipv4Net = self.subnet.parse().map_err(|_| {
             (
                 "subnet",
@@ -366,8 +468,10 @@ impl RawNetwork {
                 format!("{start}..{end} contains the router address {router}"),
             ));
         }
-        let domain = self.domain.unwrap_or_else(|| format!("{}.qnet", self.name));
-        check_domain(&domain)?;
+        let domain: DomainName = typed(
+            "domain",
+            &self.domain.unwrap_or_else(|| format!("{}.qnet", self.name)),
+        )?;
         let mut blocked_ports = Vec::new();
         for port in &self.blocked_ports {
             blocked_ports.push(port.parse().map_err(|e| ("blocked-ports", e))?);
@@ -376,14 +480,14 @@ impl RawNetwork {
         blocked_ports.dedup();
         let ipv6 = self.ipv6.map(validate_ipv6).transpose()?;
         Ok(NetworkConfig {
-            name: self.name,
+            name,
             bridge,
             mode: self.mode.unwrap_or(Mode::Nat),
             subnet,
             router,
             dhcp_range,
             domain,
-            uplink: self.uplink,
+            uplink,
             blocked_ports,
             ipv6,
         })
@@ -415,44 +519,12 @@ fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
     Ok(Ipv6Config { subnet, router })
 }
 
-/// Network names end up in file names and nft comments: keep them plain.
-fn check_token(key: &'static str, value: &str) -> Result<(), Problem> {
-    let ok = !value.is_empty()
-        && value.len() <= 32
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err((
-            key,
-            format!("`{value}` must be 1-32 characters of a-z, A-Z, 0-9, `-`, `_`"),
-        ))
-    }
-}
-
-fn check_ifname(key: &'static str, value: &str) -> Result<(), Problem> {
-    qnet_hostnet::acl::check_name(value).map_err(|e| (key, format!("`{value}`: {e}")))
-}
-
-fn check_domain(domain: &str) -> Result<(), Problem> {
-    let ok = !domain.is_empty()
-        && domain.len() <= 253
-        && domain.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                && !label.starts_with('-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err((
-            "domain",
-            format!("`{domain}` is not a DNS domain such as lab.qnet"),
-        ))
-    }
+/// A typed value of `key`, or the problem with it.
+fn typed<T: FromStr<Err = crate::api::Invalid>>(
+    key: &'static str,
+    value: &str,
+) -> Result<T, Problem> {
+    value.parse().map_err(|e: crate::api::Invalid| (key, e.0))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -617,8 +689,9 @@ ipv6 = { subnet = "fd43::/64" }
             "{base}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"8080:80\"\nnetwork = \"lab\"\n"
         ))
         .unwrap();
-        assert_eq!(config.forwards[0].host_ports, (8080, 8080));
-        assert_eq!(config.forwards[0].guest_port, 80);
+        let ports = config.forwards[0].ports;
+        assert_eq!((ports.first(), ports.last()), (8080, 8080));
+        assert_eq!(ports.guest(), 80);
         let err = parse(&format!(
             "{base}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"80-70\"\n"
         ))
@@ -637,6 +710,50 @@ ipv6 = { subnet = "fd43::/64" }
         .unwrap_err()
         .to_string();
         assert!(err.contains("no network `nope`"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_networks_means_the_default_network_unless_it_says_none() {
+        for text in [
+            "",
+            "# nothing yet\n",
+            "[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"8080\"\n",
+        ] {
+            let config = parse(text).unwrap();
+            assert!(config.use_default_network, "{text:?}");
+            assert!(config.networks.is_empty());
+        }
+        let none = parse("[limits]\ndefault-network = false\n").unwrap();
+        assert!(!none.use_default_network);
+        let with = parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n").unwrap();
+        assert!(!with.use_default_network);
+    }
+
+    #[test]
+    fn limits_are_read_and_checked() {
+        let config = parse("[limits]\nauto-reservations-per-nic = 2\nreclaim-after-days = 1\nqmp-sessions-per-user = 8\n").unwrap();
+        assert_eq!(config.limits.reservations.per_nic, 2);
+        assert_eq!(config.limits.reservations.reclaim_after, 86_400);
+        assert_eq!(config.limits.qmp_sessions_per_user, 8);
+        assert_eq!(parse("").unwrap().limits, Limits::default());
+        let err = parse("[limits]\nauto-reservations-per-nic = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[limits]: `auto-reservations-per-nic`"),
+            "{err}"
+        );
+        assert!(parse("[limits]\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn overlapping_subnets_name_the_line_of_the_later_network() {
+        let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/16\"\n\n[[network]]\nname = \"b\"\nsubnet = \"10.0.5.0/24\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/qnet/hookd.toml:5: network `b`: `subnet`:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,30 +1,48 @@
 //! The control socket: one JSON request line in, one JSON response line
 //! out, the caller identified by SO_PEERCRED (authorisation happens in the
 //! reconciler, which knows whose guests are whose).
+//!
+//! Every wait on a client is bounded: a client gets [`READ_TIMEOUT`] to
+//! send its request and [`WRITE_TIMEOUT`] to take its reply, and at most
+//! [`MAX_CLIENTS`] are served at once, so clients that never read cannot
+//! make the daemon hold their replies.
 
-use std::ffi::CString;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use qnet_api::{ApiError, ErrorKind, Request, Response, MAX_REQUEST_BYTES};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::api::{Request, Response, MAX_REQUEST_BYTES};
-use crate::daemon::{Input, Peer};
+use crate::reconciler::{Input, Peer};
 
 /// Group whose members may use the control socket besides root.
 pub const CTL_GROUP: &str = "qnet";
-/// A client gets this long to send its request.
+/// A client gets this long to send its request...
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// And the daemon this long to answer (attach dials a QEMU).
+/// ...the daemon this long to answer (attach dials a QEMU)...
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// ...and the client this long to take the reply.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 64;
 
 pub async fn serve(listener: UnixListener, inputs: mpsc::UnboundedSender<Input>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
+        // Wait for a free slot before accepting: the backlog holds the rest.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, inputs.clone()));
+                let inputs = inputs.clone();
+                tokio::spawn(async move {
+                    handle(stream, inputs).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!("control socket: accept: {e}");
@@ -37,7 +55,7 @@ pub async fn serve(listener: UnixListener, inputs: mpsc::UnboundedSender<Input>)
 async fn handle(stream: UnixStream, inputs: mpsc::UnboundedSender<Input>) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
-            pid: cred.pid().unwrap_or(0) as u32,
+            pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
             uid: cred.uid(),
         },
         Err(e) => {
@@ -46,33 +64,47 @@ async fn handle(stream: UnixStream, inputs: mpsc::UnboundedSender<Input>) {
         }
     };
     let (read, mut write) = stream.into_split();
+    let error = |kind, message: &str| Response::Error(ApiError::new(kind, message));
     let response = match tokio::time::timeout(READ_TIMEOUT, read_request(read)).await {
-        Err(_) => Response::Error("no request within 5 s".into()),
-        Ok(Err(message)) => Response::Error(message),
-        Ok(Ok(request)) => {
-            tracing::debug!(?request, uid = peer.uid, pid = peer.pid, "control request");
-            let (reply, answer) = oneshot::channel();
-            if inputs
-                .send(Input::Ctl {
-                    request,
-                    peer,
-                    reply,
-                })
-                .is_err()
-            {
-                Response::Error("the daemon is shutting down".into())
-            } else {
-                match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(_)) => Response::Error("the daemon dropped the request".into()),
-                    Err(_) => Response::Error("the daemon did not answer within 30 s".into()),
-                }
-            }
-        }
+        Err(_) => error(ErrorKind::Invalid, "no request within 5 s"),
+        Ok(Err(message)) => error(ErrorKind::Invalid, &message),
+        Ok(Ok(request)) => ask(request, peer, &inputs).await,
     };
     let mut line = serde_json::to_string(&response).expect("responses always serialise");
     line.push('\n');
-    let _ = write.write_all(line.as_bytes()).await;
+    if tokio::time::timeout(WRITE_TIMEOUT, write.write_all(line.as_bytes()))
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            uid = peer.uid,
+            pid = peer.pid,
+            "control client did not take its reply"
+        );
+    }
+}
+
+/// Hands the request to the reconciler and waits for its answer.
+async fn ask(request: Request, peer: Peer, inputs: &mpsc::UnboundedSender<Input>) -> Response {
+    tracing::debug!(?request, uid = peer.uid, pid = peer.pid, "control request");
+    let (reply, answer) = oneshot::channel();
+    let unavailable =
+        |message: &str| Response::Error(ApiError::new(ErrorKind::Unavailable, message));
+    if inputs
+        .send(Input::Ctl {
+            request,
+            peer,
+            reply,
+        })
+        .is_err()
+    {
+        return unavailable("the daemon is shutting down");
+    }
+    match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => unavailable("the daemon dropped the request"),
+        Err(_) => unavailable("the daemon did not answer within 30 s"),
+    }
 }
 
 /// Reads one request line of at most [`MAX_REQUEST_BYTES`].
@@ -93,21 +125,19 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
 }
 
 /// Gives the socket to group `qnet` when that group exists, so its members
-/// may use qnetctl without root.
+/// may use qnetctl without root; says so when it does not.
 pub fn set_group(path: &Path) {
-    let Ok(Some(group)) = nix::unistd::Group::from_name(CTL_GROUP) else {
-        return;
+    let group = match nix::unistd::Group::from_name(CTL_GROUP) {
+        Ok(Some(group)) => group,
+        _ => {
+            tracing::warn!(
+                "group `{CTL_GROUP}` does not exist: only root can use {} (create it with `groupadd --system {CTL_GROUP}` and restart or reload qnet-hookd)",
+                path.display()
+            );
+            return;
+        }
     };
-    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: chown(2) of a NUL-terminated path; -1 keeps the owner.
-    let rc = unsafe { libc::chown(c_path.as_ptr(), u32::MAX, group.gid.as_raw()) };
-    if rc != 0 {
-        tracing::warn!(
-            "giving {} to group {CTL_GROUP}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = nix::unistd::chown(path, None, Some(group.gid)) {
+        tracing::warn!("giving {} to group {CTL_GROUP}: {e}", path.display());
     }
 }

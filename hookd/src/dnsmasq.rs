@@ -36,7 +36,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::api::{normalize_mac, Mode};
+use crate::api::{Mac, Mode};
 use crate::config::NetworkConfig;
 use crate::fsutil::write_atomic;
 use crate::procfs::{self, is_alive};
@@ -153,7 +153,10 @@ fn check_label(name: &str) -> Result<(), DnsmasqError> {
 pub fn render_dhcp_hosts(hosts: &[DhcpHost]) -> Result<String, DnsmasqError> {
     let mut lines = Vec::new();
     for host in hosts {
-        let mac = normalize_mac(&host.mac).map_err(DnsmasqError::InvalidHost)?;
+        let mac: Mac = host
+            .mac
+            .parse()
+            .map_err(|e: crate::api::Invalid| DnsmasqError::InvalidHost(e.0))?;
         let line = match &host.name {
             Some(name) => {
                 check_label(name)?;
@@ -356,7 +359,7 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
     let task = tokio::spawn(supervise(supervised, status_tx, stop_rx));
     Ok(DnsmasqHandle {
         network: name.to_owned(),
-        domain: net.domain.clone(),
+        domain: net.domain.to_string(),
         paths: paths.clone(),
         status,
         stop_tx,
@@ -739,13 +742,13 @@ mod tests {
 
     fn lab() -> NetworkConfig {
         NetworkConfig {
-            name: "lab".into(),
-            bridge: "qnlab".into(),
+            name: "lab".parse().unwrap(),
+            bridge: "qnlab".parse().unwrap(),
             mode: Mode::Nat,
             subnet: "10.42.0.0/24".parse().unwrap(),
             router: Ipv4Addr::new(10, 42, 0, 1),
             dhcp_range: (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)),
-            domain: "lab.qnet".into(),
+            domain: "lab.qnet".parse().unwrap(),
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,

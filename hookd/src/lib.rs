@@ -1,28 +1,38 @@
 //! qnet-hookd: the daemon that gives QEMU guests networks, addresses,
-//! names and a clean exit, and the pieces `qnetctl` and the libvirt hook
-//! share with it (the control protocol in [`api`], its [`client`]).
+//! names and a clean exit.
 //!
-//! The daemon is a reconciler ([`daemon`]); its appliers are [`network`]
-//! (bridge, addresses, sysctls), [`nft`] (our one nftables table) and
-//! [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
+//! The daemon is a reconciler (`reconciler`): inputs from the control
+//! socket (`ctl`) and from the QMP followers (`follow`) change the desired
+//! state (`state`), and small appliers make the world match it:
+//! [`network`] (bridge, addresses, sysctls), [`nft`] (our one nftables
+//! table), [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
 //! [`discover`] find out what each guest is and where its NICs are.
+//!
+//! The control protocol itself is the `qnet-api` crate, re-exported here
+//! as [`api`].
 
-pub mod api;
-pub mod client;
+pub use qnet_api as api;
+
 pub mod config;
-pub mod ctl;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
-pub mod forwards;
-pub mod fsutil;
+pub mod error;
 pub mod libvirt;
 pub mod network;
 pub mod nft;
 pub mod nft_elements;
-pub mod orphans;
-pub mod procfs;
-pub mod programs;
 pub mod qmp;
-pub mod state;
 pub mod subnet;
+
+mod ctl;
+mod follow;
+mod forwards;
+mod fsutil;
+mod hostports;
+mod orphans;
+mod procfs;
+mod programs;
+mod ratelimit;
+mod reconciler;
+mod state;

@@ -28,7 +28,7 @@ use serde_json::Value;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::api::normalize_mac;
+use qnet_api::Mac;
 
 /// Where libvirt keeps its networks' lease status files.
 pub const LEASE_DIR: &str = "/var/lib/libvirt/dnsmasq";
@@ -52,8 +52,7 @@ pub enum LeaseFileError {
 /// One IPv4 lease of libvirt's dnsmasq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// Normalised MAC.
-    pub mac: String,
+    pub mac: Mac,
     pub ip: Ipv4Addr,
     pub hostname: Option<String>,
     /// Seconds since the epoch; `None` for an infinite lease.
@@ -113,7 +112,7 @@ pub fn parse_status(path: &str, bytes: &[u8]) -> Result<Vec<Lease>, LeaseFileErr
             if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
                 return None;
             }
-            let mac = normalize_mac(object.get("mac-address")?.as_str()?).ok()?;
+            let mac: Mac = object.get("mac-address")?.as_str()?.parse().ok()?;
             let hostname = object
                 .get("hostname")
                 .and_then(Value::as_str)
@@ -139,7 +138,7 @@ pub fn parse_status(path: &str, bytes: &[u8]) -> Result<Vec<Lease>, LeaseFileErr
 
 /// The address leased to `mac`: of several leases (a client that changed
 /// its client id), the one that runs longest.
-pub fn address_of(leases: &[Lease], mac: &str) -> Option<Ipv4Addr> {
+pub fn address_of(leases: &[Lease], mac: Mac) -> Option<Ipv4Addr> {
     leases
         .iter()
         .filter(|l| l.mac == mac)
@@ -301,17 +300,20 @@ mod tests {
         assert_eq!(
             leases,
             [Lease {
-                mac: "52:54:00:3b:aa:01".into(),
+                mac: "52:54:00:3b:aa:01".parse().unwrap(),
                 ip: Ipv4Addr::new(10, 79, 0, 57),
                 hostname: Some("qnetguest".into()),
                 expiry: Some(1767225600),
             }]
         );
         assert_eq!(
-            address_of(&leases, "52:54:00:3b:aa:01"),
+            address_of(&leases, "52:54:00:3b:aa:01".parse().unwrap()),
             Some(Ipv4Addr::new(10, 79, 0, 57))
         );
-        assert_eq!(address_of(&leases, "52:54:00:3b:aa:02"), None);
+        assert_eq!(
+            address_of(&leases, "52:54:00:3b:aa:02".parse().unwrap()),
+            None
+        );
         // libvirt writes an empty array (or, before the first lease, an
         // empty file).
         assert_eq!(parse("[]").unwrap(), []);
@@ -329,12 +331,12 @@ mod tests {
         ]"#;
         let leases = parse(text).unwrap();
         assert_eq!(
-            address_of(&leases, "52:54:00:aa:bb:cc"),
+            address_of(&leases, "52:54:00:aa:bb:cc".parse().unwrap()),
             Some(Ipv4Addr::new(10, 0, 0, 6))
         );
         // 0 is dnsmasq's infinite lease.
         assert_eq!(
-            address_of(&leases, "52:54:00:aa:bb:dd"),
+            address_of(&leases, "52:54:00:aa:bb:dd".parse().unwrap()),
             Some(Ipv4Addr::new(10, 0, 0, 7))
         );
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use qnet_hookd::api::{DEFAULT_CTL_SOCKET, DEFAULT_QMP_SOCKET};
+use qnet_api::{DEFAULT_CTL_SOCKET, DEFAULT_QMP_SOCKET};
 use qnet_hookd::config::DEFAULT_CONFIG;
 use qnet_hookd::daemon::{self, Paths};
 

@@ -869,13 +869,13 @@ pub(crate) mod tests {
         let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
         let first = u32::from(subnet.network());
         NetworkConfig {
-            name: name.into(),
-            bridge: format!("br-{name}"),
+            name: name.parse().unwrap(),
+            bridge: format!("br-{name}").parse().unwrap(),
             mode,
             subnet,
             router: (first + 1).into(),
             dhcp_range: ((first + 2).into(), (first + 200).into()),
-            domain: format!("{name}.qnet"),
+            domain: format!("{name}.qnet").parse().unwrap(),
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,
@@ -1001,7 +1001,7 @@ pub(crate) mod tests {
     #[test]
     fn routed_with_uplink_and_ipv6() {
         let mut r = net("r-1", Mode::Routed, "10.44.0.0/24");
-        r.uplink = Some("eth0".into());
+        r.uplink = Some("eth0".parse().unwrap());
         r.ipv6 = Some(Ipv6Config {
             subnet: "fd44::/64".parse().unwrap(),
             router: "fd44::1".parse().unwrap(),
@@ -1029,7 +1029,7 @@ pub(crate) mod tests {
     #[test]
     fn nat_with_uplink_and_ipv6_masquerades_both_families_via_uplink() {
         let mut n = net("six", Mode::Nat, "10.45.0.0/24");
-        n.uplink = Some("up0".into());
+        n.uplink = Some("up0".parse().unwrap());
         n.ipv6 = Some(Ipv6Config {
             subnet: "fd45::/64".parse().unwrap(),
             router: "fd45::1".parse().unwrap(),

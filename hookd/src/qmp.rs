@@ -68,6 +68,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use qnet_api::Mac;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -149,16 +150,8 @@ pub struct NicInfo {
     /// QEMU's net client name: the `-device` id if it had one, otherwise
     /// generated, e.g. `"virtio-net-pci.0"`.
     pub name: String,
-    /// The guest's MAC address, lower-case `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
-}
-
-impl NicInfo {
-    /// The MAC address as bytes.
-    pub fn mac_bytes(&self) -> [u8; 6] {
-        // `mac` is only ever built by `normalize_mac`.
-        parse_mac(&self.mac).unwrap_or_default()
-    }
+    /// The guest's MAC address.
+    pub mac: Mac,
 }
 
 /// An asynchronous QMP event.
@@ -625,7 +618,7 @@ impl QmpSession {
         let filters: Vec<Filter> = self.decode(COMMAND, reply)?;
         filters
             .into_iter()
-            .map(|f| match normalize_mac(&f.main_mac) {
+            .map(|f| match f.main_mac.parse::<Mac>().ok() {
                 Some(mac) => Ok(NicInfo { name: f.name, mac }),
                 None => Err(QmpError::Decode {
                     peer: self.peer().to_owned(),
@@ -1133,7 +1126,7 @@ fn parse_info_network(text: &str) -> Vec<NicInfo> {
         if field("type") != Some("nic") || name.is_empty() || name.contains(char::is_whitespace) {
             continue;
         }
-        let Some(mac) = field("macaddr").and_then(normalize_mac) else {
+        let Some(mac) = field("macaddr").and_then(|m| m.parse::<Mac>().ok()) else {
             continue;
         };
         if !nics.iter().any(|n| n.name == name) {
@@ -1144,29 +1137,6 @@ fn parse_info_network(text: &str) -> Vec<NicInfo> {
         }
     }
     nics
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (either case).
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-fn normalize_mac(text: &str) -> Option<String> {
-    parse_mac(text).map(|m| {
-        format!(
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    })
 }
 
 fn is_nil_uuid(uuid: &str) -> bool {
@@ -1194,24 +1164,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs() {
-        assert_eq!(
-            normalize_mac("52:54:00:AB:cd:0F").as_deref(),
-            Some("52:54:00:ab:cd:0f")
-        );
-        for bad in [
-            "",
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:ef:01",
-            "5:54:00:ab:cd:ef",
-            "52:54:00:ab:cd:eg",
-            "+2:54:00:ab:cd:ef",
-        ] {
-            assert_eq!(parse_mac(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn info_network() {
         // QEMU 7.2, with an rtl8139 from -nic, a multiqueue NIC and a hub.
         let text = "rtl8139.0: index=0,type=nic,model=rtl8139,macaddr=52:54:00:00:00:09\r\n \\ #net000: index=0,type=user,net=10.0.2.0,restrict=off\r\n\
@@ -1220,9 +1172,11 @@ mod tests {
             hub 0\r\n \\ hub0port1: index=0,type=hubport,\r\n \\ net0: index=0,type=nic,model=e1000,macaddr=52:54:00:00:00:02\r\n\
             bad: index=0,type=nic,model=x,macaddr=zz\r\n";
         let nics = parse_info_network(text);
+        let macs: Vec<String> = nics.iter().map(|n| n.mac.to_string()).collect();
         let names: Vec<(&str, &str)> = nics
             .iter()
-            .map(|n| (n.name.as_str(), n.mac.as_str()))
+            .zip(&macs)
+            .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
             .collect();
         assert_eq!(
             names,

@@ -270,9 +270,9 @@ async fn taps_and_their_bridge() {
         .count();
     assert_eq!(queues, 2);
     // The guest's MACs come from QMP, one NIC per TAP, in the same order.
-    let macs: Vec<&str> = nics.iter().map(|n| n.mac.as_str()).collect();
+    let macs: Vec<String> = nics.iter().map(|n| n.mac.to_string()).collect();
     assert_eq!(macs, ["52:54:00:00:d1:50", "52:54:00:00:d1:51"]);
-    assert_ne!(ports[0].mac, Some(nics[0].mac_bytes()));
+    assert_ne!(ports[0].mac, Some(nics[0].mac.octets()));
 
     // Resolved in our own (the host's) namespace, those TAPs do not exist.
     let elsewhere = discover::guest_ports(pid).unwrap();
@@ -387,7 +387,7 @@ async fn macvtaps_and_their_lower_device() {
     // A macvtap's MAC is its guest NIC's MAC: that is how they are matched.
     for port in &ports {
         assert!(
-            nics.iter().any(|n| Some(n.mac_bytes()) == port.mac),
+            nics.iter().any(|n| Some(n.mac.octets()) == port.mac),
             "no NIC for {port:?} in {nics:?}"
         );
     }

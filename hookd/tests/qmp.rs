@@ -352,15 +352,15 @@ async fn well_behaved_fake_both_directions() {
             [
                 NicInfo {
                     name: "net0".into(),
-                    mac: "52:54:00:12:34:56".into()
+                    mac: "52:54:00:12:34:56".parse().unwrap()
                 },
                 NicInfo {
                     name: "nic1".into(),
-                    mac: "52:54:00:ab:cd:ef".into()
+                    mac: "52:54:00:ab:cd:ef".parse().unwrap()
                 },
             ]
         );
-        assert_eq!(info.nics[1].mac_bytes(), [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        assert_eq!(info.nics[1].mac.octets(), [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
         assert_eq!(
             session.query_rx_filter().await.unwrap(),
             info.nics[..1].to_vec()
@@ -512,10 +512,12 @@ async fn peer_credentials_of_another_process() {
         assert_eq!(info.name.as_deref(), Some("py-guest"));
         assert_eq!(info.uuid, None, "the nil UUID means no -uuid");
         assert_eq!((info.status.as_str(), info.running), ("running", true));
+        let macs: Vec<String> = info.nics.iter().map(|n| n.mac.to_string()).collect();
         let nics: Vec<(&str, &str)> = info
             .nics
             .iter()
-            .map(|n| (n.name.as_str(), n.mac.as_str()))
+            .zip(&macs)
+            .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
             .collect();
         assert_eq!(
             nics,
@@ -1251,10 +1253,12 @@ async fn real_qemu_client_mode() {
     assert_eq!(info.name.as_deref(), Some("qnet-test-guest"));
     assert_eq!(info.uuid.as_deref(), Some(uuid.as_str()));
     assert_eq!(info.status, "prelaunch");
+    let macs: Vec<String> = info.nics.iter().map(|n| n.mac.to_string()).collect();
     let nics: Vec<(&str, &str)> = info
         .nics
         .iter()
-        .map(|n| (n.name.as_str(), n.mac.as_str()))
+        .zip(&macs)
+        .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
         .collect();
     assert_eq!(
         nics,

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use ipnet::Ipv4Net;
-use qnet_hookd::api::{self, ForwardSpec, LibvirtNetwork, LibvirtNic, Proto};
+use qnet_api::{ForwardSpec, IfName, LibvirtNetwork, LibvirtNic, Mac, PortMap, Proto};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
@@ -51,16 +51,15 @@ pub struct DomainInfo {
     /// for qnet: without hookd it must not start).
     pub has_qnet: bool,
     pub forwards: Vec<ForwardSpec>,
-    /// Fixed addresses: MAC (normalised) → address.
-    pub addresses: Vec<(String, Ipv4Addr)>,
+    /// Fixed addresses: MAC → address.
+    pub addresses: Vec<(Mac, Ipv4Addr)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     /// `network`, `bridge`, `direct`, ...
     pub kind: String,
-    /// Normalised MAC.
-    pub mac: String,
+    pub mac: Mac,
     pub source_network: Option<String>,
     pub source_bridge: Option<String>,
     pub source_dev: Option<String>,
@@ -82,10 +81,13 @@ impl DomainInfo {
         self.interfaces
             .iter()
             .map(|i| LibvirtNic {
-                mac: i.mac.clone(),
+                mac: i.mac,
                 network: i.source_network.clone(),
                 bridge: i.source_bridge.clone(),
-                device: i.target_dev.clone(),
+                device: i
+                    .target_dev
+                    .as_deref()
+                    .and_then(|d| d.parse::<IfName>().ok()),
                 ip: self
                     .addresses
                     .iter()
@@ -182,7 +184,9 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, String> {
     for (i, iface) in domain.devices.interfaces.into_iter().enumerate() {
         // libvirt always writes a MAC; one without cannot be reserved.
         let Some(mac) = iface.mac else { continue };
-        let mac = api::normalize_mac(&mac.address)
+        let mac: Mac = mac
+            .address
+            .parse()
             .map_err(|e| format!("domain XML: <interface> #{}: {e}", i + 1))?;
         let source = iface.source;
         interfaces.push(Interface {
@@ -195,27 +199,32 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, String> {
         });
     }
     let name = domain.name.trim().to_string();
-    let macs: BTreeSet<&str> = interfaces.iter().map(|i| i.mac.as_str()).collect();
+    let macs: BTreeSet<Mac> = interfaces.iter().map(|i| i.mac).collect();
     let mut forwards = Vec::new();
     for f in &block.forwards {
         if let Some(mac) = &f.mac {
-            if !macs.contains(mac.as_str()) {
+            if !macs.contains(mac) {
                 return Err(format!(
                     "qnet metadata: <forward mac=\"{mac}\">: the domain has no interface with that MAC"
                 ));
             }
         }
+        let guest = match f.mac {
+            Some(mac) => mac.to_string(),
+            None => name.clone(),
+        };
         forwards.push(ForwardSpec {
-            guest: f.mac.clone().unwrap_or_else(|| name.clone()),
+            guest: guest
+                .parse()
+                .map_err(|e| format!("qnet metadata: <forward>: {e}"))?,
             proto: f.proto,
-            host_ports: f.host_ports,
-            guest_port: f.guest_port,
+            ports: f.ports,
             host_addr: f.host_addr,
             network: f.network.clone(),
         });
     }
     for (mac, _) in &block.addresses {
-        if !macs.contains(mac.as_str()) {
+        if !macs.contains(mac) {
             return Err(format!(
                 "qnet metadata: <address mac=\"{mac}\">: the domain has no interface with that MAC"
             ));
@@ -235,16 +244,15 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, String> {
 struct QnetBlock {
     present: bool,
     forwards: Vec<RawForward>,
-    addresses: Vec<(String, Ipv4Addr)>,
+    addresses: Vec<(Mac, Ipv4Addr)>,
 }
 
 #[derive(Debug)]
 struct RawForward {
     proto: Proto,
-    host_ports: (u16, u16),
-    guest_port: u16,
+    ports: PortMap,
     host_addr: Option<IpAddr>,
-    mac: Option<String>,
+    mac: Option<Mac>,
     network: Option<String>,
 }
 
@@ -365,7 +373,7 @@ fn qnet_element(
             let proto: Proto = get("proto")
                 .ok_or_else(|| bad("missing attribute `proto` (tcp or udp)".into()))?
                 .parse()
-                .map_err(bad)?;
+                .map_err(|e: qnet_api::Invalid| bad(e.0))?;
             let host = get("host-port").ok_or_else(|| {
                 bad("missing attribute `host-port` (a port or a range such as 9000-9009)".into())
             })?;
@@ -378,7 +386,7 @@ fn qnet_element(
                 Some(guest) => format!("{host}:{guest}"),
                 None => host,
             };
-            let (host_ports, guest_port) = ForwardSpec::parse_ports(&ports).map_err(bad)?;
+            let ports = PortMap::parse(&ports).map_err(|e| bad(e.0))?;
             let host_addr = get("host-addr")
                 .map(|a| {
                     a.parse::<IpAddr>()
@@ -386,12 +394,11 @@ fn qnet_element(
                 })
                 .transpose()?;
             let mac = get("mac")
-                .map(|m| api::normalize_mac(&m).map_err(bad))
+                .map(|m| m.parse::<Mac>().map_err(|e| bad(e.0)))
                 .transpose()?;
             block.forwards.push(RawForward {
                 proto,
-                host_ports,
-                guest_port,
+                ports,
                 host_addr,
                 mac,
                 network: get("network").filter(|n| !n.is_empty()),
@@ -400,7 +407,7 @@ fn qnet_element(
         b"address" => {
             check_known(&["mac", "ip"])?;
             let mac = get("mac").ok_or_else(|| bad("missing attribute `mac`".into()))?;
-            let mac = api::normalize_mac(&mac).map_err(bad)?;
+            let mac: Mac = mac.parse().map_err(|e: qnet_api::Invalid| bad(e.0))?;
             let ip = get("ip").ok_or_else(|| bad("missing attribute `ip`".into()))?;
             let ip: Ipv4Addr = ip
                 .parse()
@@ -488,6 +495,9 @@ pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, String
     else {
         return Ok(None);
     };
+    let bridge: IfName = bridge
+        .parse()
+        .map_err(|e| format!("network XML: bridge {e}"))?;
     let mut subnets = Vec::new();
     for ip in &network.ips {
         if ip.family.as_deref().is_some_and(|f| f != "ipv4") {
@@ -551,7 +561,9 @@ pub fn find_libvirt_network(
         let mut network = read_network_file(&path)?;
         if let (Some(net), Some(bridge)) = (network.as_mut(), &iface.source_bridge) {
             // libvirt's live domain XML names the bridge it attached to.
-            net.bridge = bridge.clone();
+            if let Ok(bridge) = bridge.parse() {
+                net.bridge = bridge;
+            }
         }
         return Ok(network);
     }
@@ -570,7 +582,7 @@ pub fn find_libvirt_network(
         }
         // One broken file must not hide the others.
         if let Ok(Some(net)) = read_network_file(&path) {
-            if net.bridge == *bridge {
+            if net.bridge == bridge.as_str() {
                 return Ok(Some(net));
             }
         }

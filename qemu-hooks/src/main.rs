@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use qnet_hookd::api::{Request, DEFAULT_CTL_SOCKET};
-use qnet_hookd::client::{self, ClientError};
+use qnet_api::client::{self, ClientError};
+use qnet_api::{Request, DEFAULT_CTL_SOCKET};
 use qnet_libvirt_hook::{
     find_libvirt_network, parse_domain_bytes, DomainInfo, LIBVIRT_NETWORK_DIR, MAX_XML_BYTES,
 };
@@ -159,8 +159,12 @@ fn register(
             None
         })
     });
+    let name = match domain.name.parse() {
+        Ok(name) => name,
+        Err(e) => return fail(format!("domain name: {e}")),
+    };
     let request = Request::GuestRegister {
-        name: domain.name.clone(),
+        name,
         uuid: domain.uuid.clone(),
         nics,
         forwards: domain.forwards.clone(),

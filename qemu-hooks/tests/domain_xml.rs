@@ -30,12 +30,15 @@ fn real_libvirt_xml_of_every_operation_parses() {
         let nic = &d.interfaces[0];
         assert_eq!(nic.kind, "bridge");
         assert_eq!(nic.source_bridge.as_deref(), Some("qnlvb"));
-        assert!(nic.mac.starts_with("52:54:00:"), "{op}");
+        assert!(nic.mac.to_string().starts_with("52:54:00:"), "{op}");
         assert!(d.has_qnet, "{op}");
         assert_eq!(d.forwards.len(), 1, "{op}");
         let f = &d.forwards[0];
         assert_eq!(f.guest, d.name);
-        assert_eq!((f.host_ports, f.guest_port), ((8088, 8088), 80));
+        assert_eq!(
+            ((f.ports.first(), f.ports.last()), f.ports.guest()),
+            ((8088, 8088), 80)
+        );
         // libvirt names the TAP once QEMU runs.
         if op == "started" || op == "reconnect" {
             assert_eq!(nic.target_dev.as_deref(), Some("vnet0"), "{op}");
@@ -65,7 +68,7 @@ fn interfaces_of_every_type_and_interleaved() {
     assert!(!d.has_qnet);
     let kinds: Vec<&str> = d.interfaces.iter().map(|i| i.kind.as_str()).collect();
     assert_eq!(kinds, ["bridge", "network", "direct"]);
-    assert_eq!(d.interfaces[0].mac, "52:54:00:aa:00:01");
+    assert_eq!(d.interfaces[0].mac.to_string(), "52:54:00:aa:00:01");
     assert_eq!(d.interfaces[1].source_network.as_deref(), Some("default"));
     assert_eq!(d.interfaces[1].source_bridge.as_deref(), Some("virbr0"));
     assert_eq!(d.interfaces[1].target_dev.as_deref(), Some("vnet3"));
@@ -88,8 +91,11 @@ fn qnet_block_with_any_prefix() {
     assert_eq!(d.forwards.len(), 2);
     assert_eq!(d.forwards[0].guest, "vm1");
     assert_eq!(d.forwards[1].guest, "52:54:00:aa:00:02");
-    assert_eq!(d.forwards[1].host_ports, (9000, 9009));
-    assert_eq!(d.forwards[1].guest_port, 9000);
+    assert_eq!(
+        (d.forwards[1].ports.first(), d.forwards[1].ports.last()),
+        (9000, 9009)
+    );
+    assert_eq!(d.forwards[1].ports.guest(), 9000);
     assert_eq!(d.forwards[1].network.as_deref(), Some("lab"));
     let nics = d.nics();
     assert_eq!(nics[0].ip, Some("10.77.0.50".parse().unwrap()));

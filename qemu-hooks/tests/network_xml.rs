@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use qnet_hookd::api::LibvirtNetwork;
+use qnet_api::LibvirtNetwork;
 use qnet_libvirt_hook::{find_libvirt_network, parse_domain, parse_network_status, Interface};
 
 fn real_nat() -> String {
@@ -27,7 +27,7 @@ fn libvirt_9_status_file_parses() {
         net,
         LibvirtNetwork {
             name: "qnet-exp".into(),
-            bridge: "qnexp0".into(),
+            bridge: "qnexp0".parse().unwrap(),
             forward_mode: Some("nat".into()),
             subnets: vec!["10.79.3.1/24".parse().unwrap()],
         }

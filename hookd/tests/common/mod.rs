@@ -252,13 +252,13 @@ pub fn network(
     let subnet: ipnet::Ipv4Net = subnet.parse().expect("subnet");
     let base = u32::from(subnet.network());
     qnet_hookd::config::NetworkConfig {
-        name: name.into(),
-        bridge: bridge.into(),
+        name: name.parse().unwrap(),
+        bridge: bridge.parse().unwrap(),
         mode,
         subnet,
         router: (base + 1).into(),
         dhcp_range: ((base + 100).into(), (base + 199).into()),
-        domain: format!("{name}.qnet"),
+        domain: format!("{name}.qnet").parse().unwrap(),
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,

@@ -1,8 +1,14 @@
-//! The control protocol: one vocabulary for `qnetctl`, the libvirt hook and
-//! the daemon, so a request means the same thing from every door.
+//! The control protocol: one vocabulary for `qnetctl`, the libvirt hook
+//! and the daemon, so a request means the same thing from every door.
 //!
 //! Wire format: the client connects to the control socket, writes one
 //! [`Request`] as a JSON line, and reads one [`Response`] as a JSON line.
+//! Every field is a typed value ([`crate::types`]): a request that names a
+//! bad MAC, port range or network is refused while it is decoded, before
+//! the daemon acts on any of it.
+//!
+//! These are wire types only: the daemon keeps its own domain types and
+//! its own saved-state types, and converts at its edges.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -11,10 +17,14 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::{preview, DnsLabel, IfName, Invalid, Mac, NetName, PortMap, Proto};
+
 pub const DEFAULT_CTL_SOCKET: &str = "/run/qnet/ctl.sock";
 pub const DEFAULT_QMP_SOCKET: &str = "/run/qnet/qmp.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest guest name (`-name`, a libvirt domain name) the daemon keeps.
+pub const MAX_GUEST_NAME: usize = 255;
 
 /// How a network reaches the outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -38,31 +48,95 @@ impl fmt::Display for Mode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
+/// A guest as users name it: its name (`-name`, the libvirt domain name)
+/// or the MAC of one of its NICs. 1-255 bytes, no control characters.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestRef(String);
 
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
+impl GuestRef {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The MAC this names, if it is one.
+    pub fn mac(&self) -> Option<Mac> {
+        self.0.parse().ok()
     }
 }
 
-impl FromStr for Proto {
-    type Err = String;
+impl FromStr for GuestRef {
+    type Err = Invalid;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("`{other}` is not a protocol: use tcp or udp")),
+    fn from_str(text: &str) -> Result<GuestRef, Invalid> {
+        if text.trim().is_empty() {
+            return Err(Invalid("name a guest (its -name) or a NIC's MAC".into()));
         }
+        if text.len() > MAX_GUEST_NAME || text.chars().any(char::is_control) {
+            return Err(Invalid(format!(
+                "`{}` is not a guest name: at most {MAX_GUEST_NAME} bytes, no control characters",
+                preview(text)
+            )));
+        }
+        Ok(GuestRef(text.to_owned()))
+    }
+}
+
+impl PartialEq<str> for GuestRef {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for GuestRef {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for GuestRef {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl fmt::Display for GuestRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GuestRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl Serialize for GuestRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for GuestRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A libvirt domain UUID as libvirt writes it: hex digits and `-`, at
+/// most 64 bytes (it ends up in saved state and logs).
+pub fn check_uuid(uuid: &str) -> Result<(), Invalid> {
+    let ok = !uuid.is_empty()
+        && uuid.len() <= 64
+        && uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "`{}` is not a UUID such as 4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
+            preview(uuid)
+        )))
     }
 }
 
@@ -75,26 +149,28 @@ pub enum Request {
     Guests,
     /// Reserve `ip` (or the next free address) for `mac` on `network`.
     ReserveAdd {
-        network: String,
-        mac: String,
+        network: NetName,
+        mac: Mac,
         #[serde(default)]
         ip: Option<Ipv4Addr>,
+        /// A DNS name; made into a label the way guest names are
+        /// ([`DnsLabel::from_guest_name`]).
         #[serde(default)]
-        name: Option<String>,
+        name: Option<GuestRef>,
     },
     ReserveRm {
-        network: String,
-        mac: String,
+        network: NetName,
+        mac: Mac,
     },
     ReserveList {
         #[serde(default)]
-        network: Option<String>,
+        network: Option<NetName>,
     },
     NetworkUp {
-        name: String,
+        name: NetName,
     },
     NetworkDown {
-        name: String,
+        name: NetName,
     },
     /// Dial a QEMU QMP server socket and follow that guest.
     Attach {
@@ -119,7 +195,7 @@ pub enum Request {
     /// process exits. Sending it again is idempotent: it replaces the
     /// guest's forwards and record.
     GuestRegister {
-        name: String,
+        name: GuestRef,
         uuid: String,
         #[serde(default)]
         nics: Vec<LibvirtNic>,
@@ -139,7 +215,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtNic {
-    pub mac: String,
+    pub mac: Mac,
     /// `<source network=...>`: used when a qnet network has that name.
     #[serde(default)]
     pub network: Option<String>,
@@ -148,7 +224,7 @@ pub struct LibvirtNic {
     pub bridge: Option<String>,
     /// `<target dev=...>`: the host device, when libvirt names it.
     #[serde(default)]
-    pub device: Option<String>,
+    pub device: Option<IfName>,
     /// A fixed address (`<qnet:address>`) instead of one from the pool
     /// (on a libvirt network: the address the guest has, instead of its
     /// lease).
@@ -168,7 +244,7 @@ pub struct LibvirtNetwork {
     pub name: String,
     /// Its bridge: libvirt's dnsmasq keeps the leases of the network in
     /// `/var/lib/libvirt/dnsmasq/BRIDGE.status`.
-    pub bridge: String,
+    pub bridge: IfName,
     /// `<forward mode=...>`: `nat`, `route`, `open`, ...; `None`: no
     /// `<forward>`, an isolated network.
     #[serde(default)]
@@ -190,61 +266,68 @@ impl LibvirtNetwork {
 }
 
 /// A port forward as a user declares it: host port(s) → a guest's port(s).
+/// Always valid: it is decoded through [`PortMap::new`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "WireForward", into = "WireForward")]
 pub struct ForwardSpec {
     /// The guest's name (`-name`) or the MAC of one of its NICs.
-    pub guest: String,
+    pub guest: GuestRef,
     pub proto: Proto,
-    /// First and last host port (equal for a single port).
-    pub host_ports: (u16, u16),
-    /// The guest port the first host port goes to; the rest follow in order.
-    pub guest_port: u16,
+    pub ports: PortMap,
     /// Only this host address; `None`: every address of the host (and
     /// 127.0.0.1).
-    #[serde(default)]
     pub host_addr: Option<IpAddr>,
     /// The network of the guest NIC to forward to; `None`: the guest's
     /// first NIC on a qnet network.
-    #[serde(default)]
     pub network: Option<String>,
 }
 
-impl ForwardSpec {
-    /// Parses `HOSTPORT[-HOSTPORT2][:GUESTPORT]` (the guest port defaults to
-    /// the first host port; a range keeps its offsets).
-    pub fn parse_ports(text: &str) -> Result<((u16, u16), u16), String> {
-        let bad = || {
-            format!("`{text}` is not HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080 or 8080:80 or 9000-9009:9000")
-        };
-        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
-        let (hosts, guest) = match text.split_once(':') {
-            Some((hosts, guest)) => (hosts, Some(port(guest)?)),
-            None => (text, None),
-        };
-        let (start, end) = match hosts.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => (port(hosts)?, port(hosts)?),
-        };
-        if end < start {
-            return Err(format!("`{text}`: the range ends before it starts"));
-        }
-        let guest = guest.unwrap_or(start);
-        if u32::from(guest) + u32::from(end - start) > 65535 {
-            return Err(format!("`{text}`: the guest ports would run past 65535"));
-        }
-        Ok(((start, end), guest))
-    }
+/// [`ForwardSpec`] as it travels: `host_ports` and `guest_port` as plain
+/// numbers, checked into a [`PortMap`] on the way in.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireForward {
+    guest: GuestRef,
+    proto: Proto,
+    host_ports: (u16, u16),
+    guest_port: u16,
+    #[serde(default)]
+    host_addr: Option<IpAddr>,
+    #[serde(default)]
+    network: Option<String>,
+}
 
+impl TryFrom<WireForward> for ForwardSpec {
+    type Error = Invalid;
+
+    fn try_from(w: WireForward) -> Result<ForwardSpec, Invalid> {
+        Ok(ForwardSpec {
+            guest: w.guest,
+            proto: w.proto,
+            ports: PortMap::new(w.host_ports.0, w.host_ports.1, w.guest_port)?,
+            host_addr: w.host_addr,
+            network: w.network,
+        })
+    }
+}
+
+impl From<ForwardSpec> for WireForward {
+    fn from(f: ForwardSpec) -> WireForward {
+        WireForward {
+            guest: f.guest,
+            proto: f.proto,
+            host_ports: (f.ports.first(), f.ports.last()),
+            guest_port: f.ports.guest(),
+            host_addr: f.host_addr,
+            network: f.network,
+        }
+    }
+}
+
+impl ForwardSpec {
     /// `tcp 8080-8081:80` as people write it.
     pub fn ports_text(&self) -> String {
-        let (start, end) = self.host_ports;
-        let hosts = if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        };
-        format!("{} {hosts}:{}", self.proto, self.guest_port)
+        format!("{} {}", self.proto, self.ports)
     }
 
     /// Whether two forwards claim a common host address + port + protocol.
@@ -253,10 +336,7 @@ impl ForwardSpec {
             (Some(a), Some(b)) => a == b,
             _ => true,
         };
-        self.proto == other.proto
-            && addrs_meet
-            && self.host_ports.0 <= other.host_ports.1
-            && other.host_ports.0 <= self.host_ports.1
+        self.proto == other.proto && addrs_meet && self.ports.meets(&other.ports)
     }
 }
 
@@ -265,17 +345,75 @@ impl ForwardSpec {
 pub struct ForwardInfo {
     #[serde(flatten)]
     pub forward: ForwardSpec,
-    /// `config` (hookd.toml) or `runtime` (qnetctl, the libvirt hook).
+    /// `config` (hookd.toml), `runtime` (qnetctl) or `libvirt` (the hook).
     pub origin: String,
-    /// The guest's address while the guest runs (the forward is active).
+    /// The guest's address while the guest runs and the forward is
+    /// installed.
     pub guest_addr: Option<IpAddr>,
+    /// Why the forward is not in force, when it is not (the guest is not
+    /// running, another forward holds the port, the kernel refused it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Ok(Reply),
-    Error(String),
+    Error(ApiError),
+}
+
+/// What went wrong with a request, by kind, so a client can act on it
+/// (retry, tell the user to fix the request, ask root) without parsing the
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request is malformed or names a bad value: fix it.
+    Invalid,
+    /// What it names does not exist (network, guest, forward, reservation).
+    NotFound,
+    /// Allowed for root (or another user) only.
+    Denied,
+    /// Something else holds it (a port, an address, a name).
+    Conflict,
+    /// A pool or a limit is used up (addresses, sessions).
+    Exhausted,
+    /// The change could not be made durable (state directory full or
+    /// read-only): nothing changed; retry once that is fixed.
+    Storage,
+    /// Applying it to the system failed (netlink, nftables, dnsmasq, QMP).
+    Failed,
+    /// The daemon is busy or stopping, or did not answer in time.
+    Unavailable,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+/// A refused or failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    /// One line saying what is wrong and what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +435,10 @@ pub struct NetworkStatus {
     pub router: Ipv4Addr,
     pub ipv6: Option<String>,
     pub up: bool,
+    /// Why the network does not fully work although it is up (dnsmasq
+    /// failing, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     pub guests: usize,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -315,7 +457,7 @@ pub struct GuestStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestNic {
-    pub mac: String,
+    pub mac: Mac,
     /// The host device (TAP or macvtap) backing the NIC, when known.
     pub device: Option<String>,
     pub network: Option<String>,
@@ -328,43 +470,19 @@ pub struct GuestNic {
     pub libvirt_bridge: Option<String>,
 }
 
-impl GuestNic {
-    /// Whether the NIC is on the qnet network `name` (a NIC on a libvirt
-    /// network of the same name is not).
-    pub fn is_on_qnet_network(&self, name: &str) -> bool {
-        self.libvirt_bridge.is_none() && self.network.as_deref() == Some(name)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     pub network: String,
-    pub mac: String,
+    pub mac: Mac,
     pub ip: Ipv4Addr,
     /// DNS name (without domain).
-    pub name: Option<String>,
+    pub name: Option<DnsLabel>,
     /// Made by `reserve add` (kept until `reserve rm`), rather than
     /// assigned automatically when the guest first appeared.
     pub explicit: bool,
-}
-
-/// Normalises a MAC address to lower-case `aa:bb:cc:dd:ee:ff`.
-pub fn normalize_mac(mac: &str) -> Result<String, String> {
-    let parts: Vec<&str> = mac.split([':', '-']).collect();
-    let valid = parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
-    if !valid {
-        return Err(format!(
-            "`{mac}` is not a MAC address such as 52:54:00:12:34:56"
-        ));
-    }
-    let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
-    if first & 1 == 1 {
-        return Err(format!("`{mac}` is a multicast address, not a NIC's MAC"));
-    }
-    Ok(parts.join(":").to_ascii_lowercase())
+    /// The user whose guest or request made it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
 }
 
 #[cfg(test)]
@@ -374,8 +492,8 @@ mod tests {
     #[test]
     fn requests_round_trip_as_json_lines() {
         let req = Request::ReserveAdd {
-            network: "qnet0".into(),
-            mac: "52:54:00:00:00:01".into(),
+            network: "qnet0".parse().unwrap(),
+            mac: "52:54:00:00:00:01".parse().unwrap(),
             ip: Some(Ipv4Addr::new(10, 0, 0, 5)),
             name: None,
         };
@@ -391,49 +509,59 @@ mod tests {
     }
 
     #[test]
-    fn responses_are_ok_or_error() {
+    fn responses_are_ok_or_an_error_with_a_kind() {
         let ok = Response::Ok(Reply::Done {
             message: "done".into(),
         });
         let line = serde_json::to_string(&ok).unwrap();
         assert_eq!(line, r#"{"ok":{"kind":"done","message":"done"}}"#);
-        let err: Response = serde_json::from_str(r#"{"error":"no such network"}"#).unwrap();
-        assert_eq!(err, Response::Error("no such network".into()));
+        let err: Response =
+            serde_json::from_str(r#"{"error":{"kind":"not-found","message":"no such network"}}"#)
+                .unwrap();
+        assert_eq!(
+            err,
+            Response::Error(ApiError::new(ErrorKind::NotFound, "no such network"))
+        );
+        assert_eq!(ErrorKind::NotFound.to_string(), "not-found");
     }
 
     #[test]
-    fn forward_ports_parse() {
-        assert_eq!(ForwardSpec::parse_ports("8080"), Ok(((8080, 8080), 8080)));
-        assert_eq!(ForwardSpec::parse_ports("8080:80"), Ok(((8080, 8080), 80)));
-        assert_eq!(
-            ForwardSpec::parse_ports("9000-9009:100"),
-            Ok(((9000, 9009), 100))
-        );
-        assert_eq!(
-            ForwardSpec::parse_ports("9000-9009"),
-            Ok(((9000, 9009), 9000))
-        );
-        for bad in [
-            "",
-            "0",
-            "x",
-            "80-79",
-            "65535-65535:0",
-            "100-200:65500",
-            "1:2:3",
-            "80-",
+    fn forwards_are_checked_while_decoded() {
+        let forward = |ports: &str, guest_port: u32| {
+            serde_json::from_str::<Request>(&format!(
+                r#"{{"op":"forward-add","guest":"web","proto":"tcp","host_ports":{ports},"guest_port":{guest_port}}}"#
+            ))
+        };
+        let good = forward("[8080,8081]", 80).unwrap();
+        let Request::ForwardAdd { forward: spec } = &good else {
+            panic!("{good:?}")
+        };
+        assert_eq!(spec.ports_text(), "tcp 8080-8081:80");
+        let line = serde_json::to_string(&good).unwrap();
+        assert!(line.contains(r#""host_ports":[8080,8081]"#), "{line}");
+        for (ports, guest) in [
+            ("[60000,60010]", 65530),
+            ("[9000,8000]", 80),
+            ("[0,0]", 80),
+            ("[80,80]", 0),
+            ("[80,80]", 70000),
         ] {
-            assert!(ForwardSpec::parse_ports(bad).is_err(), "{bad}");
+            let err = forward(ports, guest).unwrap_err().to_string();
+            assert!(!err.is_empty(), "{ports} {guest}");
         }
+        let long = format!(
+            r#"{{"op":"forward-add","guest":"{}","proto":"tcp","host_ports":[1,1],"guest_port":1}}"#,
+            "g".repeat(300)
+        );
+        assert!(serde_json::from_str::<Request>(&long).is_err());
     }
 
     #[test]
     fn forwards_overlap_on_proto_address_and_ports() {
         let spec = |proto, (a, b), addr: Option<&str>| ForwardSpec {
-            guest: "g".into(),
+            guest: "g".parse().unwrap(),
             proto,
-            host_ports: (a, b),
-            guest_port: a,
+            ports: PortMap::new(a, b, a).unwrap(),
             host_addr: addr.map(|a| a.parse().unwrap()),
             network: None,
         };
@@ -448,17 +576,10 @@ mod tests {
     }
 
     #[test]
-    fn macs_are_normalised() {
-        assert_eq!(
-            normalize_mac("52:54:00:AB:cd:0F").unwrap(),
-            "52:54:00:ab:cd:0f"
-        );
-        assert_eq!(
-            normalize_mac("52-54-00-ab-cd-0f").unwrap(),
-            "52:54:00:ab:cd:0f"
-        );
-        assert!(normalize_mac("52:54:00:ab:cd").is_err());
-        assert!(normalize_mac("01:00:5e:00:00:01").is_err());
-        assert!(normalize_mac("zz:54:00:ab:cd:0f").is_err());
+    fn uuids_are_bounded() {
+        assert!(check_uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa0").is_ok());
+        assert!(check_uuid("").is_err());
+        assert!(check_uuid("../../etc").is_err());
+        assert!(check_uuid(&"a".repeat(65)).is_err());
     }
 }

@@ -1,0 +1,83 @@
+//! The daemon's errors: one type for what can stop it from starting or
+//! fail a change, each with the [`ErrorKind`] a client sees.
+
+use std::path::PathBuf;
+
+use qnet_api::{ApiError, ErrorKind};
+use thiserror::Error;
+
+use crate::config::ConfigError;
+use crate::dnsmasq::DnsmasqError;
+use crate::network::NetworkError;
+use crate::nft::NftError;
+use crate::state::StateError;
+use crate::subnet::SubnetError;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state directory could not be read or written.
+    #[error("saving state: {0} (nothing changed: fix the state directory, then retry)")]
+    State(#[from] StateError),
+    #[error("network `{network}`: {source}")]
+    Network {
+        network: String,
+        #[source]
+        source: NetworkError,
+    },
+    #[error("network `{network}`: dnsmasq: {source}")]
+    Dnsmasq {
+        network: String,
+        #[source]
+        source: DnsmasqError,
+    },
+    #[error("nftables: {0}")]
+    Firewall(#[from] NftError),
+    #[error("picking the default network's subnet: {0}")]
+    Subnet(#[from] SubnetError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DaemonError {
+        let path = path.into();
+        move |source| DaemonError::Io { path, source }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DaemonError::Config(_) => ErrorKind::Invalid,
+            DaemonError::State(_) => ErrorKind::Storage,
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+impl From<DaemonError> for ApiError {
+    fn from(e: DaemonError) -> ApiError {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+/// Shorthands for the errors handlers return.
+pub fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Invalid, message)
+}
+
+pub fn not_found(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, message)
+}
+
+pub fn denied(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Denied, message)
+}
+
+pub fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Conflict, message)
+}

@@ -1,0 +1,418 @@
+//! Following QEMUs: the QMP socket's accept loop, one task per QEMU that
+//! reads its events and sends them on as [`Input`]s, and process watchers.
+//!
+//! Each follower does its own QMP round trips and `/proc` walks, so a slow
+//! or hostile QEMU never stalls the reconciler or another guest.
+//!
+//! `qmp.sock` is open to every local user (QEMUs run as whoever starts
+//! them), so what one peer can make the daemon hold is bounded here, at
+//! the edge ([`Sessions`]): per peer process, per peer uid (root's own
+//! QEMUs excepted) and in total, the total leaving a reserve of file
+//! descriptors for the control socket, dnsmasq and state saves. A refused
+//! connection is closed at once and logged once per uid.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qnet_api::{ApiError, ErrorKind, Reply, Response};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::discover::{self, GuestPort};
+use crate::procfs;
+use crate::qmp::{self, QmpEvent, QmpSession};
+use crate::ratelimit::RateLimit;
+use crate::reconciler::{ConnId, GuestUp, Input, Peer};
+use crate::warn_limited;
+
+/// Descriptors kept free of QMP sessions for everything else the daemon
+/// opens: control connections, dnsmasq's pipes, state files, nft.
+pub const RESERVED_FDS: u64 = 128;
+/// Descriptors one session holds: its socket, a pidfd, and one more
+/// while `/proc/PID/fd` is read.
+const FDS_PER_SESSION: u64 = 3;
+/// Connections of one process at once: its session and one replacing it.
+const PER_PID: usize = 2;
+
+/// Hostile or broken QMP peers are logged at most this often.
+static PEER_WARNINGS: RateLimit = RateLimit::new(20, Duration::from_secs(60));
+
+/// How the daemon reached a QEMU.
+#[derive(Debug)]
+pub enum Origin {
+    /// QEMU dialed the daemon's QMP socket.
+    Client(UnixStream),
+    /// The daemon dials QEMU's QMP server socket.
+    Server(PathBuf),
+}
+
+/// A control request to answer once the QEMU it names is followed
+/// (`qnetctl attach`).
+pub struct Attach {
+    pub peer: Peer,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// How many QMP sessions peers may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub total: usize,
+    pub per_uid: usize,
+}
+
+impl SessionLimits {
+    /// Limits for a daemon that may open `nofile` descriptors: the total
+    /// leaves [`RESERVED_FDS`]; one non-root uid gets at most `per_uid`
+    /// and never more than a quarter of the total.
+    pub fn for_fd_limit(nofile: u64, per_uid: usize) -> SessionLimits {
+        let total = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_SESSION)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        SessionLimits {
+            total,
+            per_uid: per_uid.min(total / 4).max(1),
+        }
+    }
+}
+
+/// Who holds QMP sessions now.
+#[derive(Debug)]
+pub struct Sessions {
+    limits: SessionLimits,
+    inner: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+    by_pid: HashMap<u32, usize>,
+    /// Uids told about their limit since they last had no session.
+    warned: HashSet<u32>,
+}
+
+/// One admitted connection; dropping it gives its place back.
+#[derive(Debug)]
+pub struct Slot {
+    sessions: Arc<Sessions>,
+    uid: u32,
+    pid: u32,
+}
+
+impl Sessions {
+    pub fn new(limits: SessionLimits) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            limits,
+            inner: Mutex::new(Counts::default()),
+        })
+    }
+
+    /// A place for a connection of `pid` running as `uid`, or why not
+    /// (`Some` the first time a uid is refused since it last had none).
+    pub fn admit(self: &Arc<Self>, uid: u32, pid: u32) -> Result<Slot, Option<String>> {
+        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let why = if c.total >= self.limits.total {
+            Some(format!(
+                "the daemon holds its maximum of {} QMP sessions",
+                self.limits.total
+            ))
+        } else if uid != 0 && c.by_uid.get(&uid).copied().unwrap_or(0) >= self.limits.per_uid {
+            Some(format!(
+                "uid {uid} holds its maximum of {} QMP sessions (hookd.toml [limits] qmp-sessions-per-user)",
+                self.limits.per_uid
+            ))
+        } else if c.by_pid.get(&pid).copied().unwrap_or(0) >= PER_PID {
+            Some(format!("pid {pid} already holds {PER_PID} QMP connections"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(c.warned.insert(uid).then_some(why));
+        }
+        c.total += 1;
+        *c.by_uid.entry(uid).or_default() += 1;
+        *c.by_pid.entry(pid).or_default() += 1;
+        Ok(Slot {
+            sessions: self.clone(),
+            uid,
+            pid,
+        })
+    }
+
+    #[cfg(test)]
+    fn count(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .sessions
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if decrement(&mut c.by_uid, self.uid) {
+            c.warned.remove(&self.uid);
+        }
+        decrement(&mut c.by_pid, self.pid);
+    }
+}
+
+/// Decrements `key`'s count, removing it at zero; whether it reached zero.
+fn decrement(counts: &mut HashMap<u32, usize>, key: u32) -> bool {
+    match counts.get_mut(&key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        _ => {
+            counts.remove(&key);
+            true
+        }
+    }
+}
+
+/// Accepts QEMUs on `qmp.sock` and follows each admitted one.
+pub async fn accept_qmp(
+    listener: UnixListener,
+    inputs: mpsc::UnboundedSender<Input>,
+    sessions: Arc<Sessions>,
+) {
+    // Connection ids for client-mode guests count down from the top so they
+    // never meet the reconciler's own counter.
+    let mut conn: ConnId = u64::MAX;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn_limited!(PEER_WARNINGS, "accepting a QMP connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
+        };
+        let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        match sessions.admit(cred.uid(), pid) {
+            Ok(slot) => {
+                conn -= 1;
+                tokio::spawn(follow_guest(
+                    Origin::Client(stream),
+                    conn,
+                    inputs.clone(),
+                    None,
+                    Some(slot),
+                ));
+            }
+            Err(first) => {
+                if let Some(why) = first {
+                    tracing::warn!(uid = cred.uid(), pid, "refusing QMP connections: {why}");
+                }
+            }
+        }
+    }
+}
+
+/// Follows one QEMU: handshake and queries, then forwards its events and
+/// reports its end (QMP EOF, process exit, SHUTDOWN when QEMU will exit,
+/// or the reconciler dropping the session). `attach` carries the control
+/// request to answer (server mode); `slot` the place it was admitted to.
+pub async fn follow_guest(
+    origin: Origin,
+    conn: ConnId,
+    inputs: mpsc::UnboundedSender<Input>,
+    attach: Option<Attach>,
+    slot: Option<Slot>,
+) {
+    let (stream, qmp_server) = match origin {
+        Origin::Client(stream) => (Ok(stream), None),
+        Origin::Server(path) => (
+            qmp::dial(&path).await.map_err(|e| e.to_string()),
+            Some(path),
+        ),
+    };
+    let fail = |attach: Option<Attach>, message: String| {
+        warn_limited!(PEER_WARNINGS, "QMP: {message}");
+        if let Some(attach) = attach {
+            let _ = attach
+                .reply
+                .send(Response::Error(ApiError::new(ErrorKind::Failed, message)));
+        }
+    };
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(e) => return fail(attach, e),
+    };
+    let (events_tx, mut events) = mpsc::channel(64);
+    let (session, identity) = match QmpSession::start(stream, events_tx).await {
+        Ok(started) => started,
+        Err(e) => return fail(attach, format!("QMP handshake: {e}")),
+    };
+    if let Some(a) = &attach {
+        if !a.peer.is_root() && a.peer.uid != identity.uid {
+            let message = "that QEMU does not run under your uid: only root may attach it";
+            let _ = attach.map(|a| {
+                a.reply
+                    .send(Response::Error(ApiError::new(ErrorKind::Denied, message)))
+            });
+            return;
+        }
+    }
+    let info = match session.query_info().await {
+        Ok(info) => info,
+        Err(e) => return fail(attach, format!("pid {}: QMP queries: {e}", identity.pid)),
+    };
+    let pid = identity.pid;
+    let ports = ports_of(pid).await;
+    let name = info.name.clone();
+    let (keepalive, dropped) = oneshot::channel();
+    let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
+        conn,
+        identity,
+        info,
+        ports,
+        qmp_server,
+        keepalive,
+    })));
+    if let Some(attach) = attach {
+        let _ = attach.reply.send(Response::Ok(Reply::Done {
+            message: format!(
+                "following QEMU pid {pid}{}",
+                name.map(|n| format!(" ({})", crate::reconciler::bounded_name(&n)))
+                    .unwrap_or_default()
+            ),
+        }));
+    }
+    let why = follow_events(&session, &mut events, conn, pid, &inputs, dropped).await;
+    let _ = inputs.send(Input::GuestGone { conn, why });
+    drop(slot);
+}
+
+/// Forwards one session's events until it ends; returns why it ended.
+async fn follow_events(
+    session: &QmpSession,
+    events: &mut mpsc::Receiver<QmpEvent>,
+    conn: ConnId,
+    pid: u32,
+    inputs: &mpsc::UnboundedSender<Input>,
+    mut dropped: oneshot::Receiver<()>,
+) -> String {
+    let no_shutdown = procfs::has_arg(pid, "-no-shutdown");
+    let exited = process_exit(pid);
+    tokio::pin!(exited);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                None => return "QMP connection closed".into(),
+                Some(QmpEvent::Closed { error }) => {
+                    return match error {
+                        Some(e) => format!("QMP connection closed: {e}"),
+                        None => "QMP connection closed".into(),
+                    };
+                }
+                Some(QmpEvent::Shutdown { guest, reason }) if !no_shutdown => {
+                    return format!("SHUTDOWN (guest: {guest}, reason: {})", reason.unwrap_or_default());
+                }
+                Some(QmpEvent::NicRxFilterChanged { .. })
+                | Some(QmpEvent::DeviceDeleted { .. })
+                | Some(QmpEvent::Lagged(_)) => match session.query_nics().await {
+                    Ok(nics) => {
+                        let ports = ports_of(pid).await;
+                        let _ = inputs.send(Input::GuestNics { conn, nics, ports });
+                    }
+                    Err(e) => tracing::warn!(pid, "query-rx-filter: {e}"),
+                },
+                Some(other) => tracing::debug!(pid, event = ?other, "QMP event"),
+            },
+            _ = &mut exited => return "QEMU exited".into(),
+            _ = &mut dropped => return "replaced by a newer session".into(),
+        }
+    }
+}
+
+async fn ports_of(pid: u32) -> Vec<GuestPort> {
+    match tokio::task::spawn_blocking(move || discover::guest_ports(pid)).await {
+        Ok(Ok(ports)) => ports,
+        Ok(Err(e)) => {
+            tracing::warn!(pid, "finding the guest's devices: {e}");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(pid, "finding the guest's devices: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Resolves when process `pid` exits (pidfd); never, if it cannot be
+/// watched (the QMP connection's EOF then reports the exit).
+pub async fn process_exit(pid: u32) {
+    let Ok(fd) = qnet_hostnet::reaper::pidfd_open(pid) else {
+        return std::future::pending().await;
+    };
+    // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the
+    // same descriptor, for the AsyncFd's whole life.
+    match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+        // A pidfd becomes readable when the process exits.
+        Ok(async_fd) => drop(async_fd.readable().await),
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A guest recorded before a restart (or registered by the libvirt hook):
+/// report its exit.
+pub fn watch_exit(pid: u32, inputs: mpsc::UnboundedSender<Input>) {
+    tokio::spawn(async move {
+        process_exit(pid).await;
+        let _ = inputs.send(Input::StaleGuestExited { pid });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_leave_a_reserve_and_bound_each_user() {
+        let limits = SessionLimits::for_fd_limit(1024, 64);
+        assert_eq!(limits.total, (1024 - 128) / 3);
+        assert_eq!(limits.per_uid, 64);
+        let tight = SessionLimits::for_fd_limit(200, 64);
+        assert_eq!((tight.total, tight.per_uid), (24, 6));
+        assert_eq!(SessionLimits::for_fd_limit(10, 64).total, 1);
+    }
+
+    #[test]
+    fn sessions_are_capped_per_pid_uid_and_total_and_freed_on_drop() {
+        let sessions = Sessions::new(SessionLimits {
+            total: 5,
+            per_uid: 3,
+        });
+        let a = sessions.admit(1000, 10).unwrap();
+        let b = sessions.admit(1000, 10).unwrap();
+        let refused = sessions.admit(1000, 10).unwrap_err();
+        assert!(
+            refused.unwrap().contains("pid 10"),
+            "per pid, reported the first time"
+        );
+        let c = sessions.admit(1000, 11).unwrap();
+        assert_eq!(
+            sessions.admit(1000, 12).unwrap_err(),
+            None,
+            "per uid, then quiet"
+        );
+        let root: Vec<Slot> = (0..2).map(|i| sessions.admit(0, 20 + i).unwrap()).collect();
+        assert!(sessions.admit(0, 30).is_err(), "total");
+        assert_eq!(sessions.count(), 5);
+        drop((a, b, c));
+        drop(root);
+        assert_eq!(sessions.count(), 0);
+        assert!(sessions.admit(1000, 12).is_ok(), "free again");
+    }
+}

@@ -1,0 +1,243 @@
+//! Guests followed over QMP: connecting, changing NICs, leaving; and the
+//! guests of a previous run, adopted at start.
+
+use qnet_api::{DnsLabel, MAX_GUEST_NAME};
+
+use super::{plan, ConnId, GuestUp, Reconciler, Session};
+use crate::discover::GuestPort;
+use crate::follow::{self, Origin};
+use crate::qmp::NicInfo;
+use crate::state::alloc::{self, AutoRequest};
+use crate::state::{self, Guest, Nic, NicOwner};
+use crate::{orphans, procfs};
+
+impl Reconciler {
+    pub(super) fn guest_up(&mut self, up: GuestUp) {
+        let GuestUp {
+            conn,
+            identity,
+            info,
+            ports,
+            qmp_server,
+            keepalive,
+        } = up;
+        let pid = identity.pid;
+        let name = info.name.as_deref().map(bounded_name);
+        tracing::info!(
+            pid,
+            name = name.as_deref().unwrap_or("-"),
+            nics = info.nics.len(),
+            "guest connected"
+        );
+        // A newer session of the same QEMU replaces the older one, whose
+        // follower ends when its keepalive is dropped here: one QEMU holds
+        // one session, however often it (or anyone with its pid) connects.
+        self.sessions.retain(|_, s| s.pid != pid);
+        self.sessions.insert(
+            conn,
+            Session {
+                pid,
+                _keepalive: keepalive,
+            },
+        );
+        if let Some(path) = &qmp_server {
+            self.state.attached.insert(path.clone());
+        }
+        self.state.guests.insert(
+            pid,
+            Guest {
+                pid,
+                start_time: procfs::start_time(pid).unwrap_or(0),
+                uid: identity.uid,
+                name,
+                uuid: info.uuid.clone(),
+                qmp_server,
+                nics: Vec::new(),
+            },
+        );
+        self.assign_nics(pid, &info.nics, &ports);
+        self.dirty.all();
+    }
+
+    pub(super) fn guest_nics(&mut self, conn: ConnId, nics: &[NicInfo], ports: &[GuestPort]) {
+        if let Some(pid) = self.sessions.get(&conn).map(|s| s.pid) {
+            self.assign_nics(pid, nics, ports);
+            self.dirty.all();
+        }
+    }
+
+    pub(super) fn guest_gone(&mut self, conn: ConnId, why: &str) {
+        let Some(session) = self.sessions.remove(&conn) else {
+            return;
+        };
+        // A guest that reconnected has a newer session.
+        if self.sessions.values().any(|s| s.pid == session.pid) {
+            return;
+        }
+        tracing::info!(pid = session.pid, %why, "guest gone: tearing down");
+        self.forget_guest(session.pid);
+    }
+
+    pub(super) fn stale_guest_exited(&mut self, pid: u32) {
+        let followed = self.sessions.values().any(|s| s.pid == pid);
+        if !followed && self.state.guests.get(&pid).is_some_and(|g| !g.is_running()) {
+            tracing::info!(pid, "guest exited");
+            self.forget_guest(pid);
+        }
+    }
+
+    /// The guest's record goes (its reservations stay: sticky), and with
+    /// it its DNS names and forwards.
+    fn forget_guest(&mut self, pid: u32) {
+        if let Some(guest) = self.state.guests.remove(&pid) {
+            let now = state::now();
+            for nic in &guest.nics {
+                self.touch_reservation(nic, now);
+            }
+            if let Some(path) = guest.qmp_server {
+                self.state.attached.remove(&path);
+            }
+            self.dirty.all();
+        }
+    }
+
+    /// Marks the reservation of `nic` as seen at `now`.
+    fn touch_reservation(&mut self, nic: &Nic, now: u64) {
+        let Some(network) = nic.network.as_deref() else {
+            return;
+        };
+        if let Some(r) = self
+            .state
+            .reservations
+            .get_mut(network)
+            .and_then(|t| t.get_mut(&nic.mac))
+        {
+            r.last_seen = now;
+        }
+    }
+
+    /// Places each NIC on its network and gives it its sticky reservation
+    /// there (within the per-NIC limit, see [`alloc`]).
+    fn assign_nics(&mut self, pid: u32, nics: &[NicInfo], ports: &[GuestPort]) {
+        let placements = plan::place_nics(nics, ports, |bridge| self.network_of_bridge(bridge));
+        let Some(guest) = self.state.guests.get(&pid) else {
+            return;
+        };
+        let label = guest.name.as_deref().and_then(DnsLabel::from_guest_name);
+        let (owner, uid) = (guest.owner_key(), guest.uid);
+        let now = state::now();
+        let mut assigned = Vec::new();
+        for placed in placements {
+            let ip = placed.network.as_ref().and_then(|net_name| {
+                let net = &self.networks.get(net_name)?.config;
+                let in_use = self.state.running_macs_on(net_name);
+                let table = self.state.reservations.entry(net_name.clone()).or_default();
+                let request = AutoRequest {
+                    mac: placed.mac,
+                    name: label.clone(),
+                    owner: NicOwner {
+                        guest: owner.clone(),
+                        nic: placed.qemu_name.clone(),
+                    },
+                    uid,
+                };
+                match alloc::reserve_auto(table, net, request, &in_use, self.limits.reservations, now) {
+                    Ok(granted) => {
+                        for (mac, ip, why) in granted.evicted {
+                            tracing::info!(network = %net_name, %mac, %ip, "automatic reservation removed: {why}");
+                        }
+                        Some(granted.ip)
+                    }
+                    Err(e) => {
+                        tracing::warn!(pid, mac = %placed.mac, "no reservation: {e}");
+                        None
+                    }
+                }
+            });
+            assigned.push(Nic {
+                mac: placed.mac,
+                qemu_name: Some(placed.qemu_name),
+                device: placed.device,
+                network: placed.network.map(|n| n.to_string()),
+                ip,
+                libvirt_bridge: None,
+            });
+        }
+        if let Some(guest) = self.state.guests.get_mut(&pid) {
+            guest.nics = assigned;
+        }
+    }
+
+    /// Guests recorded before a restart: the dead are dropped, the living
+    /// watched until they exit, server-mode ones dialed again.
+    pub(super) fn adopt_guests(&mut self) {
+        let pids: Vec<u32> = self.state.guests.keys().copied().collect();
+        for pid in pids {
+            let guest = &self.state.guests[&pid];
+            if !guest.is_running() {
+                tracing::info!(pid, "guest gone while the daemon was down");
+                self.forget_guest(pid);
+                continue;
+            }
+            follow::watch_exit(pid, self.inputs.clone());
+            if let Some(path) = guest.qmp_server.clone() {
+                let conn = self.new_conn();
+                tokio::spawn(follow::follow_guest(
+                    Origin::Server(path),
+                    conn,
+                    self.inputs.clone(),
+                    None,
+                    None,
+                ));
+            }
+        }
+        let known: Vec<_> = self
+            .state
+            .guests
+            .values()
+            .filter_map(|g| g.qmp_server.clone())
+            .collect();
+        self.state.attached.retain(|path| known.contains(path));
+    }
+
+    /// Deletes qnet macvtaps whose QEMU is gone (left by a host crash or a
+    /// killed reaper).
+    pub(super) async fn remove_orphan_macvtaps(&self) {
+        match tokio::task::spawn_blocking(orphans::remove_orphan_macvtaps).await {
+            Ok(Ok(removed)) => {
+                for name in removed {
+                    tracing::info!(macvtap = %name, "removed orphaned qnet macvtap");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("looking for orphaned macvtaps: {e}"),
+            Err(e) => tracing::warn!("looking for orphaned macvtaps: {e}"),
+        }
+    }
+
+    /// Starts following the QMP server socket `conn` was made for.
+    pub(super) fn dial(&mut self, origin: Origin, attach: Option<follow::Attach>) {
+        let conn = self.new_conn();
+        tokio::spawn(follow::follow_guest(
+            origin,
+            conn,
+            self.inputs.clone(),
+            attach,
+            None,
+        ));
+    }
+}
+
+/// A guest's name as the daemon keeps it: at most
+/// [`MAX_GUEST_NAME`] bytes (cut on a character boundary). QEMU's `-name`
+/// is whatever its user typed; megabytes of it must not live in the
+/// daemon, its state files or every `guests` reply.
+pub fn bounded_name(name: &str) -> String {
+    if name.len() <= MAX_GUEST_NAME {
+        return name.to_owned();
+    }
+    let mut end = MAX_GUEST_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}

@@ -1,0 +1,82 @@
+//! What changes the desired state: the reconciler's inputs, and who sends
+//! them. The control socket and the QMP followers depend on this module
+//! only, never on the reconciler itself.
+
+use std::path::PathBuf;
+
+use qnet_api::{Request, Response};
+use tokio::sync::oneshot;
+
+use crate::discover::GuestPort;
+use crate::libvirt::LeaseUpdate;
+use crate::qmp::{GuestIdentity, GuestInfo, NicInfo};
+
+/// Identifies one QMP connection (a guest may reconnect with a new one).
+pub type ConnId = u64;
+
+/// Who sent a control request (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+impl Peer {
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+pub enum Input {
+    Ctl {
+        request: Request,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+    },
+    GuestUp(Box<GuestUp>),
+    GuestNics {
+        conn: ConnId,
+        nics: Vec<NicInfo>,
+        ports: Vec<GuestPort>,
+    },
+    GuestGone {
+        conn: ConnId,
+        why: String,
+    },
+    /// A guest recorded before a restart (or registered by the libvirt
+    /// hook) exited.
+    StaleGuestExited {
+        pid: u32,
+    },
+    /// The lease status file of a libvirt network's bridge changed.
+    LibvirtLeases(LeaseUpdate),
+    /// Time to try again what could not be saved.
+    Retry,
+}
+
+impl Input {
+    /// Events whose syncing the reconciler may batch with others.
+    pub fn is_guest_event(&self) -> bool {
+        matches!(
+            self,
+            Input::GuestUp(_)
+                | Input::GuestNics { .. }
+                | Input::GuestGone { .. }
+                | Input::StaleGuestExited { .. }
+                | Input::Retry
+        )
+    }
+}
+
+/// A QEMU that finished its QMP handshake and queries.
+pub struct GuestUp {
+    pub conn: ConnId,
+    pub identity: GuestIdentity,
+    pub info: GuestInfo,
+    pub ports: Vec<GuestPort>,
+    pub qmp_server: Option<PathBuf>,
+    /// Keeps the QMP session alive: the follower ends (closing its socket
+    /// and pidfd) as soon as the reconciler drops this, e.g. because a
+    /// newer session of the same QEMU replaced it.
+    pub keepalive: oneshot::Sender<()>,
+}

@@ -1,0 +1,534 @@
+//! libvirt guests, registered by the libvirt hook: their reservations and
+//! forwards, and the addresses libvirt's own dnsmasq leases them on
+//! libvirt's networks.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use qnet_api::{
+    ApiError, DnsLabel, ForwardSpec, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName, Reply,
+};
+
+use super::guests::bounded_name;
+use super::networks::done;
+use super::{Peer, Reconciler};
+use crate::error::{conflict, invalid};
+use crate::follow;
+use crate::libvirt::{self, LeaseUpdate};
+use crate::procfs;
+use crate::state::alloc::{self, AutoRequest};
+use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
+
+/// Where a libvirt guest's NIC is.
+enum Place {
+    /// On this qnet network.
+    Qnet(NetName),
+    /// On one of libvirt's own networks.
+    Libvirt(LibvirtNetwork),
+    /// Neither (a host bridge, macvtap, user networking...).
+    Elsewhere,
+}
+
+/// A registration, checked as a whole before anything changes.
+pub(super) struct Registration {
+    pub name: GuestRef,
+    pub uuid: String,
+    pub nics: Vec<LibvirtNic>,
+    pub forwards: Vec<ForwardSpec>,
+    pub pid: Option<u32>,
+}
+
+impl Reconciler {
+    /// Registers a libvirt guest: reservations first, then the forwards of
+    /// its domain XML (replacing those it declared before), then, with a
+    /// pid, the guest record the daemon watches. Everything is checked
+    /// before anything changes.
+    ///
+    /// A NIC on one of libvirt's own networks gets no reservation
+    /// (libvirt's dnsmasq hands out its address): its address is the fixed
+    /// one of the metadata, else the lease in libvirt's status file, else
+    /// the last one remembered for its MAC; the lease watcher updates it.
+    pub(super) async fn guest_register(
+        &mut self,
+        r: Registration,
+        peer: Peer,
+    ) -> Result<Reply, ApiError> {
+        qnet_api::check_uuid(&r.uuid).map_err(|e| invalid(e.0))?;
+        let name = bounded_name(r.name.as_str());
+        let start_time = match r.pid {
+            Some(pid) => Some(
+                procfs::start_time(pid)
+                    .ok_or_else(|| invalid(format!("guest `{name}`: no process {pid}")))?,
+            ),
+            None => None,
+        };
+        let placed = self.place_libvirt_nics(&name, &r.nics)?;
+        self.check_libvirt_forwards(&name, &r.uuid, &placed, &r.forwards)?;
+
+        let label = DnsLabel::from_guest_name(&name);
+        let mut nics = Vec::new();
+        let mut libvirt_nets = Vec::new();
+        for (place, nic) in placed {
+            let (network, ip, libvirt_bridge) = match place {
+                Place::Qnet(net) => {
+                    let ip = self.libvirt_reservation(&net, nic, &label, &r.uuid, peer)?;
+                    (Some(net.to_string()), Some(ip), None)
+                }
+                Place::Libvirt(lv) => {
+                    let ip = self.libvirt_address(nic.mac, &lv, nic.ip).await;
+                    let entry = (Some(lv.name.clone()), ip, Some(lv.bridge.clone()));
+                    libvirt_nets.push(lv);
+                    entry
+                }
+                Place::Elsewhere => (None, None, None),
+            };
+            nics.push(Nic {
+                mac: nic.mac,
+                qemu_name: None,
+                device: nic.device.clone(),
+                network,
+                ip,
+                libvirt_bridge,
+            });
+        }
+        if !r.forwards.is_empty() {
+            self.warn_libvirt_inbound(&name, &r.uuid, &libvirt_nets);
+        }
+        self.state
+            .forwards
+            .retain(|f| f.libvirt.as_deref() != Some(r.uuid.as_str()));
+        let forward_count = r.forwards.len();
+        for spec in r.forwards {
+            self.state.forwards.push(Forward {
+                spec,
+                owner_uid: peer.uid,
+                libvirt: Some(r.uuid.clone()),
+            });
+        }
+        if let (Some(pid), Some(start_time)) = (r.pid, start_time) {
+            self.record_libvirt_guest(pid, start_time, &name, &r.uuid, nics.clone());
+        }
+        // Several files change at once here: a failed save leaves the
+        // state dirty for a retry rather than half-undone.
+        if let Err(e) = self.store.save(&self.state) {
+            self.dirty.state = true;
+            return Err(crate::error::DaemonError::State(e).into());
+        }
+        self.dirty.dnsmasq = true;
+        self.dirty.forwards = true;
+        tracing::info!(guest = %name, uuid = %r.uuid, pid = ?r.pid, "libvirt guest registered");
+        Ok(done(format!(
+            "registered libvirt guest `{name}`{}: {}; {forward_count} forward(s)",
+            r.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            describe_nics(&nics)
+        )))
+    }
+
+    /// Each NIC's network, with fixed addresses checked.
+    fn place_libvirt_nics<'a>(
+        &self,
+        name: &str,
+        nics: &'a [LibvirtNic],
+    ) -> Result<Vec<(Place, &'a LibvirtNic)>, ApiError> {
+        let mut placed = Vec::new();
+        for nic in nics {
+            let qnet = nic
+                .network
+                .as_deref()
+                .and_then(|n| self.networks.get(n).map(|rt| rt.config.name.clone()))
+                .or_else(|| {
+                    nic.bridge
+                        .as_deref()
+                        .and_then(|b| self.network_of_bridge(b))
+                });
+            let place = match (qnet, &nic.libvirt_network) {
+                (Some(net), _) => Place::Qnet(net),
+                (None, Some(lv)) => {
+                    libvirt::status_path(Path::new(libvirt::LEASE_DIR), &lv.bridge).map_err(
+                        |e| {
+                            invalid(format!(
+                                "guest `{name}`: libvirt network `{}`: {e}",
+                                lv.name
+                            ))
+                        },
+                    )?;
+                    Place::Libvirt(lv.clone())
+                }
+                (None, None) => Place::Elsewhere,
+            };
+            if let Some(ip) = nic.ip {
+                self.check_fixed_address(name, &place, nic.mac, ip)?;
+            }
+            placed.push((place, nic));
+        }
+        Ok(placed)
+    }
+
+    fn check_fixed_address(
+        &self,
+        name: &str,
+        place: &Place,
+        mac: Mac,
+        ip: Ipv4Addr,
+    ) -> Result<(), ApiError> {
+        match place {
+            Place::Qnet(net_name) => {
+                let net = &self.networks[net_name].config;
+                alloc::check_guest_address(net, ip)
+                    .map_err(|e| invalid(format!("guest `{name}`: {e}")))?;
+                let taken = self
+                    .state
+                    .reservations
+                    .get(net_name)
+                    .and_then(|t| t.iter().find(|(m, r)| r.ip == ip && **m != mac));
+                if let Some((other, _)) = taken {
+                    return Err(conflict(format!(
+                        "guest `{name}`: {ip} is already reserved for {other} on {net_name}"
+                    )));
+                }
+            }
+            Place::Libvirt(lv) => {
+                let inside = lv.subnets.iter().any(|s| {
+                    s.contains(&ip) && ip != s.network() && ip != s.broadcast() && ip != s.addr()
+                });
+                if !lv.subnets.is_empty() && !inside {
+                    let subnets: Vec<String> =
+                        lv.subnets.iter().map(|s| s.trunc().to_string()).collect();
+                    return Err(invalid(format!(
+                        "guest `{name}`: {ip} is not a guest address of libvirt network `{}` ({})",
+                        lv.name,
+                        subnets.join(", ")
+                    )));
+                }
+            }
+            Place::Elsewhere => {}
+        }
+        Ok(())
+    }
+
+    fn check_libvirt_forwards(
+        &self,
+        name: &str,
+        uuid: &str,
+        placed: &[(Place, &LibvirtNic)],
+        specs: &[ForwardSpec],
+    ) -> Result<(), ApiError> {
+        let libvirt_names: BTreeSet<&str> = placed
+            .iter()
+            .filter_map(|(place, _)| match place {
+                Place::Libvirt(lv) => Some(lv.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        for spec in specs {
+            if let Some(net) = &spec.network {
+                if !self.networks.contains_key(net.as_str())
+                    && !libvirt_names.contains(net.as_str())
+                {
+                    self.network(net)?;
+                }
+            }
+            let clash = self
+                .declared()
+                .find(|d| d.spec.overlaps(spec) && d.libvirt != Some(uuid));
+            if let Some(other) = clash {
+                return Err(conflict(format!(
+                    "guest `{name}`: {} is taken by guest `{}` ({} forward {})",
+                    spec.ports_text(),
+                    other.spec.guest,
+                    other.origin,
+                    other.spec.ports_text()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The reservation of a libvirt guest's NIC on qnet network `net`:
+    /// its fixed address, or a sticky one from the pool.
+    fn libvirt_reservation(
+        &mut self,
+        net: &NetName,
+        nic: &LibvirtNic,
+        label: &Option<DnsLabel>,
+        uuid: &str,
+        peer: Peer,
+    ) -> Result<Ipv4Addr, ApiError> {
+        let config = self.networks[net].config.clone();
+        let in_use = self.state.running_macs_on(net);
+        let table = self.state.reservations.entry(net.clone()).or_default();
+        let now = state::now();
+        match nic.ip {
+            Some(ip) => {
+                let old = table.get(&nic.mac);
+                let reservation = Reservation {
+                    ip,
+                    name: label.clone(),
+                    explicit: old.is_some_and(|r| r.explicit),
+                    owner_uid: old.and_then(|r| r.owner_uid).or(Some(peer.uid)),
+                    nic: old.and_then(|r| r.nic.clone()),
+                    last_seen: now,
+                };
+                table.insert(nic.mac, reservation);
+                Ok(ip)
+            }
+            None => {
+                let request = AutoRequest {
+                    mac: nic.mac,
+                    name: label.clone(),
+                    owner: NicOwner {
+                        guest: format!("uuid:{uuid}"),
+                        nic: nic.mac.to_string(),
+                    },
+                    uid: peer.uid,
+                };
+                alloc::reserve_auto(
+                    table,
+                    &config,
+                    request,
+                    &in_use,
+                    self.limits.reservations,
+                    now,
+                )
+                .map(|granted| granted.ip)
+                .map_err(|e| ApiError::new(qnet_api::ErrorKind::Exhausted, e.to_string()))
+            }
+        }
+    }
+
+    fn record_libvirt_guest(
+        &mut self,
+        pid: u32,
+        start_time: u64,
+        name: &str,
+        uuid: &str,
+        nics: Vec<Nic>,
+    ) {
+        let known = self
+            .state
+            .guests
+            .get(&pid)
+            .is_some_and(|g| g.start_time == start_time);
+        self.state
+            .guests
+            .retain(|p, g| *p == pid || g.uuid.as_deref() != Some(uuid));
+        self.state.guests.insert(
+            pid,
+            Guest {
+                pid,
+                start_time,
+                uid: procfs::uid_of(pid).unwrap_or(0),
+                name: Some(name.to_owned()),
+                uuid: Some(uuid.to_owned()),
+                qmp_server: None,
+                nics,
+            },
+        );
+        if !known {
+            follow::watch_exit(pid, self.inputs.clone());
+        }
+    }
+
+    /// The address of `mac` on libvirt network `lv`: `fixed` (the
+    /// metadata's), else its lease in libvirt's status file, else the last
+    /// one remembered for it on that bridge. Remembers what it finds.
+    async fn libvirt_address(
+        &mut self,
+        mac: Mac,
+        lv: &LibvirtNetwork,
+        fixed: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let leased = match fixed {
+            Some(_) => None,
+            None => {
+                let path = libvirt::status_path(Path::new(libvirt::LEASE_DIR), &lv.bridge).ok()?;
+                match tokio::task::spawn_blocking(move || libvirt::read_status(&path)).await {
+                    Ok(Ok(leases)) => libvirt::address_of(&leases, mac),
+                    Ok(Err(e)) => {
+                        tracing::warn!("libvirt leases: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        let remembered = self
+            .state
+            .libvirt_addresses
+            .get(&mac)
+            .filter(|a| a.bridge == lv.bridge && !a.fixed)
+            .map(|a| a.ip);
+        let ip = fixed.or(leased).or(remembered)?;
+        self.state.libvirt_addresses.insert(
+            mac,
+            LibvirtAddress {
+                network: lv.name.clone(),
+                bridge: lv.bridge.clone(),
+                ip,
+                fixed: fixed.is_some(),
+            },
+        );
+        Some(ip)
+    }
+
+    /// Warns, once per guest and network, that forwards into a libvirt
+    /// network whose own firewall rejects inbound connections work from
+    /// the host only. We never edit libvirt's rules (they are not ours).
+    fn warn_libvirt_inbound(&mut self, name: &str, uuid: &str, nets: &[LibvirtNetwork]) {
+        for lv in nets.iter().filter(|lv| !lv.admits_inbound()) {
+            if self
+                .libvirt_warned
+                .insert((uuid.to_string(), lv.name.clone()))
+            {
+                let mode = lv.forward_mode.as_deref().unwrap_or("isolated");
+                tracing::warn!(
+                    guest = %name,
+                    network = %lv.name,
+                    mode,
+                    "forwards to this guest work from the host only: libvirt's firewall \
+                     (iptables chain LIBVIRT_FWI) rejects new connections from outside into \
+                     {mode} networks; use <forward mode='route'/> or 'open' for the libvirt \
+                     network, or accept them in your own FORWARD rules"
+                );
+            }
+        }
+    }
+
+    /// libvirt's dnsmasq changed the leases of `update.bridge`: guests on
+    /// that bridge whose lease is new or moved get their forwards (re)made.
+    pub(super) fn libvirt_leases(&mut self, update: LeaseUpdate) {
+        let mut changed = Vec::new();
+        for guest in self.state.guests.values_mut() {
+            for nic in guest.nics.iter_mut() {
+                if nic.libvirt_bridge.as_deref() != Some(update.bridge.as_str()) {
+                    continue;
+                }
+                let fixed = self
+                    .state
+                    .libvirt_addresses
+                    .get(&nic.mac)
+                    .is_some_and(|a| a.fixed && a.bridge == update.bridge.as_str());
+                let Some(ip) = libvirt::address_of(&update.leases, nic.mac).filter(|_| !fixed)
+                else {
+                    continue;
+                };
+                if nic.ip != Some(ip) {
+                    tracing::info!(guest = guest.name.as_deref().unwrap_or("-"), mac = %nic.mac, %ip, bridge = %update.bridge, "libvirt lease");
+                    nic.ip = Some(ip);
+                    changed.push((
+                        nic.mac,
+                        nic.network.clone().unwrap_or_default(),
+                        nic.libvirt_bridge.clone(),
+                        ip,
+                    ));
+                }
+            }
+        }
+        for (mac, network, bridge, ip) in changed {
+            let Some(bridge) = bridge else { continue };
+            self.state.libvirt_addresses.insert(
+                mac,
+                LibvirtAddress {
+                    network,
+                    bridge,
+                    ip,
+                    fixed: false,
+                },
+            );
+            self.dirty.state = true;
+            self.dirty.forwards = true;
+        }
+    }
+
+    /// Tells the lease watcher which bridges matter now: those of running
+    /// libvirt guests' NICs whose address comes from a lease.
+    pub(super) fn update_lease_watch(&self) {
+        let bridges: BTreeSet<String> = self
+            .state
+            .nics()
+            .filter(|nic| {
+                !self
+                    .state
+                    .libvirt_addresses
+                    .get(&nic.mac)
+                    .is_some_and(|a| a.fixed)
+            })
+            .filter_map(|nic| nic.libvirt_bridge.as_ref().map(|b| b.to_string()))
+            .collect();
+        self.lease_watch.send_if_modified(|current| {
+            let changed = *current != bridges;
+            if changed {
+                *current = bridges;
+            }
+            changed
+        });
+    }
+
+    /// Whether a running guest has a NIC on the libvirt network `name`.
+    pub(super) fn is_libvirt_network(&self, name: &str) -> bool {
+        self.state
+            .nics()
+            .any(|nic| nic.libvirt_bridge.is_some() && nic.network.as_deref() == Some(name))
+    }
+
+    /// The libvirt guest `uuid` stopped: its record and forwards go; its
+    /// reservations stay (sticky).
+    pub(super) fn guest_unregister(&mut self, uuid: &str) -> Result<Reply, ApiError> {
+        let guests_before = self.state.guests.len();
+        let forwards_before = self.state.forwards.len();
+        let removed_guests: Vec<Guest> = self
+            .state
+            .guests
+            .values()
+            .filter(|g| g.qmp_server.is_none() && g.uuid.as_deref() == Some(uuid))
+            .cloned()
+            .collect();
+        let removed_forwards: Vec<Forward> = self
+            .state
+            .forwards
+            .iter()
+            .filter(|f| f.libvirt.as_deref() == Some(uuid))
+            .cloned()
+            .collect();
+        self.state
+            .guests
+            .retain(|_, g| g.qmp_server.is_some() || g.uuid.as_deref() != Some(uuid));
+        self.state
+            .forwards
+            .retain(|f| f.libvirt.as_deref() != Some(uuid));
+        self.commit(move |state| {
+            for g in removed_guests {
+                state.guests.insert(g.pid, g);
+            }
+            state.forwards.extend(removed_forwards);
+        })?;
+        // Its next start warns again.
+        self.libvirt_warned.retain(|(u, _)| u != uuid);
+        let guests = guests_before - self.state.guests.len();
+        let forwards = forwards_before - self.state.forwards.len();
+        self.dirty.dnsmasq = true;
+        self.dirty.forwards = true;
+        tracing::info!(%uuid, guests, forwards, "libvirt guest unregistered");
+        Ok(done(format!(
+            "unregistered libvirt guest {uuid}: {forwards} forward(s) removed"
+        )))
+    }
+}
+
+fn describe_nics(nics: &[Nic]) -> String {
+    if nics.is_empty() {
+        return "no NICs".into();
+    }
+    nics.iter()
+        .map(|n| match (&n.network, n.ip, &n.libvirt_bridge) {
+            (Some(net), Some(ip), None) => format!("{} {ip} on {net}", n.mac),
+            (Some(net), Some(ip), Some(_)) => format!("{} {ip} on libvirt network {net}", n.mac),
+            (Some(net), None, Some(_)) => {
+                format!("{} on libvirt network {net}, waiting for its lease", n.mac)
+            }
+            _ => format!("{} not on a qnet or libvirt network", n.mac),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

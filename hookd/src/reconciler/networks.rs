@@ -1,0 +1,217 @@
+//! Networks: bringing them up and down (bridge, dnsmasq), the nft ruleset
+//! of every network that is up, and the hosts each dnsmasq serves.
+
+use qnet_api::{ApiError, NetName, Reply};
+
+use super::{plan, NetworkRuntime, Peer, Reconciler};
+use crate::config::{Config, NetworkConfig};
+use crate::error::{not_found, DaemonError};
+use crate::{dnsmasq, network, nft, subnet};
+
+impl Reconciler {
+    /// The networks of `config` (plus the default network when it asks for
+    /// it) become the networks of the daemon: those it brought up before
+    /// that are no longer configured are removed, the others brought up
+    /// unless `network down` took them down.
+    pub(super) async fn start_networks(&mut self, config: Config) -> Result<(), DaemonError> {
+        if let Err(e) = nft::enable_localhost_forwards() {
+            tracing::warn!("enabling forwards to 127.0.0.1 (route_localnet): {e}");
+        }
+        let mut wanted = config.networks;
+        if config.use_default_network {
+            wanted.push(Config::default_network(self.default_subnet().await?));
+        }
+        let vanished: Vec<NetworkConfig> = self
+            .state
+            .known_networks
+            .values()
+            .filter(|known| !wanted.iter().any(|n| n.name == known.name))
+            .cloned()
+            .collect();
+        for net in vanished {
+            tracing::info!(network = %net.name, "no longer configured: removing it");
+            if let Err(e) = network::bring_down(&net).await {
+                tracing::warn!(network = %net.name, "removing: {e}");
+            }
+            self.state.known_networks.remove(&net.name);
+            self.dirty.state = true;
+        }
+        for net in wanted {
+            let name = net.name.clone();
+            let up = !self.state.networks_down.contains(&name);
+            self.networks.insert(
+                name.clone(),
+                NetworkRuntime {
+                    config: net,
+                    up: false,
+                    dnsmasq: None,
+                },
+            );
+            if up {
+                self.network_up(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The default network's subnet: the one picked before, else a free
+    /// /24 picked now and remembered, so it never moves.
+    async fn default_subnet(&mut self) -> Result<ipnet::Ipv4Net, DaemonError> {
+        if let Some(subnet) = self.state.default_subnet {
+            return Ok(subnet);
+        }
+        let subnet = subnet::pick_free_subnet().await?;
+        tracing::info!(%subnet, "default network qnet0 on a free /24");
+        self.state.default_subnet = Some(subnet);
+        self.dirty.state = true;
+        Ok(subnet)
+    }
+
+    async fn network_up(&mut self, name: &NetName) -> Result<(), DaemonError> {
+        let paths = self.dnsmasq_paths();
+        let Some(runtime) = self.networks.get_mut(name) else {
+            return Ok(());
+        };
+        let net = runtime.config.clone();
+        let failed = |source| DaemonError::Network {
+            network: name.to_string(),
+            source,
+        };
+        network::bring_up(&net).await.map_err(failed)?;
+        let handle = dnsmasq::spawn(&net, &paths).map_err(|source| DaemonError::Dnsmasq {
+            network: name.to_string(),
+            source,
+        })?;
+        runtime.dnsmasq = Some(handle);
+        runtime.up = true;
+        if self.state.known_networks.get(name) != Some(&net) {
+            self.state.known_networks.insert(name.clone(), net);
+            self.dirty.state = true;
+        }
+        Ok(())
+    }
+
+    async fn network_down(&mut self, name: &NetName) -> Result<(), DaemonError> {
+        let Some(runtime) = self.networks.get_mut(name) else {
+            return Ok(());
+        };
+        if let Some(handle) = runtime.dnsmasq.take() {
+            handle.stop().await;
+        }
+        runtime.up = false;
+        let net = runtime.config.clone();
+        network::bring_down(&net)
+            .await
+            .map_err(|source| DaemonError::Network {
+                network: name.to_string(),
+                source,
+            })?;
+        self.state.known_networks.remove(name);
+        self.dirty.state = true;
+        Ok(())
+    }
+
+    pub(super) async fn ctl_network_up(
+        &mut self,
+        name: &NetName,
+        _peer: Peer,
+    ) -> Result<Reply, ApiError> {
+        let runtime = self.network(name)?;
+        if runtime.up {
+            return Ok(done(format!("network `{name}` is already up")));
+        }
+        self.state.networks_down.remove(name);
+        let again = name.clone();
+        self.commit(|state| {
+            state.networks_down.insert(again);
+        })?;
+        self.network_up(name).await?;
+        self.apply_rules().await?;
+        self.dirty.all();
+        Ok(done(format!("network `{name}` is up")))
+    }
+
+    pub(super) async fn ctl_network_down(
+        &mut self,
+        name: &NetName,
+        _peer: Peer,
+    ) -> Result<Reply, ApiError> {
+        let runtime = self.network(name)?;
+        if !runtime.up {
+            return Ok(done(format!("network `{name}` is already down")));
+        }
+        self.state.networks_down.insert(name.clone());
+        let again = name.clone();
+        self.commit(|state| {
+            state.networks_down.remove(&again);
+        })?;
+        self.network_down(name).await?;
+        self.apply_rules().await?;
+        self.dirty.state = true;
+        Ok(done(format!(
+            "network `{name}` is down: bridge, rules and dnsmasq removed (reservations kept)"
+        )))
+    }
+
+    pub(super) fn network(&self, name: &str) -> Result<&NetworkRuntime, ApiError> {
+        self.networks.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.networks.keys().map(NetName::as_str).collect();
+            not_found(format!(
+                "no network `{name}` (networks: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// The networks that are up.
+    pub(super) fn networks_up(&self) -> Vec<&NetworkConfig> {
+        self.networks
+            .values()
+            .filter(|n| n.up)
+            .map(|n| &n.config)
+            .collect()
+    }
+
+    pub(super) fn network_of_bridge(&self, bridge: &str) -> Option<NetName> {
+        self.networks
+            .values()
+            .find(|n| n.config.bridge == bridge)
+            .map(|n| n.config.name.clone())
+    }
+
+    /// Replaces our nft table with the rules of every network that is up
+    /// and every forward element that should be installed, in one
+    /// transaction.
+    pub(super) async fn apply_rules(&mut self) -> Result<(), DaemonError> {
+        let up: Vec<NetworkConfig> = self.networks_up().into_iter().cloned().collect();
+        let elements: Vec<_> = self.desired_elements().into_iter().collect();
+        nft::apply_with_forwards(&up, &elements).await?;
+        self.installed = elements.into_iter().collect();
+        self.refused.clear();
+        Ok(())
+    }
+
+    pub(super) fn dnsmasq_paths(&self) -> dnsmasq::Paths {
+        dnsmasq::Paths {
+            run_dir: self.paths().run_dir.clone(),
+            state_dir: self.paths().state_dir.clone(),
+        }
+    }
+
+    /// Gives every running dnsmasq the hosts of its network.
+    pub(super) async fn sync_dnsmasq(&self) {
+        for runtime in self.networks.values() {
+            let Some(handle) = &runtime.dnsmasq else {
+                continue;
+            };
+            let (dhcp, dns) = plan::dnsmasq_hosts(&self.state, &runtime.config.name);
+            if let Err(e) = handle.set_hosts(dhcp, dns).await {
+                tracing::warn!(network = %runtime.config.name, "updating dnsmasq hosts: {e}");
+            }
+        }
+    }
+}
+
+pub(super) fn done(message: String) -> Reply {
+    Reply::Done { message }
+}

@@ -1,0 +1,154 @@
+//! Pure planning: from the desired state and an event to what should be.
+//! Nothing here touches the system, so all of it is unit-tested without
+//! root; the reconciler's appliers make the world match the plans.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
+
+use crate::config::NetworkConfig;
+use crate::discover::{GuestPort, PortKind};
+use crate::dnsmasq::{DhcpHost, DnsHost};
+use crate::forwards;
+use crate::nft::ForwardRule;
+use crate::qmp::NicInfo;
+use crate::state::{Guest, State};
+
+/// Where one guest NIC is, as far as QMP and `/proc` tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub mac: Mac,
+    pub qemu_name: String,
+    pub device: Option<IfName>,
+    /// The qnet network, when the NIC is on one.
+    pub network: Option<NetName>,
+}
+
+/// Works out which network each NIC is on.
+///
+/// QMP names NICs and MACs; `/proc` names the host devices. A macvtap
+/// carries the guest's MAC, so it matches exactly. TAPs carry their own
+/// MACs: they are paired with the NICs in order (QEMU opens the netdevs
+/// and creates the NICs in command-line order), or, when the counts
+/// differ, every NIC is put on the one qnet network the guest's TAPs are
+/// on, if there is exactly one.
+pub fn place_nics(
+    nics: &[NicInfo],
+    ports: &[GuestPort],
+    network_of_bridge: impl Fn(&str) -> Option<NetName>,
+) -> Vec<Placement> {
+    let taps: Vec<&GuestPort> = ports.iter().filter(|p| p.kind == PortKind::Tap).collect();
+    let tap_networks: Vec<Option<NetName>> = taps
+        .iter()
+        .map(|p| p.master.as_deref().and_then(&network_of_bridge))
+        .collect();
+    let distinct: BTreeSet<&NetName> = tap_networks.iter().flatten().collect();
+    let only_network = match distinct.len() {
+        1 => distinct.into_iter().next().cloned(),
+        _ => None,
+    };
+    nics.iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            let macvtap = ports
+                .iter()
+                .find(|p| p.kind == PortKind::Macvtap && p.mac == Some(nic.mac.octets()));
+            let (device, network) = if let Some(port) = macvtap {
+                (Some(port.ifname.clone()), None)
+            } else if taps.len() == nics.len() {
+                (Some(taps[i].ifname.clone()), tap_networks[i].clone())
+            } else {
+                (None, only_network.clone())
+            };
+            Placement {
+                mac: nic.mac,
+                qemu_name: nic.name.clone(),
+                device: device.and_then(|d| d.parse().ok()),
+                network,
+            }
+        })
+        .collect()
+}
+
+/// The hosts one network's dnsmasq serves: DHCP for every reservation,
+/// DNS names for running guests and for explicit reservations with a name.
+pub fn dnsmasq_hosts(state: &State, network: &NetName) -> (Vec<DhcpHost>, Vec<DnsHost>) {
+    // A set: it is looked up once per reservation.
+    let running = state.running_macs_on(network);
+    let mut dhcp = Vec::new();
+    let mut dns = Vec::new();
+    for (mac, r) in state.reservations.get(network).into_iter().flatten() {
+        dhcp.push(DhcpHost {
+            mac: mac.to_string(),
+            ip: r.ip,
+            name: r.name.as_ref().map(DnsLabel::to_string),
+        });
+        if let Some(name) = &r.name {
+            if r.explicit || running.contains(mac) {
+                dns.push(DnsHost {
+                    ip: r.ip,
+                    name: name.to_string(),
+                });
+            }
+        }
+    }
+    (dhcp, dns)
+}
+
+/// The forward map elements `specs` need now: those of running guests
+/// whose NIC is on a qnet network that is up, or on one of libvirt's own
+/// networks (libvirt keeps those up, not us).
+pub fn desired_elements<'a>(
+    specs: impl IntoIterator<Item = &'a ForwardSpec>,
+    guests: &[&Guest],
+    networks_up: &[&NetworkConfig],
+) -> BTreeSet<ForwardRule> {
+    let on_libvirt: BTreeSet<IpAddr> = guests
+        .iter()
+        .flat_map(|g| g.nics.iter())
+        .filter(|nic| nic.libvirt_bridge.is_some())
+        .filter_map(|nic| nic.ip.map(IpAddr::V4))
+        .collect();
+    let mut elements = forwards::desired(specs, guests, networks_up);
+    elements.retain(|e| {
+        let guest_net_up = networks_up.iter().any(|n| match e.guest_addr {
+            IpAddr::V4(a) => n.subnet.contains(&a),
+            IpAddr::V6(a) => n.ipv6.is_some_and(|v6| v6.subnet.contains(&a)),
+        });
+        guest_net_up || on_libvirt.contains(&e.guest_addr)
+    });
+    elements
+}
+
+/// Which of two declared forwards on the same host port is in force: the
+/// admin's file wins over run-time forwards, and among run-time forwards
+/// the earlier one (by position) wins. Returns the indexes of `runtime`
+/// forwards that clash with a forward that wins, with the one they lose
+/// to.
+pub fn clashes<'a>(
+    config: &'a [ForwardSpec],
+    runtime: &'a [ForwardSpec],
+) -> BTreeMap<usize, &'a ForwardSpec> {
+    let mut lost = BTreeMap::new();
+    for (i, spec) in runtime.iter().enumerate() {
+        let winner = config
+            .iter()
+            .chain(
+                runtime[..i]
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| !lost.contains_key(j))
+                    .map(|(_, s)| s),
+            )
+            .find(|other| other.overlaps(spec));
+        if let Some(winner) = winner {
+            lost.insert(i, winner);
+        }
+    }
+    lost
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,264 @@
+//! The state directory's file formats, apart from the domain types they
+//! hold (firecracker's `persist.rs` keeps saved state as its own types in
+//! the same way): renaming a field of [`super::State`] must never change
+//! what is on disk, and old files must keep loading.
+//!
+//! Version 2 (this one): `state.json` holds the few network-wide facts
+//! ([`Header`]); each reservation, guest and run-time forward is a file
+//! of its own ([`SavedReservation`], [`SavedGuest`], [`SavedForward`]).
+//! Version 1 kept reservations and guests inside `state.json`
+//! ([`LegacyV1`]); such a file still loads, and the next save moves them
+//! to their own files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
+use serde::{Deserialize, Serialize};
+
+use super::{Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
+use crate::config::NetworkConfig;
+
+pub const VERSION: u32 = 2;
+
+/// `state.json` of version 2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub version: u32,
+    #[serde(default)]
+    pub default_subnet: Option<Ipv4Net>,
+    #[serde(default)]
+    pub known_networks: BTreeMap<NetName, NetworkConfig>,
+    #[serde(default)]
+    pub networks_down: BTreeSet<NetName>,
+    #[serde(default)]
+    pub attached: BTreeSet<PathBuf>,
+    #[serde(default)]
+    pub libvirt_addresses: BTreeMap<Mac, SavedLibvirtAddress>,
+}
+
+/// `state.json` of version 1: everything in one file. Read only.
+#[derive(Debug, Deserialize)]
+pub struct LegacyV1 {
+    #[serde(flatten)]
+    pub header: Header,
+    #[serde(default)]
+    pub reservations: BTreeMap<NetName, BTreeMap<Mac, LegacyReservation>>,
+    #[serde(default)]
+    pub guests: BTreeMap<u32, SavedGuest>,
+    #[serde(default)]
+    pub forwards: Vec<SavedForward>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LegacyReservation {
+    pub ip: Ipv4Addr,
+    pub name: Option<DnsLabel>,
+    pub explicit: bool,
+}
+
+impl From<LegacyReservation> for Reservation {
+    fn from(r: LegacyReservation) -> Reservation {
+        Reservation {
+            ip: r.ip,
+            name: r.name,
+            explicit: r.explicit,
+            owner_uid: None,
+            nic: None,
+            // Unknown: counts as seen now, so nothing old is reclaimed
+            // right after an upgrade.
+            last_seen: super::now(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLibvirtAddress {
+    pub network: String,
+    pub bridge: IfName,
+    pub ip: Ipv4Addr,
+    pub fixed: bool,
+}
+
+impl From<&LibvirtAddress> for SavedLibvirtAddress {
+    fn from(a: &LibvirtAddress) -> Self {
+        SavedLibvirtAddress {
+            network: a.network.clone(),
+            bridge: a.bridge.clone(),
+            ip: a.ip,
+            fixed: a.fixed,
+        }
+    }
+}
+
+impl From<SavedLibvirtAddress> for LibvirtAddress {
+    fn from(a: SavedLibvirtAddress) -> Self {
+        LibvirtAddress {
+            network: a.network,
+            bridge: a.bridge,
+            ip: a.ip,
+            fixed: a.fixed,
+        }
+    }
+}
+
+/// `reservations/NET/MAC.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedReservation {
+    pub ip: Ipv4Addr,
+    #[serde(default)]
+    pub name: Option<DnsLabel>,
+    pub explicit: bool,
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
+    #[serde(default)]
+    pub nic: Option<SavedNicOwner>,
+    #[serde(default)]
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedNicOwner {
+    pub guest: String,
+    pub nic: String,
+}
+
+impl From<&Reservation> for SavedReservation {
+    fn from(r: &Reservation) -> Self {
+        SavedReservation {
+            ip: r.ip,
+            name: r.name.clone(),
+            explicit: r.explicit,
+            owner_uid: r.owner_uid,
+            nic: r.nic.as_ref().map(|o| SavedNicOwner {
+                guest: o.guest.clone(),
+                nic: o.nic.clone(),
+            }),
+            last_seen: r.last_seen,
+        }
+    }
+}
+
+impl From<SavedReservation> for Reservation {
+    fn from(r: SavedReservation) -> Self {
+        Reservation {
+            ip: r.ip,
+            name: r.name,
+            explicit: r.explicit,
+            owner_uid: r.owner_uid,
+            nic: r.nic.map(|o| NicOwner {
+                guest: o.guest,
+                nic: o.nic,
+            }),
+            last_seen: r.last_seen,
+        }
+    }
+}
+
+/// `guests/PID.json` (and version 1's `guests` map).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedGuest {
+    pub pid: u32,
+    pub start_time: u64,
+    pub uid: u32,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    pub qmp_server: Option<PathBuf>,
+    pub nics: Vec<SavedNic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNic {
+    pub mac: Mac,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_name: Option<String>,
+    pub device: Option<IfName>,
+    pub network: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_bridge: Option<IfName>,
+}
+
+impl From<&Guest> for SavedGuest {
+    fn from(g: &Guest) -> Self {
+        SavedGuest {
+            pid: g.pid,
+            start_time: g.start_time,
+            uid: g.uid,
+            name: g.name.clone(),
+            uuid: g.uuid.clone(),
+            qmp_server: g.qmp_server.clone(),
+            nics: g
+                .nics
+                .iter()
+                .map(|n| SavedNic {
+                    mac: n.mac,
+                    qemu_name: n.qemu_name.clone(),
+                    device: n.device.clone(),
+                    network: n.network.clone(),
+                    ip: n.ip,
+                    libvirt_bridge: n.libvirt_bridge.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<SavedGuest> for Guest {
+    fn from(g: SavedGuest) -> Self {
+        Guest {
+            pid: g.pid,
+            start_time: g.start_time,
+            uid: g.uid,
+            name: g.name,
+            uuid: g.uuid,
+            qmp_server: g.qmp_server,
+            nics: g
+                .nics
+                .into_iter()
+                .map(|n| Nic {
+                    mac: n.mac,
+                    qemu_name: n.qemu_name,
+                    device: n.device,
+                    network: n.network,
+                    ip: n.ip,
+                    libvirt_bridge: n.libvirt_bridge,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `forwards/PROTO-PORT-HASH.json`: the spec, flat, plus who declared it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SavedForward {
+    #[serde(flatten)]
+    pub spec: ForwardSpec,
+    pub owner_uid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<String>,
+}
+
+impl From<&Forward> for SavedForward {
+    fn from(f: &Forward) -> Self {
+        SavedForward {
+            spec: f.spec.clone(),
+            owner_uid: f.owner_uid,
+            libvirt: f.libvirt.clone(),
+        }
+    }
+}
+
+impl From<SavedForward> for Forward {
+    fn from(f: SavedForward) -> Self {
+        Forward {
+            spec: f.spec,
+            owner_uid: f.owner_uid,
+            libvirt: f.libvirt,
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! The state directory: where [`State`] survives restarts, kill -9 and
+//! power cuts.
+//!
+//! ```text
+//! STATE/state.json                     network-wide facts (saved::Header)
+//! STATE/reservations/NET/MAC.json      one reservation
+//! STATE/guests/PID.json                one followed guest
+//! STATE/forwards/PROTO-PORT-HASH.json  one run-time forward
+//! ```
+//!
+//! One small file per record, each written atomically and durably
+//! (`fsutil::write_atomic`): a guest connecting, a reservation made or a
+//! forward added writes its own file and nothing else, so the cost does not
+//! grow with how many there are. [`Store`] remembers what the files hold
+//! (as domain values, compared without serialising) and a save writes only
+//! what differs.
+//!
+//! Loading never refuses to start over one bad file: a file that does not
+//! parse is renamed to `*.bad` and reported, and the daemon runs without
+//! it. Temp files of writes a crash interrupted are removed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use qnet_api::{Mac, NetName};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest, SavedReservation};
+use super::{Forward, Guest, Reservation, State};
+use crate::fsutil;
+
+pub const STATE_FILE: &str = "state.json";
+pub const RESERVATIONS_DIR: &str = "reservations";
+pub const GUESTS_DIR: &str = "guests";
+pub const FORWARDS_DIR: &str = "forwards";
+/// Files in the state directory are readable by root only: they name
+/// users' guests and addresses.
+const FILE_MODE: u32 = 0o600;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StateError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+        move |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The state directory and what its files hold.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    header: Option<Vec<u8>>,
+    /// `state.json` is of version 1 and still holds records: it is
+    /// rewritten once every record has a file of its own.
+    legacy: bool,
+    reservations: BTreeMap<(NetName, Mac), Reservation>,
+    guests: BTreeMap<u32, Guest>,
+    /// Each forward with a file, and the file's name.
+    forwards: HashMap<Forward, String>,
+    /// Directories known to exist (created durably by us or found).
+    dirs: HashSet<PathBuf>,
+}
+
+impl Store {
+    /// Loads the state directory `dir` (a missing one is an empty state).
+    /// Files that do not parse are set aside, not fatal; only I/O errors
+    /// on the directory itself are.
+    pub fn open(dir: &Path) -> Result<(Store, State), StateError> {
+        let mut store = Store {
+            dir: dir.to_path_buf(),
+            header: None,
+            legacy: false,
+            reservations: BTreeMap::new(),
+            guests: BTreeMap::new(),
+            forwards: HashMap::new(),
+            dirs: HashSet::new(),
+        };
+        let mut state = State::default();
+        for sub in ["", RESERVATIONS_DIR, GUESTS_DIR, FORWARDS_DIR] {
+            let removed = fsutil::remove_temp_files(&dir.join(sub));
+            if removed > 0 {
+                tracing::info!(
+                    "{}: removed {removed} temp file(s) of interrupted writes",
+                    dir.join(sub).display()
+                );
+            }
+        }
+        store.load_header(&mut state)?;
+        store.load_reservations(&mut state)?;
+        store.load_guests(&mut state)?;
+        store.load_forwards(&mut state)?;
+        Ok((store, state))
+    }
+
+    /// Brings the files to `state`, writing only what changed: new and
+    /// changed records first, then removals, then `state.json`. Each file
+    /// is durable when this returns `Ok`; on an error the files written so
+    /// far stay, and the caller decides (see the reconciler's rollback).
+    pub fn save(&mut self, state: &State) -> Result<(), StateError> {
+        self.save_reservations(state)?;
+        self.save_guests(state)?;
+        self.save_forwards(state)?;
+        let header = serde_json::to_vec_pretty(&header_of(state)).expect("headers serialise");
+        if self.legacy || self.header.as_ref() != Some(&header) {
+            self.write(&self.dir.join(STATE_FILE), &header)?;
+            self.header = Some(header);
+            self.legacy = false;
+        }
+        Ok(())
+    }
+
+    fn load_header(&mut self, state: &mut State) -> Result<(), StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let Some(bytes) = read_if_exists(&path)? else {
+            return Ok(());
+        };
+        let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+        let header = match version {
+            Some(1) => match serde_json::from_slice::<LegacyV1>(&bytes) {
+                Ok(v1) => {
+                    self.legacy = true;
+                    absorb_legacy(state, v1.reservations, v1.guests, v1.forwards);
+                    v1.header
+                }
+                Err(e) => return set_aside(&path, &e.to_string()),
+            },
+            Some(v) if v == u64::from(saved::VERSION) => {
+                match serde_json::from_slice::<Header>(&bytes) {
+                    Ok(header) => header,
+                    Err(e) => return set_aside(&path, &e.to_string()),
+                }
+            }
+            Some(v) => return set_aside(&path, &format!("version {v}, this daemon knows 1 and 2")),
+            None => return set_aside(&path, "not a qnet state file"),
+        };
+        state.default_subnet = header.default_subnet;
+        state.known_networks = header.known_networks;
+        state.networks_down = header.networks_down;
+        state.attached = header.attached;
+        state.libvirt_addresses = header
+            .libvirt_addresses
+            .into_iter()
+            .map(|(mac, a)| (mac, a.into()))
+            .collect();
+        if !self.legacy {
+            self.header = Some(bytes);
+        }
+        Ok(())
+    }
+
+    fn load_reservations(&mut self, state: &mut State) -> Result<(), StateError> {
+        let root = self.dir.join(RESERVATIONS_DIR);
+        for (net_dir, net_name) in subdirs(&root)? {
+            let Ok(network) = net_name.parse::<NetName>() else {
+                tracing::warn!("{}: not a network's directory; ignored", net_dir.display());
+                continue;
+            };
+            for (path, name) in json_files(&net_dir)? {
+                let Some(mac) = mac_of_file(&name) else {
+                    set_aside(&path, "the file name is not MAC.json")?;
+                    continue;
+                };
+                let Some(saved) = read_record::<SavedReservation>(&path)? else {
+                    continue;
+                };
+                let reservation = Reservation::from(saved);
+                self.reservations
+                    .insert((network.clone(), mac), reservation.clone());
+                state
+                    .reservations
+                    .entry(network.clone())
+                    .or_default()
+                    .insert(mac, reservation);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_guests(&mut self, state: &mut State) -> Result<(), StateError> {
+        for (path, name) in json_files(&self.dir.join(GUESTS_DIR))? {
+            let Some(saved) = read_record::<SavedGuest>(&path)? else {
+                continue;
+            };
+            if name != format!("{}.json", saved.pid) {
+                set_aside(&path, "the file name is not the guest's PID.json")?;
+                continue;
+            }
+            let guest = Guest::from(saved);
+            self.guests.insert(guest.pid, guest.clone());
+            state.guests.insert(guest.pid, guest);
+        }
+        Ok(())
+    }
+
+    fn load_forwards(&mut self, state: &mut State) -> Result<(), StateError> {
+        let mut files = json_files(&self.dir.join(FORWARDS_DIR))?;
+        // In the order of their names: by protocol and first port.
+        files.sort();
+        for (path, name) in files {
+            let Some(saved) = read_record::<SavedForward>(&path)? else {
+                continue;
+            };
+            let forward = Forward::from(saved);
+            if self.forwards.contains_key(&forward) {
+                // The same forward twice (an older daemon's crash): keep one.
+                fsutil::remove_durably(&path).map_err(StateError::io(&path))?;
+                continue;
+            }
+            self.forwards.insert(forward.clone(), name);
+            // A forward of a version-1 state.json that also has a file.
+            if !state.forwards.contains(&forward) {
+                state.forwards.push(forward);
+            }
+        }
+        Ok(())
+    }
+
+    fn save_reservations(&mut self, state: &State) -> Result<(), StateError> {
+        for (network, table) in &state.reservations {
+            for (mac, reservation) in table {
+                let key = (network.clone(), *mac);
+                if self.reservations.get(&key) != Some(reservation) {
+                    let path = reservation_path(&self.dir, network, *mac);
+                    self.write_record(&path, &SavedReservation::from(reservation))?;
+                    self.reservations.insert(key, reservation.clone());
+                }
+            }
+        }
+        let gone: Vec<(NetName, Mac)> = self
+            .reservations
+            .keys()
+            .filter(|(net, mac)| {
+                !state
+                    .reservations
+                    .get(net)
+                    .is_some_and(|t| t.contains_key(mac))
+            })
+            .cloned()
+            .collect();
+        for (network, mac) in gone {
+            let path = reservation_path(&self.dir, &network, mac);
+            fsutil::remove_durably(&path).map_err(StateError::io(&path))?;
+            self.reservations.remove(&(network, mac));
+        }
+        Ok(())
+    }
+
+    fn save_guests(&mut self, state: &State) -> Result<(), StateError> {
+        for (pid, guest) in &state.guests {
+            if self.guests.get(pid) != Some(guest) {
+                let path = self.dir.join(GUESTS_DIR).join(format!("{pid}.json"));
+                self.write_record(&path, &SavedGuest::from(guest))?;
+                self.guests.insert(*pid, guest.clone());
+            }
+        }
+        let gone: Vec<u32> = self
+            .guests
+            .keys()
+            .filter(|pid| !state.guests.contains_key(pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            let path = self.dir.join(GUESTS_DIR).join(format!("{pid}.json"));
+            fsutil::remove_durably(&path).map_err(StateError::io(&path))?;
+            self.guests.remove(&pid);
+        }
+        Ok(())
+    }
+
+    fn save_forwards(&mut self, state: &State) -> Result<(), StateError> {
+        for forward in &state.forwards {
+            if !self.forwards.contains_key(forward) {
+                let saved = SavedForward::from(forward);
+                let name = forward_file_name(&saved);
+                let path = self.dir.join(FORWARDS_DIR).join(&name);
+                self.write_record(&path, &saved)?;
+                self.forwards.insert(forward.clone(), name);
+            }
+        }
+        // Every current forward has a file now: any other file is gone
+        // (forwards are never duplicated, so the counts tell).
+        if self.forwards.len() > state.forwards.len() {
+            let current: HashSet<&Forward> = state.forwards.iter().collect();
+            let gone: Vec<Forward> = self
+                .forwards
+                .keys()
+                .filter(|f| !current.contains(f))
+                .cloned()
+                .collect();
+            for forward in gone {
+                let path = self.dir.join(FORWARDS_DIR).join(&self.forwards[&forward]);
+                fsutil::remove_durably(&path).map_err(StateError::io(&path))?;
+                self.forwards.remove(&forward);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_record<T: Serialize>(&mut self, path: &Path, record: &T) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+        self.write(path, &bytes)
+    }
+
+    fn write(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+        let parent = path.parent().unwrap_or(Path::new("."));
+        self.ensure_dir(parent)?;
+        match fsutil::write_atomic(path, bytes, FILE_MODE) {
+            // Somebody removed the directory since we made it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.dirs.remove(parent);
+                self.ensure_dir(parent)?;
+                fsutil::write_atomic(path, bytes, FILE_MODE).map_err(StateError::io(path))
+            }
+            result => result.map_err(StateError::io(path)),
+        }
+    }
+
+    /// Creates `dir` (and its parents) durably: a new directory entry is
+    /// only durable once its parent is synced.
+    fn ensure_dir(&mut self, dir: &Path) -> Result<(), StateError> {
+        if self.dirs.contains(dir) {
+            return Ok(());
+        }
+        if !dir.is_dir() {
+            if let Some(parent) = dir.parent() {
+                self.ensure_dir(parent)?;
+            }
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(StateError::io(dir)(io::Error::from_raw_os_error(
+                        libc::ENOTDIR,
+                    )));
+                }
+                Err(e) => return Err(StateError::io(dir)(e)),
+            }
+            if let Some(parent) = dir.parent() {
+                fsutil::sync_dir(parent).map_err(StateError::io(parent))?;
+            }
+        }
+        self.dirs.insert(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+fn header_of(state: &State) -> Header {
+    Header {
+        version: saved::VERSION,
+        default_subnet: state.default_subnet,
+        known_networks: state.known_networks.clone(),
+        networks_down: state.networks_down.clone(),
+        attached: state.attached.clone(),
+        libvirt_addresses: state
+            .libvirt_addresses
+            .iter()
+            .map(|(mac, a)| (*mac, a.into()))
+            .collect(),
+    }
+}
+
+fn absorb_legacy(
+    state: &mut State,
+    reservations: BTreeMap<NetName, BTreeMap<Mac, saved::LegacyReservation>>,
+    guests: BTreeMap<u32, SavedGuest>,
+    forwards: Vec<SavedForward>,
+) {
+    for (network, table) in reservations {
+        let entry = state.reservations.entry(network).or_default();
+        for (mac, r) in table {
+            entry.insert(mac, r.into());
+        }
+    }
+    for (pid, guest) in guests {
+        state.guests.insert(pid, guest.into());
+    }
+    state
+        .forwards
+        .extend(forwards.into_iter().map(Forward::from));
+}
+
+/// `reservations/NET/52-54-00-12-34-56.json`: dashes, since a colon in a
+/// file name trips up tools (scp, make, Windows shares of backups).
+fn reservation_path(dir: &Path, network: &NetName, mac: Mac) -> PathBuf {
+    let name = mac.to_string().replace(':', "-");
+    dir.join(RESERVATIONS_DIR)
+        .join(network.as_str())
+        .join(format!("{name}.json"))
+}
+
+fn mac_of_file(name: &str) -> Option<Mac> {
+    name.strip_suffix(".json")?.parse().ok()
+}
+
+/// The file of one run-time forward: readable, and unique for each
+/// distinct forward (the hash is of its whole content, stable across
+/// builds), as version 1 named them too.
+pub(super) fn forward_file_name(forward: &SavedForward) -> String {
+    let json = serde_json::to_vec(forward).expect("forwards always serialise");
+    format!(
+        "{}-{}-{:016x}.json",
+        forward.spec.proto,
+        forward.spec.ports.first(),
+        fsutil::fnv1a(&json)
+    )
+}
+
+fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::io(path)(e)),
+    }
+}
+
+/// Reads one record file; one that does not parse is set aside (`None`).
+fn read_record<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    let Some(bytes) = read_if_exists(path)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(record) => Ok(Some(record)),
+        Err(e) => set_aside(path, &e.to_string()).map(|()| None),
+    }
+}
+
+/// Renames a file that does not parse to `NAME.bad`, so that the daemon
+/// starts without it and nobody loses it, and says so.
+fn set_aside(path: &Path, why: &str) -> Result<(), StateError> {
+    let mut bad = path.as_os_str().to_owned();
+    bad.push(".bad");
+    let bad = PathBuf::from(bad);
+    fs::rename(path, &bad).map_err(StateError::io(path))?;
+    tracing::error!(
+        "{}: {why}: set aside as {}; the daemon runs without it (inspect it, then delete it)",
+        path.display(),
+        bad.display()
+    );
+    Ok(())
+}
+
+/// `(path, name)` of each `*.json` file in `dir` (none if it is missing).
+fn json_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, StateError> {
+    Ok(entries(dir)?
+        .into_iter()
+        .filter(|(path, name)| name.ends_with(".json") && !name.starts_with('.') && path.is_file())
+        .collect())
+}
+
+fn subdirs(dir: &Path) -> Result<Vec<(PathBuf, String)>, StateError> {
+    Ok(entries(dir)?
+        .into_iter()
+        .filter(|(path, _)| path.is_dir())
+        .collect())
+}
+
+fn entries(dir: &Path) -> Result<Vec<(PathBuf, String)>, StateError> {
+    let read = match fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StateError::io(dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in read {
+        let entry = entry.map_err(StateError::io(dir))?;
+        if let Some(name) = entry.file_name().to_str() {
+            out.push((entry.path(), name.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

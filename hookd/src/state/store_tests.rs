@@ -1,0 +1,244 @@
+use std::net::Ipv4Addr;
+
+use super::*;
+use crate::state::{LibvirtAddress, Nic, NicOwner};
+
+fn reservation(ip: [u8; 4]) -> Reservation {
+    Reservation {
+        ip: Ipv4Addr::from(ip),
+        name: Some("a".parse().unwrap()),
+        explicit: false,
+        owner_uid: Some(1000),
+        nic: Some(NicOwner {
+            guest: "name:a".into(),
+            nic: "net0".into(),
+        }),
+        last_seen: 7,
+    }
+}
+
+fn mac(n: u8) -> Mac {
+    Mac::from_octets([0x52, 0x54, 0, 0, 0, n])
+}
+
+fn forward(port: u16) -> Forward {
+    Forward {
+        spec: serde_json::from_value(serde_json::json!({
+            "guest": "web", "proto": "tcp", "host_ports": [port, port], "guest_port": 80
+        }))
+        .unwrap(),
+        owner_uid: 0,
+        libvirt: None,
+    }
+}
+
+fn guest(pid: u32) -> Guest {
+    Guest {
+        pid,
+        start_time: 1,
+        uid: 0,
+        name: Some("web".into()),
+        uuid: None,
+        qmp_server: None,
+        nics: vec![Nic {
+            mac: mac(1),
+            qemu_name: Some("net0".into()),
+            device: Some("tap0".parse().unwrap()),
+            network: Some("lab".into()),
+            ip: Some(Ipv4Addr::new(10, 0, 0, 5)),
+            libvirt_bridge: None,
+        }],
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn every_record_round_trips_through_files_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    assert_eq!(state, State::default());
+    let lab: NetName = "lab".parse().unwrap();
+    state
+        .reservations
+        .entry(lab.clone())
+        .or_default()
+        .insert(mac(1), reservation([10, 0, 0, 5]));
+    state.guests.insert(42, guest(42));
+    state.forwards = vec![forward(8080), forward(8081)];
+    state.networks_down.insert(lab.clone());
+    state.libvirt_addresses.insert(
+        mac(9),
+        LibvirtAddress {
+            network: "default".into(),
+            bridge: "virbr0".parse().unwrap(),
+            ip: Ipv4Addr::new(192, 168, 122, 7),
+            fixed: false,
+        },
+    );
+    store.save(&state).unwrap();
+    assert_eq!(
+        names(&dir.path().join("reservations/lab")),
+        ["52-54-00-00-00-01.json"]
+    );
+    assert_eq!(names(&dir.path().join("guests")), ["42.json"]);
+    assert_eq!(names(&dir.path().join("forwards")).len(), 2);
+    let header = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    assert!(
+        !header.contains("8080") && !header.contains("10.0.0.5"),
+        "{header}"
+    );
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded, state);
+}
+
+#[test]
+fn a_save_writes_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    state.guests.insert(1, guest(1));
+    state.guests.insert(2, guest(2));
+    store.save(&state).unwrap();
+    let first = fs::metadata(dir.path().join("guests/1.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    state.guests.get_mut(&2).unwrap().uid = 5;
+    state.guests.insert(3, guest(3));
+    state.guests.remove(&1);
+    store.save(&state).unwrap();
+    assert_eq!(names(&dir.path().join("guests")), ["2.json", "3.json"]);
+    state.guests.insert(1, guest(1));
+    store.save(&state).unwrap();
+    let again = fs::metadata(dir.path().join("guests/1.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_ne!(first, again, "rewritten after it was removed");
+    let untouched = fs::metadata(dir.path().join("guests/3.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    store.save(&state).unwrap();
+    let same = fs::metadata(dir.path().join("guests/3.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(untouched, same, "an unchanged record is not rewritten");
+}
+
+#[test]
+fn version_1_state_loads_and_moves_its_records_to_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // As version 1 wrote it: everything inside state.json.
+    fs::write(
+        dir.path().join(STATE_FILE),
+        serde_json::json!({
+            "version": 1,
+            "default_subnet": "10.213.7.0/24",
+            "networks_down": ["lab"],
+            "reservations": {"qnet0": {"52:54:00:00:00:0a": {"ip": "10.213.7.2", "name": "a", "explicit": true}}},
+            "guests": {"42": {"pid": 42, "start_time": 9, "uid": 0, "name": "web", "uuid": null,
+                "qmp_server": null, "nics": [{"mac": "52:54:00:00:00:0a", "device": "tap0",
+                "network": "qnet0", "ip": "10.213.7.2"}]}},
+            "forwards": [{"guest": "web", "proto": "tcp", "host_ports": [8080, 8080], "guest_port": 80, "owner_uid": 0}],
+            "attached": [],
+            "libvirt_addresses": {}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (mut store, state) = Store::open(dir.path()).unwrap();
+    let qnet0: NetName = "qnet0".parse().unwrap();
+    let mac_a: Mac = "52:54:00:00:00:0a".parse().unwrap();
+    assert_eq!(
+        state.reservations[&qnet0][&mac_a].ip,
+        Ipv4Addr::new(10, 213, 7, 2)
+    );
+    assert!(state.reservations[&qnet0][&mac_a].explicit);
+    assert_eq!(state.guests[&42].nics[0].mac, mac_a);
+    assert_eq!(state.forwards.len(), 1);
+    assert_eq!(state.default_subnet, Some("10.213.7.0/24".parse().unwrap()));
+    store.save(&state).unwrap();
+    let header = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    assert!(
+        header.contains("\"version\": 2") && !header.contains("10.213.7.2"),
+        "{header}"
+    );
+    let (_, again) = Store::open(dir.path()).unwrap();
+    assert_eq!(again, state);
+}
+
+#[test]
+fn bad_files_are_set_aside_and_the_rest_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    state.forwards = vec![forward(8080)];
+    store.save(&state).unwrap();
+    let forwards = dir.path().join(FORWARDS_DIR);
+    // Truncated, reversed range, overflowing range, not JSON at all.
+    fs::write(forwards.join("tcp-1-a.json"), "{\"guest\": \"web\", ").unwrap();
+    for (name, ports, guest) in [
+        ("tcp-9000-b.json", [9000, 8000], 80),
+        ("tcp-60000-c.json", [60000, 60010], 65530),
+    ] {
+        fs::write(
+            forwards.join(name),
+            serde_json::json!({"guest": "web", "proto": "tcp", "host_ports": ports, "guest_port": guest, "owner_uid": 0}).to_string(),
+        )
+        .unwrap();
+    }
+    fs::create_dir_all(dir.path().join("reservations/lab")).unwrap();
+    fs::write(dir.path().join("reservations/lab/nonsense.json"), "{}").unwrap();
+    fs::write(dir.path().join(".state.json.tmp.999"), "half").unwrap();
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.forwards, state.forwards);
+    let left = names(&forwards);
+    for bad in [
+        "tcp-1-a.json.bad",
+        "tcp-9000-b.json.bad",
+        "tcp-60000-c.json.bad",
+    ] {
+        assert!(left.contains(&bad.to_string()), "{left:?}");
+    }
+    assert!(!dir.path().join(".state.json.tmp.999").exists());
+    assert!(dir
+        .path()
+        .join("reservations/lab/nonsense.json.bad")
+        .exists());
+}
+
+#[test]
+fn a_corrupt_state_file_is_set_aside_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
+    let (_, state) = Store::open(dir.path()).unwrap();
+    assert_eq!(state, State::default());
+    assert!(dir.path().join("state.json.bad").exists());
+}
+
+#[test]
+fn a_full_disk_is_an_error_and_leaves_no_temp_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    // A forwards "directory" that is a file: every write into it fails.
+    fs::write(dir.path().join(FORWARDS_DIR), "").unwrap();
+    state.forwards = vec![forward(8080)];
+    let err = store.save(&state).unwrap_err();
+    assert!(err.to_string().contains("forwards"), "{err}");
+    // Nothing was recorded as written: the next save tries again.
+    fs::remove_file(dir.path().join(FORWARDS_DIR)).unwrap();
+    store.save(&state).unwrap();
+    assert_eq!(names(&dir.path().join(FORWARDS_DIR)).len(), 1);
+}
