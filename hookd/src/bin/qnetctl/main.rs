@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use qnet_api::{client, ForwardSpec, GuestRef, Mac, NetName, PortMap, Proto, Request};
+use qnet_api::{client, ForwardSpec, Invalid, Proto, Request};
 
 mod render;
 
@@ -57,29 +57,29 @@ enum Command {
 enum ReserveCommand {
     /// Reserve an address (the next free one unless --ip) for a MAC, kept until `reserve rm`.
     Add {
-        network: NetName,
-        mac: Mac,
+        network: String,
+        mac: String,
         #[arg(long)]
         ip: Option<Ipv4Addr>,
         /// DNS name (without the network's domain).
         #[arg(long)]
-        name: Option<GuestRef>,
+        name: Option<String>,
     },
     /// Remove a reservation.
-    Rm { network: NetName, mac: Mac },
+    Rm { network: String, mac: String },
     /// List reservations (of one network, or all).
-    List { network: Option<NetName> },
+    List { network: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
 enum ForwardCommand {
     /// Forward HOSTPORT[-HOSTPORT2][:GUESTPORT] of the host to GUEST (its -name or a NIC's MAC).
     Add {
-        guest: GuestRef,
+        guest: String,
         /// tcp or udp.
         proto: Proto,
         /// HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080:80 or 9000-9009.
-        ports: PortMap,
+        ports: String,
         /// Only this host address (default: every address of the host, and 127.0.0.1).
         #[arg(long)]
         host_addr: Option<IpAddr>,
@@ -100,61 +100,17 @@ enum ForwardCommand {
 
 #[derive(Debug, Subcommand)]
 enum NetworkCommand {
-    Up { name: NetName },
-    Down { name: NetName },
+    Up { name: String },
+    Down { name: String },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let request = match cli.command {
-        Command::Status => Request::Status,
-        Command::Guests => Request::Guests,
-        Command::Reserve(ReserveCommand::Add {
-            network,
-            mac,
-            ip,
-            name,
-        }) => Request::ReserveAdd {
-            network,
-            mac,
-            ip,
-            name,
-        },
-        Command::Reserve(ReserveCommand::Rm { network, mac }) => {
-            Request::ReserveRm { network, mac }
-        }
-        Command::Reserve(ReserveCommand::List { network }) => Request::ReserveList { network },
-        Command::Network(NetworkCommand::Up { name }) => Request::NetworkUp { name },
-        Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown { name },
-        Command::Forward(ForwardCommand::Add {
-            guest,
-            proto,
-            ports,
-            host_addr,
-            network,
-        }) => Request::ForwardAdd {
-            forward: ForwardSpec {
-                guest,
-                proto,
-                ports,
-                host_addr,
-                network,
-            },
-        },
-        Command::Forward(ForwardCommand::Rm {
-            proto,
-            port,
-            host_addr,
-        }) => Request::ForwardRm {
-            proto,
-            host_port: port,
-            host_addr,
-        },
-        Command::Forward(ForwardCommand::List) => Request::ForwardList,
-        Command::Attach { qmp } => {
-            // The daemon dials the path itself, so it must be absolute.
-            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
-            Request::Attach { qmp }
+    let request = match request(cli.command) {
+        Ok(request) => request,
+        Err(e) => {
+            eprintln!("qnetctl: {e}");
+            return ExitCode::FAILURE;
         }
     };
     match client::request(&cli.socket, &request, Duration::from_secs(30)) {
@@ -174,4 +130,67 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The request a command line asks for; values are checked here, with the
+/// same messages the daemon would give.
+fn request(command: Command) -> Result<Request, Invalid> {
+    Ok(match command {
+        Command::Status => Request::Status,
+        Command::Guests => Request::Guests,
+        Command::Reserve(ReserveCommand::Add {
+            network,
+            mac,
+            ip,
+            name,
+        }) => Request::ReserveAdd {
+            network: network.parse()?,
+            mac: mac.parse()?,
+            ip,
+            name: name.map(|n| n.parse()).transpose()?,
+        },
+        Command::Reserve(ReserveCommand::Rm { network, mac }) => Request::ReserveRm {
+            network: network.parse()?,
+            mac: mac.parse()?,
+        },
+        Command::Reserve(ReserveCommand::List { network }) => Request::ReserveList {
+            network: network.map(|n| n.parse()).transpose()?,
+        },
+        Command::Network(NetworkCommand::Up { name }) => Request::NetworkUp {
+            name: name.parse()?,
+        },
+        Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown {
+            name: name.parse()?,
+        },
+        Command::Forward(ForwardCommand::Add {
+            guest,
+            proto,
+            ports,
+            host_addr,
+            network,
+        }) => Request::ForwardAdd {
+            forward: ForwardSpec {
+                guest: guest.parse()?,
+                proto,
+                ports: ports.parse()?,
+                host_addr,
+                network,
+            },
+        },
+        Command::Forward(ForwardCommand::Rm {
+            proto,
+            port,
+            host_addr,
+        }) => Request::ForwardRm {
+            proto,
+            host_port: port,
+            host_addr,
+        },
+        Command::Forward(ForwardCommand::List) => Request::ForwardList,
+        Command::Attach { qmp } => {
+            // The daemon dials the path itself, so it must be absolute.
+            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
+            Request::Attach { qmp }
+        }
+    })
 }
