@@ -1,0 +1,71 @@
+//! QMP sessions with QEMU, in either direction.
+//!
+//! QEMU can dial the daemon (`-chardev socket,id=qnet,path=...,reconnect=1
+//! -mon chardev=qnet,mode=control`: the daemon listens and hands each
+//! accepted stream to [`QmpSession::start`]) or listen itself (`-qmp
+//! unix:PATH,server=on,wait=off`: the daemon connects with [`dial`]). Either
+//! way QEMU speaks first, so both directions look the same once connected,
+//! and `SO_PEERCRED` on the stream names the QEMU process ([`GuestIdentity`]).
+//!
+//! # Wire handling
+//!
+//! QMP is newline-delimited JSON (QEMU ends lines with `\r\n`). The qapi
+//! crate's typed event stream is *not* used: its `Event` enum is closed
+//! (QEMU 9.1 schema), and one event it does not know ends its stream for
+//! good, while QEMU 10.x keeps adding events. Instead a reader task
+//!
+//! * reads one line at a time with a hard cap ([`SessionOptions::max_line`],
+//!   4 MiB by default: a real `query-rx-filter` reply is ~25 KB per virtio
+//!   NIC because of its 4096-entry `vlan-table`), so a peer that never sends
+//!   a newline costs at most that much memory and then ends the session;
+//! * decodes each line as an untyped [`serde_json::Value`];
+//! * routes replies to the waiting command by `"id"` (replies with an id
+//!   nobody waits for, e.g. after a command timed out, are logged and
+//!   dropped);
+//! * turns events into [`QmpEvent`]; unknown event names become
+//!   [`QmpEvent::Other`] and never end the session;
+//! * ends the session on EOF, on an I/O error and on anything that is not
+//!   QMP (invalid JSON, a non-object, a second greeting, an oversized line).
+//!
+//! Typed commands still come from qapi ([`QmpSession::execute`] takes any
+//! [`qapi::Command`] and decodes the reply into its `Ok` type); the queries
+//! behind [`GuestInfo`] decode just the fields they need, as plain strings,
+//! so that a run state or rx-filter mode added by a newer QEMU does not make
+//! them fail.
+//!
+//! # Event delivery
+//!
+//! The reader never waits for the consumer: replies only arrive while it
+//! reads, so a consumer that waits for a command reply before draining
+//! events would otherwise deadlock. Events go to a caller-supplied bounded
+//! channel with `try_send`; when it is full, events are dropped and counted,
+//! and a single [`QmpEvent::Lagged`] with the count is delivered as soon
+//! as there is room again. Events are hints: a consumer that sees `Lagged`
+//! should re-read the state it cares about ([`QmpSession::query_status`],
+//! [`QmpSession::query_nics`]). Memory per session is therefore bounded by
+//! the channel capacity the caller chose (64 or more is plenty: QEMU emits
+//! a handful of events per state change).
+//!
+//! The session's end is always reported: the last item is
+//! [`QmpEvent::Closed`] (this one is sent with a blocking `send`, since
+//! the reader has nothing else left to do), after which the reader drops its
+//! `Sender`, so a receiver that was given the only sender then sees `None`.
+//! A consumer may rely on either.
+//!
+//! # Timeouts
+//!
+//! Every wait on the peer is bounded by [`SessionOptions::timeout`] (5 s by
+//! default): the greeting, the `qmp_capabilities` reply, each command's
+//! reply and each write. A command that times out fails with
+//! [`QmpError::Timeout`] but leaves the session usable (its late reply is
+//! dropped); a write that times out or fails tears the session down, since
+//! the stream may then hold half a command.
+
+mod parse;
+mod reader;
+mod session;
+mod shared;
+mod types;
+
+pub use session::{dial, dial_timeout, QmpSession};
+pub use types::*;

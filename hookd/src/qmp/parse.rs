@@ -1,0 +1,258 @@
+//! QMP's messages, parsed: pure functions from JSON values to what they
+//! mean, with no I/O, so every one of them is unit-tested (and fuzzed)
+//! on its own.
+
+use serde_json::Value;
+
+use super::shared::{Reply, ReplyError};
+use super::types::{Greeting, NicInfo, QmpEvent};
+use qnet_api::Mac;
+
+/// One message after the greeting.
+#[derive(Debug)]
+pub enum Message {
+    Event(QmpEvent),
+    /// A command's reply; `id` is the command's, if it is one of ours.
+    Reply {
+        id: Option<u64>,
+        reply: Reply,
+    },
+}
+
+/// What a message after the greeting is, or why it is not QMP.
+pub fn message(message: Value) -> Result<Message, String> {
+    let Value::Object(mut map) = message else {
+        return Err(format!(
+            "expected a JSON object, got {}",
+            preview_value(&message)
+        ));
+    };
+    if let Some(name) = map.get("event") {
+        let Some(name) = name.as_str() else {
+            return Err(format!(
+                "event name is not a string: {}",
+                preview_value(name)
+            ));
+        };
+        return Ok(Message::Event(parse_event(name, map.get("data"))));
+    }
+    let reply = if let Some(value) = map.remove("return") {
+        Ok(value)
+    } else if let Some(error) = map.get("error") {
+        let field = |key: &str| {
+            error
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("(missing)")
+                .to_owned()
+        };
+        Err(ReplyError {
+            class: field("class"),
+            desc: field("desc"),
+        })
+    } else if map.contains_key("QMP") {
+        return Err("unexpected second greeting".into());
+    } else {
+        let keys: Vec<&str> = map.keys().map(String::as_str).take(8).collect();
+        return Err(format!(
+            "message is neither a reply nor an event (keys {keys:?})"
+        ));
+    };
+    let id = map.get("id").and_then(Value::as_u64);
+    Ok(Message::Reply { id, reply })
+}
+
+/// The `{"QMP": {...}}` greeting, or why `message` is not one.
+pub fn greeting(message: &Value) -> Result<Greeting, String> {
+    let qmp = match message {
+        Value::Object(map) => match map.get("QMP") {
+            Some(Value::Object(qmp)) => qmp,
+            _ if map.contains_key("event") => {
+                return Err(format!(
+                    "expected the QMP greeting, got event {}",
+                    preview_value(&map["event"])
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "expected the QMP greeting, got {}",
+                    preview_value(message)
+                ))
+            }
+        },
+        _ => {
+            return Err(format!(
+                "expected the QMP greeting, got {}",
+                preview_value(message)
+            ))
+        }
+    };
+    let version = qmp.get("version");
+    let number = |key: &str| {
+        version
+            .and_then(|v| v.get("qemu"))
+            .and_then(|q| q.get(key))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(Greeting {
+        version: (number("major"), number("minor"), number("micro")),
+        package: version
+            .and_then(|v| v.get("package"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        capabilities: qmp
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .map(|caps| {
+                caps.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+pub fn parse_event(name: &str, data: Option<&Value>) -> QmpEvent {
+    let string = |key: &str| {
+        data.and_then(|d| d.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    match name {
+        "SHUTDOWN" => QmpEvent::Shutdown {
+            guest: data
+                .and_then(|d| d.get("guest"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            reason: string("reason"),
+        },
+        "POWERDOWN" => QmpEvent::Powerdown,
+        "RESET" => QmpEvent::Reset,
+        "STOP" => QmpEvent::Stop,
+        "RESUME" => QmpEvent::Resume,
+        "NIC_RX_FILTER_CHANGED" => QmpEvent::NicRxFilterChanged {
+            name: string("name"),
+            path: string("path").unwrap_or_default(),
+        },
+        "DEVICE_DELETED" => QmpEvent::DeviceDeleted {
+            device: string("device"),
+            path: string("path").unwrap_or_default(),
+        },
+        other => QmpEvent::Other(other.to_owned()),
+    }
+}
+
+/// Parses HMP `info network` output; keeps NICs (`type=nic`) once each
+/// (multiqueue NICs have a line per queue). Lines it does not understand
+/// are skipped.
+pub fn parse_info_network(text: &str) -> Vec<NicInfo> {
+    let mut nics: Vec<NicInfo> = Vec::new();
+    for line in text.lines() {
+        // Peers and hub ports are indented and prefixed with "\ ".
+        let line = line.trim().trim_start_matches('\\').trim();
+        let Some((name, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let fields: Vec<(&str, &str)> = rest
+            .split(',')
+            .filter_map(|field| field.split_once('='))
+            .collect();
+        let field = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        if field("type") != Some("nic") || name.is_empty() || name.contains(char::is_whitespace) {
+            continue;
+        }
+        let Some(mac) = field("macaddr").and_then(|m| m.parse::<Mac>().ok()) else {
+            continue;
+        };
+        if !nics.iter().any(|n| n.name == name) {
+            nics.push(NicInfo {
+                name: name.to_owned(),
+                mac,
+            });
+        }
+    }
+    nics
+}
+
+pub fn is_nil_uuid(uuid: &str) -> bool {
+    uuid.bytes().all(|b| b == b'0' || b == b'-')
+}
+
+const PREVIEW: usize = 80;
+
+pub fn preview_bytes(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(PREVIEW)]);
+    let more = if bytes.len() > PREVIEW { "..." } else { "" };
+    format!("{:?}{more}", text.trim_end())
+}
+
+pub fn preview_value(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(PREVIEW) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_network() {
+        // QEMU 7.2, with an rtl8139 from -nic, a multiqueue NIC and a hub.
+        let text = "rtl8139.0: index=0,type=nic,model=rtl8139,macaddr=52:54:00:00:00:09\r\n \\ #net000: index=0,type=user,net=10.0.2.0,restrict=off\r\n\
+            nic1: index=0,type=nic,model=e1000,macaddr=52:54:00:AB:CD:EF\r\n \\ n1: index=0,type=user,net=10.0.2.0,restrict=off\r\n\
+            mq: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\r\nmq: index=1,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\r\n\
+            hub 0\r\n \\ hub0port1: index=0,type=hubport,\r\n \\ net0: index=0,type=nic,model=e1000,macaddr=52:54:00:00:00:02\r\n\
+            bad: index=0,type=nic,model=x,macaddr=zz\r\n";
+        let nics = parse_info_network(text);
+        let macs: Vec<String> = nics.iter().map(|n| n.mac.to_string()).collect();
+        let names: Vec<(&str, &str)> = nics
+            .iter()
+            .zip(&macs)
+            .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("rtl8139.0", "52:54:00:00:00:09"),
+                ("nic1", "52:54:00:ab:cd:ef"),
+                ("mq", "52:54:00:00:00:01"),
+                ("net0", "52:54:00:00:00:02"),
+            ]
+        );
+    }
+
+    #[test]
+    fn events() {
+        let data = serde_json::json!({"guest": true, "reason": "guest-shutdown"});
+        assert_eq!(
+            parse_event("SHUTDOWN", Some(&data)),
+            QmpEvent::Shutdown {
+                guest: true,
+                reason: Some("guest-shutdown".into())
+            }
+        );
+        assert_eq!(
+            parse_event("SHUTDOWN", Some(&Value::Null)),
+            QmpEvent::Shutdown {
+                guest: false,
+                reason: None
+            }
+        );
+        assert_eq!(
+            parse_event("FOO_BAR_FROM_QEMU_10", None),
+            QmpEvent::Other("FOO_BAR_FROM_QEMU_10".into())
+        );
+    }
+
+    #[test]
+    fn nil_uuid() {
+        assert!(is_nil_uuid("00000000-0000-0000-0000-000000000000"));
+        assert!(!is_nil_uuid("6f1c1d3e-8a50-4d5b-9d0c-2b7cbb1e0a11"));
+    }
+}

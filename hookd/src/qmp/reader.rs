@@ -1,0 +1,283 @@
+//! The I/O tasks of a session: bounded line reading, the greeting, the
+//! writer, and the reader that routes replies and delivers events.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+
+use super::parse::{self, preview_bytes, Message};
+use super::shared::{Shared, CLOSED_BY_US, PEER_CLOSED};
+use super::types::{Greeting, QmpError, QmpEvent};
+
+/// Outcome of reading one line.
+enum Line {
+    /// `buf` holds a complete line, newline included.
+    Complete,
+    /// Clean end of stream between lines.
+    Eof,
+}
+
+/// Reads one `\n`-terminated line into `buf` (cleared first), never
+/// buffering more than `max + 1` bytes.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+    peer: &str,
+) -> Result<Line, QmpError> {
+    buf.clear();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let read = match (&mut *reader).take(limit).read_until(b'\n', buf).await {
+        Ok(read) => read,
+        // QEMU often exits with a byte of ours unread (it reads commands
+        // byte by byte and leaves the newline after `quit`), which the
+        // kernel reports as a reset rather than EOF. It is EOF all the same.
+        Err(e) if is_hangup(&e) => buf.len(),
+        Err(source) => {
+            return Err(QmpError::Io {
+                peer: peer.to_owned(),
+                action: "reading".into(),
+                source,
+            })
+        }
+    };
+    if read == 0 {
+        Ok(Line::Eof)
+    } else if buf.last() == Some(&b'\n') {
+        Ok(Line::Complete)
+    } else if buf.len() > max {
+        Err(QmpError::LineTooLong {
+            peer: peer.to_owned(),
+            limit: max,
+        })
+    } else {
+        Err(QmpError::Eof {
+            peer: peer.to_owned(),
+            during: format!("in the middle of a message ({} bytes)", buf.len()),
+        })
+    }
+}
+
+/// Reads the next non-blank line and parses it as JSON; `None` on a clean
+/// EOF.
+async fn read_message<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+    peer: &str,
+) -> Result<Option<Value>, QmpError> {
+    loop {
+        if let Line::Eof = read_line(reader, buf, max, peer).await? {
+            return Ok(None);
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        return serde_json::from_slice(buf)
+            .map(Some)
+            .map_err(|e| QmpError::Protocol {
+                peer: peer.to_owned(),
+                detail: format!("invalid JSON ({e}): {}", preview_bytes(buf)),
+            });
+    }
+}
+
+pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    peer: &str,
+    max: usize,
+) -> Result<Greeting, QmpError> {
+    let mut buf = Vec::new();
+    let Some(message) = read_message(reader, &mut buf, max, peer).await? else {
+        return Err(QmpError::Eof {
+            peer: peer.to_owned(),
+            during: "before the QMP greeting".into(),
+        });
+    };
+    parse::greeting(&message).map_err(|detail| QmpError::Protocol {
+        peer: peer.to_owned(),
+        detail,
+    })
+}
+
+/// Writes queued command lines until the session ends.
+pub(super) async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    shared: Arc<Shared>,
+    after: Duration,
+) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = stop.wait_for(|&stop| stop) => None,
+        };
+        let Some(line) = line else { break };
+        let failure = match timeout(after, writer.write_all(&line)).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) if is_hangup(&e) => {
+                // The peer is gone (or at least stopped reading for good):
+                // no more commands, but leave the reader running until it
+                // sees the end, so that the session ends the same way as
+                // when the reader notices first.
+                tracing::debug!("{}: writing a command: {e}", shared.peer);
+                shared.close(PEER_CLOSED.into());
+                break;
+            }
+            Ok(Err(e)) => format!("writing a command failed: {e}"),
+            Err(_) => format!("writing a command timed out after {after:?}"),
+        };
+        tracing::debug!("{}: {failure}", shared.peer);
+        shared.abort(failure);
+        break;
+    }
+    // Dropping the write half shuts the write direction down.
+}
+
+/// Delivers events without ever waiting for the consumer.
+struct EventSink {
+    tx: mpsc::Sender<QmpEvent>,
+    /// Events dropped since the last successful delivery.
+    lagged: u64,
+}
+
+impl EventSink {
+    fn deliver(&mut self, event: QmpEvent, peer: &str) {
+        if self.lagged > 0 {
+            match self.tx.try_send(QmpEvent::Lagged(self.lagged)) {
+                Ok(()) => self.lagged = 0,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.lagged += 1;
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        match self.tx.try_send(event) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                tracing::warn!("{peer}: events channel full, dropping {event:?} and any that follow until it drains");
+                self.lagged = 1;
+            }
+        }
+    }
+
+    /// Final delivery; may wait, since nothing else is left to do.
+    async fn finish(self, outcome: Option<QmpError>) {
+        if self.lagged > 0 {
+            let _ = self.tx.send(QmpEvent::Lagged(self.lagged)).await;
+        }
+        let error = outcome.map(|e| e.to_string());
+        let _ = self.tx.send(QmpEvent::Closed { error }).await;
+    }
+}
+
+/// Line buffer capacity a QMP reader keeps between messages.
+const KEEP_LINE_BUFFER: usize = 4096;
+
+pub(super) async fn read_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<QmpEvent>,
+    mut stop: watch::Receiver<bool>,
+    max_line: usize,
+) {
+    let mut sink = EventSink {
+        tx: events,
+        lagged: 0,
+    };
+    let mut buf = Vec::new();
+    let peer = shared.peer.as_str();
+    let outcome = loop {
+        let message = tokio::select! {
+            biased;
+            _ = stop.wait_for(|&stop| stop) => break Ok(false),
+            message = read_message(&mut reader, &mut buf, max_line, peer) => message,
+        };
+        match message {
+            Ok(Some(message)) => {
+                if let Err(e) = handle_message(message, &shared, &mut sink) {
+                    break Err(e);
+                }
+                // A Vec keeps the capacity of the longest line it held;
+                // `query-rx-filter` answers are ~20 KiB, events ~200 bytes.
+                // Idle guests would otherwise each keep ~20 KiB.
+                if buf.capacity() > KEEP_LINE_BUFFER {
+                    buf = Vec::new();
+                }
+            }
+            Ok(None) => break Ok(true),
+            Err(e) => break Err(e),
+        }
+    };
+    // Release the socket's read side (and its buffer) before reporting.
+    drop(reader);
+    drop(buf);
+    let report = match outcome {
+        Ok(true) => {
+            shared.close(PEER_CLOSED.into());
+            None
+        }
+        Ok(false) => {
+            // Stopped on our side: by `close`, by dropping the last handle
+            // (both clean) or by a failed write (recorded by `abort`).
+            let reason = shared.close(CLOSED_BY_US.into());
+            (reason != CLOSED_BY_US && reason != PEER_CLOSED).then(|| QmpError::Aborted {
+                peer: shared.peer.clone(),
+                reason,
+            })
+        }
+        Err(e) => {
+            tracing::debug!("{e}");
+            shared.close(e.to_string());
+            Some(e)
+        }
+    };
+    // Stops the writer too (the peer is gone or broken).
+    shared.stop.send_replace(true);
+    sink.finish(report).await;
+}
+
+/// Routes one message: an event to the sink, a reply to the command
+/// waiting for it. Anything that is not QMP ends the session.
+fn handle_message(message: Value, shared: &Shared, sink: &mut EventSink) -> Result<(), QmpError> {
+    let peer = shared.peer.as_str();
+    match parse::message(message) {
+        Err(detail) => Err(QmpError::Protocol {
+            peer: peer.to_owned(),
+            detail,
+        }),
+        Ok(Message::Event(event)) => {
+            tracing::debug!("{peer}: event {event:?}");
+            sink.deliver(event, peer);
+            Ok(())
+        }
+        Ok(Message::Reply { id, reply }) => {
+            let waiter = id.and_then(|id| shared.state().pending.remove(&id));
+            match waiter {
+                // The waiter may have just given up; nothing to do then.
+                Some(waiter) => drop(waiter.send(reply)),
+                None => tracing::debug!(
+                    "{peer}: dropping a reply nobody waits for (id {})",
+                    id.map_or_else(|| "missing".into(), |id| id.to_string())
+                ),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Errors that mean the peer closed its end of the connection.
+pub(super) fn is_hangup(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
