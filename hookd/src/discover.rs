@@ -41,9 +41,8 @@
 //! line), so a guest that mixes TAPs with e.g. `-netdev user` NICs cannot be
 //! matched by order alone.
 //!
-//! Everything here is blocking (procfs and netlink); call it from
-//! `tokio::task::spawn_blocking` (or a thread that entered the right
-//! namespace).
+//! The `/proc` walk runs on tokio's blocking pool; names are resolved over
+//! the daemon's rtnetlink layer ([`crate::netlink`]).
 
 use std::fs;
 use std::io;
@@ -51,7 +50,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use qnet_hostnet::link::{Link, LinkError, LinkSocket};
+use crate::netlink::{Netlink, NetlinkError};
 
 /// The TUN/TAP clone device, and its number (misc major 10, `TUN_MINOR`
 /// 200).
@@ -101,32 +100,28 @@ pub enum DiscoverError {
     },
 
     #[error(transparent)]
-    Netlink(#[from] LinkError),
-
-    #[error("looking up the lower device of ifindex {index}: {detail}")]
-    Lower { index: u32, detail: String },
+    Netlink(#[from] NetlinkError),
 }
 
-/// The TAPs and macvtaps process `pid` holds open, resolved in the calling
-/// thread's network namespace, sorted by descriptor number.
+/// The TAPs and macvtaps process `pid` holds open, resolved in the
+/// namespace of the calling thread (a fresh rtnetlink connection), sorted
+/// by descriptor number.
 ///
 /// A process that exits or closes descriptors during the walk is not an
 /// error: whatever was gone is skipped. A process that does not exist at
 /// all is [`DiscoverError::NoProcess`].
-pub fn guest_ports(pid: u32) -> Result<Vec<GuestPort>, DiscoverError> {
-    let devices = open_devices(pid)?;
+pub async fn guest_ports(pid: u32) -> Result<Vec<GuestPort>, DiscoverError> {
+    // The /proc walk is blocking file I/O; it runs on the blocking pool.
+    let devices = tokio::task::spawn_blocking(move || open_devices(pid))
+        .await
+        .map_err(|e| DiscoverError::Proc {
+            path: PathBuf::from(format!("/proc/{pid}/fd")),
+            source: io::Error::other(e.to_string()),
+        })??;
     if devices.is_empty() {
         return Ok(Vec::new());
     }
-    let mut links = LinkSocket::new()?;
-    resolve(&mut links, devices)
-}
-
-/// [`guest_ports`] on an existing netlink socket (which fixes the namespace
-/// names are resolved in: the one the socket was opened in).
-pub fn guest_ports_with(links: &mut LinkSocket, pid: u32) -> Result<Vec<GuestPort>, DiscoverError> {
-    let devices = open_devices(pid)?;
-    resolve(links, devices)
+    resolve(&Netlink::open()?, devices).await
 }
 
 /// A device found in `/proc/<pid>/fd`, before netlink.
@@ -224,21 +219,15 @@ fn tap_node_index(target: &Path) -> Option<u32> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-fn resolve(
-    links: &mut LinkSocket,
+async fn resolve(
+    netlink: &Netlink,
     devices: Vec<(u32, Device)>,
 ) -> Result<Vec<GuestPort>, DiscoverError> {
     let mut ports = Vec::with_capacity(devices.len());
     for (fd, device) in devices {
         let (kind, link) = match &device {
-            Device::Tap { name } => match links.link_by_name(name) {
-                Ok(link) => (PortKind::Tap, link),
-                // fdinfo showed a name the kernel would not accept: not
-                // something we can look up.
-                Err(LinkError::InvalidName(_)) => continue,
-                Err(e) => return Err(e.into()),
-            },
-            Device::Macvtap { index } => (PortKind::Macvtap, links.link_by_index(*index)?),
+            Device::Tap { name } => (PortKind::Tap, netlink.link_by_name(name).await?),
+            Device::Macvtap { index } => (PortKind::Macvtap, netlink.link_by_index(*index).await?),
         };
         let Some(link) = link else {
             tracing::debug!("{device:?} (fd {fd}) is gone or in another network namespace");
@@ -248,153 +237,35 @@ fn resolve(
             PortKind::Tap => "tun",
             PortKind::Macvtap => "macvtap",
         };
-        if link.kind.as_deref() != Some(expected) {
+        if link.kind_name().as_deref() != Some(expected) {
             tracing::warn!(
                 "{device:?} (fd {fd}) resolved to {:?} of kind {:?}, not {expected}: \
                  the device is probably in another network namespace; skipping it",
                 link.name,
-                link.kind
+                link.kind_name()
             );
             continue;
         }
         let master = match link.master {
-            Some(master) => links.link_by_index(master)?.map(|m| m.name),
+            Some(master) => netlink.name_of(master).await?,
             None => None,
         };
-        let lower = match kind {
-            PortKind::Macvtap => lower_name(links, &link)?,
-            PortKind::Tap => None,
+        // A lower device in another namespace has no name here.
+        let lower = match (kind, link.lower, link.lower_netnsid) {
+            (PortKind::Macvtap, Some(index), None) => netlink.name_of(index).await?,
+            _ => None,
         };
         ports.push(GuestPort {
             kind,
             ifname: link.name,
             ifindex: link.index,
-            mac: link.mac,
+            mac: link.mac.as_deref().and_then(|m| m.try_into().ok()),
             master,
             lower,
             fd,
         });
     }
     Ok(ports)
-}
-
-/// Name of a macvtap's lower device.
-fn lower_name(links: &mut LinkSocket, link: &Link) -> Result<Option<String>, DiscoverError> {
-    let (lower, other_namespace) =
-        lower::link_of(link.index).map_err(|detail| DiscoverError::Lower {
-            index: link.index,
-            detail,
-        })?;
-    match lower {
-        Some(_) if other_namespace => Ok(None),
-        Some(index) => Ok(links.link_by_index(index)?.map(|l| l.name)),
-        None => Ok(None),
-    }
-}
-
-/// `IFLA_LINK` of a device, which [`Link`] does not carry: a single
-/// RTM_GETLINK on a throwaway rtnetlink socket.
-// TODO: drop this once qnet_hostnet's `Link` reports IFLA_LINK and
-// IFLA_LINK_NETNSID.
-mod lower {
-    use netlink_packet_core::{NetlinkBuffer, NlasIterator, NLMSG_ERROR};
-    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-
-    const RTM_NEWLINK: u16 = 16;
-    const RTM_GETLINK: u16 = 18;
-    const NLM_F_REQUEST: u16 = 1;
-    const IFLA_LINK: u16 = 5;
-    const IFLA_EXT_MASK: u16 = 29;
-    const IFLA_LINK_NETNSID: u16 = 37;
-    const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
-    const HEADER_LEN: usize = 16;
-    const IFINFOMSG_LEN: usize = 16;
-
-    /// `(IFLA_LINK, whether IFLA_LINK_NETNSID says it is in another
-    /// namespace)`; `(None, false)` if the device has no lower device or
-    /// is gone.
-    pub(super) fn link_of(index: u32) -> Result<(Option<u32>, bool), String> {
-        let socket = Socket::new(NETLINK_ROUTE).map_err(|e| format!("socket: {e}"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(|e| format!("connect: {e}"))?;
-        let seq = 1u32;
-        let mut request = Vec::with_capacity(HEADER_LEN + IFINFOMSG_LEN + 8);
-        let length = (HEADER_LEN + IFINFOMSG_LEN + 8) as u32;
-        request.extend(length.to_ne_bytes());
-        request.extend(RTM_GETLINK.to_ne_bytes());
-        request.extend(NLM_F_REQUEST.to_ne_bytes());
-        request.extend(seq.to_ne_bytes());
-        request.extend(0u32.to_ne_bytes()); // port id: the kernel fills it in
-                                            // struct ifinfomsg: family, pad, type, index, flags, change.
-        request.extend([0u8; 4]);
-        request.extend(index.to_ne_bytes());
-        request.extend([0u8; 8]);
-        request.extend(8u16.to_ne_bytes());
-        request.extend(IFLA_EXT_MASK.to_ne_bytes());
-        request.extend(RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
-        socket.send(&request, 0).map_err(|e| format!("send: {e}"))?;
-        loop {
-            let (datagram, _) = socket.recv_from_full().map_err(|e| format!("recv: {e}"))?;
-            let mut rest = &datagram[..];
-            while !rest.is_empty() {
-                let message = NetlinkBuffer::new_checked(rest).map_err(|e| e.to_string())?;
-                let next = (message.length() as usize + 3) & !3;
-                let payload = message.payload();
-                if message.sequence_number() == seq {
-                    match message.message_type() {
-                        // Only ever an error here (we asked for no ack);
-                        // ENODEV: the device is gone.
-                        NLMSG_ERROR => {
-                            let code = payload
-                                .get(..4)
-                                .map(|c| i32::from_ne_bytes(c.try_into().unwrap_or_default()))
-                                .unwrap_or(0);
-                            if code == -libc::ENODEV {
-                                return Ok((None, false));
-                            }
-                            return Err(format!(
-                                "kernel error {}",
-                                std::io::Error::from_raw_os_error(-code)
-                            ));
-                        }
-                        RTM_NEWLINK => return Ok(parse(payload)),
-                        other => return Err(format!("unexpected message type {other}")),
-                    }
-                }
-                rest = rest.get(next..).unwrap_or_default();
-            }
-        }
-    }
-
-    fn parse(payload: &[u8]) -> (Option<u32>, bool) {
-        let mut link = None;
-        let mut other_namespace = false;
-        let attributes = payload.get(IFINFOMSG_LEN..).unwrap_or_default();
-        for nla in NlasIterator::new(attributes).map_while(Result::ok) {
-            let value = nla.value();
-            match nla.kind() {
-                IFLA_LINK => {
-                    link = value
-                        .get(..4)
-                        .and_then(|v| v.try_into().ok())
-                        .map(u32::from_ne_bytes)
-                        .filter(|&i| i != 0);
-                }
-                IFLA_LINK_NETNSID => {
-                    // A valid nsid (>= 0) names a peer namespace; -1 would
-                    // mean "same namespace" and is not sent in practice.
-                    other_namespace = value
-                        .get(..4)
-                        .and_then(|v| v.try_into().ok())
-                        .map(i32::from_ne_bytes)
-                        .is_some_and(|id| id >= 0);
-                }
-                _ => {}
-            }
-        }
-        (link, other_namespace)
-    }
 }
 
 #[cfg(test)]
@@ -424,7 +295,7 @@ mod tests {
     fn missing_process() {
         // pid_max is at most 2^22.
         assert!(matches!(
-            guest_ports(u32::MAX - 1),
+            open_devices(u32::MAX - 1),
             Err(DiscoverError::NoProcess { .. })
         ));
     }

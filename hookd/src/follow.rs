@@ -337,17 +337,10 @@ async fn follow_events(
 }
 
 async fn ports_of(pid: u32) -> Vec<GuestPort> {
-    match tokio::task::spawn_blocking(move || discover::guest_ports(pid)).await {
-        Ok(Ok(ports)) => ports,
-        Ok(Err(e)) => {
-            tracing::warn!(pid, "finding the guest's devices: {e}");
-            Vec::new()
-        }
-        Err(e) => {
-            tracing::warn!(pid, "finding the guest's devices: {e}");
-            Vec::new()
-        }
-    }
+    discover::guest_ports(pid).await.unwrap_or_else(|e| {
+        tracing::warn!(pid, "finding the guest's devices: {e}");
+        Vec::new()
+    })
 }
 
 /// Resolves when process `pid` exits (pidfd); never, if it cannot be

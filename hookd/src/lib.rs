@@ -19,6 +19,7 @@ pub mod discover;
 pub mod dnsmasq;
 pub mod error;
 pub mod libvirt;
+pub mod netlink;
 pub mod network;
 pub mod nft;
 pub mod nft_elements;

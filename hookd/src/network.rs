@@ -14,32 +14,21 @@ use std::io;
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::RouteNetlinkMessage;
+use qnet_api::Mac;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 use thiserror::Error;
 
 use crate::api::Mode;
 use crate::config::NetworkConfig;
-
-const ENODEV: i32 = libc::ENODEV;
-const EEXIST: i32 = libc::EEXIST;
+use crate::netlink::{is_errno, Link, Netlink, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum NetworkError {
-    #[error("cannot open an rtnetlink socket: {0}")]
-    Socket(#[source] io::Error),
-    /// The kernel refused a request; `source` carries its errno.
-    #[error("{action}: {source}")]
-    Netlink {
-        action: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// A device with the bridge's name exists and is something else: it is
     /// not ours, so we neither use nor delete it.
     #[error("device `{name}` exists but is {kind}, not a bridge: refusing to use or remove it")]
@@ -56,9 +45,8 @@ impl NetworkError {
     /// The errno of a refused netlink request.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Self::Socket(e) | Self::Netlink { source: e, .. } | Self::Sysctl { source: e, .. } => {
-                e.raw_os_error()
-            }
+            Self::Netlink(e) => e.raw_os_error(),
+            Self::Sysctl { source: e, .. } => e.raw_os_error(),
             Self::NotABridge { .. } => None,
         }
     }
@@ -83,107 +71,35 @@ pub fn bridge_mac(network_name: &str) -> [u8; 6] {
     [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
 
-/// Opens an rtnetlink connection in the calling thread's namespace and
-/// drives it on the current tokio runtime.
-pub(crate) fn rtnl() -> Result<Handle, NetworkError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Socket)?;
-    tokio::spawn(connection);
-    Ok(handle)
-}
-
-/// rtnetlink's errors as `io::Error`s, keeping the kernel's errno.
-pub(crate) fn netlink_io(e: rtnetlink::Error) -> io::Error {
-    match e {
-        rtnetlink::Error::NetlinkError(msg) => msg.to_io(),
-        other => io::Error::other(other.to_string()),
-    }
-}
-
 fn failed(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
-    let action = action.into();
-    move |e| NetworkError::Netlink {
-        action,
-        source: netlink_io(e),
-    }
-}
-
-/// What we need to know about a device with the bridge's name.
-struct Device {
-    index: u32,
-    kind: Option<InfoKind>,
-    mac: Option<Vec<u8>>,
-    up: bool,
-}
-
-impl Device {
-    fn from_message(msg: &LinkMessage) -> Device {
-        let mut dev = Device {
-            index: msg.header.index,
-            kind: None,
-            mac: None,
-            up: msg.header.flags.contains(LinkFlags::Up),
-        };
-        for attr in &msg.attributes {
-            match attr {
-                LinkAttribute::Address(mac) => dev.mac = Some(mac.clone()),
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            dev.kind = Some(kind.clone());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        dev
-    }
-
-    fn is_bridge(&self) -> bool {
-        self.kind == Some(InfoKind::Bridge)
-    }
-
-    fn describe_kind(&self) -> String {
-        match &self.kind {
-            Some(kind) => format!("a {kind} device"),
-            None => "a device without a link type (e.g. a physical NIC)".into(),
-        }
-    }
-}
-
-async fn device_by_name(handle: &Handle, name: &str) -> Result<Option<Device>, NetworkError> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(Device::from_message(&msg))),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(msg)) if msg.raw_code() == -ENODEV => Ok(None),
-        Err(e) => Err(failed(format!("looking up device `{name}`"))(e)),
-    }
+    let refused = NetlinkError::refused(action);
+    move |e| NetworkError::Netlink(refused(e))
 }
 
 /// Creates the bridge if missing and returns it; refuses a non-bridge.
-async fn ensure_bridge(handle: &Handle, name: &str, mac: [u8; 6]) -> Result<Device, NetworkError> {
-    if let Some(dev) = device_by_name(handle, name).await? {
+async fn ensure_bridge(netlink: &Netlink, name: &str, mac: [u8; 6]) -> Result<Link, NetworkError> {
+    if let Some(dev) = netlink.link_by_name(name).await? {
         return Ok(dev);
     }
-    let create = handle
+    let create = netlink
+        .handle()
         .link()
         .add(LinkBridge::new(name).address(mac.to_vec()).build())
         .execute()
         .await;
     match create {
-        Ok(()) => tracing::info!(bridge = name, mac = %fmt_mac(&mac), "created bridge"),
+        Ok(()) => tracing::info!(bridge = name, mac = %Mac::from_octets(mac), "created bridge"),
         // Someone created it between our lookup and now: adopt or refuse it
         // below like any existing device.
-        Err(rtnetlink::Error::NetlinkError(msg)) if msg.raw_code() == -EEXIST => {}
+        Err(e) if is_errno(&e, libc::EEXIST) => {}
         Err(e) => return Err(failed(format!("creating bridge `{name}`"))(e)),
     }
-    device_by_name(handle, name)
-        .await?
-        .ok_or_else(|| NetworkError::Netlink {
+    netlink.link_by_name(name).await?.ok_or_else(|| {
+        NetworkError::Netlink(NetlinkError::Refused {
             action: format!("looking up bridge `{name}` after creating it"),
-            source: io::Error::from_raw_os_error(ENODEV),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
         })
+    })
 }
 
 /// An address on the bridge, as the kernel reports it.
@@ -278,7 +194,7 @@ async fn ensure_address(
             Ok(())
         }
         // Added concurrently: present now, which is all we want.
-        Err(rtnetlink::Error::NetlinkError(msg)) if msg.raw_code() == -EEXIST => Ok(()),
+        Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
         Err(e) => Err(failed(format!("adding {ip}/{prefix_len} to `{bridge}`"))(e)),
     }
 }
@@ -296,10 +212,11 @@ async fn ensure_address(
 ///
 /// Addresses on the bridge other than the router's are left alone.
 pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
-    let handle = rtnl()?;
+    let netlink = Netlink::open()?;
+    let handle = netlink.handle();
     let name = net.bridge.as_str();
     let mac = bridge_mac(&net.name);
-    let dev = ensure_bridge(&handle, name, mac).await?;
+    let dev = ensure_bridge(&netlink, name, mac).await?;
     if !dev.is_bridge() {
         return Err(NetworkError::NotABridge {
             name: name.to_owned(),
@@ -307,7 +224,7 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
         });
     }
     if dev.mac.as_deref() != Some(&mac[..]) {
-        tracing::info!(bridge = name, mac = %fmt_mac(&mac), "setting the bridge's MAC address");
+        tracing::info!(bridge = name, mac = %Mac::from_octets(mac), "setting the bridge's MAC address");
         handle
             .link()
             .set(
@@ -320,7 +237,7 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
             .map_err(failed(format!("setting the MAC address of `{name}`")))?;
     }
     ensure_address(
-        &handle,
+        handle,
         name,
         dev.index,
         IpAddr::V4(net.router),
@@ -329,7 +246,7 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
     .await?;
     if let Some(v6) = &net.ipv6 {
         ensure_address(
-            &handle,
+            handle,
             name,
             dev.index,
             IpAddr::V6(v6.router),
@@ -358,9 +275,9 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
 /// A missing bridge is not an error; a non-bridge with its name is, and is
 /// left alone. Sysctls are left as they are: other users may rely on them.
 pub async fn bring_down(net: &NetworkConfig) -> Result<(), NetworkError> {
-    let handle = rtnl()?;
+    let netlink = Netlink::open()?;
     let name = net.bridge.as_str();
-    let Some(dev) = device_by_name(&handle, name).await? else {
+    let Some(dev) = netlink.link_by_name(name).await? else {
         return Ok(());
     };
     if !dev.is_bridge() {
@@ -369,12 +286,12 @@ pub async fn bring_down(net: &NetworkConfig) -> Result<(), NetworkError> {
             kind: dev.describe_kind(),
         });
     }
-    match handle.link().del(dev.index).execute().await {
+    match netlink.handle().link().del(dev.index).execute().await {
         Ok(()) => {
             tracing::info!(bridge = name, "deleted bridge");
             Ok(())
         }
-        Err(rtnetlink::Error::NetlinkError(msg)) if msg.raw_code() == -ENODEV => Ok(()),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
         Err(e) => Err(failed(format!("deleting bridge `{name}`"))(e)),
     }
 }
@@ -423,68 +340,16 @@ fn warn_about_accept_ra(bridge: &str) {
 
 /// Received and transmitted bytes of device `bridge` in the current
 /// network namespace (`IFLA_STATS64`), or `None` if it does not exist or
-/// cannot be queried. Blocking, but a single netlink round trip.
-pub fn bridge_counters(bridge: &str) -> Option<(u64, u64)> {
-    match query_stats64(bridge) {
-        Ok(stats) => stats,
+/// cannot be queried.
+pub async fn bridge_counters(bridge: &str) -> Option<(u64, u64)> {
+    let netlink = Netlink::open().ok()?;
+    match netlink.link_by_name(bridge).await {
+        Ok(link) => link?.stats,
         Err(e) => {
             tracing::debug!(bridge, "cannot read the bridge's counters: {e}");
             None
         }
     }
-}
-
-fn query_stats64(name: &str) -> io::Result<Option<(u64, u64)>> {
-    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-
-    if !qnet_hostnet::link::valid_ifname(name) {
-        return Ok(None);
-    }
-    let socket = Socket::new(NETLINK_ROUTE)?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut msg = LinkMessage::default();
-    msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    let mut packet = NetlinkMessage::from(RouteNetlinkMessage::GetLink(msg));
-    packet.header.flags = NLM_F_REQUEST;
-    packet.header.sequence_number = 1;
-    packet.finalize();
-    let mut bytes = vec![0; packet.buffer_len()];
-    packet.serialize(&mut bytes);
-    socket.send(&bytes, 0)?;
-    loop {
-        let (datagram, _) = socket.recv_from_full()?;
-        let mut offset = 0;
-        while offset < datagram.len() {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[offset..])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let len = reply.header.length as usize;
-            if reply.header.sequence_number == 1 {
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                        return Ok(link.attributes.iter().find_map(|attr| match attr {
-                            LinkAttribute::Stats64(s) => Some((s.rx_bytes, s.tx_bytes)),
-                            _ => None,
-                        }));
-                    }
-                    NetlinkPayload::Error(err) if err.raw_code() == -ENODEV => return Ok(None),
-                    NetlinkPayload::Error(err) => return Err(err.to_io()),
-                    _ => {}
-                }
-            }
-            if len == 0 {
-                break;
-            }
-            offset += len;
-        }
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub(crate) fn fmt_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 #[cfg(test)]
@@ -501,6 +366,9 @@ mod tests {
         assert_ne!(a, bridge_mac("lab2"));
         assert_ne!(bridge_mac("qnet0"), bridge_mac("qnet1"));
         // Pinned: changing the derivation would change every router's MAC.
-        assert_eq!(fmt_mac(&bridge_mac("qnet0")), "02:92:0f:37:db:ac");
+        assert_eq!(
+            Mac::from_octets(bridge_mac("qnet0")).to_string(),
+            "02:92:0f:37:db:ac"
+        );
     }
 }

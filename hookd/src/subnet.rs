@@ -9,17 +9,16 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::AddressFamily;
 use thiserror::Error;
 
-use crate::network::{netlink_io, rtnl, NetworkError};
+use crate::netlink::{Netlink, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum SubnetError {
     #[error("{0}")]
-    Netlink(#[from] NetworkError),
+    Netlink(#[from] NetlinkError),
     #[error(
         "every candidate subnet (10.213.0.0/16, 172.31.0.0/16, 192.168.200.0-254.0 in /24s) \
          overlaps a route or address of this host: configure the network's subnet explicitly"
@@ -109,74 +108,80 @@ pub fn pick_from(used: &[Occupied], prefer: &[Ipv4Net]) -> Option<Ipv4Net> {
 /// Every IPv4 address and every IPv4 route of every routing table in the
 /// current network namespace.
 pub async fn occupied() -> Result<Vec<Occupied>, SubnetError> {
-    let handle = rtnl()?;
-    let failed = |action: &'static str| {
-        move |e| {
-            SubnetError::Netlink(NetworkError::Netlink {
-                action: action.to_owned(),
-                source: netlink_io(e),
-            })
-        }
-    };
-
-    let mut names = HashMap::new();
-    let mut links = handle.link().get().execute();
-    while let Some(link) = links.try_next().await.map_err(failed("listing links"))? {
-        for attr in &link.attributes {
-            if let LinkAttribute::IfName(name) = attr {
-                names.insert(link.header.index, name.clone());
-            }
-        }
-    }
+    let netlink = Netlink::open()?;
+    let names: HashMap<u32, String> = netlink
+        .links()
+        .await?
+        .into_iter()
+        .map(|link| (link.index, link.name))
+        .collect();
     let ifname = |index: u32| {
         names
             .get(&index)
             .cloned()
             .unwrap_or_else(|| format!("ifindex {index}"))
     };
+    let mut used = addresses(&netlink, &ifname).await?;
+    used.extend(routes(&netlink, &ifname).await?);
+    Ok(used)
+}
 
+/// The IPv4 addresses of every device.
+async fn addresses(
+    netlink: &Netlink,
+    ifname: &impl Fn(u32) -> String,
+) -> Result<Vec<Occupied>, SubnetError> {
     let mut used = Vec::new();
-    let mut addrs = handle.address().get().execute();
-    while let Some(msg) = addrs
+    let mut dump = netlink.handle().address().get().execute();
+    while let Some(msg) = dump
         .try_next()
         .await
-        .map_err(failed("listing addresses"))?
+        .map_err(NetlinkError::refused("listing addresses"))?
     {
         if msg.header.family != AddressFamily::Inet {
             continue;
         }
-        let local = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        let v4 = |attr: &AddressAttribute| match attr {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some((true, *ip)),
+            AddressAttribute::Address(IpAddr::V4(ip)) => Some((false, *ip)),
             _ => None,
-        });
-        let address = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        });
-        let index = msg.header.index;
+        };
         // A point-to-point address occupies its peer's prefix (IFA_ADDRESS)
         // as well as the local address.
-        for ip in [local, address].into_iter().flatten() {
+        for (_, ip) in msg.attributes.iter().filter_map(v4) {
             if let Ok(net) = Ipv4Net::new(ip, msg.header.prefix_len) {
                 used.push(Occupied {
                     net: net.trunc(),
-                    ifindex: Some(index),
-                    what: format!("address {net} on {}", ifname(index)),
+                    ifindex: Some(msg.header.index),
+                    what: format!("address {net} on {}", ifname(msg.header.index)),
                 });
             }
         }
     }
+    Ok(used)
+}
 
+/// The IPv4 routes of every routing table, but default routes (they are
+/// not a collision).
+async fn routes(
+    netlink: &Netlink,
+    ifname: &impl Fn(u32) -> String,
+) -> Result<Vec<Occupied>, SubnetError> {
     // Table 0 (RT_TABLE_UNSPEC) with no filter: the kernel dumps the
     // routes of every table.
     let mut query = RouteMessage::default();
     query.header.address_family = AddressFamily::Inet;
-    let mut routes = handle.route().get(query).execute();
-    while let Some(msg) = routes.try_next().await.map_err(failed("listing routes"))? {
-        if msg.header.address_family != AddressFamily::Inet {
+    let mut dump = netlink.handle().route().get(query).execute();
+    let mut used = Vec::new();
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .map_err(NetlinkError::refused("listing routes"))?
+    {
+        let len = msg.header.destination_prefix_length;
+        if msg.header.address_family != AddressFamily::Inet || len == 0 {
             continue;
         }
-        let len = msg.header.destination_prefix_length;
         let mut dest = Ipv4Addr::UNSPECIFIED;
         let mut table = u32::from(msg.header.table);
         let mut oif = None;
@@ -187,9 +192,6 @@ pub async fn occupied() -> Result<Vec<Occupied>, SubnetError> {
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 _ => {}
             }
-        }
-        if len == 0 {
-            continue; // a default route is not a collision
         }
         let Ok(net) = Ipv4Net::new(dest, len) else {
             continue;
@@ -219,12 +221,12 @@ pub async fn pick_free_subnet() -> Result<Ipv4Net, SubnetError> {
 /// otherwise a restart would see its own router address and move the
 /// network to the next subnet.
 pub async fn pick_free_subnet_for(bridge: &str) -> Result<Ipv4Net, SubnetError> {
-    let handle = rtnl()?;
-    let mut links = handle.link().get().match_name(bridge.to_owned()).execute();
-    let own = match links.try_next().await {
-        Ok(Some(link)) => Some(link.header.index),
-        _ => None,
-    };
+    let own = Netlink::open()?
+        .link_by_name(bridge)
+        .await
+        .ok()
+        .flatten()
+        .map(|link| link.index);
     let used = occupied().await?;
     let (ours, others): (Vec<Occupied>, Vec<Occupied>) = used
         .into_iter()

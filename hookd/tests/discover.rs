@@ -223,14 +223,14 @@ async fn taps_and_their_bridge() {
     let nics = qemu.nics().await;
     let pid = qemu.pid();
 
-    let (ports, links) = ns.run(move || {
-        let ports = discover::guest_ports(pid).unwrap();
+    let ports = ns.run(move || block_on(discover::guest_ports(pid)).unwrap());
+    let links = ns.run(move || {
         let mut socket = LinkSocket::new().unwrap();
         let links: Vec<_> = ["qtapd0", "qtapd1", "qbrd0"]
             .iter()
             .map(|name| socket.link_by_name(name).unwrap().expect(name))
-            .collect();
-        (ports, links)
+            .collect::<Vec<_>>();
+        links
     });
     eprintln!("{ports:#?}\n{nics:?}");
     let [tap0, tap1, _bridge] = &links[..] else {
@@ -275,7 +275,7 @@ async fn taps_and_their_bridge() {
     assert_ne!(ports[0].mac, Some(nics[0].mac.octets()));
 
     // Resolved in our own (the host's) namespace, those TAPs do not exist.
-    let elsewhere = discover::guest_ports(pid).unwrap();
+    let elsewhere = discover::guest_ports(pid).await.unwrap();
     assert!(
         !elsewhere.iter().any(|p| p.ifname.starts_with("qtapd")),
         "{elsewhere:?}"
@@ -365,7 +365,7 @@ async fn macvtaps_and_their_lower_device() {
         "{second_link:?}"
     );
 
-    let ports = ns.run(move || discover::guest_ports(pid).unwrap());
+    let ports = ns.run(move || block_on(discover::guest_ports(pid)).unwrap());
     eprintln!("{ports:#?}\n{nics:?}");
     let expected: Vec<GuestPort> = [
         ("qmvt0", 3, "52:54:00:00:d1:60"),
@@ -402,13 +402,23 @@ fn processes_without_ports() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let ports = discover::guest_ports(child.id());
+    let ports = block_on(discover::guest_ports(child.id()));
     let _ = child.kill();
     let _ = child.wait();
     assert!(ports.unwrap().is_empty());
     // A pid that cannot exist (pid_max is at most 2^22).
     assert!(matches!(
-        discover::guest_ports(1 << 30),
+        block_on(discover::guest_ports(1 << 30)),
         Err(DiscoverError::NoProcess { pid }) if pid == 1 << 30
     ));
+}
+
+/// Runs `future` on a runtime of the calling thread (and so in its
+/// network namespace).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }

@@ -114,10 +114,10 @@ fn bring_up_creates_the_bridge_with_its_mac_and_addresses_idempotently() {
 
     // Counters come from this namespace's bridge.
     let (rx, tx) = ns
-        .run(|| bridge_counters("qnlab"))
+        .block_on(|| bridge_counters("qnlab"))
         .expect("counters of an existing bridge");
     assert!(rx < u64::MAX && tx < u64::MAX);
-    assert_eq!(ns.run(|| bridge_counters("qnnothere")), None);
+    assert_eq!(ns.block_on(|| bridge_counters("qnnothere")), None);
 }
 
 #[test]

@@ -138,7 +138,7 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<qnet_api::Reply, ApiError> {
         match request {
-            Request::Status => Ok(self.status()),
+            Request::Status => Ok(self.status().await),
             Request::Guests => Ok(self.guest_list(peer)),
             Request::ReserveList { network } => self.reserve_list(network.as_ref(), peer),
             Request::ReserveAdd {

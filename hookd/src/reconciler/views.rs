@@ -10,31 +10,28 @@ use crate::network;
 use crate::state::{Guest, Reservation};
 
 impl Reconciler {
-    pub(super) fn status(&self) -> Reply {
-        let networks = self
-            .networks
-            .values()
-            .map(|n| {
-                let (rx_bytes, tx_bytes) = if n.up {
-                    network::bridge_counters(&n.config.bridge).unwrap_or((0, 0))
-                } else {
-                    (0, 0)
-                };
-                NetworkStatus {
-                    name: n.config.name.to_string(),
-                    mode: n.config.mode,
-                    bridge: n.config.bridge.to_string(),
-                    subnet: n.config.subnet.to_string(),
-                    router: n.config.router,
-                    ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
-                    up: n.up,
-                    degraded: None,
-                    guests: self.state.guests_on(&n.config.name),
-                    rx_bytes,
-                    tx_bytes,
-                }
-            })
-            .collect();
+    pub(super) async fn status(&self) -> Reply {
+        let mut networks = Vec::new();
+        for n in self.networks.values() {
+            let counters = match n.up {
+                true => network::bridge_counters(&n.config.bridge).await,
+                false => None,
+            };
+            let (rx_bytes, tx_bytes) = counters.unwrap_or((0, 0));
+            networks.push(NetworkStatus {
+                name: n.config.name.to_string(),
+                mode: n.config.mode,
+                bridge: n.config.bridge.to_string(),
+                subnet: n.config.subnet.to_string(),
+                router: n.config.router,
+                ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
+                up: n.up,
+                degraded: None,
+                guests: self.state.guests_on(&n.config.name),
+                rx_bytes,
+                tx_bytes,
+            });
+        }
         Reply::Status { networks }
     }
 
