@@ -22,19 +22,23 @@
 //! ```
 //!
 //! ```toml
+//! default-network = true        # see below
+//!
 //! [limits]                      # optional; these are the defaults
 //! auto-reservations-per-nic = 4 # automatic reservations a guest NIC may hold
 //! reclaim-after-days = 30       # an automatic reservation unseen this long may
 //!                               # be reused when the pool is empty
 //! qmp-sessions-per-user = 64    # QMP connections one non-root uid may hold
-//! default-network = true        # no [[network]]: run the default network
 //! ```
 //!
 //! With no file at all, or a file without any `[[network]]`, one NAT
 //! network `qnet0` is used, on a /24 the daemon picks (see
-//! [`Config::default_network`]): a file that names no network never tears
-//! the running ones down. Only `default-network = false` means "no
-//! network at all". Errors name the file, the line and the key.
+//! [`Config::default_network`]). Such a file never tears down networks
+//! configured before: the daemon refuses it while they run (an emptied or
+//! truncated file must not take every guest offline). `default-network =
+//! true` takes the default network anyway and removes the others;
+//! `default-network = false` means no network at all. Errors name the
+//! file, the line and the key.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -149,6 +153,9 @@ pub struct Config {
     /// No network is configured and the default network is wanted: the
     /// caller provides it, on a subnet it picks.
     pub use_default_network: bool,
+    /// `default-network` was written in the file: its choice may tear
+    /// down networks configured before.
+    pub default_network_explicit: bool,
     pub limits: Limits,
 }
 
@@ -178,6 +185,7 @@ impl Config {
                 networks: Vec::new(),
                 forwards: Vec::new(),
                 use_default_network: true,
+                default_network_explicit: false,
                 limits: Limits::default(),
             }),
             Err(source) => Err(ConfigError::Read {
@@ -260,9 +268,10 @@ impl Config {
             }
             forwards.push(spec);
         }
-        let limits = raw.limits.unwrap_or_default();
-        let use_default_network = networks.is_empty() && limits.default_network.unwrap_or(true);
-        let limits = limits
+        let use_default_network = networks.is_empty() && raw.default_network.unwrap_or(true);
+        let limits = raw
+            .limits
+            .unwrap_or_default()
             .validate()
             .map_err(|(key, problem)| ConfigError::InvalidLimits {
                 path: path.to_path_buf(),
@@ -273,6 +282,7 @@ impl Config {
             networks,
             forwards,
             use_default_network,
+            default_network_explicit: raw.default_network.is_some(),
             limits,
         })
     }
@@ -305,12 +315,13 @@ fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
     #[serde(default)]
     network: Vec<Spanned<RawNetwork>>,
     #[serde(default)]
     forward: Vec<Spanned<RawForward>>,
+    default_network: Option<bool>,
     limits: Option<RawLimits>,
 }
 
@@ -320,7 +331,6 @@ struct RawLimits {
     auto_reservations_per_nic: Option<usize>,
     reclaim_after_days: Option<u64>,
     qmp_sessions_per_user: Option<usize>,
-    default_network: Option<bool>,
 }
 
 impl RawLimits {
@@ -723,8 +733,9 @@ ipv6 = { subnet = "fd43::/64" }
             assert!(config.use_default_network, "{text:?}");
             assert!(config.networks.is_empty());
         }
-        let none = parse("[limits]\ndefault-network = false\n").unwrap();
-        assert!(!none.use_default_network);
+        assert!(!parse("").unwrap().default_network_explicit);
+        let none = parse("default-network = false\n").unwrap();
+        assert!(!none.use_default_network && none.default_network_explicit);
         let with = parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n").unwrap();
         assert!(!with.use_default_network);
     }

@@ -36,6 +36,10 @@ pub enum DaemonError {
     Firewall(#[from] NftError),
     #[error("picking the default network's subnet: {0}")]
     Subnet(#[from] SubnetError),
+    /// The daemon will not do what it was asked; the message says why
+    /// and what to do instead.
+    #[error("{0}")]
+    Refused(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -52,7 +56,7 @@ impl DaemonError {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            DaemonError::Config(_) => ErrorKind::Invalid,
+            DaemonError::Config(_) | DaemonError::Refused(_) => ErrorKind::Invalid,
             DaemonError::State(_) => ErrorKind::Storage,
             _ => ErrorKind::Failed,
         }

@@ -17,6 +17,7 @@ impl Reconciler {
         if let Err(e) = nft::enable_localhost_forwards() {
             tracing::warn!("enabling forwards to 127.0.0.1 (route_localnet): {e}");
         }
+        self.refuse_silent_teardown(&config)?;
         let mut wanted = config.networks;
         if config.use_default_network {
             wanted.push(Config::default_network(self.default_subnet().await?));
@@ -52,6 +53,32 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// A file that names no network while networks configured before run
+    /// (an emptied or truncated hookd.toml, say) is refused rather than
+    /// taken to mean "tear them all down"; `default-network` written in
+    /// the file says the admin means it.
+    fn refuse_silent_teardown(&self, config: &Config) -> Result<(), DaemonError> {
+        if !config.networks.is_empty() || config.default_network_explicit {
+            return Ok(());
+        }
+        let running: Vec<&str> = self
+            .state
+            .known_networks
+            .keys()
+            .map(NetName::as_str)
+            .filter(|name| *name != crate::config::DEFAULT_NETWORK)
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        Err(DaemonError::Refused(format!(
+            "{} configures no network, but network(s) {} configured before still run: refusing to tear them down; \
+             configure them again, or write `default-network = true` (the default network only) or `default-network = false` (no network) to remove them",
+            self.paths().config.display(),
+            running.join(", ")
+        )))
     }
 
     /// The default network's subnet: the one picked before, else a free
