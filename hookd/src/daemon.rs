@@ -26,11 +26,11 @@ use crate::api::{
 use crate::config::{Config, NetworkConfig};
 use crate::discover::{self, GuestPort, PortKind};
 use crate::dnsmasq::{self, DhcpHost, DnsHost, DnsmasqHandle};
+use crate::firewall::{Firewall, ForwardElement};
 use crate::libvirt::{self, LeaseUpdate};
-use crate::nft::ForwardRule;
 use crate::qmp::{self, GuestIdentity, GuestInfo, NicInfo, QmpEvent, QmpSession};
 use crate::state::{self, GuestRecord, LibvirtAddress, State, StoredForward, StoredReservation};
-use crate::{ctl, forwards, network, nft, orphans, procfs, subnet};
+use crate::{ctl, forwards, network, orphans, procfs, subnet};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
 #[derive(Debug, Clone)]
@@ -122,8 +122,10 @@ pub struct Daemon {
     state: State,
     /// Forwards of hookd.toml.
     config_forwards: Vec<ForwardSpec>,
+    /// Our nftables table: rules, and forwards as map elements.
+    firewall: Firewall,
     /// The forward map elements installed now.
-    installed_forwards: BTreeSet<ForwardRule>,
+    installed_forwards: BTreeSet<ForwardElement>,
     networks: BTreeMap<String, NetworkRuntime>,
     guests: HashMap<ConnId, GuestRuntime>,
     inputs: mpsc::UnboundedSender<Input>,
@@ -164,6 +166,7 @@ pub async fn run(paths: Paths) -> Result<(), String> {
         paths: paths.clone(),
         state,
         config_forwards: Vec::new(),
+        firewall: Firewall::new(),
         installed_forwards: BTreeSet::new(),
         networks: BTreeMap::new(),
         guests: HashMap::new(),
@@ -257,7 +260,7 @@ impl Daemon {
     /// guests that are gone dropped, server-mode guests re-dialed.
     async fn start(&mut self, config: Config) -> Result<(), String> {
         self.config_forwards = config.forwards;
-        if let Err(e) = nft::enable_localhost_forwards() {
+        if let Err(e) = self.firewall.enable_localhost_forwards() {
             tracing::warn!("enabling forwards to 127.0.0.1 (route_localnet): {e}");
         }
         let mut wanted = config.networks;
@@ -565,8 +568,9 @@ impl Daemon {
             .map(|n| n.config.clone())
             .collect();
         let forwards = self.desired_forwards();
-        let rules: Vec<ForwardRule> = forwards.iter().copied().collect();
-        nft::apply_with_forwards(&up, &rules)
+        let rules: Vec<ForwardElement> = forwards.iter().copied().collect();
+        self.firewall
+            .apply_ruleset(&up, &rules)
             .await
             .map_err(|e| format!("nftables: {e}"))?;
         self.installed_forwards = forwards;
@@ -597,7 +601,7 @@ impl Daemon {
 
     /// The forward map elements that must exist now: forwards of running
     /// guests on networks that are up.
-    fn desired_forwards(&self) -> BTreeSet<ForwardRule> {
+    fn desired_forwards(&self) -> BTreeSet<ForwardElement> {
         self.desired_forwards_of(self.forward_specs().map(|d| d.spec))
     }
 
@@ -605,7 +609,7 @@ impl Daemon {
     fn desired_forwards_of<'a>(
         &self,
         specs: impl IntoIterator<Item = &'a ForwardSpec>,
-    ) -> BTreeSet<ForwardRule> {
+    ) -> BTreeSet<ForwardElement> {
         let guests: Vec<&GuestRecord> = self.state.guests.values().collect();
         let networks: Vec<&NetworkConfig> = self
             .networks
@@ -639,7 +643,7 @@ impl Daemon {
         // set of lease files to watch changes with the same events.
         self.update_lease_watch();
         let desired = self.desired_forwards();
-        let stale: BTreeSet<ForwardRule> = self
+        let stale: BTreeSet<ForwardElement> = self
             .installed_forwards
             .difference(&desired)
             .copied()
@@ -649,33 +653,45 @@ impl Daemon {
     }
 
     /// Adds the elements of `rules` that are not installed yet.
-    async fn install_forwards(&mut self, rules: BTreeSet<ForwardRule>) {
-        let new: Vec<ForwardRule> = rules
+    async fn install_forwards(&mut self, rules: BTreeSet<ForwardElement>) {
+        let new: Vec<ForwardElement> = rules
             .difference(&self.installed_forwards)
             .copied()
             .collect();
         if new.is_empty() {
             return;
         }
-        match nft::add_forwards(&new).await {
-            Ok(()) => self.installed_forwards.extend(new),
+        match self.firewall.add_elements(&new).await {
+            Ok(report) => {
+                // A refused element (its host port forwarded to another
+                // guest) stays out; the others are installed.
+                for refused in &report.refused {
+                    tracing::warn!("{refused}");
+                }
+                self.installed_forwards.extend(report.changed);
+            }
             Err(e) => tracing::warn!("adding {} forward(s): {e}", new.len()),
         }
     }
 
     /// Removes the installed elements of `rules`.
-    async fn uninstall_forwards(&mut self, rules: BTreeSet<ForwardRule>) {
-        let stale: Vec<ForwardRule> = rules
+    async fn uninstall_forwards(&mut self, rules: BTreeSet<ForwardElement>) {
+        let stale: Vec<ForwardElement> = rules
             .intersection(&self.installed_forwards)
             .copied()
             .collect();
         if stale.is_empty() {
             return;
         }
-        match nft::remove_forwards(&stale).await {
-            Ok(()) => stale.iter().for_each(|r| {
-                self.installed_forwards.remove(r);
-            }),
+        match self.firewall.remove_elements(&stale).await {
+            Ok(report) => {
+                for refused in &report.refused {
+                    tracing::warn!("{refused}");
+                }
+                for removed in &report.changed {
+                    self.installed_forwards.remove(removed);
+                }
+            }
             Err(e) => tracing::warn!("removing {} forward(s): {e}", stale.len()),
         }
     }

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use crate::api::{normalize_mac, ForwardSpec, GuestNic, Proto};
 use crate::config::NetworkConfig;
-use crate::nft::ForwardRule;
+use crate::firewall::ForwardElement;
 use crate::state::GuestRecord;
 
 /// The guest NIC a forward goes to, if that guest runs now.
@@ -38,7 +38,7 @@ pub fn rules_for(
     spec: &ForwardSpec,
     nic: &GuestNic,
     net: Option<&NetworkConfig>,
-) -> Vec<ForwardRule> {
+) -> Vec<ForwardElement> {
     let mut rules = Vec::new();
     let Some(v4) = nic.ip else {
         return rules;
@@ -50,7 +50,7 @@ pub fn rules_for(
     for (offset, host_port) in (start..=end).enumerate() {
         let guest_port = spec.guest_port + offset as u16;
         let mut push = |host_addr: Option<IpAddr>, guest_addr: IpAddr| {
-            rules.push(ForwardRule {
+            rules.push(ForwardElement {
                 proto: spec.proto,
                 host_addr,
                 host_port,
@@ -96,7 +96,7 @@ pub fn desired<'a>(
     specs: impl IntoIterator<Item = &'a ForwardSpec>,
     guests: &[&GuestRecord],
     networks: &[&NetworkConfig],
-) -> BTreeSet<ForwardRule> {
+) -> BTreeSet<ForwardElement> {
     let mut rules = BTreeSet::new();
     for spec in specs {
         if let Some(nic) = target_nic(spec, guests.iter().copied()) {

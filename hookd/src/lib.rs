@@ -3,7 +3,7 @@
 //! share with it (the control protocol in [`api`], its [`client`]).
 //!
 //! The daemon is a reconciler ([`daemon`]); its appliers are [`network`]
-//! (bridge, addresses, sysctls), [`nft`] (our one nftables table) and
+//! (bridge, addresses, sysctls), [`firewall`] (our one nftables table) and
 //! [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
 //! [`discover`] find out what each guest is and where its NICs are.
 
@@ -14,12 +14,11 @@ pub mod ctl;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
+pub mod firewall;
 pub mod forwards;
 pub mod fsutil;
 pub mod libvirt;
 pub mod network;
-pub mod nft;
-pub mod nft_elements;
 pub mod orphans;
 pub mod procfs;
 pub mod programs;
