@@ -32,9 +32,7 @@ use std::time::Duration;
 use common::{ip_json, network, plug_guest, require, veth, Netns};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{Ipv6Config, NetworkConfig};
-use qnet_hookd::firewall::{
-    self, ElementReport, ErrorKind, Firewall, FirewallError, ForwardElement,
-};
+use qnet_hookd::firewall::{self, ElementReport, Firewall, FirewallError, ForwardElement};
 use qnet_hookd::network::bring_up;
 
 static FW: Firewall = Firewall::new();
@@ -585,7 +583,7 @@ fn assert_report(report: &ElementReport, changed: &[ForwardElement], refused: &[
     assert_eq!(got, refused, "refused: {report:?}");
     for r in &report.refused {
         assert_eq!(r.errno, libc::EEXIST, "{r}");
-        assert_eq!(r.kind(), ErrorKind::KeyTaken, "{r}");
+        assert_eq!(r.kind(), firewall::ErrorKind::KeyTaken, "{r}");
     }
 }
 
@@ -684,7 +682,7 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
     // A table without us: adding fails clearly, as a whole.
     lab.host.block_on(|| FW.teardown()).expect("remove table");
     let err = lab.add(&[web]).expect_err("no table");
-    assert_eq!(err.kind(), ErrorKind::TableMissing, "{err}");
+    assert_eq!(err.kind(), firewall::ErrorKind::TableMissing, "{err}");
     assert!(
         err.to_string().contains("No such file or directory"),
         "{err}"
