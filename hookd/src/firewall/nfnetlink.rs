@@ -58,6 +58,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a dump that a concurrent change interrupted is started again.
 const DUMP_ATTEMPTS: usize = 3;
 
+/// A map element as the kernel stores it: (key, value).
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// What a change does to its element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -111,7 +114,7 @@ pub fn transact(table: &str, changes: &[ElementChange<'_>]) -> io::Result<()> {
 /// flags the dump as interrupted by a concurrent change.
 /// Errors: `ENOENT` when the table or set does not exist; `TimedOut`; a
 /// malformed answer.
-pub fn dump_set(table: &str, set: &str) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub fn dump_set(table: &str, set: &str) -> io::Result<Vec<KeyValue>> {
     with_socket(|socket| {
         for _ in 0..DUMP_ATTEMPTS {
             let seq = socket.next_seq;
@@ -355,7 +358,7 @@ fn read_acks(socket: &Socket, expected: usize, begin: u32) -> io::Result<()> {
 
 /// Reads a dump answering sequence `seq`: its elements, or `None` when the
 /// kernel flagged it as interrupted (inconsistent).
-fn read_dump(socket: &Socket, seq: u32) -> io::Result<Option<Vec<(Vec<u8>, Vec<u8>)>>> {
+fn read_dump(socket: &Socket, seq: u32) -> io::Result<Option<Vec<KeyValue>>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut elements = Vec::new();
     let mut interrupted = false;
@@ -385,7 +388,7 @@ fn read_dump(socket: &Socket, seq: u32) -> io::Result<Option<Vec<(Vec<u8>, Vec<u
 
 /// The (key, value) of every element of a set element list; elements
 /// without both are not of a map and are left out.
-fn key_values(list: SetElementMessage) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> {
+fn key_values(list: SetElementMessage) -> impl Iterator<Item = KeyValue> {
     let elements = list.attributes.into_iter().flat_map(|a| match a {
         SetElementList::Elements(elements) => elements,
         _ => Vec::new(),
