@@ -99,7 +99,7 @@ pub fn transact(table: &str, changes: &[ElementChange<'_>]) -> io::Result<()> {
         let begin = socket.next_seq;
         socket.next_seq = batch.next_seq;
         if batch.acks == 0 {
-            return Ok(());
+            return Ok(Ok(()));
         }
         socket.send(&batch.bytes)?;
         read_acks(&socket.socket, batch.acks, begin)
@@ -125,14 +125,16 @@ pub fn dump_set(table: &str, set: &str) -> io::Result<Vec<KeyValue>> {
                 seq,
             );
             socket.send(&serialize(&[request]))?;
-            if let Some(elements) = read_dump(&socket.socket, seq)? {
-                return Ok(elements);
+            match read_dump(&socket.socket, seq)? {
+                Ok(Some(elements)) => return Ok(Ok(elements)),
+                Ok(None) => continue,
+                Err(refused) => return Ok(Err(refused)),
             }
         }
-        Err(io::Error::new(
+        Ok(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "nfnetlink: the set kept changing while it was read",
-        ))
+        )))
     })
 }
 
@@ -150,10 +152,14 @@ struct NftSocket {
     next_seq: u32,
 }
 
-/// Runs `f` with this thread's namespace's socket, opened if need be. A
-/// socket whose exchange failed is closed, so that no late answer to it
-/// can be mistaken for one of the next exchange.
-fn with_socket<T>(f: impl FnOnce(&mut NftSocket) -> io::Result<T>) -> io::Result<T> {
+/// Runs `f` with this thread's namespace's socket, opened if need be.
+/// `f` answers `Err` when the exchange broke (no answer, a socket error, a
+/// malformed answer): then the socket is closed, so that no late answer to
+/// it can be mistaken for one of the next exchange. `Ok(Err(_))` is the
+/// kernel's complete answer refusing a request: the socket stays open
+/// (closing one that deleted elements would make the kernel wait for them
+/// to be freed, holding the commit lock; see [`SOCKETS`]).
+fn with_socket<T>(f: impl FnOnce(&mut NftSocket) -> io::Result<io::Result<T>>) -> io::Result<T> {
     let namespace = current_netns()?;
     let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
     let index = match sockets.iter().position(|s| s.namespace == namespace) {
@@ -163,11 +169,10 @@ fn with_socket<T>(f: impl FnOnce(&mut NftSocket) -> io::Result<T>) -> io::Result
             sockets.len() - 1
         }
     };
-    let result = f(&mut sockets[index]);
-    if result.is_err() {
+    f(&mut sockets[index]).unwrap_or_else(|broken| {
         sockets.swap_remove(index);
-    }
-    result
+        Err(broken)
+    })
 }
 
 impl NftSocket {
@@ -322,11 +327,12 @@ fn serialize(messages: &[NetlinkMessage<NetfilterMessage>]) -> Vec<u8> {
 }
 
 /// Reads the answers to the batch that began with sequence `begin` until
-/// `expected` acks (or errors) arrived; the first error is the batch's
-/// result. An error for the batch begin message itself (the kernel could
+/// `expected` acks (or errors) arrived; the first error the kernel
+/// answered is the batch's result (the inner one: the exchange is
+/// complete); the outer error is a broken exchange. An error for the batch begin message itself (the kernel could
 /// not take the batch) ends it at once. Answers to other sequence numbers
 /// (none should come) are ignored.
-fn read_acks(socket: &Socket, expected: usize, begin: u32) -> io::Result<()> {
+fn read_acks(socket: &Socket, expected: usize, begin: u32) -> io::Result<io::Result<()>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut answered = 0;
     let mut first_error: Option<i32> = None;
@@ -350,15 +356,16 @@ fn read_acks(socket: &Socket, expected: usize, begin: u32) -> io::Result<()> {
             }
         }
     }
-    match first_error {
+    Ok(match first_error {
         Some(errno) => Err(io::Error::from_raw_os_error(errno)),
         None => Ok(()),
-    }
+    })
 }
 
 /// Reads a dump answering sequence `seq`: its elements, or `None` when the
-/// kernel flagged it as interrupted (inconsistent).
-fn read_dump(socket: &Socket, seq: u32) -> io::Result<Option<Vec<KeyValue>>> {
+/// kernel flagged it as interrupted (inconsistent); the inner error is the
+/// kernel's refusal, the outer one a broken exchange.
+fn read_dump(socket: &Socket, seq: u32) -> io::Result<io::Result<Option<Vec<KeyValue>>>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut elements = Vec::new();
     let mut interrupted = false;
@@ -371,10 +378,10 @@ fn read_dump(socket: &Socket, seq: u32) -> io::Result<Option<Vec<KeyValue>>> {
             }
             interrupted |= message.header.flags & NLM_F_DUMP_INTR != 0;
             match message.payload {
-                NetlinkPayload::Done(_) => return Ok((!interrupted).then_some(elements)),
+                NetlinkPayload::Done(_) => return Ok(Ok((!interrupted).then_some(elements))),
                 NetlinkPayload::Error(e) => {
                     let errno = e.code.map_or(libc::EPROTO, |c| -c.get());
-                    return Err(io::Error::from_raw_os_error(errno));
+                    return Ok(Err(io::Error::from_raw_os_error(errno)));
                 }
                 NetlinkPayload::InnerMessage(NetfilterMessage {
                     inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewSetElement(list)),
