@@ -101,10 +101,19 @@
 //!
 //! # Modules
 //!
-//! Dependencies point one way: [`element`] (the vocabulary) ← [`ruleset`]
-//! (the text), [`nft`] (running nft), [`batch`] (per-element changes) →
-//! [`nfnetlink`] (the wire, which knows sets and bytes only) ← [`table`]
-//! (our table as a [`Driver`]) ← this module ([`Firewall`]).
+//! Each module is one concern, and dependencies point one way (no cycle):
+//!
+//! - [`element`]: the vocabulary ([`ForwardElement`], its map, key, value
+//!   and bytes); depends on no other;
+//! - [`error`]: [`FirewallError`] and its [`ErrorKind`];
+//! - [`ruleset`]: the table's text, over an emitter;
+//! - [`nft`]: running `nft` (apply, remove, list);
+//! - [`nfnetlink`]: the wire, which knows sets and bytes, not forwards;
+//! - [`batch`]: element changes with an outcome per element, over
+//!   [`nfnetlink`];
+//! - [`driver`]: the [`Driver`] trait every firewall we write to implements;
+//! - [`table`]: our table as a [`Driver`] ([`QnetTable`]);
+//! - this module: [`Firewall`], what the reconciler holds.
 //!
 //! # Other firewalls (where they go)
 //!
@@ -125,6 +134,7 @@
 //! forwards); an integration's own state is its concern.
 
 mod batch;
+mod driver;
 mod element;
 mod error;
 mod nfnetlink;
@@ -133,9 +143,9 @@ mod ruleset;
 mod table;
 
 use std::collections::BTreeSet;
-use std::future::Future;
 
 pub use batch::{Change, ElementReport, Refused};
+pub use driver::Driver;
 pub use element::{check_elements, ForwardElement, InvalidElement, Map};
 pub use error::{ErrorKind, FirewallError};
 pub use nft::normalize;
@@ -149,47 +159,6 @@ use crate::config::NetworkConfig;
 
 /// `net.ipv4.conf.all.route_localnet` of the current network namespace.
 pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
-
-/// One firewall qnet puts its rules in (modelled on netavark's firewall
-/// driver): our own table ([`QnetTable`]) now, integrations with other
-/// firewalls next (see the module documentation).
-pub trait Driver {
-    /// For logs: what this driver changes.
-    fn name(&self) -> &'static str;
-
-    /// Makes the rules for `networks` with exactly `elements` installed,
-    /// replacing what the driver installed before, as one transaction
-    /// where the firewall allows. Invalid or conflicting elements
-    /// ([`check_elements`]) are an error before anything changes. With no
-    /// networks and no elements this is [`Driver::teardown`].
-    fn apply_ruleset(
-        &self,
-        networks: &[NetworkConfig],
-        elements: &[ForwardElement],
-    ) -> impl Future<Output = Result<(), FirewallError>> + Send;
-
-    /// Installs `elements` beside the installed ones, touching nothing
-    /// else. An element installed already is a no-op. `Err` (and nothing
-    /// changed) for invalid elements and failures that are no element's
-    /// own (a missing table, no permission, no answer); otherwise each
-    /// element is in the report as installed or refused with the reason.
-    fn add_elements(
-        &self,
-        elements: &[ForwardElement],
-    ) -> impl Future<Output = Result<ElementReport, FirewallError>> + Send;
-
-    /// Removes `elements`, touching nothing else; one that is not
-    /// installed is a no-op. One installed with *another* guest is not
-    /// ours to remove: it is refused (`EEXIST`) and stays. Errors as for
-    /// [`Driver::add_elements`].
-    fn remove_elements(
-        &self,
-        elements: &[ForwardElement],
-    ) -> impl Future<Output = Result<ElementReport, FirewallError>> + Send;
-
-    /// Removes everything this driver installed, and nothing else.
-    fn teardown(&self) -> impl Future<Output = Result<(), FirewallError>> + Send;
-}
 
 /// The firewall as the reconciler sees it. See the module documentation.
 #[derive(Debug, Default, Clone)]

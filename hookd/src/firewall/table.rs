@@ -6,12 +6,12 @@ use std::collections::BTreeSet;
 use std::io;
 
 use super::batch::{self, Change, ElementReport};
+use super::driver::Driver;
 use super::element::{check_elements, ForwardElement, Map};
 use super::error::FirewallError;
 use super::nfnetlink;
 use super::nft;
 use super::ruleset::{remove_script, script_with_forwards, TABLE_NAME};
-use super::Driver;
 use crate::config::NetworkConfig;
 
 /// `table inet qnet`. Holds nothing: the kernel holds the table, and the
