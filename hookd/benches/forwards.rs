@@ -1,4 +1,4 @@
-//! Port forwards: nftables maps (ours, `qnet_hookd::nft`) against what hook
+//! Port forwards: nftables maps (ours, `qnet_hookd::firewall`) against what hook
 //! scripts do, one iptables DNAT rule per forward.
 //!
 //! Run as root: `cargo bench -p qnet-hookd --bench forwards [add|conn]`
@@ -6,10 +6,10 @@
 //! program creates (`qnet-test-fwb*-<pid>-<n>`) and deletes, also on panic.
 //!
 //! 1. **Adding forward #1, #1,000 and #10,000.** Ours: the map holds k-1
-//!    forwards (filled with one bulk `add_forwards` transaction), then the
-//!    time of `nft::add_forwards(&[rule k])` — one nfnetlink batch of one
+//!    forwards (filled with one bulk `add_elements` transaction), then the
+//!    time of `Firewall::add_elements(&[rule k])` — one nfnetlink batch of one
 //!    `NFT_MSG_NEWSETELEM`, sent by the daemon's code itself — is taken;
-//!    the element is removed again (`remove_forwards`, timed separately)
+//!    the element is removed again (`remove_elements`, timed separately)
 //!    and the sample repeated. For comparison the same transaction is also
 //!    run as an `nft -f` process. Anchor: the chain
 //!    `QNETBENCH` (jumped to from `PREROUTING`) holds k-1 DNAT rules
@@ -43,9 +43,11 @@ use std::time::{Duration, Instant};
 
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::NetworkConfig;
+use qnet_hookd::firewall::{self, Firewall, ForwardElement};
 use qnet_hookd::network::bring_up;
-use qnet_hookd::nft::{self, ForwardRule};
 use qnet_tests::netns::NetNs;
+
+static FW: Firewall = Firewall::new();
 
 const POINTS: [usize; 3] = [1, 1_000, 10_000];
 const ADD_SAMPLES: usize = 25;
@@ -81,7 +83,7 @@ const CANDIDATES: [Candidate; 3] = [
 impl Candidate {
     fn label(self) -> String {
         match self {
-            Candidate::Ours => "ours: nft map element (`add_forwards`, nfnetlink)".into(),
+            Candidate::Ours => "ours: nft map element (`add_elements`, nfnetlink)".into(),
             Candidate::Iptables {
                 program: "iptables",
                 ..
@@ -122,9 +124,9 @@ fn network() -> NetworkConfig {
 }
 
 /// Forward number `i` (0-based) of the filler: uplink:P → guest:P.
-fn filler(i: usize) -> ForwardRule {
+fn filler(i: usize) -> ForwardElement {
     let port = FIRST_FILLER_PORT + u16::try_from(i).expect("at most 45,000 fillers");
-    ForwardRule {
+    ForwardElement {
         proto: Proto::Tcp,
         host_addr: Some(UPLINK.parse().unwrap()),
         host_port: port,
@@ -133,8 +135,8 @@ fn filler(i: usize) -> ForwardRule {
     }
 }
 
-fn measured() -> ForwardRule {
-    ForwardRule {
+fn measured() -> ForwardElement {
+    ForwardElement {
         host_port: MEASURED_PORT,
         guest_port: 80,
         ..filler(0)
@@ -142,7 +144,7 @@ fn measured() -> ForwardRule {
 }
 
 /// `-p tcp -d ADDR --dport P -j DNAT --to-destination G:P` for `rule`.
-fn iptables_rule(rule: &ForwardRule) -> String {
+fn iptables_rule(rule: &ForwardElement) -> String {
     format!(
         "-p tcp -d {} --dport {} -j DNAT --to-destination {}:{}",
         rule.host_addr.unwrap(),
@@ -196,7 +198,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// The chain `QNETBENCH` (jumped to from PREROUTING) holding exactly
 /// `rules`, in order: one restore process.
-fn iptables_fill(restore: &str, rules: impl Iterator<Item = ForwardRule>) {
+fn iptables_fill(restore: &str, rules: impl Iterator<Item = ForwardElement>) {
     let mut text = String::from("*nat\n:QNETBENCH - [0:0]\n");
     for rule in rules {
         text.push_str("-A QNETBENCH ");
@@ -266,7 +268,7 @@ fn bench_add() {
     for (candidate, ns) in &namespaces {
         ns.run_in(|| match *candidate {
             Candidate::Ours => {
-                block_on(nft::apply_with_forwards(std::slice::from_ref(&net), &[])).expect("apply")
+                block_on(FW.apply_ruleset(std::slice::from_ref(&net), &[])).expect("apply")
             }
             Candidate::Iptables { program, .. } => iptables_init(program),
         });
@@ -277,7 +279,7 @@ fn bench_add() {
         "Adding forward #k: median of {ADD_SAMPLES} single adds (each removed again, untimed), candidates alternating"
     );
     println!();
-    println!("| forward # | ours: `add_forwards` (1 element, nfnetlink) | (the same add as an `nft -f` process) | (ours: `remove_forwards`, 1 element) | anchor: `iptables -A` (nf_tables) | anchor: `iptables-legacy -A` | anchor ÷ ours (`iptables`) | anchor ÷ ours (`iptables-legacy`) |");
+    println!("| forward # | ours: `add_elements` (1 element, nfnetlink) | (the same add as an `nft -f` process) | (ours: `remove_elements`, 1 element) | anchor: `iptables -A` (nf_tables) | anchor: `iptables-legacy -A` | anchor ÷ ours (`iptables`) | anchor ÷ ours (`iptables-legacy`) |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut filled = 0;
     for k in POINTS {
@@ -285,8 +287,9 @@ fn bench_add() {
         for (candidate, ns) in &namespaces {
             ns.run_in(|| match *candidate {
                 Candidate::Ours => {
-                    let more: Vec<ForwardRule> = (filled..k - 1).map(filler).collect();
-                    block_on(nft::add_forwards(&more)).expect("bulk add");
+                    let more: Vec<ForwardElement> = (filled..k - 1).map(filler).collect();
+                    let report = block_on(FW.add_elements(&more)).expect("bulk add");
+                    assert!(report.is_complete(), "{:?}", report.refused);
                 }
                 Candidate::Iptables { restore, .. } => {
                     iptables_fill(restore, (0..k - 1).map(filler))
@@ -307,10 +310,10 @@ fn bench_add() {
                 let took = ns.run_in(|| match *candidate {
                     Candidate::Ours => block_on(async {
                         let start = Instant::now();
-                        nft::add_forwards(&[rule]).await.expect("add");
+                        FW.add_elements(&[rule]).await.expect("add");
                         let took = start.elapsed();
                         let start = Instant::now();
-                        nft::remove_forwards(&[rule]).await.expect("remove");
+                        FW.remove_elements(&[rule]).await.expect("remove");
                         removals.push(start.elapsed());
                         took
                     }),
@@ -333,12 +336,12 @@ fn bench_add() {
         }
         // The same one-element transaction through `nft -f` (how qnet did
         // it before it spoke nfnetlink itself): the cost of a process.
-        let script = nft::add_forwards_script(&[rule]);
+        let script = firewall::add_forwards_script(&[rule]);
         let mut by_nft: Vec<Duration> = (0..ADD_SAMPLES)
             .map(|_| {
                 namespaces[0].1.run_in(|| {
                     let took = timed("nft", &["-f", "-"], Some(&script));
-                    block_on(nft::remove_forwards(&[rule])).expect("remove");
+                    block_on(FW.remove_elements(&[rule])).expect("remove");
                     took
                 })
             })
@@ -406,7 +409,7 @@ impl Site {
         guest.ip(&["route", "add", "default", "via", "10.42.0.1"]);
         host.run_in(|| match candidate {
             Candidate::Ours => {
-                block_on(nft::apply_with_forwards(&[network()], &[measured()])).expect("apply")
+                block_on(FW.apply_ruleset(&[network()], &[measured()])).expect("apply")
             }
             Candidate::Iptables { program, restore } => {
                 iptables_init(program);
@@ -449,8 +452,9 @@ impl Site {
         let candidate = self.candidate;
         in_netns(&self.host_path, || match candidate {
             Candidate::Ours => {
-                let more: Vec<ForwardRule> = (installed - 1..n - 1).map(filler).collect();
-                block_on(nft::add_forwards(&more)).expect("bulk add");
+                let more: Vec<ForwardElement> = (installed - 1..n - 1).map(filler).collect();
+                let report = block_on(FW.add_elements(&more)).expect("bulk add");
+                assert!(report.is_complete(), "{:?}", report.refused);
             }
             Candidate::Iptables { restore, .. } => iptables_fill(
                 restore,

@@ -8,8 +8,8 @@ use thiserror::Error;
 
 use crate::config::ConfigError;
 use crate::dnsmasq::DnsmasqError;
+use crate::firewall::FirewallError;
 use crate::network::NetworkError;
-use crate::nft::NftError;
 use crate::state::StateError;
 use crate::subnet::SubnetError;
 
@@ -33,7 +33,7 @@ pub enum DaemonError {
         source: DnsmasqError,
     },
     #[error("nftables: {0}")]
-    Firewall(#[from] NftError),
+    Firewall(#[from] FirewallError),
     #[error("picking the default network's subnet: {0}")]
     Subnet(#[from] SubnetError),
     /// The daemon will not do what it was asked; the message says why

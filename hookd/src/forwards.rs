@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use qnet_api::{ForwardSpec, Mac};
 
 use crate::config::NetworkConfig;
-use crate::nft::ForwardRule;
+use crate::firewall::ForwardElement;
 use crate::state::{Guest, Nic};
 
 /// The guest NIC a forward goes to, if that guest runs now.
@@ -34,7 +34,11 @@ pub fn target_nic<'a>(
 /// The map elements of one forward to `nic` on `net`: one per port, IPv4,
 /// plus IPv6 when the network has it (to the guest's SLAAC address, see
 /// [`slaac_address`]) unless the forward is bound to an IPv4 host address.
-pub fn rules_for(spec: &ForwardSpec, nic: &Nic, net: Option<&NetworkConfig>) -> Vec<ForwardRule> {
+pub fn rules_for(
+    spec: &ForwardSpec,
+    nic: &Nic,
+    net: Option<&NetworkConfig>,
+) -> Vec<ForwardElement> {
     let mut rules = Vec::new();
     let Some(v4) = nic.ip else {
         return rules;
@@ -44,7 +48,7 @@ pub fn rules_for(spec: &ForwardSpec, nic: &Nic, net: Option<&NetworkConfig>) -> 
         .map(|ipv6| slaac_address(ipv6.subnet.network(), nic.mac));
     for (host_port, guest_port) in spec.ports.pairs() {
         let mut push = |host_addr: Option<IpAddr>, guest_addr: IpAddr| {
-            rules.push(ForwardRule {
+            rules.push(ForwardElement {
                 proto: spec.proto,
                 host_addr,
                 host_port,
@@ -84,7 +88,7 @@ pub fn desired<'a>(
     specs: impl IntoIterator<Item = &'a ForwardSpec>,
     guests: &[&Guest],
     networks: &[&NetworkConfig],
-) -> BTreeSet<ForwardRule> {
+) -> BTreeSet<ForwardElement> {
     let mut rules = BTreeSet::new();
     for spec in specs {
         if let Some(nic) = target_nic(spec, guests.iter().copied()) {

@@ -4,8 +4,8 @@
 //! The daemon is a reconciler (`reconciler`): inputs from the control
 //! socket (`ctl`) and from the QMP followers (`follow`) change the desired
 //! state (`state`), and small appliers make the world match it:
-//! [`network`] (bridge, addresses, sysctls), [`nft`] (our one nftables
-//! table), [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
+//! [`network`] (bridge, addresses, sysctls), [`firewall`] (our one
+//! nftables table), [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
 //! [`discover`] find out what each guest is and where its NICs are.
 //!
 //! The control protocol itself is the `qnet-api` crate, re-exported here
@@ -18,11 +18,10 @@ pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
 pub mod error;
+pub mod firewall;
 pub mod libvirt;
 pub mod netlink;
 pub mod network;
-pub mod nft;
-pub mod nft_elements;
 pub mod qmp;
 pub mod subnet;
 

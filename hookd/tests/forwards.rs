@@ -1,4 +1,4 @@
-//! Port forwards (nft.rs maps) against the real kernel, with real TCP and
+//! Port forwards (the firewall's maps) against the real kernel, with real TCP and
 //! UDP traffic from every direction. Topology, built anew by every test:
 //!
 //! ```text
@@ -32,8 +32,10 @@ use std::time::Duration;
 use common::{ip_json, network, plug_guest, require, veth, Netns};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{Ipv6Config, NetworkConfig};
+use qnet_hookd::firewall::{self, ElementReport, Firewall, FirewallError, ForwardElement};
 use qnet_hookd::network::bring_up;
-use qnet_hookd::nft::{self, ForwardRule, NftError};
+
+static FW: Firewall = Firewall::new();
 
 /// Generous failure bound for what must succeed.
 const OK_WITHIN: Duration = Duration::from_secs(10);
@@ -56,8 +58,14 @@ fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
-fn rule(proto: Proto, host: Option<&str>, port: u16, guest: &str, guest_port: u16) -> ForwardRule {
-    ForwardRule {
+fn rule(
+    proto: Proto,
+    host: Option<&str>,
+    port: u16,
+    guest: &str,
+    guest_port: u16,
+) -> ForwardElement {
+    ForwardElement {
         proto,
         host_addr: host.map(ip),
         host_port: port,
@@ -73,7 +81,7 @@ fn expand(
     ports: (u16, u16),
     guest: &str,
     guest_port: u16,
-) -> Vec<ForwardRule> {
+) -> Vec<ForwardElement> {
     (ports.0..=ports.1)
         .map(|port| rule(proto, host, port, guest, guest_port + (port - ports.0)))
         .collect()
@@ -311,22 +319,22 @@ impl Lab {
         }
     }
 
-    fn apply(&self, forwards: &[ForwardRule]) {
+    fn apply(&self, forwards: &[ForwardElement]) {
         self.host
-            .block_on(|| nft::apply_with_forwards(std::slice::from_ref(&self.net), forwards))
+            .block_on(|| FW.apply_ruleset(std::slice::from_ref(&self.net), forwards))
             .expect("apply_with_forwards");
     }
 
-    fn add(&self, rules: &[ForwardRule]) -> Result<(), NftError> {
-        self.host.block_on(|| nft::add_forwards(rules))
+    fn add(&self, rules: &[ForwardElement]) -> Result<ElementReport, FirewallError> {
+        self.host.block_on(|| FW.add_elements(rules))
     }
 
-    fn remove(&self, rules: &[ForwardRule]) -> Result<(), NftError> {
-        self.host.block_on(|| nft::remove_forwards(rules))
+    fn remove(&self, rules: &[ForwardElement]) -> Result<ElementReport, FirewallError> {
+        self.host.block_on(|| FW.remove_elements(rules))
     }
 
     fn list(&self) -> String {
-        self.host.block_on(nft::list).expect("list")
+        self.host.block_on(|| FW.listing()).expect("list")
     }
 }
 
@@ -445,7 +453,7 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
         // the DNAT'ed packet (source 127.0.0.1) out of the bridge.
         let localnet = || {
             lab.host
-                .run(|| std::fs::read_to_string(nft::ROUTE_LOCALNET).unwrap())
+                .run(|| std::fs::read_to_string(firewall::ROUTE_LOCALNET).unwrap())
                 .trim()
                 .to_owned()
         };
@@ -464,11 +472,11 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
             "127.0.0.1 was forwarded without route_localnet"
         );
         lab.host
-            .run(nft::enable_localhost_forwards)
+            .run(|| FW.enable_localhost_forwards())
             .expect("enable_localhost_forwards");
         assert_eq!(localnet(), "1");
         lab.host
-            .run(nft::enable_localhost_forwards)
+            .run(|| FW.enable_localhost_forwards())
             .expect("enabling twice");
         // Masqueraded to the router address, so the guest can answer.
         let got = must_answer(
@@ -562,8 +570,25 @@ fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
     }
 }
 
+/// `report` changed exactly `changed` and refused exactly `refused`, each
+/// with `EEXIST` (the host port is another guest's).
+#[track_caller]
+fn assert_report(report: &ElementReport, changed: &[ForwardElement], refused: &[ForwardElement]) {
+    let mut got = report.changed.clone();
+    got.sort();
+    let mut want = changed.to_vec();
+    want.sort();
+    assert_eq!(got, want, "changed: {report:?}");
+    let got: Vec<ForwardElement> = report.refused.iter().map(|r| r.element).collect();
+    assert_eq!(got, refused, "refused: {report:?}");
+    for r in &report.refused {
+        assert_eq!(r.errno, libc::EEXIST, "{r}");
+        assert_eq!(r.kind(), firewall::ErrorKind::KeyTaken, "{r}");
+    }
+}
+
 #[test]
-fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
+fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() {
     let lab = Lab::new("fw-rm", BridgeNf::Off);
     let web = rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80);
     let dns = rule(Proto::Udp, None, 5353, "10.42.0.11", 53);
@@ -573,10 +598,14 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
     lab.apply(&[]);
     let empty = lab.list();
 
-    lab.add(&[web]).expect("add");
-    lab.add(&[web])
-        .expect("adding the same forward again is a no-op");
-    lab.add(&[dns, web]).expect("add");
+    assert_report(&lab.add(&[web]).expect("add"), &[web], &[]);
+    assert_report(
+        &lab.add(&[web])
+            .expect("adding the same forward again is a no-op"),
+        &[web],
+        &[],
+    );
+    assert_report(&lab.add(&[dns, web]).expect("add"), &[dns, web], &[]);
     let installed = lab.list();
     assert_eq!(
         installed.matches(": 10.42.0.11 . 80").count(),
@@ -587,22 +616,37 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
     assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
     must_answer(ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN), "dns");
 
-    // A host port forwarded elsewhere already: the whole transaction
-    // fails, `other` included, and nothing changes.
-    let err = lab.add(&[other, clash]).expect_err("a clash");
-    let NftError::Kernel { action, source } = &err else {
-        panic!("expected the kernel's refusal, got {err}");
-    };
-    assert!(action.contains("already forwarded"), "{err}");
-    assert_eq!(source.errno(), Some(libc::EEXIST), "{err}");
+    // A host port forwarded elsewhere already: that element is refused
+    // with the kernel's reason, and `other`, in the same call, is
+    // installed and works; `web` still goes to guest1.
+    let report = lab.add(&[other, clash]).expect("a clash is per element");
+    assert_report(&report, &[other], &[clash]);
+    assert!(
+        report.refused[0]
+            .to_string()
+            .contains("already forwarded to another guest"),
+        "{}",
+        report.refused[0]
+    );
+    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8082", OK_WITHIN), "other");
+    assert_eq!(got, answered("guest2", 82, "10.99.0.2"));
+    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
+    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    assert_report(&lab.remove(&[other]).expect("remove"), &[other], &[]);
     assert_eq!(lab.list(), installed);
-    must_be_refused(ask_tcp(&lab.outside, "10.99.0.1:8082", OK_WITHIN), "other");
     // Two different guests for one port within one call: refused before nft.
     let err = lab.add(&[web, clash]).expect_err("conflicting rules");
-    assert!(matches!(err, NftError::InvalidForward { .. }), "{err}");
-    // Removing with the wrong guest removes nothing either.
-    lab.remove(&[clash]).expect_err("not this guest's forward");
-    assert_eq!(lab.list(), installed);
+    assert!(matches!(err, FirewallError::InvalidElement(..)), "{err}");
+    // Removing with the wrong guest removes nothing: refused, and `dns`
+    // in the same call is removed.
+    let report = lab.remove(&[clash, dns]).expect("per element");
+    assert_report(&report, &[dns], &[clash]);
+    must_be_refused(
+        ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+        "removed dns",
+    );
+    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
+    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
 
     lab.remove(&[web]).expect("remove");
     must_be_refused(
@@ -610,7 +654,12 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
         "removed web",
     );
     // An absent forward does not fail the others in its transaction.
-    lab.remove(&[web, dns]).expect("remove absent + present");
+    lab.add(&[dns]).expect("add dns again");
+    assert_report(
+        &lab.remove(&[web, dns]).expect("remove absent + present"),
+        &[web, dns],
+        &[],
+    );
     must_be_refused(
         ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
         "removed dns",
@@ -630,13 +679,105 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_atomic() {
         "web again",
     );
     assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
-    // A table without us: adding fails clearly.
-    lab.host.block_on(nft::remove).expect("remove table");
+    // A table without us: adding fails clearly, as a whole.
+    lab.host.block_on(|| FW.teardown()).expect("remove table");
     let err = lab.add(&[web]).expect_err("no table");
+    assert_eq!(err.kind(), firewall::ErrorKind::TableMissing, "{err}");
     assert!(
         err.to_string().contains("No such file or directory"),
         "{err}"
     );
+}
+
+/// A batch of 1,000 elements where three keys are other guests' already:
+/// the other 997 are installed in the kernel, the three are reported with
+/// the kernel's reason and left as they were; removal is per element too.
+#[test]
+fn one_taken_key_does_not_keep_the_rest_of_a_batch_out() {
+    require(&["ip", "nft"]);
+    let ns = Netns::new("fw-batch");
+    let nets = vec![net()];
+    let taken: Vec<ForwardElement> = [20_017, 20_500, 20_999]
+        .map(|port| rule(Proto::Tcp, Some(UPLINK), port, "10.42.0.99", 1))
+        .to_vec();
+    let batch = expand(
+        Proto::Tcp,
+        Some(UPLINK),
+        (20_000, 20_999),
+        "10.42.0.12",
+        20_000,
+    );
+    let clashing: Vec<ForwardElement> = batch
+        .iter()
+        .filter(|e| taken.iter().any(|t| t.host_port == e.host_port))
+        .copied()
+        .collect();
+    let free: Vec<ForwardElement> = batch
+        .iter()
+        .filter(|e| !clashing.contains(e))
+        .copied()
+        .collect();
+    let (added, installed, removed, left) = ns.block_on(|| async {
+        FW.apply_ruleset(&nets, &taken).await.expect("apply");
+        let added = FW.add_elements(&batch).await.expect("add");
+        let installed = FW.installed_elements().await.expect("read back");
+        let removed = FW.remove_elements(&batch).await.expect("remove");
+        let left = FW.installed_elements().await.expect("read back");
+        (added, installed, removed, left)
+    });
+    assert_report(&added, &free, &clashing);
+    let mut expected: Vec<ForwardElement> = taken.iter().chain(&free).copied().collect();
+    expected.sort();
+    assert_eq!(installed.into_iter().collect::<Vec<_>>(), expected);
+    // Removing the batch removes its 997 and leaves the other guest's.
+    assert_report(&removed, &free, &clashing);
+    assert_eq!(left.into_iter().collect::<Vec<_>>(), taken);
+}
+
+/// What `installed_elements` reads from the kernel is every element of the
+/// four maps, however it got there: rendered into the table by `nft -f`,
+/// added over nfnetlink, or by hand with `nft add element`. An element no
+/// forward of ours encodes (SCTP) is left out; without the table, nothing.
+#[test]
+fn installed_elements_are_read_back_from_the_kernel_whoever_installed_them() {
+    require(&["ip", "nft"]);
+    let ns = Netns::new("fw-read");
+    let nets = vec![net()];
+    let by_nft = vec![
+        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
+        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
+        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
+        rule(Proto::Udp, None, 22, "fd42::12", 22),
+    ];
+    let by_netlink = vec![
+        rule(Proto::Udp, Some(UPLINK), 8080, "10.42.0.12", 81),
+        rule(Proto::Tcp, None, 2222, "10.42.0.12", 22),
+        rule(Proto::Udp, Some(UPLINK6), 443, "fd42::12", 4443),
+        rule(Proto::Tcp, None, 65535, "fd42::11", 1),
+    ];
+    let by_hand = rule(Proto::Tcp, None, 7000, "fd42::11", 7001);
+    let absent = ns.block_on(|| FW.installed_elements()).expect("no table");
+    assert!(absent.is_empty(), "{absent:?}");
+    ns.block_on(|| FW.apply_ruleset(&nets, &by_nft))
+        .expect("apply");
+    let report = ns.block_on(|| FW.add_elements(&by_netlink)).expect("add");
+    assert!(report.is_complete(), "{report:?}");
+    ns.exec_ok(&[
+        "nft",
+        "add element inet qnet fwd6_any { tcp . 7000 : fd42::11 . 7001 }; \
+         add element inet qnet fwd4_any { sctp . 9 : 10.42.0.11 . 9 }",
+    ]);
+    let installed = ns.block_on(|| FW.installed_elements()).expect("read");
+    let mut expected: Vec<ForwardElement> = by_nft.iter().chain(&by_netlink).copied().collect();
+    expected.push(by_hand);
+    expected.sort();
+    assert_eq!(installed.into_iter().collect::<Vec<_>>(), expected);
+    // And what is listed agrees: each element once, as nft writes it.
+    let listing = ns.block_on(|| FW.listing()).expect("list");
+    for element in &expected {
+        let text = format!("{} : {}", element.key(), element.value());
+        assert_eq!(listing.matches(&text).count(), 1, "{text}:\n{listing}");
+    }
 }
 
 #[test]
@@ -662,23 +803,21 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
     ];
     forwards.extend(expand(Proto::Tcp, None, (9000, 9099), "10.42.0.12", 9000));
     let (first, after_adds, second, rendered) = ns.block_on(|| async {
-        nft::apply_with_forwards(&nets, &forwards)
-            .await
-            .expect("apply");
-        let first = nft::list().await.expect("list");
-        nft::add_forwards(&forwards)
+        FW.apply_ruleset(&nets, &forwards).await.expect("apply");
+        let first = FW.listing().await.expect("list");
+        let report = FW
+            .add_elements(&forwards)
             .await
             .expect("adding them all again");
-        let after_adds = nft::list().await.expect("list");
-        nft::apply_with_forwards(&nets, &forwards)
-            .await
-            .expect("re-apply");
-        let second = nft::list().await.expect("list");
+        assert!(report.is_complete(), "{report:?}");
+        let after_adds = FW.listing().await.expect("list");
+        FW.apply_ruleset(&nets, &forwards).await.expect("re-apply");
+        let second = FW.listing().await.expect("list");
         (
             first,
             after_adds,
             second,
-            nft::render_with_forwards(&nets, &forwards),
+            firewall::render_with_forwards(&nets, &forwards),
         )
     });
     assert_eq!(first, second, "re-applying changes nothing");
@@ -688,7 +827,7 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
     );
     assert_eq!(
         first,
-        nft::normalize(&rendered),
+        firewall::normalize(&rendered),
         "nft lists exactly what we rendered"
     );
     for rule in &forwards {
@@ -703,17 +842,17 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
     // Invalid forwards are refused before nft runs; the table stays.
     let invalid = [rule(Proto::Tcp, Some(UPLINK), 1, "fd42::11", 1)];
     let err = ns
-        .block_on(|| nft::apply_with_forwards(&nets, &invalid))
+        .block_on(|| FW.apply_ruleset(&nets, &invalid))
         .expect_err("v4 host address, v6 guest");
-    assert!(matches!(err, NftError::InvalidForward { .. }), "{err}");
-    assert_eq!(ns.block_on(nft::list).unwrap(), first);
+    assert!(matches!(err, FirewallError::InvalidElement(..)), "{err}");
+    assert_eq!(ns.block_on(|| FW.listing()).unwrap(), first);
 
     // apply() of the networks alone keeps the maps, empty.
     let bare = ns.block_on(|| async {
-        nft::apply(&nets).await.expect("apply");
-        nft::list().await.expect("list")
+        FW.apply_ruleset(&nets, &[]).await.expect("apply");
+        FW.listing().await.expect("list")
     });
-    assert_eq!(bare, nft::normalize(&nft::render(&nets)));
+    assert_eq!(bare, firewall::normalize(&firewall::render(&nets)));
     assert!(bare.contains("\tmap fwd4 {\n"), "{bare}");
     assert!(!bare.contains("elements"), "{bare}");
 
@@ -724,7 +863,7 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
         .collect();
     tables.sort();
     assert_eq!(tables, ["table inet qnet", "table ip foreign"]);
-    ns.block_on(nft::remove).expect("remove");
+    ns.block_on(|| FW.teardown()).expect("remove");
     assert_eq!(foreign(), foreign_before, "the foreign table is untouched");
     assert_eq!(
         ns.exec_ok(&["nft", "list", "tables"]).trim(),
@@ -799,7 +938,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
     veth(&host, "up0", &outside, "eth0");
     host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
     outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    host.run(nft::enable_localhost_forwards)
+    host.run(|| FW.enable_localhost_forwards())
         .expect("route_localnet");
     let mac: String = ip_json(&host, &["link", "show", "up0"])[0]["address"]
         .as_str()
@@ -833,7 +972,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
     let net = network("guard", "qnguard", Mode::Nat, "10.47.0.0/24");
     host.block_on(|| bring_up(&net)).expect("bring_up");
     let forwards = [rule(Proto::Tcp, None, 8080, "10.47.0.50", 80)];
-    host.block_on(|| nft::apply_with_forwards(std::slice::from_ref(&net), &forwards))
+    host.block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &forwards))
         .expect("apply");
     let err = probe(b"after").expect_err("our table drops it");
     assert!(
@@ -872,20 +1011,21 @@ fn netlink_elements_equal_nfts_own_in_every_map_also_by_the_ten_thousand() {
         20000,
     ));
     let (by_nft, by_netlink, emptied, empty) = ns.block_on(|| async {
-        nft::apply_with_forwards(&nets, &forwards)
+        FW.apply_ruleset(&nets, &forwards)
             .await
             .expect("apply with nft");
-        let by_nft = nft::list().await.expect("list");
-        nft::apply(&nets).await.expect("apply empty");
-        let empty = nft::list().await.expect("list");
-        nft::add_forwards(&forwards)
-            .await
-            .expect("add over netlink");
-        let by_netlink = nft::list().await.expect("list");
-        nft::remove_forwards(&forwards)
+        let by_nft = FW.listing().await.expect("list");
+        FW.apply_ruleset(&nets, &[]).await.expect("apply empty");
+        let empty = FW.listing().await.expect("list");
+        let report = FW.add_elements(&forwards).await.expect("add over netlink");
+        assert_eq!(report.changed.len(), forwards.len(), "{:?}", report.refused);
+        let by_netlink = FW.listing().await.expect("list");
+        let report = FW
+            .remove_elements(&forwards)
             .await
             .expect("remove over netlink");
-        let emptied = nft::list().await.expect("list");
+        assert!(report.is_complete(), "{report:?}");
+        let emptied = FW.listing().await.expect("list");
         (by_nft, by_netlink, emptied, empty)
     });
     assert_eq!(by_nft.matches(" : 10.42.0.12 . ").count(), 12_000);

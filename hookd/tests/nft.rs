@@ -1,4 +1,4 @@
-//! nft.rs against the real kernel: our table beside a foreign one, and real
+//! The firewall (our nftables table) against the real kernel: our table beside a foreign one, and real
 //! TCP connections through it. Topology of the packet tests:
 //!
 //! ```text
@@ -20,8 +20,10 @@ use std::time::Duration;
 use common::{accept_one, network, plug_guest, require, veth, Netns};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{BlockedPort, Ipv6Config, NetworkConfig};
+use qnet_hookd::firewall::{self, Firewall, FirewallError};
 use qnet_hookd::network::bring_up;
-use qnet_hookd::nft::{self, NftError};
+
+static FW: Firewall = Firewall::new();
 
 /// Generous failure bound for connections that must succeed.
 const OK_WITHIN: Duration = Duration::from_secs(10);
@@ -96,11 +98,11 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
     let nets = vec![nat.clone(), iso];
 
     let (absent, first, second) = ns.block_on(|| async {
-        let absent = nft::list().await.expect("list without our table");
-        nft::apply(&nets).await.expect("first apply");
-        let first = nft::list().await.expect("list");
-        nft::apply(&nets).await.expect("second apply");
-        let second = nft::list().await.expect("list");
+        let absent = FW.listing().await.expect("list without our table");
+        FW.apply_ruleset(&nets, &[]).await.expect("first apply");
+        let first = FW.listing().await.expect("list");
+        FW.apply_ruleset(&nets, &[]).await.expect("second apply");
+        let second = FW.listing().await.expect("list");
         (absent, first, second)
     });
     assert_eq!(absent, "");
@@ -120,7 +122,9 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
     // elements of an anonymous set in another order, so compare the shape).
     assert_eq!(
         first.lines().count(),
-        nft::normalize(&nft::render(&nets)).lines().count(),
+        firewall::normalize(&firewall::render(&nets))
+            .lines()
+            .count(),
         "{first}"
     );
 
@@ -137,16 +141,16 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
     // A different configuration replaces the table as a whole.
     let only_nat = vec![nat];
     let changed = ns.block_on(|| async {
-        nft::apply(&only_nat).await.expect("apply");
-        nft::list().await.expect("list")
+        FW.apply_ruleset(&only_nat, &[]).await.expect("apply");
+        FW.listing().await.expect("list")
     });
     assert!(!changed.contains("qniso"), "{changed}");
 
     ns.block_on(|| async {
-        nft::remove().await.expect("remove");
-        assert_eq!(nft::list().await.expect("list"), "");
-        nft::remove().await.expect("removing an absent table");
-        nft::apply(&[]).await.expect("applying nothing");
+        FW.teardown().await.expect("remove");
+        assert_eq!(FW.listing().await.expect("list"), "");
+        FW.teardown().await.expect("removing an absent table");
+        FW.apply_ruleset(&[], &[]).await.expect("applying nothing");
     });
     assert_eq!(
         foreign(),
@@ -171,13 +175,16 @@ fn a_failed_apply_reports_nft_and_keeps_the_previous_table() {
     twin.name = "twin".parse().unwrap();
     let bad = [lab(Mode::Routed), twin];
     let (before, err, after) = ns.block_on(|| async {
-        nft::apply(&good).await.expect("apply");
-        let before = nft::list().await.unwrap();
-        let err = nft::apply(&bad).await.expect_err("nft must refuse this");
-        let after = nft::list().await.unwrap();
+        FW.apply_ruleset(&good, &[]).await.expect("apply");
+        let before = FW.listing().await.unwrap();
+        let err = FW
+            .apply_ruleset(&bad, &[])
+            .await
+            .expect_err("nft must refuse this");
+        let after = FW.listing().await.unwrap();
         (before, err, after)
     });
-    let NftError::Failed { message, .. } = &err else {
+    let FirewallError::Failed { message, .. } = &err else {
         panic!("expected nft's error, got {err}");
     };
     assert!(message.contains("Error"), "{message}");
@@ -200,7 +207,7 @@ fn nat_masquerades_rejects_blocked_ports_and_keeps_the_outside_out() {
     ];
     let t = topology("nat", &net);
     t.daemon
-        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
         .expect("apply");
 
     // Out through the uplink, masqueraded: the outside sees the daemon's
@@ -251,7 +258,7 @@ fn nat_with_uplink_masquerades_only_via_the_uplink() {
         .ip(&["addr", "add", "10.98.0.1/24", "dev", "side0"]);
     other.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"]);
     t.daemon
-        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
         .expect("apply");
 
     let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
@@ -271,7 +278,7 @@ fn routed_forwards_both_ways_without_masquerade() {
     t.outside
         .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
     t.daemon
-        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
         .expect("apply");
 
     let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
@@ -299,7 +306,7 @@ fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
     assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
 
     t.daemon
-        .block_on(|| nft::apply(std::slice::from_ref(&net)))
+        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
         .expect("apply");
 
     let _outside_listener = t.outside.listen("10.99.0.2:8081");

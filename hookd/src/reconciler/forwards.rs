@@ -14,9 +14,9 @@ use qnet_api::{ApiError, ErrorKind, ForwardInfo, ForwardSpec, Proto, Reply};
 use super::networks::done;
 use super::{plan, Peer, Reconciler};
 use crate::error::{conflict, not_found};
+use crate::firewall::{ElementReport, ForwardElement};
 use crate::forwards;
 use crate::hostports;
-use crate::nft::{self, ForwardRule};
 use crate::state::{Forward, Guest};
 
 /// A declared forward, wherever it was declared.
@@ -81,7 +81,7 @@ impl Reconciler {
     }
 
     /// The forward map elements that must exist now.
-    pub(super) fn desired_elements(&self) -> BTreeSet<ForwardRule> {
+    pub(super) fn desired_elements(&self) -> BTreeSet<ForwardElement> {
         self.elements_of(self.declared().map(|d| d.spec))
     }
 
@@ -89,7 +89,7 @@ impl Reconciler {
     fn elements_of<'a>(
         &self,
         specs: impl IntoIterator<Item = &'a ForwardSpec>,
-    ) -> BTreeSet<ForwardRule> {
+    ) -> BTreeSet<ForwardElement> {
         let guests: Vec<&Guest> = self.state.guests.values().collect();
         plan::desired_elements(specs, &guests, &self.networks_up())
     }
@@ -233,15 +233,18 @@ impl Reconciler {
         // set of lease files to watch changes with the same events.
         self.update_lease_watch();
         let desired = self.desired_elements();
-        let stale: BTreeSet<ForwardRule> = self.installed.difference(&desired).copied().collect();
+        let stale: BTreeSet<ForwardElement> =
+            self.installed.difference(&desired).copied().collect();
         self.uninstall(stale).await;
         self.refused.retain(|e, _| desired.contains(e));
         self.install(desired).await;
     }
 
-    /// Adds the elements of `elements` that are not installed yet.
-    async fn install(&mut self, elements: BTreeSet<ForwardRule>) {
-        let new: Vec<ForwardRule> = elements
+    /// Adds the elements of `elements` that are not installed yet. The
+    /// kernel may refuse some (a key taken by another guest); the others
+    /// go in regardless, and each refusal is kept for `forward list`.
+    async fn install(&mut self, elements: BTreeSet<ForwardElement>) {
+        let new: Vec<ForwardElement> = elements
             .difference(&self.installed)
             .filter(|e| !self.refused.contains_key(e))
             .copied()
@@ -249,8 +252,8 @@ impl Reconciler {
         if new.is_empty() {
             return;
         }
-        match nft::add_forwards(&new).await {
-            Ok(()) => self.installed.extend(new),
+        match self.firewall.add_elements(&new).await {
+            Ok(report) => self.record(report, true),
             Err(e) => {
                 tracing::warn!("adding {} forward(s): {e}", new.len());
                 for element in new {
@@ -261,19 +264,34 @@ impl Reconciler {
     }
 
     /// Removes the installed elements of `elements`.
-    async fn uninstall(&mut self, elements: BTreeSet<ForwardRule>) {
-        let stale: Vec<ForwardRule> = elements.intersection(&self.installed).copied().collect();
+    async fn uninstall(&mut self, elements: BTreeSet<ForwardElement>) {
+        let stale: Vec<ForwardElement> = elements.intersection(&self.installed).copied().collect();
         for element in &elements {
             self.refused.remove(element);
         }
         if stale.is_empty() {
             return;
         }
-        match nft::remove_forwards(&stale).await {
-            Ok(()) => stale.iter().for_each(|e| {
-                self.installed.remove(e);
-            }),
+        match self.firewall.remove_elements(&stale).await {
+            Ok(report) => self.record(report, false),
             Err(e) => tracing::warn!("removing {} forward(s): {e}", stale.len()),
+        }
+    }
+
+    /// Tracks exactly what the kernel did with each element.
+    fn record(&mut self, report: ElementReport, added: bool) {
+        for element in report.changed {
+            if added {
+                self.installed.insert(element);
+            } else {
+                self.installed.remove(&element);
+            }
+        }
+        for refused in report.refused {
+            tracing::warn!("forward {}: {refused}", refused.element);
+            if added {
+                self.refused.insert(refused.element, refused.to_string());
+            }
         }
     }
 }

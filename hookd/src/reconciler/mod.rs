@@ -44,7 +44,7 @@ use crate::config::{Config, Limits, NetworkConfig};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
-use crate::nft::ForwardRule;
+use crate::firewall::{Firewall, ForwardElement};
 use crate::state::{State, Store};
 
 /// Most guest events applied before one flush: bounds how long the first
@@ -94,8 +94,9 @@ pub struct Reconciler {
     sessions: HashMap<ConnId, Session>,
     /// The forward map elements installed now, and those the kernel
     /// refused, with why.
-    installed: BTreeSet<ForwardRule>,
-    refused: BTreeMap<ForwardRule, String>,
+    installed: BTreeSet<ForwardElement>,
+    refused: BTreeMap<ForwardElement, String>,
+    firewall: Firewall,
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: ConnId,
     /// The bridges whose libvirt lease files the watcher follows.
@@ -131,6 +132,7 @@ impl Reconciler {
             sessions: HashMap::new(),
             installed: BTreeSet::new(),
             refused: BTreeMap::new(),
+            firewall: Firewall::new(),
             inputs,
             next_conn: 1,
             lease_watch,

@@ -6,7 +6,7 @@ use qnet_api::{ApiError, NetName, Reply};
 use super::{plan, NetworkRuntime, Peer, Reconciler};
 use crate::config::{Config, NetworkConfig};
 use crate::error::{not_found, DaemonError};
-use crate::{dnsmasq, network, nft, subnet};
+use crate::{dnsmasq, network, subnet};
 
 impl Reconciler {
     /// The networks of `config` (plus the default network when it asks for
@@ -14,7 +14,7 @@ impl Reconciler {
     /// that are no longer configured are removed, the others brought up
     /// unless `network down` took them down.
     pub(super) async fn start_networks(&mut self, config: Config) -> Result<(), DaemonError> {
-        if let Err(e) = nft::enable_localhost_forwards() {
+        if let Err(e) = self.firewall.enable_localhost_forwards() {
             tracing::warn!("enabling forwards to 127.0.0.1 (route_localnet): {e}");
         }
         self.refuse_silent_teardown(&config)?;
@@ -212,7 +212,7 @@ impl Reconciler {
     pub(super) async fn apply_rules(&mut self) -> Result<(), DaemonError> {
         let up: Vec<NetworkConfig> = self.networks_up().into_iter().cloned().collect();
         let elements: Vec<_> = self.desired_elements().into_iter().collect();
-        nft::apply_with_forwards(&up, &elements).await?;
+        self.firewall.apply_ruleset(&up, &elements).await?;
         self.installed = elements.into_iter().collect();
         self.refused.clear();
         Ok(())

@@ -10,8 +10,8 @@ use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
 use crate::config::NetworkConfig;
 use crate::discover::{GuestPort, PortKind};
 use crate::dnsmasq::{DhcpHost, DnsHost};
+use crate::firewall::ForwardElement;
 use crate::forwards;
-use crate::nft::ForwardRule;
 use crate::qmp::NicInfo;
 use crate::state::{Guest, State};
 
@@ -103,7 +103,7 @@ pub fn desired_elements<'a>(
     specs: impl IntoIterator<Item = &'a ForwardSpec>,
     guests: &[&Guest],
     networks_up: &[&NetworkConfig],
-) -> BTreeSet<ForwardRule> {
+) -> BTreeSet<ForwardElement> {
     let on_libvirt: BTreeSet<IpAddr> = guests
         .iter()
         .flat_map(|g| g.nics.iter())
