@@ -249,7 +249,9 @@ pub async fn follow_guest(
         Ok(stream) => stream,
         Err(e) => return fail(attach, e),
     };
-    let (events_tx, mut events) = mpsc::channel(64);
+    // Events are hints (a lagged follower re-reads the NICs): a short
+    // queue is enough, and it is memory every guest holds.
+    let (events_tx, mut events) = mpsc::channel(16);
     let (session, identity) = match QmpSession::start(stream, events_tx).await {
         Ok(started) => started,
         Err(e) => return fail(attach, format!("QMP handshake: {e}")),

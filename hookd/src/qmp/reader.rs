@@ -180,7 +180,7 @@ impl EventSink {
 }
 
 /// Line buffer capacity a QMP reader keeps between messages.
-const KEEP_LINE_BUFFER: usize = 4096;
+const KEEP_LINE_BUFFER: usize = 1024;
 
 pub(super) async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,

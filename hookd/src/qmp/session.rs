@@ -22,6 +22,9 @@ use super::types::{
 };
 use qnet_api::Mac;
 
+/// The socket read buffer of a session.
+const READ_BUFFER: usize = 1024;
+
 /// Connects to a QEMU listening on `path` (`-qmp unix:PATH,server=on`),
 /// within [`DEFAULT_TIMEOUT`].
 ///
@@ -98,7 +101,10 @@ impl QmpSession {
     ) -> Result<(QmpSession, GuestIdentity), QmpError> {
         let (identity, peer) = identify(&stream)?;
         let (read_half, write_half) = stream.into_split();
-        let mut reader = BufReader::new(read_half);
+        // Small: QEMU's messages are short but for query-rx-filter's reply,
+        // which the line buffer grows for (and then gives back); a
+        // thousand idle guests should not cost 8 KiB each for nothing.
+        let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
 
         let greeting = timeout(
             options.timeout,

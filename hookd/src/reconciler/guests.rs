@@ -90,6 +90,7 @@ impl Reconciler {
     /// it its DNS names and forwards.
     fn forget_guest(&mut self, pid: u32) {
         if let Some(guest) = self.state.guests.remove(&pid) {
+            self.gone_since_trim += 1;
             let now = state::now();
             for nic in &guest.nics {
                 self.touch_reservation(nic, now);

@@ -108,6 +108,8 @@ pub struct Reconciler {
     save_failing: bool,
     /// An [`Input::Retry`] is on its way.
     retry_pending: bool,
+    /// Guests forgotten since the allocator last gave memory back.
+    gone_since_trim: usize,
 }
 
 impl Reconciler {
@@ -140,6 +142,7 @@ impl Reconciler {
             dirty: Dirty::default(),
             save_failing: false,
             retry_pending: false,
+            gone_since_trim: 0,
         };
         reconciler.start_networks(config).await?;
         reconciler.set_aside_clashing_forwards();
@@ -235,6 +238,24 @@ impl Reconciler {
         }
         if std::mem::take(&mut self.dirty.forwards) {
             self.sync_forwards().await;
+        }
+        self.trim_after_exits();
+    }
+
+    /// After many guests left (a host shutting its guests down, say),
+    /// hands the memory their sessions used back to the system: glibc
+    /// keeps freed memory in its arenas otherwise, and the daemon's RSS
+    /// would stay at its peak for good.
+    fn trim_after_exits(&mut self) {
+        const AFTER: usize = 32;
+        if self.gone_since_trim < AFTER {
+            return;
+        }
+        self.gone_since_trim = 0;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory of the arenas.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 
