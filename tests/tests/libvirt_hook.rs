@@ -372,9 +372,11 @@ fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
         .prefix("qnet-test-libvirt-")
         .tempdir()
         .unwrap();
+    // Take the lock before looking at qemu.conf: the other libvirt test
+    // writes its own qemu.conf while it holds the lock.
+    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
     let qemu_conf_before = std::fs::read(QEMU_CONF).ok();
     let hook_existed = Path::new(HOOK).exists();
-    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
     let mut libvirtd = Libvirtd::setup(&hk, dir.path(), &hookd, "libvirt-xml");
 
     let name = format!("qnet-test-{}", random_token());
