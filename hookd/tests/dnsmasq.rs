@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{network, plug_guest, require, Netns};
+use common::{network, plug_guest, require, NetNs};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qnet_hookd::api::Mode;
@@ -40,10 +40,10 @@ fn ipv6(subnet: &str, router: &str) -> Ipv6Config {
 }
 
 /// A daemon namespace with `net` up and a guest plugged into its bridge.
-fn lan(what: &str, net: &NetworkConfig) -> (Netns, Netns) {
+fn lan(what: &str, net: &NetworkConfig) -> (NetNs, NetNs) {
     require(&["ip", "dnsmasq", "busybox"]);
-    let daemon = Netns::new(&format!("{what}-d"));
-    let guest = Netns::new(&format!("{what}-g"));
+    let daemon = NetNs::new(&format!("{what}-d"));
+    let guest = NetNs::new(&format!("{what}-g"));
     daemon.block_on(|| bring_up(net)).expect("bring_up");
     plug_guest(&daemon, &net.bridge, "gport", &guest, GUEST_MAC);
     (daemon, guest)
@@ -63,7 +63,7 @@ fn lease_script(dir: &Path) -> String {
 
 /// Asks for a lease from inside `guest` (a fresh DISCOVER every time:
 /// the script configures nothing) and returns the address offered.
-async fn dhcp(guest: &Netns, script: &str) -> Ipv4Addr {
+async fn dhcp(guest: &NetNs, script: &str) -> Ipv4Addr {
     let out = tokio::process::Command::new("ip")
         .args(["netns", "exec", guest.name(), "busybox", "udhcpc"])
         .args([
@@ -87,7 +87,7 @@ async fn dhcp(guest: &Netns, script: &str) -> Ipv4Addr {
 }
 
 /// Resolves `name` at `server` from inside `guest`.
-async fn resolve(guest: &Netns, name: &str, server: &str) -> Option<Ipv4Addr> {
+async fn resolve(guest: &NetNs, name: &str, server: &str) -> Option<Ipv4Addr> {
     let out = tokio::process::Command::new("ip")
         .args([
             "netns",
@@ -292,7 +292,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
 #[test]
 fn two_networks_run_their_own_dnsmasq_side_by_side() {
     require(&["ip", "dnsmasq"]);
-    let daemon = Netns::new("two");
+    let daemon = NetNs::new("two");
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
     let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
     // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
@@ -318,7 +318,7 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
 #[test]
 fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
     require(&["ip", "dnsmasq"]);
-    let daemon = Netns::new("broken");
+    let daemon = NetNs::new("broken");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     // Not a range within one /24: dnsmasq refuses its config.
     net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));
