@@ -50,6 +50,9 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long [`DnsmasqHandle::set_hosts`] waits for a (re)starting dnsmasq
 /// before giving up on the SIGHUP (the files are in place either way).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// After this many quick exits in a row (runs shorter than
+/// [`STABLE_AFTER`]) the network is reported degraded.
+pub const DEGRADED_AFTER: u32 = 2;
 /// How long a dnsmasq gets to exit after SIGTERM before SIGKILL.
 const TERM_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_MAX_BYTES: u64 = 4 << 20;
@@ -269,6 +272,8 @@ struct Status {
     ready: bool,
     /// How the last run ended, for error messages.
     last_exit: Option<String>,
+    /// Runs in a row that ended before [`STABLE_AFTER`].
+    quick_exits: u32,
     /// The supervisor has ended (stopped or detached).
     finished: bool,
 }
@@ -376,6 +381,23 @@ impl DnsmasqHandle {
 
     pub fn network(&self) -> &str {
         &self.network
+    }
+
+    /// Why the network's DHCP and DNS do not work although it is up:
+    /// dnsmasq keeps exiting (a read-only lease file, a port taken), or
+    /// `None` while it runs.
+    pub fn degraded(&self) -> Option<String> {
+        let s = self.status.borrow();
+        (s.quick_exits >= DEGRADED_AFTER).then(|| {
+            format!(
+                "dnsmasq exited {} times in a row{}; see the daemon's log",
+                s.quick_exits,
+                s.last_exit
+                    .as_deref()
+                    .map(|e| format!(" (last: {e})"))
+                    .unwrap_or_default()
+            )
+        })
     }
 
     /// Waits until a dnsmasq is running and listening (it has written its
@@ -493,15 +515,37 @@ impl DnsmasqHandle {
         if let Err(e) = self.task.await {
             tracing::error!(network = %self.network, "dnsmasq supervisor failed: {e}");
         }
-        let dir = self.paths.net_dir(&self.network);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(network = %self.network, "cannot remove {}: {e}", dir.display())
-            }
-        }
+        remove_run_dir(&self.network, &self.paths);
     }
+}
+
+/// Cleans up after a network that is no longer configured: stops the
+/// dnsmasq a previous daemon left running for it (see [`spawn`]) and
+/// removes `RUN/<net>`. The lease file is kept.
+pub async fn remove_stale(network: &str, paths: &Paths) {
+    stop_stale(
+        network,
+        &paths.pid_file(network),
+        &paths.config_file(network),
+    )
+    .await;
+    remove_run_dir(network, paths);
+}
+
+fn remove_run_dir(network: &str, paths: &Paths) {
+    let dir = paths.net_dir(network);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(network, "cannot remove {}: {e}", dir.display()),
+    }
+}
+
+/// One run of dnsmasq.
+#[derive(Clone, Copy)]
+struct Run {
+    pid: Option<u32>,
+    started: Instant,
 }
 
 /// Why the supervisor stopped waiting.
@@ -535,7 +579,8 @@ async fn supervise(s: Supervised, status: watch::Sender<Status>, mut stop: watch
                     st.pid = pid;
                     st.ready = false;
                 });
-                let event = watch_child(&s, &mut child, pid, &status, &mut stop).await;
+                let run = Run { pid, started };
+                let event = watch_child(&s, &mut child, run, &status, &mut stop).await;
                 match event {
                     Event::Exited(result) => {
                         status.send_modify(|st| {
@@ -562,7 +607,8 @@ async fn supervise(s: Supervised, status: watch::Sender<Status>, mut stop: watch
             }
             Err(e) => format!("cannot start {}: {e}", s.program.display()),
         };
-        if started.elapsed() >= STABLE_AFTER {
+        let quick = started.elapsed() < STABLE_AFTER;
+        if !quick {
             delay = MIN_BACKOFF;
         }
         let detail = match last_log_line(&s.log_file) {
@@ -573,7 +619,10 @@ async fn supervise(s: Supervised, status: watch::Sender<Status>, mut stop: watch
             network = %s.network,
             "dnsmasq exited unexpectedly ({detail}); restarting in {delay:?}"
         );
-        status.send_modify(|st| st.last_exit = Some(detail));
+        status.send_modify(|st| {
+            st.last_exit = Some(detail);
+            st.quick_exits = if quick { st.quick_exits + 1 } else { 0 };
+        });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             changed = stop.changed() => {
@@ -592,10 +641,11 @@ async fn supervise(s: Supervised, status: watch::Sender<Status>, mut stop: watch
 async fn watch_child(
     s: &Supervised,
     child: &mut tokio::process::Child,
-    pid: Option<u32>,
+    run: Run,
     status: &watch::Sender<Status>,
     stop: &mut watch::Receiver<bool>,
 ) -> Event {
+    let pid = run.pid;
     let mut ready = false;
     let mut last_log_check = Instant::now();
     loop {
@@ -612,6 +662,10 @@ async fn watch_child(
                     ready = true;
                     status.send_modify(|st| st.ready = true);
                     tracing::debug!(network = %s.network, ?pid, "dnsmasq is ready");
+                }
+                if ready && run.started.elapsed() >= STABLE_AFTER {
+                    // Running steadily again: no longer degraded.
+                    status.send_if_modified(|st| std::mem::take(&mut st.quick_exits) > 0);
                 }
                 if last_log_check.elapsed() >= LOG_CHECK_EVERY {
                     last_log_check = Instant::now();
@@ -669,13 +723,19 @@ fn read_pid_file(path: &Path) -> Option<u32> {
 /// Terminates a dnsmasq left by a previous daemon for this network: the
 /// pid file's process, if it is a live dnsmasq started with our config.
 async fn replace_stale(s: &Supervised) {
-    let Some(pid) = read_pid_file(&s.pid_file) else {
+    stop_stale(&s.network, &s.pid_file, &s.config).await;
+}
+
+/// Stops the dnsmasq `pid_file` names if it runs `config` (one a previous
+/// daemon started).
+async fn stop_stale(network: &str, pid_file: &Path, config: &Path) {
+    let Some(pid) = read_pid_file(pid_file) else {
         return;
     };
-    if !runs_our_config(pid, &s.config) {
+    if !runs_our_config(pid, config) {
         return;
     }
-    tracing::info!(network = %s.network, pid, "replacing the dnsmasq left by a previous run");
+    tracing::info!(network, pid, "stopping the dnsmasq left by a previous run");
     let target = Pid::from_raw(pid as i32);
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
         if kill(target, signal).is_err() {
@@ -689,7 +749,7 @@ async fn replace_stale(s: &Supervised) {
             tokio::time::sleep(READY_POLL).await;
         }
     }
-    tracing::warn!(network = %s.network, pid, "the old dnsmasq does not die");
+    tracing::warn!(network, pid, "the old dnsmasq does not die");
 }
 
 /// Whether `pid` is a dnsmasq whose command line has `--conf-file=CONFIG`.

@@ -6,6 +6,10 @@
 //! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
 //! `qnet-hookd`; MAX_GUESTS defaults to 1000, at most 1023: one bridge
 //! port each).
+//! `cargo bench -p qnet-tests --bench hookd_scale rounds [N]` instead runs
+//! three rounds of N (default 1000) guests connecting and all exiting, and
+//! reports the daemon's RSS at each round's peak, when all have exited and
+//! after 10 s idle (issue 10: allocator retention after rounds).
 //! `cargo bench -p qnet-tests --bench hookd_scale forwards` instead times
 //! adding forward #1, #1,000 and #10,000 through the daemon's control
 //! socket for one running (fake) guest.
@@ -55,6 +59,7 @@ use std::time::{Duration, Instant};
 
 use qnet_hostnet::link::{LinkSocket, PortChange};
 use qnet_hostnet::tap::Tap;
+use qnet_tests::fake_guest::{self, Identity};
 use qnet_tests::hookd::Hookd;
 use qnet_tests::netns::{run, NetNs};
 use serde_json::{json, Value};
@@ -81,8 +86,6 @@ mode = "nat"
 subnet = "10.90.0.0/16"
 "#;
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
-
 fn main() {
     if let Some(index) = std::env::var_os(WORKER_ENV) {
         let index: u32 = index.to_str().and_then(|s| s.parse().ok()).unwrap();
@@ -92,6 +95,15 @@ fn main() {
     }
     if std::env::args().skip(1).any(|a| a == "forwards") {
         forwards_through_the_daemon();
+        return;
+    }
+    if std::env::args().skip(1).any(|a| a == "rounds") {
+        let n = std::env::args()
+            .skip(1)
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(1000);
+        assert!((1..=MAX_PORTS).contains(&n), "N must be 1..={MAX_PORTS}");
+        rounds_of_guests(n);
         return;
     }
     let max: usize = std::env::args()
@@ -190,6 +202,100 @@ fn main() {
     print_results(&rows, &latencies, &teardown, sighup);
     drop(hookd);
     drop(netns);
+}
+
+// ----- memory after rounds of guests -------------------------------------------
+
+const ROUNDS: usize = 3;
+
+/// Three rounds of `n` guests connecting (all at once) and then all
+/// exiting: the daemon's RSS at each round's peak, right after every guest
+/// has gone, and after [`IDLE`] with none; `VmHWM` is the high-water mark.
+fn rounds_of_guests(n: usize) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
+    let netns = NetNs::new("hkround");
+    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
+    let net_dir = hookd.run_dir().join(NET);
+    let dns_file = net_dir.join("dns-hosts");
+    let watch = Watch::new(&net_dir);
+    wait_for_dnsmasq(&net_dir);
+    let ns_file = File::open(netns.path()).expect("open the namespace");
+    let socket = hookd.qmp_socket();
+    std::thread::sleep(Duration::from_secs(2));
+    let start = usage(daemon);
+    let names = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0)
+    };
+    println!();
+    println!(
+        "### Daemon memory over {ROUNDS} rounds of {n} guests (started at {:.1} MiB)",
+        mib(start.rss_kib)
+    );
+    println!();
+    println!("| round | RSS with {n} guests (peak) | RSS when all have exited | RSS after {}s idle | VmHWM | fds after | guests still listed |", IDLE.as_secs());
+    println!("|---|---|---|---|---|---|---|");
+    for round in 1..=ROUNDS {
+        let mut guests = Guests::default();
+        for i in 0..n {
+            // Each round's guests have MACs of their own.
+            let index = (round * 2048 + i) as u32;
+            guests.0.push(Guest::spawn(index, &socket, &ns_file));
+        }
+        let mut peak = 0;
+        for guest in &mut guests.0 {
+            guest.go();
+        }
+        wait_for(
+            &watch,
+            Duration::from_millis(50),
+            "every guest named",
+            |_| {
+                peak = peak.max(usage(daemon).rss_kib);
+                (names(&dns_file) >= n).then_some(())
+            },
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        peak = peak.max(usage(daemon).rss_kib);
+        guests.kill_all();
+        wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
+            (names(&dns_file) == 0).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let exited = usage(daemon);
+        std::thread::sleep(IDLE);
+        let idle = usage(daemon);
+        let listed = hookd.qnetctl(&["guests"]).expect("qnetctl guests")["guests"]
+            .as_array()
+            .map_or(0, Vec::len);
+        println!(
+            "| {round} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {listed} |",
+            mib(peak),
+            mib(exited.rss_kib),
+            mib(idle.rss_kib),
+            mib(vm_hwm_kib(daemon)),
+            idle.fds,
+        );
+    }
+    drop(hookd);
+    drop(netns);
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 // ----- forwards through the daemon --------------------------------------------
@@ -385,67 +491,16 @@ fn worker(index: u32, socket: &Path) {
     drop(tap);
 }
 
-/// Answers like QEMU 7.2 until the daemon hangs up.
+/// Answers like QEMU 7.2 (the test kit's fake guest) until the daemon
+/// hangs up.
 fn play_qemu(stream: UnixStream, index: u32) {
-    let mac = guest_mac(index);
-    let mut writer = stream.try_clone().unwrap();
-    let mut send = |line: &str| -> bool {
-        writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .and_then(|()| writer.flush())
-            .is_ok()
+    let identity = Identity {
+        name: format!("bench-{index}"),
+        bridge: BRIDGE.to_string(),
+        mac: std::sync::Mutex::new(guest_mac(index)),
     };
-    if !send(GREETING) {
-        return;
-    }
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let Ok(message) = serde_json::from_str::<Value>(&line) else {
-            return;
-        };
-        let id = message.get("id").cloned().unwrap_or(Value::Null);
-        let command = message["execute"].as_str().unwrap_or_default();
-        let reply = match answer(command, &message, index, &mac) {
-            Ok(value) => json!({"return": value, "id": id}),
-            Err(desc) => json!({"error": {"class": "CommandNotFound", "desc": desc}, "id": id}),
-        };
-        if !send(&reply.to_string()) {
-            return;
-        }
-    }
-}
-
-fn answer(command: &str, message: &Value, index: u32, mac: &str) -> Result<Value, String> {
-    Ok(match command {
-        "qmp_capabilities" => json!({}),
-        "query-name" => json!({"name": format!("bench-{index}")}),
-        "query-uuid" => json!({"UUID": format!("6c0e2b9a-3f1d-4c55-9e0a-{index:012x}")}),
-        "query-status" => json!({"status": "running", "singlestep": false, "running": true}),
-        "query-rx-filter" => {
-            // QEMU 7.2, virtio-net without VLAN filtering: all 4096 VLANs.
-            let vlans: Vec<u32> = (0..4096).rev().collect();
-            json!([{
-                "promiscuous": false, "name": "net0", "main-mac": mac, "unicast": "normal",
-                "vlan": "all", "vlan-table": vlans, "unicast-table": [], "multicast": "normal",
-                "multicast-overflow": false, "unicast-overflow": false,
-                "multicast-table": ["01:00:5e:00:00:01", "33:33:00:00:00:01", "33:33:ff:12:34:56"],
-                "broadcast-allowed": false
-            }])
-        }
-        "human-monitor-command" if message["arguments"]["command-line"] == "info network" => {
-            json!(format!(
-                "net0: index=0,type=nic,model=virtio-net-pci,macaddr={mac}\r\n \\ n0: \
-                 index=0,type=tap,helper=/usr/lib/qemu/qemu-bridge-helper,br={BRIDGE}\r\n"
-            ))
-        }
-        other => return Err(format!("The command {other} has not been found")),
-    })
+    let writer = fake_guest::writer_of(&stream);
+    fake_guest::play_qemu(stream, &writer, &identity);
 }
 
 // ----- the parent's side of a guest -------------------------------------------

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::mountns::MountNs;
 use crate::netns::NetNs;
 use crate::workspace_binary;
+use std::os::unix::process::CommandExt;
 
 /// A qnet-hookd process with its own config, run and state directories.
 /// Dropping it kills the daemon (the namespace's own drop kills dnsmasq).
@@ -16,12 +18,38 @@ pub struct Hookd {
     netns_name: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    launch: Launched,
+}
+
+/// How to start the daemon besides its config: for tests of hostile and
+/// unlucky conditions.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Run it in this mount namespace (and its network namespace).
+    pub mount_ns: Option<&'a MountNs>,
+    /// Mount a tmpfs of this size (e.g. `"16k"`) on its state directory,
+    /// in `mount_ns`: a small disk that fills up.
+    pub state_tmpfs: Option<&'a str>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the daemon.
+    pub nofile: Option<u64>,
+}
+
+/// What of [`Launch`] is kept for restarts.
+#[derive(Default, Clone, Copy)]
+struct Launched {
+    mount_ns_pid: Option<u32>,
+    nofile: Option<u64>,
 }
 
 impl Hookd {
     /// Starts the daemon in `netns` with `config` as hookd.toml (`None`:
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
+        Hookd::start_with(netns, config, Launch::default())
+    }
+
+    /// [`Hookd::start`], launched as `launch` says.
+    pub fn start_with(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -29,10 +57,17 @@ impl Hookd {
         if let Some(text) = config {
             std::fs::write(dir.path().join("hookd.toml"), text).unwrap();
         }
+        if let (Some(ns), Some(size)) = (launch.mount_ns, launch.state_tmpfs) {
+            ns.mount_tmpfs(&dir.path().join("state"), size);
+        }
         let mut hookd = Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
+            launch: Launched {
+                mount_ns_pid: launch.mount_ns.map(MountNs::pid),
+                nofile: launch.nofile,
+            },
         };
         hookd.spawn();
         hookd
@@ -60,9 +95,34 @@ impl Hookd {
 
     /// The command line of the daemon (for tests of bad configs too).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns_name])
-            .arg(workspace_binary("qnet-hookd"))
+        let mut cmd = match self.launch.mount_ns_pid {
+            Some(pid) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.args(["--target", &pid.to_string(), "--mount", "--net", "--"]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.netns_name]);
+                cmd
+            }
+        };
+        if let Some(limit) = self.launch.nofile {
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.arg(workspace_binary("qnet-hookd"))
             .arg("--config")
             .arg(self.dir().join("hookd.toml"))
             .arg("--run-dir")
@@ -80,19 +140,7 @@ impl Hookd {
 
     /// (Re)starts the daemon and waits until `status` answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir().join("hookd.log"))
-            .unwrap();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start qnet-hookd");
-        self.child = Some(child);
+        self.spawn_nowait();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.qnetctl(&["status"]).is_ok() {
@@ -108,6 +156,29 @@ impl Hookd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's pid while it runs (`ip netns exec` and `nsenter` exec
+    /// it, so it is the child's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the daemon without waiting for it to answer.
+    pub fn spawn_nowait(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("hookd.log"))
+            .unwrap();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start qnet-hookd");
+        self.child = Some(child);
     }
 
     /// kill -9, as a crash would.

@@ -6,11 +6,13 @@
 //! kernel feature panics with what to install. It never skips.
 
 pub mod dnsmasq;
+pub mod fake_guest;
 pub mod fake_qemu;
 pub mod guest;
 pub mod hookd;
 pub mod http;
 pub mod install;
+pub mod mountns;
 pub mod netns;
 pub mod sandbox;
 

@@ -34,6 +34,8 @@ impl Reconciler {
             if let Err(e) = network::bring_down(&net).await {
                 tracing::warn!(network = %net.name, "removing: {e}");
             }
+            // Its dnsmasq (left running by the daemon before) and run dir.
+            dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;
             self.state.known_networks.remove(&net.name);
             self.dirty.state = true;
         }

@@ -26,6 +26,10 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Seconds to wait for the daemon's reply before giving up.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -113,7 +117,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match client::request(&cli.socket, &request, Duration::from_secs(30)) {
+    match client::request(&cli.socket, &request, Duration::from_secs(cli.timeout)) {
         Ok(reply) => {
             if cli.json {
                 println!(
