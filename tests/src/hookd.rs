@@ -16,12 +16,19 @@ pub struct Hookd {
     netns_name: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Hookd {
     /// Starts the daemon in `netns` with `config` as hookd.toml (`None`:
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
+        Hookd::start_with_env(netns, config, &[])
+    }
+
+    /// [`Hookd::start`] with extra environment variables (kept for
+    /// restarts), e.g. `DBUS_SYSTEM_BUS_ADDRESS` of a private bus.
+    pub fn start_with_env(netns: &NetNs, config: Option<&str>, env: &[(&str, &str)]) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -33,6 +40,10 @@ impl Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         hookd.spawn();
         hookd
@@ -74,7 +85,8 @@ impl Hookd {
             .arg("--qmp-socket")
             .arg(self.qmp_socket())
             .arg("--log")
-            .arg("debug");
+            .arg("debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -12,6 +12,7 @@ pub mod hookd;
 pub mod http;
 pub mod install;
 pub mod netns;
+pub mod peers;
 pub mod sandbox;
 
 use std::path::PathBuf;
