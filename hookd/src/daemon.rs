@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::follow::{self, SessionLimits, Sessions};
 use crate::reconciler::{Input, Reconciler};
-use crate::{ctl, libvirt};
+use crate::{ctl, firewall, libvirt};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub async fn run(paths: Paths) -> Result<(), DaemonError> {
         config.limits.qmp_sessions_per_user,
     ));
     let reconciler = Reconciler::start(paths.clone(), config, inputs.clone(), lease_watch).await?;
+    let peer_inputs = inputs.clone();
+    firewall::peers::watch::spawn(move || peer_inputs.send(Input::PeersChanged).is_ok());
 
     let ctl_listener = bind(&paths.ctl_socket, 0o660)?;
     ctl::set_group(&paths.ctl_socket);
@@ -70,6 +72,25 @@ pub async fn run(paths: Paths) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&paths.ctl_socket);
     let _ = std::fs::remove_file(&paths.qmp_socket);
     Ok(())
+}
+
+/// `qnet-hookd --cleanup`: removes every trace of qnet from the host's
+/// firewalls — the rules and zones it added to others' (see
+/// [`firewall::peers`]) and its own table — for uninstall. Bridges and
+/// dnsmasq are the running daemon's; stop it first.
+pub async fn cleanup() -> Result<(), DaemonError> {
+    let fw = firewall::Firewall::new();
+    let mut failures = fw.cleanup_peers().await;
+    if let Err(e) = fw.teardown().await {
+        failures.push(e.to_string());
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::Refused(format!(
+        "cleanup left traces behind: {}; fix the cause and run it again",
+        failures.join("; ")
+    )))
 }
 
 /// Raises the soft limit on open files to the hard one and returns it.

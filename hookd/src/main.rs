@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long, value_name = "PATH", default_value = DEFAULT_QMP_SOCKET)]
     qmp_socket: PathBuf,
 
+    /// Remove every rule, zone and table qnet added to this host's
+    /// firewalls (its own and Docker's, iptables', firewalld's), then exit.
+    #[arg(long)]
+    cleanup: bool,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log: String,
@@ -102,7 +107,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(paths)) {
+    let work = async {
+        if cli.cleanup {
+            daemon::cleanup().await
+        } else {
+            daemon::run(paths).await
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qnet-hookd: {e}");

@@ -32,13 +32,17 @@ pub struct Launch<'a> {
     pub state_tmpfs: Option<&'a str>,
     /// `RLIMIT_NOFILE` (soft and hard) of the daemon.
     pub nofile: Option<u64>,
+    /// Extra environment variables, e.g. `DBUS_SYSTEM_BUS_ADDRESS` of a
+    /// private bus.
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// What of [`Launch`] is kept for restarts.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Launched {
     mount_ns_pid: Option<u32>,
     nofile: Option<u64>,
+    env: Vec<(String, String)>,
 }
 
 impl Hookd {
@@ -46,6 +50,19 @@ impl Hookd {
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
         Hookd::start_with(netns, config, Launch::default())
+    }
+
+    /// [`Hookd::start`] with extra environment variables (kept for
+    /// restarts).
+    pub fn start_with_env(netns: &NetNs, config: Option<&str>, env: &[(&str, &str)]) -> Hookd {
+        Hookd::start_with(
+            netns,
+            config,
+            Launch {
+                env,
+                ..Launch::default()
+            },
+        )
     }
 
     /// [`Hookd::start`], launched as `launch` says.
@@ -67,6 +84,11 @@ impl Hookd {
             launch: Launched {
                 mount_ns_pid: launch.mount_ns.map(MountNs::pid),
                 nofile: launch.nofile,
+                env: launch
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
         };
         hookd.spawn();
@@ -134,7 +156,8 @@ impl Hookd {
             .arg("--qmp-socket")
             .arg(self.qmp_socket())
             .arg("--log")
-            .arg("debug");
+            .arg("debug")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

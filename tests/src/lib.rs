@@ -14,6 +14,7 @@ pub mod http;
 pub mod install;
 pub mod mountns;
 pub mod netns;
+pub mod peers;
 pub mod sandbox;
 
 use std::path::PathBuf;

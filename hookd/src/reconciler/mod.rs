@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
-use crate::config::{Config, Limits, NetworkConfig};
+use crate::config::{Config, Integration, Limits, NetworkConfig};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
@@ -97,6 +97,10 @@ pub struct Reconciler {
     installed: BTreeSet<ForwardElement>,
     refused: BTreeMap<ForwardElement, String>,
     firewall: Firewall,
+    /// Which networks are opened in the host's other firewalls.
+    integration: Integration,
+    /// What failed the last time they were (one line each).
+    peer_failures: Vec<String>,
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: ConnId,
     /// The bridges whose libvirt lease files the watcher follows.
@@ -135,6 +139,8 @@ impl Reconciler {
             installed: BTreeSet::new(),
             refused: BTreeMap::new(),
             firewall: Firewall::new(),
+            integration: config.integration.clone(),
+            peer_failures: Vec::new(),
             inputs,
             next_conn: 1,
             lease_watch,
@@ -212,6 +218,7 @@ impl Reconciler {
             Input::GuestGone { conn, why } => self.guest_gone(conn, &why),
             Input::StaleGuestExited { pid } => self.stale_guest_exited(pid),
             Input::LibvirtLeases(update) => self.libvirt_leases(update),
+            Input::PeersChanged => self.sync_peers().await,
             Input::Retry => {
                 self.retry_pending = false;
                 self.dirty.state = true;

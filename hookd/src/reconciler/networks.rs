@@ -6,6 +6,7 @@ use qnet_api::{ApiError, NetName, Reply};
 use super::{plan, NetworkRuntime, Peer, Reconciler};
 use crate::config::{Config, NetworkConfig};
 use crate::error::{not_found, DaemonError};
+use crate::firewall::peers::Opened;
 use crate::{dnsmasq, network, subnet};
 
 impl Reconciler {
@@ -217,7 +218,21 @@ impl Reconciler {
         self.firewall.apply_ruleset(&up, &elements).await?;
         self.installed = elements.into_iter().collect();
         self.refused.clear();
+        self.sync_peers().await;
         Ok(())
+    }
+
+    /// Opens the networks that are up (and integrated) in the host's
+    /// other firewalls, and closes the others there. Failures are logged
+    /// and kept for `doctor`; our own table stands either way.
+    pub(super) async fn sync_peers(&mut self) {
+        let opened: Vec<Opened> = self
+            .networks_up()
+            .into_iter()
+            .filter(|n| self.integration.enabled(&n.name))
+            .map(Opened::of)
+            .collect();
+        self.peer_failures = self.firewall.open_in_peers(&opened).await;
     }
 
     pub(super) fn dnsmasq_paths(&self) -> dnsmasq::Paths {
