@@ -174,13 +174,13 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         let ip = Ipv4Addr::from(ip);
         (
             vec![DhcpHost {
-                mac: GUEST_MAC.into(),
+                mac: GUEST_MAC.parse().unwrap(),
                 ip,
-                name: Some("vm1".into()),
+                name: Some("vm1".parse().unwrap()),
             }],
             vec![DnsHost {
                 ip,
-                name: "vm1".into(),
+                name: "vm1".parse().unwrap(),
             }],
         )
     };
@@ -207,6 +207,15 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
             Some(Ipv4Addr::new(10, 42, 0, 50))
         );
 
+        // A new reservation needs no SIGHUP: dnsmasq read its new file
+        // through inotify (which it logs), not by re-reading every host.
+        let log = std::fs::read_to_string(paths.log_file("lab")).unwrap_or_default();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("inotify") && l.contains(&GUEST_MAC.to_lowercase())),
+            "{log}"
+        );
+
         // Moved: SIGHUP, same process, the next request gets the new one.
         let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
         handle
@@ -221,19 +230,13 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         assert_eq!(handle.pid(), Some(pid), "reloaded, not restarted");
 
         // Unchanged: the files are not even rewritten.
-        let inode = std::fs::metadata(paths.dhcp_hosts_file("lab"))
-            .unwrap()
-            .ino();
+        let host_file = paths.dhcp_hosts_dir("lab").join(GUEST_MAC.to_lowercase());
+        let inode = std::fs::metadata(&host_file).unwrap().ino();
         handle
             .set_hosts(dhcp_hosts, dns_hosts)
             .await
             .expect("set_hosts");
-        assert_eq!(
-            std::fs::metadata(paths.dhcp_hosts_file("lab"))
-                .unwrap()
-                .ino(),
-            inode
-        );
+        assert_eq!(std::fs::metadata(&host_file).unwrap().ino(), inode);
 
         // Killed: restarted by the supervisor, and DHCP answers again.
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
@@ -262,7 +265,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
         first
             .set_hosts(
                 vec![DhcpHost {
-                    mac: GUEST_MAC.into(),
+                    mac: GUEST_MAC.parse().unwrap(),
                     ip: Ipv4Addr::new(10, 42, 0, 77),
                     name: None,
                 }],
