@@ -276,6 +276,69 @@ fn f03_a_guest_changing_its_mac_cannot_exhaust_the_pool() {
     );
 }
 
+#[test]
+fn f03_an_empty_pool_reclaims_only_old_automatic_reservations() {
+    require_root();
+    let ns = NetNs::new("rl03rc");
+    let config = r#"
+[[network]]
+name = "lab"
+bridge = "qnlab"
+subnet = "10.79.0.0/24"
+dhcp-range = ["10.79.0.10", "10.79.0.13"]
+
+[limits]
+reclaim-after-days = 1
+"#;
+    let mut hookd = Hookd::start(&ns, Some(config));
+    hookd.kill9();
+    // A full pool: one manual reservation and three automatic ones, two
+    // unseen since 1970 and one seen now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let dir = hookd.dir().join("state/reservations/lab");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (last, ip, explicit, last_seen) in [
+        (0x10, "10.79.0.10", true, 1),
+        (0x11, "10.79.0.11", false, 1),
+        (0x12, "10.79.0.12", false, 2),
+        (0x13, "10.79.0.13", false, now),
+    ] {
+        let record = serde_json::json!({"ip": ip, "explicit": explicit, "last_seen": last_seen});
+        std::fs::write(
+            dir.join(format!("52-54-00-03-0f-{last:02x}.json")),
+            record.to_string(),
+        )
+        .unwrap();
+    }
+    hookd.spawn();
+    let socket = hookd.qmp_socket();
+    let _a = FakeGuest::spawn(&ns, &socket, "qnlab", "52:54:00:03:0e:01", "a");
+    assert_eq!(
+        wait_guest(&hookd, "a"),
+        "10.79.0.11",
+        "the oldest goes first"
+    );
+    let _b = FakeGuest::spawn(&ns, &socket, "qnlab", "52:54:00:03:0e:02", "b");
+    assert_eq!(wait_guest(&hookd, "b"), "10.79.0.12");
+    // Nothing else may go: the manual one, and the one seen recently.
+    let _c = FakeGuest::spawn(&ns, &socket, "qnlab", "52:54:00:03:0e:03", "c");
+    hookd.wait_until("the refusal logged", WAIT, |h| {
+        h.log().contains("has no free address left")
+    });
+    assert_eq!(guest_ip(&hookd, "c"), None);
+    assert_eq!(
+        hookd.reservation("lab", "52:54:00:03:0f:10").as_deref(),
+        Some("10.79.0.10")
+    );
+    assert_eq!(
+        hookd.reservation("lab", "52:54:00:03:0f:13").as_deref(),
+        Some("10.79.0.13")
+    );
+}
+
 // ----- 4: a local user cannot exhaust the daemon's descriptors -------------
 
 #[test]
