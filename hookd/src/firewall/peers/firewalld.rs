@@ -14,7 +14,7 @@ use super::firewalld_plan::{
     interface_changes, is_no_op, wanted_interfaces, IfChange, DESCRIPTION, POLICIES, SERVICES,
     ZONES,
 };
-use super::{Applied, Opened, PeerDriver, PeerError};
+use super::{Applied, Openings, PeerDriver, PeerError};
 
 pub const BUS_NAME: &str = "org.fedoraproject.FirewallD1";
 const PATH: &str = "/org/fedoraproject/FirewallD1";
@@ -81,7 +81,8 @@ impl PeerDriver for Firewalld {
         "firewalld".to_owned()
     }
 
-    async fn apply(&self, networks: &[Opened]) -> Result<Applied, PeerError> {
+    async fn apply(&self, what: &Openings) -> Result<Applied, PeerError> {
+        let networks = &what.networks;
         let Some(conn) = self.connect().await else {
             return Ok(Applied::default());
         };
