@@ -140,6 +140,42 @@ impl World {
     }
 }
 
+/// `qnetctl --json doctor [TARGET]`: whether it exited 0, and the
+/// problems as `SUBJECT: PROBLEM` lines with their fixes.
+fn doctor(hookd: &Hookd, target: Option<&str>) -> (bool, Vec<(String, String)>) {
+    let out = std::process::Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(hookd.ctl_socket())
+        .args(["--json", "doctor"])
+        .args(target)
+        .output()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let problems = reply["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}: {}",
+                    p["subject"].as_str().unwrap(),
+                    p["problem"].as_str().unwrap()
+                ),
+                p["fix"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (out.status.success(), problems)
+}
+
+/// Integrated, doctor finds nothing (and says so with exit status 0).
+fn assert_doctor_clean(world: &World) {
+    let (ok, problems) = doctor(&world.hookd, None);
+    assert!(ok && problems.is_empty(), "doctor: {problems:#?}");
+}
+
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok() {
@@ -190,6 +226,7 @@ fn dockerd_started_before_hookd() {
     );
     let mut world = World::start(hk, out, web, &[]);
     world.assert_works("dockerd before hookd", || docker.log());
+    assert_doctor_clean(&world);
     let marks = iptables_marks(&world.hk);
     assert!(marks.iter().all(|m| m.contains("DOCKER-USER")), "{marks:?}");
 
@@ -232,6 +269,7 @@ fn iptables_nft_drop_policy_before_hookd() {
     drop_policies(&hk, "nft");
     let mut world = World::start(hk, out, web, &[]);
     world.assert_works("iptables-nft with DROP policies", String::new);
+    assert_doctor_clean(&world);
     assert_restart_adopts(&mut world, iptables_marks);
     world.network_down();
     assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
@@ -263,6 +301,7 @@ fn firewalld_started_before_hookd_then_reload_restart_and_cleanup() {
     let mut world = World::start(hk, out, web, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
     assert_eq!(fw.zone_of(BRIDGE), "qnet-nat");
     world.assert_works("firewalld before hookd", || fw.log());
+    assert_doctor_clean(&world);
 
     fw.cmd(&["--reload"]).unwrap();
     wait_until("the bridge back in its zone after --reload", || {
@@ -333,4 +372,52 @@ fn firewalld_started_after_hookd() {
         fw.zone_of(BRIDGE) == "qnet-nat"
     });
     world.assert_works("firewalld (re)started after hookd", || fw.log());
+}
+
+#[test]
+fn doctor_names_every_drop_when_integration_is_off() {
+    let (hk, out, web) = World::namespaces("fwdo");
+    drop_policies(&hk, "nft");
+    let fw = Firewalld::start(&hk);
+    let bus = fw.bus_address();
+    let config = format!("firewall-integration = false\n{CONFIG}");
+    let hookd = Hookd::start_with_env(&hk, Some(&config), &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    let guest = VethGuest::new(&hk, BRIDGE, "fwdog", "52:54:00:7e:00:03");
+    guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
+    // The setup is really broken: no lease.
+    assert!(
+        guest.dhcp().is_err(),
+        "a lease through firewalld and a DROP policy?"
+    );
+
+    let (ok, problems) = doctor(&hookd, None);
+    assert!(!ok, "doctor must fail when it finds problems");
+    let lines: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+    let expected = [
+        "lab: iptables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: iptables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: firewalld puts bridge qnfw in zone `public`, which rejects the guests' DHCP and DNS and their forwarded packets; firewall-integration is off",
+    ];
+    assert_eq!(lines, expected, "{problems:#?}\n{}", hookd.log());
+    assert!(
+        problems[1]
+            .1
+            .contains("`iptables-nft -I INPUT 1 -i qnfw -p udp -m udp --dport 67 -j ACCEPT`"),
+        "{}",
+        problems[1].1
+    );
+    assert!(
+        problems[4].1.contains("--change-interface=qnfw"),
+        "{}",
+        problems[4].1
+    );
+    // By guest: the same problems (its one network).
+    assert_eq!(doctor(&hookd, Some("fwdog")).1, problems);
+    // Nothing was integrated.
+    assert_eq!(iptables_marks(&hk), Vec::<String>::new());
+    assert_eq!(fw.marks(), Vec::<String>::new());
+    drop(guest);
+    drop((hookd, web, out));
 }

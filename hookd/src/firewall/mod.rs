@@ -179,6 +179,11 @@ impl Firewall {
         self.peers.apply(what).await
     }
 
+    /// The other firewalls, for reading (`doctor`).
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     /// Removes every trace of qnet from the other firewalls (uninstall).
     pub async fn cleanup_peers(&self) -> Vec<String> {
         self.peers.cleanup().await

@@ -20,8 +20,10 @@
 //! | `forwards` | declared forwards and the installed map elements |
 //! | `libvirt` | libvirt guests (the hook) and libvirt's leases |
 //! | `views` | read-only replies: status, guests, reservations |
+//! | `doctor` | the facts `qnetctl doctor` diagnoses |
 //! | `plan` | pure planning, unit-tested |
 
+mod doctor;
 mod forwards;
 mod guests;
 mod input;

@@ -245,6 +245,11 @@ impl Reconciler {
         if !self.integration.global {
             return Vec::new();
         }
+        self.libvirt_forwards_installed()
+    }
+
+    /// The installed forwards to guests on libvirt's own networks.
+    pub(super) fn libvirt_forwards_installed(&self) -> Vec<LibvirtForward> {
         let mut forwards: Vec<LibvirtForward> = self
             .installed
             .iter()

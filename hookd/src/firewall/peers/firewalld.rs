@@ -50,6 +50,19 @@ impl Firewalld {
         has.then_some(conn)
     }
 
+    /// The zone whose rules `interface`'s packets meet (the default zone
+    /// for an interface bound to none); `None` without firewalld.
+    pub async fn zone_of_interface(&self, interface: &str) -> Option<String> {
+        let conn = self.connect().await?;
+        let zone: String = fw(&conn, PATH, ZONE, "getZoneOfInterface", &(interface,))
+            .await
+            .ok()?;
+        if !zone.is_empty() {
+            return Some(zone);
+        }
+        fw(&conn, PATH, BUS_NAME, "getDefaultZone", &()).await.ok()
+    }
+
     /// Removes qnet's zones and policies (after their interfaces), then
     /// reloads so the runtime follows: the uninstall.
     pub async fn remove_definitions(&self) -> Result<(), PeerError> {

@@ -174,6 +174,10 @@ impl Peers {
         }
     }
 
+    pub fn firewalld(&self) -> &Firewalld {
+        &self.firewalld
+    }
+
     /// The iptables filter tables, every backend and family.
     pub fn iptables(&self) -> &[Iptables] {
         &self.iptables
