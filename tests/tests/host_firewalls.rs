@@ -421,3 +421,66 @@ fn doctor_names_every_drop_when_integration_is_off() {
     drop(guest);
     drop((hookd, web, out));
 }
+
+/// The real test guest (QEMU, TCG) on a qnet network next to a dockerd
+/// that started first: its lease, outbound NAT (the guest's own probe)
+/// and the forward from outside.
+#[test]
+fn real_guest_next_to_dockerd() {
+    use qnet_tests::guest::{
+        check_prerequisites, guest_image, random_token, target_dir, GuestSpec, ProbeOutcome,
+        RunningGuest,
+    };
+    use qnet_tests::hookd::qmp_client_args;
+    use qnet_tests::sandbox::{sandboxed, ConfigDir};
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    let (hk, out, _web) = World::namespaces("fwrg");
+    let docker = Dockerd::start(&hk);
+    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let config = ConfigDir::new();
+    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let token = random_token();
+    let mut spec = GuestSpec::new(&image, "52:54:00:7e:00:09", &token);
+    spec.extra_append = vec![
+        format!("qnet.probe={OUTSIDE}:80"),
+        "qnet.probe_tries=5".into(),
+    ];
+    let logs = target_dir().join("qnet-test-logs").join(hk.name());
+    std::fs::create_dir_all(&logs).unwrap();
+    let serial = logs.join(format!("real-{token}.log"));
+    let helper = workspace_binary("qnet-bridge-helper");
+    let mut qemu = sandboxed("qemu-system-x86_64", &hk, &config, None);
+    qemu.args(spec.qemu_args(
+        &format!("bridge,id=n0,br={BRIDGE},helper={}", helper.display()),
+        &serial,
+    ))
+    .args(["-name", "fwreal"])
+    .args(qmp_client_args(&hookd.qmp_socket()));
+    let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+    let context = || {
+        format!(
+            "--- dockerd ---\n{}\n--- hookd ---\n{}",
+            docker.log(),
+            hookd.log()
+        )
+    };
+    let lease = guest
+        .wait_for_lease(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert!(lease.to_string().starts_with("10.78.0."), "{lease}");
+    match guest.wait_for_probe_to(&format!("{OUTSIDE}:80"), Duration::from_secs(90)) {
+        Ok(ProbeOutcome::Reached { body }) => assert!(body.contains("outside"), "{body}"),
+        other => panic!("guest -> outside: {other:?}\n{}", context()),
+    }
+    guest
+        .wait_for_ready(Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    hookd
+        .qnetctl(&["forward", "add", "fwreal", "tcp", "8080:80"])
+        .unwrap_or_else(|e| panic!("forward add: {e}\n{}", context()));
+    let forward: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
+    let body = http_get_in_netns(out.name(), forward, "/", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("outside -> forward -> guest: {e}\n{}", context()));
+    assert_eq!(body.trim(), token);
+}
