@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
+pub mod doctor;
 pub mod error;
 pub mod firewall;
 pub mod libvirt;

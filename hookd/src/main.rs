@@ -16,9 +16,17 @@ DESCRIPTION
     Keeps the networks of CONFIG up: for each, a Linux bridge with a fixed
     MAC and the router address, one nftables table of its own (`inet qnet`:
     masquerade for nat networks, forwarding per mode, blocked outgoing
-    ports; no other table is touched), and a supervised dnsmasq for DHCP and
-    DNS. Without a config file it brings up one NAT network `qnet0` on a
-    free /24.
+    ports), and a supervised dnsmasq for DHCP and DNS. Without a config
+    file it brings up one NAT network `qnet0` on a free /24.
+
+    Other firewalls of the host would drop the guests' traffic, so each
+    network is opened in them the way they document (rules commented
+    `qnet:NETWORK`): Docker's DOCKER-USER, iptables FORWARD/INPUT where
+    they drop (nft and legacy backends), firewalld zones qnet-nat,
+    qnet-routed, qnet-isolated and qnet-* policies (system D-Bus), libvirt's
+    LIBVIRT_FWI for forwards into libvirt NAT networks; kept up when those
+    firewalls change. `firewall-integration = false` in CONFIG turns this
+    off; --cleanup removes every trace; `qnetctl doctor` explains drops.
 
     It follows each QEMU over QMP, either because QEMU dials it:
         -chardev socket,id=qnet,path=/run/qnet/qmp.sock,reconnect=1

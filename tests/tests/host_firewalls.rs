@@ -140,6 +140,42 @@ impl World {
     }
 }
 
+/// `qnetctl --json doctor [TARGET]`: whether it exited 0, and the
+/// problems as `SUBJECT: PROBLEM` lines with their fixes.
+fn doctor(hookd: &Hookd, target: Option<&str>) -> (bool, Vec<(String, String)>) {
+    let out = std::process::Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(hookd.ctl_socket())
+        .args(["--json", "doctor"])
+        .args(target)
+        .output()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let problems = reply["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}: {}",
+                    p["subject"].as_str().unwrap(),
+                    p["problem"].as_str().unwrap()
+                ),
+                p["fix"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (out.status.success(), problems)
+}
+
+/// Integrated, doctor finds nothing (and says so with exit status 0).
+fn assert_doctor_clean(world: &World) {
+    let (ok, problems) = doctor(&world.hookd, None);
+    assert!(ok && problems.is_empty(), "doctor: {problems:#?}");
+}
+
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok() {
@@ -190,6 +226,7 @@ fn dockerd_started_before_hookd() {
     );
     let mut world = World::start(hk, out, web, &[]);
     world.assert_works("dockerd before hookd", || docker.log());
+    assert_doctor_clean(&world);
     let marks = iptables_marks(&world.hk);
     assert!(marks.iter().all(|m| m.contains("DOCKER-USER")), "{marks:?}");
 
@@ -232,6 +269,7 @@ fn iptables_nft_drop_policy_before_hookd() {
     drop_policies(&hk, "nft");
     let mut world = World::start(hk, out, web, &[]);
     world.assert_works("iptables-nft with DROP policies", String::new);
+    assert_doctor_clean(&world);
     assert_restart_adopts(&mut world, iptables_marks);
     world.network_down();
     assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
@@ -263,6 +301,7 @@ fn firewalld_started_before_hookd_then_reload_restart_and_cleanup() {
     let mut world = World::start(hk, out, web, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
     assert_eq!(fw.zone_of(BRIDGE), "qnet-nat");
     world.assert_works("firewalld before hookd", || fw.log());
+    assert_doctor_clean(&world);
 
     fw.cmd(&["--reload"]).unwrap();
     wait_until("the bridge back in its zone after --reload", || {
@@ -333,4 +372,115 @@ fn firewalld_started_after_hookd() {
         fw.zone_of(BRIDGE) == "qnet-nat"
     });
     world.assert_works("firewalld (re)started after hookd", || fw.log());
+}
+
+#[test]
+fn doctor_names_every_drop_when_integration_is_off() {
+    let (hk, out, web) = World::namespaces("fwdo");
+    drop_policies(&hk, "nft");
+    let fw = Firewalld::start(&hk);
+    let bus = fw.bus_address();
+    let config = format!("firewall-integration = false\n{CONFIG}");
+    let hookd = Hookd::start_with_env(&hk, Some(&config), &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    let guest = VethGuest::new(&hk, BRIDGE, "fwdog", "52:54:00:7e:00:03");
+    guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
+    // The setup is really broken: no lease.
+    assert!(
+        guest.dhcp().is_err(),
+        "a lease through firewalld and a DROP policy?"
+    );
+
+    let (ok, problems) = doctor(&hookd, None);
+    assert!(!ok, "doctor must fail when it finds problems");
+    let lines: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+    let expected = [
+        "lab: iptables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: iptables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: firewalld puts bridge qnfw in zone `public`, which rejects the guests' DHCP and DNS and their forwarded packets; firewall-integration is off",
+    ];
+    assert_eq!(lines, expected, "{problems:#?}\n{}", hookd.log());
+    assert!(
+        problems[1]
+            .1
+            .contains("`iptables-nft -I INPUT 1 -i qnfw -p udp -m udp --dport 67 -j ACCEPT`"),
+        "{}",
+        problems[1].1
+    );
+    assert!(
+        problems[4].1.contains("--change-interface=qnfw"),
+        "{}",
+        problems[4].1
+    );
+    // By guest: the same problems (its one network).
+    assert_eq!(doctor(&hookd, Some("fwdog")).1, problems);
+    // Nothing was integrated.
+    assert_eq!(iptables_marks(&hk), Vec::<String>::new());
+    assert_eq!(fw.marks(), Vec::<String>::new());
+    drop(guest);
+    drop((hookd, web, out));
+}
+
+/// The real test guest (QEMU, TCG) on a qnet network next to a dockerd
+/// that started first: its lease, outbound NAT (the guest's own probe)
+/// and the forward from outside.
+#[test]
+fn real_guest_next_to_dockerd() {
+    use qnet_tests::guest::{
+        check_prerequisites, guest_image, random_token, target_dir, GuestSpec, ProbeOutcome,
+        RunningGuest,
+    };
+    use qnet_tests::hookd::qmp_client_args;
+    use qnet_tests::sandbox::{sandboxed, ConfigDir};
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    let (hk, out, _web) = World::namespaces("fwrg");
+    let docker = Dockerd::start(&hk);
+    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let config = ConfigDir::new();
+    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let token = random_token();
+    let mut spec = GuestSpec::new(&image, "52:54:00:7e:00:09", &token);
+    spec.extra_append = vec![
+        format!("qnet.probe={OUTSIDE}:80"),
+        "qnet.probe_tries=5".into(),
+    ];
+    let logs = target_dir().join("qnet-test-logs").join(hk.name());
+    std::fs::create_dir_all(&logs).unwrap();
+    let serial = logs.join(format!("real-{token}.log"));
+    let helper = workspace_binary("qnet-bridge-helper");
+    let mut qemu = sandboxed("qemu-system-x86_64", &hk, &config, None);
+    qemu.args(spec.qemu_args(
+        &format!("bridge,id=n0,br={BRIDGE},helper={}", helper.display()),
+        &serial,
+    ))
+    .args(["-name", "fwreal"])
+    .args(qmp_client_args(&hookd.qmp_socket()));
+    let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+    let context = || {
+        format!(
+            "--- dockerd ---\n{}\n--- hookd ---\n{}",
+            docker.log(),
+            hookd.log()
+        )
+    };
+    let lease = guest
+        .wait_for_lease(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert!(lease.to_string().starts_with("10.78.0."), "{lease}");
+    match guest.wait_for_probe_to(&format!("{OUTSIDE}:80"), Duration::from_secs(90)) {
+        Ok(ProbeOutcome::Reached { body }) => assert!(body.contains("outside"), "{body}"),
+        other => panic!("guest -> outside: {other:?}\n{}", context()),
+    }
+    guest
+        .wait_for_ready(Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    hookd
+        .qnetctl(&["forward", "add", "fwreal", "tcp", "8080:80"])
+        .unwrap_or_else(|e| panic!("forward add: {e}\n{}", context()));
+    let forward: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
+    let body = http_get_in_netns(out.name(), forward, "/", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("outside -> forward -> guest: {e}\n{}", context()));
+    assert_eq!(body.trim(), token);
 }

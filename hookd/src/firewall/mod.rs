@@ -175,8 +175,13 @@ impl Firewall {
     /// iptables, firewalld; see [`peers`]), removing what qnet had opened
     /// there for other networks. A peer failing does not stop the others;
     /// the failures come back one line each.
-    pub async fn open_in_peers(&self, networks: &[peers::Opened]) -> Vec<String> {
-        self.peers.apply(networks).await
+    pub async fn open_in_peers(&self, what: &peers::Openings) -> Vec<String> {
+        self.peers.apply(what).await
+    }
+
+    /// The other firewalls, for reading (`doctor`).
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// Removes every trace of qnet from the other firewalls (uninstall).

@@ -20,8 +20,10 @@
 //! | `forwards` | declared forwards and the installed map elements |
 //! | `libvirt` | libvirt guests (the hook) and libvirt's leases |
 //! | `views` | read-only replies: status, guests, reservations |
+//! | `doctor` | the facts `qnetctl doctor` diagnoses |
 //! | `plan` | pure planning, unit-tested |
 
+mod doctor;
 mod forwards;
 mod guests;
 mod input;
@@ -44,6 +46,7 @@ use crate::config::{Config, Integration, Limits, NetworkConfig};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
+use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
 use crate::state::{State, Store};
 
@@ -101,6 +104,8 @@ pub struct Reconciler {
     integration: Integration,
     /// What failed the last time they were (one line each).
     peer_failures: Vec<String>,
+    /// What was opened in them last.
+    peers_opened: Openings,
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: ConnId,
     /// The bridges whose libvirt lease files the watcher follows.
@@ -141,6 +146,7 @@ impl Reconciler {
             firewall: Firewall::new(),
             integration: config.integration.clone(),
             peer_failures: Vec::new(),
+            peers_opened: Openings::default(),
             inputs,
             next_conn: 1,
             lease_watch,

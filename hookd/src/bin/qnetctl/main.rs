@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use qnet_api::{client, ForwardSpec, Invalid, Proto, Request};
+use qnet_api::{client, ForwardSpec, Invalid, Proto, Reply, Request};
 
 mod render;
 
@@ -49,6 +49,12 @@ enum Command {
     /// Host-port forwards to guests (active while the guest runs).
     #[command(subcommand)]
     Forward(ForwardCommand),
+    /// Check the path guests' packets take (every network, one NETWORK, or a
+    /// GUEST's): one line per problem with its fix; exit status 1 if any.
+    Doctor {
+        /// A network or a running guest's name (default: everything).
+        target: Option<String>,
+    },
     /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
     Attach {
         /// QEMU's QMP server socket.
@@ -127,7 +133,11 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", render::reply(&reply));
             }
-            ExitCode::SUCCESS
+            match reply {
+                // doctor: problems found is a failure, for scripts.
+                Reply::Doctor { problems } if !problems.is_empty() => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
+            }
         }
         Err(err) => {
             eprintln!("qnetctl: {err}");
@@ -191,6 +201,7 @@ fn request(command: Command) -> Result<Request, Invalid> {
             host_addr,
         },
         Command::Forward(ForwardCommand::List) => Request::ForwardList,
+        Command::Doctor { target } => Request::Doctor { target },
         Command::Attach { qmp } => {
             // The daemon dials the path itself, so it must be absolute.
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);

@@ -14,7 +14,7 @@ use super::firewalld_plan::{
     interface_changes, is_no_op, wanted_interfaces, IfChange, DESCRIPTION, POLICIES, SERVICES,
     ZONES,
 };
-use super::{Applied, Opened, PeerDriver, PeerError};
+use super::{Applied, Openings, PeerDriver, PeerError};
 
 pub const BUS_NAME: &str = "org.fedoraproject.FirewallD1";
 const PATH: &str = "/org/fedoraproject/FirewallD1";
@@ -50,6 +50,19 @@ impl Firewalld {
         has.then_some(conn)
     }
 
+    /// The zone whose rules `interface`'s packets meet (the default zone
+    /// for an interface bound to none); `None` without firewalld.
+    pub async fn zone_of_interface(&self, interface: &str) -> Option<String> {
+        let conn = self.connect().await?;
+        let zone: String = fw(&conn, PATH, ZONE, "getZoneOfInterface", &(interface,))
+            .await
+            .ok()?;
+        if !zone.is_empty() {
+            return Some(zone);
+        }
+        fw(&conn, PATH, BUS_NAME, "getDefaultZone", &()).await.ok()
+    }
+
     /// Removes qnet's zones and policies (after their interfaces), then
     /// reloads so the runtime follows: the uninstall.
     pub async fn remove_definitions(&self) -> Result<(), PeerError> {
@@ -81,7 +94,8 @@ impl PeerDriver for Firewalld {
         "firewalld".to_owned()
     }
 
-    async fn apply(&self, networks: &[Opened]) -> Result<Applied, PeerError> {
+    async fn apply(&self, what: &Openings) -> Result<Applied, PeerError> {
+        let networks = &what.networks;
         let Some(conn) = self.connect().await else {
             return Ok(Applied::default());
         };

@@ -8,7 +8,7 @@
 use std::process::Stdio;
 
 use super::iptables_plan::{diff, wanted, FilterView, Op};
-use super::{Applied, Family, Opened, PeerDriver, PeerError};
+use super::{Applied, Family, Openings, PeerDriver, PeerError};
 use crate::programs::find_program;
 
 /// Which kernel tables an iptables binary edits.
@@ -85,11 +85,11 @@ impl PeerDriver for Iptables {
         format!("{} ({table})", self.program())
     }
 
-    async fn apply(&self, networks: &[Opened]) -> Result<Applied, PeerError> {
+    async fn apply(&self, what: &Openings) -> Result<Applied, PeerError> {
         let Some(view) = self.view().await? else {
             return Ok(Applied::default());
         };
-        let changes = diff(&view, &wanted(&view, self.family, networks));
+        let changes = diff(&view, &wanted(&view, self.family, what));
         for (op, rule) in &changes {
             let args = rule.args(*op);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::Mode;
 
-use super::{marker, Family, Opened, MARKER_PREFIX};
+use super::{libvirt_marker, marker, Family, LibvirtForward, Openings, MARKER_PREFIX};
 
 /// The chain Docker makes for other software's forwarding rules.
 pub const DOCKER_USER: &str = "DOCKER-USER";
@@ -157,12 +157,23 @@ fn unquote(spec: &str) -> String {
         .join(" ")
 }
 
-/// The accepts `networks` need in a filter table like `view`.
-pub fn wanted(view: &FilterView, family: Family, networks: &[Opened]) -> Vec<Rule> {
+/// libvirt's chain rejecting connections into its NAT and isolated
+/// networks (its iptables backend; `FORWARD` jumps to it).
+pub const LIBVIRT_FWI: &str = "LIBVIRT_FWI";
+
+/// The accepts `what` needs in a filter table like `view`.
+pub fn wanted(view: &FilterView, family: Family, what: &Openings) -> Vec<Rule> {
     let forward = view.forward_chain();
     let input = view.drops("INPUT").is_some();
     let mut rules = Vec::new();
-    for net in networks.iter().filter(|n| family == Family::V4 || n.ipv6) {
+    if family == Family::V4 && view.chains.contains(LIBVIRT_FWI) {
+        rules.extend(what.libvirt.iter().map(libvirt_rule));
+    }
+    for net in what
+        .networks
+        .iter()
+        .filter(|n| family == Family::V4 || n.ipv6)
+    {
         let tag = format!("-m comment --comment {}", marker(&net.name));
         let br = &net.bridge;
         if let Some(chain) = forward {
@@ -177,6 +188,22 @@ pub fn wanted(view: &FilterView, family: Family, networks: &[Opened]) -> Vec<Rul
         }
     }
     rules
+}
+
+/// The narrowest accept for one forward into a libvirt network: only
+/// connections our table DNAT'ed, to that guest and port.
+fn libvirt_rule(f: &LibvirtForward) -> Rule {
+    let proto = f.proto.to_string();
+    Rule::new(
+        LIBVIRT_FWI,
+        format!(
+            "-d {}/32 -o {} -p {proto} -m {proto} --dport {} -m conntrack --ctstate DNAT -m comment --comment {} -j ACCEPT",
+            f.guest,
+            f.bridge,
+            f.port,
+            libvirt_marker(&f.network)
+        ),
+    )
 }
 
 fn forward_specs(mode: Mode, br: &str, tag: &str) -> Vec<String> {
@@ -207,14 +234,19 @@ fn input_specs(family: Family, br: &str, tag: &str) -> Vec<String> {
     ]
 }
 
-/// The changes that leave exactly `wanted` of our rules in `view`:
-/// deletes first (ours no longer wanted, and duplicates), then inserts
-/// (in reverse, so that inserting each at position 1 keeps their order).
+/// The changes that leave exactly `wanted` of our rules in `view`, each
+/// ahead of every rule of others in its chain: deletes first (ours no
+/// longer wanted, duplicates, and every one of ours in a chain where a
+/// peer put a rule ahead of one of them, as libvirt does when it rebuilds
+/// its chains), then inserts (in reverse, so that inserting each at
+/// position 1 keeps their order).
 pub fn diff(view: &FilterView, wanted: &[Rule]) -> Vec<(Op, Rule)> {
+    let overtaken = overtaken_chains(view);
     let mut kept = BTreeSet::new();
     let mut changes = Vec::new();
     for rule in view.ours() {
-        if wanted.contains(rule) && kept.insert(rule.clone()) {
+        let keep = wanted.contains(rule) && !overtaken.contains(rule.chain.as_str());
+        if keep && kept.insert(rule.clone()) {
             continue;
         }
         changes.push((Op::Delete, rule.clone()));
@@ -227,18 +259,35 @@ pub fn diff(view: &FilterView, wanted: &[Rule]) -> Vec<(Op, Rule)> {
     changes
 }
 
+/// The chains where a rule of someone else's comes before one of ours.
+fn overtaken_chains(view: &FilterView) -> BTreeSet<&str> {
+    let mut foreign_seen = BTreeSet::new();
+    let mut overtaken = BTreeSet::new();
+    for rule in &view.rules {
+        if !rule.is_ours() {
+            foreign_seen.insert(rule.chain.as_str());
+        } else if foreign_seen.contains(rule.chain.as_str()) {
+            overtaken.insert(rule.chain.as_str());
+        }
+    }
+    overtaken
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{IfName, NetName};
     use std::str::FromStr;
 
-    fn opened(name: &str, mode: Mode, ipv6: bool) -> Opened {
-        Opened {
-            name: NetName::from_str(name).unwrap(),
-            bridge: IfName::from_str(&format!("br-{name}")).unwrap(),
-            mode,
-            ipv6,
+    fn opened(name: &str, mode: Mode, ipv6: bool) -> Openings {
+        Openings {
+            networks: vec![super::super::Opened {
+                name: NetName::from_str(name).unwrap(),
+                bridge: IfName::from_str(&format!("br-{name}")).unwrap(),
+                mode,
+                ipv6,
+            }],
+            libvirt: Vec::new(),
         }
     }
 
@@ -253,7 +302,7 @@ mod tests {
             view.drops("FORWARD").as_deref(),
             Some("policy DROP of chain FORWARD")
         );
-        let rules = wanted(&view, Family::V4, &[opened("lab", Mode::Nat, false)]);
+        let rules = wanted(&view, Family::V4, &opened("lab", Mode::Nat, false));
         let specs: Vec<String> = rules
             .iter()
             .map(|r| format!("-A {} {}", r.chain, r.spec))
@@ -283,7 +332,7 @@ mod tests {
             ]
         );
         // IPv4-only networks get nothing in ip6 filter.
-        assert!(wanted(&view, Family::V6, &[opened("lab", Mode::Nat, false)]).is_empty());
+        assert!(wanted(&view, Family::V6, &opened("lab", Mode::Nat, false)).is_empty());
     }
 
     #[test]
@@ -292,7 +341,7 @@ mod tests {
         let rules = wanted(
             &FilterView::parse(ufw),
             Family::V6,
-            &[opened("lab", Mode::Routed, true)],
+            &opened("lab", Mode::Routed, true),
         );
         let chains: Vec<&str> = rules.iter().map(|r| r.chain.as_str()).collect();
         assert_eq!(
@@ -307,13 +356,44 @@ mod tests {
         assert!(view.drops("FORWARD").unwrap().contains("-j REJECT"));
         assert_eq!(view.drops("INPUT"), None);
         assert_eq!(
-            wanted(&view, Family::V4, &[opened("iso", Mode::Isolated, false)]),
+            wanted(&view, Family::V4, &opened("iso", Mode::Isolated, false)),
             []
         );
         assert_eq!(
-            wanted(&view, Family::V4, &[opened("lab", Mode::Nat, false)]).len(),
+            wanted(&view, Family::V4, &opened("lab", Mode::Nat, false)).len(),
             2
         );
+    }
+
+    #[test]
+    fn forwards_into_libvirt_networks_get_the_narrowest_accept_in_libvirt_fwi() {
+        let libvirt = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-N LIBVIRT_FWI\n-A FORWARD -j LIBVIRT_FWI\n\
+            -A LIBVIRT_FWI -d 192.168.122.0/24 -o virbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+            -A LIBVIRT_FWI -o virbr0 -j REJECT --reject-with icmp-port-unreachable\n";
+        let what = Openings {
+            networks: Vec::new(),
+            libvirt: vec![LibvirtForward {
+                network: "default net".into(),
+                bridge: IfName::from_str("virbr0").unwrap(),
+                guest: "192.168.122.50".parse().unwrap(),
+                proto: crate::api::Proto::Tcp,
+                port: 80,
+            }],
+        };
+        let view = FilterView::parse(libvirt);
+        let rules = wanted(&view, Family::V4, &what);
+        assert_eq!(
+            rules,
+            [Rule::new(
+                "LIBVIRT_FWI",
+                "-d 192.168.122.50/32 -o virbr0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT \
+                 -m comment --comment qnet:libvirt-default_net -j ACCEPT"
+                    .into()
+            )]
+        );
+        assert_eq!(wanted(&view, Family::V6, &what), []);
+        // Without libvirt's chain (libvirtd not running): nothing.
+        assert_eq!(wanted(&FilterView::default(), Family::V4, &what), []);
     }
 
     #[test]
@@ -324,7 +404,7 @@ mod tests {
             wanted(
                 &FilterView::parse(open),
                 Family::V4,
-                &[opened("lab", Mode::Nat, true)]
+                &opened("lab", Mode::Nat, true)
             ),
             []
         );
@@ -333,15 +413,17 @@ mod tests {
     #[test]
     fn diff_adopts_ours_deletes_stale_and_duplicates_and_inserts_the_rest() {
         // iptables-nft quotes comments, legacy does not.
+        let head = DOCKER.strip_suffix("-A DOCKER-USER -j RETURN\n").unwrap();
         let listing = format!(
-            "{DOCKER}-A DOCKER-USER -i br-lab -m comment --comment \"qnet:lab\" -j ACCEPT\n\
+            "{head}-A DOCKER-USER -i br-lab -m comment --comment \"qnet:lab\" -j ACCEPT\n\
              -A DOCKER-USER -i br-lab -m comment --comment qnet:lab -j ACCEPT\n\
              -A DOCKER-USER -i br-old -m comment --comment qnet:old -j ACCEPT\n\
-             -A DOCKER-USER -i br-x -m comment --comment \"someone else\" -j ACCEPT\n"
+             -A DOCKER-USER -i br-x -m comment --comment \"someone else\" -j ACCEPT\n\
+             -A DOCKER-USER -j RETURN\n"
         );
         let view = FilterView::parse(&listing);
         assert_eq!(view.ours().count(), 3);
-        let want = wanted(&view, Family::V4, &[opened("lab", Mode::Nat, false)]);
+        let want = wanted(&view, Family::V4, &opened("lab", Mode::Nat, false));
         let changes = diff(&view, &want);
         let shown: Vec<String> = changes
             .iter()
@@ -358,9 +440,28 @@ mod tests {
         // Applied, the same plan is a no-op.
         let mut done = view.clone();
         done.rules.retain(|r| !r.is_ours());
-        done.rules.extend(want.iter().cloned());
+        done.rules.splice(0..0, want.iter().cloned());
         assert_eq!(diff(&done, &want), []);
         // Nothing wanted: every rule of ours goes.
         assert_eq!(diff(&view, &[]).len(), 3);
+    }
+
+    #[test]
+    fn ours_behind_a_peers_rule_are_put_first_again() {
+        // libvirt rebuilt its chain: its rules went in ahead of ours.
+        let listing = "-N LIBVIRT_FWI\n-A LIBVIRT_FWI -o virbr0 -j REJECT\n\
+            -A LIBVIRT_FWI -d 10.0.0.5/32 -m comment --comment qnet:libvirt-x -j ACCEPT\n";
+        let view = FilterView::parse(listing);
+        let ours = view.ours().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            diff(&view, &ours),
+            [(Op::Delete, ours[0].clone()), (Op::Insert, ours[0].clone())]
+        );
+        // First already: nothing to do.
+        let first = FilterView::parse(
+            "-N LIBVIRT_FWI\n-A LIBVIRT_FWI -d 10.0.0.5/32 -m comment --comment qnet:libvirt-x -j ACCEPT\n\
+             -A LIBVIRT_FWI -o virbr0 -j REJECT\n",
+        );
+        assert_eq!(diff(&first, &ours), []);
     }
 }

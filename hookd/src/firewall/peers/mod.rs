@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | Docker | `DOCKER-USER` of `ip`/`ip6 filter` (nft or legacy backend) | accept from the bridge; to it: replies and DNAT'ed (nat), all (routed) |
 //! | iptables (ufw, hand-written; no Docker) | first in `FORWARD`, `INPUT` when they drop | same in `FORWARD`; DHCP, DNS, ICMP in `INPUT` |
+//! | libvirt (iptables backend) | first in `LIBVIRT_FWI` | per forward to a guest on a libvirt NAT network: `ctstate DNAT` to that guest and port |
 //! | firewalld | zone `qnet` (bridges), policies `qnet-out`, `qnet-in` | DHCP, DNS, ICMP to the host; forwarding per mode |
 //!
 //! Every iptables rule carries the comment `qnet:NETWORK` ([`marker`]); in
@@ -29,7 +30,9 @@ pub mod watch;
 
 use std::future::Future;
 
-use crate::api::{IfName, Mode, NetName};
+use std::net::Ipv4Addr;
+
+use crate::api::{IfName, Mode, NetName, Proto};
 use crate::config::NetworkConfig;
 
 pub use firewalld::Firewalld;
@@ -71,6 +74,45 @@ impl Opened {
     }
 }
 
+/// A port forward of ours to a guest on one of libvirt's own NAT (or
+/// isolated) networks, whose chain `LIBVIRT_FWI` rejects connections from
+/// outside: it gets the narrowest accept there (DNAT'ed, to that guest
+/// and port only).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LibvirtForward {
+    /// The libvirt network's name (for the marker).
+    pub network: String,
+    pub bridge: IfName,
+    pub guest: Ipv4Addr,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+/// Everything qnet opens in the peers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Openings {
+    pub networks: Vec<Opened>,
+    pub libvirt: Vec<LibvirtForward>,
+}
+
+/// The marker of a libvirt network's rules: `qnet:libvirt-NAME`, with
+/// anything but `A-Z a-z 0-9 . _ -` in the name made `_` (an iptables
+/// comment is one word of at most 255 bytes here).
+pub fn libvirt_marker(network: &str) -> String {
+    let name: String = network
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{MARKER_PREFIX}libvirt-{name}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error("cannot run {program} (is it installed?): {source}")]
@@ -100,11 +142,10 @@ pub trait PeerDriver {
     /// For logs: the peer and where it is (`iptables-nft ip filter`).
     fn name(&self) -> String;
 
-    /// Makes this peer hold exactly the entries `networks` need (none:
+    /// Makes this peer hold exactly the entries `what` needs (nothing:
     /// removes every entry of ours), adopting what is there already.
     /// Idempotent; nothing is done where the peer is absent.
-    fn apply(&self, networks: &[Opened])
-        -> impl Future<Output = Result<Applied, PeerError>> + Send;
+    fn apply(&self, what: &Openings) -> impl Future<Output = Result<Applied, PeerError>> + Send;
 }
 
 /// Every peer driver.
@@ -133,6 +174,10 @@ impl Peers {
         }
     }
 
+    pub fn firewalld(&self) -> &Firewalld {
+        &self.firewalld
+    }
+
     /// The iptables filter tables, every backend and family.
     pub fn iptables(&self) -> &[Iptables] {
         &self.iptables
@@ -141,14 +186,14 @@ impl Peers {
     /// Opens exactly `networks` in every peer present; a peer failing is
     /// logged and does not stop the others (our own table is in place
     /// either way). Returns the failures, one line each.
-    pub async fn apply(&self, networks: &[Opened]) -> Vec<String> {
+    pub async fn apply(&self, what: &Openings) -> Vec<String> {
         let mut failures = Vec::new();
         for driver in &self.iptables {
-            report(driver, driver.apply(networks).await, &mut failures);
+            report(driver, driver.apply(what).await, &mut failures);
         }
         report(
             &self.firewalld,
-            self.firewalld.apply(networks).await,
+            self.firewalld.apply(what).await,
             &mut failures,
         );
         failures
@@ -156,7 +201,7 @@ impl Peers {
 
     /// Removes every trace of qnet from every peer (uninstall).
     pub async fn cleanup(&self) -> Vec<String> {
-        let mut failures = self.apply(&[]).await;
+        let mut failures = self.apply(&Openings::default()).await;
         if let Err(e) = self.firewalld.remove_definitions().await {
             failures.push(format!("{}: {e}", self.firewalld.name()));
         }
