@@ -5,6 +5,7 @@
 //! ```text
 //! qnet-fake-qemu [--sh] [--persist] HELPER [ARGS...]
 //! qnet-fake-qemu --attach TAPNAME
+//! qnet-fake-qemu --listen PATH
 //! ```
 //!
 //! Like QEMU it makes a socketpair and runs `HELPER ARGS --use-vnet --fd=N`
@@ -22,7 +23,9 @@
 //!
 //! `--attach TAPNAME` instead tries to attach to an existing TAP through
 //! `/dev/net/tun` (as any user may try) and prints `attach=ok` or
-//! `attach=<errno>`. The helper inherits stderr (so a test can
+//! `attach=<errno>`. `--listen PATH` plays an unrelated daemon with a
+//! world-connectable socket: it listens on PATH (mode 0777), prints
+//! `listening` and accepts connections until killed. The helper inherits stderr (so a test can
 //! see whether anything the helper left behind keeps it open).
 
 use std::io::Write;
@@ -40,6 +43,9 @@ fn main() {
     if args.first().is_some_and(|a| a == "--attach") {
         attach(&args[1]);
         return;
+    }
+    if args.first().is_some_and(|a| a == "--listen") {
+        listen(&args[1]);
     }
     let sh = args.first().is_some_and(|a| a == "--sh");
     if sh {
@@ -138,4 +144,18 @@ fn attach(name: &str) {
         Ok(()) => println!("attach=ok"),
         Err(err) => println!("attach={}", err.raw_os_error().unwrap_or(0)),
     }
+}
+
+/// `--listen`: a daemon's socket that anybody may connect to.
+fn listen(path: &str) -> ! {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    println!("listening");
+    std::io::stdout().flush().unwrap();
+    let mut held = Vec::new();
+    for stream in listener.incoming() {
+        held.extend(stream.ok());
+    }
+    std::process::exit(0)
 }
