@@ -160,7 +160,7 @@ impl Reconciler {
         reconciler.set_aside_clashing_forwards();
         reconciler.apply_rules().await?;
         reconciler.adopt_guests();
-        reconciler.remove_orphan_macvtaps().await;
+        reconciler.remove_orphan_devices();
         reconciler.dirty.all();
         reconciler.flush().await;
         Ok(reconciler)
