@@ -6,7 +6,6 @@
 //! exit status 1; the macvtap outlives its fd, so a guard deletes it (and
 //! restores a passthru MAC) on every error path.
 
-mod cli;
 mod device;
 mod error;
 
@@ -19,9 +18,9 @@ use qnet_hostnet::acl::{self, AclError, Decision, FsReader, ReadError};
 use qnet_hostnet::link::MacvtapMode;
 use qnet_hostnet::{devnode, fdpass, privilege, protocol, reaper, CONFIG_DIR};
 
-use crate::cli::Cli;
 use crate::device::{Macvtap, Request};
 use crate::error::HelperError;
+use qnet_macvtap_helper::cli::Cli;
 
 const USAGE: &str = "[--mode=MODE] [--mac=MAC] [--use-vnet] --br=LOWER --fd=N";
 const PROGRAM: &str = "qnet-macvtap-helper";
