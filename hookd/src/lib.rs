@@ -37,3 +37,4 @@ mod programs;
 mod ratelimit;
 mod reconciler;
 mod state;
+pub mod systemd;

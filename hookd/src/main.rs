@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use qnet_hookd::cli::Hookd as Cli;
 use qnet_hookd::daemon::{self, Paths};
+use qnet_hookd::systemd;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,6 +17,15 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
 
+    // Before the runtime starts threads: it removes LISTEN_* from the
+    // environment.
+    let passed = match systemd::take_passed_sockets(&cli.ctl_socket, &cli.qmp_socket) {
+        Ok(passed) => passed,
+        Err(e) => {
+            eprintln!("qnet-hookd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let paths = Paths {
         config: cli.config,
         run_dir: cli.run_dir,
@@ -34,7 +44,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(paths)) {
+    match runtime.block_on(daemon::run(paths, passed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qnet-hookd: {e}");

@@ -22,6 +22,15 @@ impl Hookd {
     /// Starts the daemon in `netns` with `config` as hookd.toml (`None`:
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
+        let mut hookd = Hookd::prepare(netns, config);
+        hookd.spawn();
+        hookd
+    }
+
+    /// Like [`Hookd::start`], but does not start the daemon: a test starts
+    /// [`Hookd::command`] its own way and hands the process to
+    /// [`Hookd::adopt`].
+    pub fn prepare(netns: &NetNs, config: Option<&str>) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -29,13 +38,39 @@ impl Hookd {
         if let Some(text) = config {
             std::fs::write(dir.path().join("hookd.toml"), text).unwrap();
         }
-        let mut hookd = Hookd {
+        Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
-        };
-        hookd.spawn();
-        hookd
+        }
+    }
+
+    /// Makes `child` (the daemon's own process) this daemon: dropping
+    /// kills it.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's stdout and stderr, appended to the log.
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("hookd.log"))
+            .unwrap()
     }
 
     pub fn dir(&self) -> &Path {
@@ -80,11 +115,7 @@ impl Hookd {
 
     /// (Re)starts the daemon and waits until `status` answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir().join("hookd.log"))
-            .unwrap();
+        let log = self.log_file();
         let child = self
             .command()
             .stdin(Stdio::null())
