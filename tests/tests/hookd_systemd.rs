@@ -55,7 +55,7 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
     let notify_path = hookd.dir().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let listen = [hookd.ctl_socket(), hookd.qmp_socket()];
-    let mut child = socket_activated(&hookd, &notify_path, [&listen[0], &listen[1]], "ctl:qmp")
+    let child = socket_activated(&hookd, &notify_path, [&listen[0], &listen[1]], "ctl:qmp")
         .spawn()
         .expect("start systemd-socket-activate");
     // The sockets exist before the daemon runs (as after `dpkg -i`, with
