@@ -22,9 +22,10 @@ pub struct PassedSockets {
 /// Takes the sockets passed with `LISTEN_FDS` and removes the variables,
 /// so dnsmasq and other children never see them. Call it before any
 /// other thread runs (it changes the environment). A socket is the
-/// control or QMP socket by its `FileDescriptorName=` (`ctl`, `qmp`) or
-/// else by its path; anything else is refused, since serving the wrong
-/// socket would give its clients the wrong rights.
+/// control or QMP socket by its path, or else by its
+/// `FileDescriptorName=` (`ctl`, `qmp`); anything else is refused, since serving the wrong
+/// socket would give its clients the wrong rights. The path decides first:
+/// FileDescriptorName= names every socket of a unit alike.
 pub fn take_passed_sockets(ctl: &Path, qmp: &Path) -> Result<PassedSockets, DaemonError> {
     let refused = |what: String| {
         DaemonError::Refused(format!(
@@ -39,10 +40,10 @@ pub fn take_passed_sockets(ctl: &Path, qmp: &Path) -> Result<PassedSockets, Daem
     for (fd, name) in passed {
         let (listener, path) = listening_unix_socket(fd).map_err(refused)?;
         let slot = match name.as_str() {
-            "ctl" => &mut sockets.ctl,
-            "qmp" => &mut sockets.qmp,
             _ if path.as_deref() == Some(ctl) => &mut sockets.ctl,
             _ if path.as_deref() == Some(qmp) => &mut sockets.qmp,
+            "ctl" => &mut sockets.ctl,
+            "qmp" => &mut sockets.qmp,
             _ => {
                 return Err(refused(format!(
                     "socket `{name}` ({}) is neither the control nor the QMP socket",

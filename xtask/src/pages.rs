@@ -62,7 +62,7 @@ SECURITY
 const BRIDGE_HELPER: &str = "\
 EXAMPLES
     qemu-system-x86_64 ... \\
-        -netdev bridge,id=n0,br=br0,helper=/usr/libexec/qnet/qnet-bridge-helper \\
+        -netdev bridge,id=n0,br=br0,helper=/usr/libexec/qnet-bridge-helper \\
         -device virtio-net-pci,netdev=n0
 
 SECURITY
@@ -75,7 +75,7 @@ const MACVTAP_HELPER: &str = "\
 EXAMPLES
     MAC=52:54:00:12:34:56
     qemu-system-x86_64 ... \\
-        -netdev tap,id=n0,br=eth0,helper=\"/usr/libexec/qnet/qnet-macvtap-helper --mac=$MAC\" \\
+        -netdev tap,id=n0,br=eth0,helper=\"/usr/libexec/qnet-macvtap-helper --mac=$MAC\" \\
         -device virtio-net-pci,netdev=n0,mac=$MAC
 
 SECURITY
