@@ -7,7 +7,7 @@
 # make install works as non-root into DESTDIR (packagers); run as root it
 # also applies the helpers' privileges (HELPER_MODE) and creates group qnet.
 
-HOST := $(shell rustc -vV | sed -n 's/^host: //p')
+HOST := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 # Cargo profile of `make all`/`make install`; `make deb` uses `deb`
 # (release without fat LTO: a fraction of the build time).
 PROFILE ?= release
@@ -143,13 +143,14 @@ uninstall:
 # helpers without privileges (the postinst grants them), wrapped by
 # packaging/deb.sh. Built with the `deb` profile (no fat LTO).
 DEB_PROFILE ?= deb
+DEB_COMPRESS ?= xz
 DEB_ROOT := target/debian/root
 deb:
 	rm -rf $(DEB_ROOT)
 	$(MAKE) --no-print-directory install PROFILE=$(DEB_PROFILE) DESTDIR=$(CURDIR)/$(DEB_ROOT) \
 		PREFIX=/usr LIBEXECDIR=/usr/libexec UNITDIR=/lib/systemd/system \
 		TMPFILESDIR=/usr/lib/tmpfiles.d SYSUSERSDIR=/usr/lib/sysusers.d HELPER_MODE=none
-	packaging/deb.sh $(DEB_ROOT) target/debian
+	DEB_COMPRESS=$(DEB_COMPRESS) packaging/deb.sh $(DEB_ROOT) target/debian
 
 clean:
 	cargo clean

@@ -1,4 +1,5 @@
 #!/bin/sh
+# DEB_COMPRESS: dpkg-deb compressor (xz; the tests use none).
 # Wraps a staged install (make install DESTDIR=ROOT PREFIX=/usr ...) into
 # OUTDIR/qnet_VERSION_ARCH.deb: control file, conffiles, md5sums and the
 # maintainer scripts of packaging/debian/. Run by `make deb`.
@@ -29,4 +30,4 @@ done
 (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
     xargs -0 md5sum) > "$root/DEBIAN/md5sums"
 mkdir -p "$out"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$out/qnet_${version}_${arch}.deb"
+dpkg-deb --root-owner-group -Z"${DEB_COMPRESS:-xz}" --build "$root" "$out/qnet_${version}_${arch}.deb"

@@ -19,7 +19,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// `make ARGS` in the workspace with the already built binaries.
-fn make(args: &[&str], as_nobody: bool) -> String {
+fn make(args: &[&str], dist: &Path, as_nobody: bool) -> String {
     let bin = target_profile_dir();
     let mut cmd = if as_nobody {
         let mut c = Command::new(require_tool("setpriv", "util-linux"));
@@ -34,12 +34,7 @@ fn make(args: &[&str], as_nobody: bool) -> String {
         .arg(format!("BIN_SRC={}", bin.display()))
         .arg(format!("HELPER_SRC={}", bin.display()))
         .arg(format!("XTASK={}", bin.join("xtask").display()))
-        .arg(format!(
-            "DIST={}",
-            std::env::temp_dir()
-                .join(format!("qnet-dist-{}", std::process::id()))
-                .display()
-        ))
+        .arg(format!("DIST={}", dist.display()))
         .args(args)
         .output()
         .expect("make (apt-get install make)");
@@ -88,7 +83,7 @@ fn make_install_into_destdir_as_non_root_then_uninstall_leaves_only_the_config()
     std::fs::set_permissions(dest.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let d = dest.path().join("stage");
     let destdir = format!("DESTDIR={}", d.display());
-    let said = make(&["install", &destdir], true);
+    let said = make(&["install", &destdir], &dest.path().join("dist"), true);
     assert!(
         said.contains("not root: helpers installed without privileges"),
         "{said}"
@@ -132,14 +127,14 @@ fn make_install_into_destdir_as_non_root_then_uninstall_leaves_only_the_config()
 
     // An existing config is never replaced.
     std::fs::write(d.join("etc/qnet/hookd.toml"), "# mine\n").unwrap();
-    make(&["install", &destdir], true);
+    make(&["install", &destdir], &dest.path().join("dist"), true);
     assert_eq!(
         std::fs::read_to_string(d.join("etc/qnet/hookd.toml")).unwrap(),
         "# mine\n"
     );
 
     // Only the admin's config stays.
-    make(&["uninstall", &destdir], true);
+    make(&["uninstall", &destdir], &dest.path().join("dist"), true);
     assert_eq!(files(&d), vec!["etc/qnet/hookd.toml".to_string()]);
 }
 
@@ -155,8 +150,18 @@ fn the_installed_units_pass_systemd_analyze_verify() {
     let destdir = format!("DESTDIR={}", dest.path().display());
     make(
         &["install", &destdir, "PREFIX=/usr", "HELPER_MODE=none"],
+        &dest.path().join("dist"),
         false,
     );
+    // The units they depend on (sysinit.target, ...) come from the host.
+    let host_units = dest.path().join("lib/systemd");
+    std::fs::create_dir_all(&host_units).unwrap();
+    let copied = Command::new("cp")
+        .args(["-r", "/lib/systemd/system"])
+        .arg(&host_units)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     let units = dest.path().join("usr/lib/systemd/system");
     let out = Command::new(analyze)
         .arg(format!("--root={}", dest.path().display()))
@@ -176,4 +181,137 @@ fn the_installed_units_pass_systemd_analyze_verify() {
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify:\n{said}"
     );
+}
+
+/// `dpkg --root=ROOT ARGS` with the maintainer scripts run without chroot
+/// (they honour DPKG_ROOT); the root holds no other package, so the
+/// dependencies are not checked.
+fn dpkg(root: &Path, args: &[&str]) -> String {
+    let out = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "--force-script-chrootless",
+            "--force-depends",
+            "--log=/dev/null",
+        ])
+        .args(args)
+        .output()
+        .expect("dpkg");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "dpkg {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn the_debian_package_installs_grants_the_helpers_their_capabilities_and_purges_clean() {
+    require_root();
+    let getcap = require_tool("getcap", "libcap2-bin");
+    let work = tempfile::Builder::new()
+        .prefix("qnet-test-deb-")
+        .tempdir()
+        .unwrap();
+    // Unstripped debug binaries: compressing them would cost minutes.
+    make(
+        &["deb", "DEB_COMPRESS=none"],
+        &work.path().join("dist"),
+        false,
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let arch = String::from_utf8(
+        Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let deb = workspace_root().join(format!("target/debian/qnet_{version}_{}.deb", arch.trim()));
+    assert!(deb.exists(), "{} not built", deb.display());
+
+    // A throw-away root: an empty dpkg database, the group files groupadd
+    // edits, and libvirt's config directory (so the hook gets linked).
+    let root = work.path().join("root");
+    for dir in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc/libvirt"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    for (file, text) in [
+        ("var/lib/dpkg/status", ""),
+        ("var/lib/dpkg/available", ""),
+        ("etc/group", "root:x:0:\n"),
+        ("etc/gshadow", "root:*::\n"),
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+    ] {
+        std::fs::write(root.join(file), text).unwrap();
+    }
+    let before = files(&root);
+    dpkg(&root, &["-i", deb.to_str().unwrap()]);
+
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
+    assert!(group.lines().any(|l| l.starts_with("qnet:x:")), "{group}");
+    let caps = |name: &str| {
+        let out = Command::new(&getcap)
+            .arg(root.join("usr/libexec").join(name))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        caps("qnet-bridge-helper").contains("cap_net_admin=ep"),
+        "{}",
+        caps("qnet-bridge-helper")
+    );
+    assert!(
+        caps("qnet-macvtap-helper")
+            .contains("cap_chown,cap_dac_override,cap_net_admin,cap_mknod=ep"),
+        "{}",
+        caps("qnet-macvtap-helper")
+    );
+    for helper in ["qnet-bridge-helper", "qnet-macvtap-helper"] {
+        assert_eq!(
+            mode(&root.join("usr/libexec").join(helper)),
+            0o755,
+            "{helper}: file caps, not setuid"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(root.join("etc/libvirt/hooks/qemu.d/qnet")).unwrap(),
+        Path::new("/usr/libexec/qnet-libvirt-hook")
+    );
+    let installed = files(&root);
+    for want in [
+        "usr/bin/qnet-hookd",
+        "usr/bin/qnetctl",
+        "lib/systemd/system/qnet-hookd.service",
+        "lib/systemd/system/qnet-hookd.socket",
+        "lib/systemd/system/qnet-hookd-qmp.socket",
+        "usr/lib/tmpfiles.d/qnet.conf",
+        "usr/lib/sysusers.d/qnet.conf",
+        "usr/share/man/man8/qnet-hookd.8",
+        "usr/share/man/man5/qnet-hookd.toml.5",
+        "usr/share/bash-completion/completions/qnetctl",
+        "etc/qnet/hookd.toml",
+    ] {
+        assert!(installed.iter().any(|f| f == want), "{want} not installed");
+    }
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/qnet-hookd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/qnet-hookd\n"));
+    let conffiles = std::fs::read_to_string(root.join("var/lib/dpkg/info/qnet.conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/qnet/hookd.toml");
+
+    // State the daemon would have written; purge removes it too.
+    std::fs::create_dir_all(root.join("var/lib/qnet/forwards")).unwrap();
+    std::fs::write(root.join("var/lib/qnet/state.json"), "{}").unwrap();
+    dpkg(&root, &["--purge", "qnet"]);
+    let left: Vec<String> = files(&root)
+        .into_iter()
+        .filter(|f| !f.starts_with("var/lib/dpkg/") && !f.ends_with('-'))
+        .filter(|f| !before.contains(f))
+        .collect();
+    assert!(left.is_empty(), "left after purge: {left:?}");
+    assert!(!root.join("var/lib/qnet").exists() && !root.join("etc/qnet").exists());
+    assert!(!root.join("etc/libvirt/hooks/qemu.d/qnet").exists());
 }
