@@ -7,7 +7,6 @@
 //! on stderr and exit status 1; the TAP is not persistent, so an error
 //! after it exists removes it by closing the fd.
 
-mod cli;
 mod device;
 mod error;
 
@@ -20,8 +19,8 @@ use qnet_hostnet::acl::{self, Decision, FsReader};
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::{fdpass, owner, privilege, protocol, CONFIG_DIR};
 
-use crate::cli::Cli;
 use crate::error::HelperError;
+use qnet_bridge_helper::cli::Cli;
 
 const USAGE: &str = "[--use-vnet] --br=BRIDGE --fd=N";
 const PROGRAM: &str = "qnet-bridge-helper";

@@ -13,6 +13,7 @@
 
 pub use qnet_api as api;
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod discover;
@@ -37,3 +38,4 @@ mod programs;
 mod ratelimit;
 mod reconciler;
 mod state;
+pub mod systemd;

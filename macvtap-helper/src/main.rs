@@ -7,7 +7,6 @@
 //! the macvtap outlives its fd, so the reaper deletes it (and restores a
 //! passthru MAC) on every error path, before the helper exits.
 
-mod cli;
 mod device;
 mod error;
 
@@ -20,9 +19,9 @@ use qnet_hostnet::acl::{self, AclError, Decision, FsReader, ReadError};
 use qnet_hostnet::link::{LinkSocket, MacvtapMode};
 use qnet_hostnet::{devnode, fdpass, owner, privilege, protocol, reaper, CONFIG_DIR};
 
-use crate::cli::Cli;
 use crate::device::{Guarded, Request};
 use crate::error::HelperError;
+use qnet_macvtap_helper::cli::Cli;
 
 const USAGE: &str = "[--mode=MODE] [--mac=MAC] [--use-vnet] --br=LOWER --fd=N";
 const PROGRAM: &str = "qnet-macvtap-helper";

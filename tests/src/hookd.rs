@@ -67,6 +67,15 @@ impl Hookd {
 
     /// [`Hookd::start`], launched as `launch` says.
     pub fn start_with(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
+        let mut hookd = Hookd::prepare(netns, config, launch);
+        hookd.spawn();
+        hookd
+    }
+
+    /// Like [`Hookd::start_with`], but does not start the daemon: a test
+    /// starts [`Hookd::command`] its own way and hands the process to
+    /// [`Hookd::adopt`].
+    pub fn prepare(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -77,7 +86,7 @@ impl Hookd {
         if let (Some(ns), Some(size)) = (launch.mount_ns, launch.state_tmpfs) {
             ns.mount_tmpfs(&dir.path().join("state"), size);
         }
-        let mut hookd = Hookd {
+        Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
@@ -90,9 +99,35 @@ impl Hookd {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             },
-        };
-        hookd.spawn();
-        hookd
+        }
+    }
+
+    /// Makes `child` (the daemon's own process) this daemon: dropping
+    /// kills it.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's stdout and stderr, appended to the log.
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("hookd.log"))
+            .unwrap()
     }
 
     pub fn dir(&self) -> &Path {
@@ -189,11 +224,7 @@ impl Hookd {
 
     /// Starts the daemon without waiting for it to answer.
     pub fn spawn_nowait(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir().join("hookd.log"))
-            .unwrap();
+        let log = self.log_file();
         let child = self
             .command()
             .stdin(Stdio::null())
