@@ -146,6 +146,32 @@ impl Hookd {
         self.dir().join("run")
     }
 
+    /// What dnsmasq of `network` is told of reservations: the lines of
+    /// every file in `RUN/NET/dhcp-hosts.d` (`MAC,IP[,NAME]`), sorted.
+    pub fn dhcp_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dhcp-hosts.d")
+    }
+
+    /// What dnsmasq of `network` is told of names: the lines of every file
+    /// in `RUN/NET/dns-hosts.d` (`IP NAME.DOMAIN NAME`), sorted.
+    pub fn dns_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dns-hosts.d")
+    }
+
+    fn hosts_dir(&self, network: &str, dir: &str) -> String {
+        let dir = self.run_dir().join(network).join(dir);
+        let mut lines: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir().join("hookd.log")).unwrap_or_default()
     }

@@ -287,25 +287,21 @@ fn reservations_survive_restarts_and_reach_dnsmasq() {
         "{err}"
     );
 
-    let hosts = hookd.run_dir().join("lab/dhcp-hosts");
-    let dns = hookd.run_dir().join("lab/dns-hosts");
-    assert!(std::fs::read_to_string(&hosts)
-        .unwrap()
+    assert!(hookd
+        .dhcp_hosts("lab")
         .contains(&format!("{mac},10.77.0.50")));
-    assert!(std::fs::read_to_string(&dns)
-        .unwrap()
-        .contains("10.77.0.50 db.lab.qnet"));
+    assert!(hookd.dns_hosts("lab").contains("10.77.0.50 db.lab.qnet"));
 
     let before = hookd.qnetctl(&["reserve", "list"]).unwrap();
     hookd.kill9();
     hookd.spawn();
     assert_eq!(hookd.qnetctl(&["reserve", "list"]).unwrap(), before);
-    assert!(std::fs::read_to_string(&hosts)
-        .unwrap()
+    assert!(hookd
+        .dhcp_hosts("lab")
         .contains(&format!("{mac},10.77.0.50")));
 
     hookd.qnetctl(&["reserve", "rm", "lab", mac]).unwrap();
-    assert!(!std::fs::read_to_string(&hosts).unwrap().contains(mac));
+    assert!(!hookd.dhcp_hosts("lab").contains(mac));
     assert_eq!(hookd.reservation("lab", mac), None);
 }
 

@@ -241,7 +241,7 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     world.hookd.wait_until("guest-a to be gone", TEARDOWN, |h| {
         h.guests().iter().all(|g| g["name"] != "guest-a")
     });
-    let dns_hosts = std::fs::read_to_string(world.hookd.run_dir().join("lab/dns-hosts")).unwrap();
+    let dns_hosts = world.hookd.dns_hosts("lab");
     assert!(!dns_hosts.contains("guest-a"), "{dns_hosts}");
     assert_eq!(world.hookd.reservation("lab", &mac), Some(reserved.clone()));
 
