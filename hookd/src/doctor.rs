@@ -39,6 +39,9 @@ pub struct NetworkFacts {
     pub bridge: BridgeState,
     pub dnsmasq_running: bool,
     pub ip_forward: bool,
+    /// The bridge's effective `rp_filter` (the larger of `all` and the
+    /// bridge's own) is 1, strict.
+    pub rp_filter_strict: bool,
     /// The bridge's firewalld zone, if firewalld runs.
     pub firewalld_zone: Option<String>,
     /// Forwards into this network whose host port a host process holds:
@@ -90,6 +93,12 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
         add(
             "net.ipv4.ip_forward is 0: the host forwards nothing for the guests".into(),
             "`sysctl -w net.ipv4.ip_forward=1` (and set it in /etc/sysctl.d)".into(),
+        );
+    }
+    if f.net.mode == Mode::Routed && f.rp_filter_strict {
+        add(
+            format!("rp_filter is 1 (strict) on {br}: packets of a routed network whose replies take another route are dropped"),
+            format!("`sysctl -w net.ipv4.conf.{br}.rp_filter=2 net.ipv4.conf.all.rp_filter=2` (loose)"),
         );
     }
     let what = Openings {
@@ -276,6 +285,7 @@ mod tests {
             bridge: BridgeState::Ok,
             dnsmasq_running: true,
             ip_forward: true,
+            rp_filter_strict: true,
             firewalld_zone: None,
             taken_ports: Vec::new(),
         }
@@ -342,6 +352,17 @@ mod tests {
         // In qnet's zone: no firewalld problem.
         f.firewalld_zone = Some("qnet-nat".into());
         assert_eq!(diagnose(&f, &[]).len(), 4);
+        // Strict rp_filter matters for routed networks only.
+        f.net.mode = Mode::Routed;
+        f.firewalld_zone = Some("qnet-routed".into());
+        let routed = diagnose(&f, &[]);
+        assert_eq!(routed.len(), 5);
+        assert!(
+            routed[3]
+                .problem
+                .starts_with("rp_filter is 1 (strict) on qnlab"),
+            "{routed:?}"
+        );
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl Reconciler {
             bridge: bridge_state(&net.bridge, IpAddr::V4(net.router)),
             dnsmasq_running,
             ip_forward: read_flag("/proc/sys/net/ipv4/ip_forward"),
+            rp_filter_strict: rp_filter_strict(&net.bridge),
             firewalld_zone,
             taken_ports: self.taken_ports(net),
         }
@@ -122,6 +123,17 @@ impl Reconciler {
             })
             .collect()
     }
+}
+
+/// The kernel uses the larger of `all` and the device's value.
+fn rp_filter_strict(bridge: &str) -> bool {
+    let read = |dev: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0)
+    };
+    read("all").max(read(bridge)) == 1
 }
 
 fn read_flag(path: &str) -> bool {
