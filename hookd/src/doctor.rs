@@ -27,6 +27,30 @@ pub struct TableFacts {
     pub program: &'static str,
     pub family: Family,
     pub view: FilterView,
+    /// nf_tables backend: the handle of the last rule of each chain (what
+    /// `nft -a list table ip filter` shows), to name the rule that drops.
+    pub last_handles: BTreeMap<String, u64>,
+}
+
+/// The handle of the last rule of each chain in `nft -a list table …`.
+pub fn last_rule_handles(listing: &str) -> BTreeMap<String, u64> {
+    let mut handles = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ") {
+            chain = name.split_whitespace().next().map(str::to_owned);
+        } else if line == "}" {
+            chain = None;
+        } else if let (Some(c), Some((rule, handle))) = (&chain, line.rsplit_once("# handle ")) {
+            if rule.starts_with("type ") {
+                continue;
+            }
+            if let Ok(h) = handle.trim().parse() {
+                handles.insert(c.clone(), h);
+            }
+        }
+    }
+    handles
 }
 
 /// What doctor knows of one network.
@@ -211,6 +235,10 @@ fn iptables_problem(
         view.drops(chain)
             .unwrap_or_else(|| format!("chain {chain}"))
     };
+    let why = match table.last_handles.get(chain) {
+        Some(h) if why.starts_with("last rule") => format!("{why} (nft handle {h})"),
+        _ => why,
+    };
     let packets = if chain == "INPUT" {
         "DHCP and DNS to the host"
     } else {
@@ -296,7 +324,25 @@ mod tests {
             program: "iptables-nft",
             family: Family::V4,
             view: FilterView::parse(listing),
+            last_handles: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_final_reject_is_named_with_its_nft_handle() {
+        let nft = "table ip filter { # handle 3\n\tchain FORWARD { # handle 1\n\t\ttype filter hook forward priority filter; policy accept;\n\
+            \t\tiifname \"eth0\" counter packets 0 bytes 0 accept # handle 4\n\
+            \t\tcounter packets 0 bytes 0 reject # handle 7\n\t}\n}\n";
+        let handles = last_rule_handles(nft);
+        assert_eq!(handles.get("FORWARD"), Some(&7));
+        let mut t = table("-P FORWARD ACCEPT\n-A FORWARD -i eth0 -j ACCEPT\n-A FORWARD -j REJECT --reject-with icmp-port-unreachable\n");
+        t.last_handles = handles;
+        let problems = diagnose(&facts(false), &[t]);
+        assert_eq!(
+            problems[0].problem,
+            "iptables-nft: last rule of chain FORWARD: `-A FORWARD -j REJECT --reject-with icmp-port-unreachable` (nft handle 7) \
+             drops the guests' outbound and forwarded packets; firewall-integration is off"
+        );
     }
 
     #[test]
