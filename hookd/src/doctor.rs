@@ -27,6 +27,30 @@ pub struct TableFacts {
     pub program: &'static str,
     pub family: Family,
     pub view: FilterView,
+    /// nf_tables backend: the handle of the last rule of each chain (what
+    /// `nft -a list table ip filter` shows), to name the rule that drops.
+    pub last_handles: BTreeMap<String, u64>,
+}
+
+/// The handle of the last rule of each chain in `nft -a list table …`.
+pub fn last_rule_handles(listing: &str) -> BTreeMap<String, u64> {
+    let mut handles = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ") {
+            chain = name.split_whitespace().next().map(str::to_owned);
+        } else if line == "}" {
+            chain = None;
+        } else if let (Some(c), Some((rule, handle))) = (&chain, line.rsplit_once("# handle ")) {
+            if rule.starts_with("type ") {
+                continue;
+            }
+            if let Ok(h) = handle.trim().parse() {
+                handles.insert(c.clone(), h);
+            }
+        }
+    }
+    handles
 }
 
 /// What doctor knows of one network.
@@ -39,6 +63,9 @@ pub struct NetworkFacts {
     pub bridge: BridgeState,
     pub dnsmasq_running: bool,
     pub ip_forward: bool,
+    /// The bridge's effective `rp_filter` (the larger of `all` and the
+    /// bridge's own) is 1, strict.
+    pub rp_filter_strict: bool,
     /// The bridge's firewalld zone, if firewalld runs.
     pub firewalld_zone: Option<String>,
     /// Forwards into this network whose host port a host process holds:
@@ -90,6 +117,12 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
         add(
             "net.ipv4.ip_forward is 0: the host forwards nothing for the guests".into(),
             "`sysctl -w net.ipv4.ip_forward=1` (and set it in /etc/sysctl.d)".into(),
+        );
+    }
+    if f.net.mode == Mode::Routed && f.rp_filter_strict {
+        add(
+            format!("rp_filter is 1 (strict) on {br}: packets of a routed network whose replies take another route are dropped"),
+            format!("`sysctl -w net.ipv4.conf.{br}.rp_filter=2 net.ipv4.conf.all.rp_filter=2` (loose)"),
         );
     }
     let what = Openings {
@@ -202,6 +235,10 @@ fn iptables_problem(
         view.drops(chain)
             .unwrap_or_else(|| format!("chain {chain}"))
     };
+    let why = match table.last_handles.get(chain) {
+        Some(h) if why.starts_with("last rule") => format!("{why} (nft handle {h})"),
+        _ => why,
+    };
     let packets = if chain == "INPUT" {
         "DHCP and DNS to the host"
     } else {
@@ -276,6 +313,7 @@ mod tests {
             bridge: BridgeState::Ok,
             dnsmasq_running: true,
             ip_forward: true,
+            rp_filter_strict: true,
             firewalld_zone: None,
             taken_ports: Vec::new(),
         }
@@ -286,7 +324,25 @@ mod tests {
             program: "iptables-nft",
             family: Family::V4,
             view: FilterView::parse(listing),
+            last_handles: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_final_reject_is_named_with_its_nft_handle() {
+        let nft = "table ip filter { # handle 3\n\tchain FORWARD { # handle 1\n\t\ttype filter hook forward priority filter; policy accept;\n\
+            \t\tiifname \"eth0\" counter packets 0 bytes 0 accept # handle 4\n\
+            \t\tcounter packets 0 bytes 0 reject # handle 7\n\t}\n}\n";
+        let handles = last_rule_handles(nft);
+        assert_eq!(handles.get("FORWARD"), Some(&7));
+        let mut t = table("-P FORWARD ACCEPT\n-A FORWARD -i eth0 -j ACCEPT\n-A FORWARD -j REJECT --reject-with icmp-port-unreachable\n");
+        t.last_handles = handles;
+        let problems = diagnose(&facts(false), &[t]);
+        assert_eq!(
+            problems[0].problem,
+            "iptables-nft: last rule of chain FORWARD: `-A FORWARD -j REJECT --reject-with icmp-port-unreachable` (nft handle 7) \
+             drops the guests' outbound and forwarded packets; firewall-integration is off"
+        );
     }
 
     #[test]
@@ -342,6 +398,17 @@ mod tests {
         // In qnet's zone: no firewalld problem.
         f.firewalld_zone = Some("qnet-nat".into());
         assert_eq!(diagnose(&f, &[]).len(), 4);
+        // Strict rp_filter matters for routed networks only.
+        f.net.mode = Mode::Routed;
+        f.firewalld_zone = Some("qnet-routed".into());
+        let routed = diagnose(&f, &[]);
+        assert_eq!(routed.len(), 5);
+        assert!(
+            routed[3]
+                .problem
+                .starts_with("rp_filter is 1 (strict) on qnlab"),
+            "{routed:?}"
+        );
     }
 
     #[test]

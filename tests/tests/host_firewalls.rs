@@ -184,6 +184,22 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `qnet-hookd --cleanup` in `ns`, which must succeed.
+fn cleanup(ns: &NetNs, env: &[(&str, &str)]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(workspace_binary("qnet-hookd"))
+        .arg("--cleanup")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "--cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// kill -9 and restart: the same marks, no duplicates.
 fn assert_restart_adopts(world: &mut World, marks: impl Fn(&NetNs) -> Vec<String>) {
     let before = marks(&world.hk);
@@ -289,7 +305,10 @@ fn iptables_legacy_drop_policy_after_hookd() {
         "iptables-legacy with DROP policies set after hookd",
         String::new,
     );
-    world.network_down();
+    // Uninstall: the daemon stopped, --cleanup removes every mark.
+    let mut world = world;
+    world.hookd.terminate();
+    cleanup(&world.hk, &[]);
     assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
 }
 
@@ -332,18 +351,7 @@ fn firewalld_started_before_hookd_then_reload_restart_and_cleanup() {
     );
 
     world.hookd.terminate();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", world.hk.name()])
-        .arg(workspace_binary("qnet-hookd"))
-        .arg("--cleanup")
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "--cleanup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cleanup(&world.hk, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
     assert_eq!(
         fw.marks(),
         Vec::<String>::new(),

@@ -3,14 +3,18 @@
 //! bridge, host ports our forwards would shadow — for every network, one
 //! network, or the networks of one guest.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use qnet_api::{ApiError, Reply};
 
 use super::{NetworkRuntime, Reconciler};
-use crate::doctor::{diagnose, diagnose_libvirt, BridgeState, NetworkFacts, TableFacts};
+use crate::doctor::{
+    diagnose, diagnose_libvirt, last_rule_handles, BridgeState, NetworkFacts, TableFacts,
+};
 use crate::error::not_found;
-use crate::firewall::peers::{Opened, PeerDriver};
+use crate::firewall::peers::iptables::{self, Backend, Iptables};
+use crate::firewall::peers::{Family, Opened, PeerDriver};
 use crate::hostports;
 
 impl Reconciler {
@@ -68,6 +72,7 @@ impl Reconciler {
                     program: ipt.program(),
                     family: ipt.family,
                     view,
+                    last_handles: nft_handles(ipt).await,
                 }),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(peer = %ipt.name(), "doctor: {e}"),
@@ -96,6 +101,7 @@ impl Reconciler {
             bridge: bridge_state(&net.bridge, IpAddr::V4(net.router)),
             dnsmasq_running,
             ip_forward: read_flag("/proc/sys/net/ipv4/ip_forward"),
+            rp_filter_strict: rp_filter_strict(&net.bridge),
             firewalld_zone,
             taken_ports: self.taken_ports(net),
         }
@@ -122,6 +128,32 @@ impl Reconciler {
             })
             .collect()
     }
+}
+
+/// For the nf_tables backend, the last rule handle of each chain.
+async fn nft_handles(ipt: &Iptables) -> BTreeMap<String, u64> {
+    if ipt.backend != Backend::Nft {
+        return BTreeMap::new();
+    }
+    let family = match ipt.family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    };
+    iptables::run("nft", &["-a", "list", "table", family, "filter"])
+        .await
+        .map(|listing| last_rule_handles(&listing))
+        .unwrap_or_default()
+}
+
+/// The kernel uses the larger of `all` and the device's value.
+fn rp_filter_strict(bridge: &str) -> bool {
+    let read = |dev: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0)
+    };
+    read("all").max(read(bridge)) == 1
 }
 
 fn read_flag(path: &str) -> bool {

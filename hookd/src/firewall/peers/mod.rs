@@ -125,6 +125,8 @@ pub enum PeerError {
     Failed { command: String, stderr: String },
     #[error("firewalld over D-Bus: {0}")]
     Bus(String),
+    #[error("no answer within {0:?}; trying again on its next change")]
+    Timeout(std::time::Duration),
 }
 
 /// What one apply did.
@@ -189,11 +191,11 @@ impl Peers {
     pub async fn apply(&self, what: &Openings) -> Vec<String> {
         let mut failures = Vec::new();
         for driver in &self.iptables {
-            report(driver, driver.apply(what).await, &mut failures);
+            report(driver, bounded(driver.apply(what)).await, &mut failures);
         }
         report(
             &self.firewalld,
-            self.firewalld.apply(what).await,
+            bounded(self.firewalld.apply(what)).await,
             &mut failures,
         );
         failures
@@ -207,6 +209,22 @@ impl Peers {
         }
         failures
     }
+}
+
+/// How long one peer may take: a hung firewalld (or an iptables waiting
+/// for the xtables lock) must not stall the reconciler.
+pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn bounded(
+    work: impl Future<Output = Result<Applied, PeerError>>,
+) -> Result<Applied, PeerError> {
+    tokio::time::timeout(PEER_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PeerError::Bus(format!(
+                "no answer within {PEER_TIMEOUT:?}; trying again on its next change"
+            )))
+        })
 }
 
 fn report(
