@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use crate::api::{Mac, Mode};
 use crate::config::NetworkConfig;
 use crate::fsutil::write_atomic;
+use crate::logrelay::LogRelay;
 use crate::procfs::{self, is_alive};
 use crate::programs::find_program;
 
@@ -54,6 +55,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const TERM_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_MAX_BYTES: u64 = 4 << 20;
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often new lines of dnsmasq's log are relayed into the daemon's log.
+const LOG_RELAY_EVERY: Duration = Duration::from_secs(1);
 const READY_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Error)]
@@ -598,8 +601,9 @@ async fn watch_child(
 ) -> Event {
     let mut ready = false;
     let mut last_log_check = Instant::now();
+    let mut relay = LogRelay::new(&s.log_file);
     loop {
-        let tick = if ready { LOG_CHECK_EVERY } else { READY_POLL };
+        let tick = if ready { LOG_RELAY_EVERY } else { READY_POLL };
         tokio::select! {
             result = child.wait() => return Event::Exited(result),
             changed = stop.changed() => match changed {
@@ -612,6 +616,9 @@ async fn watch_child(
                     ready = true;
                     status.send_modify(|st| st.ready = true);
                     tracing::debug!(network = %s.network, ?pid, "dnsmasq is ready");
+                }
+                for line in relay.new_lines() {
+                    tracing::info!(network = %s.network, "dnsmasq: {line}");
                 }
                 if last_log_check.elapsed() >= LOG_CHECK_EVERY {
                     last_log_check = Instant::now();

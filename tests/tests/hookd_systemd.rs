@@ -166,6 +166,21 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
         !log.contains("dnsmasq exited unexpectedly") && !log.contains("cannot SIGHUP"),
         "dnsmasq does not work with the unit's capabilities:\n{log}"
     );
+    // dnsmasq's log reaches the daemon's (the journal, under systemd):
+    // the reservation made it re-read its hosts files, and it says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let relayed = |log: String| {
+        log.lines()
+            .any(|l| l.contains("dnsmasq: ") && l.contains("]: read ") && l.contains("dhcp-hosts"))
+    };
+    while !relayed(hookd.log()) {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq's log not relayed:\n{}",
+            hookd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dnsmasq_pid = std::fs::read_to_string(hookd.run_dir().join("qnet0/dnsmasq.pid")).unwrap();
     let dnsmasq = std::fs::read_to_string(format!("/proc/{}/status", dnsmasq_pid.trim())).unwrap();
     assert!(
