@@ -32,6 +32,7 @@ mod follow;
 mod forwards;
 mod fsutil;
 mod hostports;
+mod logrelay;
 mod orphans;
 mod procfs;
 mod programs;

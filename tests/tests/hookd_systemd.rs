@@ -2,7 +2,10 @@
 //! qnet-hookd.socket run it (systemd is not PID 1 here, so the test plays
 //! the service manager): the two sockets are held by systemd's own
 //! `systemd-socket-activate` and passed as LISTEN_FDS when the first
-//! client connects, and NOTIFY_SOCKET is a datagram socket the test reads.
+//! client connects, NOTIFY_SOCKET is a datagram socket the test reads,
+//! and the daemon has only the unit's CapabilityBoundingSet and
+//! no_new_privs, so the test also shows the unit's hardening lets it work
+//! (its network and dnsmasq come up and answer).
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -14,12 +17,34 @@ use qnet_tests::hookd::{Hookd, Launch};
 use qnet_tests::netns::NetNs;
 use qnet_tests::{require_root, require_tool};
 
+/// The capabilities qnet-hookd.service leaves the daemon
+/// (`CapabilityBoundingSet=`), as setpriv names them: `net_admin,...`.
+fn unit_capabilities() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd/qnet-hookd.service");
+    let text = std::fs::read_to_string(unit).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit limits the bounding set");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `systemd-socket-activate` holding the daemon's two sockets (names as in
-/// qnet-hookd.socket) and launching the daemon, with NOTIFY_SOCKET set, at
-/// the first connection. It execs the daemon, so the child is the daemon.
+/// the socket units) and launching the daemon at the first connection in
+/// the unit's environment: NOTIFY_SOCKET set, only the unit's bounding set
+/// of capabilities and no_new_privs (NoNewPrivileges=yes), applied by
+/// setpriv inside the namespace. Everything execs the next, so the child
+/// is the daemon.
 fn socket_activated(hookd: &Hookd, notify: &Path, listen: [&Path; 2], names: &str) -> Command {
     let activate = require_tool("systemd-socket-activate", "systemd");
+    let setpriv = require_tool("setpriv", "util-linux");
     let daemon = hookd.command();
+    // ip netns exec NS | setpriv ... | qnet-hookd ARGS
+    let args: Vec<_> = daemon.get_args().collect();
+    let (netns_exec, hookd_args) = args.split_at(3);
     let mut cmd = Command::new(activate);
     cmd.arg("--listen")
         .arg(listen[0])
@@ -32,7 +57,14 @@ fn socket_activated(hookd: &Hookd, notify: &Path, listen: [&Path; 2], names: &st
             std::env::var("PATH").unwrap_or_default()
         ))
         .arg(daemon.get_program())
-        .args(daemon.get_args())
+        .args(netns_exec)
+        .arg(setpriv)
+        .arg(format!(
+            "--bounding-set=-all,+{}",
+            unit_capabilities().replace(',', ",+")
+        ))
+        .arg("--no-new-privs")
+        .args(hookd_args)
         .stdin(Stdio::null())
         .stdout(hookd.log_file())
         .stderr(hookd.log_file());
@@ -52,6 +84,13 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
     require_root();
     let ns = NetNs::new("hksd");
     let mut hookd = Hookd::prepare(&ns, None, Launch::default());
+    // As /run/qnet is: traversable, so dnsmasq drops root for its own user
+    // (which needs CAP_SETUID, CAP_SETGID, and CAP_KILL to signal it).
+    std::fs::set_permissions(
+        hookd.dir(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let notify_path = hookd.dir().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let listen = [hookd.ctl_socket(), hookd.qmp_socket()];
@@ -90,6 +129,66 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
     );
     let log = hookd.log();
     assert!(log.contains("socket_activated=true"), "{log}");
+    // It ran with the unit's restrictions: no CAP_SYS_ADMIN (bit 21) in
+    // its bounding set, no_new_privs set.
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    assert_eq!(bounding & (1 << 21), 0, "CapBnd {bounding:x}");
+    assert_ne!(
+        bounding & (1 << 12),
+        0,
+        "CAP_NET_ADMIN kept: CapBnd {bounding:x}"
+    );
+    assert_eq!(field("NoNewPrivs:"), "1");
+    // With only those capabilities dnsmasq runs (ports 53/67, NET_RAW,
+    // its switch to another user) and takes the daemon's SIGHUP.
+    hookd
+        .qnetctl(&[
+            "reserve",
+            "add",
+            "qnet0",
+            "52:54:00:00:00:01",
+            "--name",
+            "probe",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let log = hookd.log();
+    assert!(
+        !log.contains("dnsmasq exited unexpectedly") && !log.contains("cannot SIGHUP"),
+        "dnsmasq does not work with the unit's capabilities:\n{log}"
+    );
+    // dnsmasq's log reaches the daemon's (the journal, under systemd):
+    // the reservation made it re-read its hosts files, and it says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let relayed = |log: String| {
+        log.lines()
+            .any(|l| l.contains("dnsmasq: ") && l.contains("]: read ") && l.contains("dhcp-hosts"))
+    };
+    while !relayed(hookd.log()) {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq's log not relayed:\n{}",
+            hookd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dnsmasq_pid = std::fs::read_to_string(hookd.run_dir().join("qnet0/dnsmasq.pid")).unwrap();
+    let dnsmasq = std::fs::read_to_string(format!("/proc/{}/status", dnsmasq_pid.trim())).unwrap();
+    assert!(
+        dnsmasq
+            .lines()
+            .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")),
+        "dnsmasq kept root:\n{dnsmasq}"
+    );
     // The daemon serves systemd's sockets and bound none of its own.
     assert_eq!(inode(hookd.ctl_socket()), ctl_ino);
     assert_eq!(inode(hookd.qmp_socket()), qmp_ino);

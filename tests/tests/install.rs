@@ -23,7 +23,17 @@ fn make(args: &[&str], dist: &Path, as_nobody: bool) -> String {
     let bin = target_profile_dir();
     let mut cmd = if as_nobody {
         let mut c = Command::new(require_tool("setpriv", "util-linux"));
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "make"]);
+        // nobody, allowed only to read everywhere (a CI checkout may sit
+        // in root's home): chown, setcap and chmod u+s on files it does
+        // not own would all fail, as they would for a packager.
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "make",
+        ]);
         c
     } else {
         Command::new("make")

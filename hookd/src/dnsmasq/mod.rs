@@ -60,6 +60,8 @@ pub const DEGRADED_AFTER: u32 = 2;
 const TERM_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_MAX_BYTES: u64 = 4 << 20;
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often new lines of dnsmasq's log are relayed into the daemon's log.
+const LOG_RELAY_EVERY: Duration = Duration::from_secs(1);
 const READY_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Error)]

@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use super::*;
+use crate::logrelay::LogRelay;
 use crate::procfs::{self, is_alive};
 
 /// Everything the supervisor needs, owned.
@@ -151,8 +152,9 @@ async fn watch_child(
     let pid = run.pid;
     let mut ready = false;
     let mut last_log_check = Instant::now();
+    let mut relay = LogRelay::new(&s.log_file);
     loop {
-        let tick = if ready { LOG_CHECK_EVERY } else { READY_POLL };
+        let tick = if ready { LOG_RELAY_EVERY } else { READY_POLL };
         tokio::select! {
             result = child.wait() => return Event::Exited(result),
             changed = stop.changed() => match changed {
@@ -165,6 +167,9 @@ async fn watch_child(
                     ready = true;
                     status.send_modify(|st| st.ready = true);
                     tracing::debug!(network = %s.network, ?pid, "dnsmasq is ready");
+                }
+                for line in relay.new_lines() {
+                    tracing::info!(network = %s.network, "dnsmasq: {line}");
                 }
                 if ready && run.started.elapsed() >= STABLE_AFTER {
                     // Running steadily again: no longer degraded.
