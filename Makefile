@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 LIBEXEC ?= $(PREFIX)/libexec
 BIN ?= $(PREFIX)/bin
 
-.PHONY: all helpers test bench demo install install-setcap clean
+.PHONY: all helpers test bench demo install install-setcap clean fuzz fuzz-smoke
 
 all:
 	cargo build --release --workspace
@@ -30,6 +30,17 @@ bench: helpers
 
 demo:
 	./demo.sh
+
+# Coverage-guided fuzzing of every parser that sees untrusted input (see
+# fuzz/README.md): needs the nightly toolchain and cargo-fuzz. Each target
+# runs FUZZ_SECONDS, one after the other, on one core.
+FUZZ_SECONDS ?= 600
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+# What CI runs: about 20 s per target.
+fuzz-smoke:
+	fuzz/run.sh 20
 
 # Setuid-root install (what qemu-bridge-helper does on most distributions).
 install: helpers
