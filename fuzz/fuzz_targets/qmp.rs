@@ -33,8 +33,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
+        // 80 characters, each escaped to at most 10, and `...`.
         let preview = fuzzing::preview_value(&value);
-        assert!(preview.chars().count() <= 83, "{preview}");
+        assert!(preview.chars().count() <= 80 * 10 + 3, "{preview}");
+        assert!(!preview.chars().any(char::is_control), "{preview}");
     }
     let text = String::from_utf8_lossy(data);
     let nics = fuzzing::parse_info_network(&text);
