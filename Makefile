@@ -45,7 +45,7 @@ ROOT := $(shell [ "$$(id -u)" -eq 0 ] && echo yes)
 CAPS_bridge := cap_net_admin+ep
 CAPS_macvtap := cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep
 
-.PHONY: all build helpers test bench demo dist install install-setcap helper-privileges uninstall deb clean
+.PHONY: all build helpers test bench demo dist install install-setcap helper-privileges uninstall deb clean fuzz fuzz-smoke
 
 all: build
 
@@ -72,6 +72,17 @@ demo:
 # Man pages and completions, generated from the binaries' clap definitions.
 dist:
 	$(XTASK) dist $(DIST)
+
+# Coverage-guided fuzzing of every parser that sees untrusted input (see
+# fuzz/README.md): needs the nightly toolchain and cargo-fuzz. Each target
+# runs FUZZ_SECONDS, one after the other, on one core.
+FUZZ_SECONDS ?= 600
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+# What CI runs: about 20 s per target.
+fuzz-smoke:
+	fuzz/run.sh 20
 
 install: $(BUILD) dist
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR) $(DESTDIR)$(UNITDIR) \

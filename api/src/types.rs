@@ -435,16 +435,34 @@ impl fmt::Display for PortMap {
 /// able to make the daemon log or answer with megabytes of its input.
 const PREVIEW: usize = 64;
 
-/// `text`, cut to [`PREVIEW`] bytes (on a character boundary) with `…`.
+/// `text`, cut to [`PREVIEW`] bytes with `…` and made one line (see
+/// [`one_line`]).
 pub fn preview(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= PREVIEW {
+    if text.len() <= PREVIEW && !text.contains(char::is_control) {
         return text.into();
     }
-    let mut end = PREVIEW;
-    while !text.is_char_boundary(end) {
-        end -= 1;
+    one_line(text, PREVIEW).into()
+}
+
+/// `text` as one line of about `max` bytes at most, for echoing what a
+/// peer sent in a message: control characters (line breaks, terminal
+/// escapes) are shown escaped (`\n`, `\u{1b}`), so that a hostile value
+/// cannot forge log lines or a second line of an error, and a longer text
+/// is cut on a character boundary with `…`.
+pub fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 4);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
-    format!("{}…", &text[..end]).into()
+    out
 }
 
 #[cfg(test)]
@@ -547,5 +565,25 @@ mod tests {
         let err = long.parse::<Mac>().unwrap_err().to_string();
         assert!(err.len() < 200, "{}", err.len());
         assert!(preview(&"é".repeat(100)).ends_with('…'));
+    }
+
+    /// Found by the ctl_request and hookd_toml fuzz targets: a value with a
+    /// line break or another control character was echoed raw, making an
+    /// error two lines (or carrying a terminal escape).
+    #[test]
+    fn echoed_values_are_one_line() {
+        assert_eq!(
+            one_line("a\nb\u{1b}[2J\u{7f}", 100),
+            "a\\nb\\u{1b}[2J\\u{7f}"
+        );
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        assert_eq!(preview("br\n0"), "br\\n0");
+        let err = "eth0\n".parse::<IfName>().unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err}");
+        let err = "lab\r\ninjected"
+            .parse::<NetName>()
+            .unwrap_err()
+            .to_string();
+        assert!(!err.chars().any(char::is_control), "{err}");
     }
 }

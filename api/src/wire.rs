@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{preview, DnsLabel, IfName, Invalid, Mac, NetName, PortMap, Proto};
+use crate::types::{one_line, preview, DnsLabel, IfName, Invalid, Mac, NetName, PortMap, Proto};
 
 pub const DEFAULT_CTL_SOCKET: &str = "/run/qnet/ctl.sock";
 pub const DEFAULT_QMP_SOCKET: &str = "/run/qnet/qmp.sock";
@@ -216,6 +216,24 @@ pub enum Request {
         #[serde(default)]
         target: Option<String>,
     },
+}
+
+impl Request {
+    /// Decodes one request line as the daemon's control socket receives
+    /// it (the caller reads at most [`MAX_REQUEST_BYTES`] + 1 bytes). The
+    /// error is the one line the client gets back.
+    pub fn from_line(line: &str) -> Result<Request, String> {
+        if line.len() > MAX_REQUEST_BYTES {
+            return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+        }
+        if line.trim().is_empty() {
+            return Err("empty request: send one JSON object such as {\"op\":\"status\"}".into());
+        }
+        // serde's messages quote the offending variant or field name as
+        // the client wrote it.
+        serde_json::from_str(line)
+            .map_err(|e| format!("bad request: {}", one_line(&e.to_string(), 1024)))
+    }
 }
 
 /// One `<interface>` of a libvirt domain.
@@ -506,6 +524,27 @@ pub struct Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reproducer of the ctl_request fuzz target: serde quoted the unknown
+    /// variant raw, so a DEL or a line break reached the client's terminal.
+    #[test]
+    fn refused_requests_get_one_line() {
+        for line in [
+            "{\"op\":\"for\u{7f}ard-rm\",\"proto\":\"udp\"*,\"host_port\":\"forward-rm\",",
+            "{\"op\":\"status\",\"x\ny\":1}",
+            "{\"op\":\"network-up\",\"name\":\"a\\nb\"}",
+            "",
+            &"x".repeat(MAX_REQUEST_BYTES + 1),
+        ] {
+            let err = Request::from_line(line).unwrap_err();
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+            assert!(err.len() < 2048, "{}", err.len());
+        }
+        assert_eq!(
+            Request::from_line("{\"op\":\"status\"}\n"),
+            Ok(Request::Status)
+        );
+    }
 
     #[test]
     fn requests_round_trip_as_json_lines() {

@@ -51,6 +51,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
 use crate::state::alloc;
 
@@ -89,6 +90,55 @@ pub enum ConfigError {
         key: &'static str,
         problem: String,
     },
+}
+
+/// Longest text quoted from the file in an error.
+const MAX_ERROR_TEXT: usize = 512;
+
+impl ConfigError {
+    /// The same error, with what it quotes from the file (a network's
+    /// name, a value, toml's message quoting a key) made one bounded line:
+    /// a string in the file may hold line breaks and other control
+    /// characters.
+    fn one_line(self) -> Self {
+        let clean = |text: String| one_line(&text, MAX_ERROR_TEXT);
+        match self {
+            Self::Parse { path, message } => Self::Parse {
+                path,
+                message: clean(message),
+            },
+            Self::InvalidForward {
+                path,
+                line,
+                key,
+                problem,
+            } => Self::InvalidForward {
+                path,
+                line,
+                key,
+                problem: clean(problem),
+            },
+            Self::InvalidLimits { path, key, problem } => Self::InvalidLimits {
+                path,
+                key,
+                problem: clean(problem),
+            },
+            Self::Invalid {
+                path,
+                line,
+                network,
+                key,
+                problem,
+            } => Self::Invalid {
+                path,
+                line,
+                network: clean(network),
+                key,
+                problem: clean(problem),
+            },
+            read @ Self::Read { .. } => read,
+        }
+    }
 }
 
 /// One network as the daemon uses it: every default filled in, validated.
@@ -228,10 +278,16 @@ impl Config {
         }
     }
 
+    /// Parses and validates `text`, read from `path`. The error is one
+    /// line: what it quotes from the file is escaped and bounded.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::parse_text(path, text).map_err(ConfigError::one_line)
+    }
+
+    fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: one_line(&e),
+            message: toml_message(&e),
         })?;
         let mut networks = Vec::new();
         let mut lines = Vec::new();
@@ -561,9 +617,14 @@ fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
             format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
         ));
     }
-    let router = raw
-        .router
-        .unwrap_or_else(|| Ipv6Addr::from(u128::from(subnet.network()) + 1));
+    // The subnet's first host address; an all-ones /128 has none (and
+    // adding one to it would overflow).
+    let first = u128::from(subnet.network())
+        .checked_add(1)
+        .map(Ipv6Addr::from);
+    let Some(router) = raw.router.or(first) else {
+        return Err(("ipv6", format!("`{subnet}` has no host address: use a /64")));
+    };
     if !subnet.contains(&router) || router == subnet.network() {
         return Err((
             "ipv6",
@@ -585,7 +646,7 @@ fn line_of(text: &str, offset: usize) -> usize {
     1 + text[..offset.min(text.len())].matches('\n').count()
 }
 
-fn one_line(err: &toml::de::Error) -> String {
+fn toml_message(err: &toml::de::Error) -> String {
     let message = err.message().trim();
     match err.span() {
         Some(span) => {
@@ -835,5 +896,30 @@ ipv6 = { subnet = "fd43::/64" }
         assert_eq!(net.bridge, "qnet0");
         assert_eq!(net.router, Ipv4Addr::new(10, 213, 7, 1));
         assert_eq!(net.mode, Mode::Nat);
+    }
+
+    /// Found while writing the hookd_toml fuzz target (and seeded into its
+    /// corpus): the all-ones /128 made the default router overflow, a
+    /// panic with the release profile's overflow checks.
+    #[test]
+    fn ipv6_subnet_without_hosts_is_an_error() {
+        let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nipv6 = { subnet = \"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128\" }\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("has no host address"), "{err}");
+    }
+
+    /// Errors quote the file (names, values, keys); a string there may
+    /// hold line breaks, the error must stay one line.
+    #[test]
+    fn errors_are_one_line() {
+        for text in [
+            "[[network]]\nname = \"a\\nb\"\nsubnet = \"10.0.0.0/24\"\n",
+            "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\\n\\u001b[2J\"\n",
+            "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[forward]]\nguest = \"g\"\nproto = \"tcp\"\nports = \"80\"\nnetwork = \"x\\ny\"\n",
+            "\"a\\nb\" = 1\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+        }
     }
 }

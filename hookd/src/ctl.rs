@@ -117,13 +117,7 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
         .read_line(&mut line)
         .await
         .map_err(|e| format!("reading the request: {e}"))?;
-    if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
-    }
-    if line.trim().is_empty() {
-        return Err("empty request: send one JSON object such as {\"op\":\"status\"}".into());
-    }
-    serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+    Request::from_line(&line)
 }
 
 /// Gives the socket to group `qnet`, so its members may use qnetctl

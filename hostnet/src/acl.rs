@@ -669,6 +669,9 @@ impl Decision {
     }
 }
 
+/// Skipped includes a denial names.
+const MAX_SKIPS_SHOWN: usize = 3;
+
 /// A refused name, with what is needed to explain the refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -709,12 +712,19 @@ impl Denial {
                     "{noun} `{name}` is not allowed: add `allow {name}` to {} (or a file it includes)",
                     ShowPath(&self.acl_file)
                 );
-                for skipped in &self.skipped_includes {
+                // A few are enough to point at the cause; a file that
+                // skips the same include hundreds of times must not make
+                // the message hundreds of times longer than itself.
+                for skipped in self.skipped_includes.iter().take(MAX_SKIPS_SHOWN) {
                     message.push_str(&format!(
                         " (skipped include {}: {})",
                         ShowPath(&skipped.path),
                         skipped.reason
                     ));
+                }
+                let more = self.skipped_includes.len().saturating_sub(MAX_SKIPS_SHOWN);
+                if more > 0 {
+                    message.push_str(&format!(" (and {more} more skipped includes)"));
                 }
                 message
             }
@@ -1253,6 +1263,23 @@ mod tests {
         let mut mem = chain(MAX_INCLUDE_DEPTH + 1);
         mem.files.remove(Path::new("/c/9.conf"));
         assert!(matches!(err(&mem), AclError::IncludeTooDeep { .. }));
+    }
+
+    /// Reproducer of the acl fuzz target: every skipped include was
+    /// listed in a denial, so 800 bytes of ACL repeating missing includes
+    /// made a 14 KB "line".
+    #[test]
+    fn denial_names_a_few_skipped_includes() {
+        let top = "allow br0\n".to_string() + &"include missing\n".repeat(200);
+        let acl = acl(&top);
+        assert_eq!(acl.skipped_includes().len(), 200);
+        let message = denial(&acl, "br1").message("bridge");
+        assert_single_line(&message);
+        assert!(message.len() < 400, "{}: {message}", message.len());
+        assert!(
+            message.contains("(and 197 more skipped includes)"),
+            "{message}"
+        );
     }
 
     #[test]

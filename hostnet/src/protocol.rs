@@ -35,12 +35,7 @@ pub fn exit_for_cli_error(program: &str, usage: &str, err: clap::Error) -> std::
             std::process::ExitCode::SUCCESS
         }
         _ => {
-            let text = err.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            say(format_args!(
-                "{program}: {first}; usage: {program} {usage} (see --help)"
-            ));
+            say(format_args!("{}", cli_error_line(program, usage, &err)));
             std::process::ExitCode::FAILURE
         }
     }
@@ -52,6 +47,30 @@ pub fn exit_for_cli_error(program: &str, usage: &str, err: clap::Error) -> std::
 pub fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The one line a helper prints for a refused command line: clap's first
+/// line and the usage. clap quotes the offending argument as given, so its
+/// control characters are shown escaped and a long one is cut: the line
+/// stays one line of bounded length whatever argv holds.
+pub fn cli_error_line(program: &str, usage: &str, err: &clap::Error) -> String {
+    const MAX: usize = 512;
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    let first = first.trim_start_matches("error: ");
+    let mut shown = String::new();
+    for c in first.chars() {
+        if shown.len() >= MAX {
+            shown.push('…');
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    format!("{program}: {shown}; usage: {program} {usage} (see --help)")
 }
 
 /// Logging goes to stderr (QEMU shows it to the user) and is configured by
@@ -69,5 +88,38 @@ pub fn init_debug_logging(debug: bool) {
             // which panics when stderr is a closed pipe.
             .log_internal_errors(false)
             .init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        protocol: ProtocolArgs,
+        #[arg(long)]
+        debug: bool,
+    }
+
+    fn error_line(args: &[&str]) -> String {
+        let err =
+            Cli::try_parse_from(std::iter::once("helper").chain(args.iter().copied())).unwrap_err();
+        cli_error_line("helper", "--br=NAME --fd=N", &err)
+    }
+
+    /// Reproducer of the helper_argv fuzz target: clap echoed the unknown
+    /// argument `--debu\x01` raw, control character included.
+    #[test]
+    fn refused_argv_is_one_clean_line() {
+        let line = error_line(&["--br=br1", "--debu\u{1}", "--fd=7"]);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("--debu\\u{1}"), "{line}");
+        let line = error_line(&["--br=br0", &format!("--x={}", "\n".repeat(100_000))]);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.len() < 1024, "{}", line.len());
     }
 }

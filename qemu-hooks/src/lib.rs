@@ -165,8 +165,23 @@ pub fn parse_domain_bytes(bytes: &[u8]) -> Result<DomainInfo, String> {
     parse_domain(text)
 }
 
-/// Reads the domain XML.
+/// Reads the domain XML. The error is one line (see [`one_line_error`]).
 pub fn parse_domain(text: &str) -> Result<DomainInfo, String> {
+    read_domain(text).map_err(one_line_error)
+}
+
+/// Longest error message about an XML document.
+const MAX_ERROR: usize = 1024;
+
+/// quick-xml's messages and ours quote the document (element names,
+/// attribute values, whole stretches of text after a mismatched end tag),
+/// line breaks and all: the error reaches libvirt's log and the user as
+/// one line, of bounded length.
+fn one_line_error(message: String) -> String {
+    qnet_api::types::one_line(&message, MAX_ERROR)
+}
+
+fn read_domain(text: &str) -> Result<DomainInfo, String> {
     if text.len() > MAX_XML_BYTES {
         return Err(format!(
             "domain XML longer than {} MiB: refused",
@@ -473,8 +488,12 @@ struct XmlIp {
 /// root `<networkstatus>` around `<network>`) or definition (root
 /// `<network>`): name, bridge, forward mode, IPv4 subnets. `None` when the
 /// network has no bridge of its own (`<forward mode='hostdev'>` and
-/// friends): there is nothing hookd could follow.
+/// friends): there is nothing hookd could follow. The error is one line.
 pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, String> {
+    read_network_status(text).map_err(one_line_error)
+}
+
+fn read_network_status(text: &str) -> Result<Option<LibvirtNetwork>, String> {
     if text.len() as u64 > MAX_NETWORK_XML_BYTES {
         return Err("network XML too long".into());
     }

@@ -227,3 +227,24 @@ fn hostile_input_is_refused() {
     // Two roots.
     assert!(parse_domain("<domain><name>a</name><uuid>u</uuid></domain><domain/>").is_err());
 }
+
+/// Reproducers of the domain_xml fuzz target: quick-xml quotes the text
+/// after a mismatched end tag, and the qnet block's errors quote attribute
+/// values, line breaks included; the error must stay one bounded line.
+#[test]
+fn errors_are_one_line() {
+    let long = "x\n".repeat(100_000);
+    for xml in [
+        "<domain><name>a</name><currentMemory>1</currentMem1'/>\n  <vcpu placement='stface></domain>"
+            .to_string(),
+        format!("<domain><name>a</nam{long}>"),
+        format!(
+            "<domain><name>a</name><uuid>1</uuid><metadata><q:qnet xmlns:q=\"{QNET_XMLNS}\">\
+             <q:forward proto=\"tcp\" host-port=\"80\" host-addr=\"1&#10;2\"/></q:qnet></metadata></domain>"
+        ),
+    ] {
+        let err = parse_domain(&xml).unwrap_err();
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        assert!(err.len() <= 1100, "{}", err.len());
+    }
+}

@@ -181,3 +181,17 @@ fn live_domain_xml_of_type_network_names_the_bridge_from_start_on() {
         assert_eq!(domain.forwards.len(), 1, "{op}");
     }
 }
+
+/// Reproducer of the network_xml fuzz target: quick-xml quoted the
+/// mismatched end tag raw (control characters included) in the error.
+#[test]
+fn errors_are_one_line() {
+    for xml in [
+        "<network><name>d</d</name></net\u{4}\u{4}\u{4}work>".to_string(),
+        format!("<network><name>d</name></net{}>", "\n".repeat(10_000)),
+    ] {
+        let err = parse_network_status(&xml).unwrap_err();
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        assert!(err.len() <= 1100, "{}", err.len());
+    }
+}

@@ -69,3 +69,61 @@ mod types;
 
 pub use session::{dial, dial_timeout, QmpSession};
 pub use types::*;
+
+/// The reading half of a session over bytes in memory, for the fuzz
+/// targets (`fuzz/`): not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use futures_util::FutureExt;
+
+    use super::parse::{self, Message};
+    pub use super::parse::{is_nil_uuid, parse_info_network, preview_bytes, preview_value};
+    use super::shared::ReplyError;
+    use super::{reader, Greeting, QmpError};
+
+    /// What a session makes of one message after the greeting.
+    #[derive(Debug)]
+    pub enum Read {
+        Event(super::QmpEvent),
+        /// A reply (`id`: the command's, if any), or the error a command
+        /// would fail with.
+        Reply(Option<u64>, Result<serde_json::Value, QmpError>),
+    }
+
+    /// Reads `bytes` as a QMP stream with lines of at most `max_line`
+    /// bytes: the greeting, then messages until the end or the first
+    /// error (which ends a session). Reading from memory never waits.
+    pub fn read_stream(
+        mut bytes: &[u8],
+        max_line: usize,
+    ) -> Result<(Greeting, Vec<Read>), QmpError> {
+        let peer = "fuzz";
+        let greeting = reader::read_greeting(&mut bytes, peer, max_line)
+            .now_or_never()
+            .expect("reading memory never waits")?;
+        let mut buf = Vec::new();
+        let mut messages = Vec::new();
+        while let Some(value) = reader::read_message(&mut bytes, &mut buf, max_line, peer)
+            .now_or_never()
+            .expect("reading memory never waits")?
+        {
+            let protocol = |detail| QmpError::Protocol {
+                peer: peer.into(),
+                detail,
+            };
+            messages.push(match parse::message(value).map_err(protocol)? {
+                Message::Event(event) => Read::Event(event),
+                Message::Reply { id, reply } => Read::Reply(
+                    id,
+                    reply.map_err(|ReplyError { class, desc }| QmpError::Command {
+                        peer: peer.into(),
+                        command: "query-status".into(),
+                        class,
+                        desc,
+                    }),
+                ),
+            });
+        }
+        Ok((greeting, messages))
+    }
+}

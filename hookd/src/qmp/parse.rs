@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::shared::{Reply, ReplyError};
 use super::types::{Greeting, NicInfo, QmpEvent};
+use qnet_api::types::one_line;
 use qnet_api::Mac;
 
 /// One message after the greeting.
@@ -39,12 +40,10 @@ pub fn message(message: Value) -> Result<Message, String> {
     let reply = if let Some(value) = map.remove("return") {
         Ok(value)
     } else if let Some(error) = map.get("error") {
+        // QEMU's text goes into a one-line error: escaped and bounded.
         let field = |key: &str| {
-            error
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or("(missing)")
-                .to_owned()
+            let text = error.get(key).and_then(Value::as_str);
+            one_line(text.unwrap_or("(missing)"), MAX_ERROR_TEXT)
         };
         Err(ReplyError {
             class: field("class"),
@@ -203,6 +202,8 @@ pub fn is_nil_uuid(uuid: &str) -> bool {
 }
 
 const PREVIEW: usize = 80;
+/// Longest error class or description of QEMU's kept (they are short).
+const MAX_ERROR_TEXT: usize = 512;
 
 pub fn preview_bytes(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(PREVIEW)]);
@@ -210,12 +211,16 @@ pub fn preview_bytes(bytes: &[u8]) -> String {
     format!("{:?}{more}", text.trim_end())
 }
 
+/// `value` as compact JSON, cut to [`PREVIEW`] characters. JSON text
+/// escapes line breaks but not DEL or C1 control characters, so those are
+/// escaped too: the preview ends up in one-line messages.
 pub fn preview_value(value: &Value) -> String {
     let text = value.to_string();
-    match text.char_indices().nth(PREVIEW) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
-    }
+    let (text, more) = match text.char_indices().nth(PREVIEW) {
+        Some((cut, _)) => (&text[..cut], "..."),
+        None => (&text[..], ""),
+    };
+    format!("{}{more}", one_line(text, usize::MAX))
 }
 
 #[cfg(test)]
@@ -269,6 +274,44 @@ mod tests {
             parse_event("FOO_BAR_FROM_QEMU_10", None),
             QmpEvent::Other("FOO_BAR_FROM_QEMU_10".into())
         );
+    }
+
+    /// Reproducer of the qmp fuzz target: a DEL in a key of a bad greeting
+    /// was echoed raw in the session's error.
+    #[test]
+    fn previews_are_one_line() {
+        let value: Value =
+            serde_json::from_str("{\"QM\u{7f}\":{\"version\":{\"qemu\":{\"major\":7}}}}").unwrap();
+        let err = greeting(&value).unwrap_err();
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        assert!(err.contains("\\u{7f}"), "{err}");
+        let long = Value::String("\u{85}".repeat(1000));
+        let preview = preview_value(&long);
+        assert!(
+            !preview.chars().any(char::is_control) && preview.len() < 1000,
+            "{preview}"
+        );
+    }
+
+    /// QEMU's error text becomes QmpError::Command's message: one line.
+    #[test]
+    fn reply_errors_are_one_line_and_bounded() {
+        let desc = format!("bad\nthing{}", "x".repeat(100_000));
+        let value =
+            serde_json::json!({"error": {"class": "Generic\u{1b}Error", "desc": desc}, "id": 1});
+        let Ok(Message::Reply {
+            id: Some(1),
+            reply: Err(e),
+        }) = message(value)
+        else {
+            panic!("not an error reply");
+        };
+        for text in [&e.class, &e.desc] {
+            assert!(
+                !text.chars().any(char::is_control) && text.len() < 600,
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

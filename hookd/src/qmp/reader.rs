@@ -66,7 +66,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
 
 /// Reads the next non-blank line and parses it as JSON; `None` on a clean
 /// EOF.
-async fn read_message<R: AsyncBufRead + Unpin>(
+pub(super) async fn read_message<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     max: usize,

@@ -1,0 +1,132 @@
+//! `hookd.toml`, the daemon's configuration (root-owned, but a typo or a
+//! truncated file must be one clear error, never a panic).
+//!
+//! Properties: parsing never panics; an error is one line; an accepted
+//! file keeps every invariant the daemon relies on (routers and DHCP
+//! ranges inside their subnets, no overlaps, unique names and bridges,
+//! forwards on declared networks and not overlapping); printing the
+//! parsed configuration with every default written out and parsing it
+//! again gives the same configuration.
+#![no_main]
+
+use std::fmt::Write;
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use qnet_fuzz::{assert_bounded, assert_one_line};
+use qnet_hookd::config::{Config, NetworkConfig};
+
+fn quote(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn print(config: &Config) -> String {
+    let mut out = String::new();
+    if config.default_network_explicit {
+        let _ = writeln!(out, "default-network = {}", config.use_default_network);
+    }
+    let limits = &config.limits;
+    let _ = writeln!(
+        out,
+        "[limits]\nauto-reservations-per-nic = {}\nreclaim-after-days = {}\nqmp-sessions-per-user = {}",
+        limits.reservations.per_nic,
+        limits.reservations.reclaim_after / 86_400,
+        limits.qmp_sessions_per_user
+    );
+    for n in &config.networks {
+        print_network(&mut out, n);
+    }
+    for f in &config.forwards {
+        let _ = writeln!(
+            out,
+            "[[forward]]\nguest = {}\nproto = \"{}\"\nports = \"{}\"",
+            quote(f.guest.as_str()),
+            f.proto,
+            f.ports
+        );
+        if let Some(addr) = f.host_addr {
+            let _ = writeln!(out, "host-addr = \"{addr}\"");
+        }
+        if let Some(net) = &f.network {
+            let _ = writeln!(out, "network = {}", quote(net));
+        }
+    }
+    out
+}
+
+fn print_network(out: &mut String, n: &NetworkConfig) {
+    let _ = writeln!(
+        out,
+        "[[network]]\nname = {}\nbridge = {}\nmode = \"{}\"\nsubnet = \"{}\"\nrouter = \"{}\"\n\
+         dhcp-range = [\"{}\", \"{}\"]\ndomain = {}",
+        quote(&n.name),
+        quote(&n.bridge),
+        n.mode,
+        n.subnet,
+        n.router,
+        n.dhcp_range.0,
+        n.dhcp_range.1,
+        quote(&n.domain),
+    );
+    if let Some(uplink) = &n.uplink {
+        let _ = writeln!(out, "uplink = {}", quote(uplink));
+    }
+    let ports: Vec<String> = n.blocked_ports.iter().map(|p| format!("\"{p}\"")).collect();
+    let _ = writeln!(out, "blocked-ports = [{}]", ports.join(", "));
+    if let Some(v6) = &n.ipv6 {
+        let _ = writeln!(
+            out,
+            "ipv6 = {{ subnet = \"{}\", router = \"{}\" }}",
+            v6.subnet, v6.router
+        );
+    }
+}
+
+fn check_invariants(config: &Config) {
+    let host = |n: &NetworkConfig, a: std::net::Ipv4Addr| {
+        n.subnet.contains(&a) && a != n.subnet.network() && a != n.subnet.broadcast()
+    };
+    for (i, n) in config.networks.iter().enumerate() {
+        assert!(n.subnet.prefix_len() <= 29 && n.subnet == n.subnet.trunc());
+        assert!(host(n, n.router) && host(n, n.dhcp_range.0) && host(n, n.dhcp_range.1));
+        assert!(n.dhcp_range.0 <= n.dhcp_range.1);
+        assert!(!(n.dhcp_range.0..=n.dhcp_range.1).contains(&n.router));
+        if let Some(v6) = &n.ipv6 {
+            assert!(v6.subnet.contains(&v6.router) && v6.router != v6.subnet.network());
+        }
+        for m in &config.networks[i + 1..] {
+            assert!(n.name != m.name && n.bridge != m.bridge);
+            assert!(
+                !n.subnet.contains(&m.subnet.network()) && !m.subnet.contains(&n.subnet.network())
+            );
+        }
+    }
+    for (i, f) in config.forwards.iter().enumerate() {
+        if let Some(net) = &f.network {
+            assert!(config.networks.iter().any(|n| n.name == net.as_str()));
+        }
+        assert!(config.forwards[i + 1..].iter().all(|g| !g.overlaps(f)));
+    }
+    assert!(!(config.use_default_network && !config.networks.is_empty()));
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("/etc/qnet/hookd.toml");
+    let config = match Config::parse(path, text) {
+        Ok(config) => config,
+        Err(e) => return assert_one_line("config error", &e.to_string(), data.len()),
+    };
+    assert_bounded(
+        "networks",
+        config.networks.len() + config.forwards.len(),
+        data.len() / 8,
+    );
+    check_invariants(&config);
+    let printed = print(&config);
+    let again = Config::parse(path, &printed)
+        .unwrap_or_else(|e| panic!("the printed config does not parse: {e}\n{printed}"));
+    assert_eq!(config, again, "{printed}");
+});
