@@ -13,10 +13,12 @@
 
 pub use qnet_api as api;
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
+pub mod doctor;
 pub mod error;
 pub mod firewall;
 pub mod libvirt;
@@ -36,3 +38,4 @@ mod programs;
 mod ratelimit;
 mod reconciler;
 mod state;
+pub mod systemd;

@@ -38,10 +38,20 @@ pub fn exit_for_cli_error(program: &str, usage: &str, err: clap::Error) -> std::
             let text = err.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             let first = first.trim_start_matches("error: ");
-            eprintln!("{program}: {first}; usage: {program} {usage} (see --help)");
+            say(format_args!(
+                "{program}: {first}; usage: {program} {usage} (see --help)"
+            ));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Writes one line to stderr, ignoring failure: stderr may be a closed
+/// pipe (EPIPE; Rust ignores SIGPIPE) or a full one, and a helper must
+/// neither panic (`eprintln!` does) nor fail because nobody reads it.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Logging goes to stderr (QEMU shows it to the user) and is configured by
@@ -55,6 +65,9 @@ pub fn init_debug_logging(debug: bool) {
             .with_max_level(tracing::Level::DEBUG)
             .with_target(false)
             .without_time()
+            // A write error would otherwise be reported with `eprint!`,
+            // which panics when stderr is a closed pipe.
+            .log_internal_errors(false)
             .init();
     }
 }

@@ -30,11 +30,11 @@
 //! stays connected until it is killed.
 //!
 //! Latency is measured by this (parent) process, which blocks in `poll()`
-//! on an inotify watch of `RUN/bench/` (the daemon renames each new
-//! `dhcp-hosts` into place: `IN_MOVED_TO`), with a 1 ms timeout as a
-//! fallback, takes a `CLOCK_MONOTONIC` timestamp on waking and then
-//! re-reads the file: connect → reservation is that timestamp minus the
-//! worker's. Resolution: the wake-up plus one read of the file (tens of
+//! on an inotify watch of `RUN/bench/dhcp-hosts.d/` (the daemon renames
+//! each new reservation's file into place: `IN_MOVED_TO`), with a 1 ms
+//! timeout as a fallback, takes a `CLOCK_MONOTONIC` timestamp on waking and
+//! then looks for the guest's file: connect → reservation is that
+//! timestamp minus the worker's. Resolution: the wake-up plus one read of the file (tens of
 //! µs), at worst the 1 ms fallback. Guests are connected one after the
 //! other, each once the previous one's reservation is in the file, so the
 //! k-th sample is the latency with k-1 guests already connected.
@@ -42,7 +42,8 @@
 //! Memory and CPU come from `/proc/<pid>/status` (`VmRSS`, `Threads`),
 //! `/proc/<pid>/stat` (utime + stime, in clock ticks: 10 ms) and
 //! `/proc/<pid>/fd`, for the daemon and its dnsmasq. dnsmasq logs `read
-//! .../dhcp-hosts` at each SIGHUP; those lines are counted. Results are
+//! .../dhcp-hosts.d/MAC` for every reservation file it reads (a new one
+//! through inotify, all of them at a SIGHUP); those lines are counted. Results are
 //! printed as Markdown tables. Every worker is killed and reaped, and the
 //! namespace (with the daemon and dnsmasq) deleted, on exit.
 
@@ -126,8 +127,8 @@ fn main() {
     let hookd = Hookd::start(&netns, Some(CONFIG));
     let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
     let net_dir = hookd.run_dir().join(NET);
-    let hosts_file = net_dir.join("dhcp-hosts");
-    let dns_file = net_dir.join("dns-hosts");
+    let hosts_dir = net_dir.join("dhcp-hosts.d");
+    let dns_dir = net_dir.join("dns-hosts.d");
     let watch = Watch::new(&net_dir);
     let dnsmasq = wait_for_dnsmasq(&net_dir);
     let ns_file = File::open(netns.path()).expect("open the namespace");
@@ -157,7 +158,7 @@ fn main() {
                 let mut guest = Guest::spawn(index, &socket, &ns_file);
                 let t0 = guest.go();
                 let seen = wait_for(&watch, Duration::from_millis(1), "reservation", |now| {
-                    has_mac(&hosts_file, &guest.mac).then_some(now)
+                    has_mac(&hosts_dir, &guest.mac).then_some(now)
                 });
                 latencies.push(Duration::from_nanos(seen - t0));
                 guests.0.push(guest);
@@ -178,12 +179,12 @@ fn main() {
     // Every worker has exited (its TAP deleted: the kernel serialises
     // those on the RTNL lock) and been reaped.
     let reaped = before.at.elapsed();
-    wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
-        std::fs::read_to_string(&dns_file)
-            .map(|t| t.trim().is_empty())
-            .unwrap_or(false)
-            .then_some(())
-    });
+    wait_for(
+        &watch,
+        Duration::from_millis(50),
+        "empty dns-hosts.d",
+        |_| (files_in(&dns_dir) == 0).then_some(()),
+    );
     let wall = before.at.elapsed();
     // dnsmasq's last re-reads come a little later.
     std::thread::sleep(Duration::from_secs(1));
@@ -219,18 +220,14 @@ fn rounds_of_guests(n: usize) {
     let hookd = Hookd::start(&netns, Some(CONFIG));
     let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
     let net_dir = hookd.run_dir().join(NET);
-    let dns_file = net_dir.join("dns-hosts");
+    let dns_dir = net_dir.join("dns-hosts.d");
     let watch = Watch::new(&net_dir);
     wait_for_dnsmasq(&net_dir);
     let ns_file = File::open(netns.path()).expect("open the namespace");
     let socket = hookd.qmp_socket();
     std::thread::sleep(Duration::from_secs(2));
     let start = usage(daemon);
-    let names = |path: &Path| {
-        std::fs::read_to_string(path)
-            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
-            .unwrap_or(0)
-    };
+    let names = |dir: &Path| files_in(dir);
     println!();
     println!(
         "### Daemon memory over {ROUNDS} rounds of {n} guests (started at {:.1} MiB)",
@@ -256,15 +253,18 @@ fn rounds_of_guests(n: usize) {
             "every guest named",
             |_| {
                 peak = peak.max(usage(daemon).rss_kib);
-                (names(&dns_file) >= n).then_some(())
+                (names(&dns_dir) >= n).then_some(())
             },
         );
         std::thread::sleep(Duration::from_secs(1));
         peak = peak.max(usage(daemon).rss_kib);
         guests.kill_all();
-        wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
-            (names(&dns_file) == 0).then_some(())
-        });
+        wait_for(
+            &watch,
+            Duration::from_millis(50),
+            "empty dns-hosts.d",
+            |_| (names(&dns_dir) == 0).then_some(()),
+        );
         std::thread::sleep(Duration::from_secs(1));
         let exited = usage(daemon);
         std::thread::sleep(IDLE);
@@ -317,7 +317,7 @@ fn forwards_through_the_daemon() {
     let netns = NetNs::new("hkfwd");
     let hookd = Hookd::start(&netns, Some(CONFIG));
     let net_dir = hookd.run_dir().join(NET);
-    let hosts_file = net_dir.join("dhcp-hosts");
+    let hosts_dir = net_dir.join("dhcp-hosts.d");
     wait_for_dnsmasq(&net_dir);
     let watch = Watch::new(&net_dir);
     let ns_file = File::open(netns.path()).expect("open the namespace");
@@ -328,7 +328,7 @@ fn forwards_through_the_daemon() {
     guests.0[0].go();
     let mac = guests.0[0].mac.clone();
     wait_for(&watch, Duration::from_millis(10), "reservation", |_| {
-        has_mac(&hosts_file, &mac).then_some(())
+        has_mac(&hosts_dir, &mac).then_some(())
     });
     let ctl = hookd.ctl_socket();
     let add = |port: u16| {
@@ -604,21 +604,29 @@ impl Watch {
         );
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: `path` is a NUL-terminated string that outlives the call.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                path.as_ptr(),
-                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
-            )
-        };
-        assert!(
-            wd >= 0,
-            "inotify_add_watch {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
+        // The network's run dir and its two hosts directories, where
+        // files appear (renamed into place) and go.
+        for dir in [
+            dir.to_path_buf(),
+            dir.join("dhcp-hosts.d"),
+            dir.join("dns-hosts.d"),
+        ] {
+            let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `path` is a NUL-terminated string that outlives the call.
+            let wd = unsafe {
+                libc::inotify_add_watch(
+                    fd.as_raw_fd(),
+                    path.as_ptr(),
+                    libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE | libc::IN_DELETE,
+                )
+            };
+            assert!(
+                wd >= 0,
+                "inotify_add_watch {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
+        }
         Watch { fd }
     }
 
@@ -662,10 +670,22 @@ fn wait_for<T>(
     }
 }
 
-fn has_mac(hosts_file: &Path, mac: &str) -> bool {
-    std::fs::read_to_string(hosts_file)
-        .map(|text| text.lines().any(|l| l.split(',').next() == Some(mac)))
-        .unwrap_or(false)
+/// Whether the daemon has told dnsmasq of `mac`'s reservation (its file in
+/// `dhcp-hosts.d`).
+fn has_mac(hosts_dir: &Path, mac: &str) -> bool {
+    hosts_dir.join(mac.to_lowercase()).exists()
+}
+
+/// The hosts files in a hosts directory (temp files, `.`-prefixed, aside).
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn monotonic_ns() -> u64 {
@@ -774,7 +794,7 @@ fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
     let log = std::fs::read_to_string(net_dir.join("dnsmasq.log")).unwrap_or_default();
     let rereads = log
         .lines()
-        .filter(|l| l.contains(" read ") && l.trim_end().ends_with("/dhcp-hosts"))
+        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
         .count();
     Snapshot {
         daemon: usage(daemon),
@@ -811,7 +831,8 @@ struct Row {
     after: Snapshot,
     /// (daemon, dnsmasq) CPU while connecting, ms.
     connect_cpu_ms: (u64, u64),
-    /// dnsmasq's re-reads of dhcp-hosts while connecting.
+    /// dnsmasq's reads of reservation files while connecting (one per new
+    /// file through inotify; every file at a SIGHUP).
     sighups: usize,
     /// (daemon, dnsmasq) CPU over [`IDLE`] with `guests` connected, ms.
     idle_cpu_ms: (u64, u64),
@@ -923,7 +944,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### Daemon and dnsmasq with N guests connected");
     println!();
     println!(
-        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq re-reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS | state.json |",
+        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq hosts-file reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS | state.json |",
         IDLE.as_secs()
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -970,7 +991,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### All {} guests exit at once", t.guests);
     println!();
     println!(
-        "| all workers exited and reaped | until dns-hosts is empty | daemon CPU | dnsmasq CPU | dnsmasq re-reads | daemon RSS after | guests still listed |"
+        "| all workers exited and reaped | until dns-hosts.d is empty | daemon CPU | dnsmasq CPU | dnsmasq hosts-file reads | daemon RSS after | guests still listed |"
     );
     println!("|---|---|---|---|---|---|---|");
     println!(

@@ -32,13 +32,17 @@ pub struct Launch<'a> {
     pub state_tmpfs: Option<&'a str>,
     /// `RLIMIT_NOFILE` (soft and hard) of the daemon.
     pub nofile: Option<u64>,
+    /// Extra environment variables, e.g. `DBUS_SYSTEM_BUS_ADDRESS` of a
+    /// private bus.
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// What of [`Launch`] is kept for restarts.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Launched {
     mount_ns_pid: Option<u32>,
     nofile: Option<u64>,
+    env: Vec<(String, String)>,
 }
 
 impl Hookd {
@@ -48,8 +52,30 @@ impl Hookd {
         Hookd::start_with(netns, config, Launch::default())
     }
 
+    /// [`Hookd::start`] with extra environment variables (kept for
+    /// restarts).
+    pub fn start_with_env(netns: &NetNs, config: Option<&str>, env: &[(&str, &str)]) -> Hookd {
+        Hookd::start_with(
+            netns,
+            config,
+            Launch {
+                env,
+                ..Launch::default()
+            },
+        )
+    }
+
     /// [`Hookd::start`], launched as `launch` says.
     pub fn start_with(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
+        let mut hookd = Hookd::prepare(netns, config, launch);
+        hookd.spawn();
+        hookd
+    }
+
+    /// Like [`Hookd::start_with`], but does not start the daemon: a test
+    /// starts [`Hookd::command`] its own way and hands the process to
+    /// [`Hookd::adopt`].
+    pub fn prepare(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -60,17 +86,48 @@ impl Hookd {
         if let (Some(ns), Some(size)) = (launch.mount_ns, launch.state_tmpfs) {
             ns.mount_tmpfs(&dir.path().join("state"), size);
         }
-        let mut hookd = Hookd {
+        Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
             launch: Launched {
                 mount_ns_pid: launch.mount_ns.map(MountNs::pid),
                 nofile: launch.nofile,
+                env: launch
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
-        };
-        hookd.spawn();
-        hookd
+        }
+    }
+
+    /// Makes `child` (the daemon's own process) this daemon: dropping
+    /// kills it.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's stdout and stderr, appended to the log.
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("hookd.log"))
+            .unwrap()
     }
 
     pub fn dir(&self) -> &Path {
@@ -87,6 +144,32 @@ impl Hookd {
 
     pub fn run_dir(&self) -> PathBuf {
         self.dir().join("run")
+    }
+
+    /// What dnsmasq of `network` is told of reservations: the lines of
+    /// every file in `RUN/NET/dhcp-hosts.d` (`MAC,IP[,NAME]`), sorted.
+    pub fn dhcp_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dhcp-hosts.d")
+    }
+
+    /// What dnsmasq of `network` is told of names: the lines of every file
+    /// in `RUN/NET/dns-hosts.d` (`IP NAME.DOMAIN NAME`), sorted.
+    pub fn dns_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dns-hosts.d")
+    }
+
+    fn hosts_dir(&self, network: &str, dir: &str) -> String {
+        let dir = self.run_dir().join(network).join(dir);
+        let mut lines: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
     pub fn log(&self) -> String {
@@ -134,7 +217,8 @@ impl Hookd {
             .arg("--qmp-socket")
             .arg(self.qmp_socket())
             .arg("--log")
-            .arg("debug");
+            .arg("debug")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -166,11 +250,7 @@ impl Hookd {
 
     /// Starts the daemon without waiting for it to answer.
     pub fn spawn_nowait(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir().join("hookd.log"))
-            .unwrap();
+        let log = self.log_file();
         let child = self
             .command()
             .stdin(Stdio::null())

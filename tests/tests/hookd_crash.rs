@@ -229,9 +229,8 @@ impl World {
     /// Before the restart: dnsmasq was never told of an address that was
     /// not saved (a removal may be saved and not yet published).
     fn check_persisted_before_published(&self, kill: usize) {
-        let hosts = self.hookd.run_dir().join("lab/dhcp-hosts");
         let dir = self.hookd.dir().join("state/reservations/lab");
-        for line in std::fs::read_to_string(&hosts).unwrap_or_default().lines() {
+        for line in self.hookd.dhcp_hosts("lab").lines() {
             let mut fields = line.split(',');
             let (mac, ip) = (fields.next().unwrap_or_default(), fields.next());
             let file = dir.join(format!("{}.json", mac.replace(':', "-")));

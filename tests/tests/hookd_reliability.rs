@@ -403,7 +403,6 @@ fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
     require_root();
     let ns = NetNs::new("rl05");
     let mut hookd = Hookd::start(&ns, Some(LAB));
-    let hosts = hookd.run_dir().join("lab/dhcp-hosts");
     let reservations = hookd.dir().join("state/reservations/lab");
     let mut rng = qnet_tests::netns::unique_suffix().len() as u64 ^ u64::from(std::process::id());
     let mut known: std::collections::BTreeMap<String, String> = Default::default();
@@ -428,7 +427,7 @@ fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
         // Persist, then publish: every MAC dnsmasq was told about has its
         // reservation file.
         let saved = file_names(&reservations);
-        for line in std::fs::read_to_string(&hosts).unwrap_or_default().lines() {
+        for line in hookd.dhcp_hosts("lab").lines() {
             let mac = line.split(',').next().unwrap();
             let file = format!("{}.json", mac.replace(':', "-"));
             assert!(
