@@ -3,14 +3,14 @@
 //! 100 and 1000 guests connected, then all of them exiting at once.
 //!
 //! Run as root: `cargo build --release --workspace && cargo bench -p
-//! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
+//! qnet-tests --bench hookd_scale -- [MAX_GUESTS]` (the bench runs the release
 //! `qnet-hookd`; MAX_GUESTS defaults to 1000, at most 1023: one bridge
 //! port each).
-//! `cargo bench -p qnet-tests --bench hookd_scale rounds [N]` instead runs
+//! `cargo bench -p qnet-tests --bench hookd_scale -- rounds [N]` instead runs
 //! three rounds of N (default 1000) guests connecting and all exiting, and
 //! reports the daemon's RSS at each round's peak, when all have exited and
 //! after 10 s idle (issue 10: allocator retention after rounds).
-//! `cargo bench -p qnet-tests --bench hookd_scale forwards` instead times
+//! `cargo bench -p qnet-tests --bench hookd_scale -- forwards` instead times
 //! adding forward #1, #1,000 and #10,000 through the daemon's control
 //! socket for one running (fake) guest.
 //!
