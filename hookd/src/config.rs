@@ -289,82 +289,12 @@ impl Config {
             path: path.to_path_buf(),
             message: toml_message(&e),
         })?;
-        let mut networks = Vec::new();
-        let mut lines = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut bridges = BTreeSet::new();
         let mut integration = Integration {
             global: raw.firewall_integration.unwrap_or(true),
             per_network: BTreeMap::new(),
         };
-        for spanned in raw.network {
-            let line = line_of(text, spanned.span().start);
-            let raw = spanned.into_inner();
-            let name = raw.name.clone();
-            let own_integration = raw.firewall_integration;
-            let invalid = |key, problem: String| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line,
-                network: name.clone(),
-                key,
-                problem,
-            };
-            let net = raw
-                .validate()
-                .map_err(|(key, problem)| invalid(key, problem))?;
-            if !names.insert(net.name.clone()) {
-                return Err(invalid("name", "another network has this name".into()));
-            }
-            if !bridges.insert(net.bridge.clone()) {
-                return Err(invalid("bridge", "another network uses this bridge".into()));
-            }
-            if let Some(on) = own_integration {
-                integration.per_network.insert(net.name.clone(), on);
-            }
-            networks.push(net);
-            lines.push(line);
-        }
-        check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line: lines[index],
-            network: networks[index].name.to_string(),
-            key: "subnet",
-            problem,
-        })?;
-        let mut forwards: Vec<ForwardSpec> = Vec::new();
-        for spanned in raw.forward {
-            let line = line_of(text, spanned.span().start);
-            let raw = spanned.into_inner();
-            let invalid = |key, problem: String| ConfigError::InvalidForward {
-                path: path.to_path_buf(),
-                line,
-                key,
-                problem,
-            };
-            let spec = raw
-                .validate()
-                .map_err(|(key, problem)| invalid(key, problem))?;
-            if let Some(net) = &spec.network {
-                if !networks.iter().any(|n| n.name == net.as_str()) {
-                    return Err(invalid(
-                        "network",
-                        format!("no network `{net}` in this file"),
-                    ));
-                }
-            }
-            if let Some(other) = forwards.iter().find(|f| f.overlaps(&spec)) {
-                return Err(invalid(
-                    "ports",
-                    format!(
-                        "{} overlaps the forward of {} to `{}`",
-                        spec.ports_text(),
-                        other.ports_text(),
-                        other.guest
-                    ),
-                ));
-            }
-            forwards.push(spec);
-        }
+        let networks = parse_networks(path, text, raw.network, &mut integration)?;
+        let forwards = parse_forwards(path, text, raw.forward, &networks)?;
         let use_default_network = networks.is_empty() && raw.default_network.unwrap_or(true);
         let limits = raw
             .limits
@@ -395,6 +325,101 @@ impl Config {
         .validate()
         .expect("the default network is valid for any /24")
     }
+}
+
+/// The `[[network]]` tables, validated one by one (a duplicate name or
+/// bridge names the later table's line), then against each other (subnets
+/// that overlap). Per-network `firewall-integration` goes into `integration`.
+fn parse_networks(
+    path: &Path,
+    text: &str,
+    tables: Vec<Spanned<RawNetwork>>,
+    integration: &mut Integration,
+) -> Result<Vec<NetworkConfig>, ConfigError> {
+    let mut networks = Vec::new();
+    let mut lines = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut bridges = BTreeSet::new();
+    for spanned in tables {
+        let line = line_of(text, spanned.span().start);
+        let raw = spanned.into_inner();
+        let name = raw.name.clone();
+        let own_integration = raw.firewall_integration;
+        let invalid = |key, problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            network: name.clone(),
+            key,
+            problem,
+        };
+        let net = raw
+            .validate()
+            .map_err(|(key, problem)| invalid(key, problem))?;
+        if !names.insert(net.name.clone()) {
+            return Err(invalid("name", "another network has this name".into()));
+        }
+        if !bridges.insert(net.bridge.clone()) {
+            return Err(invalid("bridge", "another network uses this bridge".into()));
+        }
+        if let Some(on) = own_integration {
+            integration.per_network.insert(net.name.clone(), on);
+        }
+        networks.push(net);
+        lines.push(line);
+    }
+    check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line: lines[index],
+        network: networks[index].name.to_string(),
+        key: "subnet",
+        problem,
+    })?;
+    Ok(networks)
+}
+
+/// The `[[forward]]` tables: each valid, on a network of this file, and
+/// overlapping no other.
+fn parse_forwards(
+    path: &Path,
+    text: &str,
+    tables: Vec<Spanned<RawForward>>,
+    networks: &[NetworkConfig],
+) -> Result<Vec<ForwardSpec>, ConfigError> {
+    let mut forwards: Vec<ForwardSpec> = Vec::new();
+    for spanned in tables {
+        let line = line_of(text, spanned.span().start);
+        let raw = spanned.into_inner();
+        let invalid = |key, problem: String| ConfigError::InvalidForward {
+            path: path.to_path_buf(),
+            line,
+            key,
+            problem,
+        };
+        let spec = raw
+            .validate()
+            .map_err(|(key, problem)| invalid(key, problem))?;
+        if let Some(net) = &spec.network {
+            if !networks.iter().any(|n| n.name == net.as_str()) {
+                return Err(invalid(
+                    "network",
+                    format!("no network `{net}` in this file"),
+                ));
+            }
+        }
+        if let Some(other) = forwards.iter().find(|f| f.overlaps(&spec)) {
+            return Err(invalid(
+                "ports",
+                format!(
+                    "{} overlaps the forward of {} to `{}`",
+                    spec.ports_text(),
+                    other.ports_text(),
+                    other.guest
+                ),
+            ));
+        }
+        forwards.push(spec);
+    }
+    Ok(forwards)
 }
 
 /// The index of the later of two networks whose subnets overlap, and why.
