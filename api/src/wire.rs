@@ -209,6 +209,13 @@ pub enum Request {
     GuestUnregister {
         uuid: String,
     },
+    /// Check the path a guest's packets take on every network (or on one
+    /// network, or on the networks of one guest): one [`Problem`] per
+    /// thing that would drop them, each with its fix.
+    Doctor {
+        #[serde(default)]
+        target: Option<String>,
+    },
 }
 
 impl Request {
@@ -442,6 +449,17 @@ pub enum Reply {
     Guests { guests: Vec<GuestStatus> },
     Reservations { reservations: Vec<Reservation> },
     Forwards { forwards: Vec<ForwardInfo> },
+    Doctor { problems: Vec<Problem> },
+}
+
+/// One thing `doctor` found that would stop a guest's packets, and what
+/// to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The network (or guest) concerned.
+    pub subject: String,
+    pub problem: String,
+    pub fix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,8 +19,17 @@ DESCRIPTION
     (see ACL FILES), creates a brand-new TAP device, copies the bridge's MTU
     to it, gives it a MAC starting with fe: (so the bridge keeps its own
     address), enslaves it to the bridge, brings it up, and sends the open TAP
-    file descriptor to QEMU over the unix socket N with SCM_RIGHTS. The TAP is
-    not persistent: it disappears when QEMU closes the descriptor.
+    file descriptor to QEMU over the unix socket N with SCM_RIGHTS. The
+    process at the other end of N must have started the helper (QEMU does).
+
+    The TAP lives as long as QEMU: it disappears when QEMU closes the
+    descriptor. QEMU could make it persistent (TUNSETPERSIST), so the TAP
+    is owned by the caller (nobody else may attach to it), marked (ifalias
+    `qnet-tap uid=... pid=<QEMU's pid> ...`), and a small reaper process
+    (qtap-reaper) deletes it when QEMU exits. A bridge is matched against
+    the ACL under its name and every alternative name (`deny br0` also
+    refuses any altname of br0). The holder of the descriptor can change the
+    TAP's MAC: give bridges a fixed MAC, or a guest can change the bridge's.
 
     Extra arguments may follow the path in QEMU's helper string, e.g.
     helper=\"/usr/libexec/qnet-bridge-helper --br=br1\"; QEMU then runs the

@@ -1,11 +1,12 @@
 //! qnet-bridge-helper: QEMU's bridge helper protocol, done carefully.
 //!
-//! The main path reads top to bottom: drop privileges, parse argv, check
-//! the request against the ACL, create and attach the TAP, send the fd.
-//! Any error becomes one line on stderr and exit status 1; the TAP is not
-//! persistent, so an error after it exists removes it by closing the fd.
+//! The main path reads top to bottom: drop privileges, parse argv, identify
+//! QEMU, look the bridge up and check that device (every name it has)
+//! against the ACL, create and attach the TAP, make the caller its owner,
+//! mark it, leave a reaper behind, send the fd. Any error becomes one line
+//! on stderr and exit status 1; the TAP is not persistent, so an error
+//! after it exists removes it by closing the fd.
 
-mod cli;
 mod device;
 mod error;
 
@@ -15,10 +16,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use qnet_hostnet::acl::{self, Decision, FsReader};
-use qnet_hostnet::{fdpass, privilege, protocol, CONFIG_DIR};
+use qnet_hostnet::link::LinkSocket;
+use qnet_hostnet::{fdpass, owner, privilege, protocol, CONFIG_DIR};
 
-use crate::cli::Cli;
 use crate::error::HelperError;
+use qnet_bridge_helper::cli::Cli;
 
 const USAGE: &str = "[--use-vnet] --br=BRIDGE --fd=N";
 const PROGRAM: &str = "qnet-bridge-helper";
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{PROGRAM}: {err}");
+            protocol::say(format_args!("{PROGRAM}: {err}"));
             ExitCode::FAILURE
         }
     }
@@ -60,25 +62,47 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
             fd: cli.protocol.fd,
             source,
         })?;
+    let qemu = owner::identify_qemu(socket, cli.protocol.fd)?;
 
     let conf = PathBuf::from(CONFIG_DIR).join("bridge.conf");
     let rules = acl::load(&FsReader::default(), &conf)?;
     for skipped in rules.skipped_includes() {
         tracing::debug!(%skipped, "include skipped");
     }
-    match rules.decide(bridge) {
+    // The ACL decides on the device, under every name it has: the kernel
+    // also finds a device by an alternative name.
+    let mut netlink = LinkSocket::new().map_err(HelperError::Netlink)?;
+    let found = netlink.link_by_name(bridge).map_err(HelperError::Netlink)?;
+    let decision = match &found {
+        Some(link) => rules.decide_device(bridge, link.names()),
+        None => rules.decide(bridge),
+    };
+    match decision {
         Decision::Allowed { by } => tracing::debug!(rule = %by, "allowed"),
         Decision::Denied(denial) => return Err(HelperError::Denied(Box::new(denial))),
     }
+    let bridge_link = found.ok_or_else(|| HelperError::NoSuchBridge {
+        bridge: bridge.to_string(),
+        conf: conf.clone(),
+    })?;
     if !privileges.net_admin {
         return Err(HelperError::NoNetAdmin);
     }
 
-    let tap = device::create_attached_tap(bridge, cli.protocol.use_vnet, &conf)?;
+    let tap = device::create_attached_tap(&mut netlink, &bridge_link, cli.protocol.use_vnet)?;
+    let guarded = device::guard_tap(&mut netlink, &tap, qemu)?;
     fdpass::send_fd(socket, tap.as_fd()).map_err(|source| HelperError::Send {
         tap: tap.name().to_string(),
         source,
     })?;
-    tracing::debug!(tap = tap.name(), vnet_hdr = tap.vnet_hdr(), "fd sent");
+    guarded.commit().map_err(|source| HelperError::Reaper {
+        tap: tap.name().to_string(),
+        source,
+    })?;
+    tracing::debug!(
+        tap = tap.name(),
+        vnet_hdr = tap.vnet_hdr(),
+        "fd sent; the reaper deletes the TAP when QEMU exits"
+    );
     Ok(())
 }

@@ -40,7 +40,7 @@
 //! `default-network = false` means no network at all. Errors name the
 //! file, the line and the key.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -185,6 +185,38 @@ pub struct Config {
     /// down networks configured before.
     pub default_network_explicit: bool,
     pub limits: Limits,
+    /// `firewall-integration`: whether qnet opens its networks in the
+    /// other firewalls of the host (see `firewall::peers`).
+    pub integration: Integration,
+}
+
+/// `firewall-integration = BOOL`, globally and per `[[network]]`: on by
+/// default; off for admins who run their own firewall (`qnetctl doctor`
+/// then names what they must allow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Integration {
+    pub global: bool,
+    /// Networks whose own setting differs from nothing: theirs wins.
+    pub per_network: BTreeMap<NetName, bool>,
+}
+
+impl Default for Integration {
+    fn default() -> Self {
+        Integration {
+            global: true,
+            per_network: BTreeMap::new(),
+        }
+    }
+}
+
+impl Integration {
+    /// Whether `network` is integrated with the host's other firewalls.
+    pub fn enabled(&self, network: &NetName) -> bool {
+        self.per_network
+            .get(network)
+            .copied()
+            .unwrap_or(self.global)
+    }
 }
 
 /// `[limits]`: how much one guest or user may take.
@@ -215,6 +247,7 @@ impl Config {
                 use_default_network: true,
                 default_network_explicit: false,
                 limits: Limits::default(),
+                integration: Integration::default(),
             }),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
@@ -238,10 +271,15 @@ impl Config {
         let mut lines = Vec::new();
         let mut names = BTreeSet::new();
         let mut bridges = BTreeSet::new();
+        let mut integration = Integration {
+            global: raw.firewall_integration.unwrap_or(true),
+            per_network: BTreeMap::new(),
+        };
         for spanned in raw.network {
             let line = line_of(text, spanned.span().start);
             let raw = spanned.into_inner();
             let name = raw.name.clone();
+            let own_integration = raw.firewall_integration;
             let invalid = |key, problem: String| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line,
@@ -257,6 +295,9 @@ impl Config {
             }
             if !bridges.insert(net.bridge.clone()) {
                 return Err(invalid("bridge", "another network uses this bridge".into()));
+            }
+            if let Some(on) = own_integration {
+                integration.per_network.insert(net.name.clone(), on);
             }
             networks.push(net);
             lines.push(line);
@@ -318,6 +359,7 @@ impl Config {
             use_default_network,
             default_network_explicit: raw.default_network.is_some(),
             limits,
+            integration,
         })
     }
 
@@ -357,6 +399,7 @@ struct RawConfig {
     forward: Vec<Spanned<RawForward>>,
     default_network: Option<bool>,
     limits: Option<RawLimits>,
+    firewall_integration: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -448,6 +491,7 @@ struct RawNetwork {
     #[serde(default)]
     blocked_ports: Vec<String>,
     ipv6: Option<RawIpv6>,
+    firewall_integration: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -777,6 +821,21 @@ ipv6 = { subnet = "fd43::/64" }
         assert!(!none.use_default_network && none.default_network_explicit);
         let with = parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n").unwrap();
         assert!(!with.use_default_network);
+    }
+
+    #[test]
+    fn firewall_integration_is_on_unless_turned_off_globally_or_per_network() {
+        let name = |n: &str| NetName::from_str(n).unwrap();
+        let on = parse("[[network]]\nname = \"a\"\nsubnet = \"10.1.0.0/24\"\n").unwrap();
+        assert!(on.integration.enabled(&name("a")));
+        let text = "firewall-integration = false\n\
+            [[network]]\nname = \"a\"\nsubnet = \"10.1.0.0/24\"\n\
+            [[network]]\nname = \"b\"\nsubnet = \"10.2.0.0/24\"\nfirewall-integration = true\n";
+        let mixed = parse(text).unwrap();
+        assert!(!mixed.integration.enabled(&name("a")));
+        assert!(mixed.integration.enabled(&name("b")));
+        assert!(!mixed.integration.enabled(&name("qnet0")));
+        assert!(parse("firewall-integration = 1\n").is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! [`MAX_CLIENTS`] are served at once, so clients that never read cannot
 //! make the daemon hold their replies.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// ...and the client this long to take the reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a missing group `qnet` is looked for again.
+const GROUP_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Clients served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 64;
 
@@ -118,20 +120,37 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
     Request::from_line(&line)
 }
 
-/// Gives the socket to group `qnet` when that group exists, so its members
-/// may use qnetctl without root; says so when it does not.
-pub fn set_group(path: &Path) {
-    let group = match nix::unistd::Group::from_name(CTL_GROUP) {
-        Ok(Some(group)) => group,
-        _ => {
-            tracing::warn!(
-                "group `{CTL_GROUP}` does not exist: only root can use {} (create it with `groupadd --system {CTL_GROUP}` and restart or reload qnet-hookd)",
+/// Gives the socket to group `qnet`, so its members may use qnetctl
+/// without root. A missing group is said once, and applied as soon as it
+/// appears (checked every few seconds), without a restart.
+pub async fn keep_group(path: PathBuf) {
+    if set_group(&path) {
+        return;
+    }
+    tracing::warn!(
+        "group `{CTL_GROUP}` does not exist: only root can use {} until it does (create it with `groupadd --system {CTL_GROUP}`; qnet-hookd applies it within {} s)",
+        path.display(),
+        GROUP_CHECK_EVERY.as_secs()
+    );
+    loop {
+        tokio::time::sleep(GROUP_CHECK_EVERY).await;
+        if set_group(&path) {
+            tracing::info!(
+                "group `{CTL_GROUP}` exists now: its members may use {}",
                 path.display()
             );
             return;
         }
+    }
+}
+
+/// True once the socket belongs to group `qnet`.
+fn set_group(path: &Path) -> bool {
+    let Ok(Some(group)) = nix::unistd::Group::from_name(CTL_GROUP) else {
+        return false;
     };
     if let Err(e) = nix::unistd::chown(path, None, Some(group.gid)) {
         tracing::warn!("giving {} to group {CTL_GROUP}: {e}", path.display());
     }
+    true
 }

@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::follow::{self, SessionLimits, Sessions};
 use crate::reconciler::{Input, Reconciler};
-use crate::{ctl, libvirt};
+use crate::systemd::{self, PassedSockets};
+use crate::{ctl, firewall, libvirt};
 
 /// Where the daemon keeps things; every path can be moved by a flag.
 #[derive(Debug, Clone)]
@@ -26,8 +27,9 @@ pub struct Paths {
 
 /// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
 /// up when it exits: running guests keep working, and the next start
-/// adopts them.
-pub async fn run(paths: Paths) -> Result<(), DaemonError> {
+/// adopts them. `passed` are the sockets systemd holds for us (see
+/// [`systemd::take_passed_sockets`]); the others are bound here.
+pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError> {
     let nofile = raise_fd_limit();
     let config = Config::load(&paths.config)?;
     for dir in [&paths.run_dir, &paths.state_dir] {
@@ -46,17 +48,22 @@ pub async fn run(paths: Paths) -> Result<(), DaemonError> {
         config.limits.qmp_sessions_per_user,
     ));
     let reconciler = Reconciler::start(paths.clone(), config, inputs.clone(), lease_watch).await?;
+    let peer_inputs = inputs.clone();
+    firewall::peers::watch::spawn(move || peer_inputs.send(Input::PeersChanged).is_ok());
 
-    let ctl_listener = bind(&paths.ctl_socket, 0o660)?;
-    ctl::set_group(&paths.ctl_socket);
-    let qmp_listener = bind(&paths.qmp_socket, 0o666)?;
+    let activated = (passed.ctl.is_some(), passed.qmp.is_some());
+    let ctl_listener = listener(passed.ctl, &paths.ctl_socket, 0o660)?;
+    tokio::spawn(ctl::keep_group(paths.ctl_socket.clone()));
+    let qmp_listener = listener(passed.qmp, &paths.qmp_socket, 0o666)?;
     tokio::spawn(ctl::serve(ctl_listener, inputs.clone()));
     tokio::spawn(follow::accept_qmp(qmp_listener, inputs.clone(), sessions));
     tracing::info!(
         ctl = %paths.ctl_socket.display(),
         qmp = %paths.qmp_socket.display(),
+        socket_activated = activated.0 || activated.1,
         "qnet-hookd ready"
     );
+    systemd::notify_ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::io("SIGTERM handler"))?;
     let stop = async move {
@@ -64,12 +71,37 @@ pub async fn run(paths: Paths) -> Result<(), DaemonError> {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        systemd::notify_stopping();
     };
     reconciler.run(&mut receiver, stop).await;
     tracing::info!("stopping; networks, rules and dnsmasq stay up for running guests");
-    let _ = std::fs::remove_file(&paths.ctl_socket);
-    let _ = std::fs::remove_file(&paths.qmp_socket);
+    // Sockets systemd passed stay: it keeps listening for the next start.
+    if !activated.0 {
+        let _ = std::fs::remove_file(&paths.ctl_socket);
+    }
+    if !activated.1 {
+        let _ = std::fs::remove_file(&paths.qmp_socket);
+    }
     Ok(())
+}
+
+/// `qnet-hookd --cleanup`: removes every trace of qnet from the host's
+/// firewalls — the rules and zones it added to others' (see
+/// [`firewall::peers`]) and its own table — for uninstall. Bridges and
+/// dnsmasq are the running daemon's; stop it first.
+pub async fn cleanup() -> Result<(), DaemonError> {
+    let fw = firewall::Firewall::new();
+    let mut failures = fw.cleanup_peers().await;
+    if let Err(e) = fw.teardown().await {
+        failures.push(e.to_string());
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::Refused(format!(
+        "cleanup left traces behind: {}; fix the cause and run it again",
+        failures.join("; ")
+    )))
 }
 
 /// Raises the soft limit on open files to the hard one and returns it.
@@ -91,6 +123,18 @@ fn raise_fd_limit() -> u64 {
             tracing::warn!(soft, "cannot raise the open files limit: {e}");
             soft
         }
+    }
+}
+
+/// The socket systemd passed for `path`, or one bound here with `mode`.
+fn listener(
+    passed: Option<std::os::unix::net::UnixListener>,
+    path: &Path,
+    mode: u32,
+) -> Result<UnixListener, DaemonError> {
+    match passed {
+        Some(listener) => UnixListener::from_std(listener).map_err(DaemonError::io(path)),
+        None => bind(path, mode),
     }
 }
 

@@ -13,10 +13,12 @@
 
 pub use qnet_api as api;
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod dnsmasq;
+pub mod doctor;
 pub mod error;
 pub mod firewall;
 pub mod libvirt;
@@ -30,9 +32,11 @@ mod follow;
 mod forwards;
 mod fsutil;
 mod hostports;
+mod logrelay;
 mod orphans;
 mod procfs;
 mod programs;
 mod ratelimit;
 mod reconciler;
 mod state;
+pub mod systemd;

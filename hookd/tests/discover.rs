@@ -8,14 +8,15 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use qnet_hookd::discover::{self, DiscoverError, GuestPort, PortKind};
 use qnet_hookd::qmp::{self, NicInfo, QmpSession};
 use qnet_hostnet::link::LinkSocket;
+use qnet_tests::guest::command_in_netns;
+use qnet_tests::netns::NetNs;
 use tokio::sync::mpsc;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -24,72 +25,6 @@ async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
     match tokio::time::timeout(BOUND, future).await {
         Ok(output) => output,
         Err(_) => panic!("timed out after {BOUND:?} waiting for {what}"),
-    }
-}
-
-/// Runs `ip ARGS`, failing the test if it fails.
-fn ip(args: &[&str]) -> String {
-    let output = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("iproute2 (ip) is required");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A network namespace of our own, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "qnet-test-disc-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        Netns { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n NS ARGS`.
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-
-    /// Runs `f` on a fresh thread that entered the namespace (so that the
-    /// rest of the test process stays where it is).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap();
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -102,11 +37,9 @@ struct Qemu {
 
 impl Qemu {
     /// Starts QEMU in `ns` with `args`; `fds` become QEMU's fds 3, 4, ...
-    fn spawn(ns: &Netns, args: &[&str], fds: &[RawFd]) -> Qemu {
+    fn spawn(ns: &NetNs, args: &[&str], fds: &[RawFd]) -> Qemu {
         let dir = tempfile::tempdir().unwrap();
         let qmp = dir.path().join("q.sock");
-        let netns = File::open(ns.path()).unwrap();
-        let netns_fd = netns.as_raw_fd();
         let fds = fds.to_vec();
         let mut command = Command::new("qemu-system-x86_64");
         command
@@ -125,12 +58,11 @@ impl Qemu {
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // SAFETY: only async-signal-safe libc calls between fork and exec.
+        command_in_netns(&mut command, ns.name()).unwrap();
+        // SAFETY: only async-signal-safe libc calls between fork and exec
+        // (this hook runs after command_in_netns's setns).
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 // First out of the way (an fd may already sit on 3 or 4),
                 // then into place; dup2 clears close-on-exec.
                 let mut moved = [0; 8];
@@ -149,7 +81,6 @@ impl Qemu {
             });
         }
         let child = command.spawn().expect("qemu-system-x86_64 is required");
-        drop(netns);
         Qemu {
             child,
             qmp,
@@ -199,7 +130,7 @@ fn parse_mac(text: &str) -> [u8; 6] {
 
 #[tokio::test]
 async fn taps_and_their_bridge() {
-    let ns = Netns::new();
+    let ns = NetNs::new("disc");
     ns.ip(&["link", "add", "qbrd0", "type", "bridge"]);
     ns.ip(&["link", "set", "qbrd0", "up"]);
     // A TAP made beforehand and enslaved (how a bridge helper does it) ...
@@ -223,8 +154,8 @@ async fn taps_and_their_bridge() {
     let nics = qemu.nics().await;
     let pid = qemu.pid();
 
-    let ports = ns.run(move || block_on(discover::guest_ports(pid)).unwrap());
-    let links = ns.run(move || {
+    let ports = ns.run_in(move || block_on(discover::guest_ports(pid)).unwrap());
+    let links = ns.run_in(move || {
         let mut socket = LinkSocket::new().unwrap();
         let links: Vec<_> = ["qtapd0", "qtapd1", "qbrd0"]
             .iter()
@@ -286,9 +217,9 @@ async fn taps_and_their_bridge() {
 /// directory, which is then removed (QEMU sees `... (deleted)`), or
 /// through `/dev/tap<ifindex>` when `use_dev` and devtmpfs has the right
 /// node.
-fn open_macvtap(ns: &Netns, name: &str, index: u32, use_dev: bool) -> (File, String) {
+fn open_macvtap(ns: &NetNs, name: &str, index: u32, use_dev: bool) -> (File, String) {
     let sysfs = format!("/sys/class/net/{name}/macvtap/tap{index}/dev");
-    let devt = ip(&["netns", "exec", &ns.name, "cat", &sysfs]);
+    let devt = ns.exec_ok(&["cat", &sysfs]);
     let (major, minor) = devt.trim().split_once(':').expect("MAJOR:MINOR");
     let rdev = libc::makedev(major.parse().unwrap(), minor.parse().unwrap());
     let node = format!("/dev/tap{index}");
@@ -312,7 +243,7 @@ fn open_macvtap(ns: &Netns, name: &str, index: u32, use_dev: bool) -> (File, Str
 
 #[tokio::test]
 async fn macvtaps_and_their_lower_device() {
-    let ns = Netns::new();
+    let ns = NetNs::new("disc");
     ns.ip(&[
         "link", "add", "qveth0", "type", "veth", "peer", "name", "qveth1",
     ]);
@@ -327,7 +258,7 @@ async fn macvtaps_and_their_lower_device() {
         ]);
         ns.ip(&["link", "set", name, "address", mac, "up"]);
         let name = name.to_owned();
-        let index = ns.run(move || {
+        let index = ns.run_in(move || {
             LinkSocket::new()
                 .unwrap()
                 .link_by_name(&name)
@@ -365,7 +296,7 @@ async fn macvtaps_and_their_lower_device() {
         "{second_link:?}"
     );
 
-    let ports = ns.run(move || block_on(discover::guest_ports(pid)).unwrap());
+    let ports = ns.run_in(move || block_on(discover::guest_ports(pid)).unwrap());
     eprintln!("{ports:#?}\n{nics:?}");
     let expected: Vec<GuestPort> = [
         ("qmvt0", 3, "52:54:00:00:d1:60"),

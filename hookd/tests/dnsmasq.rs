@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{network, plug_guest, require, Netns};
+use common::{network, plug_guest, require, NetNs};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qnet_hookd::api::Mode;
@@ -40,10 +40,10 @@ fn ipv6(subnet: &str, router: &str) -> Ipv6Config {
 }
 
 /// A daemon namespace with `net` up and a guest plugged into its bridge.
-fn lan(what: &str, net: &NetworkConfig) -> (Netns, Netns) {
+fn lan(what: &str, net: &NetworkConfig) -> (NetNs, NetNs) {
     require(&["ip", "dnsmasq", "busybox"]);
-    let daemon = Netns::new(&format!("{what}-d"));
-    let guest = Netns::new(&format!("{what}-g"));
+    let daemon = NetNs::new(&format!("{what}-d"));
+    let guest = NetNs::new(&format!("{what}-g"));
     daemon.block_on(|| bring_up(net)).expect("bring_up");
     plug_guest(&daemon, &net.bridge, "gport", &guest, GUEST_MAC);
     (daemon, guest)
@@ -63,7 +63,7 @@ fn lease_script(dir: &Path) -> String {
 
 /// Asks for a lease from inside `guest` (a fresh DISCOVER every time:
 /// the script configures nothing) and returns the address offered.
-async fn dhcp(guest: &Netns, script: &str) -> Ipv4Addr {
+async fn dhcp(guest: &NetNs, script: &str) -> Ipv4Addr {
     let out = tokio::process::Command::new("ip")
         .args(["netns", "exec", guest.name(), "busybox", "udhcpc"])
         .args([
@@ -87,7 +87,7 @@ async fn dhcp(guest: &Netns, script: &str) -> Ipv4Addr {
 }
 
 /// Resolves `name` at `server` from inside `guest`.
-async fn resolve(guest: &Netns, name: &str, server: &str) -> Option<Ipv4Addr> {
+async fn resolve(guest: &NetNs, name: &str, server: &str) -> Option<Ipv4Addr> {
     let out = tokio::process::Command::new("ip")
         .args([
             "netns",
@@ -174,13 +174,13 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         let ip = Ipv4Addr::from(ip);
         (
             vec![DhcpHost {
-                mac: GUEST_MAC.into(),
+                mac: GUEST_MAC.parse().unwrap(),
                 ip,
-                name: Some("vm1".into()),
+                name: Some("vm1".parse().unwrap()),
             }],
             vec![DnsHost {
                 ip,
-                name: "vm1".into(),
+                name: "vm1".parse().unwrap(),
             }],
         )
     };
@@ -207,6 +207,15 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
             Some(Ipv4Addr::new(10, 42, 0, 50))
         );
 
+        // A new reservation needs no SIGHUP: dnsmasq read its new file
+        // through inotify (which it logs), not by re-reading every host.
+        let log = std::fs::read_to_string(paths.log_file("lab")).unwrap_or_default();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("inotify") && l.contains(&GUEST_MAC.to_lowercase())),
+            "{log}"
+        );
+
         // Moved: SIGHUP, same process, the next request gets the new one.
         let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
         handle
@@ -221,19 +230,13 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         assert_eq!(handle.pid(), Some(pid), "reloaded, not restarted");
 
         // Unchanged: the files are not even rewritten.
-        let inode = std::fs::metadata(paths.dhcp_hosts_file("lab"))
-            .unwrap()
-            .ino();
+        let host_file = paths.dhcp_hosts_dir("lab").join(GUEST_MAC.to_lowercase());
+        let inode = std::fs::metadata(&host_file).unwrap().ino();
         handle
             .set_hosts(dhcp_hosts, dns_hosts)
             .await
             .expect("set_hosts");
-        assert_eq!(
-            std::fs::metadata(paths.dhcp_hosts_file("lab"))
-                .unwrap()
-                .ino(),
-            inode
-        );
+        assert_eq!(std::fs::metadata(&host_file).unwrap().ino(), inode);
 
         // Killed: restarted by the supervisor, and DHCP answers again.
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
@@ -262,7 +265,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
         first
             .set_hosts(
                 vec![DhcpHost {
-                    mac: GUEST_MAC.into(),
+                    mac: GUEST_MAC.parse().unwrap(),
                     ip: Ipv4Addr::new(10, 42, 0, 77),
                     name: None,
                 }],
@@ -292,7 +295,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
 #[test]
 fn two_networks_run_their_own_dnsmasq_side_by_side() {
     require(&["ip", "dnsmasq"]);
-    let daemon = Netns::new("two");
+    let daemon = NetNs::new("two");
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
     let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
     // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
@@ -318,7 +321,7 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
 #[test]
 fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
     require(&["ip", "dnsmasq"]);
-    let daemon = Netns::new("broken");
+    let daemon = NetNs::new("broken");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     // Not a range within one /24: dnsmasq refuses its config.
     net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));

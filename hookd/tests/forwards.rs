@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{ip_json, network, plug_guest, require, veth, Netns};
+use common::{ip_json, network, plug_guest, require, veth, NetNs};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{Ipv6Config, NetworkConfig};
 use qnet_hookd::firewall::{self, ElementReport, Firewall, FirewallError, ForwardElement};
@@ -107,11 +107,11 @@ fn answer(name: &str, local_port: u16, peer: SocketAddr) -> String {
 }
 
 /// Dual-stack servers in `ns`: TCP on each of `tcp`, UDP on each of `udp`.
-fn serve(ns: &Netns, name: &'static str, tcp: &[u16], udp: &[u16]) -> Servers {
+fn serve(ns: &NetNs, name: &'static str, tcp: &[u16], udp: &[u16]) -> Servers {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for &port in tcp {
-        let listener = ns.run(move || TcpListener::bind(("::", port)).expect("bind tcp"));
+        let listener = ns.run_in(move || TcpListener::bind(("::", port)).expect("bind tcp"));
         listener.set_nonblocking(true).unwrap();
         let stop = stop.clone();
         threads.push(thread::spawn(move || {
@@ -131,7 +131,7 @@ fn serve(ns: &Netns, name: &'static str, tcp: &[u16], udp: &[u16]) -> Servers {
         }));
     }
     for &port in udp {
-        let socket = ns.run(move || UdpSocket::bind(("::", port)).expect("bind udp"));
+        let socket = ns.run_in(move || UdpSocket::bind(("::", port)).expect("bind udp"));
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -175,9 +175,9 @@ fn parse_answer(text: &str) -> Answer {
 }
 
 /// A TCP connection from `from` to `to`, and what came back.
-fn ask_tcp(from: &Netns, to: &str, timeout: Duration) -> std::io::Result<Answer> {
+fn ask_tcp(from: &NetNs, to: &str, timeout: Duration) -> std::io::Result<Answer> {
     let to: SocketAddr = to.parse().expect("socket address");
-    from.run(move || {
+    from.run_in(move || {
         let mut stream = TcpStream::connect_timeout(&to, timeout)?;
         stream.set_read_timeout(Some(OK_WITHIN))?;
         let mut text = String::new();
@@ -188,9 +188,9 @@ fn ask_tcp(from: &Netns, to: &str, timeout: Duration) -> std::io::Result<Answer>
 
 /// One datagram from a fresh socket (a new conntrack flow) in `from` to
 /// `to`, and the reply.
-fn ask_udp(from: &Netns, to: &str, timeout: Duration) -> std::io::Result<Answer> {
+fn ask_udp(from: &NetNs, to: &str, timeout: Duration) -> std::io::Result<Answer> {
     let to: SocketAddr = to.parse().expect("socket address");
-    from.run(move || {
+    from.run_in(move || {
         let any: SocketAddr = if to.is_ipv4() {
             "0.0.0.0:0".parse().unwrap()
         } else {
@@ -212,6 +212,17 @@ fn must_answer(result: std::io::Result<Answer>, what: &str) -> Answer {
 }
 
 #[track_caller]
+/// Asks `to` from `from` over `proto` and checks which guest answered, on
+/// which port, and whom it saw as the peer (`what` names the path).
+fn assert_reaches(from: &NetNs, proto: Proto, to: &str, what: &str, expect: (&str, u16, &str)) {
+    let ask = match proto {
+        Proto::Tcp => ask_tcp,
+        Proto::Udp => ask_udp,
+    };
+    let got = must_answer(ask(from, to, OK_WITHIN), what);
+    assert_eq!(got, answered(expect.0, expect.1, expect.2), "{what}");
+}
+
 fn must_be_refused(result: std::io::Result<Answer>, what: &str) {
     match result {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}"),
@@ -250,10 +261,10 @@ fn modes() -> Vec<BridgeNf> {
 }
 
 struct Lab {
-    host: Netns,
-    outside: Netns,
-    guest1: Netns,
-    guest2: Netns,
+    host: NetNs,
+    outside: NetNs,
+    guest1: NetNs,
+    guest2: NetNs,
     net: NetworkConfig,
     _servers: Vec<Servers>,
 }
@@ -261,10 +272,10 @@ struct Lab {
 impl Lab {
     fn new(what: &str, mode: BridgeNf) -> Lab {
         require(&["ip", "nft", "sysctl"]);
-        let host = Netns::new(&format!("{what}-h"));
-        let outside = Netns::new(&format!("{what}-o"));
-        let guest1 = Netns::new(&format!("{what}-g1"));
-        let guest2 = Netns::new(&format!("{what}-g2"));
+        let host = NetNs::new(&format!("{what}-h"));
+        let outside = NetNs::new(&format!("{what}-o"));
+        let guest1 = NetNs::new(&format!("{what}-g1"));
+        let guest2 = NetNs::new(&format!("{what}-g2"));
         veth(&host, "up0", &outside, "eth0");
         host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
         host.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
@@ -352,16 +363,20 @@ fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
         lab.apply(&forwards);
 
         // The guest sees the outside's own address: no masquerade inbound.
-        let got = must_answer(
-            ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.outside,
+            Proto::Tcp,
+            "10.99.0.1:8080",
             "tcp 8080",
+            ("guest1", 80, "10.99.0.2"),
         );
-        assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
-        let got = must_answer(
-            ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
+        assert_reaches(
+            &lab.outside,
+            Proto::Udp,
+            "10.99.0.1:5353",
             "udp 5353",
+            ("guest1", 53, "10.99.0.2"),
         );
-        assert_eq!(got, answered("guest1", 53, "10.99.0.2"));
         for (offset, host_port) in (9000..=9002).enumerate() {
             let got = must_answer(
                 ask_tcp(&lab.outside, &format!("10.99.0.1:{host_port}"), OK_WITHIN),
@@ -405,12 +420,27 @@ fn ipv6_forwards_from_the_outside_through_the_uplinks_v6_address() {
             // The same port over IPv4 goes elsewhere: the families are apart.
             rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.12", 81),
         ]);
-        let got = must_answer(ask_tcp(&lab.outside, "[fd99::1]:8080", OK_WITHIN), "tcp6");
-        assert_eq!(got, answered("guest1", 80, "fd99::2"));
-        let got = must_answer(ask_udp(&lab.outside, "[fd99::1]:5353", OK_WITHIN), "udp6");
-        assert_eq!(got, answered("guest2", 53, "fd99::2"));
-        let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "tcp4");
-        assert_eq!(got, answered("guest2", 81, "10.99.0.2"));
+        assert_reaches(
+            &lab.outside,
+            Proto::Tcp,
+            "[fd99::1]:8080",
+            "tcp6",
+            ("guest1", 80, "fd99::2"),
+        );
+        assert_reaches(
+            &lab.outside,
+            Proto::Udp,
+            "[fd99::1]:5353",
+            "udp6",
+            ("guest2", 53, "fd99::2"),
+        );
+        assert_reaches(
+            &lab.outside,
+            Proto::Tcp,
+            "10.99.0.1:8080",
+            "tcp4",
+            ("guest2", 81, "10.99.0.2"),
+        );
         // An "any address" IPv6 forward is not an IPv4 one.
         must_be_refused(
             ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
@@ -432,28 +462,34 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
 
         // To its own uplink address: the source is that address, which the
         // guest can answer through its default route.
-        let got = must_answer(
-            ask_tcp(&lab.host, "10.99.0.1:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.host,
+            Proto::Tcp,
+            "10.99.0.1:8080",
             "host → uplink",
+            ("guest1", 80, "10.99.0.1"),
         );
-        assert_eq!(got, answered("guest1", 80, "10.99.0.1"));
-        let got = must_answer(
-            ask_tcp(&lab.host, "[fd99::1]:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.host,
+            Proto::Tcp,
+            "[fd99::1]:8080",
             "host → uplink v6",
+            ("guest1", 80, "fd99::1"),
         );
-        assert_eq!(got, answered("guest1", 80, "fd99::1"));
         // Any local address, also the router's own on the bridge.
-        let got = must_answer(
-            ask_tcp(&lab.host, "10.42.0.1:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.host,
+            Proto::Tcp,
+            "10.42.0.1:8080",
             "host → router",
+            ("guest1", 80, "10.42.0.1"),
         );
-        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
 
         // 127.0.0.1 needs route_localnet: without it the kernel will not route
         // the DNAT'ed packet (source 127.0.0.1) out of the bridge.
         let localnet = || {
             lab.host
-                .run(|| std::fs::read_to_string(firewall::ROUTE_LOCALNET).unwrap())
+                .run_in(|| std::fs::read_to_string(firewall::ROUTE_LOCALNET).unwrap())
                 .trim()
                 .to_owned()
         };
@@ -472,23 +508,27 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
             "127.0.0.1 was forwarded without route_localnet"
         );
         lab.host
-            .run(|| FW.enable_localhost_forwards())
+            .run_in(|| FW.enable_localhost_forwards())
             .expect("enable_localhost_forwards");
         assert_eq!(localnet(), "1");
         lab.host
-            .run(|| FW.enable_localhost_forwards())
+            .run_in(|| FW.enable_localhost_forwards())
             .expect("enabling twice");
         // Masqueraded to the router address, so the guest can answer.
-        let got = must_answer(
-            ask_tcp(&lab.host, "127.0.0.1:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.host,
+            Proto::Tcp,
+            "127.0.0.1:8080",
             "host → 127.0.0.1",
+            ("guest1", 80, "10.42.0.1"),
         );
-        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
-        let got = must_answer(
-            ask_udp(&lab.host, "127.0.0.1:5353", OK_WITHIN),
+        assert_reaches(
+            &lab.host,
+            Proto::Udp,
+            "127.0.0.1:5353",
             "udp → 127.0.0.1",
+            ("guest2", 53, "10.42.0.1"),
         );
-        assert_eq!(got, answered("guest2", 53, "10.42.0.1"));
         // ::1 is never forwarded (Linux cannot): the host answers it itself,
         // and nothing listens there.
         must_be_refused(ask_tcp(&lab.host, "[::1]:8080", OK_WITHIN), "host → ::1");
@@ -508,23 +548,37 @@ fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
         // guest2 → the host's public address → guest1, on the same bridge:
         // guest1 sees the router (masquerade), so its answer goes back through
         // the host, which undoes both translations.
-        let got = must_answer(ask_tcp(&lab.guest2, "10.99.0.1:8080", OK_WITHIN), "hairpin");
-        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
-        let got = must_answer(
-            ask_tcp(&lab.guest2, "[fd99::1]:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.guest2,
+            Proto::Tcp,
+            "10.99.0.1:8080",
+            "hairpin",
+            ("guest1", 80, "10.42.0.1"),
+        );
+        assert_reaches(
+            &lab.guest2,
+            Proto::Tcp,
+            "[fd99::1]:8080",
             "hairpin v6",
+            ("guest1", 80, "fd42::1"),
         );
-        assert_eq!(got, answered("guest1", 80, "fd42::1"));
-        let got = must_answer(
-            ask_udp(&lab.guest2, "10.99.0.1:5353", OK_WITHIN),
+        assert_reaches(
+            &lab.guest2,
+            Proto::Udp,
+            "10.99.0.1:5353",
             "hairpin udp",
+            ("guest1", 53, "10.42.0.1"),
         );
-        assert_eq!(got, answered("guest1", 53, "10.42.0.1"));
         // Again, and a service of the host on the same address: an ICMP
         // redirect ("10.99.0.1 is reachable via guest1") must not have sent
         // guest2 around the host.
-        let got = must_answer(ask_tcp(&lab.guest2, "10.99.0.1:8080", OK_WITHIN), "again");
-        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
+        assert_reaches(
+            &lab.guest2,
+            Proto::Tcp,
+            "10.99.0.1:8080",
+            "again",
+            ("guest1", 80, "10.42.0.1"),
+        );
         let host_service = lab.host.listen("10.99.0.1:7000");
         let seen = common::accept_one(host_service, OK_WITHIN);
         lab.guest2
@@ -554,19 +608,26 @@ fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
                 "on",
             ]);
         }
-        let got = must_answer(
-            ask_tcp(&lab.guest1, "10.99.0.1:8080", OK_WITHIN),
+        assert_reaches(
+            &lab.guest1,
+            Proto::Tcp,
+            "10.99.0.1:8080",
             "to itself",
+            ("guest1", 80, "10.42.0.1"),
         );
-        assert_eq!(got, answered("guest1", 80, "10.42.0.1"));
         // Bound to the uplink address: the router address is not forwarded.
         must_be_refused(
             ask_tcp(&lab.guest2, "10.42.0.1:8080", OK_WITHIN),
             "router:8080",
         );
         // Guest to guest directly is untouched (bridged, no NAT).
-        let got = must_answer(ask_tcp(&lab.guest2, "10.42.0.11:80", OK_WITHIN), "direct");
-        assert_eq!(got, answered("guest1", 80, "10.42.0.12"));
+        assert_reaches(
+            &lab.guest2,
+            Proto::Tcp,
+            "10.42.0.11:80",
+            "direct",
+            ("guest1", 80, "10.42.0.12"),
+        );
     }
 }
 
@@ -612,8 +673,13 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
         1,
         "{installed}"
     );
-    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
-    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    assert_reaches(
+        &lab.outside,
+        Proto::Tcp,
+        "10.99.0.1:8080",
+        "web",
+        ("guest1", 80, "10.99.0.2"),
+    );
     must_answer(ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN), "dns");
 
     // A host port forwarded elsewhere already: that element is refused
@@ -628,10 +694,20 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
         "{}",
         report.refused[0]
     );
-    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8082", OK_WITHIN), "other");
-    assert_eq!(got, answered("guest2", 82, "10.99.0.2"));
-    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
-    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    assert_reaches(
+        &lab.outside,
+        Proto::Tcp,
+        "10.99.0.1:8082",
+        "other",
+        ("guest2", 82, "10.99.0.2"),
+    );
+    assert_reaches(
+        &lab.outside,
+        Proto::Tcp,
+        "10.99.0.1:8080",
+        "web",
+        ("guest1", 80, "10.99.0.2"),
+    );
     assert_report(&lab.remove(&[other]).expect("remove"), &[other], &[]);
     assert_eq!(lab.list(), installed);
     // Two different guests for one port within one call: refused before nft.
@@ -645,8 +721,13 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
         ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
         "removed dns",
     );
-    let got = must_answer(ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN), "web");
-    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
+    assert_reaches(
+        &lab.outside,
+        Proto::Tcp,
+        "10.99.0.1:8080",
+        "web",
+        ("guest1", 80, "10.99.0.2"),
+    );
 
     lab.remove(&[web]).expect("remove");
     must_be_refused(
@@ -674,11 +755,13 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
 
     // Re-added, it works again.
     lab.add(&[web]).expect("add again");
-    let got = must_answer(
-        ask_tcp(&lab.outside, "10.99.0.1:8080", OK_WITHIN),
+    assert_reaches(
+        &lab.outside,
+        Proto::Tcp,
+        "10.99.0.1:8080",
         "web again",
+        ("guest1", 80, "10.99.0.2"),
     );
-    assert_eq!(got, answered("guest1", 80, "10.99.0.2"));
     // A table without us: adding fails clearly, as a whole.
     lab.host.block_on(|| FW.teardown()).expect("remove table");
     let err = lab.add(&[web]).expect_err("no table");
@@ -695,7 +778,7 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
 #[test]
 fn one_taken_key_does_not_keep_the_rest_of_a_batch_out() {
     require(&["ip", "nft"]);
-    let ns = Netns::new("fw-batch");
+    let ns = NetNs::new("fw-batch");
     let nets = vec![net()];
     let taken: Vec<ForwardElement> = [20_017, 20_500, 20_999]
         .map(|port| rule(Proto::Tcp, Some(UPLINK), port, "10.42.0.99", 1))
@@ -741,7 +824,7 @@ fn one_taken_key_does_not_keep_the_rest_of_a_batch_out() {
 #[test]
 fn installed_elements_are_read_back_from_the_kernel_whoever_installed_them() {
     require(&["ip", "nft"]);
-    let ns = Netns::new("fw-read");
+    let ns = NetNs::new("fw-read");
     let nets = vec![net()];
     let by_nft = vec![
         rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
@@ -783,7 +866,7 @@ fn installed_elements_are_read_back_from_the_kernel_whoever_installed_them() {
 #[test]
 fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_alone() {
     require(&["ip", "nft"]);
-    let ns = Netns::new("fw-list");
+    let ns = NetNs::new("fw-list");
     // A foreign table with a concatenated-value map of its own.
     ns.exec_ok(&[
         "nft",
@@ -900,9 +983,9 @@ fn udp_frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], dport: u16, payload: 
 }
 
 /// Sends `frame` out of `ifname` of `ns` as is (AF_PACKET).
-fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) {
+fn send_raw(ns: &NetNs, ifname: &str, frame: Vec<u8>) {
     let ifname = std::ffi::CString::new(ifname).unwrap();
-    ns.run(move || unsafe {
+    ns.run_in(move || unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
         assert!(
             fd >= 0,
@@ -933,12 +1016,12 @@ fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) {
 #[test]
 fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
     require(&["ip", "nft"]);
-    let host = Netns::new("fw-guard-h");
-    let outside = Netns::new("fw-guard-o");
+    let host = NetNs::new("fw-guard-h");
+    let outside = NetNs::new("fw-guard-o");
     veth(&host, "up0", &outside, "eth0");
     host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
     outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    host.run(|| FW.enable_localhost_forwards())
+    host.run_in(|| FW.enable_localhost_forwards())
         .expect("route_localnet");
     let mac: String = ip_json(&host, &["link", "show", "up0"])[0]["address"]
         .as_str()
@@ -950,7 +1033,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
         .collect();
     let mac: [u8; 6] = mac.try_into().unwrap();
     // A service of the host that only listens on loopback.
-    let private = host.run(|| UdpSocket::bind("127.0.0.1:7777").expect("bind"));
+    let private = host.run_in(|| UdpSocket::bind("127.0.0.1:7777").expect("bind"));
     private.set_read_timeout(Some(DROPPED_AFTER)).unwrap();
     let probe = |payload: &'static [u8]| {
         send_raw(
@@ -980,7 +1063,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
         "{err}"
     );
     // Local use of 127.0.0.1 is untouched.
-    host.run(|| {
+    host.run_in(|| {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.send_to(b"local", "127.0.0.1:7777").unwrap();
     });
@@ -995,7 +1078,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
 /// default socket buffer). Removing them leaves the maps empty.
 #[test]
 fn netlink_elements_equal_nfts_own_in_every_map_also_by_the_ten_thousand() {
-    let ns = Netns::new("fw-nl");
+    let ns = NetNs::new("fw-nl");
     let nets = vec![net()];
     let mut forwards = vec![
         rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),

@@ -5,7 +5,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{ip_json, network, Netns};
+use common::{ip_json, network, NetNs};
 use ipnet::Ipv4Net;
 use qnet_hookd::api::Mode;
 use qnet_hookd::config::Ipv6Config;
@@ -21,7 +21,7 @@ fn mac_string(mac: [u8; 6]) -> String {
 
 /// `(family, address, prefix, flags)` of every address on `dev`, except
 /// IPv6 link-local ones.
-fn addresses(ns: &Netns, dev: &str) -> Vec<(String, String, u64, serde_json::Value)> {
+fn addresses(ns: &NetNs, dev: &str) -> Vec<(String, String, u64, serde_json::Value)> {
     let json = ip_json(ns, &["addr", "show", "dev", dev]);
     json[0]["addr_info"]
         .as_array()
@@ -39,8 +39,8 @@ fn addresses(ns: &Netns, dev: &str) -> Vec<(String, String, u64, serde_json::Val
         .collect()
 }
 
-fn link(ns: &Netns, dev: &str) -> Option<serde_json::Value> {
-    let out = ns.exec(&["ip", "-d", "-j", "link", "show", "dev", dev]);
+fn link(ns: &NetNs, dev: &str) -> Option<serde_json::Value> {
+    let out = ns.exec_output(&["ip", "-d", "-j", "link", "show", "dev", dev]);
     if !out.status.success() {
         return None;
     }
@@ -48,13 +48,13 @@ fn link(ns: &Netns, dev: &str) -> Option<serde_json::Value> {
     Some(json[0].clone())
 }
 
-fn sysctl(ns: &Netns, path: &str) -> String {
+fn sysctl(ns: &NetNs, path: &str) -> String {
     ns.exec_ok(&["cat", path]).trim().to_owned()
 }
 
 #[test]
 fn bring_up_creates_the_bridge_with_its_mac_and_addresses_idempotently() {
-    let ns = Netns::new("up");
+    let ns = NetNs::new("up");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     net.ipv6 = Some(Ipv6Config {
         subnet: "fd42::/64".parse().unwrap(),
@@ -122,7 +122,7 @@ fn bring_up_creates_the_bridge_with_its_mac_and_addresses_idempotently() {
 
 #[test]
 fn bring_up_adopts_an_existing_bridge_and_fixes_its_mac_and_prefix() {
-    let ns = Netns::new("adopt");
+    let ns = NetNs::new("adopt");
     ns.ip(&[
         "link",
         "add",
@@ -158,7 +158,7 @@ fn bring_up_adopts_an_existing_bridge_and_fixes_its_mac_and_prefix() {
 
 #[test]
 fn bring_up_and_down_refuse_a_device_that_is_not_a_bridge() {
-    let ns = Netns::new("notbr");
+    let ns = NetNs::new("notbr");
     ns.ip(&[
         "link", "add", "qnlab", "type", "veth", "peer", "name", "qnpeer",
     ]);
@@ -179,7 +179,7 @@ fn bring_up_and_down_refuse_a_device_that_is_not_a_bridge() {
 
 #[test]
 fn bring_down_deletes_the_bridge_and_tolerates_its_absence() {
-    let ns = Netns::new("down");
+    let ns = NetNs::new("down");
     let net = network("lab", "qnlab", Mode::Routed, "10.42.0.0/24");
     ns.block_on(|| async {
         bring_up(&net).await.expect("bring_up");
@@ -198,7 +198,7 @@ fn bring_down_deletes_the_bridge_and_tolerates_its_absence() {
 
 #[test]
 fn pick_free_subnet_skips_addresses_and_routes_of_every_table() {
-    let ns = Netns::new("subnet");
+    let ns = NetNs::new("subnet");
     let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
     assert_eq!(ns.block_on(pick_free_subnet).unwrap(), net("10.213.0.0/24"));
 

@@ -17,7 +17,7 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{accept_one, network, plug_guest, require, veth, Netns};
+use common::{accept_one, network, plug_guest, require, veth, NetNs};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{BlockedPort, Ipv6Config, NetworkConfig};
 use qnet_hookd::firewall::{self, Firewall, FirewallError};
@@ -40,16 +40,16 @@ fn lab(mode: Mode) -> NetworkConfig {
 }
 
 struct Topology {
-    daemon: Netns,
-    outside: Netns,
-    guest: Netns,
+    daemon: NetNs,
+    outside: NetNs,
+    guest: NetNs,
 }
 
 fn topology(what: &str, net: &NetworkConfig) -> Topology {
     require(&["ip", "nft"]);
-    let daemon = Netns::new(&format!("{what}-d"));
-    let outside = Netns::new(&format!("{what}-o"));
-    let guest = Netns::new(&format!("{what}-g"));
+    let daemon = NetNs::new(&format!("{what}-d"));
+    let outside = NetNs::new(&format!("{what}-o"));
+    let guest = NetNs::new(&format!("{what}-g"));
     veth(&daemon, "up0", &outside, "eth0");
     daemon.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
     daemon.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
@@ -70,7 +70,7 @@ fn topology(what: &str, net: &NetworkConfig) -> Topology {
 
 /// Connects from `from` to `to` (listening in `listen_ns`) and returns the
 /// source address the listener saw.
-fn connect_and_see_source(from: &Netns, listen_ns: &Netns, to: &str) -> IpAddr {
+fn connect_and_see_source(from: &NetNs, listen_ns: &NetNs, to: &str) -> IpAddr {
     let listener = listen_ns.listen(to);
     let seen = accept_one(listener, OK_WITHIN);
     from.connect(to, OK_WITHIN)
@@ -83,7 +83,7 @@ fn connect_and_see_source(from: &Netns, listen_ns: &Netns, to: &str) -> IpAddr {
 #[test]
 fn apply_replaces_only_our_table_and_is_repeatable() {
     require(&["ip", "nft"]);
-    let ns = Netns::new("nft-table");
+    let ns = NetNs::new("nft-table");
     ns.exec_ok(&["nft", "add", "table", "ip", "foreign"]);
     ns.exec_ok(&["nft", "add", "chain", "ip", "foreign", "c"]);
     let foreign = || ns.exec_ok(&["nft", "list", "table", "ip", "foreign"]);
@@ -166,7 +166,7 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
 #[test]
 fn a_failed_apply_reports_nft_and_keeps_the_previous_table() {
     require(&["ip", "nft"]);
-    let ns = Netns::new("nft-fail");
+    let ns = NetNs::new("nft-fail");
     let good = vec![lab(Mode::Nat)];
     // Names are typed now and cannot break nft's syntax; two networks on
     // one bridge (the config refuses that, the structs do not) still make
@@ -228,8 +228,10 @@ fn nat_masquerades_rejects_blocked_ports_and_keeps_the_outside_out() {
 
     // A blocked UDP port gets an ICMP port unreachable, although a socket
     // is bound to it outside.
-    let _bound = t.outside.run(|| UdpSocket::bind("10.99.0.2:5353").unwrap());
-    let err = t.guest.run(|| {
+    let _bound = t
+        .outside
+        .run_in(|| UdpSocket::bind("10.99.0.2:5353").unwrap());
+    let err = t.guest.run_in(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
         socket.connect("10.99.0.2:5353").unwrap();
         socket.set_read_timeout(Some(OK_WITHIN)).unwrap();
@@ -252,7 +254,7 @@ fn nat_with_uplink_masquerades_only_via_the_uplink() {
     net.uplink = Some("up0".parse().unwrap());
     let t = topology("natup", &net);
     // A second way out, not the uplink: forwarding there is refused.
-    let other = Netns::new("natup-x");
+    let other = NetNs::new("natup-x");
     veth(&t.daemon, "side0", &other, "eth0");
     t.daemon
         .ip(&["addr", "add", "10.98.0.1/24", "dev", "side0"]);
@@ -297,7 +299,7 @@ fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
         .exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     t.outside
         .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
-    let second = Netns::new("iso-g2");
+    let second = NetNs::new("iso-g2");
     plug_guest(&t.daemon, "qnlab", "gport2", &second, "52:54:00:00:00:11");
     second.ip(&["addr", "add", "10.42.0.11/24", "dev", "eth0"]);
 

@@ -5,7 +5,9 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_hookd::qmp::{
@@ -534,70 +536,21 @@ async fn peer_credentials_of_another_process() {
 // ---------------------------------------------------------------------------
 // Hostile fakes: the handshake
 
-#[tokio::test]
-async fn garbage_instead_of_greeting() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move {
-                f.send("this is not JSON at all").await;
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-        )
-        .await;
-        assert!(
-            matches!(&e, QmpError::Protocol { detail, .. } if detail.contains("invalid JSON")),
-            "{e:?}"
-        );
-    }
-}
+/// What a fake does, boxed so that a table can hold many.
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-#[tokio::test]
-async fn wrong_greetings() {
-    for greeting in [
-        r#"{"QMP": "hello"}"#,
-        r#"{"hello": {"version": {}}}"#,
-        r#"[1, 2, 3]"#,
-        r#""QMP""#,
-        r#"{"return": {}, "id": 0}"#,
-    ] {
-        for mode in MODES {
-            let e = failed_start(
-                mode,
-                move |mut f| async move {
-                    f.send(greeting).await;
-                    f.wait_eof().await;
-                },
-                SessionOptions::default(),
-            )
-            .await;
-            assert!(
-                matches!(&e, QmpError::Protocol { detail, .. } if detail.contains("expected the QMP greeting")),
-                "{greeting}: {e:?}"
-            );
-        }
-    }
-}
+/// A fake's script, shareable between the two connection modes.
+type Script = Arc<dyn Fn(Fake) -> Task + Send + Sync>;
 
-#[tokio::test]
-async fn event_before_greeting() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move {
-                f.event("RESUME", None).await;
-                f.send(GREETING).await;
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-        )
-        .await;
-        assert!(
-            matches!(&e, QmpError::Protocol { detail, .. } if detail.contains("got event \"RESUME\"")),
-            "{e:?}"
-        );
-    }
+/// A fake's answer to a command, given the command's id.
+type Answer = Arc<dyn Fn(Fake, Value) -> Task + Send + Sync>;
+
+fn script<F, Fut>(f: F) -> Script
+where
+    F: Fn(Fake) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Arc::new(move |fake| Box::pin(f(fake)))
 }
 
 /// Writes 10 MiB without a newline (after `prefix`).
@@ -610,72 +563,72 @@ async fn huge_line(fake: &mut Fake, prefix: &str) {
     fake.wait_eof().await;
 }
 
-#[tokio::test]
-async fn huge_greeting() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move { huge_line(&mut f, r#"{"QMP": ""#).await },
-            SessionOptions::default(),
-        )
-        .await;
-        assert!(
-            matches!(e, QmpError::LineTooLong { limit, .. } if limit == qmp::DEFAULT_MAX_LINE),
-            "{e:?}"
-        );
-    }
+/// Sends `line` as the greeting, then waits for the daemon to hang up.
+fn greets_with(line: &'static str) -> Script {
+    script(move |mut f| async move {
+        f.send(line).await;
+        f.wait_eof().await;
+    })
 }
 
-#[tokio::test]
-async fn no_greeting_times_out() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move { f.wait_eof().await },
-            options(Duration::from_millis(300)),
-        )
-        .await;
-        assert!(
-            matches!(&e, QmpError::Timeout { waiting_for, .. } if waiting_for.contains("greeting")),
-            "{e:?}"
-        );
-    }
+/// One broken peer that must make the handshake fail, and the error it
+/// must fail with.
+struct HandshakeFailure {
+    what: &'static str,
+    script: Script,
+    opts: SessionOptions,
+    expect: fn(&QmpError) -> bool,
 }
 
-#[tokio::test]
-async fn eof_before_greeting() {
-    for mode in MODES {
-        let e = failed_start(mode, |_| async {}, SessionOptions::default()).await;
-        assert!(
-            matches!(&e, QmpError::Eof { during, .. } if during.contains("greeting")),
-            "{e:?}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn eof_after_greeting() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move { f.send(GREETING).await },
-            SessionOptions::default(),
-        )
-        .await;
-        assert!(
-            matches!(&e, QmpError::Closed { command, reason, .. }
-                if command == "qmp_capabilities" && reason.contains("peer closed")),
-            "{e:?}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn capabilities_refused() {
-    for mode in MODES {
-        let e = failed_start(
-            mode,
-            |mut f| async move {
+fn handshake_failures() -> Vec<HandshakeFailure> {
+    let default = SessionOptions::default;
+    let mut cases = vec![
+        HandshakeFailure {
+            what: "garbage instead of the greeting",
+            script: greets_with("this is not JSON at all"),
+            opts: default(),
+            expect: |e| matches!(e, QmpError::Protocol { detail, .. } if detail.contains("invalid JSON")),
+        },
+        HandshakeFailure {
+            what: "an event before the greeting",
+            script: script(|mut f| async move {
+                f.event("RESUME", None).await;
+                f.send(GREETING).await;
+                f.wait_eof().await;
+            }),
+            opts: default(),
+            expect: |e| matches!(e, QmpError::Protocol { detail, .. } if detail.contains("got event \"RESUME\"")),
+        },
+        HandshakeFailure {
+            what: "a huge greeting",
+            script: script(|mut f| async move { huge_line(&mut f, r#"{"QMP": ""#).await }),
+            opts: default(),
+            expect: |e| matches!(e, QmpError::LineTooLong { limit, .. } if *limit == qmp::DEFAULT_MAX_LINE),
+        },
+        HandshakeFailure {
+            what: "no greeting",
+            script: script(|mut f| async move { f.wait_eof().await }),
+            opts: options(Duration::from_millis(300)),
+            expect: |e| matches!(e, QmpError::Timeout { waiting_for, .. } if waiting_for.contains("greeting")),
+        },
+        HandshakeFailure {
+            what: "EOF before the greeting",
+            script: script(|_| async {}),
+            opts: default(),
+            expect: |e| matches!(e, QmpError::Eof { during, .. } if during.contains("greeting")),
+        },
+        HandshakeFailure {
+            what: "EOF after the greeting",
+            script: script(|mut f| async move { f.send(GREETING).await }),
+            opts: default(),
+            expect: |e| {
+                matches!(e, QmpError::Closed { command, reason, .. }
+                    if command == "qmp_capabilities" && reason.contains("peer closed"))
+            },
+        },
+        HandshakeFailure {
+            what: "capabilities refused",
+            script: script(|mut f| async move {
                 f.send(GREETING).await;
                 let id = f.command("qmp_capabilities").await;
                 f.error(
@@ -685,15 +638,39 @@ async fn capabilities_refused() {
                 )
                 .await;
                 f.wait_eof().await;
+            }),
+            opts: default(),
+            expect: |e| {
+                matches!(e, QmpError::Command { command, class, .. }
+                    if command == "qmp_capabilities" && class == "GenericError")
             },
-            SessionOptions::default(),
-        )
-        .await;
-        assert!(
-            matches!(&e, QmpError::Command { command, class, .. }
-                if command == "qmp_capabilities" && class == "GenericError"),
-            "{e:?}"
-        );
+        },
+    ];
+    for greeting in [
+        r#"{"QMP": "hello"}"#,
+        r#"{"hello": {"version": {}}}"#,
+        r#"[1, 2, 3]"#,
+        r#""QMP""#,
+        r#"{"return": {}, "id": 0}"#,
+    ] {
+        cases.push(HandshakeFailure {
+            what: greeting,
+            script: greets_with(greeting),
+            opts: default(),
+            expect: |e| matches!(e, QmpError::Protocol { detail, .. } if detail.contains("expected the QMP greeting")),
+        });
+    }
+    cases
+}
+
+#[tokio::test]
+async fn broken_peers_fail_the_handshake() {
+    for case in handshake_failures() {
+        for mode in MODES {
+            let script = case.script.clone();
+            let e = failed_start(mode, move |f| script(f), case.opts).await;
+            assert!((case.expect)(&e), "{}, {mode:?}: {e:?}", case.what);
+        }
     }
 }
 
@@ -730,8 +707,18 @@ where
     (result, events, error)
 }
 
-#[tokio::test]
-async fn garbage_after_handshake() {
+/// A peer that breaks the session after the handshake: what it sends in
+/// answer to `query-name` (given the command's id), and what the command's
+/// error and the session's closing error must contain.
+struct BrokenAnswer {
+    what: String,
+    answer: Answer,
+    result_says: &'static str,
+    closing_says: &'static str,
+}
+
+fn broken_answers() -> Vec<BrokenAnswer> {
+    let mut cases = Vec::new();
     for garbage in [
         "}{ not json",
         "[1, 2, 3]",
@@ -739,63 +726,58 @@ async fn garbage_after_handshake() {
         r#"{"surprise": true}"#,
         GREETING,
     ] {
-        for mode in MODES {
-            let (result, _, error) = after_handshake(mode, move |mut f, _| async move {
-                f.send(garbage).await;
-                f.wait_eof().await;
+        cases.push(BrokenAnswer {
+            what: format!("garbage {garbage}"),
+            answer: Arc::new(move |mut f, _| {
+                Box::pin(async move {
+                    f.send(garbage).await;
+                    f.wait_eof().await;
+                })
+            }),
+            result_says: "protocol error",
+            closing_says: "protocol error",
+        });
+    }
+    cases.push(BrokenAnswer {
+        what: "a huge line".into(),
+        answer: Arc::new(|mut f, id| {
+            Box::pin(async move {
+                huge_line(&mut f, &format!(r#"{{"id": {id}, "return": {{"name": ""#)).await;
             })
-            .await;
+        }),
+        result_says: "longer than",
+        closing_says: "message longer than",
+    });
+    cases.push(BrokenAnswer {
+        what: "EOF in the middle of a reply".into(),
+        answer: Arc::new(|mut f, _| {
+            Box::pin(async move { f.raw(br#"{"return": {"name": "half"#).await })
+        }),
+        result_says: "middle of a message",
+        closing_says: "connection closed in the middle of a message",
+    });
+    cases
+}
+
+#[tokio::test]
+async fn broken_answers_close_the_session() {
+    for case in broken_answers() {
+        for mode in MODES {
+            let answer = case.answer.clone();
+            let (result, _, error) = after_handshake(mode, move |f, id| answer(f, id)).await;
             assert!(
-                matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains("protocol error")),
-                "{garbage}: {result:?}"
+                matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains(case.result_says)),
+                "{}, {mode:?}: {result:?}",
+                case.what
             );
             assert!(
                 error
                     .as_deref()
-                    .is_some_and(|e| e.contains("protocol error")),
-                "{error:?}"
+                    .is_some_and(|e| e.contains(case.closing_says)),
+                "{}, {mode:?}: {error:?}",
+                case.what
             );
         }
-    }
-}
-
-#[tokio::test]
-async fn huge_line_after_handshake() {
-    for mode in MODES {
-        let (result, _, error) = after_handshake(mode, |mut f, id| async move {
-            huge_line(&mut f, &format!(r#"{{"id": {id}, "return": {{"name": ""#)).await;
-        })
-        .await;
-        assert!(
-            matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains("longer than")),
-            "{result:?}"
-        );
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("message longer than")),
-            "{error:?}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn eof_mid_reply() {
-    for mode in MODES {
-        let (result, _, error) = after_handshake(mode, |mut f, _id| async move {
-            f.raw(br#"{"return": {"name": "half"#).await;
-        })
-        .await;
-        assert!(
-            matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains("middle of a message")),
-            "{result:?}"
-        );
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("connection closed in the middle of a message")),
-            "{error:?}"
-        );
     }
 }
 

@@ -309,6 +309,7 @@ fn open_private_node(index: u32, devt: libc::dev_t) -> Result<File, DevNodeError
         what: "mknod",
         source,
     })?;
+    chown_to_root(&dir_fd, c"tap")?;
     let opened = open_checked(Some(&dir_fd), Path::new("tap"), devt);
     let unlinked = nix::unistd::unlinkat(&dir_fd, "tap", nix::unistd::UnlinkatFlags::NoRemoveDir);
     drop(dir);
@@ -335,37 +336,109 @@ fn open_private_node(index: u32, devt: libc::dev_t) -> Result<File, DevNodeError
 /// Opens [`PRIVATE_BASE`], creating it if needed, and checks that it is a
 /// root-owned directory nobody else can enter.
 fn open_private_base() -> Result<OwnedFd, DevNodeError> {
+    open_private_base_at(Path::new(PRIVATE_BASE))
+}
+
+/// [`open_private_base`] for any path (tests use their own).
+///
+/// An existing directory is used only if it already is root:root 0700: it
+/// is never chowned, so a directory someone else made (or a helper killed
+/// half-way left) can never be adopted with whatever was put in it. A new
+/// one is made under a random temporary name next to it (as the caller,
+/// in a setuid helper), handed to root there, and only then renamed into
+/// place with `RENAME_NOREPLACE`: `path` never names a directory that is
+/// not root's. A helper killed before the rename leaves at most an empty
+/// temporary directory, which nothing ever uses.
+pub fn open_private_base_at(path: &Path) -> Result<OwnedFd, DevNodeError> {
     let fail = |what| move |source| DevNodeError::PrivateNode { what, source };
-    match nix::unistd::mkdir(PRIVATE_BASE, Mode::S_IRWXU) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(errno) => return Err(fail("mkdir")(errno)),
+    match open_dir(path) {
+        Ok(base) => return check_root_only(base),
+        Err(Errno::ENOENT) => {}
+        Err(errno) => return Err(fail("open")(errno)),
     }
-    let base = nix::fcntl::open(
-        PRIVATE_BASE,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(fail("open"))?;
-    let mut stat = fstat(&base).map_err(fail("stat"))?;
-    if stat.st_uid != 0 || stat.st_gid != 0 {
-        // Just made by a setuid helper running as the caller: hand it to
-        // root before anything is put in it. An existing directory owned
-        // by someone else is refused below.
-        if nix::unistd::fchown(
-            &base,
+    let (parent, name) = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => (parent, name.to_string_lossy()),
+        _ => return Err(fail("mkdir")(Errno::EINVAL)),
+    };
+    let temp = parent.join(format!(".{name}-{:016x}", random_u64()));
+    nix::unistd::mkdir(&temp, Mode::S_IRWXU).map_err(fail("mkdir"))?;
+    let made = open_dir(&temp).map_err(fail("open")).and_then(|dir| {
+        nix::unistd::fchown(
+            &dir,
             Some(nix::unistd::Uid::from_raw(0)),
             Some(nix::unistd::Gid::from_raw(0)),
         )
-        .is_ok()
-        {
-            stat = fstat(&base).map_err(fail("stat"))?;
+        .map_err(fail("chown"))?;
+        nix::sys::stat::fchmod(&dir, Mode::S_IRWXU).map_err(fail("chmod"))?;
+        rename_noreplace(&temp, path).map_err(fail("rename"))
+    });
+    match made {
+        Ok(()) => {}
+        // Another helper made it meanwhile: use theirs (if it is root's).
+        Err(DevNodeError::PrivateNode {
+            source: Errno::EEXIST,
+            ..
+        }) => {
+            let _ = nix::unistd::unlinkat(
+                nix::fcntl::AT_FDCWD,
+                &temp,
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            );
+        }
+        Err(err) => {
+            let _ = nix::unistd::unlinkat(
+                nix::fcntl::AT_FDCWD,
+                &temp,
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            );
+            return Err(err);
         }
     }
+    check_root_only(open_dir(path).map_err(fail("open"))?)
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Keeps `dir` only if it is a root:root directory of mode 0700.
+fn check_root_only(dir: OwnedFd) -> Result<OwnedFd, DevNodeError> {
+    let stat = fstat(&dir).map_err(|source| DevNodeError::PrivateNode {
+        what: "stat",
+        source,
+    })?;
     let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
     if !is_dir || stat.st_uid != 0 || stat.st_gid != 0 || stat.st_mode & 0o7777 != 0o700 {
         return Err(DevNodeError::UnsafeBase);
     }
-    Ok(base)
+    Ok(dir)
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: fails with `EEXIST` instead of
+/// replacing (an empty directory could otherwise be replaced).
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), Errno> {
+    let from = CString::new(from.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    let to = CString::new(to.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: two NUL-terminated paths relative to the working directory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
 }
 
 /// Creates a fresh `tap<index>-<random>` directory (mode 0700) in `base`,
@@ -375,7 +448,12 @@ fn make_private_dir(base: &OwnedFd, index: u32) -> Result<CString, DevNodeError>
         let name = CString::new(format!("tap{index}-{:016x}", random_u64()))
             .expect("no NUL in a formatted name");
         match nix::sys::stat::mkdirat(base, name.as_c_str(), Mode::S_IRWXU) {
-            Ok(()) => return Ok(name),
+            Ok(()) => {
+                // Made as the caller in a setuid helper: root's at once, so
+                // nothing the caller owns is ever left inside the base.
+                chown_to_root(base, name.as_c_str())?;
+                return Ok(name);
+            }
             Err(Errno::EEXIST) => continue,
             Err(source) => {
                 return Err(DevNodeError::PrivateNode {
@@ -388,6 +466,21 @@ fn make_private_dir(base: &OwnedFd, index: u32) -> Result<CString, DevNodeError>
     Err(DevNodeError::PrivateNode {
         what: "mkdir the private directory",
         source: Errno::EEXIST,
+    })
+}
+
+/// Hands `name` in `dir` to root:root (without following a symlink).
+fn chown_to_root(dir: &OwnedFd, name: &std::ffi::CStr) -> Result<(), DevNodeError> {
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(0)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|source| DevNodeError::PrivateNode {
+        what: "chown",
+        source,
     })
 }
 
@@ -438,6 +531,47 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory owned by someone else (what a helper killed between
+    /// mkdir and chown used to leave) is refused, not adopted: its owner
+    /// and contents stay as they are.
+    #[test]
+    fn a_base_not_owned_by_root_is_never_adopted() {
+        let parent = std::env::temp_dir().join(format!("qnet-devnode-{}", random_u64()));
+        std::fs::create_dir(&parent).unwrap();
+        let squatted = parent.join("squatted");
+        std::fs::create_dir(&squatted).unwrap();
+        std::fs::write(squatted.join("planted"), "x").unwrap();
+        std::os::unix::fs::chown(&squatted, Some(4242), Some(4242)).unwrap();
+        std::fs::set_permissions(
+            &squatted,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let outcome = open_private_base_at(&squatted);
+        let meta = std::fs::metadata(&squatted).unwrap();
+        let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+        // A fresh base is made root:root 0700, with no temporary left.
+        let fresh = parent.join("fresh");
+        let made = open_private_base_at(&fresh).map(drop);
+        let fresh_meta = std::fs::metadata(&fresh);
+        let leftovers: Vec<_> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        std::fs::remove_dir_all(&parent).unwrap();
+        assert!(
+            matches!(outcome, Err(DevNodeError::UnsafeBase)),
+            "{outcome:?}"
+        );
+        assert_eq!(owner, 4242, "the squatted directory was chowned");
+        made.unwrap();
+        let fresh_meta = fresh_meta.unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((fresh_meta.uid(), fresh_meta.gid()), (0, 0));
+        assert_eq!(fresh_meta.mode() & 0o7777, 0o700);
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    }
 
     #[test]
     fn proc_devices_has_misc() {

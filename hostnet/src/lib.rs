@@ -9,6 +9,7 @@ pub mod devnode;
 pub mod fdpass;
 pub mod link;
 pub mod macvtap;
+pub mod owner;
 pub mod privilege;
 pub mod protocol;
 pub mod reaper;

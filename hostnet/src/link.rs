@@ -48,6 +48,9 @@ const IFLA_MTU: u16 = 4;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_IFALIAS: u16 = 20;
+/// Nested list of properties; holds the alternative names.
+const IFLA_PROP_LIST: u16 = 52;
+const IFLA_ALT_IFNAME: u16 = 53;
 // Nested in IFLA_LINKINFO.
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
@@ -92,9 +95,21 @@ pub struct Link {
     /// Administratively up (`IFF_UP`), regardless of carrier.
     pub up: bool,
     pub alias: Option<String>,
+    /// Alternative names (`ip link property add dev X altname Y`; systemd
+    /// gives NICs names such as `enp0s31f6`). The kernel resolves a lookup
+    /// by name through these too, so an ACL must be checked against all of
+    /// them, not just the string the caller passed.
+    pub altnames: Vec<String>,
     /// Mode of a macvtap device; `None` for other kinds and for modes this
     /// module does not create (e.g. "source").
     pub macvtap_mode: Option<MacvtapMode>,
+}
+
+impl Link {
+    /// The primary name, then every alternative name.
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
+        std::iter::once(self.name.as_str()).chain(self.altnames.iter().map(String::as_str))
+    }
 }
 
 /// How a macvtap forwards traffic between itself, its siblings and its
@@ -662,6 +677,7 @@ fn parse_link(payload: &[u8]) -> Result<Link, Failure> {
         master: None,
         up: header.flags.contains(LinkFlags::Up),
         alias: None,
+        altnames: Vec::new(),
         macvtap_mode: None,
     };
     let attributes = payload.get(IFINFOMSG_LEN..).unwrap_or_default();
@@ -671,6 +687,10 @@ fn parse_link(payload: &[u8]) -> Result<Link, Failure> {
             IFLA_ADDRESS | IFLA_IFNAME | IFLA_MTU | IFLA_MASTER | IFLA_IFALIAS => {}
             IFLA_LINKINFO => {
                 parse_link_info(nla.value(), &mut link)?;
+                continue;
+            }
+            IFLA_PROP_LIST => {
+                link.altnames = parse_altnames(nla.value())?;
                 continue;
             }
             _ => continue,
@@ -687,6 +707,18 @@ fn parse_link(payload: &[u8]) -> Result<Link, Failure> {
     link.name = name.ok_or_else(|| Failure::Protocol("link without IFLA_IFNAME".into()))?;
     link.mtu = mtu.ok_or_else(|| Failure::Protocol("link without IFLA_MTU".into()))?;
     Ok(link)
+}
+
+/// The `IFLA_ALT_IFNAME` strings nested in IFLA_PROP_LIST.
+fn parse_altnames(value: &[u8]) -> Result<Vec<String>, Failure> {
+    let mut names = Vec::new();
+    for nla in NlasIterator::new(value) {
+        let nla = nla?;
+        if nla.kind() == IFLA_ALT_IFNAME {
+            names.push(netlink_packet_core::parse_string(nla.value())?);
+        }
+    }
+    Ok(names)
 }
 
 /// Reads the kind, and for macvtaps the mode, from IFLA_LINKINFO.
@@ -841,6 +873,12 @@ mod tests {
         ]
         .concat();
         payload.extend(nla(IFLA_LINKINFO, &info));
+        let props = [
+            nla(IFLA_ALT_IFNAME, b"alt0\0"),
+            nla(IFLA_ALT_IFNAME, b"enx020000000001\0"),
+        ]
+        .concat();
+        payload.extend(nla(IFLA_PROP_LIST, &props));
         let link = parse_link(&payload).unwrap();
         assert_eq!(
             link,
@@ -853,6 +891,7 @@ mod tests {
                 master: None,
                 up: true,
                 alias: None,
+                altnames: vec!["alt0".into(), "enx020000000001".into()],
                 macvtap_mode: Some(MacvtapMode::Bridge),
             }
         );

@@ -3,8 +3,9 @@
 //!
 //! Every macvtap qnet creates is named `qmvtapN` and carries an
 //! `ifalias` [`Marker`] such as
-//! `qnet-macvtap pid=4242 lower=eth0 lower-ifindex=2 mode=passthru mac=52:54:00:12:34:56 restore-mac=0c:c4:7a:01:02:03`:
-//! which QEMU it belongs to, on which lower device it sits and, in
+//! `qnet-macvtap uid=1000 pid=4242 start=123456 pidns=4026531836 lower=eth0 lower-ifindex=2 mode=passthru mac=52:54:00:12:34:56 restore-mac=0c:c4:7a:01:02:03`:
+//! which user it was made for and which QEMU it belongs to (pid and start
+//! time: see [`crate::owner`]), on which lower device it sits and, in
 //! passthru mode, which MAC the lower device had before the guest's was put
 //! on it. The reaper that the helper leaves behind uses it to check that a
 //! device is still its own before deleting it; a daemon can use it to
@@ -17,6 +18,7 @@ use std::str::FromStr;
 use nix::errno::Errno;
 
 use crate::link::{LinkError, LinkSocket, MacvtapMode};
+use crate::owner::Owner;
 
 /// First word of every marker.
 pub const MARKER_TAG: &str = "qnet-macvtap";
@@ -26,9 +28,8 @@ pub const NAME_PREFIX: &str = "qmvtap";
 /// What the `ifalias` of a qnet macvtap says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marker {
-    /// The QEMU process the device was made for (its pid as seen by the
-    /// helper, from `SO_PEERCRED` of QEMU's socket).
-    pub qemu_pid: u32,
+    /// The user and the QEMU process the device was made for.
+    pub owner: Owner,
     pub lower: String,
     pub lower_index: u32,
     pub mode: MacvtapMode,
@@ -44,8 +45,8 @@ impl fmt::Display for Marker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{MARKER_TAG} pid={} lower={} lower-ifindex={} mode={}",
-            self.qemu_pid, self.lower, self.lower_index, self.mode
+            "{MARKER_TAG} {} lower={} lower-ifindex={} mode={}",
+            self.owner, self.lower, self.lower_index, self.mode
         )?;
         if let Some(mac) = self.mac {
             write!(f, " mac={}", format_mac(mac))?;
@@ -73,12 +74,14 @@ impl FromStr for Marker {
         if words.next() != Some(MARKER_TAG) {
             return Err(bad());
         }
-        let (mut pid, mut lower, mut lower_index, mut mode) = (None, None, None, None);
+        let (mut lower, mut lower_index, mut mode) = (None, None, None);
         let (mut mac, mut restore_mac) = (None, None);
-        for word in words {
-            let (key, value) = word.split_once('=').ok_or_else(bad)?;
+        let pairs: Vec<(&str, &str)> = words
+            .map(|word| word.split_once('=').ok_or_else(bad))
+            .collect::<Result<_, _>>()?;
+        let owner = Owner::from_words(pairs.iter().copied()).ok_or_else(bad)?;
+        for (key, value) in pairs {
             match key {
-                "pid" => pid = Some(value.parse().map_err(|_| bad())?),
                 "lower" => lower = Some(value.to_string()),
                 "lower-ifindex" => lower_index = Some(value.parse().map_err(|_| bad())?),
                 "mode" => mode = Some(parse_mode(value).ok_or_else(bad)?),
@@ -88,7 +91,7 @@ impl FromStr for Marker {
             }
         }
         Ok(Marker {
-            qemu_pid: pid.ok_or_else(bad)?,
+            owner,
             lower: lower.ok_or_else(bad)?,
             lower_index: lower_index.ok_or_else(bad)?,
             mode: mode.ok_or_else(bad)?,
@@ -172,24 +175,37 @@ pub fn remove(
     netlink: &mut LinkSocket,
     device: &OwnedMacvtap,
 ) -> Result<(Removal, MacRestore), LinkError> {
-    let expected_alias = device.marker.to_string();
-    let removal = match netlink.link_by_index(device.index)? {
-        None => Removal::AlreadyGone,
-        Some(link)
-            if link.name == device.name
-                && link.kind.as_deref() == Some("macvtap")
-                && link.alias.as_deref() == Some(expected_alias.as_str()) =>
-        {
-            match netlink.delete(device.index) {
-                Ok(()) => Removal::Deleted,
-                Err(e) if e.errno() == Some(Errno::ENODEV) => Removal::AlreadyGone,
-                Err(e) => return Err(e),
-            }
-        }
-        Some(_) => Removal::NotOurs,
-    };
+    let alias = device.marker.to_string();
+    let removal = remove_marked(netlink, device.index, &device.name, "macvtap", &alias)?;
     let restore = restore_lower_mac(netlink, &device.marker)?;
     Ok((removal, restore))
+}
+
+/// Deletes the link with ifindex `index` if it still has name `name`, kind
+/// `kind` and alias `alias` (a qnet marker): a device that was deleted and
+/// replaced meanwhile is left alone. Used for qnet's macvtaps and TAPs.
+pub fn remove_marked(
+    netlink: &mut LinkSocket,
+    index: u32,
+    name: &str,
+    kind: &str,
+    alias: &str,
+) -> Result<Removal, LinkError> {
+    match netlink.link_by_index(index)? {
+        None => Ok(Removal::AlreadyGone),
+        Some(link)
+            if link.name == name
+                && link.kind.as_deref() == Some(kind)
+                && link.alias.as_deref() == Some(alias) =>
+        {
+            match netlink.delete(index) {
+                Ok(()) => Ok(Removal::Deleted),
+                Err(e) if e.errno() == Some(Errno::ENODEV) => Ok(Removal::AlreadyGone),
+                Err(e) => Err(e),
+            }
+        }
+        Some(_) => Ok(Removal::NotOurs),
+    }
 }
 
 /// The passthru half of [`remove`].
@@ -224,7 +240,12 @@ mod tests {
 
     fn passthru() -> Marker {
         Marker {
-            qemu_pid: 4242,
+            owner: Owner {
+                uid: 1000,
+                pid: 4242,
+                start_time: 123456,
+                pidns: 4026531836,
+            },
             lower: "eth0".into(),
             lower_index: 2,
             mode: MacvtapMode::Passthru,
@@ -239,7 +260,8 @@ mod tests {
         let text = marker.to_string();
         assert_eq!(
             text,
-            "qnet-macvtap pid=4242 lower=eth0 lower-ifindex=2 mode=passthru \
+            "qnet-macvtap uid=1000 pid=4242 start=123456 pidns=4026531836 lower=eth0 \
+             lower-ifindex=2 mode=passthru \
              mac=52:54:00:12:34:56 restore-mac=0c:c4:7a:01:02:ab"
         );
         assert!(text.len() < 256, "IFALIASZ is 256");
@@ -261,11 +283,13 @@ mod tests {
             "",
             "libvirt-managed",
             "qnet-macvtap",
-            "qnet-macvtap pid=x lower=eth0 lower-ifindex=2 mode=bridge",
-            "qnet-macvtap pid=1 lower=eth0 lower-ifindex=2 mode=fancy",
-            "qnet-macvtap pid=1 lower-ifindex=2 mode=bridge",
-            "qnet-macvtap pid=1 lower=eth0 lower-ifindex=2 mode=bridge mac=zz",
-            "qnet-macvtapx pid=1 lower=eth0 lower-ifindex=2 mode=bridge",
+            "qnet-macvtap uid=1 pid=x start=1 pidns=1 lower=eth0 lower-ifindex=2 mode=bridge",
+            "qnet-macvtap uid=1 pid=1 start=1 pidns=1 lower=eth0 lower-ifindex=2 mode=fancy",
+            "qnet-macvtap uid=1 pid=1 start=1 pidns=1 lower-ifindex=2 mode=bridge",
+            "qnet-macvtap uid=1 pid=1 start=1 pidns=1 lower=eth0 lower-ifindex=2 mode=bridge mac=zz",
+            "qnet-macvtapx uid=1 pid=1 start=1 pidns=1 lower=eth0 lower-ifindex=2 mode=bridge",
+            // The format before owners were recorded: not ours any more.
+            "qnet-macvtap pid=1 lower=eth0 lower-ifindex=2 mode=bridge",
         ] {
             assert!(junk.parse::<Marker>().is_err(), "{junk:?}");
         }

@@ -35,7 +35,7 @@ pub fn exit_for_cli_error(program: &str, usage: &str, err: clap::Error) -> std::
             std::process::ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("{}", cli_error_line(program, usage, &err));
+            say(format_args!("{}", cli_error_line(program, usage, &err)));
             std::process::ExitCode::FAILURE
         }
     }
@@ -65,6 +65,14 @@ pub fn cli_error_line(program: &str, usage: &str, err: &clap::Error) -> String {
     format!("{program}: {shown}; usage: {program} {usage} (see --help)")
 }
 
+/// Writes one line to stderr, ignoring failure: stderr may be a closed
+/// pipe (EPIPE; Rust ignores SIGPIPE) or a full one, and a helper must
+/// neither panic (`eprintln!` does) nor fail because nobody reads it.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Logging goes to stderr (QEMU shows it to the user) and is configured by
 /// argv only: the environment is never trusted in a privileged helper.
 /// Without `--debug` no subscriber is installed at all: errors are printed
@@ -76,6 +84,9 @@ pub fn init_debug_logging(debug: bool) {
             .with_max_level(tracing::Level::DEBUG)
             .with_target(false)
             .without_time()
+            // A write error would otherwise be reported with `eprint!`,
+            // which panics when stderr is a closed pipe.
+            .log_internal_errors(false)
             .init();
     }
 }

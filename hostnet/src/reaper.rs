@@ -72,6 +72,11 @@ pub fn wait_for_exit(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     poll_one(pidfd, libc::POLLIN, -1).map(drop)
 }
 
+/// Whether the process behind `pidfd` has exited, without blocking.
+pub fn has_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(poll_one(pidfd, libc::POLLIN, 0)? & libc::POLLIN != 0)
+}
+
 /// Whether the other end of the stream socket `socket` is closed (the
 /// process that held it exited), without blocking.
 pub fn peer_gone(socket: BorrowedFd<'_>) -> io::Result<bool> {
@@ -117,6 +122,50 @@ impl Detached {
     }
 }
 
+impl Detached {
+    /// Reads one report line the reaper sent with [`Control::report`].
+    pub fn wait_report(&self) -> Result<String, ReaperError> {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < MAX_REPORT {
+            match nix::unistd::read(self.control.as_fd(), &mut byte) {
+                Ok(1) if byte[0] == b'\n' => {
+                    return Ok(String::from_utf8_lossy(&line).into_owned());
+                }
+                Ok(1) => line.push(byte[0]),
+                Err(Errno::EINTR) => continue,
+                _ => break,
+            }
+        }
+        Err(ReaperError::Gone)
+    }
+
+    /// The helper gives up: the reaper cleans up at once, and this waits
+    /// (at most 5 s) until it has, so that a refused request leaves nothing
+    /// behind by the time the helper exits.
+    pub fn abandon(self) {
+        let _ =
+            nix::sys::socket::shutdown(self.control.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = [0u8; 64];
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            match poll_one(self.control.as_fd(), libc::POLLIN, ms) {
+                Ok(revents) if revents != 0 => {}
+                _ => return,
+            }
+            match nix::unistd::read(self.control.as_fd(), &mut buf) {
+                Ok(0) => return,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Longest report line [`Detached::wait_report`] accepts.
+const MAX_REPORT: usize = 4096;
+
 /// What the helper decided, as the reaper sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -156,6 +205,48 @@ impl Control {
 
     pub fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Sends one line (no newline inside; cut to fit) to the helper, which
+    /// reads it with [`Detached::wait_report`].
+    pub fn report(&self, line: &str) -> bool {
+        let mut bytes: Vec<u8> = line
+            .bytes()
+            .filter(|&b| b != b'\n')
+            .take(MAX_REPORT - 1)
+            .collect();
+        bytes.push(b'\n');
+        matches!(
+            nix::sys::socket::send(self.fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL),
+            Ok(n) if n == bytes.len()
+        )
+    }
+
+    /// The rest of a reaper's life once its device exists: waits for the
+    /// helper's verdict and, if it committed, for QEMU (`qemu`, a pidfd) to
+    /// exit; then runs `cleanup` until it succeeds (5 tries, 200 ms apart).
+    /// Dropping the control socket on return tells a helper waiting in
+    /// [`Detached::abandon`] that the clean-up is done.
+    pub fn guard(self, qemu: BorrowedFd<'_>, mut cleanup: impl FnMut() -> bool) {
+        // Committed: the socket to the helper is closed at once, so the
+        // reaper holds only what it needs while QEMU runs.
+        let abandoned = match self.verdict() {
+            Verdict::Committed => {
+                drop(self);
+                // An error here (there is none for a valid pidfd) must not
+                // leave the device behind forever: fall through.
+                let _ = wait_for_exit(qemu);
+                None
+            }
+            Verdict::Abandoned => Some(self),
+        };
+        for _ in 0..5 {
+            if cleanup() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        drop(abandoned);
     }
 }
 

@@ -3,9 +3,16 @@
 //! A [`Tap`] is one open file descriptor on a tun/tap queue plus the name
 //! the kernel gave the device. The helpers create it, configure the link
 //! over netlink and hand the descriptor to QEMU; they never persist it, so
-//! the device disappears as soon as the last holder closes the fd. That is
-//! what makes every failure path leak-free: dropping the `Tap` is the
-//! cleanup.
+//! until the descriptor is sent the device disappears as soon as the fd is
+//! closed. That is what makes every failure path leak-free: dropping the
+//! `Tap` is the cleanup.
+//!
+//! The holder of the fd can persist the device (`TUNSETPERSIST` needs no
+//! capability on an attached fd). So the bridge helper also makes the
+//! caller the device's owner ([`Tap::restrict_to`]: nobody else can attach
+//! to a persisted TAP), marks it ([`TapMarker`]) and leaves a reaper that
+//! deletes it when QEMU exits; a daemon deletes marked TAPs whose QEMU is
+//! gone.
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
@@ -13,6 +20,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use thiserror::Error;
+
+use crate::owner::Owner;
 
 const TUN_CLONE_DEVICE: &str = "/dev/net/tun";
 
@@ -143,6 +152,32 @@ impl Tap {
         })
     }
 
+    /// `TUNSETOWNER`/`TUNSETGROUP` to this process' real uid and gid (the
+    /// caller's): once persisted, only a process of that user in that
+    /// group (or with CAP_NET_ADMIN) may attach to the device, so a TAP
+    /// the caller persists is of no use to anyone else.
+    pub fn restrict_to_caller(&self) -> Result<(), TapError> {
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        for (op, request, id) in [
+            ("TUNSETOWNER", libc::TUNSETOWNER, uid),
+            ("TUNSETGROUP", libc::TUNSETGROUP, gid),
+        ] {
+            // SAFETY: both ioctls take the id as an integer argument.
+            let rc =
+                unsafe { libc::ioctl(self.file.as_raw_fd(), request, libc::c_ulong::from(id)) };
+            if rc < 0 {
+                return Err(TapError::Ioctl {
+                    op,
+                    path: TUN_CLONE_DEVICE.into(),
+                    source: std::io::Error::last_os_error(),
+                    hint: "",
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The interface name the kernel gave the device.
     pub fn name(&self) -> &str {
         &self.name
@@ -161,6 +196,40 @@ impl Tap {
 impl AsFd for Tap {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
+    }
+}
+
+/// First word of the `ifalias` of every TAP the bridge helper creates.
+pub const TAP_MARKER_TAG: &str = "qnet-tap";
+
+/// The `ifalias` of a TAP the bridge helper made:
+/// `qnet-tap uid=1000 pid=4242 start=123456 pidns=4026531836`, naming the
+/// user it was made for and the QEMU process it lives as long as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapMarker {
+    pub owner: Owner,
+}
+
+impl std::fmt::Display for TapMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{TAP_MARKER_TAG} {}", self.owner)
+    }
+}
+
+impl std::str::FromStr for TapMarker {
+    type Err = ();
+
+    /// Parses what `Display` writes; unknown `key=value` words are ignored.
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let mut words = text.split(' ');
+        if words.next() != Some(TAP_MARKER_TAG) {
+            return Err(());
+        }
+        let pairs = words.map(|w| w.split_once('=').ok_or(()));
+        let pairs: Result<Vec<_>, ()> = pairs.collect();
+        Owner::from_words(pairs?)
+            .map(|owner| TapMarker { owner })
+            .ok_or(())
     }
 }
 
@@ -220,5 +289,37 @@ fn open_hint(err: &std::io::Error) -> &'static str {
             " (is the tun module loaded? try `modprobe tun`)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_marker_round_trips_and_junk_is_refused() {
+        let marker = TapMarker {
+            owner: Owner {
+                uid: 1000,
+                pid: 4242,
+                start_time: 123456,
+                pidns: 4026531836,
+            },
+        };
+        let text = marker.to_string();
+        assert_eq!(
+            text,
+            "qnet-tap uid=1000 pid=4242 start=123456 pidns=4026531836"
+        );
+        assert_eq!(text.parse::<TapMarker>(), Ok(marker));
+        for junk in [
+            "",
+            "qnet-tap",
+            "qnet-tap uid=1 pid=2",
+            "qnet-tapx uid=1 pid=2 start=3 pidns=4",
+            "qnet-tap uid pid=2",
+        ] {
+            assert!(junk.parse::<TapMarker>().is_err(), "{junk:?}");
+        }
     }
 }

@@ -1,75 +1,14 @@
 //! Real-kernel tests of `qnet_hostnet::link`.
 //!
-//! Each test creates its own network namespace with `ip netns add` and runs
-//! its body on a fresh thread that has joined that namespace (the network
+//! Each test creates its own network namespace (the test kit's `NetNs`) and
+//! runs its body on a fresh thread that has joined that namespace (the network
 //! namespace is per thread), so neither the host nor the other tests see any
 //! of the devices. The namespace is deleted when the test ends, including
 //! after a failed assertion. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 
-use std::fs::File;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-
 use nix::errno::Errno;
-use nix::sched::{setns, CloneFlags};
 use qnet_hostnet::link::{LinkError, LinkSocket, MacvtapMode, PortChange};
-
-/// A named network namespace, deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("qnet-test-link-{}-{n}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        NetNs { name }
-    }
-
-    /// Runs `ip -n NS ARGS...` and asserts it succeeded.
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-
-    /// Runs `body` on a new thread inside the namespace; its panics are
-    /// re-raised here, after the thread has ended.
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let ns = File::open(&path).expect("open netns file");
-                    setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
-                    body()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let status = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("failed to delete netns {}: {status:?}", self.name);
-        }
-    }
-}
-
-fn run(command: &mut Command) {
-    let output = command.output().expect("spawn ip");
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use qnet_tests::netns::NetNs;
 
 fn index_of(socket: &mut LinkSocket, name: &str) -> u32 {
     socket
@@ -83,8 +22,8 @@ const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 #[test]
 fn missing_device_is_none() {
-    let ns = NetNs::new();
-    ns.run(|| {
+    let ns = NetNs::new("link");
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         assert_eq!(socket.link_by_name("nosuchdev0").unwrap(), None);
         assert_eq!(socket.link_by_index(999_999).unwrap(), None);
@@ -97,8 +36,8 @@ fn missing_device_is_none() {
 
 #[test]
 fn loopback_by_name_and_index_agree() {
-    let ns = NetNs::new();
-    ns.run(|| {
+    let ns = NetNs::new("link");
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         let by_name = socket.link_by_name("lo").unwrap().unwrap();
         assert_eq!(by_name.name, "lo");
@@ -111,8 +50,8 @@ fn loopback_by_name_and_index_agree() {
 
 #[test]
 fn bridge_is_created_and_read_back() {
-    let ns = NetNs::new();
-    ns.run(|| {
+    let ns = NetNs::new("link");
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         socket.create_bridge("qbr0", Some(MAC)).unwrap();
         let bridge = socket.link_by_name("qbr0").unwrap().unwrap();
@@ -137,7 +76,7 @@ fn bridge_is_created_and_read_back() {
 
 #[test]
 fn macvtap_in_every_mode() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     let modes = [
         MacvtapMode::Bridge,
         MacvtapMode::Vepa,
@@ -150,7 +89,7 @@ fn macvtap_in_every_mode() {
         let (a, b) = (format!("va{i}"), format!("vb{i}"));
         ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
     }
-    ns.run(|| {
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         for (i, mode) in modes.into_iter().enumerate() {
             let lower = socket.link_by_name(&format!("va{i}")).unwrap().unwrap();
@@ -183,8 +122,8 @@ fn macvtap_in_every_mode() {
 
 #[test]
 fn macvtap_on_missing_lower_fails_with_errno() {
-    let ns = NetNs::new();
-    ns.run(|| {
+    let ns = NetNs::new("link");
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         let error = socket
             .create_macvtap("mvt0", 999_999, MAC, MacvtapMode::Bridge, None)
@@ -200,9 +139,9 @@ fn macvtap_on_missing_lower_fails_with_errno() {
 
 #[test]
 fn configure_port_in_one_request() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run(|| {
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         socket.create_bridge("qbr0", None).unwrap();
         let bridge = index_of(&mut socket, "qbr0");
@@ -228,9 +167,9 @@ fn configure_port_in_one_request() {
 
 #[test]
 fn configure_port_reports_kernel_errors() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run(|| {
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         let tap = index_of(&mut socket, "t0");
         let change = PortChange {
@@ -252,9 +191,9 @@ fn configure_port_reports_kernel_errors() {
 
 #[test]
 fn single_setters() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run(|| {
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         let tap = index_of(&mut socket, "t0");
 
@@ -274,9 +213,9 @@ fn single_setters() {
 
 #[test]
 fn delete_removes_the_link() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run(|| {
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         socket.create_bridge("qbr0", None).unwrap();
         for name in ["qbr0", "t0"] {
@@ -292,9 +231,9 @@ fn delete_removes_the_link() {
 
 #[test]
 fn devices_stay_in_their_namespace() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("link");
     let name = format!("qnt{}", std::process::id() % 100_000);
-    ns.run(|| {
+    ns.run_in(|| {
         LinkSocket::new()
             .unwrap()
             .create_bridge(&name, None)
@@ -309,8 +248,8 @@ fn devices_stay_in_their_namespace() {
 
 #[test]
 fn links_lists_every_device_of_the_namespace() {
-    let ns = NetNs::new();
-    ns.run(|| {
+    let ns = NetNs::new("link");
+    ns.run_in(|| {
         let mut socket = LinkSocket::new().unwrap();
         socket.create_bridge("qbrlist0", None).unwrap();
         socket.create_bridge("qbrlist1", Some(MAC)).unwrap();

@@ -28,9 +28,11 @@ DESCRIPTION
     (QEMU then runs it through /bin/sh -c; `-netdev bridge,br=eth0,helper=...`
     works the same way, and --br=eth0 may also go into the helper string.)
 
-    It checks that the calling user may use LOWER (see ACL FILES), creates a
-    brand-new macvtap device named qmvtapN on LOWER with the guest's MAC
-    and LOWER's MTU, marks it (ifalias `qnet-macvtap pid=<QEMU's pid> ...`),
+    It checks that the calling user may use LOWER (see ACL FILES; LOWER is
+    matched under its name and every alternative name), that the process at
+    the other end of N started the helper (QEMU does), creates a brand-new
+    macvtap device named qmvtapN on LOWER with the guest's MAC and LOWER's
+    MTU, marks it (ifalias `qnet-macvtap uid=... pid=<QEMU's pid> ...`),
     brings it up, opens its character device /dev/tapN (IFF_VNET_HDR with
     --use-vnet) and sends the descriptor to QEMU over the unix socket N
     with SCM_RIGHTS.
@@ -40,8 +42,13 @@ DESCRIPTION
     holding CAP_NET_ADMIN and no descriptor but a pidfd of QEMU and a
     netlink socket, it waits for QEMU to exit, then deletes the macvtap (if
     it is still the one created: same ifindex, name and marker) and, in
-    passthru mode, puts LOWER's original MAC back. If the helper fails
-    after the reaper started, the reaper cleans up at once.
+    passthru mode, puts LOWER's original MAC back. The reaper is started
+    first and creates the macvtap itself, so however the helper fails or is
+    killed, the reaper cleans up at once.
+
+    One user may hold at most 64 qnet macvtaps; CONFIG_DIR/macvtap-user-limit
+    (one number, root-owned and world-readable) changes that. Root is not
+    limited.
 
 MODES
     bridge    guests on the same LOWER reach each other directly (default)

@@ -1,140 +1,153 @@
 //! The only module that changes links: create the macvtap, open its
-//! queue, leave a reaper behind, and undo everything if anything fails.
+//! queue, and leave a reaper behind that undoes everything.
+//!
+//! The reaper is started *before* the device exists and creates it itself:
+//! the device never exists without a live process that knows it, so
+//! killing the helper at any moment leaves nothing behind (the reaper sees
+//! its control socket close and deletes the device). Creating it checks
+//! the caller's limit of devices and picks a free `qmvtapN` name from one
+//! listing of the links.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::time::Duration;
 
 use nix::errno::Errno;
+use qnet_hostnet::acl::{AclReader, FsReader, ReadError};
 use qnet_hostnet::devnode::{self, NodeSource};
 use qnet_hostnet::link::{Link, LinkError, LinkSocket, MacvtapMode};
 use qnet_hostnet::macvtap::{self, format_mac, Marker, OwnedMacvtap, NAME_PREFIX};
-use qnet_hostnet::reaper::{self, Control, Detached, Verdict};
+use qnet_hostnet::owner::Owner;
+use qnet_hostnet::privilege;
+use qnet_hostnet::reaper::{self, Detached};
 use qnet_hostnet::tap::{tap_info, Tap};
 
 use crate::error::HelperError;
 
 /// How many `qmvtapN` names are tried before giving up.
 const MAX_NAMES: u32 = 4096;
+/// Macvtaps one user may hold at a time unless `macvtap-user-limit` in the
+/// config directory says otherwise.
+pub const DEFAULT_USER_LIMIT: usize = 64;
 
 /// What the caller asked for, already validated and allowed by the ACL.
-#[derive(Debug)]
-pub struct Request<'a> {
-    pub lower: &'a str,
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub lower: Link,
     pub mode: MacvtapMode,
     /// The guest MAC; `None` only in passthru mode.
     pub mac: Option<[u8; 6]>,
-    pub qemu_pid: u32,
-    /// The ACL file, for error messages.
-    pub conf: &'a Path,
+    pub owner: Owner,
+    /// How many marked macvtaps the caller may hold (root is not limited).
+    pub limit: usize,
 }
 
-/// A macvtap this helper created. Until [`Macvtap::disarm`] is called,
-/// dropping it deletes the device and puts a passthru lower device's MAC
-/// back: whatever fails after creation leaves nothing behind.
-pub struct Macvtap {
-    netlink: LinkSocket,
-    device: OwnedMacvtap,
-    /// The marker is on the device (so [`macvtap::remove`] recognises it).
-    marked: bool,
-    armed: bool,
+/// The per-user limit: `CONFIG_DIR/macvtap-user-limit` holds one number
+/// (read as the caller, like the ACL); without the file the default.
+pub fn user_limit(config_dir: &Path) -> Result<usize, HelperError> {
+    let path = config_dir.join("macvtap-user-limit");
+    let bad = |why: String| HelperError::BadLimit {
+        path: path.clone(),
+        why,
+    };
+    match FsReader::default().read(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| bad("it must hold one number, e.g. `64`".into())),
+        Err(ReadError::NotFound) => Ok(DEFAULT_USER_LIMIT),
+        Err(err) => Err(bad(err.to_string())),
+    }
 }
 
-impl Macvtap {
-    /// Creates `qmvtapN` on the lower device with the guest MAC and the
-    /// lower device's MTU, marks it, puts the guest MAC on the lower device
-    /// in passthru mode, and brings it up.
-    pub fn create(request: &Request<'_>) -> Result<Macvtap, HelperError> {
+/// A macvtap being made and guarded by its reaper.
+pub struct Guarded {
+    pub device: OwnedMacvtap,
+    /// `None` once committed; dropping a `Guarded` that is still armed
+    /// abandons the device, and waits until the reaper has removed it.
+    reaper: Option<Detached>,
+}
+
+impl Guarded {
+    /// Starts the reaper, which creates the device (see the module docs)
+    /// and from then on watches QEMU (`qemu` is its pidfd).
+    pub fn create(request: Request, qemu: OwnedFd) -> Result<Guarded, HelperError> {
+        let keep = [qemu.as_raw_fd()];
+        let reaper_request = request.clone();
+        let reaper = reaper::spawn_detached(c"qmvtap-reaper", &keep, move |control| {
+            // The reaper never opens a device node.
+            let _ = privilege::release_spare();
+            // Its own socket: two processes must not share one.
+            let Ok(mut netlink) = LinkSocket::new() else {
+                return; // no `ready`: the helper fails
+            };
+            if !control.ready() {
+                return;
+            }
+            let device = match create(&mut netlink, &reaper_request) {
+                Ok(device) => device,
+                Err(err) => {
+                    control.report(&format!("err {err}"));
+                    return;
+                }
+            };
+            control.report(&format!("ok {}", device.index));
+            control.guard(qemu.as_fd(), || {
+                macvtap::remove(&mut netlink, &device).is_ok()
+            });
+        })
+        .map_err(|source| HelperError::Reaper {
+            name: "(not created yet)".into(),
+            source,
+        })?;
+        let report = reaper.wait_report().map_err(|source| HelperError::Reaper {
+            name: "(not created yet)".into(),
+            source,
+        })?;
+        let index = match report.split_once(' ') {
+            Some(("ok", index)) => index.parse().ok(),
+            Some(("err", message)) => return Err(HelperError::InReaper(message.to_string())),
+            _ => None,
+        };
         let mut netlink = LinkSocket::new().map_err(HelperError::Netlink)?;
-        let lower = netlink
-            .link_by_name(request.lower)
-            .map_err(HelperError::Netlink)?
-            .ok_or_else(|| HelperError::NoSuchLower {
-                lower: request.lower.to_string(),
-                conf: request.conf.to_path_buf(),
-            })?;
-        let lower_mac = check_lower(&lower)?;
-        let passthru = request.mode == MacvtapMode::Passthru;
-        let marker = Marker {
-            qemu_pid: request.qemu_pid,
-            lower: lower.name.clone(),
-            lower_index: lower.index,
-            mode: request.mode,
-            mac: request.mac,
-            restore_mac: request
-                .mac
-                .filter(|&mac| passthru && mac != lower_mac)
-                .map(|_| lower_mac),
+        let link = match index {
+            Some(index) => netlink.link_by_index(index).map_err(HelperError::Netlink)?,
+            None => None,
         };
-
-        // In passthru mode the kernel ignores this MAC and copies the lower
-        // device's (which then follows the lower device's changes).
-        let name = create_unique(
-            &mut netlink,
-            &lower,
-            request,
-            request.mac.unwrap_or(lower_mac),
-        )?;
-        let link = netlink
-            .link_by_name(&name)
-            .map_err(HelperError::Netlink)?
-            .filter(|link| link.kind.as_deref() == Some("macvtap"))
-            .ok_or_else(|| HelperError::Vanished { name: name.clone() })?;
-        let mut created = Macvtap {
-            netlink,
+        let mut guarded = Guarded {
             device: OwnedMacvtap {
-                index: link.index,
-                name,
-                marker,
+                index: index.unwrap_or(0),
+                name: String::new(),
+                marker: marker(&request, [0; 6]),
             },
-            marked: false,
-            armed: true,
+            reaper: Some(reaper),
         };
-        created.configure()?;
+        let Some(link) = link.filter(|l| l.kind.as_deref() == Some("macvtap")) else {
+            return Err(HelperError::Vanished {
+                name: format!("ifindex {}", guarded.device.index),
+            });
+        };
+        let marker = link.alias.as_deref().and_then(|a| a.parse::<Marker>().ok());
+        guarded.device.name = link.name;
+        if let Some(marker) = marker {
+            guarded.device.marker = marker;
+        }
         tracing::debug!(
-            name = created.device.name,
-            index = created.device.index,
-            alias = %created.device.marker,
+            name = guarded.device.name,
+            index = guarded.device.index,
+            alias = %guarded.device.marker,
             "macvtap ready"
         );
-        Ok(created)
-    }
-
-    fn configure(&mut self) -> Result<(), HelperError> {
-        let index = self.device.index;
-        let name = self.device.name.clone();
-        let configure_err = |source| HelperError::Configure {
-            name: name.clone(),
-            source,
-        };
-        // The marker goes on first: from then on a daemon can recognise the
-        // device (and the lower device's original MAC) even if this process
-        // is killed.
-        let alias = self.device.marker.to_string();
-        self.netlink
-            .set_alias(index, &alias)
-            .map_err(configure_err)?;
-        self.marked = true;
-        let marker = &self.device.marker;
-        if let (Some(mac), Some(_)) = (marker.mac, marker.restore_mac) {
-            self.netlink
-                .set_mac(marker.lower_index, mac)
-                .map_err(|source| HelperError::PassthruMac {
-                    mac: format_mac(mac),
-                    lower: marker.lower.clone(),
-                    source,
-                })?;
-        }
-        self.netlink.set_up(index).map_err(configure_err)
+        Ok(guarded)
     }
 
     pub fn name(&self) -> &str {
         &self.device.name
     }
 
-    /// Opens the macvtap's character device (safely: see
-    /// [`devnode`]) as a queue with `IFF_VNET_HDR` if asked for, and checks
-    /// that the queue is this device's.
+    /// Opens the macvtap's character device (safely: see [`devnode`]) as
+    /// a queue with `IFF_VNET_HDR` if asked for, and checks that the queue
+    /// is this device's.
     pub fn open_queue(&self, vnet_hdr: bool) -> Result<Tap, HelperError> {
         let name = self.device.name.as_str();
         let index = self.device.index;
@@ -172,31 +185,147 @@ impl Macvtap {
         Ok(tap)
     }
 
-    /// Starts the reaper, which from now on watches QEMU (`qemu` is its
-    /// pidfd). Until [`Detached::commit`], the reaper removes the device
-    /// as soon as this process exits; after it, once QEMU has exited.
-    pub fn start_reaper(&self, qemu: OwnedFd) -> Result<Detached, HelperError> {
-        let device = self.device.clone();
-        let keep = [qemu.as_raw_fd()];
-        reaper::spawn_detached(c"qmvtap-reaper", &keep, move |control| {
-            reap(control, &qemu, &device)
-        })
-        .map_err(|source| HelperError::Reaper {
+    /// QEMU has the descriptor: from now on the reaper removes the device
+    /// once QEMU exits.
+    pub fn commit(mut self) -> Result<(), HelperError> {
+        let reaper = self.reaper.take().expect("committed once");
+        reaper.commit().map_err(|source| HelperError::Reaper {
             name: self.device.name.clone(),
             source,
         })
     }
+}
 
-    /// The device now belongs to QEMU and its reaper: do not remove it.
-    pub fn disarm(mut self) {
-        self.armed = false;
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(reaper) = self.reaper.take() {
+            reaper.abandon();
+        }
+    }
+}
+
+fn marker(request: &Request, lower_mac: [u8; 6]) -> Marker {
+    let passthru = request.mode == MacvtapMode::Passthru;
+    Marker {
+        owner: request.owner,
+        lower: request.lower.name.clone(),
+        lower_index: request.lower.index,
+        mode: request.mode,
+        mac: request.mac,
+        restore_mac: request
+            .mac
+            .filter(|&mac| passthru && mac != lower_mac)
+            .map(|_| lower_mac),
+    }
+}
+
+/// In the reaper: creates `qmvtapN` on the lower device with the guest MAC
+/// and the lower device's MTU, marks it, puts the guest MAC on the lower
+/// device in passthru mode, and brings it up. Undone on any error.
+fn create(netlink: &mut LinkSocket, request: &Request) -> Result<OwnedMacvtap, HelperError> {
+    let lower = &request.lower;
+    let lower_mac = check_lower(lower)?;
+    let links = netlink.links().map_err(HelperError::Netlink)?;
+    check_limit(&links, request, None)?;
+    // In passthru mode the kernel ignores this MAC and copies the lower
+    // device's (which then follows the lower device's changes).
+    let mac = request.mac.unwrap_or(lower_mac);
+    let name = create_unique(netlink, &links, request, mac)?;
+    let link = netlink
+        .link_by_name(&name)
+        .map_err(HelperError::Netlink)?
+        .filter(|link| link.kind.as_deref() == Some("macvtap"))
+        .ok_or_else(|| HelperError::Vanished { name: name.clone() })?;
+    let mut created = Creation {
+        netlink,
+        device: OwnedMacvtap {
+            index: link.index,
+            name,
+            marker: marker(request, lower_mac),
+        },
+        marked: false,
+        armed: true,
+    };
+    created.configure()?;
+    // Two runs of the same user may have passed the check above at once;
+    // counting again now that this device is marked lets at most the
+    // limit through (whoever counts last sees every device).
+    let links = created.netlink.links().map_err(HelperError::Netlink)?;
+    check_limit(&links, request, Some(created.device.index))?;
+    Ok(created.finish())
+}
+
+/// Refuses the request if the caller holds `limit` or more (marked)
+/// macvtaps already, not counting `ours` (the one being made).
+fn check_limit(links: &[Link], request: &Request, ours: Option<u32>) -> Result<(), HelperError> {
+    let uid = request.owner.uid;
+    if uid == 0 {
+        return Ok(());
+    }
+    let held = links
+        .iter()
+        .filter(|link| link.kind.as_deref() == Some("macvtap") && Some(link.index) != ours)
+        .filter_map(|link| link.alias.as_deref()?.parse::<Marker>().ok())
+        .filter(|marker| marker.owner.uid == uid)
+        .count();
+    if held >= request.limit {
+        return Err(HelperError::UserLimit {
+            uid,
+            held,
+            limit: request.limit,
+        });
+    }
+    Ok(())
+}
+
+/// A macvtap just created in the reaper; dropped before [`Creation::finish`]
+/// it deletes the device and restores a passthru MAC.
+struct Creation<'a> {
+    netlink: &'a mut LinkSocket,
+    device: OwnedMacvtap,
+    /// The marker is on the device (so [`macvtap::remove`] recognises it).
+    marked: bool,
+    armed: bool,
+}
+
+impl Creation<'_> {
+    fn configure(&mut self) -> Result<(), HelperError> {
+        let index = self.device.index;
+        let name = self.device.name.clone();
+        let configure_err = |source| HelperError::Configure {
+            name: name.clone(),
+            source,
+        };
+        // The marker goes on first: from then on a daemon can recognise the
+        // device (and the lower device's original MAC) even if the reaper
+        // is killed.
+        let alias = self.device.marker.to_string();
+        self.netlink
+            .set_alias(index, &alias)
+            .map_err(configure_err)?;
+        self.marked = true;
+        let marker = &self.device.marker;
+        if let (Some(mac), Some(_)) = (marker.mac, marker.restore_mac) {
+            self.netlink
+                .set_mac(marker.lower_index, mac)
+                .map_err(|source| HelperError::PassthruMac {
+                    mac: format_mac(mac),
+                    lower: marker.lower.clone(),
+                    source,
+                })?;
+        }
+        self.netlink.set_up(index).map_err(configure_err)
     }
 
-    /// Deletes the device (if it is still ours) and restores a passthru
-    /// MAC; called on every failure path.
+    fn finish(mut self) -> OwnedMacvtap {
+        self.armed = false;
+        self.device.clone()
+    }
+
+    /// Deletes the device (if it is still ours) and restores a passthru MAC.
     fn undo(&mut self) -> Result<(), LinkError> {
         if self.marked {
-            let (removal, restore) = macvtap::remove(&mut self.netlink, &self.device)?;
+            let (removal, restore) = macvtap::remove(self.netlink, &self.device)?;
             tracing::debug!(?removal, ?restore, "undone");
             return Ok(());
         }
@@ -215,42 +344,13 @@ impl Macvtap {
     }
 }
 
-impl Drop for Macvtap {
+impl Drop for Creation<'_> {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(err) = self.undo() {
-                eprintln!(
-                    "{}: also failed to remove macvtap `{}`: {err}",
-                    crate::PROGRAM,
-                    self.device.name
-                );
-            }
+            // The reaper's stderr is /dev/null; the helper reports the
+            // original error.
+            let _ = self.undo();
         }
-    }
-}
-
-/// The reaper's whole life (in the detached grandchild).
-fn reap(control: Control, qemu: &OwnedFd, device: &OwnedMacvtap) {
-    // Its own socket: the helper may still be using its own one while it
-    // undoes a failure, and two processes must not share one.
-    let Ok(mut netlink) = LinkSocket::new() else {
-        return; // no `ready`: the helper fails and removes the device
-    };
-    if !control.ready() {
-        return;
-    }
-    let verdict = control.verdict();
-    drop(control);
-    if verdict == Verdict::Committed {
-        // An error here (there is none for a valid pidfd) must not leave
-        // the device behind forever: fall through and clean up.
-        let _ = reaper::wait_for_exit(qemu.as_fd());
-    }
-    for _ in 0..5 {
-        if macvtap::remove(&mut netlink, device).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -277,16 +377,22 @@ fn check_lower(lower: &Link) -> Result<[u8; 6], HelperError> {
     }
 }
 
-/// Creates a macvtap under the first free `qmvtapN` name. `NLM_F_EXCL`
-/// makes the kernel refuse a name that exists, so an existing device is
-/// never reused or modified.
+/// Creates a macvtap under the lowest `qmvtapN` name that `links` (one
+/// listing) shows free. `NLM_F_EXCL` makes the kernel refuse a name taken
+/// since, and an existing device is never reused or modified: the next
+/// free name is tried.
 fn create_unique(
     netlink: &mut LinkSocket,
-    lower: &Link,
-    request: &Request<'_>,
+    links: &[Link],
+    request: &Request,
     mac: [u8; 6],
 ) -> Result<String, HelperError> {
-    for n in 0..MAX_NAMES {
+    let taken: BTreeSet<u32> = links
+        .iter()
+        .filter_map(|link| link.name.strip_prefix(NAME_PREFIX)?.parse().ok())
+        .collect();
+    let lower = &request.lower;
+    for n in (0..MAX_NAMES).filter(|n| !taken.contains(n)) {
         let name = format!("{NAME_PREFIX}{n}");
         match netlink.create_macvtap(&name, lower.index, mac, request.mode, Some(lower.mtu)) {
             Ok(()) => return Ok(name),
@@ -303,7 +409,7 @@ fn create_unique(
 fn explain_create_failure(
     netlink: &mut LinkSocket,
     lower: &Link,
-    request: &Request<'_>,
+    request: &Request,
     mac: [u8; 6],
     source: LinkError,
 ) -> HelperError {
@@ -351,8 +457,8 @@ impl Upper {
         let kind = self.link.kind.as_deref().unwrap_or("device");
         match self.link.alias.as_deref().map(str::parse::<Marker>) {
             Some(Ok(marker)) => format!(
-                "{kind} {} (the guest of QEMU pid {})",
-                self.link.name, marker.qemu_pid
+                "{kind} {} (the guest of QEMU pid {}, uid {})",
+                self.link.name, marker.owner.pid, marker.owner.uid
             ),
             _ => format!("{kind} {}", self.link.name),
         }

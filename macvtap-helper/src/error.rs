@@ -26,8 +26,18 @@ pub enum HelperError {
     MacRequired { mode: MacvtapMode },
     #[error("--fd={fd} is not the unix socket QEMU passes to a helper: {source}")]
     BadSocket { fd: i32, source: FdPassError },
-    #[error("cannot tell which process is QEMU from --fd={fd}: {detail}")]
-    NoQemuPid { fd: i32, detail: String },
+    #[error(transparent)]
+    Owner(#[from] qnet_hostnet::owner::OwnerError),
+    #[error("{}: {why}", path.display())]
+    BadLimit { path: PathBuf, why: String },
+    #[error(
+        "uid {uid} already holds {held} qnet macvtaps and may hold at most {limit} \
+         (macvtap-user-limit in the config directory sets it): stop a guest first"
+    )]
+    UserLimit { uid: u32, held: usize, limit: usize },
+    /// An error of the reaper, which creates the device, as it reported it.
+    #[error("{0}")]
+    InReaper(String),
     #[error(
         "{} does not exist, so no lower device is allowed: create it with a line such as \
          `allow eth0` (see --help, ACL FILES)", path.display()
@@ -96,8 +106,6 @@ pub enum HelperError {
     WrongQueue { name: String, found: String },
     #[error("QEMU (pid {pid}) exited before its NIC was ready")]
     QemuGone { pid: u32 },
-    #[error("cannot watch QEMU (pid {pid}) with pidfd_open: {source} (needs Linux 5.3 or later)")]
-    PidFd { pid: u32, source: std::io::Error },
     #[error("cannot start the process that removes macvtap `{name}` when QEMU exits: {source}")]
     Reaper { name: String, source: ReaperError },
     #[error("failed to send the fd of macvtap `{name}` to QEMU: {source}")]

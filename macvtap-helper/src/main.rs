@@ -1,27 +1,27 @@
 //! qnet-macvtap-helper: QEMU's helper protocol, answered with a macvtap.
 //!
-//! The main path reads top to bottom: drop privileges, parse argv, check
-//! the request and the ACL, create the macvtap, open its queue, leave a
-//! reaper behind, send the fd. Any error becomes one line on stderr and
-//! exit status 1; the macvtap outlives its fd, so a guard deletes it (and
-//! restores a passthru MAC) on every error path.
+//! The main path reads top to bottom: drop privileges, parse argv, identify
+//! QEMU, look the lower device up and check that device (every name it
+//! has) against the ACL, have a reaper create the macvtap, open its queue,
+//! send the fd. Any error becomes one line on stderr and exit status 1;
+//! the macvtap outlives its fd, so the reaper deletes it (and restores a
+//! passthru MAC) on every error path, before the helper exits.
 
-mod cli;
 mod device;
 mod error;
 
-use std::os::fd::{AsFd, BorrowedFd};
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use qnet_hostnet::acl::{self, AclError, Decision, FsReader, ReadError};
-use qnet_hostnet::link::MacvtapMode;
-use qnet_hostnet::{devnode, fdpass, privilege, protocol, reaper, CONFIG_DIR};
+use qnet_hostnet::link::{LinkSocket, MacvtapMode};
+use qnet_hostnet::{devnode, fdpass, owner, privilege, protocol, reaper, CONFIG_DIR};
 
-use crate::cli::Cli;
-use crate::device::{Macvtap, Request};
+use crate::device::{Guarded, Request};
 use crate::error::HelperError;
+use qnet_macvtap_helper::cli::Cli;
 
 const USAGE: &str = "[--mode=MODE] [--mac=MAC] [--use-vnet] --br=LOWER --fd=N";
 const PROGRAM: &str = "qnet-macvtap-helper";
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{PROGRAM}: {err}");
+            protocol::say(format_args!("{PROGRAM}: {err}"));
             ExitCode::FAILURE
         }
     }
@@ -67,7 +67,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     }
     let socket =
         fdpass::borrow_unix_stream(fd).map_err(|source| HelperError::BadSocket { fd, source })?;
-    let qemu_pid = qemu_pid(socket).map_err(|detail| HelperError::NoQemuPid { fd, detail })?;
+    let qemu = owner::identify_qemu(socket, fd)?;
 
     let conf = PathBuf::from(CONFIG_DIR).join("macvtap.conf");
     let rules = acl::load(&FsReader::default(), &conf).map_err(|err| match err {
@@ -80,22 +80,36 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     for skipped in rules.skipped_includes() {
         tracing::debug!(%skipped, "include skipped");
     }
-    match rules.decide(lower) {
+    // The ACL decides on the device, under every name it has: the kernel
+    // also finds a device by an alternative name.
+    let found = LinkSocket::new()
+        .and_then(|mut netlink| netlink.link_by_name(lower))
+        .map_err(HelperError::Netlink)?;
+    let decision = match &found {
+        Some(link) => rules.decide_device(lower, link.names()),
+        None => rules.decide(lower),
+    };
+    match decision {
         Decision::Allowed { by } => tracing::debug!(rule = %by, "allowed"),
         Decision::Denied(denial) => return Err(HelperError::Denied(Box::new(denial))),
     }
+    let lower_link = found.ok_or_else(|| HelperError::NoSuchLower {
+        lower: lower.to_string(),
+        conf: conf.clone(),
+    })?;
     if !privileges.net_admin {
         return Err(HelperError::NoNetAdmin);
     }
 
     let request = Request {
-        lower,
+        lower: lower_link,
         mode,
         mac,
-        qemu_pid,
-        conf: &conf,
+        owner: qemu.owner,
+        limit: device::user_limit(Path::new(CONFIG_DIR))?,
     };
-    let macvtap = Macvtap::create(&request)?;
+    let qemu_pid = request.owner.pid;
+    let macvtap = Guarded::create(request, qemu.pidfd)?;
     let tap = macvtap.open_queue(cli.protocol.use_vnet)?;
     privilege::release_spare()?;
     if cli.debug {
@@ -104,45 +118,22 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
             "after opening the device"
         );
     }
-
-    // Opened before the fd is sent, so QEMU cannot exit unwatched; the
-    // socket check catches a QEMU that died (and whose pid was reused)
-    // before pidfd_open.
-    let qemu = reaper::pidfd_open(qemu_pid).map_err(|source| HelperError::PidFd {
-        pid: qemu_pid,
-        source,
-    })?;
+    // A QEMU that died meanwhile (and whose pid might be reused) has
+    // closed its end of the socket.
     if reaper::peer_gone(socket).unwrap_or(true) {
         return Err(HelperError::QemuGone { pid: qemu_pid });
     }
-    let reaper = macvtap.start_reaper(qemu)?;
     fdpass::send_fd(socket, tap.as_fd()).map_err(|source| HelperError::Send {
         name: macvtap.name().to_string(),
         source,
     })?;
-    reaper.commit().map_err(|source| HelperError::Reaper {
-        name: macvtap.name().to_string(),
-        source,
-    })?;
+    let name = macvtap.name().to_string();
+    macvtap.commit()?;
     tracing::debug!(
-        name = macvtap.name(),
+        name,
         vnet_hdr = tap.vnet_hdr(),
         qemu_pid,
         "fd sent; the reaper removes the device when QEMU exits"
     );
-    macvtap.disarm();
     Ok(())
-}
-
-/// QEMU's pid. QEMU made the socketpair, so the peer credentials of the
-/// helper's end name QEMU itself; the helper's parent may be a short-lived
-/// `/bin/sh` (QEMU's form for a helper string with options).
-fn qemu_pid(socket: BorrowedFd<'_>) -> Result<u32, String> {
-    let pid = fdpass::peer_credentials(socket)
-        .map_err(|e| e.to_string())?
-        .pid();
-    u32::try_from(pid)
-        .ok()
-        .filter(|&pid| pid > 0)
-        .ok_or_else(|| "QEMU's pid is not visible in this pid namespace".to_string())
 }

@@ -15,6 +15,8 @@
 //! on which bridge (whose lease file hookd then follows). Reading libvirt's
 //! files is safe from a hook; calling libvirt is not (it waits for us).
 
+pub mod cli;
+
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};

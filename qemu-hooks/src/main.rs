@@ -6,50 +6,15 @@
 //! has a short timeout.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use qnet_api::client::{self, ClientError};
-use qnet_api::{Request, DEFAULT_CTL_SOCKET};
-use qnet_libvirt_hook::{
-    find_libvirt_network, parse_domain_bytes, DomainInfo, LIBVIRT_NETWORK_DIR, MAX_XML_BYTES,
-};
-
-/// libvirt qemu hook: gives libvirt guests qnet reservations and port forwards.
-///
-/// Install as /etc/libvirt/hooks/qemu.d/qnet (or /etc/libvirt/hooks/qemu);
-/// libvirt runs it as `qemu GUEST OPERATION SUB-OP EXTRA` with the domain
-/// XML on stdin. prepare/start register the guest with qnet-hookd,
-/// started/reconnect confirm it with QEMU's pid, stopped/release
-/// unregister it, migrate/restore print the XML unchanged; anything else
-/// does nothing.
-#[derive(Debug, Parser)]
-#[command(name = "qnet-libvirt-hook", version)]
-struct Cli {
-    /// qnet-hookd's control socket.
-    #[arg(long, default_value = DEFAULT_CTL_SOCKET)]
-    socket: PathBuf,
-    /// Where libvirt keeps the pid files of running QEMUs (NAME.pid).
-    #[arg(long, default_value = "/run/libvirt/qemu")]
-    pid_dir: PathBuf,
-    /// Where libvirt keeps the live status of its networks (NAME.xml): a
-    /// NIC on one of libvirt's own networks gets its forwards there.
-    #[arg(long, default_value = LIBVIRT_NETWORK_DIR)]
-    libvirt_network_dir: PathBuf,
-    /// Timeout of each request to qnet-hookd, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    timeout_ms: u64,
-    /// The domain's name.
-    guest: Option<String>,
-    /// prepare, start, started, stopped, release, migrate, restore,
-    /// reconnect, attach.
-    operation: Option<String>,
-    /// libvirt's sub-operation and extra argument (ignored).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    rest: Vec<String>,
-}
+use qnet_api::Request;
+use qnet_libvirt_hook::cli::Cli;
+use qnet_libvirt_hook::{find_libvirt_network, parse_domain_bytes, DomainInfo, MAX_XML_BYTES};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

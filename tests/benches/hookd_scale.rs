@@ -6,6 +6,10 @@
 //! qnet-tests --bench hookd_scale [MAX_GUESTS]` (the bench runs the release
 //! `qnet-hookd`; MAX_GUESTS defaults to 1000, at most 1023: one bridge
 //! port each).
+//! `cargo bench -p qnet-tests --bench hookd_scale rounds [N]` instead runs
+//! three rounds of N (default 1000) guests connecting and all exiting, and
+//! reports the daemon's RSS at each round's peak, when all have exited and
+//! after 10 s idle (issue 10: allocator retention after rounds).
 //! `cargo bench -p qnet-tests --bench hookd_scale forwards` instead times
 //! adding forward #1, #1,000 and #10,000 through the daemon's control
 //! socket for one running (fake) guest.
@@ -26,11 +30,11 @@
 //! stays connected until it is killed.
 //!
 //! Latency is measured by this (parent) process, which blocks in `poll()`
-//! on an inotify watch of `RUN/bench/` (the daemon renames each new
-//! `dhcp-hosts` into place: `IN_MOVED_TO`), with a 1 ms timeout as a
-//! fallback, takes a `CLOCK_MONOTONIC` timestamp on waking and then
-//! re-reads the file: connect → reservation is that timestamp minus the
-//! worker's. Resolution: the wake-up plus one read of the file (tens of
+//! on an inotify watch of `RUN/bench/dhcp-hosts.d/` (the daemon renames
+//! each new reservation's file into place: `IN_MOVED_TO`), with a 1 ms
+//! timeout as a fallback, takes a `CLOCK_MONOTONIC` timestamp on waking and
+//! then looks for the guest's file: connect → reservation is that
+//! timestamp minus the worker's. Resolution: the wake-up plus one read of the file (tens of
 //! µs), at worst the 1 ms fallback. Guests are connected one after the
 //! other, each once the previous one's reservation is in the file, so the
 //! k-th sample is the latency with k-1 guests already connected.
@@ -38,7 +42,8 @@
 //! Memory and CPU come from `/proc/<pid>/status` (`VmRSS`, `Threads`),
 //! `/proc/<pid>/stat` (utime + stime, in clock ticks: 10 ms) and
 //! `/proc/<pid>/fd`, for the daemon and its dnsmasq. dnsmasq logs `read
-//! .../dhcp-hosts` at each SIGHUP; those lines are counted. Results are
+//! .../dhcp-hosts.d/MAC` for every reservation file it reads (a new one
+//! through inotify, all of them at a SIGHUP); those lines are counted. Results are
 //! printed as Markdown tables. Every worker is killed and reaped, and the
 //! namespace (with the daemon and dnsmasq) deleted, on exit.
 
@@ -55,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use qnet_hostnet::link::{LinkSocket, PortChange};
 use qnet_hostnet::tap::Tap;
+use qnet_tests::fake_guest::{self, Identity};
 use qnet_tests::hookd::Hookd;
 use qnet_tests::netns::{run, NetNs};
 use serde_json::{json, Value};
@@ -81,8 +87,6 @@ mode = "nat"
 subnet = "10.90.0.0/16"
 "#;
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
-
 fn main() {
     if let Some(index) = std::env::var_os(WORKER_ENV) {
         let index: u32 = index.to_str().and_then(|s| s.parse().ok()).unwrap();
@@ -92,6 +96,15 @@ fn main() {
     }
     if std::env::args().skip(1).any(|a| a == "forwards") {
         forwards_through_the_daemon();
+        return;
+    }
+    if std::env::args().skip(1).any(|a| a == "rounds") {
+        let n = std::env::args()
+            .skip(1)
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(1000);
+        assert!((1..=MAX_PORTS).contains(&n), "N must be 1..={MAX_PORTS}");
+        rounds_of_guests(n);
         return;
     }
     let max: usize = std::env::args()
@@ -114,8 +127,8 @@ fn main() {
     let hookd = Hookd::start(&netns, Some(CONFIG));
     let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
     let net_dir = hookd.run_dir().join(NET);
-    let hosts_file = net_dir.join("dhcp-hosts");
-    let dns_file = net_dir.join("dns-hosts");
+    let hosts_dir = net_dir.join("dhcp-hosts.d");
+    let dns_dir = net_dir.join("dns-hosts.d");
     let watch = Watch::new(&net_dir);
     let dnsmasq = wait_for_dnsmasq(&net_dir);
     let ns_file = File::open(netns.path()).expect("open the namespace");
@@ -145,7 +158,7 @@ fn main() {
                 let mut guest = Guest::spawn(index, &socket, &ns_file);
                 let t0 = guest.go();
                 let seen = wait_for(&watch, Duration::from_millis(1), "reservation", |now| {
-                    has_mac(&hosts_file, &guest.mac).then_some(now)
+                    has_mac(&hosts_dir, &guest.mac).then_some(now)
                 });
                 latencies.push(Duration::from_nanos(seen - t0));
                 guests.0.push(guest);
@@ -166,12 +179,12 @@ fn main() {
     // Every worker has exited (its TAP deleted: the kernel serialises
     // those on the RTNL lock) and been reaped.
     let reaped = before.at.elapsed();
-    wait_for(&watch, Duration::from_millis(50), "empty dns-hosts", |_| {
-        std::fs::read_to_string(&dns_file)
-            .map(|t| t.trim().is_empty())
-            .unwrap_or(false)
-            .then_some(())
-    });
+    wait_for(
+        &watch,
+        Duration::from_millis(50),
+        "empty dns-hosts.d",
+        |_| (files_in(&dns_dir) == 0).then_some(()),
+    );
     let wall = before.at.elapsed();
     // dnsmasq's last re-reads come a little later.
     std::thread::sleep(Duration::from_secs(1));
@@ -190,6 +203,99 @@ fn main() {
     print_results(&rows, &latencies, &teardown, sighup);
     drop(hookd);
     drop(netns);
+}
+
+// ----- memory after rounds of guests -------------------------------------------
+
+const ROUNDS: usize = 3;
+
+/// Three rounds of `n` guests connecting (all at once) and then all
+/// exiting: the daemon's RSS at each round's peak, right after every guest
+/// has gone, and after [`IDLE`] with none; `VmHWM` is the high-water mark.
+fn rounds_of_guests(n: usize) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
+    let netns = NetNs::new("hkround");
+    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
+    let net_dir = hookd.run_dir().join(NET);
+    let dns_dir = net_dir.join("dns-hosts.d");
+    let watch = Watch::new(&net_dir);
+    wait_for_dnsmasq(&net_dir);
+    let ns_file = File::open(netns.path()).expect("open the namespace");
+    let socket = hookd.qmp_socket();
+    std::thread::sleep(Duration::from_secs(2));
+    let start = usage(daemon);
+    let names = |dir: &Path| files_in(dir);
+    println!();
+    println!(
+        "### Daemon memory over {ROUNDS} rounds of {n} guests (started at {:.1} MiB)",
+        mib(start.rss_kib)
+    );
+    println!();
+    println!("| round | RSS with {n} guests (peak) | RSS when all have exited | RSS after {}s idle | VmHWM | fds after | guests still listed |", IDLE.as_secs());
+    println!("|---|---|---|---|---|---|---|");
+    for round in 1..=ROUNDS {
+        let mut guests = Guests::default();
+        for i in 0..n {
+            // Each round's guests have MACs of their own.
+            let index = (round * 2048 + i) as u32;
+            guests.0.push(Guest::spawn(index, &socket, &ns_file));
+        }
+        let mut peak = 0;
+        for guest in &mut guests.0 {
+            guest.go();
+        }
+        wait_for(
+            &watch,
+            Duration::from_millis(50),
+            "every guest named",
+            |_| {
+                peak = peak.max(usage(daemon).rss_kib);
+                (names(&dns_dir) >= n).then_some(())
+            },
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        peak = peak.max(usage(daemon).rss_kib);
+        guests.kill_all();
+        wait_for(
+            &watch,
+            Duration::from_millis(50),
+            "empty dns-hosts.d",
+            |_| (names(&dns_dir) == 0).then_some(()),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let exited = usage(daemon);
+        std::thread::sleep(IDLE);
+        let idle = usage(daemon);
+        let listed = hookd.qnetctl(&["guests"]).expect("qnetctl guests")["guests"]
+            .as_array()
+            .map_or(0, Vec::len);
+        println!(
+            "| {round} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {listed} |",
+            mib(peak),
+            mib(exited.rss_kib),
+            mib(idle.rss_kib),
+            mib(vm_hwm_kib(daemon)),
+            idle.fds,
+        );
+    }
+    drop(hookd);
+    drop(netns);
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 // ----- forwards through the daemon --------------------------------------------
@@ -211,7 +317,7 @@ fn forwards_through_the_daemon() {
     let netns = NetNs::new("hkfwd");
     let hookd = Hookd::start(&netns, Some(CONFIG));
     let net_dir = hookd.run_dir().join(NET);
-    let hosts_file = net_dir.join("dhcp-hosts");
+    let hosts_dir = net_dir.join("dhcp-hosts.d");
     wait_for_dnsmasq(&net_dir);
     let watch = Watch::new(&net_dir);
     let ns_file = File::open(netns.path()).expect("open the namespace");
@@ -222,7 +328,7 @@ fn forwards_through_the_daemon() {
     guests.0[0].go();
     let mac = guests.0[0].mac.clone();
     wait_for(&watch, Duration::from_millis(10), "reservation", |_| {
-        has_mac(&hosts_file, &mac).then_some(())
+        has_mac(&hosts_dir, &mac).then_some(())
     });
     let ctl = hookd.ctl_socket();
     let add = |port: u16| {
@@ -385,67 +491,16 @@ fn worker(index: u32, socket: &Path) {
     drop(tap);
 }
 
-/// Answers like QEMU 7.2 until the daemon hangs up.
+/// Answers like QEMU 7.2 (the test kit's fake guest) until the daemon
+/// hangs up.
 fn play_qemu(stream: UnixStream, index: u32) {
-    let mac = guest_mac(index);
-    let mut writer = stream.try_clone().unwrap();
-    let mut send = |line: &str| -> bool {
-        writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .and_then(|()| writer.flush())
-            .is_ok()
+    let identity = Identity {
+        name: format!("bench-{index}"),
+        bridge: BRIDGE.to_string(),
+        mac: std::sync::Mutex::new(guest_mac(index)),
     };
-    if !send(GREETING) {
-        return;
-    }
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let Ok(message) = serde_json::from_str::<Value>(&line) else {
-            return;
-        };
-        let id = message.get("id").cloned().unwrap_or(Value::Null);
-        let command = message["execute"].as_str().unwrap_or_default();
-        let reply = match answer(command, &message, index, &mac) {
-            Ok(value) => json!({"return": value, "id": id}),
-            Err(desc) => json!({"error": {"class": "CommandNotFound", "desc": desc}, "id": id}),
-        };
-        if !send(&reply.to_string()) {
-            return;
-        }
-    }
-}
-
-fn answer(command: &str, message: &Value, index: u32, mac: &str) -> Result<Value, String> {
-    Ok(match command {
-        "qmp_capabilities" => json!({}),
-        "query-name" => json!({"name": format!("bench-{index}")}),
-        "query-uuid" => json!({"UUID": format!("6c0e2b9a-3f1d-4c55-9e0a-{index:012x}")}),
-        "query-status" => json!({"status": "running", "singlestep": false, "running": true}),
-        "query-rx-filter" => {
-            // QEMU 7.2, virtio-net without VLAN filtering: all 4096 VLANs.
-            let vlans: Vec<u32> = (0..4096).rev().collect();
-            json!([{
-                "promiscuous": false, "name": "net0", "main-mac": mac, "unicast": "normal",
-                "vlan": "all", "vlan-table": vlans, "unicast-table": [], "multicast": "normal",
-                "multicast-overflow": false, "unicast-overflow": false,
-                "multicast-table": ["01:00:5e:00:00:01", "33:33:00:00:00:01", "33:33:ff:12:34:56"],
-                "broadcast-allowed": false
-            }])
-        }
-        "human-monitor-command" if message["arguments"]["command-line"] == "info network" => {
-            json!(format!(
-                "net0: index=0,type=nic,model=virtio-net-pci,macaddr={mac}\r\n \\ n0: \
-                 index=0,type=tap,helper=/usr/lib/qemu/qemu-bridge-helper,br={BRIDGE}\r\n"
-            ))
-        }
-        other => return Err(format!("The command {other} has not been found")),
-    })
+    let writer = fake_guest::writer_of(&stream);
+    fake_guest::play_qemu(stream, &writer, &identity);
 }
 
 // ----- the parent's side of a guest -------------------------------------------
@@ -549,21 +604,29 @@ impl Watch {
         );
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: `path` is a NUL-terminated string that outlives the call.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                path.as_ptr(),
-                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
-            )
-        };
-        assert!(
-            wd >= 0,
-            "inotify_add_watch {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
+        // The network's run dir and its two hosts directories, where
+        // files appear (renamed into place) and go.
+        for dir in [
+            dir.to_path_buf(),
+            dir.join("dhcp-hosts.d"),
+            dir.join("dns-hosts.d"),
+        ] {
+            let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `path` is a NUL-terminated string that outlives the call.
+            let wd = unsafe {
+                libc::inotify_add_watch(
+                    fd.as_raw_fd(),
+                    path.as_ptr(),
+                    libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE | libc::IN_DELETE,
+                )
+            };
+            assert!(
+                wd >= 0,
+                "inotify_add_watch {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
+        }
         Watch { fd }
     }
 
@@ -607,10 +670,22 @@ fn wait_for<T>(
     }
 }
 
-fn has_mac(hosts_file: &Path, mac: &str) -> bool {
-    std::fs::read_to_string(hosts_file)
-        .map(|text| text.lines().any(|l| l.split(',').next() == Some(mac)))
-        .unwrap_or(false)
+/// Whether the daemon has told dnsmasq of `mac`'s reservation (its file in
+/// `dhcp-hosts.d`).
+fn has_mac(hosts_dir: &Path, mac: &str) -> bool {
+    hosts_dir.join(mac.to_lowercase()).exists()
+}
+
+/// The hosts files in a hosts directory (temp files, `.`-prefixed, aside).
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn monotonic_ns() -> u64 {
@@ -719,7 +794,7 @@ fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
     let log = std::fs::read_to_string(net_dir.join("dnsmasq.log")).unwrap_or_default();
     let rereads = log
         .lines()
-        .filter(|l| l.contains(" read ") && l.trim_end().ends_with("/dhcp-hosts"))
+        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
         .count();
     Snapshot {
         daemon: usage(daemon),
@@ -756,7 +831,8 @@ struct Row {
     after: Snapshot,
     /// (daemon, dnsmasq) CPU while connecting, ms.
     connect_cpu_ms: (u64, u64),
-    /// dnsmasq's re-reads of dhcp-hosts while connecting.
+    /// dnsmasq's reads of reservation files while connecting (one per new
+    /// file through inotify; every file at a SIGHUP).
     sighups: usize,
     /// (daemon, dnsmasq) CPU over [`IDLE`] with `guests` connected, ms.
     idle_cpu_ms: (u64, u64),
@@ -868,7 +944,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### Daemon and dnsmasq with N guests connected");
     println!();
     println!(
-        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq re-reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS | state.json |",
+        "| guests | daemon RSS | daemon fds | daemon threads | connecting: wall | daemon CPU (per guest) | dnsmasq CPU (per guest) | dnsmasq hosts-file reads | idle {}s: daemon CPU | idle: dnsmasq CPU | dnsmasq RSS | state.json |",
         IDLE.as_secs()
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -915,7 +991,7 @@ fn print_results(rows: &[Row], latencies: &[Duration], teardown: &Teardown, sigh
     println!("### All {} guests exit at once", t.guests);
     println!();
     println!(
-        "| all workers exited and reaped | until dns-hosts is empty | daemon CPU | dnsmasq CPU | dnsmasq re-reads | daemon RSS after | guests still listed |"
+        "| all workers exited and reaped | until dns-hosts.d is empty | daemon CPU | dnsmasq CPU | dnsmasq hosts-file reads | daemon RSS after | guests still listed |"
     );
     println!("|---|---|---|---|---|---|---|");
     println!(

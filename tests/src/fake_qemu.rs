@@ -69,7 +69,29 @@ pub fn run_helper(mut cmd: Command, bridge: Option<&str>) -> HelperOutcome {
 
 /// Runs `cmd` as is (its args must already name `--fd=<theirs>`), like
 /// QEMU's `/bin/sh -c` form where the fd number is part of a string.
-pub fn run_with_socket(mut cmd: Command, ours: OwnedFd, theirs: OwnedFd) -> HelperOutcome {
+pub fn run_with_socket(cmd: Command, ours: OwnedFd, theirs: OwnedFd) -> HelperOutcome {
+    run_with_stderr(cmd, ours, theirs, Stdio::piped())
+}
+
+/// Like [`run_helper`], with the helper's stderr on a pipe whose reading
+/// end is already closed (writing to it fails with EPIPE); `stderr` of the
+/// outcome is empty.
+pub fn run_helper_with_closed_stderr(mut cmd: Command, bridge: &str) -> HelperOutcome {
+    let (ours, theirs) = helper_socketpair();
+    cmd.arg("--use-vnet")
+        .arg(format!("--fd={}", theirs.as_raw_fd()))
+        .arg(format!("--br={bridge}"));
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    drop(read_end);
+    run_with_stderr(cmd, ours, theirs, Stdio::from(write_end))
+}
+
+fn run_with_stderr(
+    mut cmd: Command,
+    ours: OwnedFd,
+    theirs: OwnedFd,
+    stderr: Stdio,
+) -> HelperOutcome {
     let child_fd = theirs.as_raw_fd();
     // SAFETY: fcntl is async-signal-safe.
     unsafe {
@@ -83,16 +105,18 @@ pub fn run_with_socket(mut cmd: Command, ours: OwnedFd, theirs: OwnedFd) -> Help
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(stderr);
     let mut child = cmd.spawn().expect("spawn helper");
     drop(theirs);
 
     // Read stderr on a thread so a chatty helper cannot block on a full pipe
     // while we wait for its fd.
-    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr_pipe = child.stderr.take();
     let stderr_reader = std::thread::spawn(move || {
         let mut text = String::new();
-        let _ = stderr_pipe.read_to_string(&mut text);
+        if let Some(mut pipe) = stderr_pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
         text
     });
     let fd = fdpass::recv_fd(std::os::fd::AsFd::as_fd(&ours)).ok();

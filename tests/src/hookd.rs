@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::mountns::MountNs;
 use crate::netns::NetNs;
 use crate::workspace_binary;
+use std::os::unix::process::CommandExt;
 
 /// A qnet-hookd process with its own config, run and state directories.
 /// Dropping it kills the daemon (the namespace's own drop kills dnsmasq).
@@ -16,12 +18,64 @@ pub struct Hookd {
     netns_name: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    launch: Launched,
+}
+
+/// How to start the daemon besides its config: for tests of hostile and
+/// unlucky conditions.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Run it in this mount namespace (and its network namespace).
+    pub mount_ns: Option<&'a MountNs>,
+    /// Mount a tmpfs of this size (e.g. `"16k"`) on its state directory,
+    /// in `mount_ns`: a small disk that fills up.
+    pub state_tmpfs: Option<&'a str>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the daemon.
+    pub nofile: Option<u64>,
+    /// Extra environment variables, e.g. `DBUS_SYSTEM_BUS_ADDRESS` of a
+    /// private bus.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// What of [`Launch`] is kept for restarts.
+#[derive(Default, Clone)]
+struct Launched {
+    mount_ns_pid: Option<u32>,
+    nofile: Option<u64>,
+    env: Vec<(String, String)>,
 }
 
 impl Hookd {
     /// Starts the daemon in `netns` with `config` as hookd.toml (`None`:
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
+        Hookd::start_with(netns, config, Launch::default())
+    }
+
+    /// [`Hookd::start`] with extra environment variables (kept for
+    /// restarts).
+    pub fn start_with_env(netns: &NetNs, config: Option<&str>, env: &[(&str, &str)]) -> Hookd {
+        Hookd::start_with(
+            netns,
+            config,
+            Launch {
+                env,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// [`Hookd::start`], launched as `launch` says.
+    pub fn start_with(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
+        let mut hookd = Hookd::prepare(netns, config, launch);
+        hookd.spawn();
+        hookd
+    }
+
+    /// Like [`Hookd::start_with`], but does not start the daemon: a test
+    /// starts [`Hookd::command`] its own way and hands the process to
+    /// [`Hookd::adopt`].
+    pub fn prepare(netns: &NetNs, config: Option<&str>, launch: Launch) -> Hookd {
         let dir = tempfile::Builder::new()
             .prefix("qnet-test-hookd-")
             .tempdir()
@@ -29,13 +83,51 @@ impl Hookd {
         if let Some(text) = config {
             std::fs::write(dir.path().join("hookd.toml"), text).unwrap();
         }
-        let mut hookd = Hookd {
+        if let (Some(ns), Some(size)) = (launch.mount_ns, launch.state_tmpfs) {
+            ns.mount_tmpfs(&dir.path().join("state"), size);
+        }
+        Hookd {
             netns_name: netns.name().to_string(),
             dir,
             child: None,
-        };
-        hookd.spawn();
-        hookd
+            launch: Launched {
+                mount_ns_pid: launch.mount_ns.map(MountNs::pid),
+                nofile: launch.nofile,
+                env: launch
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Makes `child` (the daemon's own process) this daemon: dropping
+    /// kills it.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's stdout and stderr, appended to the log.
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("hookd.log"))
+            .unwrap()
     }
 
     pub fn dir(&self) -> &Path {
@@ -54,15 +146,66 @@ impl Hookd {
         self.dir().join("run")
     }
 
+    /// What dnsmasq of `network` is told of reservations: the lines of
+    /// every file in `RUN/NET/dhcp-hosts.d` (`MAC,IP[,NAME]`), sorted.
+    pub fn dhcp_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dhcp-hosts.d")
+    }
+
+    /// What dnsmasq of `network` is told of names: the lines of every file
+    /// in `RUN/NET/dns-hosts.d` (`IP NAME.DOMAIN NAME`), sorted.
+    pub fn dns_hosts(&self, network: &str) -> String {
+        self.hosts_dir(network, "dns-hosts.d")
+    }
+
+    fn hosts_dir(&self, network: &str, dir: &str) -> String {
+        let dir = self.run_dir().join(network).join(dir);
+        let mut lines: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir().join("hookd.log")).unwrap_or_default()
     }
 
     /// The command line of the daemon (for tests of bad configs too).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns_name])
-            .arg(workspace_binary("qnet-hookd"))
+        let mut cmd = match self.launch.mount_ns_pid {
+            Some(pid) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.args(["--target", &pid.to_string(), "--mount", "--net", "--"]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.netns_name]);
+                cmd
+            }
+        };
+        if let Some(limit) = self.launch.nofile {
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.arg(workspace_binary("qnet-hookd"))
             .arg("--config")
             .arg(self.dir().join("hookd.toml"))
             .arg("--run-dir")
@@ -74,25 +217,14 @@ impl Hookd {
             .arg("--qmp-socket")
             .arg(self.qmp_socket())
             .arg("--log")
-            .arg("debug");
+            .arg("debug")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
     /// (Re)starts the daemon and waits until `status` answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir().join("hookd.log"))
-            .unwrap();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start qnet-hookd");
-        self.child = Some(child);
+        self.spawn_nowait();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.qnetctl(&["status"]).is_ok() {
@@ -108,6 +240,25 @@ impl Hookd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's pid while it runs (`ip netns exec` and `nsenter` exec
+    /// it, so it is the child's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the daemon without waiting for it to answer.
+    pub fn spawn_nowait(&mut self) {
+        let log = self.log_file();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start qnet-hookd");
+        self.child = Some(child);
     }
 
     /// kill -9, as a crash would.

@@ -6,12 +6,15 @@
 //! kernel feature panics with what to install. It never skips.
 
 pub mod dnsmasq;
+pub mod fake_guest;
 pub mod fake_qemu;
 pub mod guest;
 pub mod hookd;
 pub mod http;
 pub mod install;
+pub mod mountns;
 pub mod netns;
+pub mod peers;
 pub mod sandbox;
 
 use std::path::PathBuf;
@@ -38,6 +41,46 @@ pub fn require_tool(program: &str, package: &str) -> PathBuf {
         })
     };
     found.unwrap_or_else(|| panic!("`{program}` not found: install the Debian package `{package}`"))
+}
+
+/// Panics unless running as root and every program in `programs` is
+/// installed, naming the Debian package of a missing one.
+pub fn require_programs(programs: &[&str]) {
+    require_root();
+    for program in programs {
+        require_tool(program, package_of(program));
+    }
+}
+
+/// The Debian package that provides `program`, for the "install it" hint.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "ip" | "bridge" => "iproute2",
+        "nft" => "nftables",
+        "dnsmasq" => "dnsmasq-base",
+        "busybox" => "busybox-static",
+        "sysctl" | "pgrep" => "procps",
+        "qemu-system-x86_64" => "qemu-system-x86",
+        "iptables" | "ip6tables" => "iptables",
+        "setcap" | "getcap" => "libcap2-bin",
+        "virsh" => "libvirt-clients",
+        "libvirtd" => "libvirt-daemon",
+        _ => "(see README for the package list)",
+    }
+}
+
+/// Polls `check` every 20 ms until it is true; panics with `what` if it is
+/// still false after `timeout` (a generous failure bound, never a timing
+/// assertion).
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The directory cargo puts this build's binaries in (target/debug or

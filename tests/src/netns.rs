@@ -8,8 +8,12 @@
 //! to the calling thread only).
 
 use std::fs::File;
-use std::process::Command;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
@@ -70,6 +74,29 @@ impl NetNs {
         run("ip", &full)
     }
 
+    /// `ip netns exec <ns> ARGV...`, panicking with its stderr on failure;
+    /// returns stdout.
+    pub fn exec_ok(&self, argv: &[&str]) -> String {
+        let (program, args) = argv.split_first().expect("a program to run");
+        self.exec(program, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ip netns exec <ns> ARGV...`, whatever its outcome.
+    pub fn exec_output(&self, argv: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", self.name.as_str()])
+            .args(argv)
+            .output()
+            .expect("cannot run ip netns exec")
+    }
+
+    /// `ip -j -n <ns> ARGS`, parsed.
+    pub fn ip_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-j"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
+    }
+
     /// Adds a bridge with the given address (CIDR) and brings it up.
     pub fn add_bridge(&self, name: &str, cidr: Option<&str>) {
         self.ip(&["link", "add", name, "type", "bridge"]);
@@ -128,7 +155,8 @@ impl NetNs {
             .collect()
     }
 
-    /// Runs `f` on a thread that has entered this namespace.
+    /// Runs `f` on a thread that has entered this namespace and returns its
+    /// result; a panic in `f` is re-raised here, message intact.
     pub fn run_in<F, R>(&self, f: F) -> R
     where
         F: FnOnce() -> R + Send,
@@ -136,15 +164,48 @@ impl NetNs {
     {
         let path = self.path();
         std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    let ns = File::open(&path).expect("open netns");
-                    setns(ns, CloneFlags::CLONE_NEWNET).expect("setns");
-                    f()
-                })
+            let thread = scope.spawn(move || {
+                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                setns(ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("enter {path}: {e}"));
+                f()
+            });
+            thread
                 .join()
-                .expect("thread in netns panicked")
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Runs the future made by `f` on a current-thread tokio runtime built
+    /// on a thread inside the namespace: the runtime's sockets (rtnetlink,
+    /// nfnetlink) and its child processes all belong to the namespace.
+    pub fn block_on<F, Fut>(&self, f: F) -> Fut::Output
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future,
+        Fut::Output: Send,
+    {
+        self.run_in(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cannot build a tokio runtime")
+                .block_on(f())
+        })
+    }
+
+    /// A TCP listener bound inside the namespace (a socket stays in the
+    /// namespace it was made in, whichever thread uses it later).
+    pub fn listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        self.run_in(move || {
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"))
+        })
+    }
+
+    /// Connects from inside the namespace.
+    pub fn connect(&self, addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        self.run_in(move || TcpStream::connect_timeout(&addr, timeout))
     }
 
     /// Kills every process still running inside the namespace.
@@ -170,6 +231,31 @@ impl Drop for NetNs {
             eprintln!("cleanup: {err}");
         }
     }
+}
+
+/// Accepts one connection on `listener` (in a background thread) and
+/// reports the peer's address, or nothing if none came within `timeout`.
+pub fn accept_one(listener: TcpListener, timeout: Duration) -> mpsc::Receiver<SocketAddr> {
+    let (tx, rx) = mpsc::channel();
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((_stream, peer)) => {
+                    let _ = tx.send(peer);
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    rx
 }
 
 /// Runs a command and returns its stdout, or an error naming the command

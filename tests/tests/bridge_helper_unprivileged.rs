@@ -6,13 +6,14 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use qnet_hostnet::tap::tap_info;
-use qnet_tests::fake_qemu::run_helper;
+use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_until, HeldFd};
 use qnet_tests::install::{Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
-use qnet_tests::require_tool;
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
+use qnet_tests::{require_tool, workspace_binary};
 
 fn path_str(path: &Path) -> String {
     path.to_str().unwrap().to_string()
@@ -246,4 +247,193 @@ fn ld_preload_is_ignored() {
             "{install:?}: LD_PRELOAD ran inside the helper"
         );
     }
+}
+
+/// Issue 11, finding 1: the kernel also finds a device by an alternative
+/// name, so a `deny` must hold under every name of the device.
+#[test]
+fn a_denied_bridge_is_refused_under_an_altname_too() {
+    let setup = Setup::new("unpriv-alt");
+    setup.config.write("bridge.conf", "allow all\ndeny qbr3\n");
+    setup.netns.ip(&[
+        "link", "property", "add", "dev", "qbr3", "altname", "prodalt",
+    ]);
+    setup.netns.ip(&[
+        "link", "property", "add", "dev", "qbr0", "altname", "labalt",
+    ]);
+    for install in INSTALLS {
+        let message = run_helper(
+            setup.helper(&setup.installed.path(install)),
+            Some("prodalt"),
+        )
+        .expect_refusal();
+        assert!(
+            message.contains("bridge `prodalt` is denied by /etc/qemu/bridge.conf:2 (`deny qbr3`)"),
+            "{install:?}: {message}"
+        );
+        let ports = setup.netns.ip(&["-o", "link", "show", "master", "qbr3"]);
+        assert!(ports.trim().is_empty(), "{install:?}: {ports}");
+        // An allowed bridge may still be named by its altname.
+        let fd =
+            run_helper(setup.helper(&setup.installed.path(install)), Some("labalt")).expect_fd();
+        let (name, _) = tap_info(fd.as_fd()).unwrap();
+        let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
+        assert!(line.contains("master qbr0"), "{install:?}: {line}");
+    }
+}
+
+/// Issue 11, finding 2: the holder of the fd may persist the TAP, but
+/// nobody else can attach to it, and it is deleted when QEMU exits.
+#[test]
+fn a_persisted_tap_is_the_callers_only_and_dies_with_qemu() {
+    let setup = Setup::new("unpriv-persist");
+    let other = RunAs {
+        uid: setup.user.uid + 1,
+        gid: setup.user.gid + 1,
+    };
+    for install in INSTALLS {
+        let mut cmd = setup.helper(&workspace_binary("qnet-fake-qemu"));
+        cmd.arg("--persist")
+            .arg(setup.installed.path(install))
+            .arg("--br=qbr0");
+        let qemu = HeldFd::start(cmd).expect("helper");
+        let name = qemu.ifname.clone();
+        let line = setup.netns.ip(&["-d", "-o", "link", "show", "dev", &name]);
+        let uid = setup.user.uid;
+        assert!(line.contains("persist on"), "{install:?}: {line}");
+        assert!(
+            line.contains(&format!("user {uid} ")),
+            "{install:?}: {line}"
+        );
+        assert!(
+            line.contains(&format!("alias qnet-tap uid={uid} pid={} start=", qemu.pid)),
+            "{install:?}: {line}"
+        );
+        let mut attach = sandboxed(
+            workspace_binary("qnet-fake-qemu"),
+            &setup.netns,
+            &setup.config,
+            Some(other),
+        );
+        let out = attach.arg("--attach").arg(&name).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.trim(),
+            "attach=1",
+            "{install:?}: another user got EPERM? {out}"
+        );
+        qemu.kill();
+        assert!(
+            wait_until(Duration::from_secs(10), || !setup
+                .netns
+                .link_names()
+                .contains(&name)),
+            "{install:?}: persisted {name} outlived QEMU"
+        );
+    }
+}
+
+/// Issue 11, finding 7: an include of `/proc/self/maps` must not show the
+/// helper's memory map, and a closed stderr must not make it panic.
+#[test]
+fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
+    let setup = Setup::new("unpriv-maps");
+    setup
+        .config
+        .write("bridge.conf", "allow qbr0\ninclude /proc/self/maps\n");
+    for install in INSTALLS {
+        let message =
+            run_helper(setup.helper(&setup.installed.path(install)), Some("qbr0")).expect_refusal();
+        assert!(
+            message.contains("/proc/self/maps:1: unknown keyword:"),
+            "{install:?}: {message}"
+        );
+        for leak in ["r-xp", "r--p", "rw-p", "[heap]", "[stack]"] {
+            assert!(!message.contains(leak), "{install:?}: {message}");
+        }
+        assert!(
+            !message
+                .split(|c: char| !c.is_ascii_hexdigit() && c != '-')
+                .any(|word| {
+                    word.split_once('-')
+                        .is_some_and(|(a, b)| a.len() >= 8 && b.len() >= 8)
+                }),
+            "{install:?}: an address range leaked: {message}"
+        );
+    }
+    setup.config.write("bridge.conf", "allow qbr0\ndeny qbr3\n");
+    for install in INSTALLS {
+        for (bridge, code) in [("qbr0", 0), ("qbr3", 1)] {
+            let mut cmd = setup.helper(&setup.installed.path(install));
+            cmd.arg("--debug");
+            let outcome = run_helper_with_closed_stderr(cmd, bridge);
+            assert_eq!(
+                outcome.status.code(),
+                Some(code),
+                "{install:?} --br={bridge}: {}",
+                outcome.status
+            );
+            assert_eq!(outcome.fd.is_some(), code == 0, "{install:?} --br={bridge}");
+        }
+    }
+}
+
+/// Issue 11, finding 6 (documented in SECURITY.md): the holder of a TAP fd
+/// can change the TAP's MAC (`SIOCSIFHWADDR` needs no capability on the
+/// fd), and a bridge without a fixed MAC takes the lowest port MAC; a
+/// bridge given a MAC (as hookd's are) keeps it.
+#[test]
+fn a_tap_holder_moves_only_a_bridge_without_a_fixed_mac() {
+    let setup = Setup::new("unpriv-brmac");
+    setup
+        .netns
+        .ip(&["link", "set", "qbr1", "address", "02:00:00:00:00:10"]);
+    setup
+        .config
+        .write("bridge.conf", "allow qbr0\nallow qbr1\n");
+    let mac_of = |dev: &str| {
+        setup
+            .netns
+            .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let low = [0x02, 0, 0, 0, 0, 0x01];
+    let mut held = Vec::new();
+    for bridge in ["qbr0", "qbr1"] {
+        let fd = run_helper(
+            setup.helper(&setup.installed.path(Install::FileCaps)),
+            Some(bridge),
+        )
+        .expect_fd();
+        set_mac_through_fd(&fd, low);
+        held.push(fd);
+    }
+    assert_eq!(
+        mac_of("qbr0"),
+        "02:00:00:00:00:01",
+        "the free bridge follows its port"
+    );
+    assert_eq!(
+        mac_of("qbr1"),
+        "02:00:00:00:00:10",
+        "a fixed bridge MAC must stay"
+    );
+}
+
+fn set_mac_through_fd(fd: &std::os::fd::OwnedFd, mac: [u8; 6]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain data; SIOCSIFHWADDR reads ifr_hwaddr.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the sockaddr member of the union.
+    unsafe {
+        ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+    }
+    // SAFETY: the tun fd ioctl reads the ifreq.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr) };
+    assert_eq!(rc, 0, "SIOCSIFHWADDR: {}", std::io::Error::last_os_error());
 }

@@ -4,7 +4,7 @@
 //! the daemon in a namespace of its own.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -287,25 +287,21 @@ fn reservations_survive_restarts_and_reach_dnsmasq() {
         "{err}"
     );
 
-    let hosts = hookd.run_dir().join("lab/dhcp-hosts");
-    let dns = hookd.run_dir().join("lab/dns-hosts");
-    assert!(std::fs::read_to_string(&hosts)
-        .unwrap()
+    assert!(hookd
+        .dhcp_hosts("lab")
         .contains(&format!("{mac},10.77.0.50")));
-    assert!(std::fs::read_to_string(&dns)
-        .unwrap()
-        .contains("10.77.0.50 db.lab.qnet"));
+    assert!(hookd.dns_hosts("lab").contains("10.77.0.50 db.lab.qnet"));
 
     let before = hookd.qnetctl(&["reserve", "list"]).unwrap();
     hookd.kill9();
     hookd.spawn();
     assert_eq!(hookd.qnetctl(&["reserve", "list"]).unwrap(), before);
-    assert!(std::fs::read_to_string(&hosts)
-        .unwrap()
+    assert!(hookd
+        .dhcp_hosts("lab")
         .contains(&format!("{mac},10.77.0.50")));
 
     hookd.qnetctl(&["reserve", "rm", "lab", mac]).unwrap();
-    assert!(!std::fs::read_to_string(&hosts).unwrap().contains(mac));
+    assert!(!hookd.dhcp_hosts("lab").contains(mac));
     assert_eq!(hookd.reservation("lab", mac), None);
 }
 
@@ -348,43 +344,67 @@ fn other_users_may_look_but_only_act_on_their_own_guests() {
 }
 
 #[test]
-fn orphaned_qnet_macvtaps_are_removed_at_start() {
+fn orphaned_qnet_devices_are_removed_at_start() {
     let ns = NetNs::new("hkorph");
     ns.ip(&[
         "link", "add", "qlow0", "type", "veth", "peer", "name", "qlow1",
     ]);
-    // A pid that no longer exists, and one that does (this test).
+    let lower_index = ns.exec("cat", &["/sys/class/net/qlow0/ifindex"]).unwrap();
+    let pidns = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
+    let me = std::process::id();
+    let started = qnet_hostnet::owner::start_time(me).unwrap();
+    // A pid that no longer exists; this test's pid with the wrong start
+    // time (what a recycled pid looks like); this test, alive; this test,
+    // seen from another pid namespace (cannot be judged: kept).
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
-    let alive = std::process::id();
-    for (name, pid) in [("qmvtap90", dead), ("qmvtap91", alive)] {
+    let owners = [
+        ("90", dead, started, pidns),
+        ("91", me, started + 1, pidns),
+        ("92", me, started, pidns),
+        ("93", dead, started, pidns + 1),
+    ];
+    for (n, pid, start, ns_ino) in owners {
+        let owner = format!("uid=0 pid={pid} start={start} pidns={ns_ino}");
+        let mvtap = format!("qmvtap{n}");
         ns.ip(&[
-            "link", "add", "link", "qlow0", "name", name, "type", "macvtap", "mode", "bridge",
+            "link", "add", "link", "qlow0", "name", &mvtap, "type", "macvtap", "mode", "bridge",
         ]);
-        let lower_index = ns.exec("cat", &["/sys/class/net/qlow0/ifindex"]).unwrap();
         let alias = format!(
-            "qnet-macvtap pid={pid} lower=qlow0 lower-ifindex={} mode=bridge",
+            "qnet-macvtap {owner} lower=qlow0 lower-ifindex={} mode=bridge",
             lower_index.trim()
         );
-        ns.ip(&["link", "set", name, "alias", &alias]);
+        ns.ip(&["link", "set", &mvtap, "alias", &alias]);
+        // A TAP its holder persisted (TUNSETPERSIST), marked by the
+        // bridge helper.
+        let tap = format!("qtap{n}");
+        ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+        ns.ip(&["link", "set", &tap, "alias", &format!("qnet-tap {owner}")]);
     }
-    // A macvtap without our marker is never touched.
+    // A qmvtap left unmarked by a reaper killed before it could mark it.
+    ns.ip(&[
+        "link", "add", "link", "qlow0", "name", "qmvtap94", "type", "macvtap",
+    ]);
+    // Devices without our marker are never touched.
     ns.ip(&[
         "link", "add", "link", "qlow0", "name", "othertap", "type", "macvtap",
     ]);
+    ns.ip(&["tuntap", "add", "dev", "othertun", "mode", "tap"]);
     let _hookd = Hookd::start(&ns, Some(LAB));
+    let gone = ["qmvtap90", "qmvtap91", "qtap90", "qtap91", "qmvtap94"];
+    let removed = qnet_tests::fake_qemu::wait_until(Duration::from_secs(30), || {
+        let links = ns.link_names();
+        gone.iter().all(|name| !links.contains(&name.to_string()))
+    });
     let links = ns.link_names();
-    assert!(
-        !links.contains(&"qmvtap90".to_string()),
-        "orphan not removed: {links:?}"
-    );
-    assert!(
-        links.contains(&"qmvtap91".to_string()),
-        "live guest's device removed"
-    );
-    assert!(
-        links.contains(&"othertap".to_string()),
-        "foreign device removed"
-    );
+    assert!(removed, "orphans not removed: {links:?}");
+    for kept in [
+        "qmvtap92", "qmvtap93", "qtap92", "qtap93", "othertap", "othertun",
+    ] {
+        assert!(
+            links.contains(&kept.to_string()),
+            "{kept} removed: {links:?}"
+        );
+    }
 }

@@ -309,18 +309,7 @@ fn conflicting_forwards_are_refused_and_users_are_limited() {
     assert!(err.contains("cfg-guest") && err.contains("config"), "{err}");
 
     // A host socket holds 8181.
-    let hk_path = world.hk.path();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let ns = std::fs::File::open(hk_path).unwrap();
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let listener = std::net::TcpListener::bind("0.0.0.0:8181").unwrap();
-        tx.send(()).unwrap();
-        let _ = stop_rx.recv();
-        drop(listener);
-    });
-    rx.recv().unwrap();
+    let holder = world.hk.listen("0.0.0.0:8181");
     let err = world
         .hookd
         .qnetctl(&["forward", "add", "web", "tcp", "8181:80"])
@@ -329,8 +318,7 @@ fn conflicting_forwards_are_refused_and_users_are_limited() {
         err.contains("tcp/8181 is taken by a host socket of pid"),
         "{err}"
     );
-    stop_tx.send(()).unwrap();
-    holder.join().unwrap();
+    drop(holder);
 
     // An ordinary user (as a member of group qnet would be) may not
     // forward to root's guest, nor below port 1024.

@@ -9,7 +9,7 @@
 //! host's own namespace.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,16 +129,11 @@ struct OutsideServer {
 
 impl OutsideServer {
     fn start(ns: &NetNs, addr: SocketAddr) -> OutsideServer {
-        let path = ns.path();
+        let listener = ns.listen(&addr.to_string());
+        listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let listener = TcpListener::bind(addr).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut stream, peer)) => {
@@ -159,7 +154,6 @@ impl OutsideServer {
                 }
             }
         });
-        ready_rx.recv().expect("outside server started");
         OutsideServer {
             stop,
             thread: Some(thread),
@@ -247,7 +241,7 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     world.hookd.wait_until("guest-a to be gone", TEARDOWN, |h| {
         h.guests().iter().all(|g| g["name"] != "guest-a")
     });
-    let dns_hosts = std::fs::read_to_string(world.hookd.run_dir().join("lab/dns-hosts")).unwrap();
+    let dns_hosts = world.hookd.dns_hosts("lab");
     assert!(!dns_hosts.contains("guest-a"), "{dns_hosts}");
     assert_eq!(world.hookd.reservation("lab", &mac), Some(reserved.clone()));
 

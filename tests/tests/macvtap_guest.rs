@@ -189,7 +189,8 @@ fn guest_on_a_macvtap_gets_its_lease_and_serves_the_lan() {
         "{lines}"
     );
     assert!(
-        lines.contains(&format!("qnet-macvtap pid={} lower=qv0", guest.pid())),
+        lines.contains(&format!("qnet-macvtap uid=0 pid={} start=", guest.pid()))
+            && lines.contains(" lower=qv0 "),
         "the marker must name QEMU: {lines}"
     );
     assert_eq!(

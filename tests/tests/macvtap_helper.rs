@@ -188,10 +188,8 @@ fn each_mode_creates_the_right_macvtap() {
             "MTU not copied: {line}"
         );
         assert!(is_up(&line), "not up: {line}");
-        let marker = format!(
-            "alias qnet-macvtap pid={} lower={LOWER} ",
-            std::process::id()
-        );
+        let marker = format!("alias qnet-macvtap uid=0 pid={} start=", std::process::id());
+        assert!(line.contains(&format!(" lower={LOWER} ")), "{line}");
         assert!(line.contains(&marker), "{line}");
         assert!(line.contains(&format!("mode={mode} mac={mac}")), "{line}");
         // Unlike a TAP, a macvtap outlives its fd: the reaper removes it
@@ -246,7 +244,7 @@ fn qemu_sh_c_form_with_extra_arguments_works_and_names_qemu_not_the_shell() {
     let line = setup.link(&name);
     assert!(line.contains("macvtap mode private "), "{line}");
     assert!(
-        line.contains(&format!("qnet-macvtap pid={} ", std::process::id())),
+        line.contains(&format!("qnet-macvtap uid=0 pid={} ", std::process::id())),
         "{line}"
     );
 }
@@ -269,10 +267,7 @@ fn passthru_puts_the_guest_mac_on_the_lower_device_and_the_reaper_restores_it() 
     );
     assert_eq!(mac_in(&line), mac, "the macvtap follows its lower device");
     assert!(
-        line.contains(&format!(
-            "alias qnet-macvtap pid={} lower={LOWER} ",
-            qemu.pid
-        )),
+        line.contains(&format!("alias qnet-macvtap uid=0 pid={} start=", qemu.pid)),
         "{line}"
     );
     assert!(line.contains(&format!("restore-mac={original}")), "{line}");
@@ -325,7 +320,7 @@ fn a_second_guest_cannot_take_a_lower_device_held_in_passthru() {
         let message = setup.refused(&args, LOWER);
         assert!(
             message.contains(&format!(
-                "lower device `qv0` is held in passthru mode by macvtap {} (the guest of QEMU pid {})",
+                "lower device `qv0` is held in passthru mode by macvtap {} (the guest of QEMU pid {}, uid 0)",
                 first.ifname, first.pid
             )),
             "{args:?}: {message}"
@@ -407,7 +402,7 @@ fn reaper_through_sh_c_watches_qemu_not_the_shell() {
     std::thread::sleep(Duration::from_millis(300));
     let line = setup.link(&name);
     assert!(
-        line.contains(&format!("qnet-macvtap pid={} ", qemu.pid)),
+        line.contains(&format!("qnet-macvtap uid=0 pid={} ", qemu.pid)),
         "{line}"
     );
     qemu.kill();

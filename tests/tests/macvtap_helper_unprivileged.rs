@@ -256,3 +256,177 @@ fn the_reaper_works_for_an_ordinary_user() {
         );
     }
 }
+
+/// Issue 11, finding 1: a `deny` holds under every name of the device.
+#[test]
+fn a_denied_lower_device_is_refused_under_an_altname_too() {
+    let setup = Setup::new("mvt-unpriv-alt");
+    setup.config.write("macvtap.conf", "allow all\ndeny qv2\n");
+    setup.netns.ip(&[
+        "link", "property", "add", "dev", "qv2", "altname", "prodalt",
+    ]);
+    for install in INSTALLS {
+        let message = run_helper(
+            setup.helper(&setup.installed.path(install), &random_mac()),
+            Some("prodalt"),
+        )
+        .expect_refusal();
+        assert!(
+            message.contains(
+                "lower device `prodalt` is denied by /etc/qemu/macvtap.conf:2 (`deny qv2`)"
+            ),
+            "{install:?}: {message}"
+        );
+        assert!(setup.macvtaps().is_empty(), "{install:?}");
+    }
+}
+
+/// Issue 11, finding 3: the `--fd` socket must lead to the process that
+/// started the helper; a socket connected to an unrelated daemon (root's
+/// or the caller's own) is refused before any device exists.
+#[test]
+fn a_socket_of_an_unrelated_process_is_refused() {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let setup = Setup::new("mvt-unpriv-peer");
+    let dir = tempfile::Builder::new()
+        .prefix("qnet-test-daemon-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    for (who, run_as) in [("root", None), ("the caller", Some(setup.user))] {
+        let path = dir.path().join(format!("{}.sock", run_as.is_some()));
+        let mut daemon = sandboxed(
+            workspace_binary("qnet-fake-qemu"),
+            &setup.netns,
+            &setup.config,
+            run_as,
+        );
+        let mut daemon = daemon
+            .arg("--listen")
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(daemon.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+        for install in INSTALLS {
+            let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            let fd = stream.as_raw_fd();
+            let mut cmd = setup.helper(&setup.installed.path(install), &random_mac());
+            cmd.arg(format!("--fd={fd}")).arg("--br=qv0");
+            // SAFETY: fcntl is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    nix::fcntl::fcntl(
+                        std::os::fd::BorrowedFd::borrow_raw(fd),
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                    Ok(())
+                });
+            }
+            let out = cmd.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{who} {install:?}: {stderr}");
+            assert!(
+                stderr.contains("which did not start this helper"),
+                "{who} {install:?}: {stderr}"
+            );
+            assert!(setup.macvtaps().is_empty(), "{who} {install:?}");
+        }
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
+}
+
+/// Issue 11, finding 3: one user can hold only so many macvtaps
+/// (`macvtap-user-limit`), and is told so in one line.
+#[test]
+fn a_user_gets_at_most_the_limit_of_macvtaps() {
+    let setup = Setup::new("mvt-unpriv-limit");
+    setup.config.write("macvtap-user-limit", "2\n");
+    let guest = |install: Install| {
+        let mut cmd = setup.command(&workspace_binary("qnet-fake-qemu"));
+        cmd.arg(setup.installed.path(install))
+            .arg(format!("--mac={}", random_mac()))
+            .arg("--br=qv0");
+        HeldFd::start(cmd)
+    };
+    let first = guest(Install::FileCaps).expect("first");
+    let _second = guest(Install::Setuid).expect("second");
+    for install in INSTALLS {
+        let refused = guest(install).err().expect("a third must be refused");
+        assert!(
+            refused.contains(&format!(
+                "uid {} already holds 2 qnet macvtaps and may hold at most 2",
+                setup.user.uid
+            )),
+            "{install:?}: {refused}"
+        );
+        assert_eq!(setup.macvtaps().len(), 2, "{install:?}");
+    }
+    // Once a guest is gone (and its reaper removed its device), there is
+    // room again.
+    let name = first.ifname.clone();
+    first.kill();
+    assert!(wait_until(Duration::from_secs(10), || !setup
+        .macvtaps()
+        .contains(&name)));
+    guest(Install::FileCaps).expect("room again");
+}
+
+/// Issue 11, finding 4: the device never exists without its guard, so
+/// killing the helper at any moment leaves nothing behind.
+#[test]
+fn killing_the_helper_at_any_moment_leaves_no_device() {
+    let setup = Setup::new("mvt-unpriv-kill");
+    let mut caught = 0;
+    for delay_ms in 0..40u64 {
+        let install = INSTALLS[delay_ms as usize % 2];
+        let (ours, theirs) = qnet_tests::fake_qemu::helper_socketpair();
+        let mut cmd = setup.helper(&setup.installed.path(install), &random_mac());
+        cmd.arg(format!("--fd={}", std::os::fd::AsRawFd::as_raw_fd(&theirs)))
+            .arg("--br=qv0")
+            .stderr(std::process::Stdio::null());
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        // SAFETY: fcntl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::fcntl::fcntl(
+                    std::os::fd::BorrowedFd::borrow_raw(raw),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(theirs);
+        std::thread::sleep(Duration::from_micros(delay_ms * 500));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        drop(ours);
+        if status.success() {
+            // Finished before the kill: QEMU (this test) holds it; remove
+            // it by hand.
+            for name in setup.macvtaps() {
+                setup.netns.ip(&["link", "del", &name]);
+            }
+            continue;
+        }
+        caught += 1;
+        assert!(
+            wait_until(Duration::from_secs(10), || setup.macvtaps().is_empty()),
+            "killed after {} us ({install:?}): left {:?}",
+            delay_ms * 500,
+            setup.macvtaps()
+        );
+    }
+    assert!(caught > 0, "the helper was never caught running");
+}

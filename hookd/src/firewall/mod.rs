@@ -115,23 +115,17 @@
 //! - [`table`]: our table as a [`Driver`] ([`QnetTable`]);
 //! - this module: [`Firewall`], what the reconciler holds.
 //!
-//! # Other firewalls (where they go)
+//! # Other firewalls ([`peers`])
 //!
 //! Other firewalls on the host decide too: a drop in their base chains is
-//! final whatever our table accepts. Integrations with them (firewalld
-//! zones and policies over D-Bus, Docker's `DOCKER-USER` chain, iptables'
-//! `FORWARD`/`INPUT` with a drop policy, libvirt's `LIBVIRT_FW*` chains)
-//! belong here, one module each (`firewalld.rs`, `docker.rs`,
-//! `iptables.rs`, `libvirt.rs`), each a [`Driver`]: `apply_ruleset` opens
-//! our bridges in that firewall (and re-applies after it reloaded),
-//! `add_elements`/`remove_elements` make the narrowest per-forward accept
-//! where one is needed (libvirt's reject of DNAT'ed connections), and
-//! `teardown` removes every trace, found by the `qnet:NETWORK` marker each
-//! rule or zone entry carries. [`Firewall`] then holds them beside
-//! [`QnetTable`], detected at start, applies them after our table and
-//! tears them down before it; its interface to the reconciler stays the
-//! same. [`Firewall::installed_elements`] stays our maps' (they are what
-//! forwards); an integration's own state is its concern.
+//! final whatever our table accepts. [`peers`] opens our bridges in each
+//! (Docker's `DOCKER-USER`, iptables' `FORWARD`/`INPUT` where they drop,
+//! firewalld zones and policies over D-Bus), each rule marked
+//! `qnet:NETWORK`; [`Firewall::open_in_peers`] is called after our table
+//! is applied and whenever a peer changes; [`Firewall::cleanup_peers`]
+//! removes every trace.
+//! [`Firewall::installed_elements`] stays our maps' (they are what
+//! forwards).
 
 mod batch;
 mod driver;
@@ -139,6 +133,7 @@ mod element;
 mod error;
 mod nfnetlink;
 mod nft;
+pub mod peers;
 mod ruleset;
 mod table;
 
@@ -149,6 +144,7 @@ pub use driver::Driver;
 pub use element::{check_elements, ForwardElement, InvalidElement, Map};
 pub use error::{ErrorKind, FirewallError};
 pub use nft::normalize;
+pub use peers::Peers;
 pub use ruleset::{
     add_forwards_script, remove_forwards_script, render, render_with_forwards, TABLE_FAMILY,
     TABLE_NAME,
@@ -164,11 +160,33 @@ pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 #[derive(Debug, Default, Clone)]
 pub struct Firewall {
     table: QnetTable,
+    peers: Peers,
 }
 
 impl Firewall {
     pub const fn new() -> Firewall {
-        Firewall { table: QnetTable }
+        Firewall {
+            table: QnetTable,
+            peers: Peers::new(),
+        }
+    }
+
+    /// Opens exactly `networks` in the host's other firewalls (Docker,
+    /// iptables, firewalld; see [`peers`]), removing what qnet had opened
+    /// there for other networks. A peer failing does not stop the others;
+    /// the failures come back one line each.
+    pub async fn open_in_peers(&self, what: &peers::Openings) -> Vec<String> {
+        self.peers.apply(what).await
+    }
+
+    /// The other firewalls, for reading (`doctor`).
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// Removes every trace of qnet from the other firewalls (uninstall).
+    pub async fn cleanup_peers(&self) -> Vec<String> {
+        self.peers.cleanup().await
     }
 
     /// Our rules for `networks`, with exactly `elements` in the forward

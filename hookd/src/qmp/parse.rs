@@ -99,15 +99,16 @@ pub fn greeting(message: &Value) -> Result<Greeting, String> {
         package: version
             .and_then(|v| v.get("package"))
             .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
+            .map(bounded)
+            .unwrap_or_default(),
         capabilities: qmp
             .get("capabilities")
             .and_then(Value::as_array)
             .map(|caps| {
                 caps.iter()
                     .filter_map(Value::as_str)
-                    .map(str::to_owned)
+                    .take(16)
+                    .map(bounded)
                     .collect()
             })
             .unwrap_or_default(),
@@ -118,7 +119,7 @@ pub fn parse_event(name: &str, data: Option<&Value>) -> QmpEvent {
     let string = |key: &str| {
         data.and_then(|d| d.get(key))
             .and_then(Value::as_str)
-            .map(str::to_owned)
+            .map(bounded)
     };
     match name {
         "SHUTDOWN" => QmpEvent::Shutdown {
@@ -140,7 +141,7 @@ pub fn parse_event(name: &str, data: Option<&Value>) -> QmpEvent {
             device: string("device"),
             path: string("path").unwrap_or_default(),
         },
-        other => QmpEvent::Other(other.to_owned()),
+        other => QmpEvent::Other(bounded(other)),
     }
 }
 
@@ -166,14 +167,34 @@ pub fn parse_info_network(text: &str) -> Vec<NicInfo> {
         let Some(mac) = field("macaddr").and_then(|m| m.parse::<Mac>().ok()) else {
             continue;
         };
+        if nics.len() >= MAX_NICS {
+            break;
+        }
         if !nics.iter().any(|n| n.name == name) {
             nics.push(NicInfo {
-                name: name.to_owned(),
+                name: bounded(name),
                 mac,
             });
         }
     }
     nics
+}
+
+/// Longest string the daemon keeps of anything a QMP peer says (a name, a
+/// UUID, a run state, a NIC's name, an event's field): a peer may send
+/// megabytes in one line, and whatever is kept lives in every guest record,
+/// state file and `guests` reply. QEMU's own strings are far shorter.
+pub const MAX_PEER_STRING: usize = qnet_api::MAX_GUEST_NAME;
+/// Most NICs kept of one guest (QEMU allows 32 PCI slots per bus).
+pub const MAX_NICS: usize = 64;
+
+/// `text` cut to [`MAX_PEER_STRING`] bytes on a character boundary.
+pub fn bounded(text: &str) -> String {
+    let mut end = text.len().min(MAX_PEER_STRING);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 pub fn is_nil_uuid(uuid: &str) -> bool {
@@ -291,6 +312,30 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn peer_strings_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("web"), "web");
+        let long = "é".repeat(MAX_PEER_STRING);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_PEER_STRING && cut.len() >= MAX_PEER_STRING - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        let data = serde_json::json!({"reason": "x".repeat(1 << 20)});
+        let QmpEvent::Shutdown { reason, .. } = parse_event("SHUTDOWN", Some(&data)) else {
+            panic!("not a shutdown");
+        };
+        assert_eq!(reason.unwrap().len(), MAX_PEER_STRING);
+        let many: String = (0..1000)
+            .map(|i| {
+                format!(
+                    "n{i}: index=0,type=nic,model=e1000,macaddr=52:54:00:00:{:02x}:{:02x}\n",
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        assert_eq!(parse_info_network(&many).len(), MAX_NICS);
     }
 
     #[test]

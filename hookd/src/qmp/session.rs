@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::parse::{is_nil_uuid, parse_info_network, preview_value};
+use super::parse::{bounded, is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
 use super::reader::{read_greeting, read_loop, write_loop};
 use super::shared::{PendingGuard, ReplyError, Shared, State, CLOSED_BY_US};
 use super::types::{
@@ -273,9 +273,13 @@ impl QmpSession {
             self.query_status(),
             self.query_nics(),
         )?;
-        let uuid = Some(uuid.UUID).filter(|u| !is_nil_uuid(u));
+        // Everything kept of the peer's strings is bounded here, at the
+        // edge: a `-name` of megabytes is cut before anything holds it.
+        let uuid = Some(uuid.UUID)
+            .filter(|u| !is_nil_uuid(u))
+            .map(|u| bounded(&u));
         Ok(GuestInfo {
-            name: name.name,
+            name: name.name.as_deref().map(bounded),
             uuid,
             status: status.status,
             running: status.running,
@@ -292,7 +296,10 @@ impl QmpSession {
         }
         let reply = self.execute_raw("query-status", None).await?;
         let Status { status, running } = self.decode("query-status", reply)?;
-        Ok(GuestStatus { status, running })
+        Ok(GuestStatus {
+            status: bounded(&status),
+            running,
+        })
     }
 
     /// `query-rx-filter`: each NIC's name and current `main-mac`, which
@@ -313,12 +320,20 @@ impl QmpSession {
         let filters: Vec<Filter> = self.decode(COMMAND, reply)?;
         filters
             .into_iter()
+            .take(MAX_NICS)
             .map(|f| match f.main_mac.parse::<Mac>().ok() {
-                Some(mac) => Ok(NicInfo { name: f.name, mac }),
+                Some(mac) => Ok(NicInfo {
+                    name: bounded(&f.name),
+                    mac,
+                }),
                 None => Err(QmpError::Decode {
                     peer: self.peer().to_owned(),
                     command: COMMAND.into(),
-                    detail: format!("NIC {:?} has an invalid main-mac {:?}", f.name, f.main_mac),
+                    detail: format!(
+                        "NIC {:?} has an invalid main-mac {:?}",
+                        bounded(&f.name),
+                        bounded(&f.main_mac)
+                    ),
                 }),
             })
             .collect()
@@ -368,6 +383,7 @@ impl QmpSession {
                 nics.push(filter);
             }
         }
+        nics.truncate(MAX_NICS);
         Ok(nics)
     }
 

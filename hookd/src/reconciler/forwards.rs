@@ -238,6 +238,10 @@ impl Reconciler {
         self.uninstall(stale).await;
         self.refused.retain(|e, _| desired.contains(e));
         self.install(desired).await;
+        // Forwards into libvirt's networks need an accept in its chain.
+        if self.libvirt_forwards() != self.peers_opened.libvirt {
+            self.sync_peers().await;
+        }
     }
 
     /// Adds the elements of `elements` that are not installed yet. The

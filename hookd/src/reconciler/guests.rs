@@ -201,18 +201,18 @@ impl Reconciler {
         self.state.attached.retain(|path| known.contains(path));
     }
 
-    /// Deletes qnet macvtaps whose QEMU is gone (left by a host crash or a
-    /// killed reaper).
-    pub(super) async fn remove_orphan_macvtaps(&self) {
-        match tokio::task::spawn_blocking(orphans::remove_orphan_macvtaps).await {
-            Ok(Ok(removed)) => {
+    /// Deletes qnet macvtaps and TAPs whose QEMU is gone (left by a host
+    /// crash or a killed reaper). In the background: an unmarked device
+    /// is given a grace period first, which must not delay start-up.
+    pub(super) fn remove_orphan_devices(&self) {
+        tokio::task::spawn_blocking(|| match orphans::remove_orphans() {
+            Ok(removed) => {
                 for name in removed {
-                    tracing::info!(macvtap = %name, "removed orphaned qnet macvtap");
+                    tracing::info!(device = %name, "removed orphaned qnet device");
                 }
             }
-            Ok(Err(e)) => tracing::warn!("looking for orphaned macvtaps: {e}"),
-            Err(e) => tracing::warn!("looking for orphaned macvtaps: {e}"),
-        }
+            Err(e) => tracing::warn!("looking for orphaned qnet devices: {e}"),
+        });
     }
 
     /// Starts following the QMP server socket `conn` was made for.

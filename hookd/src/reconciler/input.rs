@@ -50,6 +50,9 @@ pub enum Input {
     },
     /// The lease status file of a libvirt network's bridge changed.
     LibvirtLeases(LeaseUpdate),
+    /// Another firewall of the host changed (Docker, iptables,
+    /// firewalld): open our networks in it again.
+    PeersChanged,
     /// Time to try again what could not be saved.
     Retry,
 }

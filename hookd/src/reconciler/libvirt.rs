@@ -376,6 +376,10 @@ impl Reconciler {
     /// network whose own firewall rejects inbound connections work from
     /// the host only. We never edit libvirt's rules (they are not ours).
     fn warn_libvirt_inbound(&mut self, name: &str, uuid: &str, nets: &[LibvirtNetwork]) {
+        // Integrated, qnet accepts its forwards in LIBVIRT_FWI itself.
+        if self.integration.global {
+            return;
+        }
         for lv in nets.iter().filter(|lv| !lv.admits_inbound()) {
             if self
                 .libvirt_warned
@@ -388,8 +392,9 @@ impl Reconciler {
                     mode,
                     "forwards to this guest work from the host only: libvirt's firewall \
                      (iptables chain LIBVIRT_FWI) rejects new connections from outside into \
-                     {mode} networks; use <forward mode='route'/> or 'open' for the libvirt \
-                     network, or accept them in your own FORWARD rules"
+                     {mode} networks, and firewall-integration is off; turn it on, use \
+                     <forward mode='route'/> or 'open' for the libvirt network, or accept them \
+                     in your own FORWARD rules"
                 );
             }
         }

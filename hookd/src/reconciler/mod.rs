@@ -20,8 +20,10 @@
 //! | `forwards` | declared forwards and the installed map elements |
 //! | `libvirt` | libvirt guests (the hook) and libvirt's leases |
 //! | `views` | read-only replies: status, guests, reservations |
+//! | `doctor` | the facts `qnetctl doctor` diagnoses |
 //! | `plan` | pure planning, unit-tested |
 
+mod doctor;
 mod forwards;
 mod guests;
 mod input;
@@ -40,10 +42,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
-use crate::config::{Config, Limits, NetworkConfig};
+use crate::config::{Config, Integration, Limits, NetworkConfig};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
+use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
 use crate::state::{State, Store};
 
@@ -97,6 +100,12 @@ pub struct Reconciler {
     installed: BTreeSet<ForwardElement>,
     refused: BTreeMap<ForwardElement, String>,
     firewall: Firewall,
+    /// Which networks are opened in the host's other firewalls.
+    integration: Integration,
+    /// What failed the last time they were (one line each).
+    peer_failures: Vec<String>,
+    /// What was opened in them last.
+    peers_opened: Openings,
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: ConnId,
     /// The bridges whose libvirt lease files the watcher follows.
@@ -135,6 +144,9 @@ impl Reconciler {
             installed: BTreeSet::new(),
             refused: BTreeMap::new(),
             firewall: Firewall::new(),
+            integration: config.integration.clone(),
+            peer_failures: Vec::new(),
+            peers_opened: Openings::default(),
             inputs,
             next_conn: 1,
             lease_watch,
@@ -148,7 +160,7 @@ impl Reconciler {
         reconciler.set_aside_clashing_forwards();
         reconciler.apply_rules().await?;
         reconciler.adopt_guests();
-        reconciler.remove_orphan_macvtaps().await;
+        reconciler.remove_orphan_devices();
         reconciler.dirty.all();
         reconciler.flush().await;
         Ok(reconciler)
@@ -212,6 +224,7 @@ impl Reconciler {
             Input::GuestGone { conn, why } => self.guest_gone(conn, &why),
             Input::StaleGuestExited { pid } => self.stale_guest_exited(pid),
             Input::LibvirtLeases(update) => self.libvirt_leases(update),
+            Input::PeersChanged => self.sync_peers().await,
             Input::Retry => {
                 self.retry_pending = false;
                 self.dirty.state = true;

@@ -6,6 +6,7 @@ use qnet_api::{ApiError, NetName, Reply};
 use super::{plan, NetworkRuntime, Peer, Reconciler};
 use crate::config::{Config, NetworkConfig};
 use crate::error::{not_found, DaemonError};
+use crate::firewall::peers::{LibvirtForward, Opened, Openings};
 use crate::{dnsmasq, network, subnet};
 
 impl Reconciler {
@@ -34,6 +35,8 @@ impl Reconciler {
             if let Err(e) = network::bring_down(&net).await {
                 tracing::warn!(network = %net.name, "removing: {e}");
             }
+            // Its dnsmasq (left running by the daemon before) and run dir.
+            dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;
             self.state.known_networks.remove(&net.name);
             self.dirty.state = true;
         }
@@ -215,7 +218,60 @@ impl Reconciler {
         self.firewall.apply_ruleset(&up, &elements).await?;
         self.installed = elements.into_iter().collect();
         self.refused.clear();
+        self.sync_peers().await;
         Ok(())
+    }
+
+    /// Opens the networks that are up (and integrated) in the host's
+    /// other firewalls, and closes the others there. Failures are logged
+    /// and kept for `doctor`; our own table stands either way.
+    pub(super) async fn sync_peers(&mut self) {
+        let networks: Vec<Opened> = self
+            .networks_up()
+            .into_iter()
+            .filter(|n| self.integration.enabled(&n.name))
+            .map(Opened::of)
+            .collect();
+        let what = Openings {
+            networks,
+            libvirt: self.libvirt_forwards(),
+        };
+        self.peer_failures = self.firewall.open_in_peers(&what).await;
+        self.peers_opened = what;
+    }
+
+    /// The installed forwards to guests on libvirt's own networks (global
+    /// `firewall-integration` decides for those: they are no qnet
+    /// network's).
+    pub(super) fn libvirt_forwards(&self) -> Vec<LibvirtForward> {
+        if !self.integration.global {
+            return Vec::new();
+        }
+        self.libvirt_forwards_installed()
+    }
+
+    /// The installed forwards to guests on libvirt's own networks.
+    pub(super) fn libvirt_forwards_installed(&self) -> Vec<LibvirtForward> {
+        let mut forwards: Vec<LibvirtForward> = self
+            .installed
+            .iter()
+            .filter_map(|e| {
+                let std::net::IpAddr::V4(ip) = e.guest_addr else {
+                    return None;
+                };
+                let a = self.state.libvirt_addresses.values().find(|a| a.ip == ip)?;
+                Some(LibvirtForward {
+                    network: a.network.clone(),
+                    bridge: a.bridge.clone(),
+                    guest: ip,
+                    proto: e.proto,
+                    port: e.guest_port,
+                })
+            })
+            .collect();
+        forwards.sort();
+        forwards.dedup();
+        forwards
     }
 
     pub(super) fn dnsmasq_paths(&self) -> dnsmasq::Paths {

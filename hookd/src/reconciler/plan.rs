@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
+use qnet_api::{ForwardSpec, IfName, Mac, NetName};
 
 use crate::config::NetworkConfig;
 use crate::discover::{GuestPort, PortKind};
@@ -80,15 +80,15 @@ pub fn dnsmasq_hosts(state: &State, network: &NetName) -> (Vec<DhcpHost>, Vec<Dn
     let mut dns = Vec::new();
     for (mac, r) in state.reservations.get(network).into_iter().flatten() {
         dhcp.push(DhcpHost {
-            mac: mac.to_string(),
+            mac: *mac,
             ip: r.ip,
-            name: r.name.as_ref().map(DnsLabel::to_string),
+            name: r.name.clone(),
         });
         if let Some(name) = &r.name {
             if r.explicit || running.contains(mac) {
                 dns.push(DnsHost {
                     ip: r.ip,
-                    name: name.to_string(),
+                    name: name.clone(),
                 });
             }
         }

@@ -22,6 +22,7 @@ enum Allowed {
 fn allowed(request: &Request) -> Allowed {
     match request {
         Request::Status
+        | Request::Doctor { .. }
         | Request::Guests
         | Request::ReserveList { .. }
         | Request::ForwardList
@@ -139,6 +140,7 @@ impl Reconciler {
     ) -> Result<qnet_api::Reply, ApiError> {
         match request {
             Request::Status => Ok(self.status().await),
+            Request::Doctor { target } => self.doctor(target.as_deref()).await,
             Request::Guests => Ok(self.guest_list(peer)),
             Request::ReserveList { network } => self.reserve_list(network.as_ref(), peer),
             Request::ReserveAdd {

@@ -26,7 +26,7 @@ impl Reconciler {
                 router: n.config.router,
                 ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
                 up: n.up,
-                degraded: None,
+                degraded: n.dnsmasq.as_ref().and_then(|d| d.degraded()),
                 guests: self.state.guests_on(&n.config.name),
                 rx_bytes,
                 tx_bytes,

@@ -91,15 +91,7 @@ impl Store {
             dirs: HashSet::new(),
         };
         let mut state = State::default();
-        for sub in ["", RESERVATIONS_DIR, GUESTS_DIR, FORWARDS_DIR] {
-            let removed = fsutil::remove_temp_files(&dir.join(sub));
-            if removed > 0 {
-                tracing::info!(
-                    "{}: removed {removed} temp file(s) of interrupted writes",
-                    dir.join(sub).display()
-                );
-            }
-        }
+        sweep_temp_files(dir)?;
         store.load_header(&mut state)?;
         store.load_reservations(&mut state)?;
         store.load_guests(&mut state)?;
@@ -394,6 +386,30 @@ fn absorb_legacy(
     state
         .forwards
         .extend(forwards.into_iter().map(Forward::from));
+}
+
+/// Removes the temp files of writes a crash interrupted from every
+/// directory the store writes to (`reservations/NET/` included).
+fn sweep_temp_files(dir: &Path) -> Result<(), StateError> {
+    let mut dirs: Vec<PathBuf> = ["", RESERVATIONS_DIR, GUESTS_DIR, FORWARDS_DIR]
+        .iter()
+        .map(|sub| dir.join(sub))
+        .collect();
+    dirs.extend(
+        subdirs(&dir.join(RESERVATIONS_DIR))?
+            .into_iter()
+            .map(|(path, _)| path),
+    );
+    for dir in dirs {
+        let removed = fsutil::remove_temp_files(&dir);
+        if removed > 0 {
+            tracing::info!(
+                "{}: removed {removed} temp file(s) of interrupted writes",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `reservations/NET/52-54-00-12-34-56.json`: dashes, since a colon in a

@@ -242,3 +242,22 @@ fn a_full_disk_is_an_error_and_leaves_no_temp_file() {
     store.save(&state).unwrap();
     assert_eq!(names(&dir.path().join(FORWARDS_DIR)).len(), 1);
 }
+
+#[test]
+fn temp_files_of_every_record_directory_are_swept_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let net_dir = dir.path().join(RESERVATIONS_DIR).join("lab");
+    fs::create_dir_all(&net_dir).unwrap();
+    fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
+    for path in [
+        dir.path().join(".state.json.tmp.41"),
+        net_dir.join(".52-54-00-00-00-01.json.tmp.42"),
+        dir.path().join(FORWARDS_DIR).join(".tcp-80-00.json.tmp.43"),
+    ] {
+        fs::write(path, b"{").unwrap();
+    }
+    Store::open(dir.path()).unwrap();
+    assert!(names(&net_dir).is_empty(), "{:?}", names(&net_dir));
+    assert!(names(&dir.path().join(FORWARDS_DIR)).is_empty());
+    assert!(!dir.path().join(".state.json.tmp.41").exists());
+}

@@ -3,7 +3,9 @@
 //! the helper left behind do its job.
 //!
 //! ```text
-//! qnet-fake-qemu [--sh] HELPER [ARGS...]
+//! qnet-fake-qemu [--sh] [--persist] HELPER [ARGS...]
+//! qnet-fake-qemu --attach TAPNAME
+//! qnet-fake-qemu --listen PATH
 //! ```
 //!
 //! Like QEMU it makes a socketpair and runs `HELPER ARGS --use-vnet --fd=N`
@@ -16,7 +18,14 @@
 //! ```
 //!
 //! If the helper succeeded and sent an fd, it then holds the fd until it is
-//! killed; otherwise it exits 1. The helper inherits stderr (so a test can
+//! killed (with `--persist`, after making the TAP persistent with
+//! `TUNSETPERSIST`, as a hostile holder can); otherwise it exits 1.
+//!
+//! `--attach TAPNAME` instead tries to attach to an existing TAP through
+//! `/dev/net/tun` (as any user may try) and prints `attach=ok` or
+//! `attach=<errno>`. `--listen PATH` plays an unrelated daemon with a
+//! world-connectable socket: it listens on PATH (mode 0777), prints
+//! `listening` and accepts connections until killed. The helper inherits stderr (so a test can
 //! see whether anything the helper left behind keeps it open).
 
 use std::io::Write;
@@ -31,8 +40,19 @@ use qnet_tests::fake_qemu::helper_socketpair;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--attach") {
+        attach(&args[1]);
+        return;
+    }
+    if args.first().is_some_and(|a| a == "--listen") {
+        listen(&args[1]);
+    }
     let sh = args.first().is_some_and(|a| a == "--sh");
     if sh {
+        args.remove(0);
+    }
+    let persist = args.first().is_some_and(|a| a == "--persist");
+    if persist {
         args.remove(0);
     }
     assert!(
@@ -87,11 +107,55 @@ fn main() {
     )
     .unwrap();
     stdout.flush().unwrap();
-    if !status.success() || fd.is_none() {
+    let Some(fd) = fd.filter(|_| status.success()) else {
         std::process::exit(1);
+    };
+    if persist {
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
+        assert_eq!(rc, 0, "TUNSETPERSIST: {}", std::io::Error::last_os_error());
     }
     // Hold the fd like a running guest would, until killed.
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
+}
+
+/// `--attach`: what anybody can try on a persistent TAP.
+fn attach(name: &str) {
+    let outcome = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .and_then(|file| {
+            // SAFETY: ifreq is plain data; the name fits (IFNAMSIZ checked).
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+                *dst = src as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+            // SAFETY: TUNSETIFF reads a struct ifreq.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    match outcome {
+        Ok(()) => println!("attach=ok"),
+        Err(err) => println!("attach={}", err.raw_os_error().unwrap_or(0)),
+    }
+}
+
+/// `--listen`: a daemon's socket that anybody may connect to.
+fn listen(path: &str) -> ! {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    println!("listening");
+    std::io::stdout().flush().unwrap();
+    let mut held = Vec::new();
+    for stream in listener.incoming() {
+        held.extend(stream.ok());
+    }
+    std::process::exit(0)
 }

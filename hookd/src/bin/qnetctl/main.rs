@@ -1,108 +1,15 @@
 //! qnetctl: the command-line client of qnet-hookd.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use qnet_api::{client, ForwardSpec, Invalid, Proto, Request};
+use clap::Parser;
+use qnet_api::{client, ForwardSpec, Invalid, Reply, Request};
+use qnet_hookd::cli::qnetctl::{
+    Command, ForwardCommand, NetworkCommand, Qnetctl as Cli, ReserveCommand,
+};
 
 mod render;
-
-/// Control qnet-hookd: networks, guests, DHCP reservations and port forwards.
-///
-/// qnetctl talks to the daemon over its control socket (root, or a member of group `qnet`).
-/// root may do anything; other users see and act on their own guests only (those whose QEMU
-/// runs under their uid). Output is a table for people, or JSON with --json.
-#[derive(Debug, Parser)]
-#[command(name = "qnetctl", version)]
-struct Cli {
-    /// The daemon's control socket.
-    #[arg(long, global = true, value_name = "PATH", default_value = qnet_api::DEFAULT_CTL_SOCKET)]
-    socket: PathBuf,
-
-    /// Print the daemon's reply as JSON (for scripts).
-    #[arg(long, global = true)]
-    json: bool,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Networks: mode, bridge, subnet, up/down, guests, traffic.
-    Status,
-    /// Running guests: name, uuid, pid, user, MAC, address, network.
-    Guests,
-    /// Sticky DHCP reservations (MAC → address + DNS name).
-    #[command(subcommand)]
-    Reserve(ReserveCommand),
-    /// Bring a network up or down (down removes its bridge, rules and dnsmasq).
-    #[command(subcommand)]
-    Network(NetworkCommand),
-    /// Host-port forwards to guests (active while the guest runs).
-    #[command(subcommand)]
-    Forward(ForwardCommand),
-    /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
-    Attach {
-        /// QEMU's QMP server socket.
-        #[arg(long, value_name = "PATH")]
-        qmp: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ReserveCommand {
-    /// Reserve an address (the next free one unless --ip) for a MAC, kept until `reserve rm`.
-    Add {
-        network: String,
-        mac: String,
-        #[arg(long)]
-        ip: Option<Ipv4Addr>,
-        /// DNS name (without the network's domain).
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Remove a reservation.
-    Rm { network: String, mac: String },
-    /// List reservations (of one network, or all).
-    List { network: Option<String> },
-}
-
-#[derive(Debug, Subcommand)]
-enum ForwardCommand {
-    /// Forward HOSTPORT[-HOSTPORT2][:GUESTPORT] of the host to GUEST (its -name or a NIC's MAC).
-    Add {
-        guest: String,
-        /// tcp or udp.
-        proto: Proto,
-        /// HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080:80 or 9000-9009.
-        ports: String,
-        /// Only this host address (default: every address of the host, and 127.0.0.1).
-        #[arg(long)]
-        host_addr: Option<IpAddr>,
-        /// The network of the guest's NIC (default: its first qnet network).
-        #[arg(long)]
-        network: Option<String>,
-    },
-    /// Remove the forward of a host port.
-    Rm {
-        proto: Proto,
-        port: u16,
-        #[arg(long)]
-        host_addr: Option<IpAddr>,
-    },
-    /// List forwards and whether they are active.
-    List,
-}
-
-#[derive(Debug, Subcommand)]
-enum NetworkCommand {
-    Up { name: String },
-    Down { name: String },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -113,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match client::request(&cli.socket, &request, Duration::from_secs(30)) {
+    match client::request(&cli.socket, &request, Duration::from_secs(cli.timeout)) {
         Ok(reply) => {
             if cli.json {
                 println!(
@@ -123,7 +30,11 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", render::reply(&reply));
             }
-            ExitCode::SUCCESS
+            match reply {
+                // doctor: problems found is a failure, for scripts.
+                Reply::Doctor { problems } if !problems.is_empty() => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
+            }
         }
         Err(err) => {
             eprintln!("qnetctl: {err}");
@@ -187,6 +98,7 @@ fn request(command: Command) -> Result<Request, Invalid> {
             host_addr,
         },
         Command::Forward(ForwardCommand::List) => Request::ForwardList,
+        Command::Doctor { target } => Request::Doctor { target },
         Command::Attach { qmp } => {
             // The daemon dials the path itself, so it must be absolute.
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);

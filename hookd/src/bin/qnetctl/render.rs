@@ -1,6 +1,6 @@
 //! Replies as tables for people (`--json` prints them as they came).
 
-use qnet_api::{ForwardInfo, GuestNic, GuestStatus, NetworkStatus, Reply, Reservation};
+use qnet_api::{ForwardInfo, GuestNic, GuestStatus, NetworkStatus, Problem, Reply, Reservation};
 
 pub fn reply(reply: &Reply) -> String {
     match reply {
@@ -9,6 +9,7 @@ pub fn reply(reply: &Reply) -> String {
         Reply::Guests { guests } => self::guests(guests),
         Reply::Forwards { forwards } => self::forwards(forwards),
         Reply::Reservations { reservations } => self::reservations(reservations),
+        Reply::Doctor { problems } => doctor(problems),
     }
 }
 
@@ -176,4 +177,15 @@ fn bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// One line per problem, with its fix, in the helpers' style.
+fn doctor(problems: &[Problem]) -> String {
+    if problems.is_empty() {
+        return "no problem found\n".into();
+    }
+    problems
+        .iter()
+        .map(|p| format!("{}: {}: {}\n", p.subject, p.problem, p.fix))
+        .collect()
 }

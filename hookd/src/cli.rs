@@ -1,0 +1,202 @@
+//! The command lines of `qnet-hookd` and `qnetctl`, in the library so that
+//! `xtask` builds their man pages and shell completions from the same clap
+//! definitions the binaries parse with.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use qnet_api::{DEFAULT_CTL_SOCKET, DEFAULT_QMP_SOCKET};
+
+use crate::config::DEFAULT_CONFIG;
+
+const LONG_ABOUT: &str = "\
+NAME
+    qnet-hookd - networks, addresses and clean teardown for QEMU guests
+
+DESCRIPTION
+    Keeps the networks of CONFIG up: for each, a Linux bridge with a fixed
+    MAC and the router address, one nftables table of its own (`inet qnet`:
+    masquerade for nat networks, forwarding per mode, blocked outgoing
+    ports), and a supervised dnsmasq for DHCP and DNS. Without a config
+    file it brings up one NAT network `qnet0` on a free /24.
+
+    Other firewalls of the host would drop the guests' traffic, so each
+    network is opened in them the way they document (rules commented
+    `qnet:NETWORK`): Docker's DOCKER-USER, iptables FORWARD/INPUT where
+    they drop (nft and legacy backends), firewalld zones qnet-nat,
+    qnet-routed, qnet-isolated and qnet-* policies (system D-Bus), libvirt's
+    LIBVIRT_FWI for forwards into libvirt NAT networks; kept up when those
+    firewalls change. `firewall-integration = false` in CONFIG turns this
+    off; --cleanup removes every trace; `qnetctl doctor` explains drops.
+
+    It follows each QEMU over QMP, either because QEMU dials it:
+        -chardev socket,id=qnet,path=/run/qnet/qmp.sock,reconnect=1
+        -mon chardev=qnet,mode=control
+    or because `qnetctl attach --qmp PATH` names QEMU's own QMP socket. Each
+    NIC on a qnet network gets a sticky address (the same one every time,
+    kept across restarts and reboots) and the DNS name GUEST.DOMAIN, in
+    dnsmasq before the guest asks. When the guest goes (QMP EOF, process
+    exit, SHUTDOWN without -no-shutdown) its runtime state goes within a
+    second.
+
+    State lives in STATE_DIR/state.json and STATE_DIR/forwards/ (one file
+    per forward added at run time), written atomically. SIGTERM leaves
+    bridges, rules and dnsmasq running for the guests; the next start
+    rebuilds the rules in one transaction and re-adopts running guests.
+
+FILES
+    /etc/qnet/hookd.toml   networks (qnet-hookd.toml(5) names every key)
+    /run/qnet/ctl.sock     control socket (root and group `qnet`)
+    /run/qnet/qmp.sock     where QEMUs dial in
+    /var/lib/qnet/         state, run-time forwards, dnsmasq lease files";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qnet-hookd",
+    version,
+    about = "The qnet daemon: NAT networks, sticky DHCP reservations and clean teardown for QEMU guests",
+    long_about = LONG_ABOUT
+)]
+pub struct Hookd {
+    /// Networks to keep up (a missing file means the default network qnet0).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// Runtime files: dnsmasq configs, hosts files, pid files.
+    #[arg(long, value_name = "DIR", default_value = "/run/qnet")]
+    pub run_dir: PathBuf,
+
+    /// Persistent state and dnsmasq leases.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/qnet")]
+    pub state_dir: PathBuf,
+
+    /// The control socket qnetctl talks to.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CTL_SOCKET)]
+    pub ctl_socket: PathBuf,
+
+    /// The socket QEMUs dial as QMP clients.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_QMP_SOCKET)]
+    pub qmp_socket: PathBuf,
+
+    /// Remove every rule, zone and table qnet added to this host's
+    /// firewalls (its own and Docker's, iptables', firewalld's), then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log: String,
+}
+
+/// `qnetctl`, the command-line client.
+pub mod qnetctl {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::PathBuf;
+
+    use clap::{Parser, Subcommand};
+    use qnet_api::Proto;
+
+    /// Control qnet-hookd: networks, guests, DHCP reservations and port forwards.
+    ///
+    /// qnetctl talks to the daemon over its control socket (root, or a member of group `qnet`).
+    /// root may do anything; other users see and act on their own guests only (those whose QEMU
+    /// runs under their uid). Output is a table for people, or JSON with --json.
+    #[derive(Debug, Parser)]
+    #[command(name = "qnetctl", version)]
+    pub struct Qnetctl {
+        /// The daemon's control socket.
+        #[arg(long, global = true, value_name = "PATH", default_value = qnet_api::DEFAULT_CTL_SOCKET)]
+        pub socket: PathBuf,
+
+        /// Print the daemon's reply as JSON (for scripts).
+        #[arg(long, global = true)]
+        pub json: bool,
+
+        /// Seconds to wait for the daemon's reply before giving up.
+        #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+        pub timeout: u64,
+
+        #[command(subcommand)]
+        pub command: Command,
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub enum Command {
+        /// Networks: mode, bridge, subnet, up/down, guests, traffic.
+        Status,
+        /// Running guests: name, uuid, pid, user, MAC, address, network.
+        Guests,
+        /// Sticky DHCP reservations (MAC → address + DNS name).
+        #[command(subcommand)]
+        Reserve(ReserveCommand),
+        /// Bring a network up or down (down removes its bridge, rules and dnsmasq).
+        #[command(subcommand)]
+        Network(NetworkCommand),
+        /// Host-port forwards to guests (active while the guest runs).
+        #[command(subcommand)]
+        Forward(ForwardCommand),
+        /// Check the path guests' packets take (every network, one NETWORK, or a
+        /// GUEST's): one line per problem with its fix; exit status 1 if any.
+        Doctor {
+            /// A network or a running guest's name (default: everything).
+            target: Option<String>,
+        },
+        /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
+        Attach {
+            /// QEMU's QMP server socket.
+            #[arg(long, value_name = "PATH")]
+            qmp: PathBuf,
+        },
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub enum ReserveCommand {
+        /// Reserve an address (the next free one unless --ip) for a MAC, kept until `reserve rm`.
+        Add {
+            network: String,
+            mac: String,
+            #[arg(long)]
+            ip: Option<Ipv4Addr>,
+            /// DNS name (without the network's domain).
+            #[arg(long)]
+            name: Option<String>,
+        },
+        /// Remove a reservation.
+        Rm { network: String, mac: String },
+        /// List reservations (of one network, or all).
+        List { network: Option<String> },
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub enum ForwardCommand {
+        /// Forward HOSTPORT[-HOSTPORT2][:GUESTPORT] of the host to GUEST (its -name or a NIC's MAC).
+        Add {
+            guest: String,
+            /// tcp or udp.
+            proto: Proto,
+            /// HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080:80 or 9000-9009.
+            ports: String,
+            /// Only this host address (default: every address of the host, and 127.0.0.1).
+            #[arg(long)]
+            host_addr: Option<IpAddr>,
+            /// The network of the guest's NIC (default: its first qnet network).
+            #[arg(long)]
+            network: Option<String>,
+        },
+        /// Remove the forward of a host port.
+        Rm {
+            proto: Proto,
+            port: u16,
+            #[arg(long)]
+            host_addr: Option<IpAddr>,
+        },
+        /// List forwards and whether they are active.
+        List,
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub enum NetworkCommand {
+        Up { name: String },
+        Down { name: String },
+    }
+}

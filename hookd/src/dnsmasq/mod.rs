@@ -1,0 +1,408 @@
+//! One supervised dnsmasq per network: DHCP with sticky reservations, DNS
+//! for the guests' names, router advertisements when the network has IPv6.
+//!
+//! Files, for network `NET`:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `RUN/NET/dnsmasq.conf` | the only config dnsmasq reads (`--conf-file=`) |
+//! | `RUN/NET/dhcp-hosts.d/MAC` | one reservation each, `MAC,IP[,NAME]` |
+//! | `RUN/NET/dns-hosts.d/NAME` | one name each, `IP NAME.DOMAIN NAME` |
+//! | `RUN/NET/dnsmasq.pid` | written by dnsmasq once it is listening |
+//! | `RUN/NET/dnsmasq.log` | its log (`log-dhcp`) and stderr; rotated at 4 MiB to `.1` |
+//! | `STATE/NET.leases` | leases; survives restarts and [`DnsmasqHandle::stop`] |
+//!
+//! dnsmasq runs with `--keep-in-foreground` as our child, so the supervisor
+//! knows its real pid and exit status, but in a session of its own
+//! (`setsid`): it does not die with the daemon (SIGTERM, a crash, a
+//! terminal's SIGHUP). After a daemon restart, [`spawn`] finds it through
+//! the pid file and replaces it (its leases are in the lease file).
+//!
+//! Every file is written atomically (temp file in the same directory,
+//! fsync, rename). dnsmasq reads a new hosts file by itself; a changed or
+//! removed one takes a SIGHUP (see `hosts`).
+
+mod conf;
+mod hosts;
+mod supervise;
+
+pub use conf::render_config;
+pub use hosts::{DhcpHost, DnsHost};
+use supervise::{stop_stale, supervise, Status, Supervised};
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use thiserror::Error;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::config::NetworkConfig;
+use crate::fsutil::write_atomic;
+use crate::programs::find_program;
+
+/// First restart delay; doubled after every quick exit up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A dnsmasq that ran this long before exiting restarts after [`MIN_BACKOFF`].
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How long [`DnsmasqHandle::set_hosts`] waits for a (re)starting dnsmasq
+/// before giving up on the SIGHUP (the files are in place either way).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// After this many quick exits in a row (runs shorter than
+/// [`STABLE_AFTER`]) the network is reported degraded.
+pub const DEGRADED_AFTER: u32 = 2;
+/// How long a dnsmasq gets to exit after SIGTERM before SIGKILL.
+const TERM_TIMEOUT: Duration = Duration::from_secs(5);
+const LOG_MAX_BYTES: u64 = 4 << 20;
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often new lines of dnsmasq's log are relayed into the daemon's log.
+const LOG_RELAY_EVERY: Duration = Duration::from_secs(1);
+const READY_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Error)]
+pub enum DnsmasqError {
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    /// dnsmasq is not running and ready: stopped, or still failing to
+    /// start; `last_exit` says how its last run ended.
+    #[error("dnsmasq for network `{network}` is not ready{}", last_exit.as_deref().map(|e| format!(" (last exit: {e})")).unwrap_or_default())]
+    NotReady {
+        network: String,
+        last_exit: Option<String>,
+    },
+}
+
+fn io_err(action: impl Into<String>) -> impl FnOnce(io::Error) -> DnsmasqError {
+    let action = action.into();
+    move |source| DnsmasqError::Io { action, source }
+}
+
+/// Where the daemon keeps runtime files (`run_dir`, e.g. `/run/qnet`) and
+/// state that outlives a reboot of the daemon (`state_dir`, e.g.
+/// `/var/lib/qnet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    /// `RUN/<net>`: removed by [`DnsmasqHandle::stop`].
+    pub fn net_dir(&self, net: &str) -> PathBuf {
+        self.run_dir.join(net)
+    }
+    pub fn config_file(&self, net: &str) -> PathBuf {
+        self.net_dir(net).join("dnsmasq.conf")
+    }
+    pub fn dhcp_hosts_dir(&self, net: &str) -> PathBuf {
+        self.net_dir(net).join("dhcp-hosts.d")
+    }
+    pub fn dns_hosts_dir(&self, net: &str) -> PathBuf {
+        self.net_dir(net).join("dns-hosts.d")
+    }
+    pub fn pid_file(&self, net: &str) -> PathBuf {
+        self.net_dir(net).join("dnsmasq.pid")
+    }
+    pub fn log_file(&self, net: &str) -> PathBuf {
+        self.net_dir(net).join("dnsmasq.log")
+    }
+    /// `STATE/<net>.leases`: kept by [`DnsmasqHandle::stop`].
+    pub fn lease_file(&self, net: &str) -> PathBuf {
+        self.state_dir.join(format!("{net}.leases"))
+    }
+}
+
+/// A running, supervised dnsmasq. Dropping the handle stops supervising
+/// and leaves dnsmasq running (as a daemon crash would): call
+/// [`stop`](Self::stop) to end it.
+#[derive(Debug)]
+pub struct DnsmasqHandle {
+    network: String,
+    domain: String,
+    paths: Paths,
+    status: watch::Receiver<Status>,
+    stop_tx: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    /// The hosts directories' files as last written: `dhcp-hosts.d`,
+    /// `dns-hosts.d`.
+    hosts: Mutex<[hosts::Files; 2]>,
+}
+
+/// Writes `net`'s files and starts its dnsmasq under supervision. Must be
+/// called within a tokio runtime; returns at once (see
+/// [`DnsmasqHandle::wait_ready`]).
+///
+/// A dnsmasq left by a previous daemon (its pid file names a live process
+/// whose command line has our `--conf-file=`) is terminated first; its
+/// leases are in the lease file, which the new one reads. Existing hosts
+/// files are kept until the next [`DnsmasqHandle::set_hosts`], so guests
+/// keep their reservations across the restart.
+pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, DnsmasqError> {
+    let name = net.name.as_str();
+    let dir = paths.net_dir(name);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    // dnsmasq re-reads the hosts files as its unprivileged user on SIGHUP.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err(format!("setting the mode of {}", dir.display())))?;
+    std::fs::create_dir_all(&paths.state_dir)
+        .map_err(io_err(format!("creating {}", paths.state_dir.display())))?;
+
+    let run_as_root = !conf::traversable_by_others(&dir);
+    if run_as_root {
+        tracing::info!(
+            network = name,
+            "{} is not reachable by unprivileged users: dnsmasq keeps running as root",
+            dir.display()
+        );
+    }
+    let config = paths.config_file(name);
+    write_atomic(
+        &config,
+        conf::render_config(net, paths, run_as_root).as_bytes(),
+        0o644,
+    )
+    .map_err(io_err(format!("writing {}", config.display())))?;
+
+    let hosts = [
+        hosts_dir(&paths.dhcp_hosts_dir(name))?,
+        hosts_dir(&paths.dns_hosts_dir(name))?,
+    ];
+
+    let (status_tx, status) = watch::channel(Status::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let supervised = Supervised {
+        network: name.to_owned(),
+        program: find_program("dnsmasq"),
+        config,
+        pid_file: paths.pid_file(name),
+        log_file: paths.log_file(name),
+    };
+    let task = tokio::spawn(supervise(supervised, status_tx, stop_rx));
+    Ok(DnsmasqHandle {
+        network: name.to_owned(),
+        domain: net.domain.to_string(),
+        paths: paths.clone(),
+        status,
+        stop_tx,
+        task,
+        hosts: Mutex::new(hosts),
+    })
+}
+
+/// Makes `dir` (mode 0755: dnsmasq re-reads it as its unprivileged user)
+/// and returns the hosts files a previous daemon left in it, which the new
+/// dnsmasq reads too. Temp files (`.`-prefixed) of a crashed write go.
+fn hosts_dir(dir: &Path) -> Result<hosts::Files, DnsmasqError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err(format!("setting the mode of {}", dir.display())))?;
+    let mut files = hosts::Files::new();
+    let entries = std::fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') {
+            let _ = std::fs::remove_file(entry.path());
+        } else if let Ok(text) = std::fs::read_to_string(entry.path()) {
+            files.insert(name, text);
+        }
+    }
+    Ok(files)
+}
+
+/// Writes and removes the files of `change` in `dir`.
+fn apply(dir: &Path, change: &hosts::Change) -> Result<(), DnsmasqError> {
+    for (name, text) in &change.write {
+        let path = dir.join(name);
+        write_atomic(&path, text.as_bytes(), 0o644)
+            .map_err(io_err(format!("writing {}", path.display())))?;
+    }
+    for name in &change.remove {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", path.display()))(e)),
+        }
+    }
+    Ok(())
+}
+
+impl DnsmasqHandle {
+    /// The pid of the running dnsmasq, if one is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.status.borrow().pid
+    }
+
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// Why the network's DHCP and DNS do not work although it is up:
+    /// dnsmasq keeps exiting (a read-only lease file, a port taken), or
+    /// `None` while it runs.
+    pub fn degraded(&self) -> Option<String> {
+        let s = self.status.borrow();
+        (s.quick_exits >= DEGRADED_AFTER).then(|| {
+            format!(
+                "dnsmasq exited {} times in a row{}; see the daemon's log",
+                s.quick_exits,
+                s.last_exit
+                    .as_deref()
+                    .map(|e| format!(" (last: {e})"))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
+    /// Waits until a dnsmasq is running and listening (it has written its
+    /// pid file) and returns its pid.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u32, DnsmasqError> {
+        let mut rx = self.status.clone();
+        let wait = async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if let (true, Some(pid)) = (s.ready, s.pid) {
+                        return Some(pid);
+                    }
+                    if s.finished {
+                        return None;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(pid)) => Ok(pid),
+            _ => Err(DnsmasqError::NotReady {
+                network: self.network.clone(),
+                last_exit: self.status.borrow().last_exit.clone(),
+            }),
+        }
+    }
+
+    /// Replaces the reservations and names: writes the hosts files that
+    /// are new or changed and removes those that went. A running dnsmasq
+    /// reads new files by itself; a changed or removed one takes a SIGHUP
+    /// (no restart). A dnsmasq that is just starting gets its SIGHUP once
+    /// it is ready (waiting at most [`READY_TIMEOUT`]); one that is not
+    /// running (restart backoff) reads the files when it starts.
+    pub async fn set_hosts(
+        &self,
+        dhcp: Vec<DhcpHost>,
+        dns: Vec<DnsHost>,
+    ) -> Result<(), DnsmasqError> {
+        let new = [
+            hosts::dhcp_files(&dhcp),
+            hosts::dns_files(&self.domain, &dns),
+        ];
+        let dirs = [
+            self.paths.dhcp_hosts_dir(&self.network),
+            self.paths.dns_hosts_dir(&self.network),
+        ];
+        let mut current = self.hosts.lock().await;
+        let (mut changed, mut reload) = (false, false);
+        for ((dir, files), new) in dirs.iter().zip(current.iter_mut()).zip(new) {
+            let change = hosts::diff(files, &new);
+            apply(dir, &change)?;
+            changed |= !change.is_empty();
+            reload |= change.needs_reload;
+            *files = new;
+        }
+        let running_and_ready = {
+            let s = self.status.borrow();
+            s.pid.is_some() && s.ready
+        };
+        if !changed || (running_and_ready && !reload) {
+            return Ok(());
+        }
+        // A dnsmasq that is starting (running, pid file not yet written)
+        // may have read the old files and cannot take SIGHUP yet: wait for
+        // it. One in its restart backoff will read the new files anyway.
+        let mut rx = self.status.clone();
+        let target = tokio::time::timeout(READY_TIMEOUT, async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    match (s.pid, s.ready) {
+                        (Some(pid), true) => return Some(pid),
+                        (None, _) => return None,
+                        (Some(_), false) if s.finished => return None,
+                        (Some(_), false) => {}
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match target {
+            Ok(Some(pid)) => {
+                // Our child, not yet reaped while the status says ready, so
+                // the pid cannot have been reused.
+                match kill(Pid::from_raw(pid as i32), Signal::SIGHUP) {
+                    Ok(()) => tracing::debug!(network = %self.network, pid, "dnsmasq: SIGHUP"),
+                    Err(e) => {
+                        tracing::warn!(network = %self.network, pid, "cannot SIGHUP dnsmasq: {e}")
+                    }
+                }
+            }
+            Ok(None) => tracing::debug!(
+                network = %self.network,
+                "dnsmasq not running: it reads the new hosts files when it starts"
+            ),
+            Err(_) => tracing::warn!(
+                network = %self.network,
+                "dnsmasq has not become ready within {READY_TIMEOUT:?}: hosts files updated \
+                 without SIGHUP"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Stops dnsmasq (SIGTERM, then SIGKILL after 5 s), waits for it, and
+    /// removes `RUN/<net>`. The lease file is kept.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(network = %self.network, "dnsmasq supervisor failed: {e}");
+        }
+        remove_run_dir(&self.network, &self.paths);
+    }
+}
+
+/// Cleans up after a network that is no longer configured: stops the
+/// dnsmasq a previous daemon left running for it (see [`spawn`]) and
+/// removes `RUN/<net>`. The lease file is kept.
+pub async fn remove_stale(network: &str, paths: &Paths) {
+    stop_stale(
+        network,
+        &paths.pid_file(network),
+        &paths.config_file(network),
+    )
+    .await;
+    remove_run_dir(network, paths);
+}
+
+fn remove_run_dir(network: &str, paths: &Paths) {
+    let dir = paths.net_dir(network);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(network, "cannot remove {}: {e}", dir.display()),
+    }
+}

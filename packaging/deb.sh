@@ -1,0 +1,33 @@
+#!/bin/sh
+# DEB_COMPRESS: dpkg-deb compressor (xz; the tests use none).
+# Wraps a staged install (make install DESTDIR=ROOT PREFIX=/usr ...) into
+# OUTDIR/qnet_VERSION_ARCH.deb: control file, conffiles, md5sums and the
+# maintainer scripts of packaging/debian/. Run by `make deb`.
+set -eu
+root=$1
+out=$2
+here=$(dirname "$0")
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../Cargo.toml" | head -n 1)
+arch=$(dpkg --print-architecture)
+mkdir -p "$root/DEBIAN" "$root/usr/share/doc/qnet"
+cat > "$root/usr/share/doc/qnet/copyright" <<'COPYRIGHT'
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: qnet
+
+Files: *
+Copyright: qnet developers
+License: GPL-2.0-or-later
+ On Debian systems, the full text of the GNU General Public License
+ version 2 can be found in /usr/share/common-licenses/GPL-2.
+COPYRIGHT
+size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+    "$here/debian/control.in" > "$root/DEBIAN/control"
+echo /etc/qnet/hookd.toml > "$root/DEBIAN/conffiles"
+for script in postinst prerm postrm; do
+    install -m 0755 "$here/debian/$script" "$root/DEBIAN/$script"
+done
+(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
+    xargs -0 md5sum) > "$root/DEBIAN/md5sums"
+mkdir -p "$out"
+dpkg-deb --root-owner-group -Z"${DEB_COMPRESS:-xz}" --build "$root" "$out/qnet_${version}_${arch}.deb"

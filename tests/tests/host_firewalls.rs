@@ -1,0 +1,494 @@
+//! qnet networks next to the host's other firewalls, with the real
+//! daemons in test namespaces: dockerd (before and after qnet-hookd, and
+//! restarted), iptables with drop policies (nft and legacy backends),
+//! firewalld (before and after, `--reload`, restart). Each time a guest
+//! gets its DHCP lease, reaches the outside (NAT), is reached from the
+//! outside through a port forward and from a neighbour through the
+//! public address (hairpin); a hookd kill -9 and restart adopts qnet's rules
+//! without duplicates; `network down` and `qnet-hookd --cleanup` leave no
+//! trace.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use qnet_tests::hookd::Hookd;
+use qnet_tests::http::http_get_in_netns;
+use qnet_tests::netns::NetNs;
+use qnet_tests::peers::{drop_policies, iptables_marks, Dockerd, Firewalld, HttpServer, VethGuest};
+use qnet_tests::{require_root, workspace_binary};
+
+const UPLINK: &str = "10.253.0.1";
+const OUTSIDE: &str = "10.253.0.2";
+const BRIDGE: &str = "qnfw";
+const CONFIG: &str = r#"
+[[network]]
+name = "lab"
+bridge = "qnfw"
+subnet = "10.78.0.0/24"
+ipv6 = { subnet = "fd78::/64" }
+"#;
+const FORWARD: &str = "<q:forward proto='tcp' host-port='8080' guest-port='80'/>";
+const TRY: Duration = Duration::from_secs(10);
+
+/// The host namespace with hookd, an outside namespace behind an uplink
+/// with a web server, and a veth guest.
+struct World {
+    guest: Option<VethGuest>,
+    /// Another guest on the bridge (a dynamic lease): the hairpin client.
+    neighbour: Option<VethGuest>,
+    _web: HttpServer,
+    hookd: Hookd,
+    out: NetNs,
+    hk: NetNs,
+}
+
+impl World {
+    /// The host and outside namespaces and the outside web server; a
+    /// peer may start in the host namespace before [`World::start`].
+    fn namespaces(tag: &str) -> (NetNs, NetNs, HttpServer) {
+        require_root();
+        let hk = NetNs::new(&format!("{tag}-hk"));
+        let out = NetNs::new(&format!("{tag}-out"));
+        hk.add_veth_to(
+            "up0",
+            Some(&format!("{UPLINK}/24")),
+            &out,
+            "out0",
+            Some(&format!("{OUTSIDE}/24")),
+        );
+        let web = HttpServer::start(&out, 80, "the outside\n");
+        (hk, out, web)
+    }
+
+    fn start(hk: NetNs, out: NetNs, web: HttpServer, env: &[(&str, &str)]) -> World {
+        let hookd = Hookd::start_with_env(&hk, Some(CONFIG), env);
+        let guest = VethGuest::new(
+            &hk,
+            BRIDGE,
+            &format!("{}g", &hk.name()[..4.min(hk.name().len())]),
+            "52:54:00:7e:00:01",
+        );
+        guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
+        let neighbour = VethGuest::new(
+            &hk,
+            BRIDGE,
+            &format!("{}n", &hk.name()[..4.min(hk.name().len())]),
+            "52:54:00:7e:00:02",
+        );
+        World {
+            guest: Some(guest),
+            neighbour: Some(neighbour),
+            _web: web,
+            hookd,
+            out,
+            hk,
+        }
+    }
+
+    fn guest(&self) -> &VethGuest {
+        self.guest.as_ref().unwrap()
+    }
+
+    /// Lease, outbound NAT, inbound forward, hairpin: the first failure.
+    fn check(&self) -> Result<(), String> {
+        let g = self.guest();
+        let ip = g.dhcp()?;
+        if !ip.starts_with("10.78.0.") {
+            return Err(format!("lease {ip} is not on the network"));
+        }
+        let outside: SocketAddr = format!("{OUTSIDE}:80").parse().unwrap();
+        let forward: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
+        let expect = |what: &str, got: Result<String, String>, want: &str| match got {
+            Ok(body) if body.contains(want) => Ok(()),
+            Ok(body) => Err(format!("{what}: unexpected answer {body:?}")),
+            Err(e) => Err(format!("{what}: {e}")),
+        };
+        expect(
+            "guest -> outside (NAT)",
+            http_get_in_netns(g.ns.name(), outside, "/", TRY),
+            "the outside",
+        )?;
+        expect(
+            "outside -> forward -> guest",
+            http_get_in_netns(self.out.name(), forward, "/", TRY),
+            "hello from",
+        )?;
+        let n = self.neighbour.as_ref().unwrap();
+        n.dhcp()?;
+        expect(
+            "neighbour -> forward -> guest (hairpin)",
+            http_get_in_netns(n.ns.name(), forward, "/", TRY),
+            "hello from",
+        )?;
+        Ok(())
+    }
+
+    fn assert_works(&self, when: &str, extra_log: impl Fn() -> String) {
+        if let Err(e) = self.check() {
+            panic!(
+                "{when}: {e}\n--- iptables ---\n{}\n--- nft ---\n{}\n--- peer log ---\n{}\n--- hookd log ---\n{}",
+                self.hk.exec("iptables-nft", &["-S"]).unwrap_or_default(),
+                self.hk.exec("nft", &["list", "ruleset"]).unwrap_or_default(),
+                extra_log(),
+                self.hookd.log()
+            );
+        }
+    }
+
+    fn network_down(&self) {
+        self.hookd.qnetctl(&["network", "down", "lab"]).unwrap();
+    }
+}
+
+/// `qnetctl --json doctor [TARGET]`: whether it exited 0, and the
+/// problems as `SUBJECT: PROBLEM` lines with their fixes.
+fn doctor(hookd: &Hookd, target: Option<&str>) -> (bool, Vec<(String, String)>) {
+    let out = std::process::Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(hookd.ctl_socket())
+        .args(["--json", "doctor"])
+        .args(target)
+        .output()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let problems = reply["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}: {}",
+                    p["subject"].as_str().unwrap(),
+                    p["problem"].as_str().unwrap()
+                ),
+                p["fix"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (out.status.success(), problems)
+}
+
+/// Integrated, doctor finds nothing (and says so with exit status 0).
+fn assert_doctor_clean(world: &World) {
+    let (ok, problems) = doctor(&world.hookd, None);
+    assert!(ok && problems.is_empty(), "doctor: {problems:#?}");
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `qnet-hookd --cleanup` in `ns`, which must succeed.
+fn cleanup(ns: &NetNs, env: &[(&str, &str)]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(workspace_binary("qnet-hookd"))
+        .arg("--cleanup")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "--cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// kill -9 and restart: the same marks, no duplicates.
+fn assert_restart_adopts(world: &mut World, marks: impl Fn(&NetNs) -> Vec<String>) {
+    let before = marks(&world.hk);
+    assert!(!before.is_empty(), "nothing of qnet's to adopt");
+    world.hookd.kill9();
+    world.hookd.spawn();
+    let mut after = marks(&world.hk);
+    after.sort();
+    let mut sorted = before.clone();
+    sorted.sort();
+    assert_eq!(
+        after, sorted,
+        "a restart after kill -9 must adopt qnet's rules, not add more"
+    );
+}
+
+#[test]
+fn no_other_firewall() {
+    let (hk, out, web) = World::namespaces("fwno");
+    let world = World::start(hk, out, web, &[]);
+    world.assert_works("no other firewall", String::new);
+    assert_eq!(
+        iptables_marks(&world.hk),
+        Vec::<String>::new(),
+        "nothing drops: nothing added"
+    );
+}
+
+#[test]
+fn dockerd_started_before_hookd() {
+    let (hk, out, web) = World::namespaces("fwdk1");
+    let mut docker = Dockerd::start(&hk);
+    assert_eq!(
+        hk.exec("iptables-nft", &["-S", "FORWARD"])
+            .unwrap()
+            .lines()
+            .next(),
+        Some("-P FORWARD DROP"),
+        "dockerd turning ip_forward on sets the FORWARD policy to DROP"
+    );
+    let mut world = World::start(hk, out, web, &[]);
+    world.assert_works("dockerd before hookd", || docker.log());
+    assert_doctor_clean(&world);
+    let marks = iptables_marks(&world.hk);
+    assert!(marks.iter().all(|m| m.contains("DOCKER-USER")), "{marks:?}");
+
+    docker.restart(&world.hk);
+    world.assert_works("after a dockerd restart", || docker.log());
+    assert_restart_adopts(&mut world, iptables_marks);
+    world.assert_works("after hookd kill -9 and restart", || docker.log());
+
+    world.network_down();
+    assert_eq!(
+        iptables_marks(&world.hk),
+        Vec::<String>::new(),
+        "network down leaves nothing"
+    );
+}
+
+#[test]
+fn dockerd_started_after_hookd() {
+    let (hk, out, web) = World::namespaces("fwdk2");
+    let world = World::start(hk, out, web, &[]);
+    let docker = Dockerd::start(&world.hk);
+    // The policy does not matter then (ip_forward was on already), but a
+    // later `iptables -P FORWARD DROP` would: qnet opens its bridge in
+    // DOCKER-USER as soon as it appears.
+    wait_until("qnet's accepts in DOCKER-USER", || {
+        iptables_marks(&world.hk)
+            .iter()
+            .any(|m| m.contains("-A DOCKER-USER"))
+    });
+    world
+        .hk
+        .exec("iptables-nft", &["-P", "FORWARD", "DROP"])
+        .unwrap();
+    world.assert_works("dockerd after hookd, FORWARD policy DROP", || docker.log());
+}
+
+#[test]
+fn iptables_nft_drop_policy_before_hookd() {
+    let (hk, out, web) = World::namespaces("fwin");
+    drop_policies(&hk, "nft");
+    let mut world = World::start(hk, out, web, &[]);
+    world.assert_works("iptables-nft with DROP policies", String::new);
+    assert_doctor_clean(&world);
+    assert_restart_adopts(&mut world, iptables_marks);
+    world.network_down();
+    assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
+}
+
+#[test]
+fn iptables_legacy_drop_policy_after_hookd() {
+    let (hk, out, web) = World::namespaces("fwil");
+    let world = World::start(hk, out, web, &[]);
+    drop_policies(&world.hk, "legacy");
+    wait_until("qnet's accepts in the legacy FORWARD chain", || {
+        iptables_marks(&world.hk)
+            .iter()
+            .any(|m| m.starts_with("iptables-legacy: -A FORWARD"))
+    });
+    world.assert_works(
+        "iptables-legacy with DROP policies set after hookd",
+        String::new,
+    );
+    // Uninstall: the daemon stopped, --cleanup removes every mark.
+    let mut world = world;
+    world.hookd.terminate();
+    cleanup(&world.hk, &[]);
+    assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
+}
+
+#[test]
+fn firewalld_started_before_hookd_then_reload_restart_and_cleanup() {
+    let (hk, out, web) = World::namespaces("fwfd1");
+    let mut fw = Firewalld::start(&hk);
+    let bus = fw.bus_address();
+    let mut world = World::start(hk, out, web, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    assert_eq!(fw.zone_of(BRIDGE), "qnet-nat");
+    world.assert_works("firewalld before hookd", || fw.log());
+    assert_doctor_clean(&world);
+
+    fw.cmd(&["--reload"]).unwrap();
+    wait_until("the bridge back in its zone after --reload", || {
+        fw.zone_of(BRIDGE) == "qnet-nat"
+    });
+    world.assert_works("after firewall-cmd --reload", || fw.log());
+
+    fw.restart();
+    wait_until("the bridge back in its zone after a restart", || {
+        fw.zone_of(BRIDGE) == "qnet-nat"
+    });
+    world.assert_works("after a firewalld restart", || fw.log());
+
+    world.hookd.kill9();
+    world.hookd.spawn();
+    assert_eq!(fw.zone_of(BRIDGE), "qnet-nat");
+    world.network_down();
+    assert_ne!(
+        fw.zone_of(BRIDGE),
+        "qnet-nat",
+        "network down takes the bridge out of qnet's zone"
+    );
+    assert_eq!(
+        fw.cmd(&["--permanent", "--zone", "qnet-nat", "--list-interfaces"])
+            .unwrap()
+            .trim(),
+        ""
+    );
+
+    world.hookd.terminate();
+    cleanup(&world.hk, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    assert_eq!(
+        fw.marks(),
+        Vec::<String>::new(),
+        "--cleanup leaves no zone or policy"
+    );
+    assert!(
+        world
+            .hk
+            .exec("nft", &["list", "table", "inet", "qnet"])
+            .is_err(),
+        "--cleanup removes table inet qnet"
+    );
+    world.guest.take();
+    world.neighbour.take();
+}
+
+#[test]
+fn firewalld_started_after_hookd() {
+    let (hk, out, web) = World::namespaces("fwfd2");
+    // The bus comes first, then hookd, then firewalld (NameOwnerChanged).
+    let mut fw = Firewalld::bus_only(&hk);
+    let bus = fw.bus_address();
+    let world = World::start(hk, out, web, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    fw.start_daemon();
+    wait_until("the bridge in qnet's zone", || {
+        fw.zone_of(BRIDGE) == "qnet-nat"
+    });
+    world.assert_works("firewalld (re)started after hookd", || fw.log());
+}
+
+#[test]
+fn doctor_names_every_drop_when_integration_is_off() {
+    let (hk, out, web) = World::namespaces("fwdo");
+    drop_policies(&hk, "nft");
+    let fw = Firewalld::start(&hk);
+    let bus = fw.bus_address();
+    let config = format!("firewall-integration = false\n{CONFIG}");
+    let hookd = Hookd::start_with_env(&hk, Some(&config), &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    let guest = VethGuest::new(&hk, BRIDGE, "fwdog", "52:54:00:7e:00:03");
+    guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
+    // The setup is really broken: no lease.
+    assert!(
+        guest.dhcp().is_err(),
+        "a lease through firewalld and a DROP policy?"
+    );
+
+    let (ok, problems) = doctor(&hookd, None);
+    assert!(!ok, "doctor must fail when it finds problems");
+    let lines: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+    let expected = [
+        "lab: iptables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: iptables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain FORWARD drops the guests' outbound and forwarded packets; firewall-integration is off",
+        "lab: ip6tables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off",
+        "lab: firewalld puts bridge qnfw in zone `public`, which rejects the guests' DHCP and DNS and their forwarded packets; firewall-integration is off",
+    ];
+    assert_eq!(lines, expected, "{problems:#?}\n{}", hookd.log());
+    assert!(
+        problems[1]
+            .1
+            .contains("`iptables-nft -I INPUT 1 -i qnfw -p udp -m udp --dport 67 -j ACCEPT`"),
+        "{}",
+        problems[1].1
+    );
+    assert!(
+        problems[4].1.contains("--change-interface=qnfw"),
+        "{}",
+        problems[4].1
+    );
+    // By guest: the same problems (its one network).
+    assert_eq!(doctor(&hookd, Some("fwdog")).1, problems);
+    // Nothing was integrated.
+    assert_eq!(iptables_marks(&hk), Vec::<String>::new());
+    assert_eq!(fw.marks(), Vec::<String>::new());
+    drop(guest);
+    drop((hookd, web, out));
+}
+
+/// The real test guest (QEMU, TCG) on a qnet network next to a dockerd
+/// that started first: its lease, outbound NAT (the guest's own probe)
+/// and the forward from outside.
+#[test]
+fn real_guest_next_to_dockerd() {
+    use qnet_tests::guest::{
+        check_prerequisites, guest_image, random_token, target_dir, GuestSpec, ProbeOutcome,
+        RunningGuest,
+    };
+    use qnet_tests::hookd::qmp_client_args;
+    use qnet_tests::sandbox::{sandboxed, ConfigDir};
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    let (hk, out, _web) = World::namespaces("fwrg");
+    let docker = Dockerd::start(&hk);
+    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let config = ConfigDir::new();
+    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let token = random_token();
+    let mut spec = GuestSpec::new(&image, "52:54:00:7e:00:09", &token);
+    spec.extra_append = vec![
+        format!("qnet.probe={OUTSIDE}:80"),
+        "qnet.probe_tries=5".into(),
+    ];
+    let logs = target_dir().join("qnet-test-logs").join(hk.name());
+    std::fs::create_dir_all(&logs).unwrap();
+    let serial = logs.join(format!("real-{token}.log"));
+    let helper = workspace_binary("qnet-bridge-helper");
+    let mut qemu = sandboxed("qemu-system-x86_64", &hk, &config, None);
+    qemu.args(spec.qemu_args(
+        &format!("bridge,id=n0,br={BRIDGE},helper={}", helper.display()),
+        &serial,
+    ))
+    .args(["-name", "fwreal"])
+    .args(qmp_client_args(&hookd.qmp_socket()));
+    let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+    let context = || {
+        format!(
+            "--- dockerd ---\n{}\n--- hookd ---\n{}",
+            docker.log(),
+            hookd.log()
+        )
+    };
+    let lease = guest
+        .wait_for_lease(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert!(lease.to_string().starts_with("10.78.0."), "{lease}");
+    match guest.wait_for_probe_to(&format!("{OUTSIDE}:80"), Duration::from_secs(90)) {
+        Ok(ProbeOutcome::Reached { body }) => assert!(body.contains("outside"), "{body}"),
+        other => panic!("guest -> outside: {other:?}\n{}", context()),
+    }
+    guest
+        .wait_for_ready(Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    hookd
+        .qnetctl(&["forward", "add", "fwreal", "tcp", "8080:80"])
+        .unwrap_or_else(|e| panic!("forward add: {e}\n{}", context()));
+    let forward: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
+    let body = http_get_in_netns(out.name(), forward, "/", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("outside -> forward -> guest: {e}\n{}", context()));
+    assert_eq!(body.trim(), token);
+}

@@ -1,0 +1,157 @@
+//! The hand-written parts of the man pages, in the same man-style text as
+//! the binaries' long help (a TITLE line, an indented body). A binary's
+//! own help text wins: a section here is used only when the help has none
+//! of that title.
+
+/// FILES, EXAMPLES and SECURITY of each binary.
+pub fn extra(name: &str) -> &'static str {
+    match name {
+        "qnet-hookd" => HOOKD,
+        "qnetctl" => QNETCTL,
+        "qnet-bridge-helper" => BRIDGE_HELPER,
+        "qnet-macvtap-helper" => MACVTAP_HELPER,
+        "qnet-libvirt-hook" => LIBVIRT_HOOK,
+        _ => "",
+    }
+}
+
+const HOOKD: &str = "\
+SYSTEMD
+    qnet-hookd.service runs the daemon (Type=notify: it reports READY=1 once
+    every network is up) and qnet-hookd.socket holds /run/qnet/ctl.sock and
+    /run/qnet/qmp.sock, so QEMUs and qnetctl may connect before the daemon
+    runs and while it restarts. The daemon takes sockets passed as
+    LISTEN_FDS (named ctl and qmp) and binds the paths itself otherwise.
+    KillMode=process: dnsmasq outlives a restart. Logs go to the journal,
+    dnsmasq's log too (it logs to the daemon, which relays each line).
+
+EXAMPLES
+    Start it by hand with the default network and debug logging:
+        qnet-hookd --log debug
+    As a service:
+        systemctl enable --now qnet-hookd.socket qnet-hookd.service
+        journalctl -u qnet-hookd
+
+SECURITY
+    The daemon runs as root with the capabilities of its unit's
+    CapabilityBoundingSet. ctl.sock is root:qnet 0660: root may do
+    anything, members of group qnet act only on guests whose QEMU runs
+    under their own uid and forward only host ports from 1024. qmp.sock
+    is 0666: any local QEMU may dial it and be followed; a NIC gets a
+    reservation only on a qnet bridge its process really holds a TAP on.
+    Every peer is treated as hostile; see SECURITY.md.
+";
+
+const QNETCTL: &str = "\
+FILES
+    /run/qnet/ctl.sock   the daemon's control socket (root:qnet 0660)
+
+EXAMPLES
+    qnetctl status
+    qnetctl guests
+    qnetctl reserve add qnet0 52:54:00:12:34:56 --name web1
+    qnetctl forward add web1 tcp 8080:80
+    qnetctl forward list --json
+
+SECURITY
+    Only root and members of group qnet may use the control socket. Other
+    users than root see and act on their own guests only (those whose QEMU
+    runs under their uid), and forward host ports from 1024 only.
+";
+
+const BRIDGE_HELPER: &str = "\
+EXAMPLES
+    qemu-system-x86_64 ... \\
+        -netdev bridge,id=n0,br=br0,helper=/usr/libexec/qnet-bridge-helper \\
+        -device virtio-net-pci,netdev=n0
+
+SECURITY
+    See PRIVILEGES. Everything the caller controls (arguments, ACL
+    includes, the socket) is checked before a device is created; a
+    failure leaves no device behind. Threat model: SECURITY.md.
+";
+
+const MACVTAP_HELPER: &str = "\
+EXAMPLES
+    MAC=52:54:00:12:34:56
+    qemu-system-x86_64 ... \\
+        -netdev tap,id=n0,br=eth0,helper=\"/usr/libexec/qnet-macvtap-helper --mac=$MAC\" \\
+        -device virtio-net-pci,netdev=n0,mac=$MAC
+
+SECURITY
+    See PRIVILEGES. An allowed lower device may be used in every mode,
+    passthru included, which takes the NIC's MAC away from the host while
+    the guest runs: allow only NICs meant for guests. Threat model:
+    SECURITY.md.
+";
+
+const LIBVIRT_HOOK: &str = "\
+FILES
+    /etc/libvirt/hooks/qemu.d/qnet   where libvirt runs it from (a link)
+    /run/qnet/ctl.sock               qnet-hookd's control socket
+    /run/libvirt/qemu/NAME.pid       QEMU's pid, read at `started`
+
+EXAMPLES
+    Give a libvirt guest a forward with its domain XML's metadata:
+        <qnet:qnet xmlns:qnet=\"https://qnet.example/xmlns/libvirt/1\">
+          <qnet:forward proto=\"tcp\" host-port=\"8080\" guest-port=\"80\"/>
+        </qnet:qnet>
+
+SECURITY
+    libvirt runs it as root; qnet-hookd accepts guest registrations from
+    root only. The domain XML is bounded (4 MiB), may not carry a DTD and
+    may nest at most 64 elements. It never calls libvirt.
+";
+
+/// qnet-hookd.toml(5).
+pub const CONFIG_PAGE: &str = "\
+NAME
+    qnet-hookd.toml - networks and forwards of qnet-hookd
+
+SYNOPSIS
+    /etc/qnet/hookd.toml
+
+DESCRIPTION
+    TOML. With no file at all, or a file without any [[network]] (the
+    installed example is all comments, so it is such a file), qnet-hookd
+    brings up one NAT network qnet0 on a free /24. Such a file never tears
+    down networks configured before: the daemon refuses it while they run,
+    so an emptied file cannot take every guest offline;
+    default-network = true takes the default network anyway and removes the
+    others, default-network = false means no network at all. Errors name
+    the file, line and key, and a refused file changes nothing. Unknown keys
+    are errors.
+
+NETWORKS
+    [[network]]
+    name = \"lab\"                  # required; also the default bridge name
+    bridge = \"qnlab\"              # default: the name
+    mode = \"nat\"                  # nat (default) | routed | isolated
+    subnet = \"10.42.0.0/24\"       # required (IPv4)
+    router = \"10.42.0.1\"          # default: the subnet's first address
+    dhcp-range = [\"10.42.0.100\", \"10.42.0.199\"]   # default: .2 .. last-1
+    domain = \"lab.qnet\"           # default: NAME.qnet
+    uplink = \"eth0\"               # optional: masquerade/forward only via it
+    blocked-ports = [\"tcp/25\"]    # outgoing ports guests may not reach
+    ipv6 = { subnet = \"fd42::/64\", router = \"fd42::1\" }   # optional
+
+FORWARDS
+    [[forward]]                   # active while the guest runs
+    guest = \"web1\"                # the guest's -name, or a NIC's MAC
+    proto = \"tcp\"                 # tcp | udp
+    ports = \"8080:80\"             # HOSTPORT[-HOSTPORT2][:GUESTPORT]
+    host-addr = \"192.0.2.10\"      # optional: only this host address
+    network = \"lab\"               # optional: the guest NIC's network
+
+LIMITS
+    [limits]                      # optional; these are the defaults
+    auto-reservations-per-nic = 4
+    reclaim-after-days = 30
+    qmp-sessions-per-user = 64
+
+FILES
+    /etc/qnet/hookd.toml   this file (qnet-hookd --config moves it)
+
+SEE ALSO
+    qnet-hookd(8), qnetctl(1)
+";
