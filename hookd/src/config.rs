@@ -100,44 +100,22 @@ impl ConfigError {
     /// name, a value, toml's message quoting a key) made one bounded line:
     /// a string in the file may hold line breaks and other control
     /// characters.
-    fn one_line(self) -> Self {
-        let clean = |text: String| one_line(&text, MAX_ERROR_TEXT);
-        match self {
-            Self::Parse { path, message } => Self::Parse {
-                path,
-                message: clean(message),
-            },
-            Self::InvalidForward {
-                path,
-                line,
-                key,
-                problem,
-            } => Self::InvalidForward {
-                path,
-                line,
-                key,
-                problem: clean(problem),
-            },
-            Self::InvalidLimits { path, key, problem } => Self::InvalidLimits {
-                path,
-                key,
-                problem: clean(problem),
-            },
+    fn one_line(mut self) -> Self {
+        let clean = |text: &mut String| *text = one_line(text, MAX_ERROR_TEXT);
+        match &mut self {
+            Self::Parse { message, .. } => clean(message),
+            Self::InvalidForward { problem, .. } | Self::InvalidLimits { problem, .. } => {
+                clean(problem)
+            }
             Self::Invalid {
-                path,
-                line,
-                network,
-                key,
-                problem,
-            } => Self::Invalid {
-                path,
-                line,
-                network: clean(network),
-                key,
-                problem: clean(problem),
-            },
-            read @ Self::Read { .. } => read,
+                network, problem, ..
+            } => {
+                clean(network);
+                clean(problem);
+            }
+            Self::Read { .. } => {}
         }
+        self
     }
 }
 
