@@ -348,89 +348,13 @@ fn qnet_element(
     local: &[u8],
     block: &mut QnetBlock,
 ) -> Result<(), String> {
-    let element = String::from_utf8_lossy(local).to_string();
-    let bad = |msg: String| format!("qnet metadata: <{element}>: {msg}");
-    let mut attrs: Vec<(String, String)> = Vec::new();
-    for attr in e.attributes() {
-        let attr = attr.map_err(|err| bad(err.to_string()))?;
-        let key = String::from_utf8_lossy(attr.key.local_name().as_ref()).to_string();
-        let value = attr
-            .decode_and_unescape_value(reader.decoder())
-            .map_err(|err| bad(format!("attribute `{key}`: {err}")))?
-            .to_string();
-        attrs.push((key, value));
-    }
-    let get = |key: &str| {
-        attrs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let check_known = |known: &[&str]| -> Result<(), String> {
-        for (k, _) in &attrs {
-            if !known.contains(&k.as_str()) {
-                return Err(bad(format!(
-                    "unknown attribute `{k}` (known: {})",
-                    known.join(", ")
-                )));
-            }
-        }
-        Ok(())
-    };
+    let attrs = Attrs::read(reader, e, local)?;
     match local {
-        b"forward" => {
-            check_known(&[
-                "proto",
-                "host-port",
-                "guest-port",
-                "host-addr",
-                "mac",
-                "network",
-            ])?;
-            let proto: Proto = get("proto")
-                .ok_or_else(|| bad("missing attribute `proto` (tcp or udp)".into()))?
-                .parse()
-                .map_err(|e: qnet_api::Invalid| bad(e.0))?;
-            let host = get("host-port").ok_or_else(|| {
-                bad("missing attribute `host-port` (a port or a range such as 9000-9009)".into())
-            })?;
-            if host.contains(':') {
-                return Err(bad(format!(
-                    "host-port `{host}`: give the guest port as guest-port"
-                )));
-            }
-            let ports = match get("guest-port") {
-                Some(guest) => format!("{host}:{guest}"),
-                None => host,
-            };
-            let ports = PortMap::parse(&ports).map_err(|e| bad(e.0))?;
-            let host_addr = get("host-addr")
-                .map(|a| {
-                    a.parse::<IpAddr>()
-                        .map_err(|_| bad(format!("host-addr `{a}` is not an IP address")))
-                })
-                .transpose()?;
-            let mac = get("mac")
-                .map(|m| m.parse::<Mac>().map_err(|e| bad(e.0)))
-                .transpose()?;
-            block.forwards.push(RawForward {
-                proto,
-                ports,
-                host_addr,
-                mac,
-                network: get("network").filter(|n| !n.is_empty()),
-            });
-        }
+        b"forward" => block.forwards.push(forward_element(&attrs)?),
         b"address" => {
-            check_known(&["mac", "ip"])?;
-            let mac = get("mac").ok_or_else(|| bad("missing attribute `mac`".into()))?;
-            let mac: Mac = mac.parse().map_err(|e: qnet_api::Invalid| bad(e.0))?;
-            let ip = get("ip").ok_or_else(|| bad("missing attribute `ip`".into()))?;
-            let ip: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| bad(format!("ip `{ip}` is not an IPv4 address")))?;
+            let (mac, ip) = address_element(&attrs)?;
             if block.addresses.iter().any(|(m, _)| *m == mac) {
-                return Err(bad(format!("{mac} has two addresses")));
+                return Err(attrs.bad(format!("{mac} has two addresses")));
             }
             block.addresses.push((mac, ip));
         }
@@ -438,6 +362,121 @@ fn qnet_element(
         _ => {}
     }
     Ok(())
+}
+
+/// The attributes of one element of the qnet block, decoded, with errors
+/// that name the element.
+struct Attrs {
+    element: String,
+    list: Vec<(String, String)>,
+}
+
+impl Attrs {
+    fn read(reader: &NsReader<&[u8]>, e: &BytesStart<'_>, local: &[u8]) -> Result<Attrs, String> {
+        let mut attrs = Attrs {
+            element: String::from_utf8_lossy(local).to_string(),
+            list: Vec::new(),
+        };
+        for attr in e.attributes() {
+            let attr = attr.map_err(|err| attrs.bad(err.to_string()))?;
+            let key = String::from_utf8_lossy(attr.key.local_name().as_ref()).to_string();
+            let value = attr
+                .decode_and_unescape_value(reader.decoder())
+                .map_err(|err| attrs.bad(format!("attribute `{key}`: {err}")))?
+                .to_string();
+            attrs.list.push((key, value));
+        }
+        Ok(attrs)
+    }
+
+    fn bad(&self, msg: String) -> String {
+        format!("qnet metadata: <{}>: {msg}", self.element)
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.list
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.trim().to_string())
+    }
+
+    /// The attribute `key`, or an error saying what it should hold.
+    fn require(&self, key: &str, what: &str) -> Result<String, String> {
+        self.get(key)
+            .ok_or_else(|| self.bad(format!("missing attribute `{key}`{what}")))
+    }
+
+    /// Refuses an attribute not in `known` (a typo would silently do
+    /// nothing otherwise).
+    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+        match self.list.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            Some((k, _)) => Err(self.bad(format!(
+                "unknown attribute `{k}` (known: {})",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `<qnet:forward proto= host-port= [guest-port=] [host-addr=] [mac=] [network=]/>`.
+fn forward_element(attrs: &Attrs) -> Result<RawForward, String> {
+    attrs.check_known(&[
+        "proto",
+        "host-port",
+        "guest-port",
+        "host-addr",
+        "mac",
+        "network",
+    ])?;
+    let bad = |msg: String| attrs.bad(msg);
+    let proto: Proto = attrs
+        .require("proto", " (tcp or udp)")?
+        .parse()
+        .map_err(|e: qnet_api::Invalid| bad(e.0))?;
+    let host = attrs.require("host-port", " (a port or a range such as 9000-9009)")?;
+    if host.contains(':') {
+        return Err(bad(format!(
+            "host-port `{host}`: give the guest port as guest-port"
+        )));
+    }
+    let ports = match attrs.get("guest-port") {
+        Some(guest) => format!("{host}:{guest}"),
+        None => host,
+    };
+    let ports = PortMap::parse(&ports).map_err(|e| bad(e.0))?;
+    let host_addr = attrs
+        .get("host-addr")
+        .map(|a| {
+            a.parse::<IpAddr>()
+                .map_err(|_| bad(format!("host-addr `{a}` is not an IP address")))
+        })
+        .transpose()?;
+    let mac = attrs
+        .get("mac")
+        .map(|m| m.parse::<Mac>().map_err(|e| bad(e.0)))
+        .transpose()?;
+    Ok(RawForward {
+        proto,
+        ports,
+        host_addr,
+        mac,
+        network: attrs.get("network").filter(|n| !n.is_empty()),
+    })
+}
+
+/// `<qnet:address mac= ip=/>`.
+fn address_element(attrs: &Attrs) -> Result<(Mac, Ipv4Addr), String> {
+    attrs.check_known(&["mac", "ip"])?;
+    let mac: Mac = attrs
+        .require("mac", "")?
+        .parse()
+        .map_err(|e: qnet_api::Invalid| attrs.bad(e.0))?;
+    let ip = attrs.require("ip", "")?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| attrs.bad(format!("ip `{ip}` is not an IPv4 address")))?;
+    Ok((mac, ip))
 }
 
 // ----- libvirt's network status files -------------------------------------
