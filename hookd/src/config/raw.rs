@@ -1,0 +1,262 @@
+//! The file as TOML gives it (`Raw*`, serde), and its validation into the
+//! typed config: every key checked once, here, with the key named in the
+//! error.
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) network: Vec<Spanned<RawNetwork>>,
+    #[serde(default)]
+    pub(super) forward: Vec<Spanned<RawForward>>,
+    pub(super) default_network: Option<bool>,
+    pub(super) limits: Option<RawLimits>,
+    pub(super) firewall_integration: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawLimits {
+    pub(super) auto_reservations_per_nic: Option<usize>,
+    pub(super) reclaim_after_days: Option<u64>,
+    pub(super) qmp_sessions_per_user: Option<usize>,
+}
+
+impl RawLimits {
+    pub(super) fn validate(self) -> Result<Limits, Problem> {
+        let defaults = Limits::default();
+        let per_nic = self
+            .auto_reservations_per_nic
+            .unwrap_or(defaults.reservations.per_nic);
+        if !(1..=1024).contains(&per_nic) {
+            return Err((
+                "auto-reservations-per-nic",
+                format!("{per_nic} must be 1-1024"),
+            ));
+        }
+        let sessions = self
+            .qmp_sessions_per_user
+            .unwrap_or(defaults.qmp_sessions_per_user);
+        if !(1..=100_000).contains(&sessions) {
+            return Err((
+                "qmp-sessions-per-user",
+                format!("{sessions} must be 1-100000"),
+            ));
+        }
+        let days = self
+            .reclaim_after_days
+            .unwrap_or(defaults.reservations.reclaim_after / 86_400);
+        if days > 36_500 {
+            return Err((
+                "reclaim-after-days",
+                format!("{days} must be at most 36500"),
+            ));
+        }
+        Ok(Limits {
+            reservations: alloc::Limits {
+                per_nic,
+                reclaim_after: days * 86_400,
+            },
+            qmp_sessions_per_user: sessions,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawForward {
+    pub(super) guest: String,
+    pub(super) proto: Proto,
+    pub(super) ports: String,
+    pub(super) host_addr: Option<std::net::IpAddr>,
+    pub(super) network: Option<String>,
+}
+
+impl RawForward {
+    pub(super) fn validate(self) -> Result<ForwardSpec, Problem> {
+        let guest = self
+            .guest
+            .parse()
+            .map_err(|e: crate::api::Invalid| ("guest", e.0))?;
+        let ports = PortMap::parse(&self.ports).map_err(|e| ("ports", e.0))?;
+        Ok(ForwardSpec {
+            guest,
+            proto: self.proto,
+            ports,
+            host_addr: self.host_addr,
+            network: self.network,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawNetwork {
+    pub(super) name: String,
+    pub(super) bridge: Option<String>,
+    pub(super) mode: Option<Mode>,
+    pub(super) subnet: String,
+    pub(super) router: Option<Ipv4Addr>,
+    pub(super) dhcp_range: Option<(Ipv4Addr, Ipv4Addr)>,
+    pub(super) domain: Option<String>,
+    pub(super) uplink: Option<String>,
+    #[serde(default)]
+    pub(super) blocked_ports: Vec<String>,
+    pub(super) ipv6: Option<RawIpv6>,
+    pub(super) firewall_integration: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIpv6 {
+    pub(super) subnet: String,
+    pub(super) router: Option<Ipv6Addr>,
+}
+
+pub(super) type Problem = (&'static str, String);
+
+impl RawNetwork {
+    pub(super) fn validate(self) -> Result<NetworkConfig, Problem> {
+        let name: NetName = typed("name", &self.name)?;
+        let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;
+        let uplink: Option<IfName> = self
+            .uplink
+            .as_deref()
+            .map(|u| typed("uplink", u))
+            .transpose()?;
+        let subnet: Ipv4Net = self.subnet.parse().map_err(|_| {
+            (
+                "subnet",
+                format!("`{}` is not an IPv4 CIDR such as 10.42.0.0/24", self.subnet),
+            )
+        })?;
+        if subnet != subnet.trunc() {
+            return Err((
+                "subnet",
+                format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
+            ));
+        }
+        if subnet.prefix_len() > 29 {
+            return Err((
+                "subnet",
+                format!("`{subnet}` is too small: use /29 or larger"),
+            ));
+        }
+        let first = u32::from(subnet.network()) + 1;
+        let last = u32::from(subnet.broadcast()) - 1;
+        let in_hosts = |a: Ipv4Addr| (first..=last).contains(&u32::from(a));
+        let router = self.router.unwrap_or(Ipv4Addr::from(first));
+        if !in_hosts(router) {
+            return Err((
+                "router",
+                format!("{router} is not a host address of {subnet}"),
+            ));
+        }
+        let dhcp_range = self
+            .dhcp_range
+            .unwrap_or((Ipv4Addr::from(first + 1), Ipv4Addr::from(last)));
+        let (start, end) = dhcp_range;
+        if !in_hosts(start) || !in_hosts(end) || u32::from(start) > u32::from(end) {
+            return Err((
+                "dhcp-range",
+                format!("{start}..{end} must be host addresses of {subnet}, in order"),
+            ));
+        }
+        if (u32::from(start)..=u32::from(end)).contains(&u32::from(router)) {
+            return Err((
+                "dhcp-range",
+                format!("{start}..{end} contains the router address {router}"),
+            ));
+        }
+        let domain: DomainName = typed(
+            "domain",
+            &self.domain.unwrap_or_else(|| format!("{}.qnet", self.name)),
+        )?;
+        let mut blocked_ports = Vec::new();
+        for port in &self.blocked_ports {
+            blocked_ports.push(port.parse().map_err(|e| ("blocked-ports", e))?);
+        }
+        blocked_ports.sort();
+        blocked_ports.dedup();
+        let ipv6 = self.ipv6.map(validate_ipv6).transpose()?;
+        Ok(NetworkConfig {
+            name,
+            bridge,
+            mode: self.mode.unwrap_or(Mode::Nat),
+            subnet,
+            router,
+            dhcp_range,
+            domain,
+            uplink,
+            blocked_ports,
+            ipv6,
+        })
+    }
+}
+
+pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
+    let subnet: Ipv6Net = raw.subnet.parse().map_err(|_| {
+        (
+            "ipv6",
+            format!("`{}` is not an IPv6 CIDR such as fd42::/64", raw.subnet),
+        )
+    })?;
+    if subnet != subnet.trunc() {
+        return Err((
+            "ipv6",
+            format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
+        ));
+    }
+    // The subnet's first host address; an all-ones /128 has none (and
+    // adding one to it would overflow).
+    let first = u128::from(subnet.network())
+        .checked_add(1)
+        .map(Ipv6Addr::from);
+    let Some(router) = raw.router.or(first) else {
+        return Err(("ipv6", format!("`{subnet}` has no host address: use a /64")));
+    };
+    if !subnet.contains(&router) || router == subnet.network() {
+        return Err((
+            "ipv6",
+            format!("router {router} is not a host address of {subnet}"),
+        ));
+    }
+    Ok(Ipv6Config { subnet, router })
+}
+
+/// A typed value of `key`, or the problem with it.
+pub(super) fn typed<T: FromStr<Err = crate::api::Invalid>>(
+    key: &'static str,
+    value: &str,
+) -> Result<T, Problem> {
+    value.parse().map_err(|e: crate::api::Invalid| (key, e.0))
+}
+
+pub(super) fn line_of(text: &str, offset: usize) -> usize {
+    1 + text[..offset.min(text.len())].matches('\n').count()
+}
+
+pub(super) fn toml_message(err: &toml::de::Error) -> String {
+    let message = err.message().trim();
+    match err.span() {
+        Some(span) => {
+            let line = line_of_span(err, span.start);
+            format!("line {line}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
+pub(super) fn line_of_span(err: &toml::de::Error, offset: usize) -> usize {
+    // toml's full Display holds "TOML parse error at line N, column M";
+    // prefer it, fall back to counting from the offset we were given.
+    let display = err.to_string();
+    display
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(offset)
+}
