@@ -7,6 +7,7 @@ use std::process::Command;
 
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::fake_qemu::{helper_socketpair, run_helper, run_with_socket, HelperOutcome};
+use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
@@ -209,20 +210,7 @@ fn include_cycle_is_refused_not_a_crash() {
 #[test]
 fn bad_arguments_are_a_usage_error() {
     let setup = Setup::new("br-argv", "allow all\n");
-    for args in [
-        vec!["--br=qbr0"],
-        vec!["--fd=3"],
-        vec!["--bogus", "--br=qbr0", "--fd=3"],
-        vec!["--fd=x", "--br=qbr0"],
-    ] {
-        let before = setup.netns.link_names();
-        let out = setup.helper().args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.contains("usage:"), "{args:?}: {stderr}");
-        assert_eq!(setup.netns.link_names(), before);
-    }
+    helper_cli::bad_arguments_are_a_usage_error(|| setup.helper(), &setup.netns, "qbr0");
 }
 
 #[test]
@@ -245,22 +233,16 @@ fn fd_that_is_not_a_unix_socket_is_refused_before_any_device_exists() {
 #[test]
 fn help_and_version_print_and_touch_nothing() {
     let setup = Setup::new("br-help", "allow all\n");
-    let before = setup.netns.link_names();
-    let help = setup.helper().arg("--help").output().unwrap();
-    assert!(help.status.success());
-    let text = String::from_utf8_lossy(&help.stdout);
-    for section in [
-        "SYNOPSIS",
-        "ACL FILES",
-        "EXIT STATUS",
-        "--use-vnet",
-        "--br",
-        "--fd",
-    ] {
-        assert!(text.contains(section), "--help lacks {section}");
-    }
-    let version = setup.helper().arg("--version").output().unwrap();
-    assert!(version.status.success());
-    assert!(String::from_utf8_lossy(&version.stdout).contains("config dir /etc/qemu"));
-    assert_eq!(setup.netns.link_names(), before);
+    helper_cli::help_and_version_print_and_touch_nothing(
+        || setup.helper(),
+        &setup.netns,
+        &[
+            "SYNOPSIS",
+            "ACL FILES",
+            "EXIT STATUS",
+            "--use-vnet",
+            "--br",
+            "--fd",
+        ],
+    );
 }

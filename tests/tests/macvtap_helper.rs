@@ -18,6 +18,7 @@ use qnet_tests::fake_qemu::{
     helper_socketpair, run_helper, run_with_socket, wait_until, HeldFd, HelperOutcome,
 };
 use qnet_tests::guest::random_mac;
+use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
@@ -753,50 +754,31 @@ fn a_failure_after_creation_leaves_nothing_behind() {
 #[test]
 fn bad_arguments_are_a_usage_error() {
     let setup = Setup::new("mvt-argv", "allow all\n");
-    for args in [
-        vec!["--br=qv0"],
-        vec!["--fd=3"],
-        vec!["--bogus", "--br=qv0", "--fd=3"],
-        vec!["--fd=x", "--br=qv0"],
-    ] {
-        let before = setup.netns.link_names();
-        let out = setup.helper().args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.contains("usage:"), "{args:?}: {stderr}");
-        assert_eq!(setup.netns.link_names(), before);
-    }
+    helper_cli::bad_arguments_are_a_usage_error(|| setup.helper(), &setup.netns, "qv0");
 }
 
 #[test]
 fn help_and_version_print_and_touch_nothing() {
     let setup = Setup::new("mvt-help", "allow all\n");
-    let before = setup.netns.link_names();
-    let help = setup.helper().arg("--help").output().unwrap();
-    assert!(help.status.success());
-    let text = String::from_utf8_lossy(&help.stdout);
-    for section in [
-        "NAME",
-        "SYNOPSIS",
-        "DESCRIPTION",
-        "MODES",
-        "ACL FILES",
-        "PRIVILEGES",
-        "EXIT STATUS",
-        "macvtap.conf",
-        "--mode",
-        "--mac",
-        "--use-vnet",
-        "--br",
-        "--fd",
-    ] {
-        assert!(text.contains(section), "--help lacks {section}");
-    }
-    let version = setup.helper().arg("--version").output().unwrap();
-    assert!(version.status.success());
-    assert!(String::from_utf8_lossy(&version.stdout).contains("config dir /etc/qemu"));
-    assert_eq!(setup.netns.link_names(), before);
+    helper_cli::help_and_version_print_and_touch_nothing(
+        || setup.helper(),
+        &setup.netns,
+        &[
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "MODES",
+            "ACL FILES",
+            "PRIVILEGES",
+            "EXIT STATUS",
+            "macvtap.conf",
+            "--mode",
+            "--mac",
+            "--use-vnet",
+            "--br",
+            "--fd",
+        ],
+    );
 }
 
 /// The pid of the reaper running in `netns`, if any.
