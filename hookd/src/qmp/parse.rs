@@ -170,11 +170,11 @@ pub fn parse_info_network(text: &str) -> Vec<NicInfo> {
         if nics.len() >= MAX_NICS {
             break;
         }
+        // Cut first, then compare: two long names that share their first
+        // MAX_PEER_STRING bytes are one NIC as far as we can tell them apart.
+        let name = bounded(name);
         if !nics.iter().any(|n| n.name == name) {
-            nics.push(NicInfo {
-                name: bounded(name),
-                mac,
-            });
+            nics.push(NicInfo { name, mac });
         }
     }
     nics
@@ -226,6 +226,20 @@ pub fn preview_value(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn info_network_names_are_unique_after_cutting() {
+        // Found by the qmp fuzz target: names longer than the bound that
+        // differ only after it came out twice under one (cut) name.
+        let long = "n".repeat(MAX_PEER_STRING);
+        let text = format!(
+            "{long}a: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\n\
+             {long}b: index=1,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:02\n"
+        );
+        let nics = parse_info_network(&text);
+        assert_eq!(nics.len(), 1, "{nics:?}");
+        assert_eq!(nics[0].name, long);
+    }
 
     #[test]
     fn info_network() {
