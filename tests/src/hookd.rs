@@ -345,3 +345,26 @@ pub fn qmp_client_args(socket: &Path) -> Vec<String> {
         "chardev=qnet,mode=control".into(),
     ]
 }
+
+/// Runs `qnet-hookd` once in `netns` with `config` as its hookd.toml (and
+/// every directory in a temporary one) and returns how it ended: for
+/// configs it must refuse, where it exits before serving anything.
+pub fn run_with_config(netns: &NetNs, config: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hookd.toml"), config).unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", netns.name()])
+        .arg(workspace_binary("qnet-hookd"))
+        .arg("--config")
+        .arg(dir.path().join("hookd.toml"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--ctl-socket")
+        .arg(dir.path().join("ctl.sock"))
+        .arg("--qmp-socket")
+        .arg(dir.path().join("qmp.sock"))
+        .output()
+        .unwrap()
+}

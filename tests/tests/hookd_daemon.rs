@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use qnet_tests::hookd::Hookd;
+use qnet_tests::hookd::{run_with_config, Hookd};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
 use qnet_tests::workspace_binary;
@@ -91,23 +91,7 @@ fn a_bad_config_is_refused_with_file_line_and_key_and_changes_nothing() {
         ),
         ("this is not toml", "line 1"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("hookd.toml"), text).unwrap();
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(workspace_binary("qnet-hookd"))
-            .arg("--config")
-            .arg(dir.path().join("hookd.toml"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--ctl-socket")
-            .arg(dir.path().join("ctl.sock"))
-            .arg("--qmp-socket")
-            .arg(dir.path().join("qmp.sock"))
-            .output()
-            .unwrap();
+        let out = run_with_config(&ns, text);
         assert!(!out.status.success(), "{text}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr.trim_end().lines().last().unwrap_or("");

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::fake_guest::{FakeGuest, Flood};
-use qnet_tests::hookd::{Hookd, Launch};
+use qnet_tests::hookd::{run_with_config, Hookd, Launch};
 use qnet_tests::mountns::MountNs;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
@@ -797,26 +797,10 @@ fn f12_a_qnetctl_timeout_says_the_daemon_did_not_answer() {
 fn f12_overlapping_subnets_are_reported_at_their_line() {
     require_root();
     let ns = NetNs::new("rl12ov");
-    let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.77.0.128/25\"\n"
     );
-    std::fs::write(dir.path().join("hookd.toml"), text).unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(workspace_binary("qnet-hookd"))
-        .arg("--config")
-        .arg(dir.path().join("hookd.toml"))
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--ctl-socket")
-        .arg(dir.path().join("ctl.sock"))
-        .arg("--qmp-socket")
-        .arg(dir.path().join("qmp.sock"))
-        .output()
-        .unwrap();
+    let out = run_with_config(&ns, &text);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains(":0:"), "{stderr}");
