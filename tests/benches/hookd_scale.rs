@@ -53,13 +53,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qnet_hostnet::link::{LinkSocket, PortChange};
-use qnet_hostnet::tap::Tap;
 use qnet_tests::fake_guest::{self, Identity};
 use qnet_tests::hookd::Hookd;
 use qnet_tests::netns::{run, NetNs};
@@ -452,27 +449,7 @@ fn guest_mac(index: u32) -> String {
 
 /// A worker: one fake QEMU process with one TAP on the bridge.
 fn worker(index: u32, socket: &Path) {
-    let tap = Tap::create_new(true).expect("create a TAP");
-    let mut links = LinkSocket::new().expect("netlink");
-    let port = links
-        .link_by_name(tap.name())
-        .expect("look up the TAP")
-        .expect("the TAP exists");
-    let bridge = links
-        .link_by_name(BRIDGE)
-        .expect("look up the bridge")
-        .expect("the daemon made the bridge");
-    links
-        .configure_port(
-            port.index,
-            PortChange {
-                master: Some(bridge.index),
-                up: true,
-                ..PortChange::default()
-            },
-        )
-        .expect("enslave the TAP");
-    drop(links);
+    let tap = fake_guest::tap_on_bridge(BRIDGE);
 
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready {}", tap.name()).unwrap();
@@ -514,25 +491,12 @@ impl Guest {
     /// Starts worker `index` in the namespace and waits until its TAP is on
     /// the bridge.
     fn spawn(index: u32, socket: &Path, ns: &File) -> Guest {
-        let ns_fd = ns.as_raw_fd();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.env(WORKER_ENV, index.to_string())
             .env(SOCKET_ENV, socket)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        // SAFETY: only async-signal-safe system calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Never outlive the bench, whatever happens to it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        fake_guest::in_netns_until_parent_dies(&mut cmd, ns);
         let mut child = cmd.spawn().expect("spawn a worker");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let ready = read_line(&mut stdout);

@@ -115,7 +115,6 @@ impl FakeGuest {
     /// `name`: `-name`; `@N` makes it N bytes long.
     pub fn spawn(netns: &NetNs, qmp_socket: &Path, bridge: &str, mac: &str, name: &str) -> Self {
         let ns = std::fs::File::open(netns.path()).expect("open the namespace");
-        let ns_fd = ns.as_raw_fd();
         let mut cmd = Command::new(workspace_binary("qnet-fake-guest"));
         cmd.arg("guest")
             .arg(qmp_socket)
@@ -123,19 +122,7 @@ impl FakeGuest {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: only async-signal-safe system calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Never outlive the test.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        in_netns_until_parent_dies(&mut cmd, &ns);
         let mut child = cmd.spawn().expect("spawn qnet-fake-guest");
         drop(ns);
         let mut line = String::new();
@@ -217,6 +204,53 @@ impl Drop for Flood {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Makes `cmd` start inside the network namespace `ns` and die with the
+/// process that spawned it (SIGKILL), so a fake guest never outlives the
+/// test or bench that made it, whatever happens to that.
+pub fn in_netns_until_parent_dies(cmd: &mut Command, ns: &std::fs::File) {
+    let ns_fd = ns.as_raw_fd();
+    // SAFETY: only async-signal-safe system calls between fork and exec;
+    // `ns` stays open until `spawn` returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A new TAP (with a vnet header, as QEMU opens it) enslaved to `bridge`
+/// and up: the host side of a fake guest's NIC, gone when dropped.
+pub fn tap_on_bridge(bridge: &str) -> qnet_hostnet::tap::Tap {
+    use qnet_hostnet::link::{LinkSocket, PortChange};
+    let tap = qnet_hostnet::tap::Tap::create_new(true).expect("create a TAP");
+    let mut links = LinkSocket::new().expect("netlink");
+    let port = links
+        .link_by_name(tap.name())
+        .expect("look up the TAP")
+        .expect("the TAP exists");
+    let master = links
+        .link_by_name(bridge)
+        .expect("look up the bridge")
+        .expect("the bridge exists");
+    links
+        .configure_port(
+            port.index,
+            PortChange {
+                master: Some(master.index),
+                up: true,
+                ..PortChange::default()
+            },
+        )
+        .expect("enslave the TAP");
+    tap
 }
 
 /// A shareable writer for [`play_qemu`].

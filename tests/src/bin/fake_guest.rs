@@ -15,8 +15,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qnet_hostnet::link::{LinkSocket, PortChange};
-use qnet_hostnet::tap::Tap;
 use qnet_tests::fake_guest::{self, Identity, RX_FILTER_CHANGED};
 
 fn main() {
@@ -34,27 +32,7 @@ fn main() {
 }
 
 fn guest(socket: &Path, bridge: &str, mac: &str, name: &str) -> ! {
-    let tap = Tap::create_new(true).expect("create a TAP");
-    let mut links = LinkSocket::new().expect("netlink");
-    let port = links
-        .link_by_name(tap.name())
-        .expect("look up the TAP")
-        .expect("the TAP exists");
-    let master = links
-        .link_by_name(bridge)
-        .expect("look up the bridge")
-        .expect("the bridge exists");
-    links
-        .configure_port(
-            port.index,
-            PortChange {
-                master: Some(master.index),
-                up: true,
-                ..PortChange::default()
-            },
-        )
-        .expect("enslave the TAP");
-    drop(links);
+    let tap = fake_guest::tap_on_bridge(bridge);
     let name = match name.strip_prefix('@') {
         Some(len) => "g".repeat(len.parse().expect("@LEN")),
         None => name.to_string(),
