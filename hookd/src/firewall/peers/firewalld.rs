@@ -146,49 +146,31 @@ impl PeerDriver for Firewalld {
 async fn define(conn: &Connection) -> Result<usize, PeerError> {
     let mut created = 0;
     for zone in ZONES {
-        if config_object(conn, "getZoneByName", zone.name)
-            .await?
-            .is_some()
-        {
-            continue;
-        }
         let mut settings: HashMap<&str, Value> = HashMap::new();
         settings.insert("short", Value::from(zone.short));
         settings.insert("description", Value::from(DESCRIPTION));
         settings.insert("target", Value::from("default"));
         settings.insert("services", Value::from(SERVICES.to_vec()));
         settings.insert("forward", Value::from(true));
-        let _: OwnedObjectPath = fw(
-            conn,
-            CONFIG_PATH,
-            CONFIG,
-            "addZone2",
-            &(zone.name, settings),
-        )
-        .await?;
-        created += 1;
+        created += usize::from(
+            add_missing(conn, ("getZoneByName", "addZone2"), zone.name, settings).await?,
+        );
     }
     for policy in POLICIES {
-        if config_object(conn, "getPolicyByName", policy.name)
-            .await?
-            .is_some()
-        {
-            continue;
-        }
         let mut settings: HashMap<&str, Value> = HashMap::new();
         settings.insert("description", Value::from(DESCRIPTION));
         settings.insert("target", Value::from("ACCEPT"));
         settings.insert("ingress_zones", Value::from(vec![policy.ingress]));
         settings.insert("egress_zones", Value::from(vec![policy.egress]));
-        let _: OwnedObjectPath = fw(
-            conn,
-            CONFIG_PATH,
-            CONFIG,
-            "addPolicy",
-            &(policy.name, settings),
-        )
-        .await?;
-        created += 1;
+        created += usize::from(
+            add_missing(
+                conn,
+                ("getPolicyByName", "addPolicy"),
+                policy.name,
+                settings,
+            )
+            .await?,
+        );
     }
     if created > 0 {
         tracing::info!(
@@ -198,6 +180,22 @@ async fn define(conn: &Connection) -> Result<usize, PeerError> {
         fw::<()>(conn, PATH, BUS_NAME, "reload", &()).await?;
     }
     Ok(created)
+}
+
+/// Adds the permanent zone or policy `name` with `settings` (through the
+/// `(getter, adder)` pair of the config interface) unless it exists;
+/// whether it was added.
+async fn add_missing(
+    conn: &Connection,
+    (getter, adder): (&str, &str),
+    name: &str,
+    settings: HashMap<&str, Value<'_>>,
+) -> Result<bool, PeerError> {
+    if config_object(conn, getter, name).await?.is_some() {
+        return Ok(false);
+    }
+    let _: OwnedObjectPath = fw(conn, CONFIG_PATH, CONFIG, adder, &(name, settings)).await?;
+    Ok(true)
 }
 
 /// The object of a permanent zone or policy, if it exists.
