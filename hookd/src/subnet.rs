@@ -37,6 +37,18 @@ pub struct Occupied {
     pub what: String,
 }
 
+impl Occupied {
+    /// The subnet of a configured network (up or not: a network that is
+    /// down still owns its subnet).
+    pub fn configured(network: &str, net: Ipv4Net) -> Occupied {
+        Occupied {
+            net: net.trunc(),
+            ifindex: None,
+            what: format!("network `{network}` ({net})"),
+        }
+    }
+}
+
 impl fmt::Display for Occupied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.what)

@@ -55,8 +55,12 @@ use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
 use crate::state::alloc;
 
+pub mod diff;
 mod raw;
+pub mod runtime;
+pub mod show;
 use raw::*;
+pub use runtime::RuntimeFile;
 
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
 pub const DEFAULT_NETWORK: &str = "qnet0";
@@ -178,7 +182,10 @@ impl fmt::Display for BlockedPort {
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// hookd.toml's networks, then the run-time ones.
     pub networks: Vec<NetworkConfig>,
+    /// Where each network was configured.
+    pub origins: BTreeMap<NetName, Origin>,
     /// Port forwards declared in the file.
     pub forwards: Vec<ForwardSpec>,
     /// No network is configured and the default network is wanted: the
@@ -240,60 +247,22 @@ impl Default for Limits {
 }
 
 impl Config {
-    /// Reads `path`; a missing file means "the default network".
+    /// Reads `path` and the run-time networks next to it (see [`runtime`]);
+    /// a missing file means "the default network".
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(path, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config {
-                networks: Vec::new(),
-                forwards: Vec::new(),
-                use_default_network: true,
-                default_network_explicit: false,
-                limits: Limits::default(),
-                integration: Integration::default(),
-            }),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+        ConfigFiles::read(path)?.parse()
     }
 
-    /// Parses and validates `text`, read from `path`. The error is one
-    /// line: what it quotes from the file is escaped and bounded.
+    /// Parses and validates `text`, read from `path`, alone (no run-time
+    /// networks). The error is one line: what it quotes from the file is
+    /// escaped and bounded.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Self::parse_text(path, text).map_err(ConfigError::one_line)
-    }
-
-    fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: toml_message(&e),
-        })?;
-        let mut integration = Integration {
-            global: raw.firewall_integration.unwrap_or(true),
-            per_network: BTreeMap::new(),
-        };
-        let networks = parse_networks(path, text, raw.network, &mut integration)?;
-        let forwards = parse_forwards(path, text, raw.forward, &networks)?;
-        let use_default_network = networks.is_empty() && raw.default_network.unwrap_or(true);
-        let limits = raw
-            .limits
-            .unwrap_or_default()
-            .validate()
-            .map_err(|(key, problem)| ConfigError::InvalidLimits {
-                path: path.to_path_buf(),
-                key,
-                problem,
-            })?;
-        Ok(Config {
-            networks,
-            forwards,
-            use_default_network,
-            default_network_explicit: raw.default_network.is_some(),
-            limits,
-            integration,
-        })
+        ConfigFiles {
+            main: path.to_path_buf(),
+            main_text: Some(text.to_owned()),
+            runtime: Vec::new(),
+        }
+        .parse()
     }
 
     /// The network used when there is no config file, on `subnet`.
@@ -308,36 +277,217 @@ impl Config {
     }
 }
 
-/// The `[[network]]` tables, validated one by one (a duplicate name or
-/// bridge names the later table's line), then against each other (subnets
-/// that overlap). Per-network `firewall-integration` goes into `integration`.
-fn parse_networks(
-    path: &Path,
-    text: &str,
-    tables: Vec<Spanned<RawNetwork>>,
-    integration: &mut Integration,
-) -> Result<Vec<NetworkConfig>, ConfigError> {
-    let mut networks = Vec::new();
-    let mut lines = Vec::new();
-    let mut names = BTreeSet::new();
-    let mut bridges = BTreeSet::new();
-    for spanned in tables {
-        let line = line_of(text, spanned.span().start);
-        let raw = spanned.into_inner();
-        let name = raw.name.clone();
-        let own_integration = raw.firewall_integration;
-        let invalid = |key, problem: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            network: name.clone(),
-            key,
-            problem,
+/// The files a configuration is read from: hookd.toml (missing: `None`)
+/// and the run-time networks' files next to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFiles {
+    pub main: PathBuf,
+    pub main_text: Option<String>,
+    pub runtime: Vec<RuntimeFile>,
+}
+
+/// Where a network was configured, for `qnetctl network show` and for
+/// telling which networks `network edit` and `delete` may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    /// A run-time network (a file of `networks.d`), not one of hookd.toml.
+    pub runtime: bool,
+    /// The keys the file sets; every other key has its default.
+    pub keys: BTreeSet<&'static str>,
+}
+
+impl ConfigFiles {
+    /// Reads hookd.toml at `main` and the run-time networks next to it.
+    pub fn read(main: &Path) -> Result<ConfigFiles, ConfigError> {
+        let main_text = match std::fs::read_to_string(main) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: main.to_path_buf(),
+                    source,
+                })
+            }
         };
-        let net = raw
+        Ok(ConfigFiles {
+            main: main.to_path_buf(),
+            main_text,
+            runtime: runtime::read_dir(&runtime::dir_for(main))?,
+        })
+    }
+
+    /// The directory of the run-time networks' files.
+    pub fn runtime_dir(&self) -> PathBuf {
+        runtime::dir_for(&self.main)
+    }
+
+    /// These files with the run-time file at `path` replaced by `text`
+    /// (added if new; removed with `None`).
+    pub fn with_runtime(&self, path: &Path, text: Option<String>) -> ConfigFiles {
+        let mut files = self.clone();
+        files.runtime.retain(|f| f.path != path);
+        if let Some(text) = text {
+            files.runtime.push(RuntimeFile {
+                path: path.to_path_buf(),
+                text,
+            });
+            files.runtime.sort_by(|a, b| a.path.cmp(&b.path));
+        }
+        files
+    }
+
+    /// Parses and validates every file, then the networks against each
+    /// other. The error is one line: what it quotes from a file is
+    /// escaped and bounded.
+    pub fn parse(&self) -> Result<Config, ConfigError> {
+        self.parse_all().map_err(ConfigError::one_line)
+    }
+
+    fn parse_all(&self) -> Result<Config, ConfigError> {
+        let raw: RawConfig = match &self.main_text {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: self.main.clone(),
+                message: toml_message(&e),
+            })?,
+            None => RawConfig::default(),
+        };
+        let main_text = self.main_text.as_deref().unwrap_or("");
+        let mut tables: Vec<Table> = raw
+            .network
+            .into_iter()
+            .map(|spanned| Table {
+                file: self.main.clone(),
+                line: line_of(main_text, spanned.span().start),
+                runtime: false,
+                raw: spanned.into_inner(),
+            })
+            .collect();
+        let use_default_network = tables.is_empty() && raw.default_network.unwrap_or(true);
+        for file in &self.runtime {
+            tables.push(runtime_table(file)?);
+        }
+        let mut integration = Integration {
+            global: raw.firewall_integration.unwrap_or(true),
+            per_network: BTreeMap::new(),
+        };
+        let (networks, origins) = parse_networks(tables, &mut integration)?;
+        if use_default_network {
+            if let Some(origin) = origins.get(DEFAULT_NETWORK) {
+                return Err(invalid_at(
+                    origin,
+                    DEFAULT_NETWORK,
+                    "name",
+                    "the default network has this name (hookd.toml configures no network)".into(),
+                ));
+            }
+        }
+        let forwards = parse_forwards(&self.main, main_text, raw.forward, &networks)?;
+        let limits = raw
+            .limits
+            .unwrap_or_default()
+            .validate()
+            .map_err(|(key, problem)| ConfigError::InvalidLimits {
+                path: self.main.clone(),
+                key,
+                problem,
+            })?;
+        Ok(Config {
+            networks,
+            origins,
+            forwards,
+            use_default_network,
+            default_network_explicit: raw.default_network.is_some(),
+            limits,
+            integration,
+        })
+    }
+}
+
+/// One network table and where it was written.
+struct Table {
+    file: PathBuf,
+    line: usize,
+    runtime: bool,
+    raw: RawNetwork,
+}
+
+/// A run-time network file: its keys at the top level, and named after
+/// its network (so the daemon finds the file of a network by its name).
+fn runtime_table(file: &RuntimeFile) -> Result<Table, ConfigError> {
+    let raw: RawNetwork = toml::from_str(&file.text).map_err(|e| ConfigError::Parse {
+        path: file.path.clone(),
+        message: toml_message(&e),
+    })?;
+    let table = Table {
+        file: file.path.clone(),
+        line: 1,
+        runtime: true,
+        raw,
+    };
+    let stem = file.path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if stem != table.raw.name {
+        let origin = table.origin();
+        return Err(invalid_at(
+            &origin,
+            &table.raw.name,
+            "name",
+            format!(
+                "the file of network `{}` must be named {}.toml",
+                table.raw.name, table.raw.name
+            ),
+        ));
+    }
+    Ok(table)
+}
+
+impl Table {
+    fn origin(&self) -> Origin {
+        Origin {
+            file: self.file.clone(),
+            line: self.line,
+            runtime: self.runtime,
+            keys: self.raw.keys(),
+        }
+    }
+}
+
+fn invalid_at(origin: &Origin, network: &str, key: &'static str, problem: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: origin.file.clone(),
+        line: origin.line,
+        network: network.to_owned(),
+        key,
+        problem,
+    }
+}
+
+/// The network tables, validated one by one (a duplicate name or bridge
+/// names the later table), then against each other (subnets that
+/// overlap). Per-network `firewall-integration` goes into `integration`.
+fn parse_networks(
+    tables: Vec<Table>,
+    integration: &mut Integration,
+) -> Result<(Vec<NetworkConfig>, BTreeMap<NetName, Origin>), ConfigError> {
+    let mut networks = Vec::new();
+    let mut origins = BTreeMap::new();
+    let mut placed = Vec::new();
+    let mut bridges = BTreeSet::new();
+    for table in tables {
+        let origin = table.origin();
+        let name = table.raw.name.clone();
+        let own_integration = table.raw.firewall_integration;
+        let invalid = |key, problem: String| invalid_at(&origin, &name, key, problem);
+        let net = table
+            .raw
             .validate()
             .map_err(|(key, problem)| invalid(key, problem))?;
-        if !names.insert(net.name.clone()) {
-            return Err(invalid("name", "another network has this name".into()));
+        if let Some(other) = origins.get(&net.name) {
+            return Err(invalid(
+                "name",
+                format!("another network has this name ({})", Place(other)),
+            ));
         }
         if !bridges.insert(net.bridge.clone()) {
             return Err(invalid("bridge", "another network uses this bridge".into()));
@@ -345,17 +495,28 @@ fn parse_networks(
         if let Some(on) = own_integration {
             integration.per_network.insert(net.name.clone(), on);
         }
+        placed.push(origin.clone());
+        origins.insert(net.name.clone(), origin);
         networks.push(net);
-        lines.push(line);
     }
-    check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        line: lines[index],
-        network: networks[index].name.to_string(),
-        key: "subnet",
-        problem,
+    check_overlaps(&networks).map_err(|(index, problem)| {
+        invalid_at(
+            &placed[index],
+            networks[index].name.as_str(),
+            "subnet",
+            problem,
+        )
     })?;
-    Ok(networks)
+    Ok((networks, origins))
+}
+
+/// `FILE:LINE` of an origin, for messages.
+pub struct Place<'a>(pub &'a Origin);
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0.file.display(), self.0.line)
+    }
 }
 
 /// The `[[forward]]` tables: each valid, on a network of this file, and
@@ -383,7 +544,7 @@ fn parse_forwards(
             if !networks.iter().any(|n| n.name == net.as_str()) {
                 return Err(invalid(
                     "network",
-                    format!("no network `{net}` in this file"),
+                    format!("no network `{net}` is configured"),
                 ));
             }
         }
@@ -404,7 +565,7 @@ fn parse_forwards(
 }
 
 /// The index of the later of two networks whose subnets overlap, and why.
-fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
+pub fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
     for (i, a) in networks.iter().enumerate() {
         for (j, b) in networks.iter().enumerate().skip(i + 1) {
             if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {

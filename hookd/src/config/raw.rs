@@ -4,7 +4,7 @@
 
 use super::*;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct RawConfig {
     #[serde(default)]
@@ -118,6 +118,27 @@ pub(super) struct RawIpv6 {
 pub(super) type Problem = (&'static str, String);
 
 impl RawNetwork {
+    /// The keys this table sets.
+    pub(super) fn keys(&self) -> BTreeSet<&'static str> {
+        let set = [
+            ("name", true),
+            ("bridge", self.bridge.is_some()),
+            ("mode", self.mode.is_some()),
+            ("subnet", true),
+            ("router", self.router.is_some()),
+            ("dhcp-range", self.dhcp_range.is_some()),
+            ("domain", self.domain.is_some()),
+            ("uplink", self.uplink.is_some()),
+            ("blocked-ports", !self.blocked_ports.is_empty()),
+            ("ipv6", self.ipv6.is_some()),
+            ("firewall-integration", self.firewall_integration.is_some()),
+        ];
+        set.into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     pub(super) fn validate(self) -> Result<NetworkConfig, Problem> {
         let name: NetName = typed("name", &self.name)?;
         let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;

@@ -55,6 +55,8 @@ pub enum Input {
     PeersChanged,
     /// Time to try again what could not be saved.
     Retry,
+    /// SIGHUP: re-read the configuration and apply what changed.
+    Reload,
 }
 
 impl Input {

@@ -28,6 +28,7 @@ mod forwards;
 mod guests;
 mod input;
 mod libvirt;
+mod live;
 mod networks;
 mod plan;
 mod requests;
@@ -42,7 +43,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
-use crate::config::{Config, Integration, Limits, NetworkConfig};
+use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
@@ -88,6 +89,12 @@ impl Dirty {
 
 pub struct Reconciler {
     paths: Paths,
+    /// The config files of the running configuration: a run-time change
+    /// replaces one file of these, so what hookd.toml says is applied
+    /// only on reload.
+    files: ConfigFiles,
+    /// Where each configured network comes from.
+    origins: BTreeMap<NetName, Origin>,
     state: State,
     store: Store,
     /// Forwards of hookd.toml.
@@ -128,6 +135,7 @@ impl Reconciler {
     /// re-dialed.
     pub async fn start(
         paths: Paths,
+        files: ConfigFiles,
         config: Config,
         inputs: mpsc::UnboundedSender<Input>,
         lease_watch: watch::Sender<BTreeSet<String>>,
@@ -135,6 +143,8 @@ impl Reconciler {
         let (store, state) = Store::open(&paths.state_dir)?;
         let mut reconciler = Reconciler {
             paths,
+            files,
+            origins: config.origins.clone(),
             state,
             store,
             config_forwards: config.forwards.clone(),
@@ -225,6 +235,9 @@ impl Reconciler {
             Input::StaleGuestExited { pid } => self.stale_guest_exited(pid),
             Input::LibvirtLeases(update) => self.libvirt_leases(update),
             Input::PeersChanged => self.sync_peers().await,
+            Input::Reload => {
+                let _ = self.reload(false).await;
+            }
             Input::Retry => {
                 self.retry_pending = false;
                 self.dirty.state = true;

@@ -31,27 +31,12 @@ impl Reconciler {
             .cloned()
             .collect();
         for net in vanished {
-            tracing::info!(network = %net.name, "no longer configured: removing it");
-            if let Err(e) = network::bring_down(&net).await {
-                tracing::warn!(network = %net.name, "removing: {e}");
-            }
-            // Its dnsmasq (left running by the daemon before) and run dir.
-            dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;
-            self.state.known_networks.remove(&net.name);
-            self.dirty.state = true;
+            self.remove_network(&net).await;
         }
         for net in wanted {
             let name = net.name.clone();
-            let up = !self.state.networks_down.contains(&name);
-            self.networks.insert(
-                name.clone(),
-                NetworkRuntime {
-                    config: net,
-                    up: false,
-                    dnsmasq: None,
-                },
-            );
-            if up {
+            self.insert_network(net);
+            if !self.state.networks_down.contains(&name) {
                 self.network_up(&name).await?;
             }
         }
@@ -62,7 +47,7 @@ impl Reconciler {
     /// (an emptied or truncated hookd.toml, say) is refused rather than
     /// taken to mean "tear them all down"; `default-network` written in
     /// the file says the admin means it.
-    fn refuse_silent_teardown(&self, config: &Config) -> Result<(), DaemonError> {
+    pub(super) fn refuse_silent_teardown(&self, config: &Config) -> Result<(), DaemonError> {
         if !config.networks.is_empty() || config.default_network_explicit {
             return Ok(());
         }
@@ -86,7 +71,7 @@ impl Reconciler {
 
     /// The default network's subnet: the one picked before, else a free
     /// /24 picked now and remembered, so it never moves.
-    async fn default_subnet(&mut self) -> Result<ipnet::Ipv4Net, DaemonError> {
+    pub(super) async fn default_subnet(&mut self) -> Result<ipnet::Ipv4Net, DaemonError> {
         if let Some(subnet) = self.state.default_subnet {
             return Ok(subnet);
         }
@@ -97,7 +82,7 @@ impl Reconciler {
         Ok(subnet)
     }
 
-    async fn network_up(&mut self, name: &NetName) -> Result<(), DaemonError> {
+    pub(super) async fn network_up(&mut self, name: &NetName) -> Result<(), DaemonError> {
         let paths = self.dnsmasq_paths();
         let Some(runtime) = self.networks.get_mut(name) else {
             return Ok(());

@@ -28,7 +28,12 @@ fn allowed(request: &Request) -> Allowed {
         | Request::ForwardList
         // The QEMU's own uid is checked once it is dialed.
         | Request::Attach { .. } => Allowed::Anyone,
+        Request::NetworkShow { .. } => Allowed::Anyone,
         Request::NetworkUp { .. } => Allowed::RootOnly("bring networks up"),
+        Request::NetworkCreate { .. } => Allowed::RootOnly("create networks"),
+        Request::NetworkEdit { .. } => Allowed::RootOnly("change networks"),
+        Request::NetworkDelete { .. } => Allowed::RootOnly("delete networks"),
+        Request::Reload { .. } => Allowed::RootOnly("reload the configuration"),
         Request::NetworkDown { .. } => Allowed::RootOnly("take networks down"),
         Request::GuestRegister { .. } => Allowed::RootOnly("register libvirt guests"),
         Request::GuestUnregister { .. } => Allowed::RootOnly("unregister libvirt guests"),
@@ -152,6 +157,18 @@ impl Reconciler {
             Request::ReserveRm { network, mac } => self.reserve_rm(&network, mac),
             Request::NetworkUp { name } => self.ctl_network_up(&name, peer).await,
             Request::NetworkDown { name } => self.ctl_network_down(&name, peer).await,
+            Request::NetworkCreate { name, settings } => {
+                self.network_create(name, settings, peer).await
+            }
+            Request::NetworkEdit {
+                name,
+                set,
+                unset,
+                force,
+            } => self.network_edit(name, set, unset, force).await,
+            Request::NetworkDelete { name, force } => self.network_delete(name, force).await,
+            Request::NetworkShow { name } => self.network_show(&name),
+            Request::Reload { force } => self.reload(force).await,
             Request::ForwardAdd { forward } => self.forward_add(forward, peer).await,
             Request::ForwardRm {
                 proto,

@@ -10,6 +10,7 @@ use qnet_hookd::cli::qnetctl::{
 };
 
 mod render;
+mod settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -73,6 +74,29 @@ fn request(command: Command) -> Result<Request, Invalid> {
         Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown {
             name: name.parse()?,
         },
+        Command::Network(NetworkCommand::Create { name, keys }) => Request::NetworkCreate {
+            name: name.parse()?,
+            settings: settings::from_keys(keys)?,
+        },
+        Command::Network(NetworkCommand::Edit {
+            name,
+            keys,
+            unset,
+            force,
+        }) => Request::NetworkEdit {
+            name: name.parse()?,
+            set: settings::from_keys(keys)?,
+            unset,
+            force,
+        },
+        Command::Network(NetworkCommand::Delete { name, force }) => Request::NetworkDelete {
+            name: name.parse()?,
+            force,
+        },
+        Command::Network(NetworkCommand::Show { name }) => Request::NetworkShow {
+            name: name.parse()?,
+        },
+        Command::Reload { force } => Request::Reload { force },
         Command::Forward(ForwardCommand::Add {
             guest,
             proto,
