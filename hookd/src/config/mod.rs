@@ -797,6 +797,71 @@ ipv6 = { subnet = "fd43::/64" }
         );
     }
 
+    fn with_runtime(main: &str, runtime: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = Path::new("/etc/qnet/networks.d");
+        ConfigFiles {
+            main: PathBuf::from("/etc/qnet/hookd.toml"),
+            main_text: Some(main.to_owned()),
+            runtime: runtime
+                .iter()
+                .map(|(file, text)| RuntimeFile {
+                    path: dir.join(file),
+                    text: text.to_string(),
+                })
+                .collect(),
+        }
+        .parse()
+    }
+
+    #[test]
+    fn runtime_networks_are_checked_with_hookd_toml_s_keys_and_messages() {
+        let main = "[[network]]\nname = \"lab\"\nsubnet = \"10.0.0.0/24\"\n";
+        let dev = "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nmode = \"isolated\"\n";
+        let config = with_runtime(main, &[("dev.toml", dev)]).unwrap();
+        assert_eq!(config.networks.len(), 2);
+        assert!(!config.use_default_network);
+        let origin = &config.origins[&NetName::from_str("dev").unwrap()];
+        assert!(origin.runtime);
+        assert!(origin.keys.contains("mode") && !origin.keys.contains("domain"));
+        assert!(!config.origins[&NetName::from_str("lab").unwrap()].runtime);
+        let cases = [
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.0.0.128/25\"\n", "/etc/qnet/networks.d/dev.toml:1: network `dev`: `subnet`: 10.0.0.128/25 overlaps network `lab`"),
+            ("dev.toml", "name = \"lab\"\nsubnet = \"10.1.0.0/24\"\n", "must be named lab.toml"),
+            ("lab.toml", "name = \"lab\"\nsubnet = \"10.1.0.0/24\"\n", "another network has this name (/etc/qnet/hookd.toml:1)"),
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nmtu = 1\n", "unknown field `mtu`"),
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nrouter = \"10.9.9.9\"\n", "`router`: 10.9.9.9 is not a host address of 10.1.0.0/24"),
+        ];
+        for (file, text, expected) in cases {
+            let err = with_runtime(main, &[(file, text)]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn runtime_networks_keep_the_default_network_and_may_be_forwarded_to() {
+        let dev = "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\n";
+        let config = with_runtime("", &[("dev.toml", dev)]).unwrap();
+        assert!(
+            config.use_default_network,
+            "hookd.toml configures no network"
+        );
+        let clash = "name = \"qnet0\"\nsubnet = \"10.1.0.0/24\"\n";
+        let err = with_runtime("", &[("qnet0.toml", clash)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the default network has this name"), "{err}");
+        let forward =
+            "[[forward]]\nguest = \"g\"\nproto = \"tcp\"\nports = \"8080\"\nnetwork = \"dev\"\n";
+        assert_eq!(
+            with_runtime(forward, &[("dev.toml", dev)])
+                .unwrap()
+                .forwards
+                .len(),
+            1
+        );
+    }
+
     #[test]
     fn missing_file_means_default_network() {
         let config = Config::load(Path::new("/nonexistent/qnet/hookd.toml")).unwrap();
