@@ -31,6 +31,9 @@ EXAMPLES
     As a service:
         systemctl enable --now qnet-hookd.socket qnet-hookd.service
         journalctl -u qnet-hookd
+    Check an edited hookd.toml, then apply it (SIGHUP; the unit's
+    ExecReload runs the check first):
+        qnet-hookd --check && systemctl reload qnet-hookd
 
 SECURITY
     The daemon runs as root with the capabilities of its unit's
@@ -52,6 +55,11 @@ EXAMPLES
     qnetctl reserve add qnet0 52:54:00:12:34:56 --name web1
     qnetctl forward add web1 tcp 8080:80
     qnetctl forward list --json
+    qnetctl network create dev --mode isolated
+    qnetctl network edit dev --dhcp-range 10.213.9.50-10.213.9.99
+    qnetctl network show dev
+    qnetctl network delete dev
+    qnetctl reload
 
 SECURITY
     Only root and members of group qnet may use the control socket. Other
@@ -122,6 +130,13 @@ DESCRIPTION
     the file, line and key, and a refused file changes nothing. Unknown keys
     are errors.
 
+    Networks created at run time (qnetctl network create) are files
+    networks.d/NAME.toml next to this file, holding the keys of one
+    [[network]] table at their top level; they are checked together with
+    this file. SIGHUP or qnetctl reload applies a changed file: networks
+    that did not change are not touched; qnet-hookd --check validates
+    without touching anything.
+
 NETWORKS
     [[network]]
     name = \"lab\"                  # required; also the default bridge name
@@ -151,6 +166,7 @@ LIMITS
 
 FILES
     /etc/qnet/hookd.toml   this file (qnet-hookd --config moves it)
+    /etc/qnet/networks.d/  networks created at run time, NAME.toml each
 
 SEE ALSO
     qnet-hookd(8), qnetctl(1)
