@@ -56,9 +56,11 @@ use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto}
 use crate::state::alloc;
 
 pub mod diff;
+pub mod policy;
 mod raw;
 pub mod runtime;
 pub mod show;
+pub use policy::UserPolicy;
 use raw::*;
 pub use runtime::RuntimeFile;
 
@@ -89,6 +91,12 @@ pub enum ConfigError {
         key: &'static str,
         problem: String,
     },
+    #[error("{path}: [user-networks]: `{key}`: {problem}")]
+    InvalidPolicy {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
     #[error("{path}:{line}: network `{network}`: `{key}`: {problem}")]
     Invalid {
         path: PathBuf,
@@ -111,9 +119,9 @@ impl ConfigError {
         let clean = |text: &mut String| *text = one_line(text, MAX_ERROR_TEXT);
         match &mut self {
             Self::Parse { message, .. } => clean(message),
-            Self::InvalidForward { problem, .. } | Self::InvalidLimits { problem, .. } => {
-                clean(problem)
-            }
+            Self::InvalidForward { problem, .. }
+            | Self::InvalidLimits { problem, .. }
+            | Self::InvalidPolicy { problem, .. } => clean(problem),
             Self::Invalid {
                 network, problem, ..
             } => {
@@ -139,6 +147,11 @@ pub struct NetworkConfig {
     pub uplink: Option<IfName>,
     pub blocked_ports: Vec<BlockedPort>,
     pub ipv6: Option<Ipv6Config>,
+    /// The user a network belongs to (`qnetctl network create` by a
+    /// member of group qnet): only they and root see it, change it and
+    /// put guests on it. `None`: the admin's, usable by everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +211,8 @@ pub struct Config {
     /// `firewall-integration`: whether qnet opens its networks in the
     /// other firewalls of the host (see `firewall::peers`).
     pub integration: Integration,
+    /// `[user-networks]`: what members of group qnet may create.
+    pub user_networks: UserPolicy,
 }
 
 /// `firewall-integration = BOOL`, globally and per `[[network]]`: on by
@@ -393,7 +408,17 @@ impl ConfigFiles {
                 key,
                 problem,
             })?;
+        let user_networks =
+            raw.user_networks
+                .unwrap_or_default()
+                .validate()
+                .map_err(|(key, problem)| ConfigError::InvalidPolicy {
+                    path: self.main.clone(),
+                    key,
+                    problem,
+                })?;
         Ok(Config {
+            user_networks,
             networks,
             origins,
             forwards,

@@ -14,6 +14,7 @@ pub(super) struct RawConfig {
     pub(super) default_network: Option<bool>,
     pub(super) limits: Option<RawLimits>,
     pub(super) firewall_integration: Option<bool>,
+    pub(super) user_networks: Option<super::policy::RawPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +107,7 @@ pub(super) struct RawNetwork {
     pub(super) blocked_ports: Vec<String>,
     pub(super) ipv6: Option<RawIpv6>,
     pub(super) firewall_integration: Option<bool>,
+    pub(super) owner: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +134,7 @@ impl RawNetwork {
             ("blocked-ports", !self.blocked_ports.is_empty()),
             ("ipv6", self.ipv6.is_some()),
             ("firewall-integration", self.firewall_integration.is_some()),
+            ("owner", self.owner.is_some()),
         ];
         set.into_iter()
             .filter(|(_, present)| *present)
@@ -213,6 +216,7 @@ impl RawNetwork {
             uplink,
             blocked_ports,
             ipv6,
+            owner: self.owner,
         })
     }
 }

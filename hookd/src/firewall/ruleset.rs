@@ -405,6 +405,7 @@ mod tests {
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,
+            owner: None,
         }
     }
 
