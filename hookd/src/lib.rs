@@ -40,3 +40,4 @@ mod ratelimit;
 mod reconciler;
 mod state;
 pub mod systemd;
+mod useracl;

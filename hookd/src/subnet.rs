@@ -117,6 +117,19 @@ pub fn pick_from(used: &[Occupied], prefer: &[Ipv4Net]) -> Option<Ipv4Net> {
     None
 }
 
+/// The first of `candidates` overlapping nothing in `used` (default
+/// routes never collide).
+pub fn pick_among(
+    mut candidates: impl Iterator<Item = Ipv4Net>,
+    used: &[Occupied],
+) -> Option<Ipv4Net> {
+    candidates.find(|net| {
+        !used
+            .iter()
+            .any(|u| u.net.prefix_len() > 0 && overlaps(u.net, *net))
+    })
+}
+
 /// Every IPv4 address and every IPv4 route of every routing table in the
 /// current network namespace.
 pub async fn occupied() -> Result<Vec<Occupied>, SubnetError> {
@@ -280,6 +293,18 @@ mod tests {
         assert!(!overlaps(net("10.213.1.0/24"), net("10.213.0.0/24")));
         assert!(!overlaps(net("10.213.0.0/25"), net("10.213.0.128/25")));
         assert!(overlaps(net("0.0.0.0/0"), net("192.168.1.0/24")));
+    }
+
+    #[test]
+    fn pick_among_skips_what_is_used_but_not_default_routes() {
+        let pool = || net("10.214.0.0/22").subnets(24).unwrap();
+        let taken = [
+            used("0.0.0.0/0"),
+            used("10.214.0.0/24"),
+            used("10.214.1.128/25"),
+        ];
+        assert_eq!(pick_among(pool(), &taken), Some(net("10.214.2.0/24")));
+        assert_eq!(pick_among(pool(), &[used("10.214.0.0/22")]), None);
     }
 
     #[test]

@@ -148,10 +148,12 @@ impl UserPolicy {
             if subnet != "auto" {
                 match subnet.parse::<Ipv4Net>() {
                     Ok(net) if self.pool.contains(&net) => {}
-                    Ok(net) => return Err(format!(
+                    Ok(net) => {
+                        return Err(format!(
                         "subnet {net} is outside the users' pool {}: pick one inside it, or `auto`",
                         self.pool
-                    )),
+                    ))
+                    }
                     // Not a CIDR: the config check says so, in its words.
                     Err(_) => {}
                 }

@@ -18,9 +18,10 @@ use qnet_api::{ApiError, ErrorKind, NetName, NetworkInfo, Reply, Settings};
 use super::networks::done;
 use super::{NetworkRuntime, Peer, Reconciler};
 use crate::config::diff::{self, Change, NetworkDiff};
+use crate::config::policy;
 use crate::config::{self, runtime, Config, ConfigFiles, NetworkConfig, RuntimeFile};
-use crate::error::{conflict, invalid, not_found};
-use crate::{dnsmasq, network, subnet};
+use crate::error::{conflict, denied, invalid, not_found};
+use crate::{dnsmasq, network, subnet, useracl};
 
 /// A new configuration, checked and planned, not applied yet.
 struct Plan {
@@ -42,64 +43,116 @@ impl Reconciler {
     }
 
     async fn try_reload(&mut self, force: bool) -> Result<String, ApiError> {
-        let files = ConfigFiles::read(&self.paths.config).map_err(config_refused)?;
+        let mut files = ConfigFiles::read(&self.paths.config).map_err(config_refused)?;
+        let departed = departed_owners(&files.parse().map_err(config_refused)?);
+        for (_, path) in &departed {
+            files = files.with_runtime(path, None);
+        }
         let plan = self.plan(files, force).await?;
         let summary = summary(&plan.diff);
+        // Persist first: a departed user's networks are gone for good
+        // before they are taken down.
+        for (name, path) in &departed {
+            tracing::info!(network = %name, "its owner left group `{}`: deleting it", crate::ctl::CTL_GROUP);
+            runtime::remove(path).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Storage,
+                    format!("cannot remove {}: {e}; nothing was changed", path.display()),
+                )
+            })?;
+        }
         self.apply(plan).await?;
+        for (name, _) in &departed {
+            self.forget_network(name);
+        }
         Ok(format!("{}: {summary}", self.paths.config.display()))
     }
 
+    /// `network create`: by root, an admin's network; by a member of
+    /// group qnet, a network of their own, within `[user-networks]`.
     pub(super) async fn network_create(
         &mut self,
         name: NetName,
         settings: Settings,
-        _peer: Peer,
+        peer: Peer,
     ) -> Result<Reply, ApiError> {
-        if let Some(existing) = self.networks.get(&name) {
+        if self.networks.contains_key(&name) {
             return Err(conflict(format!(
-                "network `{name}` exists already ({}): pick another name, or change it with `qnetctl network edit`",
-                self.where_configured(&existing.config.name)
+                "network `{name}` exists already: pick another name{}",
+                if peer.is_root() {
+                    format!(" ({})", self.where_configured(&name))
+                } else {
+                    String::new()
+                }
             )));
         }
         let mut table = toml::Table::new();
         table.insert("name".into(), toml::Value::String(name.to_string()));
         set_keys(&mut table, settings)?;
-        self.resolve_auto_subnet(&mut table, None).await?;
+        let owner = (!peer.is_root()).then_some(peer.uid);
+        if let Some(uid) = owner {
+            self.user_policy.check_keys(&table).map_err(denied)?;
+            self.user_policy
+                .may_create(self.owned_by(uid))
+                .map_err(|m| ApiError::new(ErrorKind::Exhausted, m))?;
+            let bridge = policy::user_bridge(uid, name.as_str());
+            table.insert("bridge".into(), toml::Value::String(bridge));
+            table.insert("owner".into(), toml::Value::Integer(i64::from(uid)));
+        }
+        self.resolve_auto_subnet(&mut table, None, owner).await?;
         let path = runtime::file_in(&self.files.runtime_dir(), name.as_str());
         self.change_runtime_file(&path, Some(runtime::render(&table)), false)
             .await?;
         let net = &self.network(&name)?.config;
-        Ok(done(format!(
-            "network `{name}` created: {} network on bridge {}, {} (router {}), saved in {}",
-            net.mode,
-            net.bridge,
-            net.subnet,
-            net.router,
-            path.display()
-        )))
+        let mut message = format!(
+            "network `{name}` created: {} network on bridge {}, {} (router {})",
+            net.mode, net.bridge, net.subnet, net.router
+        );
+        if owner.is_some() {
+            message.push_str(&self.user_acl_note(peer.uid, &net.bridge));
+        } else {
+            message.push_str(&format!(", saved in {}", path.display()));
+        }
+        Ok(done(message))
     }
 
+    /// `network edit`: root, or the network's owner within the policy.
     pub(super) async fn network_edit(
         &mut self,
         name: NetName,
         set: Settings,
         unset: Vec<String>,
         force: bool,
+        peer: Peer,
     ) -> Result<Reply, ApiError> {
+        let current = self.network_for(&name, peer)?.config.subnet;
         let file = self.runtime_file(&name, "edit")?;
         let mut table: toml::Table = toml::from_str(&file.text)
             .map_err(|e| invalid(format!("{}: {}", file.path.display(), e.message())))?;
+        let mut changes = toml::Table::new();
+        set_keys(&mut changes, set)?;
+        for key in &unset {
+            changes.insert(key.clone(), toml::Value::Boolean(false));
+        }
+        if !peer.is_root() {
+            self.user_policy.check_keys(&changes).map_err(denied)?;
+        }
         for key in &unset {
             if key == "name" || key == "subnet" {
                 return Err(invalid(format!(
                     "`{key}` cannot be unset: a network needs one"
                 )));
             }
+            changes.remove(key);
             table.remove(key);
         }
-        set_keys(&mut table, set)?;
-        let current = self.network(&name)?.config.subnet;
-        self.resolve_auto_subnet(&mut table, Some(current)).await?;
+        table.extend(changes);
+        let owner = table
+            .get("owner")
+            .and_then(toml::Value::as_integer)
+            .and_then(|o| u32::try_from(o).ok());
+        self.resolve_auto_subnet(&mut table, Some(current), owner)
+            .await?;
         let text = runtime::render(&table);
         if text == file.text {
             return Ok(done(format!("network `{name}`: nothing to change")));
@@ -110,11 +163,14 @@ impl Reconciler {
         Ok(done(format!("network `{name}` changed: {summary}")))
     }
 
+    /// `network delete`: root, or the network's owner.
     pub(super) async fn network_delete(
         &mut self,
         name: NetName,
         force: bool,
+        peer: Peer,
     ) -> Result<Reply, ApiError> {
+        self.network_for(&name, peer)?;
         let file = self.runtime_file(&name, "delete")?;
         let guests = self.state.guests_on(&name);
         if guests > 0 && !force {
@@ -123,14 +179,14 @@ impl Reconciler {
             )));
         }
         self.change_runtime_file(&file.path, None, force).await?;
-        let (reservations, forwards) = self.forget_network(&name)?;
+        let (reservations, forwards) = self.forget_network(&name);
         Ok(done(format!(
             "network `{name}` deleted, with {reservations} reservation(s) and {forwards} forward(s) of it"
         )))
     }
 
-    pub(super) fn network_show(&self, name: &NetName) -> Result<Reply, ApiError> {
-        let runtime = self.network(name)?;
+    pub(super) fn network_show(&self, name: &NetName, peer: Peer) -> Result<Reply, ApiError> {
+        let runtime = self.network_for(name, peer)?;
         let origin = self.files_origin(name);
         let enabled = self.integration.enabled(name);
         Ok(Reply::Network {
@@ -141,6 +197,54 @@ impl Reconciler {
                 settings: config::show::settings(&runtime.config, enabled, origin),
             },
         })
+    }
+
+    /// Writes the bridge helper's ACL files of users' networks (see
+    /// [`useracl`]). Failures are logged: the networks work, only their
+    /// users' QEMUs cannot attach until root allows the bridge.
+    pub(super) fn sync_user_acls(&mut self) {
+        let bridges: Vec<(u32, String)> = self
+            .networks
+            .values()
+            .filter_map(|n| Some((n.config.owner?, n.config.bridge.to_string())))
+            .collect();
+        let dir = self.paths.run_dir.join("users");
+        match useracl::write(&dir, &useracl::render(&dir, &bridges)) {
+            Ok(refused) => {
+                for (uid, why) in &refused {
+                    if self.acl_refused.get(uid) != Some(why) {
+                        tracing::warn!(uid, "no bridge ACL file for this user: {why}");
+                    }
+                }
+                self.acl_refused = refused.into_iter().collect();
+            }
+            Err(e) => tracing::error!(
+                "writing the users' bridge ACL files in {}: {e}",
+                dir.display()
+            ),
+        }
+    }
+
+    /// What a user who created a network needs to know to attach to it.
+    fn user_acl_note(&self, uid: u32, bridge: &str) -> String {
+        let top = self.paths.run_dir.join("users").join(useracl::TOP_FILE);
+        match self.acl_refused.get(&uid) {
+            None => format!(
+                "; your QEMU may attach to it with qnet-bridge-helper (--br={bridge}) where /etc/qemu/bridge.conf has `include {}`",
+                top.display()
+            ),
+            Some(why) => format!(
+                "; but {why}, so qnet cannot allow the bridge for you alone: ask root to add `allow {bridge}` for you to /etc/qemu/bridge.conf"
+            ),
+        }
+    }
+
+    /// How many networks user `uid` owns.
+    fn owned_by(&self, uid: u32) -> usize {
+        self.networks
+            .values()
+            .filter(|n| n.config.owner == Some(uid))
+            .count()
     }
 
     /// Writes (or removes, with `None`) the run-time network file at
@@ -295,9 +399,11 @@ impl Reconciler {
         }
         self.files = files;
         self.origins = config.origins;
+        self.user_policy = config.user_networks;
         self.config_forwards = config.forwards;
         self.limits = config.limits;
         self.integration = config.integration;
+        self.sync_user_acls();
         self.set_aside_clashing_forwards();
         let rules = self.apply_rules().await;
         self.dirty.all();
@@ -401,7 +507,7 @@ impl Reconciler {
 
     /// Removes the reservations of a deleted network and the forwards
     /// that name it, durably; returns how many of each.
-    fn forget_network(&mut self, name: &NetName) -> Result<(usize, usize), ApiError> {
+    fn forget_network(&mut self, name: &NetName) -> (usize, usize) {
         let reservations = self.state.reservations.remove(name).map_or(0, |r| r.len());
         let before = self.state.forwards.len();
         self.state
@@ -410,7 +516,7 @@ impl Reconciler {
         let forwards = before - self.state.forwards.len();
         self.state.networks_down.remove(name);
         self.dirty.all();
-        Ok((reservations, forwards))
+        (reservations, forwards)
     }
 
     /// The run-time file of network `name`, which `what` (edit, delete)
@@ -448,14 +554,16 @@ impl Reconciler {
         }
     }
 
-    /// `subnet = "auto"` (or no subnet at all) becomes a free /24: one no
-    /// route or address of the host and no configured network overlaps.
-    /// `current` is the network's own subnet (an edit), which is not in
-    /// the way.
+    /// `subnet = "auto"` (or no subnet at all) becomes a free subnet: one
+    /// no route or address of the host and no configured network
+    /// overlaps; a /24 of the usual candidates for root's networks, one of
+    /// the users' pool for a user's (`owner`). `current` is the network's
+    /// own subnet (an edit), which is not in the way.
     async fn resolve_auto_subnet(
         &self,
         table: &mut toml::Table,
         current: Option<Ipv4Net>,
+        owner: Option<u32>,
     ) -> Result<(), ApiError> {
         let auto = match table.get("subnet") {
             None => current.is_none(),
@@ -477,15 +585,39 @@ impl Reconciler {
                 n.config.subnet,
             ));
         }
-        let picked = subnet::pick_from(&used, &[]).ok_or_else(|| {
+        let picked = match owner {
+            None => subnet::pick_from(&used, &[]),
+            Some(_) => subnet::pick_among(self.user_policy.candidates(), &used),
+        };
+        let picked = picked.ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Exhausted,
-                "no free /24 left among the candidates: give `subnet` yourself",
+                "no free subnet left among the candidates: give `subnet` yourself",
             )
         })?;
         table.insert("subnet".into(), toml::Value::String(picked.to_string()));
         Ok(())
     }
+}
+
+/// The run-time networks whose owner is no longer a member of group
+/// qnet (or no longer exists): they go on reload. If the group itself is
+/// missing, nobody's membership can be told and nothing goes.
+fn departed_owners(config: &Config) -> Vec<(NetName, std::path::PathBuf)> {
+    let group = crate::ctl::CTL_GROUP;
+    config
+        .networks
+        .iter()
+        .filter_map(|net| {
+            let origin = config.origins.get(&net.name)?;
+            let owner = net.owner?;
+            let member = useracl::is_member(owner, group);
+            if member.is_none() {
+                tracing::warn!(network = %net.name, "group `{group}` does not exist: cannot tell whether owner uid {owner} is still a member; keeping the network");
+            }
+            (origin.runtime && member == Some(false)).then(|| (net.name.clone(), origin.file.clone()))
+        })
+        .collect()
 }
 
 /// `settings` into `table`, as TOML values (a JSON null or float is not

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
-use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin};
+use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin, UserPolicy};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
@@ -95,6 +95,10 @@ pub struct Reconciler {
     files: ConfigFiles,
     /// Where each configured network comes from.
     origins: BTreeMap<NetName, Origin>,
+    /// What members of group qnet may create.
+    user_policy: UserPolicy,
+    /// Users whose bridge ACL file could not be theirs alone, and why.
+    acl_refused: BTreeMap<u32, String>,
     state: State,
     store: Store,
     /// Forwards of hookd.toml.
@@ -145,6 +149,8 @@ impl Reconciler {
             paths,
             files,
             origins: config.origins.clone(),
+            user_policy: config.user_networks.clone(),
+            acl_refused: BTreeMap::new(),
             state,
             store,
             config_forwards: config.forwards.clone(),
@@ -167,6 +173,7 @@ impl Reconciler {
             gone_since_trim: 0,
         };
         reconciler.start_networks(config).await?;
+        reconciler.sync_user_acls();
         reconciler.set_aside_clashing_forwards();
         reconciler.apply_rules().await?;
         reconciler.adopt_guests();

@@ -169,13 +169,27 @@ impl Reconciler {
     }
 
     pub(super) fn network(&self, name: &str) -> Result<&NetworkRuntime, ApiError> {
-        self.networks.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.networks.keys().map(NetName::as_str).collect();
-            not_found(format!(
-                "no network `{name}` (networks: {})",
-                known.join(", ")
-            ))
-        })
+        self.network_for(name, Peer::ROOT)
+    }
+
+    /// Network `name` if `peer` may see it: a network a user owns is
+    /// theirs (and root's) alone, and to everyone else it does not exist.
+    pub(super) fn network_for(&self, name: &str, peer: Peer) -> Result<&NetworkRuntime, ApiError> {
+        match self.networks.get(name) {
+            Some(runtime) if visible(&runtime.config, peer) => Ok(runtime),
+            _ => {
+                let known: Vec<&str> = self
+                    .networks
+                    .values()
+                    .filter(|n| visible(&n.config, peer))
+                    .map(|n| n.config.name.as_str())
+                    .collect();
+                Err(not_found(format!(
+                    "no network `{name}` (networks: {})",
+                    known.join(", ")
+                )))
+            }
+        }
     }
 
     /// The networks that are up.
@@ -278,6 +292,12 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Whether `peer` may see (and use) network `net`: the admin's networks
+/// are everyone's, a user's network its owner's (and root's).
+pub(super) fn visible(net: &NetworkConfig, peer: Peer) -> bool {
+    peer.is_root() || net.owner.is_none_or(|owner| owner == peer.uid)
 }
 
 pub(super) fn done(message: String) -> Reply {

@@ -28,11 +28,12 @@ fn allowed(request: &Request) -> Allowed {
         | Request::ForwardList
         // The QEMU's own uid is checked once it is dialed.
         | Request::Attach { .. } => Allowed::Anyone,
-        Request::NetworkShow { .. } => Allowed::Anyone,
+        // Users' own networks: the handlers check owner and policy.
+        Request::NetworkShow { .. }
+        | Request::NetworkCreate { .. }
+        | Request::NetworkEdit { .. }
+        | Request::NetworkDelete { .. } => Allowed::Anyone,
         Request::NetworkUp { .. } => Allowed::RootOnly("bring networks up"),
-        Request::NetworkCreate { .. } => Allowed::RootOnly("create networks"),
-        Request::NetworkEdit { .. } => Allowed::RootOnly("change networks"),
-        Request::NetworkDelete { .. } => Allowed::RootOnly("delete networks"),
         Request::Reload { .. } => Allowed::RootOnly("reload the configuration"),
         Request::NetworkDown { .. } => Allowed::RootOnly("take networks down"),
         Request::GuestRegister { .. } => Allowed::RootOnly("register libvirt guests"),
@@ -144,7 +145,7 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<qnet_api::Reply, ApiError> {
         match request {
-            Request::Status => Ok(self.status().await),
+            Request::Status => Ok(self.status(peer).await),
             Request::Doctor { target } => self.doctor(target.as_deref()).await,
             Request::Guests => Ok(self.guest_list(peer)),
             Request::ReserveList { network } => self.reserve_list(network.as_ref(), peer),
@@ -165,9 +166,9 @@ impl Reconciler {
                 set,
                 unset,
                 force,
-            } => self.network_edit(name, set, unset, force).await,
-            Request::NetworkDelete { name, force } => self.network_delete(name, force).await,
-            Request::NetworkShow { name } => self.network_show(&name),
+            } => self.network_edit(name, set, unset, force, peer).await,
+            Request::NetworkDelete { name, force } => self.network_delete(name, force, peer).await,
+            Request::NetworkShow { name } => self.network_show(&name, peer),
             Request::Reload { force } => self.reload(force).await,
             Request::ForwardAdd { forward } => self.forward_add(forward, peer).await,
             Request::ForwardRm {

@@ -19,7 +19,7 @@ impl Reconciler {
         name: Option<GuestRef>,
         peer: Peer,
     ) -> Result<Reply, ApiError> {
-        let net = self.network(network)?.config.clone();
+        let net = self.network_for(network, peer)?.config.clone();
         let name = match name {
             Some(n) => Some(DnsLabel::from_guest_name(n.as_str()).ok_or_else(|| {
                 invalid(format!(
