@@ -8,17 +8,28 @@
 //! the bridge keeps its ifindex (it was not made again), its ports stay
 //! on it, dnsmasq keeps its pid, and the reservations keep their address.
 
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::fake_guest::FakeGuest;
-use qnet_tests::hookd::Hookd;
+use qnet_tests::fake_qemu::run_helper;
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest,
+};
+use qnet_tests::hookd::{qmp_client_args, Hookd, Launch};
+use qnet_tests::http::http_get_in_netns;
+use qnet_tests::install::{Install, Installed};
+use qnet_tests::mountns::MountNs;
 use qnet_tests::netns::NetNs;
+use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use qnet_tests::workspace_binary;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
+const LONG: Duration = Duration::from_secs(90);
 
 const LAB: &str = r#"
 [[network]]
@@ -348,4 +359,253 @@ fn reload_applies_the_diff_and_a_bad_config_keeps_the_running_one() {
     assert_eq!(fingerprint(&ns, &hookd, "lab", "qnlab"), lab);
     assert_eq!(hookd.reservation("lab", &guest.mac), ip);
     assert_eq!(master(&ns, &guest.tap).as_deref(), Some("qnlab"));
+}
+
+/// Two throwaway users in group qnet, as the daemon sees them: its mount
+/// namespace has copies of /etc/passwd and /etc/group with them added
+/// (each with a private group), so the host's files never change.
+struct Users {
+    a: RunAs,
+    b: RunAs,
+    group_file: PathBuf,
+    group_text: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Users {
+    fn new(mount: &MountNs) -> Users {
+        let a = unused_user();
+        let b = RunAs {
+            uid: a.uid + 1,
+            gid: a.gid + 1,
+        };
+        let qnet_gid = a.uid + 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let mut group: String = std::fs::read_to_string("/etc/group")
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("qnet:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        for (name, user) in [("qnetua", a), ("qnetub", b)] {
+            passwd.push_str(&format!(
+                "{name}:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
+                user.uid, user.gid
+            ));
+            group.push_str(&format!("{name}:x:{}:\n", user.gid));
+        }
+        let group_text = group.clone();
+        group.push_str(&format!("qnet:x:{qnet_gid}:qnetua,qnetub\n"));
+        let (passwd_file, group_file) = (dir.path().join("passwd"), dir.path().join("group"));
+        std::fs::write(&passwd_file, passwd).unwrap();
+        std::fs::write(&group_file, group).unwrap();
+        for (file, target) in [(&passwd_file, "/etc/passwd"), (&group_file, "/etc/group")] {
+            mount
+                .run("mount", &["--bind", file.to_str().unwrap(), target])
+                .unwrap();
+        }
+        Users {
+            a,
+            b,
+            group_file,
+            group_text,
+            _dir: dir,
+        }
+    }
+
+    /// Takes user A out of group qnet (in place: the bind mount follows
+    /// the file, not its name).
+    fn remove_a_from_group(&self) {
+        let qnet_gid = self.a.uid + 2;
+        let text = format!("{}qnet:x:{qnet_gid}:qnetub\n", self.group_text);
+        std::fs::write(&self.group_file, text).unwrap();
+    }
+}
+
+fn qnetctl_as(hookd: &Hookd, user: RunAs, args: &[&str]) -> Result<Value, String> {
+    let mut cmd = Command::new(workspace_binary("qnetctl"));
+    cmd.arg("--socket")
+        .arg(hookd.ctl_socket())
+        .arg("--json")
+        .args(args)
+        .uid(user.uid)
+        .gid(user.gid);
+    let out = cmd.output().unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn names(status: &Value) -> Vec<String> {
+    status["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
+    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+    let ns = NetNs::new("hkusers");
+    let mount = MountNs::new(&ns);
+    let users = Users::new(&mount);
+    let config = format!("{LAB}\n[user-networks]\nper-user = 2\n");
+    let hookd = Hookd::start_with(
+        &ns,
+        Some(&config),
+        Launch {
+            mount_ns: Some(&mount),
+            ..Launch::default()
+        },
+    );
+    // As members of group qnet would reach it (see hookd_daemon).
+    std::fs::set_permissions(hookd.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(hookd.ctl_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(hookd.qmp_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (a, b) = (users.a, users.b);
+
+    // A creates a network of their own, from the users' pool.
+    let reply = qnetctl_as(&hookd, a, &["network", "create", "mine"]).unwrap();
+    let message = reply["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("include ") && message.contains("10.214."),
+        "{message}"
+    );
+    let show = qnetctl_as(&hookd, a, &["network", "show", "mine"]).unwrap();
+    assert_eq!(setting(&show, "owner").0, a.uid.to_string());
+    let bridge = setting(&show, "bridge").0.trim_matches('"').to_string();
+    assert!(ns.link_names().contains(&bridge), "{bridge}");
+
+    // Beyond the policy: refused, each with its reason.
+    for (args, expected) in [
+        (
+            vec!["--mode", "routed"],
+            "mode `routed` is not one users may use",
+        ),
+        (vec!["--uplink", "up0"], "only root may set `uplink`"),
+        (vec!["--set", "bridge=eth0"], "only root may set `bridge`"),
+        (
+            vec!["--subnet", "192.168.77.0/24"],
+            "outside the users' pool",
+        ),
+    ] {
+        let mut full = vec!["network", "create", "more"];
+        full.extend(args);
+        let err = qnetctl_as(&hookd, a, &full).unwrap_err();
+        assert!(err.contains(expected), "{full:?}: {err}");
+    }
+    qnetctl_as(&hookd, a, &["network", "create", "second"]).unwrap();
+    let err = qnetctl_as(&hookd, a, &["network", "create", "third"]).unwrap_err();
+    assert!(err.contains("per-user"), "{err}");
+    qnetctl_as(&hookd, a, &["network", "delete", "second"]).unwrap();
+
+    // B sees nothing of A's network, and cannot touch it.
+    assert_eq!(names(&qnetctl_as(&hookd, b, &["status"]).unwrap()), ["lab"]);
+    assert!(names(&hookd.qnetctl(&["status"]).unwrap()).contains(&"mine".to_string()));
+    for args in [
+        vec!["network", "show", "mine"],
+        vec!["network", "delete", "mine"],
+        vec!["network", "edit", "mine", "--domain", "b.example"],
+        vec!["reserve", "list", "mine"],
+    ] {
+        let err = qnetctl_as(&hookd, b, &args).unwrap_err();
+        assert!(err.contains("no network `mine`"), "{args:?}: {err}");
+    }
+
+    // A's QEMU attaches to A's bridge through the installed setuid
+    // helper, allowed by the one include line an admin adds; B's is not.
+    let acl = ConfigDir::new();
+    let users_acl = hookd.run_dir().join("users").join("bridge.conf");
+    acl.write(
+        "bridge.conf",
+        &format!("allow qnlab\ninclude {}\n", users_acl.display()),
+    );
+    let helper = Installed::new("qnet-bridge-helper", &[("setuid", 0o4755, None)]);
+    let helper_path = helper.path(Install::Setuid);
+    let refusal =
+        run_helper(sandboxed(&helper_path, &ns, &acl, Some(b)), Some(&bridge)).expect_refusal();
+    assert!(refusal.contains("not allowed"), "{refusal}");
+    let token = random_token();
+    let guest = boot_as(
+        &ns,
+        &acl,
+        a,
+        &helper_path,
+        &bridge,
+        &hookd,
+        "mineguest",
+        &token,
+    );
+    let lease = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert!(lease.to_string().starts_with("10.214."), "{lease}");
+    hookd.wait_until("A's guest followed", WAIT, |h| {
+        qnetctl_as(h, a, &["reserve", "list", "mine"])
+            .is_ok_and(|r| r.to_string().contains(&lease.to_string()))
+    });
+
+    // A forwards a port to it; B may not.
+    qnetctl_as(
+        &hookd,
+        a,
+        &["forward", "add", "mineguest", "tcp", "18080:80"],
+    )
+    .unwrap();
+    let page = http_get_in_netns(ns.name(), "127.0.0.1:18080".parse().unwrap(), "/", LONG).unwrap();
+    assert_eq!(page, token);
+    let err = qnetctl_as(
+        &hookd,
+        b,
+        &["forward", "add", "mineguest", "tcp", "18081:80"],
+    )
+    .unwrap_err();
+    assert!(err.contains("not one of your running guests"), "{err}");
+    drop(guest);
+
+    // A leaves group qnet: on reload, A's network goes.
+    users.remove_a_from_group();
+    let reply = hookd.qnetctl(&["reload"]).unwrap();
+    assert!(
+        reply["message"].as_str().unwrap().contains("removed mine"),
+        "{reply}"
+    );
+    assert!(!names(&hookd.qnetctl(&["status"]).unwrap()).contains(&"mine".to_string()));
+    assert!(!ns.link_names().contains(&bridge));
+    assert!(!runtime_file(&hookd, "mine").exists());
+}
+
+/// Boots the test guest as `user`, on `bridge` through `helper`, dialing
+/// the daemon's QMP socket.
+#[allow(clippy::too_many_arguments)]
+fn boot_as(
+    ns: &NetNs,
+    acl: &ConfigDir,
+    user: RunAs,
+    helper: &std::path::Path,
+    bridge: &str,
+    hookd: &Hookd,
+    name: &str,
+    token: &str,
+) -> RunningGuest {
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let spec = GuestSpec::new(&image, random_mac(), token);
+    let logs = tempfile::Builder::new()
+        .prefix("qnet-test-serial-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let serial = logs.join(format!("{name}.log"));
+    let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
+    let mut qemu = sandboxed("qemu-system-x86_64", ns, acl, Some(user));
+    qemu.args(spec.qemu_args(&netdev, &serial))
+        .args(["-name", name])
+        .args(qmp_client_args(&hookd.qmp_socket()));
+    let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+    guest.wait_for_ready(LONG).unwrap_or_else(|e| panic!("{e}"));
+    guest
 }

@@ -161,7 +161,11 @@ mod tests {
             ),
         ];
         for (new, dnsmasq, expected) in cases {
-            let plan = diff(&[old.clone()], &[new.clone()], |_, _| dnsmasq);
+            let plan = diff(
+                std::slice::from_ref(&old),
+                std::slice::from_ref(&new),
+                |_, _| dnsmasq,
+            );
             assert_eq!(plan.changed, [(old.clone(), new, expected)]);
         }
     }

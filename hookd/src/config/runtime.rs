@@ -174,7 +174,7 @@ mod tests {
         write(&file).unwrap();
         assert_eq!(
             read_dir(&dir.path().join(DIR_NAME)).unwrap(),
-            [file.clone()]
+            std::slice::from_ref(&file)
         );
         remove(&file.path).unwrap();
         assert!(read_dir(&dir.path().join(DIR_NAME)).unwrap().is_empty());

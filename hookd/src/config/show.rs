@@ -44,6 +44,9 @@ pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>)
         "firewall-integration",
         Value::Boolean(integration).to_string(),
     ));
+    if let Some(owner) = net.owner {
+        values.push(("owner", Value::Integer(i64::from(owner)).to_string()));
+    }
     values
         .into_iter()
         .map(|(key, value)| Setting {
