@@ -562,6 +562,10 @@ pub struct NetworkStatus {
     pub guests: usize,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The uid of the user the network belongs to; absent for the
+    /// admin's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -32,6 +32,7 @@ impl Reconciler {
                 guests: self.state.guests_on(&n.config.name),
                 rx_bytes,
                 tx_bytes,
+                owner: n.config.owner,
             });
         }
         Reply::Status { networks }

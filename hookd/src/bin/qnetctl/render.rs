@@ -52,8 +52,15 @@ fn status(networks: &[NetworkStatus]) -> String {
                 (None, true) => "up".into(),
                 (_, false) => "down".into(),
             };
+            let owner = n.owner.map_or("-".into(), |uid| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map_or(uid.to_string(), |u| u.name)
+            });
             vec![
                 n.name.clone(),
+                owner,
                 n.mode.to_string(),
                 n.bridge.clone(),
                 subnet,
@@ -66,7 +73,7 @@ fn status(networks: &[NetworkStatus]) -> String {
         .collect();
     table(
         &[
-            "NETWORK", "MODE", "BRIDGE", "SUBNET", "STATE", "GUESTS", "RX", "TX",
+            "NETWORK", "OWNER", "MODE", "BRIDGE", "SUBNET", "STATE", "GUESTS", "RX", "TX",
         ],
         rows,
     )
