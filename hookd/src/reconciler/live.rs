@@ -91,6 +91,12 @@ impl Reconciler {
         set_keys(&mut table, settings)?;
         let owner = (!peer.is_root()).then_some(peer.uid);
         if let Some(uid) = owner {
+            // The default mode (nat) only if the policy allows it.
+            if !table.contains_key("mode") && !self.user_policy.modes.contains("nat") {
+                if let Some(mode) = self.user_policy.modes.iter().next() {
+                    table.insert("mode".into(), toml::Value::String(mode.clone()));
+                }
+            }
             self.user_policy.check_keys(&table).map_err(denied)?;
             self.user_policy
                 .may_create(self.owned_by(uid))
