@@ -143,6 +143,16 @@ async fn addresses_on(handle: &Handle, index: u32) -> Result<Vec<Addr>, NetworkE
     Ok(out)
 }
 
+async fn remove_address(handle: &Handle, bridge: &str, addr: Addr) -> Result<(), NetworkError> {
+    let what = format!("removing {}/{} from `{bridge}`", addr.ip, addr.prefix_len);
+    handle
+        .address()
+        .del(addr.message)
+        .execute()
+        .await
+        .map_err(failed(what))
+}
+
 /// Puts `ip/prefix_len` on the bridge unless it is there already. The same
 /// address with another prefix length (the config changed while we were
 /// down) is replaced: the router address is ours.
@@ -164,15 +174,7 @@ async fn ensure_address(
                 "replacing {ip}/{} with {ip}/{prefix_len}",
                 addr.prefix_len
             );
-            handle
-                .address()
-                .del(addr.message)
-                .execute()
-                .await
-                .map_err(failed(format!(
-                    "removing {ip}/{} from `{bridge}`",
-                    addr.prefix_len
-                )))?;
+            remove_address(handle, bridge, addr).await?;
         }
     }
     if present {
@@ -318,19 +320,10 @@ pub async fn readdress(old: &NetworkConfig, new: &NetworkConfig) -> Result<(), N
         .filter(|a| !keep.contains(a))
         .collect();
     for addr in addresses_on(handle, dev.index).await? {
-        if !gone.contains(&(addr.ip, addr.prefix_len)) {
-            continue;
+        if gone.contains(&(addr.ip, addr.prefix_len)) {
+            tracing::info!(bridge = %old.bridge, "removing {}/{}", addr.ip, addr.prefix_len);
+            remove_address(handle, &old.bridge, addr).await?;
         }
-        handle
-            .address()
-            .del(addr.message)
-            .execute()
-            .await
-            .map_err(failed(format!(
-                "removing {}/{} from `{}`",
-                addr.ip, addr.prefix_len, old.bridge
-            )))?;
-        tracing::info!(bridge = %old.bridge, "removed {}/{}", addr.ip, addr.prefix_len);
     }
     bring_up(new).await
 }
