@@ -48,8 +48,15 @@ pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError>
         nofile,
         config.limits.qmp_sessions_per_user,
     ));
-    let reconciler =
-        Reconciler::start(paths.clone(), files, config, inputs.clone(), lease_watch).await?;
+    let reconciler = Reconciler::start(
+        paths.clone(),
+        files,
+        config,
+        inputs.clone(),
+        lease_watch,
+        sessions.clone(),
+    )
+    .await?;
     let peer_inputs = inputs.clone();
     firewall::peers::watch::spawn(move || peer_inputs.send(Input::PeersChanged).is_ok());
 

@@ -43,6 +43,7 @@ impl Reconciler {
     }
 
     async fn try_reload(&mut self, force: bool) -> Result<String, ApiError> {
+        crate::ctl::set_group(&self.paths.ctl_socket);
         let mut files = ConfigFiles::read(&self.paths.config).map_err(config_refused)?;
         let departed = departed_owners(&files.parse().map_err(config_refused)?);
         for (_, path) in &departed {
@@ -408,6 +409,8 @@ impl Reconciler {
         self.user_policy = config.user_networks;
         self.config_forwards = config.forwards;
         self.limits = config.limits;
+        self.qmp_sessions
+            .set_per_uid(config.limits.qmp_sessions_per_user);
         self.integration = config.integration;
         self.sync_user_acls();
         self.set_aside_clashing_forwards();

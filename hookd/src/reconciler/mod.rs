@@ -36,6 +36,7 @@ mod reservations;
 mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use qnet_api::{ApiError, ErrorKind, ForwardSpec, NetName};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -49,6 +50,7 @@ use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
 use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
+use crate::follow::Sessions;
 use crate::state::{State, Store};
 
 /// Most guest events applied before one flush: bounds how long the first
@@ -97,6 +99,9 @@ pub struct Reconciler {
     origins: BTreeMap<NetName, Origin>,
     /// What members of group qnet may create.
     user_policy: UserPolicy,
+    /// The QMP accept loop's session counts, whose per-user limit a
+    /// reload changes.
+    qmp_sessions: Arc<Sessions>,
     /// Users whose bridge ACL file could not be theirs alone, and why.
     acl_refused: BTreeMap<u32, String>,
     state: State,
@@ -143,6 +148,7 @@ impl Reconciler {
         config: Config,
         inputs: mpsc::UnboundedSender<Input>,
         lease_watch: watch::Sender<BTreeSet<String>>,
+        qmp_sessions: Arc<Sessions>,
     ) -> Result<Reconciler, DaemonError> {
         let (store, state) = Store::open(&paths.state_dir)?;
         let mut reconciler = Reconciler {
@@ -150,6 +156,7 @@ impl Reconciler {
             files,
             origins: config.origins.clone(),
             user_policy: config.user_networks.clone(),
+            qmp_sessions,
             acl_refused: BTreeMap::new(),
             state,
             store,
