@@ -6,7 +6,8 @@
 //! ranges inside their subnets, no overlaps, unique names and bridges,
 //! forwards on declared networks and not overlapping); printing the
 //! parsed configuration with every default written out and parsing it
-//! again gives the same configuration.
+//! again gives the same configuration. The same text read as a run-time
+//! network's file (`networks.d/lab.toml`) keeps the first two.
 #![no_main]
 
 use std::fmt::Write;
@@ -14,7 +15,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use qnet_fuzz::{assert_bounded, assert_one_line};
-use qnet_hookd::config::{Config, NetworkConfig};
+use qnet_hookd::config::{Config, ConfigFiles, NetworkConfig, RuntimeFile};
 
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -25,6 +26,17 @@ fn print(config: &Config) -> String {
     if config.default_network_explicit {
         let _ = writeln!(out, "default-network = {}", config.use_default_network);
     }
+    let _ = writeln!(out, "firewall-integration = {}", config.integration.global);
+    let policy = &config.user_networks;
+    let modes: Vec<String> = policy.modes.iter().map(|m| quote(m)).collect();
+    let _ = writeln!(
+        out,
+        "[user-networks]\nper-user = {}\nmodes = [{}]\npool = \"{}\"\nprefix = {}",
+        policy.per_user,
+        modes.join(", "),
+        policy.pool,
+        policy.prefix
+    );
     let limits = &config.limits;
     let _ = writeln!(
         out,
@@ -35,6 +47,9 @@ fn print(config: &Config) -> String {
     );
     for n in &config.networks {
         print_network(&mut out, n);
+        if let Some(on) = config.integration.per_network.get(&n.name) {
+            let _ = writeln!(out, "firewall-integration = {on}");
+        }
     }
     for f in &config.forwards {
         let _ = writeln!(
@@ -70,6 +85,9 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
     );
     if let Some(uplink) = &n.uplink {
         let _ = writeln!(out, "uplink = {}", quote(uplink));
+    }
+    if let Some(owner) = n.owner {
+        let _ = writeln!(out, "owner = {owner}");
     }
     let ports: Vec<String> = n.blocked_ports.iter().map(|p| format!("\"{p}\"")).collect();
     let _ = writeln!(out, "blocked-ports = [{}]", ports.join(", "));
@@ -107,13 +125,19 @@ fn check_invariants(config: &Config) {
         }
         assert!(config.forwards[i + 1..].iter().all(|g| !g.overlaps(f)));
     }
-    assert!(!(config.use_default_network && !config.networks.is_empty()));
+    // The default network stands in for hookd.toml's networks only.
+    let from_main = config
+        .networks
+        .iter()
+        .any(|n| config.origins.get(&n.name).is_some_and(|o| !o.runtime));
+    assert!(!(config.use_default_network && from_main));
 }
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    as_runtime_file(text, data.len());
     let path = Path::new("/etc/qnet/hookd.toml");
     let config = match Config::parse(path, text) {
         Ok(config) => config,
@@ -126,7 +150,27 @@ fuzz_target!(|data: &[u8]| {
     );
     check_invariants(&config);
     let printed = print(&config);
-    let again = Config::parse(path, &printed)
+    let mut again = Config::parse(path, &printed)
         .unwrap_or_else(|e| panic!("the printed config does not parse: {e}\n{printed}"));
+    // Where each network was written differs; what was written must not.
+    let mut config = config;
+    config.origins.clear();
+    again.origins.clear();
     assert_eq!(config, again, "{printed}");
 });
+
+/// The text as the file of run-time network `lab`.
+fn as_runtime_file(text: &str, len: usize) {
+    let files = ConfigFiles {
+        main: "/etc/qnet/hookd.toml".into(),
+        main_text: None,
+        runtime: vec![RuntimeFile {
+            path: "/etc/qnet/networks.d/lab.toml".into(),
+            text: text.to_owned(),
+        }],
+    };
+    match files.parse() {
+        Ok(config) => check_invariants(&config),
+        Err(e) => assert_one_line("run-time network error", &e.to_string(), len),
+    }
+}
