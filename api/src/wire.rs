@@ -248,6 +248,17 @@ pub enum Request {
     NetworkShow {
         name: NetName,
     },
+    /// Let guests of `from` open connections to guests of `to` (and back,
+    /// unless `one_way`); with `remove`, take that link away. Kept in the
+    /// run-time file of `from` (`connect-to`, `connect-to-one-way`).
+    NetworkLink {
+        from: NetName,
+        to: NetName,
+        #[serde(default)]
+        one_way: bool,
+        #[serde(default)]
+        remove: bool,
+    },
     /// Re-read hookd.toml and the run-time networks and apply what
     /// changed (as SIGHUP does); `force` as for [`Request::NetworkEdit`].
     Reload {

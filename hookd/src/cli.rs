@@ -249,6 +249,16 @@ pub mod qnetctl {
         },
         /// A network's whole configuration, and where each value comes from.
         Show { name: String },
+        /// Let guests of FROM connect to guests of TO, and back unless --one-way.
+        Link {
+            from: String,
+            to: String,
+            /// Only FROM's guests may open connections (TO's only answer).
+            #[arg(long)]
+            one_way: bool,
+        },
+        /// Take away the link from FROM to TO.
+        Unlink { from: String, to: String },
     }
 
     /// The keys of a network, as in hookd.toml's [[network]] (see

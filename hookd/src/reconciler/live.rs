@@ -192,6 +192,51 @@ impl Reconciler {
         )))
     }
 
+    /// `network link FROM TO [--one-way]` and `network unlink`: an edit
+    /// of FROM's `connect-to` lists. A user links only networks they own.
+    pub(super) async fn network_link(
+        &mut self,
+        from: NetName,
+        to: NetName,
+        one_way: bool,
+        remove: bool,
+        peer: Peer,
+    ) -> Result<Reply, ApiError> {
+        self.network_for(&from, peer)?;
+        self.network_for(&to, peer)?;
+        if !peer.is_root() && self.network(&to)?.config.owner != Some(peer.uid) {
+            return Err(denied(format!(
+                "network `{to}` is not yours: only root may link to the admin's networks"
+            )));
+        }
+        let file = self.runtime_file(&from, "link")?;
+        let mut table: toml::Table = toml::from_str(&file.text)
+            .map_err(|e| invalid(format!("{}: {}", file.path.display(), e.message())))?;
+        for key in [LINK_KEY, LINK_ONE_WAY_KEY] {
+            remove_from_list(&mut table, key, to.as_str());
+        }
+        if !remove {
+            let key = if one_way { LINK_ONE_WAY_KEY } else { LINK_KEY };
+            let list = table
+                .entry(key)
+                .or_insert_with(|| toml::Value::Array(Vec::new()));
+            if let toml::Value::Array(items) = list {
+                items.push(toml::Value::String(to.to_string()));
+            }
+        }
+        let text = runtime::render(&table);
+        if text == file.text {
+            return Ok(done(format!("network `{from}`: nothing to change")));
+        }
+        self.change_runtime_file(&file.path, Some(text), false)
+            .await?;
+        Ok(done(match (remove, one_way) {
+            (true, _) => format!("`{from}` and `{to}` are no longer linked"),
+            (false, true) => format!("guests of `{from}` may connect to guests of `{to}`"),
+            (false, false) => format!("guests of `{from}` and `{to}` may connect to each other"),
+        }))
+    }
+
     pub(super) fn network_show(&self, name: &NetName, peer: Peer) -> Result<Reply, ApiError> {
         let runtime = self.network_for(name, peer)?;
         let origin = self.files_origin(name);
@@ -627,6 +672,21 @@ fn departed_owners(config: &Config) -> Vec<(NetName, std::path::PathBuf)> {
             (origin.runtime && member == Some(false)).then(|| (net.name.clone(), origin.file.clone()))
         })
         .collect()
+}
+
+/// The keys of a network's links (see `config`).
+const LINK_KEY: &str = "connect-to";
+const LINK_ONE_WAY_KEY: &str = "connect-to-one-way";
+
+/// Removes `name` from the list `key` of `table` (and the key with its
+/// last item).
+fn remove_from_list(table: &mut toml::Table, key: &str, name: &str) {
+    if let Some(toml::Value::Array(items)) = table.get_mut(key) {
+        items.retain(|v| v.as_str() != Some(name));
+        if items.is_empty() {
+            table.remove(key);
+        }
+    }
 }
 
 /// `settings` into `table`, as TOML values (a JSON null or float is not

@@ -32,7 +32,8 @@ fn allowed(request: &Request) -> Allowed {
         Request::NetworkShow { .. }
         | Request::NetworkCreate { .. }
         | Request::NetworkEdit { .. }
-        | Request::NetworkDelete { .. } => Allowed::Anyone,
+        | Request::NetworkDelete { .. }
+        | Request::NetworkLink { .. } => Allowed::Anyone,
         Request::NetworkUp { .. } => Allowed::RootOnly("bring networks up"),
         Request::Reload { .. } => Allowed::RootOnly("reload the configuration"),
         Request::NetworkDown { .. } => Allowed::RootOnly("take networks down"),
@@ -169,6 +170,12 @@ impl Reconciler {
             } => self.network_edit(name, set, unset, force, peer).await,
             Request::NetworkDelete { name, force } => self.network_delete(name, force, peer).await,
             Request::NetworkShow { name } => self.network_show(&name, peer),
+            Request::NetworkLink {
+                from,
+                to,
+                one_way,
+                remove,
+            } => self.network_link(from, to, one_way, remove, peer).await,
             Request::Reload { force } => self.reload(force).await,
             Request::ForwardAdd { forward } => self.forward_add(forward, peer).await,
             Request::ForwardRm {

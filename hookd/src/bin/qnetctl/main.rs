@@ -96,6 +96,18 @@ fn request(command: Command) -> Result<Request, Invalid> {
         Command::Network(NetworkCommand::Show { name }) => Request::NetworkShow {
             name: name.parse()?,
         },
+        Command::Network(NetworkCommand::Link { from, to, one_way }) => Request::NetworkLink {
+            from: from.parse()?,
+            to: to.parse()?,
+            one_way,
+            remove: false,
+        },
+        Command::Network(NetworkCommand::Unlink { from, to }) => Request::NetworkLink {
+            from: from.parse()?,
+            to: to.parse()?,
+            one_way: false,
+            remove: true,
+        },
         Command::Reload { force } => Request::Reload { force },
         Command::Forward(ForwardCommand::Add {
             guest,
