@@ -29,10 +29,12 @@ mod guests;
 mod input;
 mod libvirt;
 mod live;
+mod netverbs;
 mod networks;
 mod plan;
 mod requests;
 mod reservations;
+mod users;
 mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
