@@ -120,6 +120,7 @@ fn network() -> NetworkConfig {
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,
+        connect_to: Vec::new(),
     }
 }
 

@@ -12,6 +12,8 @@
 //! uplink = "eth0"               # optional: masquerade/forward only via it
 //! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//! connect-to = ["web"]          # guests of lab and web may connect to each other
+//! connect-to-one-way = ["db"]   # lab's guests may connect to db's, not back
 //!
 //! [[forward]]                   # active while the guest runs
 //! guest = "web1"                # the guest's -name, or a NIC's MAC
@@ -55,7 +57,9 @@ use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
 use crate::state::alloc;
 
+pub mod links;
 mod raw;
+pub use links::Link;
 use raw::*;
 
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
@@ -135,6 +139,11 @@ pub struct NetworkConfig {
     pub uplink: Option<IfName>,
     pub blocked_ports: Vec<BlockedPort>,
     pub ipv6: Option<Ipv6Config>,
+    /// `connect-to` and `connect-to-one-way`: the networks this one's
+    /// guests may open connections to (see [`links`]), sorted by name, each
+    /// once. Only the firewall reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_to: Vec<Link>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,7 +319,7 @@ impl Config {
 
 /// The `[[network]]` tables, validated one by one (a duplicate name or
 /// bridge names the later table's line), then against each other (subnets
-/// that overlap). Per-network `firewall-integration` goes into `integration`.
+/// that overlap, links). Per-network `firewall-integration` goes into `integration`.
 fn parse_networks(
     path: &Path,
     text: &str,
@@ -348,13 +357,15 @@ fn parse_networks(
         networks.push(net);
         lines.push(line);
     }
-    check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
+    let invalid_at = |index: usize, key, problem| ConfigError::Invalid {
         path: path.to_path_buf(),
         line: lines[index],
         network: networks[index].name.to_string(),
-        key: "subnet",
+        key,
         problem,
-    })?;
+    };
+    check_overlaps(&networks).map_err(|(index, problem)| invalid_at(index, "subnet", problem))?;
+    links::check(&networks).map_err(|(index, key, problem)| invalid_at(index, key, problem))?;
     Ok(networks)
 }
 

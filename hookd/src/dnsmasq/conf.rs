@@ -102,6 +102,7 @@ mod tests {
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,
+            connect_to: Vec::new(),
         }
     }
 

@@ -37,6 +37,7 @@ pub fn network(
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,
+        connect_to: Vec::new(),
     }
 }
 
