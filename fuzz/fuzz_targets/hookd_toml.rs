@@ -15,6 +15,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use qnet_fuzz::{assert_bounded, assert_one_line};
+use qnet_hookd::api::Mode;
 use qnet_hookd::config::{Config, ConfigFiles, NetworkConfig, RuntimeFile};
 
 fn quote(s: &str) -> String {
@@ -98,6 +99,15 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
             v6.subnet, v6.router
         );
     }
+    for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
+        let names: Vec<String> = n
+            .connect_to
+            .iter()
+            .filter(|l| l.one_way == one_way)
+            .map(|l| quote(&l.to))
+            .collect();
+        let _ = writeln!(out, "{key} = [{}]", names.join(", "));
+    }
 }
 
 fn check_invariants(config: &Config) {
@@ -111,6 +121,12 @@ fn check_invariants(config: &Config) {
         assert!(!(n.dhcp_range.0..=n.dhcp_range.1).contains(&n.router));
         if let Some(v6) = &n.ipv6 {
             assert!(v6.subnet.contains(&v6.router) && v6.router != v6.subnet.network());
+        }
+        for link in &n.connect_to {
+            let to = config.networks.iter().find(|m| m.name == link.to);
+            assert!(to.is_some_and(|to| to.name != n.name));
+            assert!(n.mode != Mode::Isolated);
+            assert!(link.one_way || to.is_some_and(|to| to.mode != Mode::Isolated));
         }
         for m in &config.networks[i + 1..] {
             assert!(n.name != m.name && n.bridge != m.bridge);

@@ -121,6 +121,7 @@ fn network() -> NetworkConfig {
         blocked_ports: Vec::new(),
         ipv6: None,
         owner: None,
+        connect_to: Vec::new(),
     }
 }
 

@@ -176,6 +176,29 @@ fn networks_are_created_edited_and_deleted_at_run_time_touching_only_what_change
         "the blocked port is in the rules:\n{rules}"
     );
 
+    // A link is an edit of the run-time network's file: rules only.
+    let reply = hookd.qnetctl(&["network", "link", "dev", "lab"]).unwrap();
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("may connect to each other"),
+        "{reply}"
+    );
+    let show = hookd.qnetctl(&["network", "show", "dev"]).unwrap();
+    assert_eq!(
+        setting(&show, "connect-to"),
+        ("[\"lab\"]".into(), "run-time".into())
+    );
+    assert_eq!(fingerprint(&ns, &hookd, "dev", "dev"), dev);
+    let err = hookd
+        .qnetctl(&["network", "link", "lab", "dev"])
+        .unwrap_err();
+    assert!(err.contains("hookd.toml:2"), "{err}");
+    hookd.qnetctl(&["network", "unlink", "dev", "lab"]).unwrap();
+    let show = hookd.qnetctl(&["network", "show", "dev"]).unwrap();
+    assert!(!show.to_string().contains("connect-to"), "{show}");
+
     // A dnsmasq change: dnsmasq restarts, the bridge and its port stay.
     hookd
         .qnetctl(&["network", "edit", "dev", "--domain", "dev.example"])
@@ -414,12 +437,17 @@ impl Users {
         }
     }
 
-    /// Takes user A out of group qnet (in place: the bind mount follows
-    /// the file, not its name).
-    fn remove_a_from_group(&self) {
+    /// Takes user A out of group qnet: a new copy mounted over the old
+    /// one, so the daemon reads the old file or the new, never a file
+    /// half rewritten.
+    fn remove_a_from_group(&self, mount: &MountNs) {
         let qnet_gid = self.a.uid + 2;
         let text = format!("{}qnet:x:{qnet_gid}:qnetub\n", self.group_text);
-        std::fs::write(&self.group_file, text).unwrap();
+        let file = self.group_file.with_file_name("group.new");
+        std::fs::write(&file, text).unwrap();
+        mount
+            .run("mount", &["--bind", file.to_str().unwrap(), "/etc/group"])
+            .unwrap();
     }
 }
 
@@ -567,11 +595,12 @@ fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
     drop(guest);
 
     // A leaves group qnet: on reload, A's network goes.
-    users.remove_a_from_group();
+    users.remove_a_from_group(&mount);
     let reply = hookd.qnetctl(&["reload"]).unwrap();
     assert!(
         reply["message"].as_str().unwrap().contains("removed mine"),
-        "{reply}"
+        "{reply}\n{}",
+        hookd.log()
     );
     assert!(!names(&hookd.qnetctl(&["status"]).unwrap()).contains(&"mine".to_string()));
     assert!(!ns.link_names().contains(&bridge));

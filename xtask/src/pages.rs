@@ -149,6 +149,21 @@ NETWORKS
     uplink = \"eth0\"               # optional: masquerade/forward only via it
     blocked-ports = [\"tcp/25\"]    # outgoing ports guests may not reach
     ipv6 = { subnet = \"fd42::/64\", router = \"fd42::1\" }   # optional
+    connect-to = [\"web\"]          # guests of both may connect to each other
+    connect-to-one-way = [\"db\"]   # this network's guests to db's, not back
+
+LINKS
+    Networks are kept apart: a guest of one cannot open a connection to a
+    guest of another (except into a routed network without uplink, or
+    through a port forward). connect-to = [\"web\"] in network lab lets lab's guests
+    connect to web's and web's to lab's; connect-to-one-way = [\"db\"] lets
+    lab's guests connect to db's, while db's only answer. Either end may
+    declare a link. Linked guests see each other's own addresses (no
+    masquerade); blocked-ports and uplink do not apply to links. An
+    isolated network may be linked to one way only: its guests open no
+    connection beyond the host. Naming an unknown network, the network
+    itself, or a network in both keys is an error; a network that is down
+    has no links.
 
 FORWARDS
     [[forward]]                   # active while the guest runs

@@ -12,6 +12,8 @@
 //! uplink = "eth0"               # optional: masquerade/forward only via it
 //! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//! connect-to = ["web"]          # guests of lab and web may connect to each other
+//! connect-to-one-way = ["db"]   # lab's guests may connect to db's, not back
 //!
 //! [[forward]]                   # active while the guest runs
 //! guest = "web1"                # the guest's -name, or a NIC's MAC
@@ -57,12 +59,14 @@ use crate::state::alloc;
 
 pub mod diff;
 mod files;
+pub mod links;
 pub mod policy;
 mod raw;
 pub mod runtime;
 pub mod show;
 use files::{invalid_at, Table};
 pub use files::{ConfigFiles, Origin, Place};
+pub use links::Link;
 pub use policy::UserPolicy;
 use raw::*;
 pub use runtime::RuntimeFile;
@@ -155,6 +159,11 @@ pub struct NetworkConfig {
     /// put guests on it. `None`: the admin's, usable by everyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<u32>,
+    /// `connect-to` and `connect-to-one-way`: the networks this one's
+    /// guests may open connections to (see [`links`]), sorted by name, each
+    /// once. Only the firewall reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_to: Vec<Link>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,7 +306,7 @@ impl Config {
 
 /// The network tables, validated one by one (a duplicate name or bridge
 /// names the later table), then against each other (subnets that
-/// overlap). Per-network `firewall-integration` goes into `integration`.
+/// overlap, links). Per-network `firewall-integration` goes into `integration`.
 fn parse_networks(
     tables: Vec<Table>,
     integration: &mut Integration,
@@ -331,14 +340,11 @@ fn parse_networks(
         origins.insert(net.name.clone(), origin);
         networks.push(net);
     }
-    check_overlaps(&networks).map_err(|(index, problem)| {
-        invalid_at(
-            &placed[index],
-            networks[index].name.as_str(),
-            "subnet",
-            problem,
-        )
-    })?;
+    let at = |index: usize, key, problem| {
+        invalid_at(&placed[index], networks[index].name.as_str(), key, problem)
+    };
+    check_overlaps(&networks).map_err(|(index, problem)| at(index, "subnet", problem))?;
+    links::check(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     Ok((networks, origins))
 }
 

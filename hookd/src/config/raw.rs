@@ -108,6 +108,10 @@ pub(super) struct RawNetwork {
     pub(super) ipv6: Option<RawIpv6>,
     pub(super) firewall_integration: Option<bool>,
     pub(super) owner: Option<u32>,
+    #[serde(default)]
+    pub(super) connect_to: Vec<String>,
+    #[serde(default)]
+    pub(super) connect_to_one_way: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +139,8 @@ impl RawNetwork {
             ("ipv6", self.ipv6.is_some()),
             ("firewall-integration", self.firewall_integration.is_some()),
             ("owner", self.owner.is_some()),
+            ("connect-to", !self.connect_to.is_empty()),
+            ("connect-to-one-way", !self.connect_to_one_way.is_empty()),
         ];
         set.into_iter()
             .filter(|(_, present)| *present)
@@ -205,6 +211,7 @@ impl RawNetwork {
         blocked_ports.sort();
         blocked_ports.dedup();
         let ipv6 = self.ipv6.map(validate_ipv6).transpose()?;
+        let connect_to = validate_links(&self.connect_to, &self.connect_to_one_way)?;
         Ok(NetworkConfig {
             name,
             bridge,
@@ -217,8 +224,34 @@ impl RawNetwork {
             blocked_ports,
             ipv6,
             owner: self.owner,
+            connect_to,
         })
     }
+}
+
+/// `connect-to` (two-way) and `connect-to-one-way` as one list of links,
+/// sorted by name, each network once; a network in both lists is an error.
+/// Whether the names exist is checked once every network is read
+/// ([`super::links::check`]).
+pub(super) fn validate_links(two_way: &[String], one_way: &[String]) -> Result<Vec<Link>, Problem> {
+    let mut links = BTreeMap::new();
+    for name in two_way {
+        links.insert(typed::<NetName>("connect-to", name)?, false);
+    }
+    for name in one_way {
+        let to: NetName = typed("connect-to-one-way", name)?;
+        if links.get(&to) == Some(&false) {
+            return Err((
+                "connect-to-one-way",
+                format!("`{to}` is in `connect-to` too: name it in one of the two"),
+            ));
+        }
+        links.insert(to, true);
+    }
+    Ok(links
+        .into_iter()
+        .map(|(to, one_way)| Link { to, one_way })
+        .collect())
 }
 
 pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {

@@ -44,6 +44,17 @@ pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>)
         "firewall-integration",
         Value::Boolean(integration).to_string(),
     ));
+    for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
+        let names: Vec<String> = net
+            .connect_to
+            .iter()
+            .filter(|l| l.one_way == one_way)
+            .map(|l| l.to.to_string())
+            .collect();
+        if !names.is_empty() {
+            values.push((key, list(names).to_string()));
+        }
+    }
     if let Some(owner) = net.owner {
         values.push(("owner", Value::Integer(i64::from(owner)).to_string()));
     }

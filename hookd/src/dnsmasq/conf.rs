@@ -103,6 +103,7 @@ mod tests {
             blocked_ports: Vec::new(),
             ipv6: None,
             owner: None,
+            connect_to: Vec::new(),
         }
     }
 

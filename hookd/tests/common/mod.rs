@@ -38,6 +38,7 @@ pub fn network(
         blocked_ports: Vec::new(),
         ipv6: None,
         owner: None,
+        connect_to: Vec::new(),
     }
 }
 
