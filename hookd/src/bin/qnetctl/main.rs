@@ -98,7 +98,7 @@ fn request(command: Command) -> Result<Request, Invalid> {
             host_addr,
         },
         Command::Forward(ForwardCommand::List) => Request::ForwardList,
-        Command::Doctor { target } => Request::Doctor { target },
+        Command::Doctor { target, trace } => Request::Doctor { target, trace },
         Command::Attach { qmp } => {
             // The daemon dials the path itself, so it must be absolute.
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
