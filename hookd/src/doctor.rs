@@ -96,29 +96,8 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
         );
         return problems;
     }
-    match f.bridge {
-        BridgeState::Missing => add(
-            format!("bridge {br} does not exist"),
-            format!("`qnetctl network down {name}` then `qnetctl network up {name}` (or restart qnet-hookd)"),
-        ),
-        BridgeState::Down => add(
-            format!("bridge {br} is down"),
-            format!("`ip link set {br} up`"),
-        ),
-        BridgeState::NoAddress => add(
-            format!("bridge {br} lacks its router address"),
-            format!("`qnetctl network down {name}` then `qnetctl network up {name}`"),
-        ),
-        BridgeState::Ok => {}
-    }
-    if let Some(mac) = f.bridge_mac.filter(|m| *m != f.want_mac) {
-        add(
-            format!(
-                "bridge {br} has MAC {mac}, not qnet's fixed {}: without it the router's MAC (and IPv6 link-local address) changes as guests come and go, and guests lose the router until their neighbour caches expire",
-                f.want_mac
-            ),
-            format!("`ip link set {br} address {}` (or `qnetctl network down {name}` then `up {name}`)", f.want_mac),
-        );
+    for (problem, fix) in bridge_problems(f) {
+        add(problem, fix);
     }
     if !f.dnsmasq_running {
         add(
@@ -167,6 +146,39 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
             format!("forward {forward}: the host port is taken by {owner}, which gets connections from the host itself"),
             "stop that process, or forward another host port".into(),
         );
+    }
+    problems
+}
+
+/// The bridge's problems: missing, down, without its router address, or
+/// without qnet's fixed MAC.
+fn bridge_problems(f: &NetworkFacts) -> Vec<(String, String)> {
+    let name = &f.net.name;
+    let br = &f.net.bridge;
+    let mut problems = Vec::new();
+    match f.bridge {
+        BridgeState::Missing => problems.push((
+            format!("bridge {br} does not exist"),
+            format!("`qnetctl network down {name}` then `qnetctl network up {name}` (or restart qnet-hookd)"),
+        )),
+        BridgeState::Down => problems.push((
+            format!("bridge {br} is down"),
+            format!("`ip link set {br} up`"),
+        )),
+        BridgeState::NoAddress => problems.push((
+            format!("bridge {br} lacks its router address"),
+            format!("`qnetctl network down {name}` then `qnetctl network up {name}`"),
+        )),
+        BridgeState::Ok => {}
+    }
+    if let Some(mac) = f.bridge_mac.filter(|m| *m != f.want_mac) {
+        problems.push((
+            format!(
+                "bridge {br} has MAC {mac}, not qnet's fixed {}: without it the router's MAC (and IPv6 link-local address) changes as guests come and go, and guests lose the router until their neighbour caches expire",
+                f.want_mac
+            ),
+            format!("`ip link set {br} address {}` (or `qnetctl network down {name}` then `up {name}`)", f.want_mac),
+        ));
     }
     problems
 }
@@ -498,15 +510,20 @@ mod tests {
         assert_eq!(diagnose(&f, &[]).len(), 1);
     }
 
-    #[test]
-    fn libvirt_nft_rejects_are_named_per_forward_until_accepted() {
-        let forward = LibvirtForward {
+    /// A forward to port 80 of 192.168.122.5 on libvirt's `default`.
+    fn virbr0_forward() -> LibvirtForward {
+        LibvirtForward {
             network: "default".into(),
             bridge: IfName::from_str("virbr0").unwrap(),
             guest: "192.168.122.5".parse().unwrap(),
             proto: crate::api::Proto::Tcp,
             port: 80,
-        };
+        }
+    }
+
+    #[test]
+    fn libvirt_nft_rejects_are_named_per_forward_until_accepted() {
+        let forward = virbr0_forward();
         let chain = libvirt_nft::parse_chain(
             "\t\toif \"virbr0\" counter packets 0 bytes 0 reject # handle 12\n",
         );
@@ -542,13 +559,7 @@ mod tests {
     #[test]
     fn libvirt_fwi_rejects_are_named_per_forward() {
         let t = table("-P FORWARD ACCEPT\n-N LIBVIRT_FWI\n-A LIBVIRT_FWI -o virbr0 -j REJECT\n");
-        let forward = LibvirtForward {
-            network: "default".into(),
-            bridge: IfName::from_str("virbr0").unwrap(),
-            guest: "192.168.122.5".parse().unwrap(),
-            proto: crate::api::Proto::Tcp,
-            port: 80,
-        };
+        let forward = virbr0_forward();
         let problems = diagnose_libvirt(&[forward], &[t], false);
         assert_eq!(problems.len(), 1);
         assert_eq!(

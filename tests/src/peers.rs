@@ -71,48 +71,29 @@ pub fn drop_policies(ns: &NetNs, backend: &str) {
         for chain in ["FORWARD", "INPUT"] {
             ipt(ns, backend, v6, &["-P", chain, "DROP"]);
         }
-        // The host's own replies (e.g. to DHCP) and loopback still pass.
-        ipt(
-            ns,
-            backend,
-            v6,
-            &["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
-        );
-        ipt(
-            ns,
-            backend,
-            v6,
-            &[
-                "-A",
-                "INPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ],
-        );
+        // The host's own replies (e.g. to DHCP) and loopback still pass;
+        // over IPv6 also neighbour discovery for the host's own addresses,
+        // as ufw's before6.rules allow it (IPv4's ARP is not filtered).
+        let mut accepts: Vec<&[&str]> = vec![
+            &["-i", "lo"],
+            &["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"],
+        ];
         if v6 {
-            // Neighbour discovery for the host's own addresses, as ufw's
-            // before6.rules allow it (IPv4's ARP is not filtered at all).
-            for kind in ["neighbour-solicitation", "neighbour-advertisement"] {
-                ipt(
-                    ns,
-                    backend,
-                    v6,
-                    &[
-                        "-A",
-                        "INPUT",
-                        "-p",
-                        "ipv6-icmp",
-                        "--icmpv6-type",
-                        kind,
-                        "-j",
-                        "ACCEPT",
-                    ],
-                );
-            }
+            accepts.push(&["-p", "ipv6-icmp", "--icmpv6-type", "neighbour-solicitation"]);
+            accepts.push(&[
+                "-p",
+                "ipv6-icmp",
+                "--icmpv6-type",
+                "neighbour-advertisement",
+            ]);
+        }
+        for spec in accepts {
+            ipt(
+                ns,
+                backend,
+                v6,
+                &[&["-A", "INPUT"], spec, &["-j", "ACCEPT"]].concat(),
+            );
         }
     }
 }

@@ -52,31 +52,12 @@ impl World {
     /// peer may start in the host namespace before [`World::start`].
     fn namespaces(tag: &str) -> (NetNs, NetNs, HttpServer) {
         require_root();
-        let hk = NetNs::new(&format!("{tag}-hk"));
-        let out = NetNs::new(&format!("{tag}-out"));
-        hk.add_veth_to(
-            "up0",
-            Some(&format!("{UPLINK}/24")),
-            &out,
-            "out0",
-            Some(&format!("{OUTSIDE}/24")),
+        let (hk, out) = NetNs::with_outside(
+            &format!("{tag}-hk"),
+            &format!("{tag}-out"),
+            &[&format!("{UPLINK}/24"), &format!("{UPLINK6}/64")],
+            &[&format!("{OUTSIDE}/24"), &format!("{OUTSIDE6}/64")],
         );
-        hk.ip(&[
-            "addr",
-            "add",
-            &format!("{UPLINK6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ]);
-        out.ip(&[
-            "addr",
-            "add",
-            &format!("{OUTSIDE6}/64"),
-            "dev",
-            "out0",
-            "nodad",
-        ]);
         let web = HttpServer::start(&out, 80, "the outside\n");
         (hk, out, web)
     }

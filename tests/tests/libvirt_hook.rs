@@ -443,14 +443,11 @@ fn wait_for(
 #[test]
 fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    let hk = NetNs::new("lvhk");
-    let out = NetNs::new("lvout");
-    hk.add_veth_to(
-        "up0",
-        Some(&format!("{UPLINK}/24")),
-        &out,
-        "out0",
-        Some(&format!("{OUTSIDE}/24")),
+    let (hk, out) = NetNs::with_outside(
+        "lvhk",
+        "lvout",
+        &[&format!("{UPLINK}/24")],
+        &[&format!("{OUTSIDE}/24")],
     );
     let hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
@@ -773,14 +770,11 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     require_tool("dnsmasq", "dnsmasq-base");
     require_tool("iptables", "iptables");
-    let hk = NetNs::new("lvnh");
-    let out = NetNs::new("lvno");
-    hk.add_veth_to(
-        "up0",
-        Some(&format!("{UPLINK}/24")),
-        &out,
-        "out0",
-        Some(&format!("{OUTSIDE}/24")),
+    let (hk, out) = NetNs::with_outside(
+        "lvnh",
+        "lvno",
+        &[&format!("{UPLINK}/24")],
+        &[&format!("{OUTSIDE}/24")],
     );
     let mut hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
@@ -1111,14 +1105,11 @@ fn nat_forward_survives_restarts(backend: FirewallBackend) {
     require_tool("dnsmasq", "dnsmasq-base");
     require_tool("iptables", "iptables");
     let tag = &backend.name()[..3];
-    let hk = NetNs::new(&format!("lvr{tag}h"));
-    let out = NetNs::new(&format!("lvr{tag}o"));
-    hk.add_veth_to(
-        "up0",
-        Some(&format!("{UPLINK}/24")),
-        &out,
-        "out0",
-        Some(&format!("{OUTSIDE}/24")),
+    let (hk, out) = NetNs::with_outside(
+        &format!("lvr{tag}h"),
+        &format!("lvr{tag}o"),
+        &[&format!("{UPLINK}/24")],
+        &[&format!("{OUTSIDE}/24")],
     );
     let hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
