@@ -5,8 +5,10 @@
 //! own networks (defined and started by the test with `virsh net-define`)
 //! get their forwards to the address libvirt's dnsmasq leased them, from
 //! the host and from the outside: on a NAT network through qnet's narrow
-//! accept in libvirt's `LIBVIRT_FWI` (put back after a libvirtd restart
-//! rebuilt libvirt's chains), on a `route` network as it is.
+//! accept in libvirt's `LIBVIRT_FWI` (iptables backend) or `guest_input`
+//! (nftables backend, libvirt 10.4+), put back first after `virsh
+//! net-destroy` + `net-start` and a libvirtd restart rebuilt libvirt's
+//! rules; on a `route` network as it is.
 //!
 //! Only one libvirtd may run on the machine (its sockets are in
 //! /run/libvirt): the tests take a lock file and wait for another libvirtd
@@ -863,19 +865,31 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     );
     assert_eq!(rules.matches(&ours).count(), 1, "{ours}\n{rules}");
     assert_eq!(hookd.log().matches("work from the host only").count(), 0);
-    // libvirtd restarts and rebuilds its chains: the accept comes back.
+    // The network restarts: libvirt rebuilds its rules, its reject
+    // first; qnet puts its accept first again.
+    virsh(&["net-destroy", &nat.name]).unwrap_or_else(|e| panic!("{e}"));
+    virsh(&["net-start", &nat.name]).unwrap_or_else(|e| panic!("{e}"));
+    let accept_first = |when: &str, hookd: &Hookd| {
+        wait_for(
+            &format!("qnet's accept first in LIBVIRT_FWI {when}"),
+            Duration::from_secs(30),
+            || qnet_accept_first(&hk, FirewallBackend::Iptables, &nat.bridge, &leased),
+            || context(hookd, &name),
+        )
+    };
+    accept_first("after net-destroy and net-start", &hookd);
+    // libvirtd restarts (rebuilding its chains, and reattaching the
+    // guest's TAP to the new bridge): the forward works again.
     libvirtd.stop();
     libvirtd.start();
-    wait_for(
-        "qnet's accept back in LIBVIRT_FWI after a libvirtd restart",
-        Duration::from_secs(30),
-        || {
-            hk.exec("iptables", &["-S", "LIBVIRT_FWI"])
-                .is_ok_and(|r| r.matches(&ours).count() == 1)
-        },
-        || context(&hookd, &name),
+    accept_first("after a libvirtd restart", &hookd);
+    assert_eq!(
+        from_outside(
+            "after net-destroy, net-start and a libvirtd restart",
+            &hookd
+        ),
+        token
     );
-    assert_eq!(from_outside("after a libvirtd restart", &hookd), token);
 
     // The lease moves (written the way libvirt's helper does, by rename):
     // the forward follows; then libvirt's own file comes back.
@@ -1003,18 +1017,13 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     drop(libvirtd);
 }
 
-/// A forward from outside to a guest on a libvirt NAT network, with
-/// libvirt's iptables backend (`LIBVIRT_FWI`): it works, and works again
-/// after `virsh net-destroy` + `net-start` (libvirt rebuilds its rules,
-/// its reject first: qnet puts its accept back ahead of it) and a
-/// libvirtd restart (which reattaches the guest's TAP to the new bridge).
-#[test]
-fn libvirt_nat_forward_survives_network_and_libvirtd_restarts_iptables() {
-    nat_forward_survives_restarts(FirewallBackend::Iptables);
-}
-
-/// The same with libvirt's nftables backend (`table ip libvirt_network`,
-/// chain `guest_input`).
+/// A forward from outside to a guest on a libvirt NAT network with
+/// libvirt's nftables backend (`table ip libvirt_network`, chain
+/// `guest_input`): it works, and works again after `virsh net-destroy` +
+/// `net-start` (libvirt rebuilds its rules, its reject first: qnet puts
+/// its accept back ahead of it) and a libvirtd restart (which reattaches
+/// the guest's TAP to the new bridge). The iptables backend's case is
+/// part of `libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases`.
 #[test]
 fn libvirt_nat_forward_survives_network_and_libvirtd_restarts_nftables() {
     if nftables_backend_available() {
