@@ -215,6 +215,11 @@ pub enum Request {
     Doctor {
         #[serde(default)]
         target: Option<String>,
+        /// Also send synthetic guest packets through the real ruleset
+        /// with nftrace on and report where they are dropped (root only:
+        /// it adds a veth port to the bridge and a table for a second).
+        #[serde(default)]
+        trace: bool,
     },
     /// Create a network at run time. `settings` are hookd.toml's
     /// `[[network]]` keys (`mode`, `subnet`, `dhcp-range`, ...), checked

@@ -155,6 +155,13 @@ pub mod qnetctl {
         Doctor {
             /// A network or a running guest's name (default: everything).
             target: Option<String>,
+            /// Also trace synthetic guest packets (DHCP to the host, a new
+            /// connection out) through the real ruleset (nftrace) and name
+            /// the table, chain and rule that drops them, where reading the
+            /// rules cannot tell. Root only; adds a veth port to the bridge
+            /// and a table `inet qnet_probe` for about a second.
+            #[arg(long)]
+            trace: bool,
         },
         /// Re-read hookd.toml and the run-time networks and apply what changed
         /// (as SIGHUP does); a configuration that does not validate is refused.

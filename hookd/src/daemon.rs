@@ -97,12 +97,17 @@ pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError>
 
 /// `qnet-hookd --cleanup`: removes every trace of qnet from the host's
 /// firewalls — the rules and zones it added to others' (see
-/// [`firewall::peers`]) and its own table — for uninstall. Bridges and
+/// [`firewall::peers`]), its own table, and a `doctor --trace` probe's
+/// leftovers — for uninstall. Bridges and
 /// dnsmasq are the running daemon's; stop it first.
 pub async fn cleanup() -> Result<(), DaemonError> {
     let fw = firewall::Firewall::new();
     let mut failures = fw.cleanup_peers().await;
     if let Err(e) = fw.teardown().await {
+        failures.push(e.to_string());
+    }
+    // What a `doctor --trace` interrupted by a kill left behind.
+    if let Err(e) = crate::nftrace::probe::remove_leftovers().await {
         failures.push(e.to_string());
     }
     if failures.is_empty() {

@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{Mode, Problem};
+use crate::api::{Mac, Mode, Problem};
 use crate::firewall::peers::firewalld_plan::zone_of;
 use crate::firewall::peers::iptables_plan::{diff, wanted, FilterView, Op, Rule, DOCKER_USER};
-use crate::firewall::peers::{Family, LibvirtForward, Opened, Openings};
+use crate::firewall::peers::{libvirt_nft, Family, LibvirtForward, Opened, Openings};
 
 /// The bridge as the kernel has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,10 @@ pub struct NetworkFacts {
     /// `firewall-integration` for this network.
     pub integrated: bool,
     pub bridge: BridgeState,
+    /// The bridge's MAC now (`None`: no bridge), and the fixed one qnet
+    /// gives it ([`crate::network::bridge_mac`]).
+    pub bridge_mac: Option<Mac>,
+    pub want_mac: Mac,
     pub dnsmasq_running: bool,
     pub ip_forward: bool,
     /// The bridge's effective `rp_filter` (the larger of `all` and the
@@ -92,20 +96,8 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
         );
         return problems;
     }
-    match f.bridge {
-        BridgeState::Missing => add(
-            format!("bridge {br} does not exist"),
-            format!("`qnetctl network down {name}` then `qnetctl network up {name}` (or restart qnet-hookd)"),
-        ),
-        BridgeState::Down => add(
-            format!("bridge {br} is down"),
-            format!("`ip link set {br} up`"),
-        ),
-        BridgeState::NoAddress => add(
-            format!("bridge {br} lacks its router address"),
-            format!("`qnetctl network down {name}` then `qnetctl network up {name}`"),
-        ),
-        BridgeState::Ok => {}
+    for (problem, fix) in bridge_problems(f) {
+        add(problem, fix);
     }
     if !f.dnsmasq_running {
         add(
@@ -158,6 +150,39 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
     problems
 }
 
+/// The bridge's problems: missing, down, without its router address, or
+/// without qnet's fixed MAC.
+fn bridge_problems(f: &NetworkFacts) -> Vec<(String, String)> {
+    let name = &f.net.name;
+    let br = &f.net.bridge;
+    let mut problems = Vec::new();
+    match f.bridge {
+        BridgeState::Missing => problems.push((
+            format!("bridge {br} does not exist"),
+            format!("`qnetctl network down {name}` then `qnetctl network up {name}` (or restart qnet-hookd)"),
+        )),
+        BridgeState::Down => problems.push((
+            format!("bridge {br} is down"),
+            format!("`ip link set {br} up`"),
+        )),
+        BridgeState::NoAddress => problems.push((
+            format!("bridge {br} lacks its router address"),
+            format!("`qnetctl network down {name}` then `qnetctl network up {name}`"),
+        )),
+        BridgeState::Ok => {}
+    }
+    if let Some(mac) = f.bridge_mac.filter(|m| *m != f.want_mac) {
+        problems.push((
+            format!(
+                "bridge {br} has MAC {mac}, not qnet's fixed {}: without it the router's MAC (and IPv6 link-local address) changes as guests come and go, and guests lose the router until their neighbour caches expire",
+                f.want_mac
+            ),
+            format!("`ip link set {br} address {}` (or `qnetctl network down {name}` then `up {name}`)", f.want_mac),
+        ));
+    }
+    problems
+}
+
 /// The problems of forwards into libvirt's own networks: its
 /// `LIBVIRT_FWI` rejects them from outside unless accepted first.
 pub fn diagnose_libvirt(
@@ -187,6 +212,51 @@ pub fn diagnose_libvirt(
         }
     }
     problems
+}
+
+/// The same with libvirt's nftables backend: `listed` is its chain
+/// `guest_input` (`None`: libvirt's table is not there).
+pub fn diagnose_libvirt_nft(
+    forwards: &[LibvirtForward],
+    listed: Option<&[libvirt_nft::Listed]>,
+    integrated: bool,
+) -> Vec<Problem> {
+    let Some(listed) = listed else {
+        return Vec::new();
+    };
+    let missing: Vec<&LibvirtForward> = forwards
+        .iter()
+        .filter(|f| {
+            let one = Openings {
+                networks: Vec::new(),
+                libvirt: vec![(*f).clone()],
+            };
+            libvirt_nft::commands(listed, &one)
+                .iter()
+                .any(|c| c.starts_with("insert "))
+        })
+        .collect();
+    missing
+        .into_iter()
+        .map(|f| {
+            let target = format!("{} port {} via {}", f.guest, f.port, f.bridge);
+            let rule = libvirt_nft::rule(f);
+            let rule = rule.split(" comment ").next().unwrap_or(&rule);
+            Problem {
+                subject: format!("libvirt network {target}"),
+                problem: format!(
+                    "libvirt's nftables chain ip {} {} rejects connections from outside to this forward's guest ({target}){}",
+                    libvirt_nft::TABLE,
+                    libvirt_nft::CHAIN,
+                    not_integrated(integrated)
+                ),
+                fix: fix_or(
+                    integrated,
+                    format!("`nft insert rule ip {} {} {rule}`", libvirt_nft::TABLE, libvirt_nft::CHAIN),
+                ),
+            }
+        })
+        .collect()
 }
 
 fn rule_target(rule: &Rule) -> String {
@@ -311,6 +381,8 @@ mod tests {
             up: true,
             integrated,
             bridge: BridgeState::Ok,
+            bridge_mac: Some(Mac::from_octets(crate::network::bridge_mac("lab"))),
+            want_mac: Mac::from_octets(crate::network::bridge_mac("lab")),
             dnsmasq_running: true,
             ip_forward: true,
             rp_filter_strict: true,
@@ -412,15 +484,82 @@ mod tests {
     }
 
     #[test]
-    fn libvirt_fwi_rejects_are_named_per_forward() {
-        let t = table("-P FORWARD ACCEPT\n-N LIBVIRT_FWI\n-A LIBVIRT_FWI -o virbr0 -j REJECT\n");
-        let forward = LibvirtForward {
+    fn a_bridge_without_its_fixed_mac_is_named_with_the_command_that_sets_it() {
+        let mut f = facts(true);
+        f.bridge_mac = Some("52:54:00:12:34:56".parse().unwrap());
+        let problems = diagnose(&f, &[]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let want = Mac::from_octets(crate::network::bridge_mac("lab"));
+        assert!(
+            problems[0].problem.starts_with(&format!(
+                "bridge qnlab has MAC 52:54:00:12:34:56, not qnet's fixed {want}:"
+            )),
+            "{}",
+            problems[0].problem
+        );
+        assert!(
+            problems[0]
+                .fix
+                .starts_with(&format!("`ip link set qnlab address {want}`")),
+            "{}",
+            problems[0].fix
+        );
+        // No bridge: that is the problem, not its MAC.
+        f.bridge = BridgeState::Missing;
+        f.bridge_mac = None;
+        assert_eq!(diagnose(&f, &[]).len(), 1);
+    }
+
+    /// A forward to port 80 of 192.168.122.5 on libvirt's `default`.
+    fn virbr0_forward() -> LibvirtForward {
+        LibvirtForward {
             network: "default".into(),
             bridge: IfName::from_str("virbr0").unwrap(),
             guest: "192.168.122.5".parse().unwrap(),
             proto: crate::api::Proto::Tcp,
             port: 80,
-        };
+        }
+    }
+
+    #[test]
+    fn libvirt_nft_rejects_are_named_per_forward_until_accepted() {
+        let forward = virbr0_forward();
+        let chain = libvirt_nft::parse_chain(
+            "\t\toif \"virbr0\" counter packets 0 bytes 0 reject # handle 12\n",
+        );
+        let problems = diagnose_libvirt_nft(
+            std::slice::from_ref(&forward),
+            Some(chain.as_slice()),
+            false,
+        );
+        assert_eq!(problems.len(), 1);
+        assert_eq!(
+            problems[0].problem,
+            "libvirt's nftables chain ip libvirt_network guest_input rejects connections from outside to this \
+             forward's guest (192.168.122.5 port 80 via virbr0); firewall-integration is off"
+        );
+        assert!(problems[0].fix.ends_with(
+            "`nft insert rule ip libvirt_network guest_input oifname \"virbr0\" ip daddr 192.168.122.5 tcp dport 80 ct status dnat accept`"
+        ), "{}", problems[0].fix);
+        // Accepted first: nothing; no libvirt table: nothing.
+        let ours = format!("\t\t{} # handle 20\n", libvirt_nft::rule(&forward));
+        let accepted =
+            libvirt_nft::parse_chain(&format!("{ours}\t\toif \"virbr0\" reject # handle 12\n"));
+        assert_eq!(
+            diagnose_libvirt_nft(
+                std::slice::from_ref(&forward),
+                Some(accepted.as_slice()),
+                true
+            ),
+            []
+        );
+        assert_eq!(diagnose_libvirt_nft(&[forward], None, false), []);
+    }
+
+    #[test]
+    fn libvirt_fwi_rejects_are_named_per_forward() {
+        let t = table("-P FORWARD ACCEPT\n-N LIBVIRT_FWI\n-A LIBVIRT_FWI -o virbr0 -j REJECT\n");
+        let forward = virbr0_forward();
         let problems = diagnose_libvirt(&[forward], &[t], false);
         assert_eq!(problems.len(), 1);
         assert_eq!(

@@ -24,6 +24,7 @@ pub mod firewall;
 pub mod libvirt;
 pub mod netlink;
 pub mod network;
+pub mod nftrace;
 pub mod qmp;
 pub mod subnet;
 

@@ -128,6 +128,32 @@ impl NetNs {
         }
     }
 
+    /// A host namespace `HOST_TAG` and an "outside" one `OUT_TAG` joined
+    /// by a veth pair, `up0` in the host (the uplink) with `host_addrs`
+    /// and `out0` outside with `out_addrs` (CIDRs; IPv6 ones without
+    /// duplicate address detection, so they work at once).
+    pub fn with_outside(
+        host_tag: &str,
+        out_tag: &str,
+        host_addrs: &[&str],
+        out_addrs: &[&str],
+    ) -> (NetNs, NetNs) {
+        let host = NetNs::new(host_tag);
+        let out = NetNs::new(out_tag);
+        host.add_veth_to("up0", None, &out, "out0", None);
+        for (ns, dev, addrs) in [(&host, "up0", host_addrs), (&out, "out0", out_addrs)] {
+            for cidr in addrs {
+                let nodad = if cidr.contains(':') { "nodad" } else { "" };
+                let args: Vec<&str> = ["addr", "add", cidr, "dev", dev, nodad]
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                ns.ip(&args);
+            }
+        }
+        (host, out)
+    }
+
     /// Uses up `2 * pairs` ifindexes of this namespace by creating and
     /// deleting veth pairs: ifindexes are handed out cyclically from the last
     /// one, so afterwards the next device gets the ifindex after them. Lets

@@ -71,28 +71,30 @@ pub fn drop_policies(ns: &NetNs, backend: &str) {
         for chain in ["FORWARD", "INPUT"] {
             ipt(ns, backend, v6, &["-P", chain, "DROP"]);
         }
-        // The host's own replies (e.g. to DHCP) and loopback still pass.
-        ipt(
-            ns,
-            backend,
-            v6,
-            &["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
-        );
-        ipt(
-            ns,
-            backend,
-            v6,
-            &[
-                "-A",
-                "INPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ],
-        );
+        // The host's own replies (e.g. to DHCP) and loopback still pass;
+        // over IPv6 also neighbour discovery for the host's own addresses,
+        // as ufw's before6.rules allow it (IPv4's ARP is not filtered).
+        let mut accepts: Vec<&[&str]> = vec![
+            &["-i", "lo"],
+            &["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"],
+        ];
+        if v6 {
+            accepts.push(&["-p", "ipv6-icmp", "--icmpv6-type", "neighbour-solicitation"]);
+            accepts.push(&[
+                "-p",
+                "ipv6-icmp",
+                "--icmpv6-type",
+                "neighbour-advertisement",
+            ]);
+        }
+        for spec in accepts {
+            ipt(
+                ns,
+                backend,
+                v6,
+                &[&["-A", "INPUT"], spec, &["-j", "ACCEPT"]].concat(),
+            );
+        }
     }
 }
 
@@ -479,9 +481,12 @@ impl VethGuest {
     /// the address; `Err` when no lease came.
     pub fn dhcp(&self) -> Result<String, String> {
         let script = self.dir.path().join("udhcpc.sh");
+        // `ip -4`: flushing every address would take the IPv6 ones
+        // (link-local, SLAAC) too, and no router advertisement may come
+        // for minutes to give them back.
         std::fs::write(
             &script,
-            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr flush dev \"$interface\"\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
+            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip -4 addr flush dev \"$interface\"\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
              ip route replace default via \"$router\"\n  echo \"$ip\" > \"$(dirname \"$0\")/lease\";;\nesac\n",
         )
         .unwrap();
@@ -500,6 +505,41 @@ impl VethGuest {
                 "no DHCP lease: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
+        }
+    }
+
+    /// Waits up to `timeout` for the address the guest gives itself from
+    /// the router advertisement (SLAAC, global scope, past duplicate
+    /// address detection) and the default route it advertises; returns
+    /// the address, or what is missing.
+    pub fn slaac(&self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let addr = self
+                .ns
+                .try_ip(&["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"])
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.contains("tentative"))
+                .find_map(|l| {
+                    let cidr = l.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+                    cidr.split('/').next().map(str::to_string)
+                });
+            let route = self
+                .ns
+                .try_ip(&["-6", "route", "show", "default"])
+                .unwrap_or_default();
+            match addr {
+                Some(addr) if !route.trim().is_empty() => return Ok(addr),
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                addr => {
+                    return Err(format!(
+                        "no IPv6 from the router advertisement within {timeout:?}: address {addr:?}, default route {:?}; {}",
+                        route.trim(),
+                        self.ns.try_ip(&["-6", "addr", "show", "dev", "eth0"]).unwrap_or_default()
+                    ))
+                }
+            }
         }
     }
 }

@@ -318,6 +318,11 @@ fn other_users_may_look_but_only_act_on_their_own_guests() {
             vec!["reserve", "add", "lab", "52:54:00:00:00:09"],
             "not a NIC of one of your running guests",
         ),
+        // doctor is anyone's; its probe adds a port and a table: root's.
+        (
+            vec!["doctor", "--trace", "lab"],
+            "only root may trace packets through the firewall",
+        ),
     ] {
         let out = qnetctl_as_user(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");

@@ -53,31 +53,12 @@ struct World {
 impl World {
     fn new(tag: &str) -> World {
         check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-        let hk = NetNs::new(&format!("{tag}-hk"));
-        let out = NetNs::new(&format!("{tag}-out"));
-        hk.add_veth_to(
-            "up0",
-            Some(&format!("{UPLINK}/24")),
-            &out,
-            "out0",
-            Some(&format!("{OUTSIDE}/24")),
+        let (hk, out) = NetNs::with_outside(
+            &format!("{tag}-hk"),
+            &format!("{tag}-out"),
+            &[&format!("{UPLINK}/24"), &format!("{UPLINK6}/64")],
+            &[&format!("{OUTSIDE}/24"), &format!("{OUTSIDE6}/64")],
         );
-        hk.ip(&[
-            "addr",
-            "add",
-            &format!("{UPLINK6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ]);
-        out.ip(&[
-            "addr",
-            "add",
-            &format!("{OUTSIDE6}/64"),
-            "dev",
-            "out0",
-            "nodad",
-        ]);
         let config = ConfigDir::new();
         config.write("bridge.conf", "allow qnlab\n");
         let hookd = Hookd::start(&hk, Some(CONFIG));

@@ -4,9 +4,12 @@
 //! firewalld (before and after, `--reload`, restart). Each time a guest
 //! gets its DHCP lease, reaches the outside (NAT), is reached from the
 //! outside through a port forward and from a neighbour through the
-//! public address (hairpin); a hookd kill -9 and restart adopts qnet's rules
-//! without duplicates; `network down` and `qnet-hookd --cleanup` leave no
-//! trace.
+//! public address (hairpin), and over IPv6 gets its SLAAC address and
+//! default route from the router advertisement, reaches the outside (NAT)
+//! and is reached through the forward; a hookd kill -9 and restart adopts
+//! qnet's rules without duplicates; `network down` and `qnet-hookd
+//! --cleanup` leave no trace. `doctor` names each drop with integration
+//! off, and `doctor --trace` one that only a traced packet shows.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,6 +22,8 @@ use qnet_tests::{require_root, workspace_binary};
 
 const UPLINK: &str = "10.253.0.1";
 const OUTSIDE: &str = "10.253.0.2";
+const UPLINK6: &str = "fd53::1";
+const OUTSIDE6: &str = "fd53::2";
 const BRIDGE: &str = "qnfw";
 const CONFIG: &str = r#"
 [[network]]
@@ -47,14 +52,11 @@ impl World {
     /// peer may start in the host namespace before [`World::start`].
     fn namespaces(tag: &str) -> (NetNs, NetNs, HttpServer) {
         require_root();
-        let hk = NetNs::new(&format!("{tag}-hk"));
-        let out = NetNs::new(&format!("{tag}-out"));
-        hk.add_veth_to(
-            "up0",
-            Some(&format!("{UPLINK}/24")),
-            &out,
-            "out0",
-            Some(&format!("{OUTSIDE}/24")),
+        let (hk, out) = NetNs::with_outside(
+            &format!("{tag}-hk"),
+            &format!("{tag}-out"),
+            &[&format!("{UPLINK}/24"), &format!("{UPLINK6}/64")],
+            &[&format!("{OUTSIDE}/24"), &format!("{OUTSIDE6}/64")],
         );
         let web = HttpServer::start(&out, 80, "the outside\n");
         (hk, out, web)
@@ -89,7 +91,9 @@ impl World {
         self.guest.as_ref().unwrap()
     }
 
-    /// Lease, outbound NAT, inbound forward, hairpin: the first failure.
+    /// Lease, outbound NAT, inbound forward, hairpin, then the same over
+    /// IPv6 (SLAAC address and default route from the router
+    /// advertisement, outbound NAT, inbound forward): the first failure.
     fn check(&self) -> Result<(), String> {
         let g = self.guest();
         let ip = g.dhcp()?;
@@ -120,14 +124,30 @@ impl World {
             http_get_in_netns(n.ns.name(), forward, "/", TRY),
             "hello from",
         )?;
-        Ok(())
+        let ip6 = g.slaac(TRY)?;
+        if !ip6.starts_with("fd78::") {
+            return Err(format!("IPv6 address {ip6} is not on the network"));
+        }
+        let outside6: SocketAddr = format!("[{OUTSIDE6}]:80").parse().unwrap();
+        let forward6: SocketAddr = format!("[{UPLINK6}]:8080").parse().unwrap();
+        expect(
+            "guest -> outside over IPv6 (NAT)",
+            http_get_in_netns(g.ns.name(), outside6, "/", TRY),
+            "the outside",
+        )?;
+        expect(
+            "outside -> forward -> guest over IPv6",
+            http_get_in_netns(self.out.name(), forward6, "/", TRY),
+            "hello from",
+        )
     }
 
     fn assert_works(&self, when: &str, extra_log: impl Fn() -> String) {
         if let Err(e) = self.check() {
             panic!(
-                "{when}: {e}\n--- iptables ---\n{}\n--- nft ---\n{}\n--- peer log ---\n{}\n--- hookd log ---\n{}",
+                "{when}: {e}\n--- iptables ---\n{}\n--- ip6tables ---\n{}\n--- nft ---\n{}\n--- peer log ---\n{}\n--- hookd log ---\n{}",
                 self.hk.exec("iptables-nft", &["-S"]).unwrap_or_default(),
+                self.hk.exec("ip6tables-nft", &["-S"]).unwrap_or_default(),
                 self.hk.exec("nft", &["list", "ruleset"]).unwrap_or_default(),
                 extra_log(),
                 self.hookd.log()
@@ -143,11 +163,16 @@ impl World {
 /// `qnetctl --json doctor [TARGET]`: whether it exited 0, and the
 /// problems as `SUBJECT: PROBLEM` lines with their fixes.
 fn doctor(hookd: &Hookd, target: Option<&str>) -> (bool, Vec<(String, String)>) {
+    doctor_with(hookd, target.as_slice())
+}
+
+/// `qnetctl --json doctor ARGS...`, as [`doctor`].
+fn doctor_with(hookd: &Hookd, args: &[&str]) -> (bool, Vec<(String, String)>) {
     let out = std::process::Command::new(workspace_binary("qnetctl"))
         .arg("--socket")
         .arg(hookd.ctl_socket())
         .args(["--json", "doctor"])
-        .args(target)
+        .args(args)
         .output()
         .unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -428,6 +453,101 @@ fn doctor_names_every_drop_when_integration_is_off() {
     assert_eq!(fw.marks(), Vec::<String>::new());
     drop(guest);
     drop((hookd, web, out));
+}
+
+/// A hand-written nftables firewall (as in /etc/nftables.conf: a table of
+/// its own, no iptables, no firewalld) with a forward policy of drop: the
+/// static checks cannot see it; `doctor --trace` sends a synthetic guest
+/// packet through the real ruleset and names the table, chain and
+/// verdict, and leaves nothing behind. Also: a bridge whose MAC someone
+/// changed is named with the command that sets it back.
+#[test]
+fn doctor_trace_names_a_drop_the_static_checks_cannot_see() {
+    let (hk, out, web) = World::namespaces("fwtr");
+    // Routed somewhere, so that the probe reaches the forward hook.
+    hk.ip(&["route", "add", "default", "via", OUTSIDE]);
+    let world = World::start(hk, out, web, &[]);
+    world.guest().dhcp().unwrap();
+    let rules = "table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
+    let script = world.hookd.dir().join("nftables.conf");
+    std::fs::write(&script, rules).unwrap();
+    world
+        .hk
+        .exec("nft", &["-f", script.to_str().unwrap()])
+        .unwrap();
+    assert_doctor_clean(&world);
+
+    let (ok, problems) = doctor_with(&world.hookd, &["--trace", "lab"]);
+    assert!(!ok, "doctor --trace must fail when it finds a drop");
+    let lines: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        lines,
+        ["lab: nftrace: a guest's new connection out (TCP 10.78.0.254:40404 -> 203.0.113.1:80) is dropped in table inet filter, chain forward, by policy drop"],
+        "{problems:#?}\n{}",
+        world.hookd.log()
+    );
+    assert_eq!(
+        problems[0].1,
+        "accept it in that chain: `nft insert rule inet filter forward iifname \"qnfw\" accept`"
+    );
+    let leftovers = |ns: &NetNs| {
+        (
+            ns.try_ip(&["link", "show", "qnprobe0"]).is_ok(),
+            ns.exec("nft", &["list", "table", "inet", "qnet_probe"])
+                .is_ok(),
+        )
+    };
+    assert_eq!(
+        leftovers(&world.hk),
+        (false, false),
+        "the probe leaves nothing"
+    );
+    // The fix doctor gave (and the replies), then the trace is clean.
+    world
+        .hk
+        .exec(
+            "nft",
+            &[
+                "insert", "rule", "inet", "filter", "forward", "iifname", BRIDGE, "accept",
+            ],
+        )
+        .unwrap();
+    world
+        .hk
+        .exec(
+            "nft",
+            &[
+                "insert",
+                "rule",
+                "inet",
+                "filter",
+                "forward",
+                "ct",
+                "state",
+                "established,related",
+                "accept",
+            ],
+        )
+        .unwrap();
+    let (ok, problems) = doctor_with(&world.hookd, &["--trace", "lab"]);
+    assert!(ok && problems.is_empty(), "{problems:#?}");
+    // The bridge's fixed MAC, changed behind qnet's back.
+    world
+        .hk
+        .ip(&["link", "set", BRIDGE, "address", "02:00:00:00:00:42"]);
+    let (ok, problems) = doctor(&world.hookd, None);
+    assert!(!ok);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0]
+            .0
+            .starts_with("lab: bridge qnfw has MAC 02:00:00:00:00:42, not qnet's fixed 02:"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[0].1.starts_with("`ip link set qnfw address 02:"),
+        "{problems:#?}"
+    );
 }
 
 /// The real test guest (QEMU, TCG) on a qnet network next to a dockerd

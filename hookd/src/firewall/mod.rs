@@ -143,7 +143,7 @@ pub use batch::{Change, ElementReport, Refused};
 pub use driver::Driver;
 pub use element::{check_elements, ForwardElement, InvalidElement, Map};
 pub use error::{ErrorKind, FirewallError};
-pub use nft::normalize;
+pub use nft::{normalize, run_script};
 pub use peers::Peers;
 pub use ruleset::{
     add_forwards_script, remove_forwards_script, render, render_with_forwards, TABLE_FAMILY,

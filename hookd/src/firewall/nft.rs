@@ -11,7 +11,9 @@ use super::ruleset::{TABLE_FAMILY, TABLE_NAME};
 use crate::programs::find_program;
 
 /// Runs `script` as one nft transaction (`nft -f -`): all of it or nothing.
-pub(super) async fn run_script(action: &'static str, script: &str) -> Result<(), FirewallError> {
+/// Runs `script` with `nft -f -` (one transaction); `action` names it in
+/// the error.
+pub async fn run_script(action: &'static str, script: &str) -> Result<(), FirewallError> {
     run_nft(action, &["-f", "-"], Some(script)).await?;
     Ok(())
 }

@@ -4,33 +4,49 @@
 //! network, or the networks of one guest.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use qnet_api::{ApiError, Reply};
+use qnet_api::{ApiError, Mac, Problem, Reply};
 
 use super::{NetworkRuntime, Reconciler};
+use crate::config::NetworkConfig;
 use crate::doctor::{
-    diagnose, diagnose_libvirt, last_rule_handles, BridgeState, NetworkFacts, TableFacts,
+    diagnose, diagnose_libvirt, diagnose_libvirt_nft, last_rule_handles, BridgeState, NetworkFacts,
+    TableFacts,
 };
 use crate::error::not_found;
 use crate::firewall::peers::iptables::{self, Backend, Iptables};
 use crate::firewall::peers::{Family, Opened, PeerDriver};
-use crate::hostports;
+use crate::{hostports, network, nftrace};
 
 impl Reconciler {
-    pub(super) async fn doctor(&self, target: Option<&str>) -> Result<Reply, ApiError> {
+    pub(super) async fn doctor(
+        &self,
+        target: Option<&str>,
+        trace: bool,
+    ) -> Result<Reply, ApiError> {
         let chosen = self.doctor_networks(target)?;
         let tables = self.filter_tables().await;
         let mut problems = Vec::new();
         for runtime in chosen {
             let facts = self.network_facts(runtime).await;
+            let bridge_ok = facts.bridge == BridgeState::Ok;
             problems.extend(diagnose(&facts, &tables));
+            if trace && runtime.up && bridge_ok {
+                problems.extend(self.trace(&runtime.config).await);
+            }
         }
         if target.is_none() {
             let forwards = self.libvirt_forwards_installed();
             problems.extend(diagnose_libvirt(
                 &forwards,
                 &tables,
+                self.integration.global,
+            ));
+            let chain = self.firewall.peers().libvirt_nft().chain().await;
+            problems.extend(diagnose_libvirt_nft(
+                &forwards,
+                chain.ok().flatten().as_deref(),
                 self.integration.global,
             ));
         }
@@ -62,6 +78,43 @@ impl Reconciler {
                     .any(|nic| nic.network.as_deref() == Some(n.config.name.as_str()))
             })
             .collect())
+    }
+
+    /// The problems the nftrace probes of `net` find ([`nftrace`]).
+    async fn trace(&self, net: &NetworkConfig) -> Vec<Problem> {
+        let name = net.name.to_string();
+        let taken: Vec<Ipv4Addr> = self
+            .state
+            .reservations
+            .get(&net.name)
+            .map(|r| r.values().map(|r| r.ip).collect())
+            .unwrap_or_default();
+        let one = |problem: String, fix: &str| {
+            vec![Problem {
+                subject: name.clone(),
+                problem,
+                fix: fix.to_owned(),
+            }]
+        };
+        let Some(src) = nftrace::spare_address(net, &taken) else {
+            return one(
+                "nftrace: no spare address in the subnet to probe from".into(),
+                "free one address of the subnet (a reservation) and try again",
+            );
+        };
+        let probes = nftrace::probes(net, src);
+        match nftrace::probe::run(&net.bridge, &probes).await {
+            Ok(trace) => probes
+                .iter()
+                .filter_map(|p| {
+                    nftrace::problem(&name, &net.bridge, p, &nftrace::outcome(&trace, p))
+                })
+                .collect(),
+            Err(e) => one(
+                format!("nftrace: the probe failed: {e}"),
+                "read qnet-hookd's log; the static checks above still hold",
+            ),
+        }
     }
 
     async fn filter_tables(&self) -> Vec<TableFacts> {
@@ -99,6 +152,10 @@ impl Reconciler {
             up: runtime.up,
             integrated: self.integration.enabled(&net.name),
             bridge: bridge_state(&net.bridge, IpAddr::V4(net.router)),
+            bridge_mac: std::fs::read_to_string(format!("/sys/class/net/{}/address", net.bridge))
+                .ok()
+                .and_then(|a| a.trim().parse().ok()),
+            want_mac: Mac::from_octets(network::bridge_mac(&net.name)),
             dnsmasq_running,
             ip_forward: read_flag("/proc/sys/net/ipv4/ip_forward"),
             rp_filter_strict: rp_filter_strict(&net.bridge),

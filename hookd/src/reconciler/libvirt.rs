@@ -376,7 +376,7 @@ impl Reconciler {
     /// network whose own firewall rejects inbound connections work from
     /// the host only. We never edit libvirt's rules (they are not ours).
     fn warn_libvirt_inbound(&mut self, name: &str, uuid: &str, nets: &[LibvirtNetwork]) {
-        // Integrated, qnet accepts its forwards in LIBVIRT_FWI itself.
+        // Integrated, qnet accepts its forwards in libvirt's chain itself.
         if self.integration.global {
             return;
         }
@@ -391,7 +391,8 @@ impl Reconciler {
                     network = %lv.name,
                     mode,
                     "forwards to this guest work from the host only: libvirt's firewall \
-                     (iptables chain LIBVIRT_FWI) rejects new connections from outside into \
+                     (iptables chain LIBVIRT_FWI, or nftables chain guest_input of table ip \
+                     libvirt_network) rejects new connections from outside into \
                      {mode} networks, and firewall-integration is off; turn it on, use \
                      <forward mode='route'/> or 'open' for the libvirt network, or accept them \
                      in your own FORWARD rules"

@@ -21,6 +21,9 @@ enum Allowed {
 
 fn allowed(request: &Request) -> Allowed {
     match request {
+        Request::Doctor { trace: true, .. } => {
+            Allowed::RootOnly("trace packets through the firewall")
+        }
         Request::Status
         | Request::Doctor { .. }
         | Request::Guests
@@ -147,7 +150,7 @@ impl Reconciler {
     ) -> Result<qnet_api::Reply, ApiError> {
         match request {
             Request::Status => Ok(self.status(peer).await),
-            Request::Doctor { target } => self.doctor(target.as_deref()).await,
+            Request::Doctor { target, trace } => self.doctor(target.as_deref(), trace).await,
             Request::Guests => Ok(self.guest_list(peer)),
             Request::ReserveList { network } => self.reserve_list(network.as_ref(), peer),
             Request::ReserveAdd {

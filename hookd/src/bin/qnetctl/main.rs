@@ -54,7 +54,7 @@ fn request(command: Command) -> Result<Request, Invalid> {
         Command::Network(command) => network_request(command)?,
         Command::Reload { force } => Request::Reload { force },
         Command::Forward(command) => forward_request(command)?,
-        Command::Doctor { target } => Request::Doctor { target },
+        Command::Doctor { target, trace } => Request::Doctor { target, trace },
         Command::Attach { qmp } => {
             // The daemon dials the path itself, so it must be absolute.
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::Mode;
 
+use super::head::{head_diff, Change};
 use super::{libvirt_marker, marker, Family, LibvirtForward, Openings, MARKER_PREFIX};
 
 /// The chain Docker makes for other software's forwarding rules.
@@ -235,42 +236,20 @@ fn input_specs(family: Family, br: &str, tag: &str) -> Vec<String> {
 }
 
 /// The changes that leave exactly `wanted` of our rules in `view`, each
-/// ahead of every rule of others in its chain: deletes first (ours no
-/// longer wanted, duplicates, and every one of ours in a chain where a
-/// peer put a rule ahead of one of them, as libvirt does when it rebuilds
-/// its chains), then inserts (in reverse, so that inserting each at
-/// position 1 keeps their order).
+/// ahead of every rule of others in its chain (see [`head_diff`]).
 pub fn diff(view: &FilterView, wanted: &[Rule]) -> Vec<(Op, Rule)> {
-    let overtaken = overtaken_chains(view);
-    let mut kept = BTreeSet::new();
-    let mut changes = Vec::new();
-    for rule in view.ours() {
-        let keep = wanted.contains(rule) && !overtaken.contains(rule.chain.as_str());
-        if keep && kept.insert(rule.clone()) {
-            continue;
-        }
-        changes.push((Op::Delete, rule.clone()));
-    }
-    for rule in wanted.iter().rev() {
-        if !kept.contains(rule) {
-            changes.push((Op::Insert, rule.clone()));
-        }
-    }
-    changes
-}
-
-/// The chains where a rule of someone else's comes before one of ours.
-fn overtaken_chains(view: &FilterView) -> BTreeSet<&str> {
-    let mut foreign_seen = BTreeSet::new();
-    let mut overtaken = BTreeSet::new();
-    for rule in &view.rules {
-        if !rule.is_ours() {
-            foreign_seen.insert(rule.chain.as_str());
-        } else if foreign_seen.contains(rule.chain.as_str()) {
-            overtaken.insert(rule.chain.as_str());
-        }
-    }
-    overtaken
+    let listed: Vec<(Rule, bool)> = view
+        .rules
+        .iter()
+        .map(|r| (r.clone(), r.is_ours()))
+        .collect();
+    head_diff(&listed, |r| r.chain.as_str(), wanted)
+        .into_iter()
+        .map(|change| match change {
+            Change::Delete(i) => (Op::Delete, listed[i].0.clone()),
+            Change::Insert(rule) => (Op::Insert, rule),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -7,10 +7,13 @@
 //! | Docker | `DOCKER-USER` of `ip`/`ip6 filter` (nft or legacy backend) | accept from the bridge; to it: replies and DNAT'ed (nat), all (routed) |
 //! | iptables (ufw, hand-written; no Docker) | first in `FORWARD`, `INPUT` when they drop | same in `FORWARD`; DHCP, DNS, ICMP in `INPUT` |
 //! | libvirt (iptables backend) | first in `LIBVIRT_FWI` | per forward to a guest on a libvirt NAT network: `ctstate DNAT` to that guest and port |
+//! | libvirt (nftables backend) | first in chain `guest_input` of `table ip libvirt_network` | the same, `ct status dnat` |
 //! | firewalld | zone `qnet` (bridges), policies `qnet-out`, `qnet-in` | DHCP, DNS, ICMP to the host; forwarding per mode |
 //!
-//! Every iptables rule carries the comment `qnet:NETWORK` ([`marker`]); in
-//! firewalld, everything of ours is named `qnet*`. That is how a restart
+//! Every iptables rule carries the comment `qnet:NETWORK` ([`marker`]),
+//! every rule in libvirt's nftables table the comment
+//! `qnet:libvirt-NETWORK`; in firewalld, everything of ours is named
+//! `qnet*`. That is how a restart
 //! (also after kill -9) adopts what is there without duplicates, how a
 //! network going down takes exactly its own entries away, and how
 //! `qnet-hookd --cleanup` ([`Peers::cleanup`]) removes every trace.
@@ -24,8 +27,10 @@
 
 pub mod firewalld;
 pub mod firewalld_plan;
+pub mod head;
 pub mod iptables;
 pub mod iptables_plan;
+pub mod libvirt_nft;
 pub mod watch;
 
 use std::future::Future;
@@ -37,6 +42,7 @@ use crate::config::NetworkConfig;
 
 pub use firewalld::Firewalld;
 pub use iptables::{Backend, Iptables};
+pub use libvirt_nft::LibvirtNft;
 
 /// What every mark of ours starts with (an iptables comment; firewalld
 /// names).
@@ -154,6 +160,7 @@ pub trait PeerDriver {
 #[derive(Debug, Clone)]
 pub struct Peers {
     iptables: [Iptables; 4],
+    libvirt_nft: LibvirtNft,
     firewalld: Firewalld,
 }
 
@@ -172,6 +179,7 @@ impl Peers {
                 Iptables::new(Backend::Legacy, Family::V4),
                 Iptables::new(Backend::Legacy, Family::V6),
             ],
+            libvirt_nft: LibvirtNft,
             firewalld: Firewalld::system(),
         }
     }
@@ -185,6 +193,10 @@ impl Peers {
         &self.iptables
     }
 
+    pub fn libvirt_nft(&self) -> &LibvirtNft {
+        &self.libvirt_nft
+    }
+
     /// Opens exactly `networks` in every peer present; a peer failing is
     /// logged and does not stop the others (our own table is in place
     /// either way). Returns the failures, one line each.
@@ -193,6 +205,8 @@ impl Peers {
         for driver in &self.iptables {
             report(driver, bounded(driver.apply(what)).await, &mut failures);
         }
+        let libvirt = &self.libvirt_nft;
+        report(libvirt, bounded(libvirt.apply(what)).await, &mut failures);
         report(
             &self.firewalld,
             bounded(self.firewalld.apply(what)).await,
