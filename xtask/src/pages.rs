@@ -52,11 +52,13 @@ EXAMPLES
     qnetctl reserve add qnet0 52:54:00:12:34:56 --name web1
     qnetctl forward add web1 tcp 8080:80
     qnetctl forward list --json
+    qnetctl guest powerdown web1 --timeout 60
 
 SECURITY
     Only root and members of group qnet may use the control socket. Other
     users than root see and act on their own guests only (those whose QEMU
-    runs under their uid), and forward host ports from 1024 only.
+    runs under their uid: they may also stop or power them down), and
+    forward host ports from 1024 only.
 ";
 
 const BRIDGE_HELPER: &str = "\
