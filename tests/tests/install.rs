@@ -425,6 +425,7 @@ fn qnet_paths_on_host() -> Vec<PathBuf> {
         "/usr/share/zsh/vendor-completions",
         "/usr/share/fish/vendor_completions.d",
         "/usr/share/doc",
+        "/usr/share/lintian/overrides",
         "/etc/systemd/system",
         "/var/lib/systemd/deb-systemd-helper-enabled",
         "/etc/libvirt/hooks",
