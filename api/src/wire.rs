@@ -14,6 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -270,6 +271,15 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Stop a running guest through the QMP session the daemon holds
+    /// (root, or the user its QEMU runs as): with `powerdown`, press its
+    /// ACPI power button (`system_powerdown`) and wait that long for QEMU
+    /// to exit first; then, or at once without it, tell QEMU to `quit`.
+    GuestStop {
+        guest: GuestRef,
+        #[serde(default)]
+        powerdown: Option<Grace>,
+    },
 }
 
 /// Network keys and their values, as JSON values that map one to one onto
@@ -291,6 +301,63 @@ impl Request {
         // the client wrote it.
         serde_json::from_str(line)
             .map_err(|e| format!("bad request: {}", one_line(&e.to_string(), 1024)))
+    }
+
+    /// How much longer than an ordinary request this one may take to be
+    /// answered: a guest stop waits for QEMU to exit (after the power-down
+    /// grace, if any). Client and daemon both add it to their timeouts.
+    pub fn answer_takes(&self) -> Duration {
+        match self {
+            Request::GuestStop { powerdown, .. } => {
+                QUIT_WAIT + powerdown.map(Grace::duration).unwrap_or_default()
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// How long the daemon waits for QEMU to exit after `quit`.
+pub const QUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a guest gets to power off before QEMU is told to quit: 0 to
+/// [`Grace::MAX_SECS`] seconds. Bounded because the request holds a
+/// control connection while it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
+pub struct Grace(u16);
+
+impl Grace {
+    pub const MAX_SECS: u64 = 600;
+
+    pub fn from_secs(secs: u64) -> Result<Grace, Invalid> {
+        u16::try_from(secs)
+            .ok()
+            .filter(|&s| u64::from(s) <= Grace::MAX_SECS)
+            .map(Grace)
+            .ok_or_else(|| {
+                Invalid(format!(
+                    "a guest gets at most {} s to power down, not {secs}",
+                    Grace::MAX_SECS
+                ))
+            })
+    }
+
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(self.0.into())
+    }
+}
+
+impl TryFrom<u64> for Grace {
+    type Error = Invalid;
+
+    fn try_from(secs: u64) -> Result<Grace, Invalid> {
+        Grace::from_secs(secs)
+    }
+}
+
+impl From<Grace> for u64 {
+    fn from(grace: Grace) -> u64 {
+        grace.0.into()
     }
 }
 
@@ -734,6 +801,30 @@ mod tests {
         let a = spec(Proto::Tcp, (80, 80), Some("10.0.0.1"));
         assert!(!a.overlaps(&spec(Proto::Tcp, (80, 80), Some("10.0.0.2"))));
         assert_eq!(web.ports_text(), "tcp 8080-8090:8080");
+    }
+
+    #[test]
+    fn guest_stops_are_bounded_and_say_how_long_they_take() {
+        let powerdown: Request =
+            serde_json::from_str(r#"{"op":"guest-stop","guest":"web1","powerdown":30}"#).unwrap();
+        assert_eq!(
+            powerdown,
+            Request::GuestStop {
+                guest: "web1".parse().unwrap(),
+                powerdown: Some(Grace::from_secs(30).unwrap()),
+            }
+        );
+        assert_eq!(
+            powerdown.answer_takes(),
+            Duration::from_secs(30) + QUIT_WAIT
+        );
+        let stop = Request::from_line(r#"{"op":"guest-stop","guest":"web1"}"#).unwrap();
+        assert_eq!(stop.answer_takes(), QUIT_WAIT);
+        assert_eq!(Request::Status.answer_takes(), Duration::ZERO);
+        for secs in ["601", "70000", "-1"] {
+            let line = format!(r#"{{"op":"guest-stop","guest":"web1","powerdown":{secs}}}"#);
+            assert!(Request::from_line(&line).is_err(), "{secs}");
+        }
     }
 
     #[test]

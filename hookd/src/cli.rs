@@ -127,7 +127,8 @@ pub mod qnetctl {
         #[arg(long, global = true)]
         pub json: bool,
 
-        /// Seconds to wait for the daemon's reply before giving up.
+        /// Seconds to wait for the daemon's reply before giving up; for `guest powerdown`,
+        /// seconds the guest gets to power off before QEMU is told to quit (at most 600).
         #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
         pub timeout: u64,
 
@@ -175,6 +176,27 @@ pub mod qnetctl {
             /// QEMU's QMP server socket.
             #[arg(long, value_name = "PATH")]
             qmp: PathBuf,
+        },
+        /// Stop or power down a running guest over the daemon's QMP session (root, or
+        /// the user its QEMU runs as).
+        #[command(subcommand)]
+        Guest(GuestCommand),
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub enum GuestCommand {
+        /// Quit QEMU now, like `virsh destroy`: the guest OS is not asked (QEMU itself
+        /// exits cleanly, flushing its disk images).
+        Stop {
+            /// The guest's -name, or a NIC's MAC.
+            guest: String,
+        },
+        /// Press the guest's ACPI power button, like `virsh shutdown`; if QEMU has not
+        /// exited after --timeout seconds (default 30), quit it. A guest without an ACPI
+        /// handler (acpid, systemd-logind) ignores the button.
+        Powerdown {
+            /// The guest's -name, or a NIC's MAC.
+            guest: String,
         },
     }
 

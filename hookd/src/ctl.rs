@@ -90,6 +90,8 @@ async fn handle(stream: UnixStream, inputs: mpsc::UnboundedSender<Input>) {
 async fn ask(request: Request, peer: Peer, inputs: &mpsc::UnboundedSender<Input>) -> Response {
     tracing::debug!(?request, uid = peer.uid, pid = peer.pid, "control request");
     let (reply, answer) = oneshot::channel();
+    // A guest stop waits for QEMU to exit: it takes that much longer.
+    let within = REPLY_TIMEOUT + request.answer_takes();
     let unavailable =
         |message: &str| Response::Error(ApiError::new(ErrorKind::Unavailable, message));
     if inputs
@@ -102,10 +104,13 @@ async fn ask(request: Request, peer: Peer, inputs: &mpsc::UnboundedSender<Input>
     {
         return unavailable("the daemon is shutting down");
     }
-    match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
+    match tokio::time::timeout(within, answer).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => unavailable("the daemon dropped the request"),
-        Err(_) => unavailable("the daemon did not answer within 30 s"),
+        Err(_) => unavailable(&format!(
+            "the daemon did not answer within {} s",
+            within.as_secs()
+        )),
     }
 }
 

@@ -297,6 +297,7 @@ pub async fn follow_guest(
         info,
         ports,
         qmp_server,
+        qmp: session.clone(),
         keepalive,
     })));
     if let Some(attach) = attach {

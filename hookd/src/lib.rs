@@ -32,6 +32,7 @@ mod ctl;
 mod follow;
 mod forwards;
 mod fsutil;
+mod guest_stop;
 mod hostports;
 mod logrelay;
 mod orphans;

@@ -524,6 +524,11 @@ impl RunningGuest {
         }
     }
 
+    /// How QEMU ended, once it has (`None` while it runs).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.try_wait().ok().flatten()
+    }
+
     fn try_wait(&self) -> Result<Option<ExitStatus>, String> {
         self.child
             .lock()

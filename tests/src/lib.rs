@@ -95,8 +95,19 @@ pub fn target_profile_dir() -> PathBuf {
     dir
 }
 
-/// Path of one of the workspace's binaries, built by `cargo test --workspace`.
+/// Set to a prefix (`/usr`) in the environment of a program the tests run
+/// (the demo), to make it run qnet's installed binaries instead of the
+/// build's: [`workspace_binary`] then gives `PREFIX/bin/` for the daemon
+/// and qnetctl and `PREFIX/libexec/` for the helpers and the libvirt hook,
+/// the Debian package's layout.
+pub const INSTALLED_PREFIX_ENV: &str = "QNET_TEST_INSTALLED_PREFIX";
+
+/// Path of one of the workspace's binaries, built by `cargo test --workspace`
+/// (or its installed copy, see [`INSTALLED_PREFIX_ENV`]).
 pub fn workspace_binary(name: &str) -> PathBuf {
+    if let Some(path) = installed_binary(name) {
+        return path;
+    }
     let path = target_profile_dir().join(name);
     assert!(
         path.exists(),
@@ -104,6 +115,37 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The installed copy of `name` when [`INSTALLED_PREFIX_ENV`] is set and
+/// qnet installs such a binary.
+fn installed_binary(name: &str) -> Option<PathBuf> {
+    let prefix = std::env::var_os(INSTALLED_PREFIX_ENV).filter(|p| !p.is_empty())?;
+    let dir = match name {
+        "qnet-hookd" | "qnetctl" => "bin",
+        "qnet-bridge-helper" | "qnet-macvtap-helper" | "qnet-libvirt-hook" => "libexec",
+        _ => return None,
+    };
+    let path = std::path::Path::new(&prefix).join(dir).join(name);
+    assert!(path.exists(), "{} is not installed", path.display());
+    Some(path)
+}
+
+/// Takes the machine-wide lock `path` (flock; released when the file is
+/// dropped), waiting for it: for tests that change files of the host
+/// other test processes change too.
+pub fn lock_file(path: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+    file
 }
 
 /// Checks that `binary --help` and `--version` exit 0 on stdout, that the

@@ -1,6 +1,7 @@
 //! qnet-hookd end to end with real guests: NAT and isolated networks, sticky
 //! reservations, DNS names, masquerade, blocked ports, teardown when QEMU
-//! is killed, a daemon killed and restarted, dnsmasq killed.
+//! is killed, a daemon killed and restarted, dnsmasq killed, guests
+//! stopped and powered down through the daemon.
 //!
 //! Three namespaces: "hk" runs the daemon (and the guests, attached through
 //! qnet-bridge-helper and dialing the daemon's QMP socket); "out" plays the
@@ -10,17 +11,19 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_tests::guest::{
     check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
-    ProbeOutcome, RunningGuest,
+    ProbeOutcome, RunningGuest, INIT_MARKER,
 };
 use qnet_tests::hookd::{qmp_client_args, Hookd};
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use qnet_tests::workspace_binary;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -113,6 +116,50 @@ impl World {
             .args(qmp_client_args(&self.hookd.qmp_socket()))
             .args(qemu_args);
         RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Boots a guest named `name` whose QEMU runs as `user`, on QEMU's own
+    /// isolated user-mode network (no helper needed), dialing the daemon.
+    /// Its files are copies in a directory of the user's own (a checkout
+    /// may sit where the user cannot read).
+    fn boot_as(&self, name: &str, user: RunAs) -> RunningGuest {
+        let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+        let dir = self.hookd.dir().join(format!("vm-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut spec = GuestSpec::new(&image, random_mac(), random_token());
+        spec.kernel = dir.join("vmlinuz");
+        spec.initrd = dir.join("initrd.gz");
+        std::fs::copy(&image.kernel, &spec.kernel).unwrap();
+        std::fs::copy(&image.initrd, &spec.initrd).unwrap();
+        for path in [&dir, &spec.kernel, &spec.initrd] {
+            std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        // The daemon's directory, with qmp.sock (0666) in it.
+        std::fs::set_permissions(self.hookd.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let serial = dir.join("console.log");
+        let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, Some(user));
+        qemu.args(spec.qemu_args("user,id=n0,restrict=on", &serial))
+            .args(["-name", name])
+            .args(qmp_client_args(&self.hookd.qmp_socket()));
+        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `qnetctl ARGS` as `user`, as a member of group `qnet` would run it.
+    fn qnetctl_as(&self, user: RunAs, args: &[&str]) -> std::process::Output {
+        std::fs::set_permissions(self.hookd.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            self.hookd.ctl_socket(),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        std::process::Command::new(workspace_binary("qnetctl"))
+            .arg("--socket")
+            .arg(self.hookd.ctl_socket())
+            .args(args)
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+            .unwrap()
     }
 
     fn guest_named(&self, name: &str) -> Option<serde_json::Value> {
@@ -480,4 +527,81 @@ fn qemu_with_its_own_qmp_server_is_attached_and_redialed_after_a_restart() {
     world.hookd.wait_until("guest-att gone", TEARDOWN, |h| {
         h.guests().iter().all(|g| g["name"] != "guest-att")
     });
+}
+
+#[test]
+fn guests_are_stopped_by_root_or_their_owner_and_an_ignored_powerdown_escalates_to_quit() {
+    let world = World::new("hkgstop");
+    let owner = unused_user();
+    let stranger = RunAs {
+        uid: owner.uid + 1,
+        gid: owner.gid + 1,
+    };
+    let owned = world.boot_as("guest-own", owner);
+    let roots = world.boot("guest-root", &random_mac(), "qnlab", &[]);
+    // The guest's kernel runs (and has no ACPI handler: no acpid).
+    owned
+        .wait_for_line(INIT_MARKER, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    world.hookd.wait_until("both guests followed", LONG, |h| {
+        let guests = h.guests();
+        ["guest-own", "guest-root"]
+            .iter()
+            .all(|name| guests.iter().any(|g| g["name"] == *name))
+    });
+
+    // Anyone else is refused, with one line.
+    for args in [
+        ["guest", "powerdown", "guest-own"],
+        ["guest", "stop", "guest-own"],
+        ["guest", "stop", "guest-root"],
+    ] {
+        let out = world.qnetctl_as(stranger, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("`guest-own` is not one of your running guests")
+                || stderr.contains("`guest-root` is not one of your running guests"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(owned.exit_status().is_none() && roots.exit_status().is_none());
+
+    // The owner powers theirs down: the button is ignored, so after the
+    // grace QEMU is told to quit, and exits.
+    let out = world.qnetctl_as(
+        owner,
+        &["--timeout", "2", "guest", "powerdown", "guest-own"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("did not power down within 2 s")
+            && stdout.contains("QEMU was told to quit and exited"),
+        "{stdout}"
+    );
+    qnet_tests::wait_until("the owner's QEMU to exit", TEARDOWN, || {
+        owned.exit_status().is_some()
+    });
+
+    // Root stops any guest, at once.
+    let reply = world
+        .hookd
+        .qnetctl(&["guest", "stop", "guest-root"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        reply["message"].as_str().unwrap().contains("QEMU quit"),
+        "{reply}"
+    );
+    qnet_tests::wait_until("root's QEMU to exit", TEARDOWN, || {
+        roots.exit_status().is_some()
+    });
+    world
+        .hookd
+        .wait_until("both guests gone", TEARDOWN, |h| h.guests().is_empty());
 }

@@ -51,7 +51,8 @@ subnet = "10.78.0.0/24"
 /// Serialises the tests of this binary: one libvirtd at a time.
 static ONE_LIBVIRTD: Mutex<()> = Mutex::new(());
 /// Serialises libvirtd between test processes (parallel test binaries,
-/// checkouts).
+/// checkouts), and with the install test's real `dpkg -i` (its postinst
+/// links /etc/libvirt/hooks/qemu.d/qnet too).
 const LIBVIRTD_LOCK: &str = "/run/lock/qnet-test-libvirtd.lock";
 
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
@@ -102,21 +103,7 @@ struct Libvirtd {
 /// Takes the machine-wide libvirtd lock and waits until no other libvirtd
 /// runs (one started by a test binary without the lock, or a leftover).
 fn lock_libvirtd() -> std::fs::File {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LIBVIRTD_LOCK)
-        .unwrap_or_else(|e| panic!("{LIBVIRTD_LOCK}: {e}"));
-    // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(
-        rc,
-        0,
-        "flock {LIBVIRTD_LOCK}: {}",
-        std::io::Error::last_os_error()
-    );
+    let file = qnet_tests::lock_file(LIBVIRTD_LOCK);
     let deadline = Instant::now() + Duration::from_secs(600);
     while let Some(pid) = running_libvirtd() {
         assert!(

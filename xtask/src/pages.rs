@@ -60,11 +60,13 @@ EXAMPLES
     qnetctl network show dev
     qnetctl network delete dev
     qnetctl reload
+    qnetctl guest powerdown web1 --timeout 60
 
 SECURITY
     Only root and members of group qnet may use the control socket. Other
     users than root see and act on their own guests only (those whose QEMU
-    runs under their uid), and forward host ports from 1024 only.
+    runs under their uid: they may also stop or power them down), and
+    forward host ports from 1024 only.
 ";
 
 const BRIDGE_HELPER: &str = "\

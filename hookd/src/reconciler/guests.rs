@@ -19,6 +19,7 @@ impl Reconciler {
             info,
             ports,
             qmp_server,
+            qmp,
             keepalive,
         } = up;
         let pid = identity.pid;
@@ -37,6 +38,8 @@ impl Reconciler {
             conn,
             Session {
                 pid,
+                qmp,
+                powerdown: None,
                 _keepalive: keepalive,
             },
         );

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::discover::GuestPort;
 use crate::libvirt::LeaseUpdate;
-use crate::qmp::{GuestIdentity, GuestInfo, NicInfo};
+use crate::qmp::{GuestIdentity, GuestInfo, NicInfo, QmpSession};
 
 /// Identifies one QMP connection (a guest may reconnect with a new one).
 pub type ConnId = u64;
@@ -83,6 +83,9 @@ pub struct GuestUp {
     pub info: GuestInfo,
     pub ports: Vec<GuestPort>,
     pub qmp_server: Option<PathBuf>,
+    /// A handle on the session, for commands the reconciler sends the
+    /// guest (`qnetctl guest stop`): the follower keeps reading it.
+    pub qmp: QmpSession,
     /// Keeps the QMP session alive: the follower ends (closing its socket
     /// and pidfd) as soon as the reconciler drops this, e.g. because a
     /// newer session of the same QEMU replaced it.

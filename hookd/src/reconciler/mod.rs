@@ -19,6 +19,7 @@
 //! | `networks` | bringing networks up and down, the nft ruleset |
 //! | `forwards` | declared forwards and the installed map elements |
 //! | `libvirt` | libvirt guests (the hook) and libvirt's leases |
+//! | `stop` | `qnetctl guest stop`/`powerdown`: whose guest, then a task |
 //! | `views` | read-only replies: status, guests, reservations |
 //! | `doctor` | the facts `qnetctl doctor` diagnoses |
 //! | `plan` | pure planning, unit-tested |
@@ -34,6 +35,7 @@ mod networks;
 mod plan;
 mod requests;
 mod reservations;
+mod stop;
 mod users;
 mod views;
 
@@ -53,6 +55,7 @@ use crate::error::DaemonError;
 use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
 use crate::follow::Sessions;
+use crate::qmp::QmpSession;
 use crate::state::{State, Store};
 
 /// Most guest events applied before one flush: bounds how long the first
@@ -70,6 +73,9 @@ struct NetworkRuntime {
 /// A live QMP session of a guest: dropping it ends the session.
 struct Session {
     pid: u32,
+    qmp: QmpSession,
+    /// A `qnetctl guest powerdown` waiting for the guest to power off.
+    powerdown: Option<tokio::task::JoinHandle<()>>,
     _keepalive: oneshot::Sender<()>,
 }
 

@@ -45,12 +45,14 @@ fn allowed(request: &Request) -> Allowed {
         Request::ReserveAdd { .. } | Request::ReserveRm { .. } | Request::ForwardAdd { .. } | Request::ForwardRm { .. } => {
             Allowed::OwnGuest
         }
+        Request::GuestStop { .. } => Allowed::OwnGuest,
     }
 }
 
 impl Reconciler {
     /// Handles a control request. Its reply goes out on `reply` once its
-    /// change is durable and applied (later, from a task, for `attach`).
+    /// change is durable and applied (later, from a task, for `attach` and
+    /// `guest stop`).
     pub(super) async fn request(
         &mut self,
         request: Request,
@@ -64,6 +66,10 @@ impl Reconciler {
         let result = match request {
             Request::Attach { qmp } => {
                 self.dial(Origin::Server(qmp), Some(Attach { peer, reply }));
+                return;
+            }
+            Request::GuestStop { guest, powerdown } => {
+                self.guest_stop(&guest, powerdown, peer, reply);
                 return;
             }
             request => self.dispatch(request, peer).await,
@@ -139,6 +145,7 @@ impl Reconciler {
                 )),
                 _ => Ok(()),
             },
+            Request::GuestStop { guest, .. } => self.guest_to_stop(guest, peer).map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -207,10 +214,10 @@ impl Reconciler {
                 self.guest_register(registration, peer).await
             }
             Request::GuestUnregister { uuid } => self.guest_unregister(&uuid),
-            // Answered by its follower (see `request`); never gets here.
-            Request::Attach { .. } => Err(ApiError::new(
+            // Answered by a task of their own (see `request`); never get here.
+            Request::Attach { .. } | Request::GuestStop { .. } => Err(ApiError::new(
                 qnet_api::ErrorKind::Failed,
-                "attach is answered by its follower",
+                "attach and guest stop are answered by a task of their own",
             )),
         }
     }

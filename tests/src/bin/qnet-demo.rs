@@ -79,12 +79,16 @@ fn run() -> Result<(), String> {
     let status = hookd.qnetctl(&["status"])?;
     let net = &status["networks"][0];
     let bridge = net["bridge"].as_str().unwrap_or("qnet0").to_string();
-    step(3, format!(
-        "qnet-hookd up with its default network: {} ({}, {} on bridge {bridge}, dnsmasq for DHCP/DNS)",
-        net["name"].as_str().unwrap_or("?"),
-        net["mode"].as_str().unwrap_or("?"),
-        net["subnet"].as_str().unwrap_or("?"),
-    ));
+    step(
+        3,
+        format!(
+            "{} up with its default network: {} ({}, {} on bridge {bridge}, dnsmasq for DHCP/DNS)",
+            workspace_binary("qnet-hookd").display(),
+            net["name"].as_str().unwrap_or("?"),
+            net["mode"].as_str().unwrap_or("?"),
+            net["subnet"].as_str().unwrap_or("?"),
+        ),
+    );
 
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {bridge}\n"));

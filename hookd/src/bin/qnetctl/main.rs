@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use qnet_api::{client, ForwardSpec, Invalid, Reply, Request};
+use qnet_api::{client, ForwardSpec, Grace, Invalid, Reply, Request};
 use qnet_hookd::cli::qnetctl::{
-    Command, ForwardCommand, NetworkCommand, Qnetctl as Cli, ReserveCommand,
+    Command, ForwardCommand, GuestCommand, NetworkCommand, Qnetctl as Cli, ReserveCommand,
 };
 
 mod render;
@@ -14,14 +14,16 @@ mod settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let request = match request(cli.command) {
+    let request = match request(cli.command, cli.timeout) {
         Ok(request) => request,
         Err(e) => {
             eprintln!("qnetctl: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match client::request(&cli.socket, &request, Duration::from_secs(cli.timeout)) {
+    // A guest stop waits for QEMU to exit (after a power-down's grace).
+    let wait = Duration::from_secs(cli.timeout) + request.answer_takes();
+    match client::request(&cli.socket, &request, wait) {
         Ok(reply) => {
             if cli.json {
                 println!(
@@ -45,8 +47,9 @@ fn main() -> ExitCode {
 }
 
 /// The request a command line asks for; values are checked here, with the
-/// same messages the daemon would give.
-fn request(command: Command) -> Result<Request, Invalid> {
+/// same messages the daemon would give. `timeout` is `--timeout`: a power-
+/// down's grace.
+fn request(command: Command, timeout: u64) -> Result<Request, Invalid> {
     Ok(match command {
         Command::Status => Request::Status,
         Command::Guests => Request::Guests,
@@ -60,6 +63,14 @@ fn request(command: Command) -> Result<Request, Invalid> {
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
             Request::Attach { qmp }
         }
+        Command::Guest(GuestCommand::Stop { guest }) => Request::GuestStop {
+            guest: guest.parse()?,
+            powerdown: None,
+        },
+        Command::Guest(GuestCommand::Powerdown { guest }) => Request::GuestStop {
+            guest: guest.parse()?,
+            powerdown: Some(Grace::from_secs(timeout)?),
+        },
     })
 }
 
