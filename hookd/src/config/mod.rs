@@ -4,7 +4,7 @@
 //! [[network]]
 //! name = "lab"                  # required; also the default bridge name
 //! bridge = "qnlab"              # default: the name
-//! mode = "nat"                  # nat (default) | routed | isolated
+//! mode = "nat"                  # nat (default) | routed | isolated | bridged
 //! subnet = "10.42.0.0/24"       # required (IPv4)
 //! router = "10.42.0.1"          # default: the subnet's first address
 //! dhcp-range = ["10.42.0.100", "10.42.0.199"]   # default: .2 .. last-1
@@ -12,6 +12,11 @@
 //! uplink = "eth0"               # optional: masquerade/forward only via it
 //! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//!
+//! [[network]]                   # the LAN of eth0 (see `lan`)
+//! name = "lan"
+//! mode = "bridged"              # only name, bridge, uplink apply
+//! uplink = "eth0"               # required: the interface to share
 //!
 //! [[forward]]                   # active while the guest runs
 //! guest = "web1"                # the guest's -name, or a NIC's MAC
@@ -55,6 +60,7 @@ use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
 use crate::state::alloc;
 
+mod lan;
 mod raw;
 use raw::*;
 
@@ -123,6 +129,8 @@ impl ConfigError {
 }
 
 /// One network as the daemon uses it: every default filled in, validated.
+/// A LAN network ([`NetworkConfig::is_lan`]) has no addressing of its own:
+/// its `subnet`, `router` and `dhcp_range` are unspecified placeholders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     pub name: NetName,
@@ -300,7 +308,7 @@ impl Config {
     pub fn default_network(subnet: Ipv4Net) -> NetworkConfig {
         RawNetwork {
             name: DEFAULT_NETWORK.into(),
-            subnet: subnet.to_string(),
+            subnet: Some(subnet.to_string()),
             ..RawNetwork::default()
         }
         .validate()
@@ -348,13 +356,15 @@ fn parse_networks(
         networks.push(net);
         lines.push(line);
     }
-    check_overlaps(&networks).map_err(|(index, problem)| ConfigError::Invalid {
+    let invalid = |index: usize, key, problem| ConfigError::Invalid {
         path: path.to_path_buf(),
         line: lines[index],
         network: networks[index].name.to_string(),
-        key: "subnet",
+        key,
         problem,
-    })?;
+    };
+    check_overlaps(&networks).map_err(|(index, problem)| invalid(index, "subnet", problem))?;
+    lan::check_uplinks(&networks).map_err(|(index, key, problem)| invalid(index, key, problem))?;
     Ok(networks)
 }
 
@@ -380,11 +390,15 @@ fn parse_forwards(
             .validate()
             .map_err(|(key, problem)| invalid(key, problem))?;
         if let Some(net) = &spec.network {
-            if !networks.iter().any(|n| n.name == net.as_str()) {
-                return Err(invalid(
-                    "network",
-                    format!("no network `{net}` in this file"),
-                ));
+            match networks.iter().find(|n| n.name == net.as_str()) {
+                None => {
+                    return Err(invalid(
+                        "network",
+                        format!("no network `{net}` in this file"),
+                    ))
+                }
+                Some(n) if n.is_lan() => return Err(invalid("network", lan_forward(net))),
+                Some(_) => {}
             }
         }
         if let Some(other) = forwards.iter().find(|f| f.overlaps(&spec)) {
@@ -403,10 +417,25 @@ fn parse_forwards(
     Ok(forwards)
 }
 
-/// The index of the later of two networks whose subnets overlap, and why.
+/// Why a forward to the LAN network `network` is refused (here and at
+/// run time).
+pub fn lan_forward(network: &str) -> String {
+    format!(
+        "`{network}` is a bridged network: its guests are on the LAN itself and reachable there \
+         at the address the LAN's DHCP gave them, so forwards do not apply"
+    )
+}
+
+/// The index of the later of two networks whose subnets overlap, and why
+/// (LAN networks have no subnet of their own).
 fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
-    for (i, a) in networks.iter().enumerate() {
-        for (j, b) in networks.iter().enumerate().skip(i + 1) {
+    for (i, a) in networks.iter().enumerate().filter(|(_, n)| !n.is_lan()) {
+        for (j, b) in networks
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .filter(|(_, n)| !n.is_lan())
+        {
             if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {
                 return Err((
                     j,
@@ -488,10 +517,10 @@ ipv6 = { subnet = "fd43::/64" }
             .to_string();
         assert!(err.contains("line 4") && err.contains("mtu"), "{err}");
         let err =
-            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"bridged\"\n")
+            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"macvlan\"\n")
                 .unwrap_err()
                 .to_string();
-        assert!(err.contains("line 4") && err.contains("bridged"), "{err}");
+        assert!(err.contains("line 4") && err.contains("macvlan"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
 
