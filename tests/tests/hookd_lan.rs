@@ -58,7 +58,7 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
-        require_programs(&["ip", "ping", "dnsmasq", "nft"]);
+        require_programs(&["ip", "busybox", "dnsmasq", "nft"]);
         let host = NetNs::new(&format!("{tag}-host"));
         let upstream = NetNs::new(&format!("{tag}-up"));
         host.add_veth_to(
@@ -83,6 +83,13 @@ impl World {
         host.ip(&[
             "-6", "route", "add", "default", "via", "fd77::1", "metric", "1024",
         ]);
+        // The link-local address the kernel gives eth0 is part of what
+        // must come back: compare only once its DAD is over.
+        wait_until("eth0's addresses past DAD", SHORT, || {
+            !host
+                .ip(&["addr", "show", "dev", "eth0"])
+                .contains("tentative")
+        });
         let logs = tempfile::tempdir().unwrap();
         let dhcp = DnsmasqConfig::new(
             upstream.name(),
@@ -161,9 +168,10 @@ impl World {
 
     /// One ping from the host to the LAN gets its answer.
     fn assert_online(&self) {
-        self.host.exec_ok(&["ping", "-c", "1", "-W", "5", UPSTREAM]);
         self.host
-            .exec_ok(&["ping", "-6", "-c", "1", "-W", "5", "fd77::1"]);
+            .exec_ok(&["busybox", "ping", "-c", "1", "-W", "5", UPSTREAM]);
+        self.host
+            .exec_ok(&["busybox", "ping", "-6", "-c", "1", "-W", "5", "fd77::1"]);
     }
 
     fn bridge_exists(&self) -> bool {
@@ -171,7 +179,7 @@ impl World {
     }
 }
 
-/// `ping -i 0.05` from the host to the LAN; a thread collects the
+/// `busybox ping -i 0.05` from the host to the LAN; a thread collects the
 /// sequence numbers of its replies as they come.
 struct PingLoop {
     child: Child,
@@ -186,8 +194,8 @@ impl PingLoop {
                 "netns",
                 "exec",
                 ns.name(),
+                "busybox",
                 "ping",
-                "-n",
                 "-i",
                 "0.05",
                 UPSTREAM,
@@ -202,7 +210,7 @@ impl PingLoop {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let seq = line
-                    .split("icmp_seq=")
+                    .split(" seq=")
                     .nth(1)
                     .and_then(|rest| rest.split_whitespace().next())
                     .and_then(|n| n.parse().ok());
@@ -307,6 +315,13 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
         ping.replies() >= switched + 20
     });
     let seqs = ping.stop();
+    eprintln!(
+        "ping across the switch-over: {} replies, seq {:?}..{:?}, longest loss {}",
+        seqs.len(),
+        seqs.first(),
+        seqs.last(),
+        longest_loss(&seqs)
+    );
     assert!(
         longest_loss(&seqs) <= 3,
         "the host lost {} replies in a row during the switch-over: {seqs:?}\n{}",
@@ -335,9 +350,15 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
         dhcp_log.contains(&format!("DHCPACK(lan0) {leased} {mac}")),
         "the LAN's dnsmasq did not lease {leased} to {mac}:\n{dhcp_log}"
     );
-    world
-        .upstream
-        .exec_ok(&["ping", "-c", "1", "-W", "10", &leased.to_string()]);
+    world.upstream.exec_ok(&[
+        "busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "10",
+        &leased.to_string(),
+    ]);
     assert!(
         !hookd.run_dir().join("lan").exists(),
         "qnet ran something for the LAN network"
