@@ -468,3 +468,40 @@ fn lan_switch_over_killed_at_every_step_is_completed_or_restored() {
     }
     assert!(step > 8, "only {step} steps were tried");
 }
+
+/// A step of the switch-over that fails (the debug-build hook fails each
+/// in turn) undoes the steps before it: the uplink is exactly as it was,
+/// the bridge and the record are gone, and the daemon says why it cannot
+/// bring the network up.
+#[test]
+fn lan_switch_over_failing_at_any_step_is_rolled_back() {
+    let world = World::new("lanfail");
+    let original = world.uplink();
+    let mut hookd = Hookd::prepare(&world.host, Some(CONFIG), Launch::default());
+    let record = hookd.dir().join("state/lan/lan.json");
+    let mut step = 0;
+    let mut steps = None;
+    while steps.is_none_or(|total| step < total) {
+        hookd.set_env(&[("QNET_TEST_LAN_FAIL_AT", &step.to_string())]);
+        hookd.spawn_nowait();
+        let status = hookd.wait_exit(LONG).unwrap_or_else(|| {
+            panic!("the daemon ran on with step {step} failed\n{}", hookd.log())
+        });
+        let log = hookd.log();
+        let marker = format!("step {step} of ");
+        let total: usize = log
+            .split(&marker)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("step {step} did not fail:\n{log}"));
+        steps = Some(total);
+        assert!(!status.success(), "step {step}: {status}");
+        assert_eq!(world.uplink(), original, "after step {step} failed\n{log}");
+        assert!(!world.bridge_exists(), "step {step}");
+        assert!(!record.exists(), "step {step}: the record stayed");
+        world.assert_online();
+        step += 1;
+    }
+    assert!(step > 8, "only {step} steps were tried");
+}

@@ -23,7 +23,8 @@
 //! Debug builds only: `QNET_TEST_LAN_PAUSE_AT=N` makes the switch-over
 //! stop for good before step N (N = the number of steps: after the last,
 //! before the record is marked complete), after logging so; the tests
-//! kill -9 the daemon there. Release builds have no such hook.
+//! kill -9 the daemon there. `QNET_TEST_LAN_FAIL_AT=N` makes step N fail,
+//! so the tests see the rollback. Release builds have no such hooks.
 
 mod kernel;
 pub mod plan;
@@ -229,8 +230,12 @@ async fn switch_over(kernel: &Kernel, state_dir: &Path, rec: &Record) -> Result<
     let steps = plan::switch_over(&rec.snapshot);
     let mut undo: Vec<Action> = Vec::new();
     for (index, step) in steps.iter().enumerate() {
-        test_pause(index, steps.len()).await;
-        if let Err(e) = kernel.apply(&step.action).await {
+        test_hooks::pause(index, steps.len()).await;
+        let done = match test_hooks::failure(index, steps.len()) {
+            Some(e) => Err(e),
+            None => kernel.apply(&step.action).await,
+        };
+        if let Err(e) = done {
             tracing::warn!(network = %rec.network, "LAN switch-over step {index} ({:?}) failed: {e}; undoing", step.action);
             undo.reverse();
             return match run_all(kernel, &undo).await {
@@ -248,21 +253,45 @@ async fn switch_over(kernel: &Kernel, state_dir: &Path, rec: &Record) -> Result<
         }
         undo.extend(step.undo.iter().cloned());
     }
-    test_pause(steps.len(), steps.len()).await;
+    test_hooks::pause(steps.len(), steps.len()).await;
     Ok(())
 }
 
-/// The test hook of the module documentation.
+/// The test hooks of the module documentation (debug builds only).
 #[cfg(debug_assertions)]
-async fn test_pause(index: usize, total: usize) {
-    let wanted = std::env::var("QNET_TEST_LAN_PAUSE_AT")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
-    if wanted == Some(index) {
-        tracing::warn!("LAN test pause before step {index} of {total} (QNET_TEST_LAN_PAUSE_AT)");
-        std::future::pending::<()>().await;
+mod test_hooks {
+    use super::LanError;
+
+    fn wanted(var: &str) -> Option<usize> {
+        std::env::var(var).ok().and_then(|v| v.parse().ok())
+    }
+
+    /// `QNET_TEST_LAN_PAUSE_AT=N`: stop for good before step N.
+    pub async fn pause(index: usize, total: usize) {
+        if wanted("QNET_TEST_LAN_PAUSE_AT") == Some(index) {
+            tracing::warn!(
+                "LAN test pause before step {index} of {total} (QNET_TEST_LAN_PAUSE_AT)"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// `QNET_TEST_LAN_FAIL_AT=N`: step N fails instead of running.
+    pub fn failure(index: usize, total: usize) -> Option<LanError> {
+        (wanted("QNET_TEST_LAN_FAIL_AT") == Some(index)).then(|| LanError::Uplink {
+            uplink: "(test)".into(),
+            problem: format!("step {index} of {total} failed on purpose (QNET_TEST_LAN_FAIL_AT)"),
+        })
     }
 }
 
 #[cfg(not(debug_assertions))]
-async fn test_pause(_index: usize, _total: usize) {}
+mod test_hooks {
+    use super::LanError;
+
+    pub async fn pause(_index: usize, _total: usize) {}
+
+    pub fn failure(_index: usize, _total: usize) -> Option<LanError> {
+        None
+    }
+}
