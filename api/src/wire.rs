@@ -37,6 +37,10 @@ pub enum Mode {
     Routed,
     /// Guests reach each other and the host only.
     Isolated,
+    /// Guests sit on the LAN of a physical interface (`uplink`): the
+    /// network's bridge takes over the uplink's MAC, addresses and routes
+    /// and enslaves it; the LAN's own DHCP serves the guests.
+    Bridged,
 }
 
 impl fmt::Display for Mode {
@@ -45,6 +49,7 @@ impl fmt::Display for Mode {
             Mode::Nat => "nat",
             Mode::Routed => "routed",
             Mode::Isolated => "isolated",
+            Mode::Bridged => "bridged",
         })
     }
 }
@@ -634,6 +639,8 @@ pub struct NetworkStatus {
     pub name: String,
     pub mode: Mode,
     pub bridge: String,
+    /// The IPv4 subnet; `LAN of UPLINK` for a `bridged` network, whose
+    /// addresses are the LAN's (its `router` is then 0.0.0.0).
     pub subnet: String,
     pub router: Ipv4Addr,
     pub ipv6: Option<String>,

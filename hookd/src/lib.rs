@@ -4,7 +4,8 @@
 //! The daemon is a reconciler (`reconciler`): inputs from the control
 //! socket (`ctl`) and from the QMP followers (`follow`) change the desired
 //! state (`state`), and small appliers make the world match it:
-//! [`network`] (bridge, addresses, sysctls), [`firewall`] (our one
+//! [`network`] (bridge, addresses, sysctls; [`lan`] for a bridge that
+//! takes over a physical interface), [`firewall`] (our one
 //! nftables table), [`dnsmasq`] (one supervised dnsmasq per network). [`qmp`] and
 //! [`discover`] find out what each guest is and where its NICs are.
 //!
@@ -21,6 +22,7 @@ pub mod dnsmasq;
 pub mod doctor;
 pub mod error;
 pub mod firewall;
+pub mod lan;
 pub mod libvirt;
 pub mod netlink;
 pub mod network;

@@ -70,6 +70,7 @@ pub struct Link {
     /// without one (physical NICs, loopback).
     pub kind: Option<InfoKind>,
     pub mac: Option<Vec<u8>>,
+    pub mtu: Option<u32>,
     /// `IFLA_MASTER`: the bridge a port is enslaved to.
     pub master: Option<u32>,
     /// `IFLA_LINK`: a macvtap's (or veth's) lower device, by index in the
@@ -90,6 +91,7 @@ impl Link {
             name: String::new(),
             kind: None,
             mac: None,
+            mtu: None,
             master: None,
             lower: None,
             lower_netnsid: None,
@@ -100,6 +102,7 @@ impl Link {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
                 LinkAttribute::Address(mac) => link.mac = Some(mac.clone()),
+                LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
                 LinkAttribute::Controller(index) => link.master = Some(*index),
                 LinkAttribute::Link(index) if *index != 0 => link.lower = Some(*index),
                 // A valid nsid (>= 0) names a peer namespace.

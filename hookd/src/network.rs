@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::IpAddr;
+use std::path::Path;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{
@@ -39,6 +40,8 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Lan(#[from] crate::lan::LanError),
 }
 
 impl NetworkError {
@@ -47,7 +50,8 @@ impl NetworkError {
         match self {
             Self::Netlink(e) => e.raw_os_error(),
             Self::Sysctl { source: e, .. } => e.raw_os_error(),
-            Self::NotABridge { .. } => None,
+            Self::Lan(crate::lan::LanError::Netlink(e)) => e.raw_os_error(),
+            Self::NotABridge { .. } | Self::Lan(_) => None,
         }
     }
 }
@@ -76,8 +80,13 @@ fn failed(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Network
     move |e| NetworkError::Netlink(refused(e))
 }
 
-/// Creates the bridge if missing and returns it; refuses a non-bridge.
-async fn ensure_bridge(netlink: &Netlink, name: &str, mac: [u8; 6]) -> Result<Link, NetworkError> {
+/// Creates bridge `name` with `mac` (and up) if missing, and returns the
+/// device of that name: the caller refuses one that is no bridge.
+pub(crate) async fn ensure_bridge(
+    netlink: &Netlink,
+    name: &str,
+    mac: [u8; 6],
+) -> Result<Link, NetworkError> {
     if let Some(dev) = netlink.link_by_name(name).await? {
         return Ok(dev);
     }
@@ -201,6 +210,24 @@ async fn ensure_address(
     }
 }
 
+/// Brings network `net` up whatever its mode: a LAN network through
+/// [`crate::lan`] (which keeps what its uplink had in `state_dir`), the
+/// others with [`bring_up`].
+pub async fn up(net: &NetworkConfig, state_dir: &Path) -> Result<(), NetworkError> {
+    match net.is_lan() {
+        true => Ok(crate::lan::bring_up(net, state_dir).await?),
+        false => bring_up(net).await,
+    }
+}
+
+/// Takes network `net` down whatever its mode (see [`up`]).
+pub async fn down(net: &NetworkConfig, state_dir: &Path) -> Result<(), NetworkError> {
+    match net.is_lan() {
+        true => Ok(crate::lan::bring_down(net, state_dir).await?),
+        false => bring_down(net).await,
+    }
+}
+
 /// Brings network `net` up in the current network namespace; idempotent.
 ///
 /// - the bridge `net.bridge` exists (created if missing; adopted if it is a
@@ -277,8 +304,11 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
 /// A missing bridge is not an error; a non-bridge with its name is, and is
 /// left alone. Sysctls are left as they are: other users may rely on them.
 pub async fn bring_down(net: &NetworkConfig) -> Result<(), NetworkError> {
-    let netlink = Netlink::open()?;
-    let name = net.bridge.as_str();
+    delete_bridge(&Netlink::open()?, net.bridge.as_str()).await
+}
+
+/// Deletes bridge `name` (see [`bring_down`]).
+pub(crate) async fn delete_bridge(netlink: &Netlink, name: &str) -> Result<(), NetworkError> {
     let Some(dev) = netlink.link_by_name(name).await? else {
         return Ok(());
     };

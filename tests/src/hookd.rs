@@ -128,6 +128,20 @@ impl Hookd {
         RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The extra environment of the next (re)start, replacing the one
+    /// given at launch.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.launch.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Replaces the daemon's hookd.toml (for the next start or reload).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.dir().join("hookd.toml"), text).unwrap();
+    }
+
     /// Makes `child` (the daemon's own process) this daemon: dropping
     /// kills it.
     pub fn adopt(&mut self, child: Child) {

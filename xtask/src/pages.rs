@@ -143,8 +143,8 @@ NETWORKS
     [[network]]
     name = \"lab\"                  # required; also the default bridge name
     bridge = \"qnlab\"              # default: the name
-    mode = \"nat\"                  # nat (default) | routed | isolated
-    subnet = \"10.42.0.0/24\"       # required (IPv4)
+    mode = \"nat\"                  # nat (default) | routed | isolated | bridged
+    subnet = \"10.42.0.0/24\"       # required (IPv4), except when bridged
     router = \"10.42.0.1\"          # default: the subnet's first address
     dhcp-range = [\"10.42.0.100\", \"10.42.0.199\"]   # default: .2 .. last-1
     domain = \"lab.qnet\"           # default: NAME.qnet
@@ -166,6 +166,22 @@ LINKS
     connection beyond the host. Naming an unknown network, the network
     itself, or a network in both keys is an error; a network that is down
     has no links.
+
+LAN NETWORKS
+    [[network]]
+    name = \"lan\"
+    mode = \"bridged\"              # guests sit on the LAN of the uplink
+    uplink = \"eth0\"               # required: the interface to share
+    bridge = \"lan\"                # default: the name
+
+    The bridge takes over the uplink's MAC, addresses and routes and
+    enslaves it; the host stays reachable throughout. What the uplink had
+    is kept in /var/lib/qnet/lan/NAME.json first; network down, removing
+    the network and a restart after a crash give it back exactly. Guests
+    lease from the LAN's own DHCP server: subnet, router, dhcp-range,
+    domain, ipv6 and blocked-ports are refused here, and so are forwards
+    and reservations on this network. A nat or routed network that left
+    through the uplink names the bridge as its uplink instead.
 
 FORWARDS
     [[forward]]                   # active while the guest runs

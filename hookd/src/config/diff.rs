@@ -72,7 +72,10 @@ fn change(
     dnsmasq_differs: impl Fn(&NetworkConfig, &NetworkConfig) -> bool,
 ) -> Change {
     let link = |n: &NetworkConfig| (n.bridge.clone(), n.subnet, n.router, n.ipv6);
-    if link(old) != link(new) {
+    // A LAN network's bridge is its uplink's: another uplink, or a mode
+    // to or from bridged, gives the uplink back and takes over anew.
+    let lan = |n: &NetworkConfig| n.is_lan().then(|| n.uplink.clone());
+    if link(old) != link(new) || lan(old) != lan(new) {
         Change::Recreate
     } else if dnsmasq_differs(old, new) {
         Change::Dnsmasq

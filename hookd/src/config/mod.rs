@@ -4,7 +4,7 @@
 //! [[network]]
 //! name = "lab"                  # required; also the default bridge name
 //! bridge = "qnlab"              # default: the name
-//! mode = "nat"                  # nat (default) | routed | isolated
+//! mode = "nat"                  # nat (default) | routed | isolated | bridged
 //! subnet = "10.42.0.0/24"       # required (IPv4)
 //! router = "10.42.0.1"          # default: the subnet's first address
 //! dhcp-range = ["10.42.0.100", "10.42.0.199"]   # default: .2 .. last-1
@@ -14,6 +14,11 @@
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
 //! connect-to = ["web"]          # guests of lab and web may connect to each other
 //! connect-to-one-way = ["db"]   # lab's guests may connect to db's, not back
+//!
+//! [[network]]                   # the LAN of eth0 (see `lan`)
+//! name = "lan"
+//! mode = "bridged"              # only name, bridge, uplink apply
+//! uplink = "eth0"               # required: the interface to share
 //!
 //! [[forward]]                   # active while the guest runs
 //! guest = "web1"                # the guest's -name, or a NIC's MAC
@@ -59,6 +64,7 @@ use crate::state::alloc;
 
 pub mod diff;
 mod files;
+mod lan;
 pub mod links;
 pub mod policy;
 mod raw;
@@ -142,6 +148,8 @@ impl ConfigError {
 }
 
 /// One network as the daemon uses it: every default filled in, validated.
+/// A LAN network ([`NetworkConfig::is_lan`]) has no addressing of its own:
+/// its `subnet`, `router` and `dhcp_range` are unspecified placeholders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     pub name: NetName,
@@ -296,7 +304,7 @@ impl Config {
     pub fn default_network(subnet: Ipv4Net) -> NetworkConfig {
         RawNetwork {
             name: DEFAULT_NETWORK.into(),
-            subnet: subnet.to_string(),
+            subnet: Some(subnet.to_string()),
             ..RawNetwork::default()
         }
         .validate()
@@ -345,6 +353,7 @@ fn parse_networks(
     };
     check_overlaps(&networks).map_err(|(index, problem)| at(index, "subnet", problem))?;
     links::check(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
+    lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     Ok((networks, origins))
 }
 
@@ -370,11 +379,15 @@ fn parse_forwards(
             .validate()
             .map_err(|(key, problem)| invalid(key, problem))?;
         if let Some(net) = &spec.network {
-            if !networks.iter().any(|n| n.name == net.as_str()) {
-                return Err(invalid(
-                    "network",
-                    format!("no network `{net}` is configured"),
-                ));
+            match networks.iter().find(|n| n.name == net.as_str()) {
+                None => {
+                    return Err(invalid(
+                        "network",
+                        format!("no network `{net}` is configured"),
+                    ))
+                }
+                Some(n) if n.is_lan() => return Err(invalid("network", lan_forward(net))),
+                Some(_) => {}
             }
         }
         if let Some(other) = forwards.iter().find(|f| f.overlaps(&spec)) {
@@ -393,10 +406,25 @@ fn parse_forwards(
     Ok(forwards)
 }
 
-/// The index of the later of two networks whose subnets overlap, and why.
+/// Why a forward to the LAN network `network` is refused (here and at
+/// run time).
+pub fn lan_forward(network: &str) -> String {
+    format!(
+        "`{network}` is a bridged network: its guests are on the LAN itself and reachable there \
+         at the address the LAN's DHCP gave them, so forwards do not apply"
+    )
+}
+
+/// The index of the later of two networks whose subnets overlap, and why
+/// (LAN networks have no subnet of their own).
 pub fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
-    for (i, a) in networks.iter().enumerate() {
-        for (j, b) in networks.iter().enumerate().skip(i + 1) {
+    for (i, a) in networks.iter().enumerate().filter(|(_, n)| !n.is_lan()) {
+        for (j, b) in networks
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .filter(|(_, n)| !n.is_lan())
+        {
             if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {
                 return Err((
                     j,
@@ -478,10 +506,10 @@ ipv6 = { subnet = "fd43::/64" }
             .to_string();
         assert!(err.contains("line 4") && err.contains("mtu"), "{err}");
         let err =
-            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"bridged\"\n")
+            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"macvlan\"\n")
                 .unwrap_err()
                 .to_string();
-        assert!(err.contains("line 4") && err.contains("bridged"), "{err}");
+        assert!(err.contains("line 4") && err.contains("macvlan"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
 

@@ -98,7 +98,7 @@ pub(super) struct RawNetwork {
     pub(super) name: String,
     pub(super) bridge: Option<String>,
     pub(super) mode: Option<Mode>,
-    pub(super) subnet: String,
+    pub(super) subnet: Option<String>,
     pub(super) router: Option<Ipv4Addr>,
     pub(super) dhcp_range: Option<(Ipv4Addr, Ipv4Addr)>,
     pub(super) domain: Option<String>,
@@ -130,7 +130,7 @@ impl RawNetwork {
             ("name", true),
             ("bridge", self.bridge.is_some()),
             ("mode", self.mode.is_some()),
-            ("subnet", true),
+            ("subnet", self.subnet.is_some()),
             ("router", self.router.is_some()),
             ("dhcp-range", self.dhcp_range.is_some()),
             ("domain", self.domain.is_some()),
@@ -149,6 +149,9 @@ impl RawNetwork {
     }
 
     pub(super) fn validate(self) -> Result<NetworkConfig, Problem> {
+        if self.mode == Some(Mode::Bridged) {
+            return super::lan::validate_bridged(self);
+        }
         let name: NetName = typed("name", &self.name)?;
         let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;
         let uplink: Option<IfName> = self
@@ -156,24 +159,7 @@ impl RawNetwork {
             .as_deref()
             .map(|u| typed("uplink", u))
             .transpose()?;
-        let subnet: Ipv4Net = self.subnet.parse().map_err(|_| {
-            (
-                "subnet",
-                format!("`{}` is not an IPv4 CIDR such as 10.42.0.0/24", self.subnet),
-            )
-        })?;
-        if subnet != subnet.trunc() {
-            return Err((
-                "subnet",
-                format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
-            ));
-        }
-        if subnet.prefix_len() > 29 {
-            return Err((
-                "subnet",
-                format!("`{subnet}` is too small: use /29 or larger"),
-            ));
-        }
+        let subnet = validate_subnet(self.subnet.as_deref())?;
         let first = u32::from(subnet.network()) + 1;
         let last = u32::from(subnet.broadcast()) - 1;
         let in_hosts = |a: Ipv4Addr| (first..=last).contains(&u32::from(a));
@@ -252,6 +238,36 @@ pub(super) fn validate_links(two_way: &[String], one_way: &[String]) -> Result<V
         .into_iter()
         .map(|(to, one_way)| Link { to, one_way })
         .collect())
+}
+
+/// `subnet` of a nat, routed or isolated network: required, an IPv4 CIDR
+/// without host bits, /29 or larger.
+fn validate_subnet(text: Option<&str>) -> Result<Ipv4Net, Problem> {
+    let Some(text) = text else {
+        return Err((
+            "subnet",
+            "missing: write the network's IPv4 subnet, e.g. subnet = \"10.42.0.0/24\"".into(),
+        ));
+    };
+    let subnet: Ipv4Net = text.parse().map_err(|_| {
+        (
+            "subnet",
+            format!("`{text}` is not an IPv4 CIDR such as 10.42.0.0/24"),
+        )
+    })?;
+    if subnet != subnet.trunc() {
+        return Err((
+            "subnet",
+            format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
+        ));
+    }
+    if subnet.prefix_len() > 29 {
+        return Err((
+            "subnet",
+            format!("`{subnet}` is too small: use /29 or larger"),
+        ));
+    }
+    Ok(subnet)
 }
 
 pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {

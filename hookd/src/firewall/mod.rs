@@ -191,13 +191,16 @@ impl Firewall {
 
     /// Our rules for `networks`, with exactly `elements` in the forward
     /// maps, replacing the previous table atomically (one transaction, also
-    /// with 10,000 forwards). See [`Driver::apply_ruleset`].
+    /// with 10,000 forwards). See [`Driver::apply_ruleset`]. LAN
+    /// (`bridged`) networks have nothing in our table: their guests are on
+    /// the LAN, neither routed nor NATed by the host.
     pub async fn apply_ruleset(
         &self,
         networks: &[NetworkConfig],
         elements: &[ForwardElement],
     ) -> Result<(), FirewallError> {
-        self.table.apply_ruleset(networks, elements).await
+        let routed: Vec<NetworkConfig> = networks.iter().filter(|n| !n.is_lan()).cloned().collect();
+        self.table.apply_ruleset(&routed, elements).await
     }
 
     /// Adds forward elements: one kernel transaction whatever their

@@ -28,7 +28,9 @@ impl Reconciler {
         let chosen = self.doctor_networks(target)?;
         let tables = self.filter_tables().await;
         let mut problems = Vec::new();
-        for runtime in chosen {
+        // LAN networks have no router address, dnsmasq or forwarding of
+        // ours to diagnose.
+        for runtime in chosen.into_iter().filter(|n| !n.config.is_lan()) {
             let facts = self.network_facts(runtime).await;
             let bridge_ok = facts.bridge == BridgeState::Ok;
             problems.extend(diagnose(&facts, &tables));

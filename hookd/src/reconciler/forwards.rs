@@ -103,6 +103,13 @@ impl Reconciler {
             if self.networks.contains_key(net.as_str()) || !self.is_libvirt_network(net) {
                 self.network_for(net, peer)?;
             }
+            if self
+                .networks
+                .get(net.as_str())
+                .is_some_and(|n| n.config.is_lan())
+            {
+                return Err(crate::error::invalid(crate::config::lan_forward(net)));
+            }
         }
         if let Some(other) = self.declared().find(|d| d.spec.overlaps(&spec)) {
             if other.spec == &spec {

@@ -141,7 +141,8 @@ impl Reconciler {
         let mut assigned = Vec::new();
         for placed in placements {
             let ip = placed.network.as_ref().and_then(|net_name| {
-                let net = &self.networks.get(net_name)?.config;
+                // A LAN network's guests get their addresses from the LAN.
+                let net = &self.networks.get(net_name).filter(|n| !n.config.is_lan())?.config;
                 let in_use = self.state.running_macs_on(net_name);
                 let table = self.state.reservations.entry(net_name.clone()).or_default();
                 let request = AutoRequest {

@@ -263,25 +263,27 @@ impl Reconciler {
                 handle.stop().await;
             }
         }
-        if change == Change::Recreate {
-            network::readdress(old, &new).await.map_err(|source| {
-                crate::error::DaemonError::Network {
-                    network: name.to_string(),
-                    source,
-                }
-            })?;
+        let failed = |source| crate::error::DaemonError::Network {
+            network: name.to_string(),
+            source,
+        };
+        if change == Change::Recreate && (old.is_lan() || new.is_lan()) {
+            // A LAN network's uplink goes back before it is taken over
+            // again (or given to another network).
+            network::down(old, &self.paths.state_dir)
+                .await
+                .map_err(failed)?;
+        } else if change == Change::Recreate {
+            network::readdress(old, &new).await.map_err(failed)?;
         }
         // Brings up what is missing (dnsmasq, sysctls) and records the
         // new config as the one the network runs with.
         if change >= Change::Dnsmasq {
             self.network_up(&name).await
         } else {
-            network::bring_up(&new)
+            network::up(&new, &self.paths.state_dir)
                 .await
-                .map_err(|source| crate::error::DaemonError::Network {
-                    network: name.to_string(),
-                    source,
-                })?;
+                .map_err(failed)?;
             self.state.known_networks.insert(name, new);
             self.dirty.state = true;
             Ok(())
@@ -298,7 +300,7 @@ impl Reconciler {
                 handle.stop().await;
             }
         }
-        if let Err(e) = network::bring_down(net).await {
+        if let Err(e) = network::down(net, &self.paths.state_dir).await {
             tracing::warn!(network = %net.name, "removing: {e}");
         }
         dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;

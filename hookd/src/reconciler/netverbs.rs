@@ -241,6 +241,10 @@ impl Reconciler {
         current: Option<Ipv4Net>,
         owner: Option<u32>,
     ) -> Result<(), ApiError> {
+        // A LAN network has no subnet of its own.
+        if table.get("mode").and_then(toml::Value::as_str) == Some("bridged") {
+            return Ok(());
+        }
         let auto = match table.get("subnet") {
             None => current.is_none(),
             Some(toml::Value::String(s)) => s == "auto",

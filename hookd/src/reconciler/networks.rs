@@ -23,6 +23,13 @@ impl Reconciler {
         if config.use_default_network {
             wanted.push(Config::default_network(self.default_subnet().await?));
         }
+        let lan_up: Vec<String> = wanted
+            .iter()
+            .filter(|n| n.is_lan() && !self.state.networks_down.contains(&n.name))
+            .map(|n| n.name.to_string())
+            .collect();
+        crate::lan::restore_unwanted(&self.paths().state_dir, |n| lan_up.iter().any(|u| u == n))
+            .await;
         let vanished: Vec<NetworkConfig> = self
             .state
             .known_networks
@@ -92,12 +99,15 @@ impl Reconciler {
             network: name.to_string(),
             source,
         };
-        network::bring_up(&net).await.map_err(failed)?;
-        let handle = dnsmasq::spawn(&net, &paths).map_err(|source| DaemonError::Dnsmasq {
-            network: name.to_string(),
-            source,
-        })?;
-        runtime.dnsmasq = Some(handle);
+        network::up(&net, &paths.state_dir).await.map_err(failed)?;
+        // A LAN network's guests lease from the LAN's own DHCP server.
+        if !net.is_lan() {
+            let handle = dnsmasq::spawn(&net, &paths).map_err(|source| DaemonError::Dnsmasq {
+                network: name.to_string(),
+                source,
+            })?;
+            runtime.dnsmasq = Some(handle);
+        }
         runtime.up = true;
         if self.state.known_networks.get(name) != Some(&net) {
             self.state.known_networks.insert(name.clone(), net);
@@ -115,7 +125,7 @@ impl Reconciler {
         }
         runtime.up = false;
         let net = runtime.config.clone();
-        network::bring_down(&net)
+        network::down(&net, &self.paths().state_dir)
             .await
             .map_err(|source| DaemonError::Network {
                 network: name.to_string(),

@@ -20,6 +20,12 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, ApiError> {
         let net = self.network_for(network, peer)?.config.clone();
+        if net.is_lan() {
+            return Err(invalid(format!(
+                "`{network}` is a bridged network: its guests get their addresses from the LAN's own \
+                 DHCP server, so reserve the address there"
+            )));
+        }
         let name = match name {
             Some(n) => Some(DnsLabel::from_guest_name(n.as_str()).ok_or_else(|| {
                 invalid(format!(

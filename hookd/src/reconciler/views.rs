@@ -24,7 +24,10 @@ impl Reconciler {
                 name: n.config.name.to_string(),
                 mode: n.config.mode,
                 bridge: n.config.bridge.to_string(),
-                subnet: n.config.subnet.to_string(),
+                subnet: match (&n.config.uplink, n.config.is_lan()) {
+                    (Some(uplink), true) => format!("LAN of {uplink}"),
+                    _ => n.config.subnet.to_string(),
+                },
                 router: n.config.router,
                 ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
                 up: n.up,

@@ -76,7 +76,8 @@ pub const SERVICES: [&str; 3] = ["dhcp", "dhcpv6", "dns"];
 /// are qnet's (their names start with `qnet-` too).
 pub const DESCRIPTION: &str = "qnet:managed by qnet-hookd; removed by `qnet-hookd --cleanup`";
 
-/// The zone of a network's mode.
+/// The zone of a network's mode (never asked of `bridged`, which has
+/// none: see [`wanted_interfaces`]).
 pub fn zone_of(mode: Mode) -> &'static str {
     ZONES
         .iter()
@@ -85,11 +86,15 @@ pub fn zone_of(mode: Mode) -> &'static str {
         .expect("every mode has a zone")
 }
 
-/// Every qnet zone with the bridges it should hold (possibly none).
+/// Every qnet zone with the bridges it should hold (possibly none). A
+/// LAN (`bridged`) network's bridge is in none: it carries the host's own
+/// addresses, so it stays in the zone the host's LAN traffic was in (a
+/// qnet zone would open DHCP and DNS to the LAN), and firewalld forwards
+/// within a zone by default.
 pub fn wanted_interfaces(networks: &[Opened]) -> BTreeMap<&'static str, BTreeSet<String>> {
     let mut zones: BTreeMap<_, BTreeSet<String>> =
         ZONES.iter().map(|z| (z.name, BTreeSet::new())).collect();
-    for net in networks {
+    for net in networks.iter().filter(|n| n.mode != Mode::Bridged) {
         zones
             .entry(zone_of(net.mode))
             .or_default()
@@ -156,6 +161,7 @@ mod tests {
             opened("a", Mode::Nat),
             opened("b", Mode::Routed),
             opened("c", Mode::Nat),
+            opened("lan", Mode::Bridged),
         ]);
         let shown: Vec<(&str, Vec<&str>)> = zones
             .iter()

@@ -182,7 +182,9 @@ pub fn wanted(view: &FilterView, family: Family, what: &Openings) -> Vec<Rule> {
                 rules.push(Rule::new(chain, spec));
             }
         }
-        if input {
+        // A LAN bridge carries the host's own addresses: opening DHCP and
+        // DNS to the host there would open them to the whole LAN.
+        if input && net.mode != Mode::Bridged {
             for spec in input_specs(family, br, &tag) {
                 rules.push(Rule::new("INPUT", spec));
             }
@@ -219,6 +221,11 @@ fn forward_specs(mode: Mode, br: &str, tag: &str) -> Vec<String> {
         Mode::Routed => vec![out, format!("-o {br} {tag} -j ACCEPT")],
         // Nothing leaves or enters an isolated network through the host.
         Mode::Isolated => Vec::new(),
+        // Only frames the bridge passes between its own ports (guests and
+        // the uplink), which reach this chain when br_netfilter is loaded
+        // (Docker loads it, and drops in FORWARD): never the host's own
+        // traffic, nor anything routed from another interface.
+        Mode::Bridged => vec![format!("-i {br} -o {br} {tag} -j ACCEPT")],
     }
 }
 
@@ -442,5 +449,22 @@ mod tests {
              -A LIBVIRT_FWI -o virbr0 -j REJECT\n",
         );
         assert_eq!(diff(&first, &ours), []);
+    }
+
+    /// A LAN bridge carries the host's addresses: only frames it passes
+    /// between its own ports are accepted, in both families, and nothing
+    /// in INPUT.
+    #[test]
+    fn a_lan_bridge_gets_only_its_own_forwarding() {
+        let view = FilterView::parse("-P INPUT DROP\n-P FORWARD DROP\n-P OUTPUT ACCEPT\n");
+        let lan = opened("lan", Mode::Bridged, true);
+        for family in [Family::V4, Family::V6] {
+            let rules: Vec<(String, String)> = wanted(&view, family, &lan)
+                .into_iter()
+                .map(|r| (r.chain, r.spec))
+                .collect();
+            let want = "-i br-lan -o br-lan -m comment --comment qnet:lan -j ACCEPT";
+            assert_eq!(rules, [("FORWARD".to_string(), want.to_string())]);
+        }
     }
 }

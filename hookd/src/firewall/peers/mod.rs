@@ -75,7 +75,8 @@ impl Opened {
             name: net.name.clone(),
             bridge: net.bridge.clone(),
             mode: net.mode,
-            ipv6: net.ipv6.is_some(),
+            // A LAN bridge passes the LAN's IPv6 whatever qnet configures.
+            ipv6: net.ipv6.is_some() || net.is_lan(),
         }
     }
 }
