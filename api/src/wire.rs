@@ -221,7 +221,60 @@ pub enum Request {
         #[serde(default)]
         target: Option<String>,
     },
+    /// Create a network at run time. `settings` are hookd.toml's
+    /// `[[network]]` keys (`mode`, `subnet`, `dhcp-range`, ...), checked
+    /// by the daemon exactly as in the file; a missing `subnet`, or
+    /// `"auto"`, picks a free one.
+    NetworkCreate {
+        name: NetName,
+        #[serde(default)]
+        settings: Settings,
+    },
+    /// Change keys of a run-time network (`unset` ones take their
+    /// default). A new subnet for a network with reservations or running
+    /// guests needs `force`.
+    NetworkEdit {
+        name: NetName,
+        #[serde(default)]
+        set: Settings,
+        #[serde(default)]
+        unset: Vec<String>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Delete a run-time network, with its reservations and the forwards
+    /// that name it; one with running guests needs `force`.
+    NetworkDelete {
+        name: NetName,
+        #[serde(default)]
+        force: bool,
+    },
+    /// A network's whole configuration, and where each value came from.
+    NetworkShow {
+        name: NetName,
+    },
+    /// Let guests of `from` open connections to guests of `to` (and back,
+    /// unless `one_way`); with `remove`, take that link away. Kept in the
+    /// run-time file of `from` (`connect-to`, `connect-to-one-way`).
+    NetworkLink {
+        from: NetName,
+        to: NetName,
+        #[serde(default)]
+        one_way: bool,
+        #[serde(default)]
+        remove: bool,
+    },
+    /// Re-read hookd.toml and the run-time networks and apply what
+    /// changed (as SIGHUP does); `force` as for [`Request::NetworkEdit`].
+    Reload {
+        #[serde(default)]
+        force: bool,
+    },
 }
+
+/// Network keys and their values, as JSON values that map one to one onto
+/// TOML's (strings, booleans, integers, arrays, tables).
+pub type Settings = std::collections::BTreeMap<String, serde_json::Value>;
 
 impl Request {
     /// Decodes one request line as the daemon's control socket receives
@@ -455,6 +508,48 @@ pub enum Reply {
     Reservations { reservations: Vec<Reservation> },
     Forwards { forwards: Vec<ForwardInfo> },
     Doctor { problems: Vec<Problem> },
+    Network { network: NetworkInfo },
+}
+
+/// A network's configuration, key by key (`network show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub up: bool,
+    /// Where it is configured: `FILE:LINE` of hookd.toml or the run-time
+    /// network's file; absent for the default network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    pub settings: Vec<Setting>,
+}
+
+/// One key of a network, its value as TOML writes it, and its source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+    pub source: SettingSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SettingSource {
+    /// Written in hookd.toml.
+    Toml,
+    /// Set at run time (`network create`/`edit`).
+    RunTime,
+    /// Not written anywhere: the default.
+    Default,
+}
+
+impl fmt::Display for SettingSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SettingSource::Toml => "hookd.toml",
+            SettingSource::RunTime => "run-time",
+            SettingSource::Default => "default",
+        })
+    }
 }
 
 /// One thing `doctor` found that would stop a guest's packets, and what
@@ -485,6 +580,10 @@ pub struct NetworkStatus {
     pub guests: usize,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The uid of the user the network belongs to; absent for the
+    /// admin's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@
 //! ranges inside their subnets, no overlaps, unique names and bridges,
 //! forwards on declared networks and not overlapping); printing the
 //! parsed configuration with every default written out and parsing it
-//! again gives the same configuration.
+//! again gives the same configuration. The same text read as a run-time
+//! network's file (`networks.d/lab.toml`) keeps the first two.
 #![no_main]
 
 use std::fmt::Write;
@@ -14,7 +15,8 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use qnet_fuzz::{assert_bounded, assert_one_line};
-use qnet_hookd::config::{Config, NetworkConfig};
+use qnet_hookd::api::Mode;
+use qnet_hookd::config::{Config, ConfigFiles, NetworkConfig, RuntimeFile};
 
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -25,6 +27,17 @@ fn print(config: &Config) -> String {
     if config.default_network_explicit {
         let _ = writeln!(out, "default-network = {}", config.use_default_network);
     }
+    let _ = writeln!(out, "firewall-integration = {}", config.integration.global);
+    let policy = &config.user_networks;
+    let modes: Vec<String> = policy.modes.iter().map(|m| quote(m)).collect();
+    let _ = writeln!(
+        out,
+        "[user-networks]\nper-user = {}\nmodes = [{}]\npool = \"{}\"\nprefix = {}",
+        policy.per_user,
+        modes.join(", "),
+        policy.pool,
+        policy.prefix
+    );
     let limits = &config.limits;
     let _ = writeln!(
         out,
@@ -35,6 +48,9 @@ fn print(config: &Config) -> String {
     );
     for n in &config.networks {
         print_network(&mut out, n);
+        if let Some(on) = config.integration.per_network.get(&n.name) {
+            let _ = writeln!(out, "firewall-integration = {on}");
+        }
     }
     for f in &config.forwards {
         let _ = writeln!(
@@ -71,6 +87,9 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
     if let Some(uplink) = &n.uplink {
         let _ = writeln!(out, "uplink = {}", quote(uplink));
     }
+    if let Some(owner) = n.owner {
+        let _ = writeln!(out, "owner = {owner}");
+    }
     let ports: Vec<String> = n.blocked_ports.iter().map(|p| format!("\"{p}\"")).collect();
     let _ = writeln!(out, "blocked-ports = [{}]", ports.join(", "));
     if let Some(v6) = &n.ipv6 {
@@ -79,6 +98,15 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
             "ipv6 = {{ subnet = \"{}\", router = \"{}\" }}",
             v6.subnet, v6.router
         );
+    }
+    for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
+        let names: Vec<String> = n
+            .connect_to
+            .iter()
+            .filter(|l| l.one_way == one_way)
+            .map(|l| quote(&l.to))
+            .collect();
+        let _ = writeln!(out, "{key} = [{}]", names.join(", "));
     }
 }
 
@@ -94,6 +122,12 @@ fn check_invariants(config: &Config) {
         if let Some(v6) = &n.ipv6 {
             assert!(v6.subnet.contains(&v6.router) && v6.router != v6.subnet.network());
         }
+        for link in &n.connect_to {
+            let to = config.networks.iter().find(|m| m.name == link.to);
+            assert!(to.is_some_and(|to| to.name != n.name));
+            assert!(n.mode != Mode::Isolated);
+            assert!(link.one_way || to.is_some_and(|to| to.mode != Mode::Isolated));
+        }
         for m in &config.networks[i + 1..] {
             assert!(n.name != m.name && n.bridge != m.bridge);
             assert!(
@@ -107,13 +141,19 @@ fn check_invariants(config: &Config) {
         }
         assert!(config.forwards[i + 1..].iter().all(|g| !g.overlaps(f)));
     }
-    assert!(!(config.use_default_network && !config.networks.is_empty()));
+    // The default network stands in for hookd.toml's networks only.
+    let from_main = config
+        .networks
+        .iter()
+        .any(|n| config.origins.get(&n.name).is_some_and(|o| !o.runtime));
+    assert!(!(config.use_default_network && from_main));
 }
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    as_runtime_file(text, data.len());
     let path = Path::new("/etc/qnet/hookd.toml");
     let config = match Config::parse(path, text) {
         Ok(config) => config,
@@ -126,7 +166,27 @@ fuzz_target!(|data: &[u8]| {
     );
     check_invariants(&config);
     let printed = print(&config);
-    let again = Config::parse(path, &printed)
+    let mut again = Config::parse(path, &printed)
         .unwrap_or_else(|e| panic!("the printed config does not parse: {e}\n{printed}"));
+    // Where each network was written differs; what was written must not.
+    let mut config = config;
+    config.origins.clear();
+    again.origins.clear();
     assert_eq!(config, again, "{printed}");
 });
+
+/// The text as the file of run-time network `lab`.
+fn as_runtime_file(text: &str, len: usize) {
+    let files = ConfigFiles {
+        main: "/etc/qnet/hookd.toml".into(),
+        main_text: None,
+        runtime: vec![RuntimeFile {
+            path: "/etc/qnet/networks.d/lab.toml".into(),
+            text: text.to_owned(),
+        }],
+    };
+    match files.parse() {
+        Ok(config) => check_invariants(&config),
+        Err(e) => assert_one_line("run-time network error", &e.to_string(), len),
+    }
+}

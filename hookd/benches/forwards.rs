@@ -120,6 +120,8 @@ fn network() -> NetworkConfig {
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,
+        owner: None,
+        connect_to: Vec::new(),
     }
 }
 

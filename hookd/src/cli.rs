@@ -39,6 +39,14 @@ DESCRIPTION
     exit, SHUTDOWN without -no-shutdown) its runtime state goes within a
     second.
 
+    Networks can also be created, changed and deleted at run time
+    (`qnetctl network create|edit|delete`): each is a file
+    networks.d/NAME.toml next to CONFIG, with the keys of a [[network]]
+    table. SIGHUP (or `qnetctl reload`) re-reads CONFIG and networks.d and
+    applies what changed: networks that did not change are not touched; a
+    configuration that does not validate is refused and the running one
+    stays (the log says why).
+
     State lives in STATE_DIR/state.json and STATE_DIR/forwards/ (one file
     per forward added at run time), written atomically. SIGTERM leaves
     bridges, rules and dnsmasq running for the guests; the next start
@@ -46,6 +54,7 @@ DESCRIPTION
 
 FILES
     /etc/qnet/hookd.toml   networks (qnet-hookd.toml(5) names every key)
+    /etc/qnet/networks.d/  networks created at run time, one NAME.toml each
     /run/qnet/ctl.sock     control socket (root and group `qnet`)
     /run/qnet/qmp.sock     where QEMUs dial in
     /var/lib/qnet/         state, run-time forwards, dnsmasq lease files";
@@ -77,6 +86,12 @@ pub struct Hookd {
     /// The socket QEMUs dial as QMP clients.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_QMP_SOCKET)]
     pub qmp_socket: PathBuf,
+
+    /// Check the configuration (CONFIG and the run-time networks next to
+    /// it) as a start or reload would, print what is wrong, and exit:
+    /// nothing is touched. The unit's ExecReload runs it before SIGHUP.
+    #[arg(long)]
+    pub check: bool,
 
     /// Remove every rule, zone and table qnet added to this host's
     /// firewalls (its own and Docker's, iptables', firewalld's), then exit.
@@ -141,6 +156,13 @@ pub mod qnetctl {
             /// A network or a running guest's name (default: everything).
             target: Option<String>,
         },
+        /// Re-read hookd.toml and the run-time networks and apply what changed
+        /// (as SIGHUP does); a configuration that does not validate is refused.
+        Reload {
+            /// Allow moving the subnet of a network with reservations or guests.
+            #[arg(long)]
+            force: bool,
+        },
         /// Follow a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
         Attach {
             /// QEMU's QMP server socket.
@@ -196,7 +218,76 @@ pub mod qnetctl {
 
     #[derive(Debug, Subcommand)]
     pub enum NetworkCommand {
+        /// Bring a network up (its bridge, rules and dnsmasq).
         Up { name: String },
+        /// Take a network down (its reservations are kept).
         Down { name: String },
+        /// Create a network now, kept across restarts (networks.d/NAME.toml).
+        Create {
+            name: String,
+            #[command(flatten)]
+            keys: NetworkKeys,
+        },
+        /// Change keys of a network created at run time.
+        Edit {
+            name: String,
+            #[command(flatten)]
+            keys: NetworkKeys,
+            /// Give KEY its default value again.
+            #[arg(long, value_name = "KEY")]
+            unset: Vec<String>,
+            /// Allow moving the subnet of a network with reservations or guests.
+            #[arg(long)]
+            force: bool,
+        },
+        /// Delete a network created at run time, with its reservations.
+        Delete {
+            name: String,
+            /// Delete it although guests run on it.
+            #[arg(long)]
+            force: bool,
+        },
+        /// A network's whole configuration, and where each value comes from.
+        Show { name: String },
+        /// Let guests of FROM connect to guests of TO, and back unless --one-way.
+        Link {
+            from: String,
+            to: String,
+            /// Only FROM's guests may open connections (TO's only answer).
+            #[arg(long)]
+            one_way: bool,
+        },
+        /// Take away the link from FROM to TO.
+        Unlink { from: String, to: String },
+    }
+
+    /// The keys of a network, as in hookd.toml's [[network]] (see
+    /// qnet-hookd.toml(5)); --set KEY=VALUE gives any key.
+    #[derive(Debug, clap::Args)]
+    pub struct NetworkKeys {
+        /// nat, routed or isolated.
+        #[arg(long)]
+        pub mode: Option<String>,
+        /// IPv4 CIDR, or `auto` (a free /24; the default when creating).
+        #[arg(long, value_name = "CIDR|auto")]
+        pub subnet: Option<String>,
+        /// First and last address DHCP hands out: A-B.
+        #[arg(long, value_name = "A-B")]
+        pub dhcp_range: Option<String>,
+        /// DNS domain of the guests (default: NAME.qnet).
+        #[arg(long)]
+        pub domain: Option<String>,
+        /// IPv6 CIDR (router: its first address).
+        #[arg(long, value_name = "CIDR")]
+        pub ipv6: Option<String>,
+        /// Outgoing ports guests may not reach: tcp/25,udp/1900.
+        #[arg(long, value_name = "PROTO/PORT,...")]
+        pub blocked_ports: Option<String>,
+        /// Masquerade and forward only via this device.
+        #[arg(long, value_name = "DEV")]
+        pub uplink: Option<String>,
+        /// Any key: KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        pub set: Vec<String>,
     }
 }

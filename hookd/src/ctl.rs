@@ -144,8 +144,9 @@ pub async fn keep_group(path: PathBuf) {
     }
 }
 
-/// True once the socket belongs to group `qnet`.
-fn set_group(path: &Path) -> bool {
+/// True once the socket belongs to group `qnet` (also run on reload, so a
+/// group made again with another gid applies at once).
+pub fn set_group(path: &Path) -> bool {
     let Ok(Some(group)) = nix::unistd::Group::from_name(CTL_GROUP) else {
         return false;
     };

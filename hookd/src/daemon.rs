@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
+use crate::config::ConfigFiles;
 use crate::error::DaemonError;
 use crate::follow::{self, SessionLimits, Sessions};
 use crate::reconciler::{Input, Reconciler};
@@ -31,7 +31,8 @@ pub struct Paths {
 /// [`systemd::take_passed_sockets`]); the others are bound here.
 pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError> {
     let nofile = raise_fd_limit();
-    let config = Config::load(&paths.config)?;
+    let files = ConfigFiles::read(&paths.config)?;
+    let config = files.parse()?;
     for dir in [&paths.run_dir, &paths.state_dir] {
         std::fs::create_dir_all(dir).map_err(DaemonError::io(dir))?;
     }
@@ -47,7 +48,15 @@ pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError>
         nofile,
         config.limits.qmp_sessions_per_user,
     ));
-    let reconciler = Reconciler::start(paths.clone(), config, inputs.clone(), lease_watch).await?;
+    let reconciler = Reconciler::start(
+        paths.clone(),
+        files,
+        config,
+        inputs.clone(),
+        lease_watch,
+        sessions.clone(),
+    )
+    .await?;
     let peer_inputs = inputs.clone();
     firewall::peers::watch::spawn(move || peer_inputs.send(Input::PeersChanged).is_ok());
 
@@ -66,6 +75,7 @@ pub async fn run(paths: Paths, passed: PassedSockets) -> Result<(), DaemonError>
     systemd::notify_ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::io("SIGTERM handler"))?;
+    spawn_reload_on_sighup(inputs.clone())?;
     let stop = async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -102,6 +112,22 @@ pub async fn cleanup() -> Result<(), DaemonError> {
         "cleanup left traces behind: {}; fix the cause and run it again",
         failures.join("; ")
     )))
+}
+
+/// SIGHUP re-reads the configuration ([`Input::Reload`]), as systemd's
+/// `ExecReload` and `qnetctl reload` ask; the reconciler logs the outcome.
+fn spawn_reload_on_sighup(inputs: mpsc::UnboundedSender<Input>) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::io("SIGHUP handler"))?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if inputs.send(Input::Reload).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard one and returns it.

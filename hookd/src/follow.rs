@@ -81,12 +81,13 @@ impl SessionLimits {
 /// Who holds QMP sessions now.
 #[derive(Debug)]
 pub struct Sessions {
-    limits: SessionLimits,
     inner: Mutex<Counts>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counts {
+    /// The limits, changed by a reload ([`Sessions::set_per_uid`]).
+    limits: SessionLimits,
     total: usize,
     by_uid: HashMap<u32, usize>,
     by_pid: HashMap<u32, usize>,
@@ -105,24 +106,40 @@ pub struct Slot {
 impl Sessions {
     pub fn new(limits: SessionLimits) -> Arc<Sessions> {
         Arc::new(Sessions {
-            limits,
-            inner: Mutex::new(Counts::default()),
+            inner: Mutex::new(Counts {
+                limits,
+                total: 0,
+                by_uid: HashMap::new(),
+                by_pid: HashMap::new(),
+                warned: HashSet::new(),
+            }),
         })
+    }
+
+    /// A reloaded `qmp-sessions-per-user`: new connections are admitted
+    /// under it; sessions already held are kept.
+    pub fn set_per_uid(&self, per_uid: usize) {
+        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.limits = SessionLimits {
+            per_uid: per_uid.min(c.limits.total / 4).max(1),
+            ..c.limits
+        };
     }
 
     /// A place for a connection of `pid` running as `uid`, or why not
     /// (`Some` the first time a uid is refused since it last had none).
     pub fn admit(self: &Arc<Self>, uid: u32, pid: u32) -> Result<Slot, Option<String>> {
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let why = if c.total >= self.limits.total {
+        let limits = c.limits;
+        let why = if c.total >= limits.total {
             Some(format!(
                 "the daemon holds its maximum of {} QMP sessions",
-                self.limits.total
+                limits.total
             ))
-        } else if uid != 0 && c.by_uid.get(&uid).copied().unwrap_or(0) >= self.limits.per_uid {
+        } else if uid != 0 && c.by_uid.get(&uid).copied().unwrap_or(0) >= limits.per_uid {
             Some(format!(
                 "uid {uid} holds its maximum of {} QMP sessions (hookd.toml [limits] qmp-sessions-per-user)",
-                self.limits.per_uid
+                limits.per_uid
             ))
         } else if c.by_pid.get(&pid).copied().unwrap_or(0) >= PER_PID {
             Some(format!("pid {pid} already holds {PER_PID} QMP connections"))

@@ -42,3 +42,4 @@ mod ratelimit;
 mod reconciler;
 mod state;
 pub mod systemd;
+mod useracl;

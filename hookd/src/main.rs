@@ -9,6 +9,9 @@ use qnet_hookd::systemd;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check {
+        return check(&cli.config);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -53,6 +56,33 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qnet-hookd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check`: validates the configuration (hookd.toml and the run-time
+/// networks next to it) the way a start or reload would, touching
+/// nothing; one line on stdout or stderr, and the exit status.
+fn check(config: &std::path::Path) -> ExitCode {
+    match qnet_hookd::config::Config::load(config) {
+        Ok(loaded) => {
+            let runtime = loaded.origins.values().filter(|o| o.runtime).count();
+            println!(
+                "{}: ok: {} network(s) ({runtime} created at run time){}, {} forward(s)",
+                config.display(),
+                loaded.networks.len(),
+                if loaded.use_default_network {
+                    " plus the default network"
+                } else {
+                    ""
+                },
+                loaded.forwards.len()
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("qnet-hookd: {e}");
             ExitCode::FAILURE

@@ -152,6 +152,16 @@ async fn addresses_on(handle: &Handle, index: u32) -> Result<Vec<Addr>, NetworkE
     Ok(out)
 }
 
+async fn remove_address(handle: &Handle, bridge: &str, addr: Addr) -> Result<(), NetworkError> {
+    let what = format!("removing {}/{} from `{bridge}`", addr.ip, addr.prefix_len);
+    handle
+        .address()
+        .del(addr.message)
+        .execute()
+        .await
+        .map_err(failed(what))
+}
+
 /// Puts `ip/prefix_len` on the bridge unless it is there already. The same
 /// address with another prefix length (the config changed while we were
 /// down) is replaced: the router address is ours.
@@ -173,15 +183,7 @@ async fn ensure_address(
                 "replacing {ip}/{} with {ip}/{prefix_len}",
                 addr.prefix_len
             );
-            handle
-                .address()
-                .del(addr.message)
-                .execute()
-                .await
-                .map_err(failed(format!(
-                    "removing {ip}/{} from `{bridge}`",
-                    addr.prefix_len
-                )))?;
+            remove_address(handle, bridge, addr).await?;
         }
     }
     if present {
@@ -324,6 +326,77 @@ pub(crate) async fn delete_bridge(netlink: &Netlink, name: &str) -> Result<(), N
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
         Err(e) => Err(failed(format!("deleting bridge `{name}`"))(e)),
     }
+}
+
+/// Moves network `old` to the bridge and addresses of `new` (same
+/// network, changed config) without taking its guests off it: on the same
+/// bridge, the old router addresses make way for the new ones; a renamed
+/// bridge is made, takes over every port of the old one, and the old one
+/// is deleted. Guests see their router move, not their link go.
+pub async fn readdress(old: &NetworkConfig, new: &NetworkConfig) -> Result<(), NetworkError> {
+    if old.bridge != new.bridge {
+        bring_up(new).await?;
+        move_ports(&old.bridge, &new.bridge).await?;
+        return bring_down(old).await;
+    }
+    let netlink = Netlink::open()?;
+    let handle = netlink.handle();
+    let Some(dev) = netlink.link_by_name(&old.bridge).await? else {
+        return bring_up(new).await;
+    };
+    let keep = router_addresses(new);
+    let gone: Vec<(IpAddr, u8)> = router_addresses(old)
+        .into_iter()
+        .filter(|a| !keep.contains(a))
+        .collect();
+    for addr in addresses_on(handle, dev.index).await? {
+        if gone.contains(&(addr.ip, addr.prefix_len)) {
+            tracing::info!(bridge = %old.bridge, "removing {}/{}", addr.ip, addr.prefix_len);
+            remove_address(handle, &old.bridge, addr).await?;
+        }
+    }
+    bring_up(new).await
+}
+
+/// The router addresses a network puts on its bridge.
+fn router_addresses(net: &NetworkConfig) -> Vec<(IpAddr, u8)> {
+    let mut addrs = vec![(IpAddr::V4(net.router), net.subnet.prefix_len())];
+    if let Some(v6) = &net.ipv6 {
+        addrs.push((IpAddr::V6(v6.router), v6.subnet.prefix_len()));
+    }
+    addrs
+}
+
+/// Enslaves every port of bridge `from` to bridge `to`.
+async fn move_ports(from: &str, to: &str) -> Result<(), NetworkError> {
+    let netlink = Netlink::open()?;
+    let (Some(from_dev), Some(to_dev)) = (
+        netlink.link_by_name(from).await?,
+        netlink.link_by_name(to).await?,
+    ) else {
+        return Ok(());
+    };
+    for port in netlink.links().await? {
+        if port.master != Some(from_dev.index) {
+            continue;
+        }
+        netlink
+            .handle()
+            .link()
+            .set(
+                LinkUnspec::new_with_index(port.index)
+                    .controller(to_dev.index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(failed(format!(
+                "moving `{}` from `{from}` to `{to}`",
+                port.name
+            )))?;
+        tracing::info!(port = %port.name, from, to, "moved a port to the renamed bridge");
+    }
+    Ok(())
 }
 
 /// Sets a boolean sysctl of the current network namespace to 1, unless it

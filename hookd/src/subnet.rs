@@ -37,6 +37,18 @@ pub struct Occupied {
     pub what: String,
 }
 
+impl Occupied {
+    /// The subnet of a configured network (up or not: a network that is
+    /// down still owns its subnet).
+    pub fn configured(network: &str, net: Ipv4Net) -> Occupied {
+        Occupied {
+            net: net.trunc(),
+            ifindex: None,
+            what: format!("network `{network}` ({net})"),
+        }
+    }
+}
+
 impl fmt::Display for Occupied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.what)
@@ -103,6 +115,19 @@ pub fn pick_from(used: &[Occupied], prefer: &[Ipv4Net]) -> Option<Ipv4Net> {
     }
     flush(&mut run);
     None
+}
+
+/// The first of `candidates` overlapping nothing in `used` (default
+/// routes never collide).
+pub fn pick_among(
+    mut candidates: impl Iterator<Item = Ipv4Net>,
+    used: &[Occupied],
+) -> Option<Ipv4Net> {
+    candidates.find(|net| {
+        !used
+            .iter()
+            .any(|u| u.net.prefix_len() > 0 && overlaps(u.net, *net))
+    })
 }
 
 /// Every IPv4 address and every IPv4 route of every routing table in the
@@ -268,6 +293,18 @@ mod tests {
         assert!(!overlaps(net("10.213.1.0/24"), net("10.213.0.0/24")));
         assert!(!overlaps(net("10.213.0.0/25"), net("10.213.0.128/25")));
         assert!(overlaps(net("0.0.0.0/0"), net("192.168.1.0/24")));
+    }
+
+    #[test]
+    fn pick_among_skips_what_is_used_but_not_default_routes() {
+        let pool = || net("10.214.0.0/22").subnets(24).unwrap();
+        let taken = [
+            used("0.0.0.0/0"),
+            used("10.214.0.0/24"),
+            used("10.214.1.128/25"),
+        ];
+        assert_eq!(pick_among(pool(), &taken), Some(net("10.214.2.0/24")));
+        assert_eq!(pick_among(pool(), &[used("10.214.0.0/22")]), None);
     }
 
     #[test]

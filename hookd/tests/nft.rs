@@ -324,3 +324,95 @@ fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
     let source = connect_and_see_source(&t.guest, &t.daemon, "10.42.0.1:7000");
     assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
 }
+
+/// Links between networks against the real kernel, with a veth "guest" on
+/// each of four networks: `lab` (nat, IPv6 too) linked two-way to `b` (nat,
+/// IPv6 too) and one way to `c` (nat) and to `i` (isolated); `b` and `c`
+/// not linked.
+#[test]
+fn links_open_their_directions_only_without_masquerade() {
+    require(&["ip", "nft"]);
+    let daemon = NetNs::new("links-d");
+    let link = |to: &str, one_way| qnet_hookd::config::Link {
+        to: to.parse().unwrap(),
+        one_way,
+    };
+    let mut a = lab(Mode::Nat);
+    // Declared by lab alone: b's guests may connect back all the same.
+    a.connect_to = vec![link("b", false), link("c", true), link("i", true)];
+    let mut b = network("b", "qnb", Mode::Nat, "10.43.0.0/24");
+    b.ipv6 = Some(Ipv6Config {
+        subnet: "fd43::/64".parse().unwrap(),
+        router: "fd43::1".parse().unwrap(),
+    });
+    let c = network("c", "qnc", Mode::Nat, "10.44.0.0/24");
+    let i = network("i", "qni", Mode::Isolated, "10.45.0.0/24");
+    let nets = vec![a, b, c, i];
+    let guests: Vec<NetNs> = nets
+        .iter()
+        .enumerate()
+        .map(|(n, net)| {
+            let guest = NetNs::new(&format!("links-{}", net.name));
+            daemon.block_on(|| bring_up(net)).expect("bring_up");
+            let mac = format!("52:54:00:00:01:{n:02x}");
+            plug_guest(&daemon, &net.bridge, &format!("p{n}"), &guest, &mac);
+            let base = net.subnet.network().octets();
+            let addr = format!("{}.{}.{}.10/24", base[0], base[1], base[2]);
+            guest.ip(&["addr", "add", &addr, "dev", "eth0"]);
+            guest.ip(&["route", "add", "default", "via", &net.router.to_string()]);
+            if let Some(v6) = &net.ipv6 {
+                let addr = format!("{}10/64", v6.subnet.network());
+                guest.ip(&["addr", "add", &addr, "dev", "eth0", "nodad"]);
+                guest.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &v6.router.to_string(),
+                ]);
+            }
+            guest
+        })
+        .collect();
+    let [ga, gb, gc, gi] = &guests[..] else {
+        unreachable!()
+    };
+    daemon
+        .block_on(|| FW.apply_ruleset(&nets, &[]))
+        .expect("apply");
+    // nft lists what we rendered (the links chain included).
+    let listing = daemon.block_on(|| FW.listing()).expect("list");
+    assert!(listing.contains("\tchain links {\n"), "{listing}");
+    assert_eq!(
+        listing.lines().count(),
+        firewall::normalize(&firewall::render(&nets))
+            .lines()
+            .count(),
+        "{listing}"
+    );
+
+    // Linked: each side sees the other's own address (no masquerade).
+    for (from, to, port, source) in [
+        (ga, gb, "10.43.0.10:80", "10.42.0.10"),
+        (ga, gb, "[fd43::10]:80", "fd42::10"),
+        (gb, ga, "10.42.0.10:81", "10.43.0.10"),
+        (gb, ga, "[fd42::10]:81", "fd43::10"),
+        (ga, gc, "10.44.0.10:82", "10.42.0.10"),
+        (ga, gi, "10.45.0.10:83", "10.42.0.10"),
+    ] {
+        let seen = connect_and_see_source(from, to, port);
+        assert_eq!(seen, source.parse::<IpAddr>().unwrap(), "to {port}");
+    }
+    // The other way of a one-way link, and networks not linked: dropped.
+    for (from, to, port) in [
+        (gc, ga, "10.42.0.10:84"),
+        (gi, ga, "10.42.0.10:85"),
+        (gb, gc, "10.44.0.10:86"),
+        (gc, gb, "10.43.0.10:87"),
+    ] {
+        let _listener = to.listen(port);
+        let result = from.connect(port, DROPPED_AFTER);
+        assert!(result.is_err(), "{} reached {port}", from.name());
+    }
+}

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::guest::{target_dir, GuestSpec, RunningGuest};
 use crate::mountns::MountNs;
 use crate::netns::NetNs;
+use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
 use std::os::unix::process::CommandExt;
 
@@ -114,6 +116,30 @@ impl Hookd {
     /// Replaces the daemon's hookd.toml (for the next start or reload).
     pub fn write_config(&self, text: &str) {
         std::fs::write(self.dir().join("hookd.toml"), text).unwrap();
+    }
+
+    /// Boots the test guest of `spec`, named `name` (`-name`), on `bridge`
+    /// in `netns` through qnet-bridge-helper (allowed by `config`'s
+    /// bridge.conf), dialing this daemon's QMP socket. Does not wait for
+    /// it; its serial log is `<target>/qnet-test-logs/NETNS/NAME-TOKEN.log`.
+    pub fn boot_guest(
+        &self,
+        netns: &NetNs,
+        config: &ConfigDir,
+        bridge: &str,
+        name: &str,
+        spec: &GuestSpec,
+    ) -> RunningGuest {
+        let logs = target_dir().join("qnet-test-logs").join(netns.name());
+        std::fs::create_dir_all(&logs).unwrap();
+        let serial = logs.join(format!("{name}-{}.log", spec.token));
+        let helper = workspace_binary("qnet-bridge-helper");
+        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
+        let mut qemu = sandboxed("qemu-system-x86_64", netns, config, None);
+        qemu.args(spec.qemu_args(&netdev, &serial))
+            .args(["-name", name])
+            .args(qmp_client_args(&self.qmp_socket()));
+        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Makes `child` (the daemon's own process) this daemon: dropping

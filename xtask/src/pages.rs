@@ -31,6 +31,9 @@ EXAMPLES
     As a service:
         systemctl enable --now qnet-hookd.socket qnet-hookd.service
         journalctl -u qnet-hookd
+    Check an edited hookd.toml, then apply it (SIGHUP; the unit's
+    ExecReload runs the check first):
+        qnet-hookd --check && systemctl reload qnet-hookd
 
 SECURITY
     The daemon runs as root with the capabilities of its unit's
@@ -52,6 +55,11 @@ EXAMPLES
     qnetctl reserve add qnet0 52:54:00:12:34:56 --name web1
     qnetctl forward add web1 tcp 8080:80
     qnetctl forward list --json
+    qnetctl network create dev --mode isolated
+    qnetctl network edit dev --dhcp-range 10.213.9.50-10.213.9.99
+    qnetctl network show dev
+    qnetctl network delete dev
+    qnetctl reload
 
 SECURITY
     Only root and members of group qnet may use the control socket. Other
@@ -122,6 +130,13 @@ DESCRIPTION
     the file, line and key, and a refused file changes nothing. Unknown keys
     are errors.
 
+    Networks created at run time (qnetctl network create) are files
+    networks.d/NAME.toml next to this file, holding the keys of one
+    [[network]] table at their top level; they are checked together with
+    this file. SIGHUP or qnetctl reload applies a changed file: networks
+    that did not change are not touched; qnet-hookd --check validates
+    without touching anything.
+
 NETWORKS
     [[network]]
     name = \"lab\"                  # required; also the default bridge name
@@ -134,6 +149,21 @@ NETWORKS
     uplink = \"eth0\"               # optional: masquerade/forward only via it
     blocked-ports = [\"tcp/25\"]    # outgoing ports guests may not reach
     ipv6 = { subnet = \"fd42::/64\", router = \"fd42::1\" }   # optional
+    connect-to = [\"web\"]          # guests of both may connect to each other
+    connect-to-one-way = [\"db\"]   # this network's guests to db's, not back
+
+LINKS
+    Networks are kept apart: a guest of one cannot open a connection to a
+    guest of another (except into a routed network without uplink, or
+    through a port forward). connect-to = [\"web\"] in network lab lets lab's guests
+    connect to web's and web's to lab's; connect-to-one-way = [\"db\"] lets
+    lab's guests connect to db's, while db's only answer. Either end may
+    declare a link. Linked guests see each other's own addresses (no
+    masquerade); blocked-ports and uplink do not apply to links. An
+    isolated network may be linked to one way only: its guests open no
+    connection beyond the host. Naming an unknown network, the network
+    itself, or a network in both keys is an error; a network that is down
+    has no links.
 
 LAN NETWORKS
     [[network]]
@@ -167,6 +197,7 @@ LIMITS
 
 FILES
     /etc/qnet/hookd.toml   this file (qnet-hookd --config moves it)
+    /etc/qnet/networks.d/  networks created at run time, NAME.toml each
 
 SEE ALSO
     qnet-hookd(8), qnetctl(1)

@@ -2,8 +2,9 @@
 //! bridge takes over the `uplink`'s MAC, addresses and routes and
 //! enslaves it (see `crate::lan`); guests get their addresses, router and
 //! DNS from the LAN's own DHCP server. So such a network has no subnet,
-//! router, DHCP range, domain, IPv6 or blocked ports of its own, takes no
-//! forwards and no reservations, and qnet runs no dnsmasq for it.
+//! router, DHCP range, domain, IPv6, blocked ports or links of its own,
+//! takes no forwards, reservations or links, and qnet runs no dnsmasq for
+//! it.
 //!
 //! ```toml
 //! [[network]]
@@ -30,7 +31,7 @@ impl NetworkConfig {
 }
 
 /// The keys a LAN network refuses, and whether `raw` sets each.
-fn inapplicable(raw: &RawNetwork) -> [(&'static str, bool); 6] {
+fn inapplicable(raw: &RawNetwork) -> [(&'static str, bool); 8] {
     [
         ("subnet", raw.subnet.is_some()),
         ("router", raw.router.is_some()),
@@ -38,6 +39,8 @@ fn inapplicable(raw: &RawNetwork) -> [(&'static str, bool); 6] {
         ("domain", raw.domain.is_some()),
         ("ipv6", raw.ipv6.is_some()),
         ("blocked-ports", !raw.blocked_ports.is_empty()),
+        ("connect-to", !raw.connect_to.is_empty()),
+        ("connect-to-one-way", !raw.connect_to_one_way.is_empty()),
     ]
 }
 
@@ -80,6 +83,8 @@ pub(super) fn validate_bridged(raw: RawNetwork) -> Result<NetworkConfig, Problem
         uplink: Some(uplink),
         blocked_ports: Vec::new(),
         ipv6: None,
+        owner: raw.owner,
+        connect_to: Vec::new(),
     })
 }
 
@@ -177,6 +182,7 @@ mod tests {
             ("domain = \"lan.example\"", "domain"),
             ("ipv6 = { subnet = \"fd00::/64\" }", "ipv6"),
             ("blocked-ports = [\"tcp/25\"]", "blocked-ports"),
+            ("connect-to = [\"x\"]", "connect-to"),
         ] {
             let err = parse(&format!("{LAN}{line}\n")).unwrap_err().to_string();
             assert!(

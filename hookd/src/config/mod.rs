@@ -12,6 +12,8 @@
 //! uplink = "eth0"               # optional: masquerade/forward only via it
 //! blocked-ports = ["tcp/25", "udp/1900"]        # outgoing, from guests
 //! ipv6 = { subnet = "fd42::/64", router = "fd42::1" }   # optional
+//! connect-to = ["web"]          # guests of lab and web may connect to each other
+//! connect-to-one-way = ["db"]   # lab's guests may connect to db's, not back
 //!
 //! [[network]]                   # the LAN of eth0 (see `lan`)
 //! name = "lan"
@@ -60,9 +62,20 @@ use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
 use crate::state::alloc;
 
+pub mod diff;
+mod files;
 mod lan;
+pub mod links;
+pub mod policy;
 mod raw;
+pub mod runtime;
+pub mod show;
+use files::{invalid_at, Table};
+pub use files::{ConfigFiles, Origin, Place};
+pub use links::Link;
+pub use policy::UserPolicy;
 use raw::*;
+pub use runtime::RuntimeFile;
 
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
 pub const DEFAULT_NETWORK: &str = "qnet0";
@@ -91,6 +104,12 @@ pub enum ConfigError {
         key: &'static str,
         problem: String,
     },
+    #[error("{path}: [user-networks]: `{key}`: {problem}")]
+    InvalidPolicy {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
     #[error("{path}:{line}: network `{network}`: `{key}`: {problem}")]
     Invalid {
         path: PathBuf,
@@ -113,9 +132,9 @@ impl ConfigError {
         let clean = |text: &mut String| *text = one_line(text, MAX_ERROR_TEXT);
         match &mut self {
             Self::Parse { message, .. } => clean(message),
-            Self::InvalidForward { problem, .. } | Self::InvalidLimits { problem, .. } => {
-                clean(problem)
-            }
+            Self::InvalidForward { problem, .. }
+            | Self::InvalidLimits { problem, .. }
+            | Self::InvalidPolicy { problem, .. } => clean(problem),
             Self::Invalid {
                 network, problem, ..
             } => {
@@ -143,6 +162,16 @@ pub struct NetworkConfig {
     pub uplink: Option<IfName>,
     pub blocked_ports: Vec<BlockedPort>,
     pub ipv6: Option<Ipv6Config>,
+    /// The user a network belongs to (`qnetctl network create` by a
+    /// member of group qnet): only they and root see it, change it and
+    /// put guests on it. `None`: the admin's, usable by everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    /// `connect-to` and `connect-to-one-way`: the networks this one's
+    /// guests may open connections to (see [`links`]), sorted by name, each
+    /// once. Only the firewall reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_to: Vec<Link>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +215,10 @@ impl fmt::Display for BlockedPort {
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// hookd.toml's networks, then the run-time ones.
     pub networks: Vec<NetworkConfig>,
+    /// Where each network was configured.
+    pub origins: BTreeMap<NetName, Origin>,
     /// Port forwards declared in the file.
     pub forwards: Vec<ForwardSpec>,
     /// No network is configured and the default network is wanted: the
@@ -199,6 +231,8 @@ pub struct Config {
     /// `firewall-integration`: whether qnet opens its networks in the
     /// other firewalls of the host (see `firewall::peers`).
     pub integration: Integration,
+    /// `[user-networks]`: what members of group qnet may create.
+    pub user_networks: UserPolicy,
 }
 
 /// `firewall-integration = BOOL`, globally and per `[[network]]`: on by
@@ -248,60 +282,22 @@ impl Default for Limits {
 }
 
 impl Config {
-    /// Reads `path`; a missing file means "the default network".
+    /// Reads `path` and the run-time networks next to it (see [`runtime`]);
+    /// a missing file means "the default network".
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(path, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config {
-                networks: Vec::new(),
-                forwards: Vec::new(),
-                use_default_network: true,
-                default_network_explicit: false,
-                limits: Limits::default(),
-                integration: Integration::default(),
-            }),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+        ConfigFiles::read(path)?.parse()
     }
 
-    /// Parses and validates `text`, read from `path`. The error is one
-    /// line: what it quotes from the file is escaped and bounded.
+    /// Parses and validates `text`, read from `path`, alone (no run-time
+    /// networks). The error is one line: what it quotes from the file is
+    /// escaped and bounded.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Self::parse_text(path, text).map_err(ConfigError::one_line)
-    }
-
-    fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: toml_message(&e),
-        })?;
-        let mut integration = Integration {
-            global: raw.firewall_integration.unwrap_or(true),
-            per_network: BTreeMap::new(),
-        };
-        let networks = parse_networks(path, text, raw.network, &mut integration)?;
-        let forwards = parse_forwards(path, text, raw.forward, &networks)?;
-        let use_default_network = networks.is_empty() && raw.default_network.unwrap_or(true);
-        let limits = raw
-            .limits
-            .unwrap_or_default()
-            .validate()
-            .map_err(|(key, problem)| ConfigError::InvalidLimits {
-                path: path.to_path_buf(),
-                key,
-                problem,
-            })?;
-        Ok(Config {
-            networks,
-            forwards,
-            use_default_network,
-            default_network_explicit: raw.default_network.is_some(),
-            limits,
-            integration,
-        })
+        ConfigFiles {
+            main: path.to_path_buf(),
+            main_text: Some(text.to_owned()),
+            runtime: Vec::new(),
+        }
+        .parse()
     }
 
     /// The network used when there is no config file, on `subnet`.
@@ -316,36 +312,31 @@ impl Config {
     }
 }
 
-/// The `[[network]]` tables, validated one by one (a duplicate name or
-/// bridge names the later table's line), then against each other (subnets
-/// that overlap). Per-network `firewall-integration` goes into `integration`.
+/// The network tables, validated one by one (a duplicate name or bridge
+/// names the later table), then against each other (subnets that
+/// overlap, links). Per-network `firewall-integration` goes into `integration`.
 fn parse_networks(
-    path: &Path,
-    text: &str,
-    tables: Vec<Spanned<RawNetwork>>,
+    tables: Vec<Table>,
     integration: &mut Integration,
-) -> Result<Vec<NetworkConfig>, ConfigError> {
+) -> Result<(Vec<NetworkConfig>, BTreeMap<NetName, Origin>), ConfigError> {
     let mut networks = Vec::new();
-    let mut lines = Vec::new();
-    let mut names = BTreeSet::new();
+    let mut origins = BTreeMap::new();
+    let mut placed = Vec::new();
     let mut bridges = BTreeSet::new();
-    for spanned in tables {
-        let line = line_of(text, spanned.span().start);
-        let raw = spanned.into_inner();
-        let name = raw.name.clone();
-        let own_integration = raw.firewall_integration;
-        let invalid = |key, problem: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            network: name.clone(),
-            key,
-            problem,
-        };
-        let net = raw
+    for table in tables {
+        let origin = table.origin();
+        let name = table.raw.name.clone();
+        let own_integration = table.raw.firewall_integration;
+        let invalid = |key, problem: String| invalid_at(&origin, &name, key, problem);
+        let net = table
+            .raw
             .validate()
             .map_err(|(key, problem)| invalid(key, problem))?;
-        if !names.insert(net.name.clone()) {
-            return Err(invalid("name", "another network has this name".into()));
+        if let Some(other) = origins.get(&net.name) {
+            return Err(invalid(
+                "name",
+                format!("another network has this name ({})", Place(other)),
+            ));
         }
         if !bridges.insert(net.bridge.clone()) {
             return Err(invalid("bridge", "another network uses this bridge".into()));
@@ -353,19 +344,17 @@ fn parse_networks(
         if let Some(on) = own_integration {
             integration.per_network.insert(net.name.clone(), on);
         }
+        placed.push(origin.clone());
+        origins.insert(net.name.clone(), origin);
         networks.push(net);
-        lines.push(line);
     }
-    let invalid = |index: usize, key, problem| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        line: lines[index],
-        network: networks[index].name.to_string(),
-        key,
-        problem,
+    let at = |index: usize, key, problem| {
+        invalid_at(&placed[index], networks[index].name.as_str(), key, problem)
     };
-    check_overlaps(&networks).map_err(|(index, problem)| invalid(index, "subnet", problem))?;
-    lan::check_uplinks(&networks).map_err(|(index, key, problem)| invalid(index, key, problem))?;
-    Ok(networks)
+    check_overlaps(&networks).map_err(|(index, problem)| at(index, "subnet", problem))?;
+    lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
+    links::check(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
+    Ok((networks, origins))
 }
 
 /// The `[[forward]]` tables: each valid, on a network of this file, and
@@ -394,7 +383,7 @@ fn parse_forwards(
                 None => {
                     return Err(invalid(
                         "network",
-                        format!("no network `{net}` in this file"),
+                        format!("no network `{net}` is configured"),
                     ))
                 }
                 Some(n) if n.is_lan() => return Err(invalid("network", lan_forward(net))),
@@ -428,7 +417,7 @@ pub fn lan_forward(network: &str) -> String {
 
 /// The index of the later of two networks whose subnets overlap, and why
 /// (LAN networks have no subnet of their own).
-fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
+pub fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
     for (i, a) in networks.iter().enumerate().filter(|(_, n)| !n.is_lan()) {
         for (j, b) in networks
             .iter()
@@ -662,6 +651,71 @@ ipv6 = { subnet = "fd43::/64" }
         assert!(
             err.starts_with("/etc/qnet/hookd.toml:5: network `b`: `subnet`:"),
             "{err}"
+        );
+    }
+
+    fn with_runtime(main: &str, runtime: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = Path::new("/etc/qnet/networks.d");
+        ConfigFiles {
+            main: PathBuf::from("/etc/qnet/hookd.toml"),
+            main_text: Some(main.to_owned()),
+            runtime: runtime
+                .iter()
+                .map(|(file, text)| RuntimeFile {
+                    path: dir.join(file),
+                    text: text.to_string(),
+                })
+                .collect(),
+        }
+        .parse()
+    }
+
+    #[test]
+    fn runtime_networks_are_checked_with_hookd_toml_s_keys_and_messages() {
+        let main = "[[network]]\nname = \"lab\"\nsubnet = \"10.0.0.0/24\"\n";
+        let dev = "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nmode = \"isolated\"\n";
+        let config = with_runtime(main, &[("dev.toml", dev)]).unwrap();
+        assert_eq!(config.networks.len(), 2);
+        assert!(!config.use_default_network);
+        let origin = &config.origins[&NetName::from_str("dev").unwrap()];
+        assert!(origin.runtime);
+        assert!(origin.keys.contains("mode") && !origin.keys.contains("domain"));
+        assert!(!config.origins[&NetName::from_str("lab").unwrap()].runtime);
+        let cases = [
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.0.0.128/25\"\n", "/etc/qnet/networks.d/dev.toml:1: network `dev`: `subnet`: 10.0.0.128/25 overlaps network `lab`"),
+            ("dev.toml", "name = \"lab\"\nsubnet = \"10.1.0.0/24\"\n", "must be named lab.toml"),
+            ("lab.toml", "name = \"lab\"\nsubnet = \"10.1.0.0/24\"\n", "another network has this name (/etc/qnet/hookd.toml:1)"),
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nmtu = 1\n", "unknown field `mtu`"),
+            ("dev.toml", "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\nrouter = \"10.9.9.9\"\n", "`router`: 10.9.9.9 is not a host address of 10.1.0.0/24"),
+        ];
+        for (file, text, expected) in cases {
+            let err = with_runtime(main, &[(file, text)]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn runtime_networks_keep_the_default_network_and_may_be_forwarded_to() {
+        let dev = "name = \"dev\"\nsubnet = \"10.1.0.0/24\"\n";
+        let config = with_runtime("", &[("dev.toml", dev)]).unwrap();
+        assert!(
+            config.use_default_network,
+            "hookd.toml configures no network"
+        );
+        let clash = "name = \"qnet0\"\nsubnet = \"10.1.0.0/24\"\n";
+        let err = with_runtime("", &[("qnet0.toml", clash)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the default network has this name"), "{err}");
+        let forward =
+            "[[forward]]\nguest = \"g\"\nproto = \"tcp\"\nports = \"8080\"\nnetwork = \"dev\"\n";
+        assert_eq!(
+            with_runtime(forward, &[("dev.toml", dev)])
+                .unwrap()
+                .forwards
+                .len(),
+            1
         );
     }
 

@@ -4,7 +4,7 @@
 
 use super::*;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct RawConfig {
     #[serde(default)]
@@ -14,6 +14,7 @@ pub(super) struct RawConfig {
     pub(super) default_network: Option<bool>,
     pub(super) limits: Option<RawLimits>,
     pub(super) firewall_integration: Option<bool>,
+    pub(super) user_networks: Option<super::policy::RawPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +107,11 @@ pub(super) struct RawNetwork {
     pub(super) blocked_ports: Vec<String>,
     pub(super) ipv6: Option<RawIpv6>,
     pub(super) firewall_integration: Option<bool>,
+    pub(super) owner: Option<u32>,
+    #[serde(default)]
+    pub(super) connect_to: Vec<String>,
+    #[serde(default)]
+    pub(super) connect_to_one_way: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +124,30 @@ pub(super) struct RawIpv6 {
 pub(super) type Problem = (&'static str, String);
 
 impl RawNetwork {
+    /// The keys this table sets.
+    pub(super) fn keys(&self) -> BTreeSet<&'static str> {
+        let set = [
+            ("name", true),
+            ("bridge", self.bridge.is_some()),
+            ("mode", self.mode.is_some()),
+            ("subnet", self.subnet.is_some()),
+            ("router", self.router.is_some()),
+            ("dhcp-range", self.dhcp_range.is_some()),
+            ("domain", self.domain.is_some()),
+            ("uplink", self.uplink.is_some()),
+            ("blocked-ports", !self.blocked_ports.is_empty()),
+            ("ipv6", self.ipv6.is_some()),
+            ("firewall-integration", self.firewall_integration.is_some()),
+            ("owner", self.owner.is_some()),
+            ("connect-to", !self.connect_to.is_empty()),
+            ("connect-to-one-way", !self.connect_to_one_way.is_empty()),
+        ];
+        set.into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     pub(super) fn validate(self) -> Result<NetworkConfig, Problem> {
         if self.mode == Some(Mode::Bridged) {
             return super::lan::validate_bridged(self);
@@ -167,6 +197,7 @@ impl RawNetwork {
         blocked_ports.sort();
         blocked_ports.dedup();
         let ipv6 = self.ipv6.map(validate_ipv6).transpose()?;
+        let connect_to = validate_links(&self.connect_to, &self.connect_to_one_way)?;
         Ok(NetworkConfig {
             name,
             bridge,
@@ -178,6 +209,8 @@ impl RawNetwork {
             uplink,
             blocked_ports,
             ipv6,
+            owner: self.owner,
+            connect_to,
         })
     }
 }
@@ -210,6 +243,31 @@ fn validate_subnet(text: Option<&str>) -> Result<Ipv4Net, Problem> {
         ));
     }
     Ok(subnet)
+}
+
+/// `connect-to` (two-way) and `connect-to-one-way` as one list of links,
+/// sorted by name, each network once; a network in both lists is an error.
+/// Whether the names exist is checked once every network is read
+/// ([`super::links::check`]).
+pub(super) fn validate_links(two_way: &[String], one_way: &[String]) -> Result<Vec<Link>, Problem> {
+    let mut links = BTreeMap::new();
+    for name in two_way {
+        links.insert(typed::<NetName>("connect-to", name)?, false);
+    }
+    for name in one_way {
+        let to: NetName = typed("connect-to-one-way", name)?;
+        if links.get(&to) == Some(&false) {
+            return Err((
+                "connect-to-one-way",
+                format!("`{to}` is in `connect-to` too: name it in one of the two"),
+            ));
+        }
+        links.insert(to, true);
+    }
+    Ok(links
+        .into_iter()
+        .map(|(to, one_way)| Link { to, one_way })
+        .collect())
 }
 
 pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {

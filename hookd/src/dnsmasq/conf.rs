@@ -102,6 +102,8 @@ mod tests {
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,
+            owner: None,
+            connect_to: Vec::new(),
         }
     }
 

@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use super::element::{ForwardElement, ListingOrder, Map};
 use crate::api::{Mode, Proto};
-use crate::config::NetworkConfig;
+use crate::config::{links, NetworkConfig};
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "qnet";
@@ -105,7 +105,10 @@ pub fn render(networks: &[NetworkConfig]) -> String {
 ///   both jump to `port_forwards`, which DNATs through the maps — `fwd4` /
 ///   `fwd6` by destination address, `fwd4_any` / `fwd6_any` only for
 ///   destinations of type local (`fib daddr type local`), and never `::1`;
-/// - `postrouting` (nat, srcnat): one masquerade rule per `nat` network
+/// - `postrouting` (nat, srcnat): first, per link from a `nat` network
+///   (see [`crate::config::links`]), accept from its subnet to the linked
+///   one: the linked guests see each other's own addresses; then one
+///   masquerade rule per `nat` network
 ///   (IPv4, and IPv6 when configured): from its subnet, not to its subnet,
 ///   out of any interface but its bridge — or only out of `uplink`; then
 ///   masquerade for DNAT'ed connections from 127.0.0.0/8 leaving through
@@ -116,27 +119,34 @@ pub fn render(networks: &[NetworkConfig]) -> String {
 ///   1. traffic that stays on one of our bridges (seen here only with
 ///      br_netfilter loaded, e.g. by Docker, and for hairpin forwards):
 ///      accept;
-///   2. `isolated` bridges: drop whatever is forwarded into or out of them;
-///   3. `ct state established,related accept`;
-///   4. traffic into a bridge jumps to `net_<name>_in`: `nat` accepts only
+///   2. with links, jump to `links`: from a linked bridge and subnet to
+///      the other, accept (new connections and the rest of theirs); the
+///      other way, accept what conntrack knows (replies), so that this
+///      works into isolated networks too, whose drops come next;
+///   3. `isolated` bridges: drop whatever is forwarded into or out of them;
+///   4. `ct state established,related accept`;
+///   5. traffic into a bridge jumps to `net_<name>_in`: `nat` accepts only
 ///      DNAT'ed connections (port forwards) and drops the rest; `routed`
 ///      accepts (only from `uplink` when set);
-///   5. traffic out of a bridge jumps to `net_<name>_out`: drop spoofed
+///   6. traffic out of a bridge jumps to `net_<name>_out`: drop spoofed
 ///      sources, reject blocked ports (TCP with a reset, UDP with ICMP port
 ///      unreachable, so clients fail at once), drop anything not leaving
 ///      via `uplink` when set, accept.
 ///
 /// "In" is checked before "out", so one `nat` network cannot open
-/// connections into another.
+/// connections into another unless they are linked. Links skip the `out`
+/// chain: blocked ports and `uplink` are about the way out of the host.
 pub fn render_with_forwards(networks: &[NetworkConfig], forwards: &[ForwardElement]) -> String {
     let mut nets: Vec<&NetworkConfig> = networks.iter().collect();
     nets.sort_by(|a, b| a.name.cmp(&b.name));
+    let links = links::allowed(networks);
     let mut table = Emitter::table();
     forward_maps(&mut table, forwards);
     loopback_guard(&mut table);
     dnat_chains(&mut table);
-    postrouting(&mut table, &nets);
-    forward(&mut table, &nets);
+    postrouting(&mut table, &nets, &links);
+    forward(&mut table, &nets, !links.is_empty());
+    links_chain(&mut table, &links);
     for net in nets.iter().filter(|n| n.mode != Mode::Isolated) {
         network_in(&mut table, net);
         network_out(&mut table, net);
@@ -201,11 +211,21 @@ fn dnat_chains(table: &mut Emitter) {
     });
 }
 
-/// Masquerade: outgoing traffic of `nat` networks, localhost forwards, and
-/// every network's hairpin forwards.
-fn postrouting(table: &mut Emitter, nets: &[&NetworkConfig]) {
+/// A link as the firewall sees it: guests of the first network may open
+/// connections to guests of the second.
+type LinkPair<'a> = (&'a NetworkConfig, &'a NetworkConfig);
+
+/// Masquerade: outgoing traffic of `nat` networks (but not to networks
+/// they are linked to), localhost forwards, and every network's hairpin
+/// forwards.
+fn postrouting(table: &mut Emitter, nets: &[&NetworkConfig], links: &[LinkPair<'_>]) {
     table.block("chain postrouting", |b| {
         b.line("type nat hook postrouting priority srcnat; policy accept;");
+        for (from, to) in links.iter().filter(|(from, _)| from.mode == Mode::Nat) {
+            for (ip, s, d) in link_subnets(from, to) {
+                b.line(format_args!("{ip} saddr {s} {ip} daddr {d} accept"));
+            }
+        }
         for net in nets.iter().filter(|n| n.mode == Mode::Nat) {
             let via = match &net.uplink {
                 Some(uplink) => format!("oifname {}", quoted(uplink)),
@@ -240,21 +260,36 @@ fn subnets(net: &NetworkConfig) -> Vec<(&'static str, String)> {
     subnets
 }
 
+/// The subnets of a link, `from`'s and `to`'s, per address family both
+/// have, with the keyword nft matches them by.
+fn link_subnets(from: &NetworkConfig, to: &NetworkConfig) -> Vec<(&'static str, String, String)> {
+    subnets(from)
+        .into_iter()
+        .zip(subnets(to))
+        .map(|((ip, s), (_, d))| (ip, s, d))
+        .collect()
+}
+
+/// `iifname . oifname { ... }`: a set of bridge pairs (nft lists a
+/// concatenated set in braces even with one element).
+fn bridge_pairs<'a>(pairs: impl Iterator<Item = (&'a NetworkConfig, &'a NetworkConfig)>) -> String {
+    let items: Vec<String> = pairs
+        .map(|(i, o)| format!("{} . {}", quoted(&i.bridge), quoted(&o.bridge)))
+        .collect();
+    format!("iifname . oifname {{ {} }}", items.join(", "))
+}
+
 /// The forward policy for our bridges (the order is explained at
 /// [`render_with_forwards`]).
-fn forward(table: &mut Emitter, nets: &[&NetworkConfig]) {
+fn forward(table: &mut Emitter, nets: &[&NetworkConfig], links: bool) {
     table.block("chain forward", |b| {
         b.line("type filter hook forward priority filter; policy accept;");
         if !nets.is_empty() {
-            let same: Vec<String> = nets
-                .iter()
-                .map(|n| format!("{b} . {b}", b = quoted(&n.bridge)))
-                .collect();
-            // nft lists a concatenated set in braces even with one element.
-            b.line(format_args!(
-                "iifname . oifname {{ {} }} accept",
-                same.join(", ")
-            ));
+            let same = bridge_pairs(nets.iter().map(|n| (*n, *n)));
+            b.line(format_args!("{same} accept"));
+        }
+        if links {
+            b.line("jump links");
         }
         let isolated: Vec<String> = nets
             .iter()
@@ -278,6 +313,28 @@ fn forward(table: &mut Emitter, nets: &[&NetworkConfig]) {
             };
             b.line(format_args!("oifname vmap {}", jumps("in")));
             b.line(format_args!("iifname vmap {}", jumps("out")));
+        }
+    });
+}
+
+/// `links`: connections between linked networks (see
+/// [`render_with_forwards`]); nothing when there is no link.
+fn links_chain(table: &mut Emitter, links: &[LinkPair<'_>]) {
+    if links.is_empty() {
+        return;
+    }
+    table.block("chain links", |b| {
+        let replies = bridge_pairs(links.iter().map(|(from, to)| (*to, *from)));
+        b.line(format_args!(
+            "{replies} ct state established,related accept"
+        ));
+        for (from, to) in links {
+            let (i, o) = (quoted(&from.bridge), quoted(&to.bridge));
+            for (ip, s, d) in link_subnets(from, to) {
+                b.line(format_args!(
+                    "iifname {i} oifname {o} {ip} saddr {s} {ip} daddr {d} accept"
+                ));
+            }
         }
     });
 }
@@ -405,6 +462,8 @@ mod tests {
             uplink: None,
             blocked_ports: Vec::new(),
             ipv6: None,
+            owner: None,
+            connect_to: Vec::new(),
         }
     }
 
@@ -593,6 +652,62 @@ mod tests {
         ), "{one}");
         assert!(script(&[])
             .starts_with("add table inet qnet\ndelete table inet qnet\ntable inet qnet {"));
+    }
+
+    #[test]
+    fn links_accept_their_direction_and_replies_and_skip_masquerade() {
+        let v6 = |n: u8| {
+            Some(Ipv6Config {
+                subnet: format!("fd0{n}::/64").parse().unwrap(),
+                router: format!("fd0{n}::1").parse().unwrap(),
+            })
+        };
+        let link = |to: &str, one_way| crate::config::Link {
+            to: to.parse().unwrap(),
+            one_way,
+        };
+        let mut a = net("a", Mode::Nat, "10.1.0.0/24");
+        a.ipv6 = v6(1);
+        a.connect_to = vec![link("b", false), link("c", true), link("gone", false)];
+        let mut b = net("b", Mode::Nat, "10.2.0.0/24");
+        b.ipv6 = v6(2);
+        let c = net("c", Mode::Isolated, "10.3.0.0/24");
+        let text = render(&[c.clone(), b.clone(), a.clone()]);
+        assert!(
+            text.contains(
+                "\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 accept\n\
+             \t\tip6 saddr fd01::/64 ip6 daddr fd02::/64 accept\n\
+             \t\tip saddr 10.1.0.0/24 ip daddr 10.3.0.0/24 accept\n\
+             \t\tip saddr 10.2.0.0/24 ip daddr 10.1.0.0/24 accept\n\
+             \t\tip6 saddr fd02::/64 ip6 daddr fd01::/64 accept\n\
+             \t\tip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(" accept\n\t\tjump links\n\t\tiifname \"br-c\" drop\n"),
+            "{text}"
+        );
+        let expected = r#"	chain links {
+		iifname . oifname { "br-b" . "br-a", "br-c" . "br-a", "br-a" . "br-b" } ct state established,related accept
+		iifname "br-a" oifname "br-b" ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 accept
+		iifname "br-a" oifname "br-b" ip6 saddr fd01::/64 ip6 daddr fd02::/64 accept
+		iifname "br-a" oifname "br-c" ip saddr 10.1.0.0/24 ip daddr 10.3.0.0/24 accept
+		iifname "br-b" oifname "br-a" ip saddr 10.2.0.0/24 ip daddr 10.1.0.0/24 accept
+		iifname "br-b" oifname "br-a" ip6 saddr fd02::/64 ip6 daddr fd01::/64 accept
+	}
+"#;
+        assert!(text.contains(expected), "{text}");
+        // A link to a network that is not up is no rule; nor is a table
+        // without links any different.
+        let alone = render(&[a.clone(), c]);
+        assert!(
+            alone.contains("\t\tiifname . oifname { \"br-c\" . \"br-a\" } ct state"),
+            "{alone}"
+        );
+        a.connect_to.clear();
+        assert!(!render(&[a, b]).contains("links"));
     }
 
     #[test]

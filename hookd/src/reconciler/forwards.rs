@@ -100,8 +100,8 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, ApiError> {
         if let Some(net) = &spec.network {
-            if !self.networks.contains_key(net.as_str()) && !self.is_libvirt_network(net) {
-                self.network(net)?;
+            if self.networks.contains_key(net.as_str()) || !self.is_libvirt_network(net) {
+                self.network_for(net, peer)?;
             }
             if self
                 .networks

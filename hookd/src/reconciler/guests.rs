@@ -3,7 +3,7 @@
 
 use qnet_api::{DnsLabel, MAX_GUEST_NAME};
 
-use super::{plan, ConnId, GuestUp, Reconciler, Session};
+use super::{plan, ConnId, GuestUp, Peer, Reconciler, Session};
 use crate::discover::GuestPort;
 use crate::follow::{self, Origin};
 use crate::qmp::NicInfo;
@@ -120,10 +120,18 @@ impl Reconciler {
     /// Places each NIC on its network and gives it its sticky reservation
     /// there (within the per-NIC limit, see [`alloc`]).
     fn assign_nics(&mut self, pid: u32, nics: &[NicInfo], ports: &[GuestPort]) {
-        let placements = plan::place_nics(nics, ports, |bridge| self.network_of_bridge(bridge));
         let Some(guest) = self.state.guests.get(&pid) else {
             return;
         };
+        // A user's network serves its owner's guests (and root's) only.
+        let peer = Peer {
+            pid,
+            uid: guest.uid,
+        };
+        let placements = plan::place_nics(nics, ports, |bridge| {
+            let name = self.network_of_bridge(bridge)?;
+            self.network_for(&name, peer).is_ok().then_some(name)
+        });
         let label = guest.name.as_deref().and_then(DnsLabel::from_guest_name);
         let (owner, uid) = (guest.owner_key(), guest.uid);
         let now = state::now();

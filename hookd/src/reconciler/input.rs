@@ -22,6 +22,9 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The daemon itself, acting with root's rights.
+    pub const ROOT: Peer = Peer { pid: 0, uid: 0 };
+
     pub fn is_root(&self) -> bool {
         self.uid == 0
     }
@@ -55,6 +58,8 @@ pub enum Input {
     PeersChanged,
     /// Time to try again what could not be saved.
     Retry,
+    /// SIGHUP: re-read the configuration and apply what changed.
+    Reload,
 }
 
 impl Input {

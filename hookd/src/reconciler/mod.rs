@@ -28,13 +28,17 @@ mod forwards;
 mod guests;
 mod input;
 mod libvirt;
+mod live;
+mod netverbs;
 mod networks;
 mod plan;
 mod requests;
 mod reservations;
+mod users;
 mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use qnet_api::{ApiError, ErrorKind, ForwardSpec, NetName};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,12 +46,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
-use crate::config::{Config, Integration, Limits, NetworkConfig};
+use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin, UserPolicy};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::DaemonError;
 use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
+use crate::follow::Sessions;
 use crate::state::{State, Store};
 
 /// Most guest events applied before one flush: bounds how long the first
@@ -88,6 +93,19 @@ impl Dirty {
 
 pub struct Reconciler {
     paths: Paths,
+    /// The config files of the running configuration: a run-time change
+    /// replaces one file of these, so what hookd.toml says is applied
+    /// only on reload.
+    files: ConfigFiles,
+    /// Where each configured network comes from.
+    origins: BTreeMap<NetName, Origin>,
+    /// What members of group qnet may create.
+    user_policy: UserPolicy,
+    /// The QMP accept loop's session counts, whose per-user limit a
+    /// reload changes.
+    qmp_sessions: Arc<Sessions>,
+    /// Users whose bridge ACL file could not be theirs alone, and why.
+    acl_refused: BTreeMap<u32, String>,
     state: State,
     store: Store,
     /// Forwards of hookd.toml.
@@ -128,13 +146,20 @@ impl Reconciler {
     /// re-dialed.
     pub async fn start(
         paths: Paths,
+        files: ConfigFiles,
         config: Config,
         inputs: mpsc::UnboundedSender<Input>,
         lease_watch: watch::Sender<BTreeSet<String>>,
+        qmp_sessions: Arc<Sessions>,
     ) -> Result<Reconciler, DaemonError> {
         let (store, state) = Store::open(&paths.state_dir)?;
         let mut reconciler = Reconciler {
             paths,
+            files,
+            origins: config.origins.clone(),
+            user_policy: config.user_networks.clone(),
+            qmp_sessions,
+            acl_refused: BTreeMap::new(),
             state,
             store,
             config_forwards: config.forwards.clone(),
@@ -157,6 +182,7 @@ impl Reconciler {
             gone_since_trim: 0,
         };
         reconciler.start_networks(config).await?;
+        reconciler.sync_user_acls();
         reconciler.set_aside_clashing_forwards();
         reconciler.apply_rules().await?;
         reconciler.adopt_guests();
@@ -225,6 +251,9 @@ impl Reconciler {
             Input::StaleGuestExited { pid } => self.stale_guest_exited(pid),
             Input::LibvirtLeases(update) => self.libvirt_leases(update),
             Input::PeersChanged => self.sync_peers().await,
+            Input::Reload => {
+                let _ = self.reload(false).await;
+            }
             Input::Retry => {
                 self.retry_pending = false;
                 self.dirty.state = true;

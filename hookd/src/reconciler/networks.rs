@@ -38,27 +38,12 @@ impl Reconciler {
             .cloned()
             .collect();
         for net in vanished {
-            tracing::info!(network = %net.name, "no longer configured: removing it");
-            if let Err(e) = network::down(&net, &self.paths().state_dir).await {
-                tracing::warn!(network = %net.name, "removing: {e}");
-            }
-            // Its dnsmasq (left running by the daemon before) and run dir.
-            dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;
-            self.state.known_networks.remove(&net.name);
-            self.dirty.state = true;
+            self.remove_network(&net).await;
         }
         for net in wanted {
             let name = net.name.clone();
-            let up = !self.state.networks_down.contains(&name);
-            self.networks.insert(
-                name.clone(),
-                NetworkRuntime {
-                    config: net,
-                    up: false,
-                    dnsmasq: None,
-                },
-            );
-            if up {
+            self.insert_network(net);
+            if !self.state.networks_down.contains(&name) {
                 self.network_up(&name).await?;
             }
         }
@@ -69,7 +54,7 @@ impl Reconciler {
     /// (an emptied or truncated hookd.toml, say) is refused rather than
     /// taken to mean "tear them all down"; `default-network` written in
     /// the file says the admin means it.
-    fn refuse_silent_teardown(&self, config: &Config) -> Result<(), DaemonError> {
+    pub(super) fn refuse_silent_teardown(&self, config: &Config) -> Result<(), DaemonError> {
         if !config.networks.is_empty() || config.default_network_explicit {
             return Ok(());
         }
@@ -93,7 +78,7 @@ impl Reconciler {
 
     /// The default network's subnet: the one picked before, else a free
     /// /24 picked now and remembered, so it never moves.
-    async fn default_subnet(&mut self) -> Result<ipnet::Ipv4Net, DaemonError> {
+    pub(super) async fn default_subnet(&mut self) -> Result<ipnet::Ipv4Net, DaemonError> {
         if let Some(subnet) = self.state.default_subnet {
             return Ok(subnet);
         }
@@ -104,7 +89,7 @@ impl Reconciler {
         Ok(subnet)
     }
 
-    async fn network_up(&mut self, name: &NetName) -> Result<(), DaemonError> {
+    pub(super) async fn network_up(&mut self, name: &NetName) -> Result<(), DaemonError> {
         let paths = self.dnsmasq_paths();
         let Some(runtime) = self.networks.get_mut(name) else {
             return Ok(());
@@ -194,13 +179,27 @@ impl Reconciler {
     }
 
     pub(super) fn network(&self, name: &str) -> Result<&NetworkRuntime, ApiError> {
-        self.networks.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.networks.keys().map(NetName::as_str).collect();
-            not_found(format!(
-                "no network `{name}` (networks: {})",
-                known.join(", ")
-            ))
-        })
+        self.network_for(name, Peer::ROOT)
+    }
+
+    /// Network `name` if `peer` may see it: a network a user owns is
+    /// theirs (and root's) alone, and to everyone else it does not exist.
+    pub(super) fn network_for(&self, name: &str, peer: Peer) -> Result<&NetworkRuntime, ApiError> {
+        match self.networks.get(name) {
+            Some(runtime) if visible(&runtime.config, peer) => Ok(runtime),
+            _ => {
+                let known: Vec<&str> = self
+                    .networks
+                    .values()
+                    .filter(|n| visible(&n.config, peer))
+                    .map(|n| n.config.name.as_str())
+                    .collect();
+                Err(not_found(format!(
+                    "no network `{name}` (networks: {})",
+                    known.join(", ")
+                )))
+            }
+        }
     }
 
     /// The networks that are up.
@@ -303,6 +302,12 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Whether `peer` may see (and use) network `net`: the admin's networks
+/// are everyone's, a user's network its owner's (and root's).
+pub(super) fn visible(net: &NetworkConfig, peer: Peer) -> bool {
+    peer.is_root() || net.owner.is_none_or(|owner| owner == peer.uid)
 }
 
 pub(super) fn done(message: String) -> Reply {

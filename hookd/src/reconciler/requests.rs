@@ -28,7 +28,14 @@ fn allowed(request: &Request) -> Allowed {
         | Request::ForwardList
         // The QEMU's own uid is checked once it is dialed.
         | Request::Attach { .. } => Allowed::Anyone,
+        // Users' own networks: the handlers check owner and policy.
+        Request::NetworkShow { .. }
+        | Request::NetworkCreate { .. }
+        | Request::NetworkEdit { .. }
+        | Request::NetworkDelete { .. }
+        | Request::NetworkLink { .. } => Allowed::Anyone,
         Request::NetworkUp { .. } => Allowed::RootOnly("bring networks up"),
+        Request::Reload { .. } => Allowed::RootOnly("reload the configuration"),
         Request::NetworkDown { .. } => Allowed::RootOnly("take networks down"),
         Request::GuestRegister { .. } => Allowed::RootOnly("register libvirt guests"),
         Request::GuestUnregister { .. } => Allowed::RootOnly("unregister libvirt guests"),
@@ -139,7 +146,7 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<qnet_api::Reply, ApiError> {
         match request {
-            Request::Status => Ok(self.status().await),
+            Request::Status => Ok(self.status(peer).await),
             Request::Doctor { target } => self.doctor(target.as_deref()).await,
             Request::Guests => Ok(self.guest_list(peer)),
             Request::ReserveList { network } => self.reserve_list(network.as_ref(), peer),
@@ -152,6 +159,24 @@ impl Reconciler {
             Request::ReserveRm { network, mac } => self.reserve_rm(&network, mac),
             Request::NetworkUp { name } => self.ctl_network_up(&name, peer).await,
             Request::NetworkDown { name } => self.ctl_network_down(&name, peer).await,
+            Request::NetworkCreate { name, settings } => {
+                self.network_create(name, settings, peer).await
+            }
+            Request::NetworkEdit {
+                name,
+                set,
+                unset,
+                force,
+            } => self.network_edit(name, set, unset, force, peer).await,
+            Request::NetworkDelete { name, force } => self.network_delete(name, force, peer).await,
+            Request::NetworkShow { name } => self.network_show(&name, peer),
+            Request::NetworkLink {
+                from,
+                to,
+                one_way,
+                remove,
+            } => self.network_link(from, to, one_way, remove, peer).await,
+            Request::Reload { force } => self.reload(force).await,
             Request::ForwardAdd { forward } => self.forward_add(forward, peer).await,
             Request::ForwardRm {
                 proto,

@@ -19,7 +19,7 @@ impl Reconciler {
         name: Option<GuestRef>,
         peer: Peer,
     ) -> Result<Reply, ApiError> {
-        let net = self.network(network)?.config.clone();
+        let net = self.network_for(network, peer)?.config.clone();
         if net.is_lan() {
             return Err(invalid(format!(
                 "`{network}` is a bridged network: its guests get their addresses from the LAN's own \

@@ -5,14 +5,16 @@ use qnet_api::{
     GuestNic, GuestStatus, NetName, NetworkStatus, Reply, Reservation as WireReservation,
 };
 
+use super::networks::visible;
 use super::{Peer, Reconciler};
 use crate::network;
 use crate::state::{Guest, Reservation};
 
 impl Reconciler {
-    pub(super) async fn status(&self) -> Reply {
+    /// The networks `peer` may see (see [`visible`]).
+    pub(super) async fn status(&self, peer: Peer) -> Reply {
         let mut networks = Vec::new();
-        for n in self.networks.values() {
+        for n in self.networks.values().filter(|n| visible(&n.config, peer)) {
             let counters = match n.up {
                 true => network::bridge_counters(&n.config.bridge).await,
                 false => None,
@@ -33,6 +35,7 @@ impl Reconciler {
                 guests: self.state.guests_on(&n.config.name),
                 rx_bytes,
                 tx_bytes,
+                owner: n.config.owner,
             });
         }
         Reply::Status { networks }
@@ -58,7 +61,7 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, qnet_api::ApiError> {
         if let Some(name) = network {
-            self.network(name)?;
+            self.network_for(name, peer)?;
         }
         let own = self.state.macs_of(peer.uid);
         let reservations = self

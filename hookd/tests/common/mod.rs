@@ -37,6 +37,8 @@ pub fn network(
         uplink: None,
         blocked_ports: Vec::new(),
         ipv6: None,
+        owner: None,
+        connect_to: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ use qnet_hookd::cli::qnetctl::{
 };
 
 mod render;
+mod settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,37 +50,96 @@ fn request(command: Command) -> Result<Request, Invalid> {
     Ok(match command {
         Command::Status => Request::Status,
         Command::Guests => Request::Guests,
-        Command::Reserve(ReserveCommand::Add {
+        Command::Reserve(command) => reserve_request(command)?,
+        Command::Network(command) => network_request(command)?,
+        Command::Reload { force } => Request::Reload { force },
+        Command::Forward(command) => forward_request(command)?,
+        Command::Doctor { target } => Request::Doctor { target },
+        Command::Attach { qmp } => {
+            // The daemon dials the path itself, so it must be absolute.
+            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
+            Request::Attach { qmp }
+        }
+    })
+}
+
+fn reserve_request(command: ReserveCommand) -> Result<Request, Invalid> {
+    Ok(match command {
+        ReserveCommand::Add {
             network,
             mac,
             ip,
             name,
-        }) => Request::ReserveAdd {
+        } => Request::ReserveAdd {
             network: network.parse()?,
             mac: mac.parse()?,
             ip,
             name: name.map(|n| n.parse()).transpose()?,
         },
-        Command::Reserve(ReserveCommand::Rm { network, mac }) => Request::ReserveRm {
+        ReserveCommand::Rm { network, mac } => Request::ReserveRm {
             network: network.parse()?,
             mac: mac.parse()?,
         },
-        Command::Reserve(ReserveCommand::List { network }) => Request::ReserveList {
+        ReserveCommand::List { network } => Request::ReserveList {
             network: network.map(|n| n.parse()).transpose()?,
         },
-        Command::Network(NetworkCommand::Up { name }) => Request::NetworkUp {
+    })
+}
+
+fn network_request(command: NetworkCommand) -> Result<Request, Invalid> {
+    Ok(match command {
+        NetworkCommand::Up { name } => Request::NetworkUp {
             name: name.parse()?,
         },
-        Command::Network(NetworkCommand::Down { name }) => Request::NetworkDown {
+        NetworkCommand::Down { name } => Request::NetworkDown {
             name: name.parse()?,
         },
-        Command::Forward(ForwardCommand::Add {
+        NetworkCommand::Create { name, keys } => Request::NetworkCreate {
+            name: name.parse()?,
+            settings: settings::from_keys(keys)?,
+        },
+        NetworkCommand::Edit {
+            name,
+            keys,
+            unset,
+            force,
+        } => Request::NetworkEdit {
+            name: name.parse()?,
+            set: settings::from_keys(keys)?,
+            unset,
+            force,
+        },
+        NetworkCommand::Delete { name, force } => Request::NetworkDelete {
+            name: name.parse()?,
+            force,
+        },
+        NetworkCommand::Show { name } => Request::NetworkShow {
+            name: name.parse()?,
+        },
+        NetworkCommand::Link { from, to, one_way } => Request::NetworkLink {
+            from: from.parse()?,
+            to: to.parse()?,
+            one_way,
+            remove: false,
+        },
+        NetworkCommand::Unlink { from, to } => Request::NetworkLink {
+            from: from.parse()?,
+            to: to.parse()?,
+            one_way: false,
+            remove: true,
+        },
+    })
+}
+
+fn forward_request(command: ForwardCommand) -> Result<Request, Invalid> {
+    Ok(match command {
+        ForwardCommand::Add {
             guest,
             proto,
             ports,
             host_addr,
             network,
-        }) => Request::ForwardAdd {
+        } => Request::ForwardAdd {
             forward: ForwardSpec {
                 guest: guest.parse()?,
                 proto,
@@ -88,21 +148,15 @@ fn request(command: Command) -> Result<Request, Invalid> {
                 network,
             },
         },
-        Command::Forward(ForwardCommand::Rm {
+        ForwardCommand::Rm {
             proto,
             port,
             host_addr,
-        }) => Request::ForwardRm {
+        } => Request::ForwardRm {
             proto,
             host_port: port,
             host_addr,
         },
-        Command::Forward(ForwardCommand::List) => Request::ForwardList,
-        Command::Doctor { target } => Request::Doctor { target },
-        Command::Attach { qmp } => {
-            // The daemon dials the path itself, so it must be absolute.
-            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
-            Request::Attach { qmp }
-        }
+        ForwardCommand::List => Request::ForwardList,
     })
 }

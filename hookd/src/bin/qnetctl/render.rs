@@ -1,6 +1,8 @@
 //! Replies as tables for people (`--json` prints them as they came).
 
-use qnet_api::{ForwardInfo, GuestNic, GuestStatus, NetworkStatus, Problem, Reply, Reservation};
+use qnet_api::{
+    ForwardInfo, GuestNic, GuestStatus, NetworkInfo, NetworkStatus, Problem, Reply, Reservation,
+};
 
 pub fn reply(reply: &Reply) -> String {
     match reply {
@@ -10,7 +12,31 @@ pub fn reply(reply: &Reply) -> String {
         Reply::Forwards { forwards } => self::forwards(forwards),
         Reply::Reservations { reservations } => self::reservations(reservations),
         Reply::Doctor { problems } => doctor(problems),
+        Reply::Network { network } => self::network(network),
     }
+}
+
+/// `network show`: one key per line as the file writes it, and where its
+/// value comes from.
+fn network(network: &NetworkInfo) -> String {
+    let state = if network.up { "up" } else { "down" };
+    let place = network.file.as_deref().unwrap_or("the default network");
+    let mut out = format!(
+        "# network {} ({state}), configured in {place}\n",
+        network.name
+    );
+    let rows = network
+        .settings
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{} = {}", s.key, s.value),
+                format!("# {}", s.source),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["KEY = VALUE", "# SOURCE"], rows));
+    out
 }
 
 fn status(networks: &[NetworkStatus]) -> String {
@@ -26,8 +52,15 @@ fn status(networks: &[NetworkStatus]) -> String {
                 (None, true) => "up".into(),
                 (_, false) => "down".into(),
             };
+            let owner = n.owner.map_or("-".into(), |uid| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map_or(uid.to_string(), |u| u.name)
+            });
             vec![
                 n.name.clone(),
+                owner,
                 n.mode.to_string(),
                 n.bridge.clone(),
                 subnet,
@@ -40,7 +73,7 @@ fn status(networks: &[NetworkStatus]) -> String {
         .collect();
     table(
         &[
-            "NETWORK", "MODE", "BRIDGE", "SUBNET", "STATE", "GUESTS", "RX", "TX",
+            "NETWORK", "OWNER", "MODE", "BRIDGE", "SUBNET", "STATE", "GUESTS", "RX", "TX",
         ],
         rows,
     )

@@ -1,0 +1,109 @@
+//! A network's configuration key by key, as hookd.toml would write it
+//! (`qnetctl network show`), so what the daemon uses can be read back in
+//! the file's own terms, defaults included.
+
+use toml::Value;
+
+use super::{NetworkConfig, Origin};
+use crate::api::{Setting, SettingSource};
+
+/// Every key of `net`, with `integration` its effective
+/// `firewall-integration`, in the order the file documents them; where
+/// each value came from per `origin` (`None`: the default network).
+pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>) -> Vec<Setting> {
+    let text = |s: &dyn ToString| Value::String(s.to_string()).to_string();
+    let list = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+    let mut values = vec![
+        ("name", text(&net.name)),
+        ("bridge", text(&net.bridge)),
+        ("mode", text(&net.mode)),
+        ("subnet", text(&net.subnet)),
+        ("router", text(&net.router)),
+        (
+            "dhcp-range",
+            list(vec![
+                net.dhcp_range.0.to_string(),
+                net.dhcp_range.1.to_string(),
+            ])
+            .to_string(),
+        ),
+        ("domain", text(&net.domain)),
+    ];
+    if let Some(uplink) = &net.uplink {
+        values.push(("uplink", text(uplink)));
+    }
+    let ports = net.blocked_ports.iter().map(ToString::to_string).collect();
+    values.push(("blocked-ports", list(ports).to_string()));
+    if let Some(v6) = &net.ipv6 {
+        let mut table = toml::Table::new();
+        table.insert("subnet".into(), Value::String(v6.subnet.to_string()));
+        table.insert("router".into(), Value::String(v6.router.to_string()));
+        values.push(("ipv6", Value::Table(table).to_string()));
+    }
+    values.push((
+        "firewall-integration",
+        Value::Boolean(integration).to_string(),
+    ));
+    for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
+        let names: Vec<String> = net
+            .connect_to
+            .iter()
+            .filter(|l| l.one_way == one_way)
+            .map(|l| l.to.to_string())
+            .collect();
+        if !names.is_empty() {
+            values.push((key, list(names).to_string()));
+        }
+    }
+    if let Some(owner) = net.owner {
+        values.push(("owner", Value::Integer(i64::from(owner)).to_string()));
+    }
+    values
+        .into_iter()
+        .map(|(key, value)| Setting {
+            key: key.to_owned(),
+            value: value.trim().to_owned(),
+            source: source(origin, key),
+        })
+        .collect()
+}
+
+fn source(origin: Option<&Origin>, key: &str) -> SettingSource {
+    match origin {
+        Some(origin) if origin.keys.contains(key) && origin.runtime => SettingSource::RunTime,
+        Some(origin) if origin.keys.contains(key) => SettingSource::Toml,
+        _ => SettingSource::Default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn every_key_is_shown_with_its_source() {
+        let text =
+            "[[network]]\nname = \"lab\"\nsubnet = \"10.42.0.0/24\"\ndomain = \"lab.example\"\n";
+        let config = Config::parse(Path::new("/etc/qnet/hookd.toml"), text).unwrap();
+        let net = &config.networks[0];
+        let shown = settings(net, true, config.origins.get(&net.name));
+        let get = |key: &str| shown.iter().find(|s| s.key == key).unwrap();
+        assert_eq!(get("subnet").value, "\"10.42.0.0/24\"");
+        assert_eq!(get("subnet").source, SettingSource::Toml);
+        assert_eq!(get("domain").source, SettingSource::Toml);
+        assert_eq!(get("router").value, "\"10.42.0.1\"");
+        assert_eq!(get("router").source, SettingSource::Default);
+        assert_eq!(get("dhcp-range").value, "[\"10.42.0.2\", \"10.42.0.254\"]");
+        assert_eq!(get("firewall-integration").value, "true");
+        // What is shown reads back as the same network.
+        let mut table = String::from("[[network]]\n");
+        for s in &shown {
+            table.push_str(&format!("{} = {}\n", s.key, s.value));
+        }
+        let again = Config::parse(Path::new("/x.toml"), &table).unwrap();
+        assert_eq!(&again.networks[0], net);
+    }
+}
