@@ -173,7 +173,11 @@ impl World {
     }
 
     fn bridge_exists(&self) -> bool {
-        self.host.link_names().iter().any(|n| n == BRIDGE)
+        self.bridge_exists_named(BRIDGE)
+    }
+
+    fn bridge_exists_named(&self, name: &str) -> bool {
+        self.host.link_names().iter().any(|n| n == name)
     }
 }
 
@@ -398,6 +402,19 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     hookd.spawn();
     assert!(!world.bridge_exists());
     assert_eq!(world.uplink(), original, "after removal from the config");
+    world.assert_online();
+
+    // The same at run time: `network create` takes over, `delete` gives back.
+    hookd
+        .qnetctl(&[
+            "network", "create", "lan", "--mode", "bridged", "--uplink", "eth0",
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n{}", hookd.log()));
+    let bridge = world.host.ip_json(&["link", "show", "eth0"])[0]["master"].clone();
+    assert!(world.bridge_exists_named(bridge.as_str().unwrap_or_default()));
+    world.assert_online();
+    hookd.qnetctl(&["network", "delete", "lan"]).unwrap();
+    assert_eq!(world.uplink(), original, "after network delete");
     world.assert_online();
 }
 
