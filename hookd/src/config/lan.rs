@@ -238,6 +238,16 @@ mod tests {
     }
 
     #[test]
+    fn links_to_a_bridged_network_are_refused() {
+        let nat = "[[network]]\nname = \"n\"\nsubnet = \"10.0.0.0/24\"\nconnect-to = [\"lan\"]\n";
+        let err = parse(&format!("{LAN}{nat}")).unwrap_err().to_string();
+        assert!(
+            err.contains("`connect-to`: `lan` is a bridged network"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn forwards_to_a_bridged_network_are_refused() {
         let text = format!(
             "{LAN}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"8080:80\"\nnetwork = \"lan\"\n"
