@@ -294,7 +294,7 @@ pub mod qnetctl {
     /// qnet-hookd.toml(5)); --set KEY=VALUE gives any key.
     #[derive(Debug, clap::Args)]
     pub struct NetworkKeys {
-        /// nat, routed or isolated.
+        /// nat, routed, isolated, or bridged (guests on the LAN of --uplink; root only).
         #[arg(long)]
         pub mode: Option<String>,
         /// IPv4 CIDR, or `auto` (a free /24; the default when creating).
@@ -312,7 +312,7 @@ pub mod qnetctl {
         /// Outgoing ports guests may not reach: tcp/25,udp/1900.
         #[arg(long, value_name = "PROTO/PORT,...")]
         pub blocked_ports: Option<String>,
-        /// Masquerade and forward only via this device.
+        /// Masquerade and forward only via this device (bridged: the interface to share).
         #[arg(long, value_name = "DEV")]
         pub uplink: Option<String>,
         /// Any key: KEY=VALUE (repeatable).

@@ -19,13 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
-use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec, RunningGuest,
-};
-use qnet_tests::hookd::{qmp_client_args, Hookd, Launch};
+use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, GuestSpec};
+use qnet_tests::hookd::{Hookd, Launch};
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
-use qnet_tests::{require_programs, wait_until, workspace_binary};
+use qnet_tests::sandbox::ConfigDir;
+use qnet_tests::{require_programs, wait_until};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -175,7 +173,11 @@ impl World {
     }
 
     fn bridge_exists(&self) -> bool {
-        self.host.link_names().iter().any(|n| n == BRIDGE)
+        self.bridge_exists_named(BRIDGE)
+    }
+
+    fn bridge_exists_named(&self, name: &str) -> bool {
+        self.host.link_names().iter().any(|n| n == name)
     }
 }
 
@@ -273,21 +275,6 @@ fn lan_status(hookd: &Hookd) -> Value {
         .unwrap_or_else(|| panic!("no network lan in {status}"))
 }
 
-fn boot_guest(world: &World, hookd: &Hookd, config: &ConfigDir, mac: &str) -> RunningGuest {
-    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
-    let spec = GuestSpec::new(&image, mac, random_token());
-    let logs = target_dir().join("qnet-test-logs").join(world.host.name());
-    std::fs::create_dir_all(&logs).unwrap();
-    let serial = logs.join(format!("lan-guest-{}.log", std::process::id()));
-    let helper = workspace_binary("qnet-bridge-helper");
-    let netdev = format!("bridge,id=n0,br={BRIDGE},helper={}", helper.display());
-    let mut qemu = sandboxed("qemu-system-x86_64", &world.host, config, None);
-    qemu.args(spec.qemu_args(&netdev, &serial))
-        .args(["-name", "lan-guest"])
-        .args(qmp_client_args(&hookd.qmp_socket()));
-    RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// The whole life of a LAN network with the daemon running throughout.
 ///
 /// Connectivity across the switch-over is judged by ping's sequence
@@ -339,7 +326,9 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
     let mac = random_mac();
-    let guest = boot_guest(&world, &hookd, &config, &mac);
+    let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
+    let spec = GuestSpec::new(&image, &mac, random_token());
+    let guest = hookd.boot_guest(&world.host, &config, BRIDGE, "lan-guest", &spec);
     let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         (100..=150).contains(&leased.octets()[3]) && leased.octets()[..3] == [192, 168, 77],
@@ -413,6 +402,19 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     hookd.spawn();
     assert!(!world.bridge_exists());
     assert_eq!(world.uplink(), original, "after removal from the config");
+    world.assert_online();
+
+    // The same at run time: `network create` takes over, `delete` gives back.
+    hookd
+        .qnetctl(&[
+            "network", "create", "lan", "--mode", "bridged", "--uplink", "eth0",
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n{}", hookd.log()));
+    let bridge = world.host.ip_json(&["link", "show", "eth0"])[0]["master"].clone();
+    assert!(world.bridge_exists_named(bridge.as_str().unwrap_or_default()));
+    world.assert_online();
+    hookd.qnetctl(&["network", "delete", "lan"]).unwrap();
+    assert_eq!(world.uplink(), original, "after network delete");
     world.assert_online();
 }
 

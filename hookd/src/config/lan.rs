@@ -2,8 +2,9 @@
 //! bridge takes over the `uplink`'s MAC, addresses and routes and
 //! enslaves it (see `crate::lan`); guests get their addresses, router and
 //! DNS from the LAN's own DHCP server. So such a network has no subnet,
-//! router, DHCP range, domain, IPv6 or blocked ports of its own, takes no
-//! forwards and no reservations, and qnet runs no dnsmasq for it.
+//! router, DHCP range, domain, IPv6, blocked ports or links of its own,
+//! takes no forwards, reservations or links, and qnet runs no dnsmasq for
+//! it.
 //!
 //! ```toml
 //! [[network]]
@@ -181,6 +182,7 @@ mod tests {
             ("domain = \"lan.example\"", "domain"),
             ("ipv6 = { subnet = \"fd00::/64\" }", "ipv6"),
             ("blocked-ports = [\"tcp/25\"]", "blocked-ports"),
+            ("connect-to = [\"x\"]", "connect-to"),
         ] {
             let err = parse(&format!("{LAN}{line}\n")).unwrap_err().to_string();
             assert!(
@@ -233,6 +235,16 @@ mod tests {
         // Two LAN networks on two uplinks, no subnets to overlap.
         let other = "[[network]]\nname = \"lan2\"\nmode = \"bridged\"\nuplink = \"eth1\"\n";
         assert_eq!(parse(&format!("{LAN}{other}")).unwrap().networks.len(), 2);
+    }
+
+    #[test]
+    fn links_to_a_bridged_network_are_refused() {
+        let nat = "[[network]]\nname = \"n\"\nsubnet = \"10.0.0.0/24\"\nconnect-to = [\"lan\"]\n";
+        let err = parse(&format!("{LAN}{nat}")).unwrap_err().to_string();
+        assert!(
+            err.contains("`connect-to`: `lan` is a bridged network"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -83,6 +83,12 @@ pub fn check(networks: &[NetworkConfig]) -> Result<(), (usize, &'static str, Str
             if other.name == net.name {
                 return problem("a network cannot link to itself".into());
             }
+            if other.is_lan() {
+                return problem(format!(
+                    "`{}` is a bridged network: its guests are on the LAN, which nat and routed guests reach anyway",
+                    other.name
+                ));
+            }
             if net.mode == Mode::Isolated {
                 return problem(
                     "the guests of an isolated network open no connections beyond the host: \

@@ -352,6 +352,7 @@ fn parse_networks(
         invalid_at(&placed[index], networks[index].name.as_str(), key, problem)
     };
     check_overlaps(&networks).map_err(|(index, problem)| at(index, "subnet", problem))?;
+    lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     links::check(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     Ok((networks, origins))
