@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use qnet_tests::hookd::Hookd;
 use qnet_tests::http::http_get_in_netns;
-use qnet_tests::netns::NetNs;
+use qnet_tests::netns::{host_and_outside, NetNs};
 use qnet_tests::peers::{drop_policies, iptables_marks, Dockerd, Firewalld, HttpServer, VethGuest};
 use qnet_tests::{require_root, workspace_binary};
 
@@ -47,15 +47,8 @@ impl World {
     /// peer may start in the host namespace before [`World::start`].
     fn namespaces(tag: &str) -> (NetNs, NetNs, HttpServer) {
         require_root();
-        let hk = NetNs::new(&format!("{tag}-hk"));
-        let out = NetNs::new(&format!("{tag}-out"));
-        hk.add_veth_to(
-            "up0",
-            Some(&format!("{UPLINK}/24")),
-            &out,
-            "out0",
-            Some(&format!("{OUTSIDE}/24")),
-        );
+        let (hk, out) =
+            host_and_outside(&format!("{tag}-hk"), &format!("{tag}-out"), UPLINK, OUTSIDE);
         let web = HttpServer::start(&out, 80, "the outside\n");
         (hk, out, web)
     }

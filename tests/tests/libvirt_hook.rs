@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
 use qnet_tests::hookd::Hookd;
 use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::NetNs;
+use qnet_tests::netns::{host_and_outside, NetNs};
 use qnet_tests::{require_tool, workspace_binary};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -359,15 +359,7 @@ fn wait_for(
 #[test]
 fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    let hk = NetNs::new("lvhk");
-    let out = NetNs::new("lvout");
-    hk.add_veth_to(
-        "up0",
-        Some(&format!("{UPLINK}/24")),
-        &out,
-        "out0",
-        Some(&format!("{OUTSIDE}/24")),
-    );
+    let (hk, out) = host_and_outside("lvhk", "lvout", UPLINK, OUTSIDE);
     let hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-")
@@ -618,15 +610,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     require_tool("dnsmasq", "dnsmasq-base");
     require_tool("iptables", "iptables");
-    let hk = NetNs::new("lvnh");
-    let out = NetNs::new("lvno");
-    hk.add_veth_to(
-        "up0",
-        Some(&format!("{UPLINK}/24")),
-        &out,
-        "out0",
-        Some(&format!("{OUTSIDE}/24")),
-    );
+    let (hk, out) = host_and_outside("lvnh", "lvno", UPLINK, OUTSIDE);
     let mut hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-net-")
