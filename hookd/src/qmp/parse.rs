@@ -103,8 +103,12 @@ pub fn plain_reply(line: &[u8]) -> Option<Message> {
         #[serde(default)]
         event: Present,
     }
-    // Anything unusual (not an object, a repeated member, an id that is not
-    // an integer) fails here and goes the general way.
+    // Only an object (serde would read a struct from an array too).
+    if line.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    // Anything unusual (a repeated member, an id that is not an integer)
+    // fails here and goes the general way.
     let plain: Plain = serde_json::from_slice(line).ok()?;
     (!plain.event.0).then_some(Message::Reply {
         id: plain.id,
