@@ -295,17 +295,17 @@ impl Request {
     /// Decodes one request line as the daemon's control socket receives
     /// it (the caller reads at most [`MAX_REQUEST_BYTES`] + 1 bytes). The
     /// error is the one line the client gets back.
-    pub fn from_line(line: &str) -> Result<Request, String> {
+    pub fn from_line(line: &str) -> Result<Request, BadRequest> {
         if line.len() > MAX_REQUEST_BYTES {
-            return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+            return Err(BadRequest::TooLong);
         }
         if line.trim().is_empty() {
-            return Err("empty request: send one JSON object such as {\"op\":\"status\"}".into());
+            return Err(BadRequest::Empty);
         }
         // serde's messages quote the offending variant or field name as
         // the client wrote it.
         serde_json::from_str(line)
-            .map_err(|e| format!("bad request: {}", one_line(&e.to_string(), 1024)))
+            .map_err(|e| BadRequest::Malformed(one_line(&e.to_string(), 1024)))
     }
 
     /// How much longer than an ordinary request this one may take to be
@@ -318,6 +318,25 @@ impl Request {
             }
             _ => Duration::ZERO,
         }
+    }
+}
+
+/// Why a control request line was refused; the client gets it back as an
+/// [`ErrorKind::Invalid`] error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    #[error("empty request: send one JSON object such as {{\"op\":\"status\"}}")]
+    Empty,
+    /// serde's message, made one line and bounded.
+    #[error("bad request: {0}")]
+    Malformed(String),
+}
+
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> ApiError {
+        ApiError::new(ErrorKind::Invalid, e.to_string())
     }
 }
 
@@ -714,7 +733,7 @@ mod tests {
             "",
             &"x".repeat(MAX_REQUEST_BYTES + 1),
         ] {
-            let err = Request::from_line(line).unwrap_err();
+            let err = Request::from_line(line).unwrap_err().to_string();
             assert!(!err.chars().any(char::is_control), "{err:?}");
             assert!(err.len() < 2048, "{}", err.len());
         }

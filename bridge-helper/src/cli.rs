@@ -68,7 +68,7 @@ EXIT STATUS
 #[derive(Debug, Parser)]
 #[command(
     name = "qnet-bridge-helper",
-    version = version(),
+    version = qnet_hostnet::protocol::version_line(env!("CARGO_PKG_VERSION")),
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_long_help = AFTER_LONG_HELP,
@@ -80,17 +80,6 @@ pub struct Cli {
     /// Log each step to stderr (a qnet extension; QEMU never passes it).
     #[arg(long)]
     pub debug: bool,
-}
-
-/// The version line also names the build-time ACL directory, so a user can
-/// tell which `bridge.conf` this binary reads.
-fn version() -> &'static str {
-    let line = format!(
-        "{} (config dir {})",
-        env!("CARGO_PKG_VERSION"),
-        qnet_hostnet::CONFIG_DIR
-    );
-    Box::leak(line.into_boxed_str())
 }
 
 #[cfg(test)]

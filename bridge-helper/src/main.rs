@@ -14,8 +14,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use qnet_hostnet::acl::{self, Decision, FsReader};
+use qnet_hostnet::acl::{self, FsReader};
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::{fdpass, owner, privilege, protocol, CONFIG_DIR};
 
@@ -27,24 +26,8 @@ const PROGRAM: &str = "qnet-bridge-helper";
 
 fn main() -> ExitCode {
     // Before anything the caller controls is looked at.
-    let privileges = privilege::drop_to_net_admin();
-
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => return protocol::exit_for_cli_error(PROGRAM, USAGE, err),
-    };
-    protocol::init_debug_logging(cli.debug);
-
-    match privileges
-        .map_err(HelperError::from)
-        .and_then(|p| run(&cli, p))
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            protocol::say(format_args!("{PROGRAM}: {err}"));
-            ExitCode::FAILURE
-        }
-    }
+    let privileges = privilege::drop_to_net_admin().map_err(HelperError::from);
+    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| cli.debug, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
@@ -66,21 +49,11 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
 
     let conf = PathBuf::from(CONFIG_DIR).join("bridge.conf");
     let rules = acl::load(&FsReader::default(), &conf)?;
-    for skipped in rules.skipped_includes() {
-        tracing::debug!(%skipped, "include skipped");
-    }
-    // The ACL decides on the device, under every name it has: the kernel
-    // also finds a device by an alternative name.
     let mut netlink = LinkSocket::new().map_err(HelperError::Netlink)?;
     let found = netlink.link_by_name(bridge).map_err(HelperError::Netlink)?;
-    let decision = match &found {
-        Some(link) => rules.decide_device(bridge, link.names()),
-        None => rules.decide(bridge),
-    };
-    match decision {
-        Decision::Allowed { by } => tracing::debug!(rule = %by, "allowed"),
-        Decision::Denied(denial) => return Err(HelperError::Denied(Box::new(denial))),
-    }
+    rules
+        .admit(bridge, found.as_ref())
+        .map_err(HelperError::Denied)?;
     let bridge_link = found.ok_or_else(|| HelperError::NoSuchBridge {
         bridge: bridge.to_string(),
         conf: conf.clone(),

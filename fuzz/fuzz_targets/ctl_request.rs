@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let request = match Request::from_line(line) {
         Ok(request) => request,
-        Err(e) => return assert_one_line("request error", &e, data.len()),
+        Err(e) => return assert_one_line("request error", &e.to_string(), data.len()),
     };
     let encoded = serde_json::to_string(&request).expect("requests always encode");
     assert!(!encoded.contains('\n'));

@@ -69,7 +69,7 @@ async fn handle(stream: UnixStream, inputs: mpsc::UnboundedSender<Input>) {
     let error = |kind, message: &str| Response::Error(ApiError::new(kind, message));
     let response = match tokio::time::timeout(READ_TIMEOUT, read_request(read)).await {
         Err(_) => error(ErrorKind::Invalid, "no request within 5 s"),
-        Ok(Err(message)) => error(ErrorKind::Invalid, &message),
+        Ok(Err(refused)) => Response::Error(refused),
         Ok(Ok(request)) => ask(request, peer, &inputs).await,
     };
     let mut line = serde_json::to_string(&response).expect("responses always serialise");
@@ -115,14 +115,14 @@ async fn ask(request: Request, peer: Peer, inputs: &mpsc::UnboundedSender<Input>
 }
 
 /// Reads one request line of at most [`MAX_REQUEST_BYTES`].
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, ApiError> {
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
     reader
         .read_line(&mut line)
         .await
-        .map_err(|e| format!("reading the request: {e}"))?;
-    Request::from_line(&line)
+        .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("reading the request: {e}")))?;
+    Ok(Request::from_line(&line)?)
 }
 
 /// Gives the socket to group `qnet`, so its members may use qnetctl

@@ -80,7 +80,6 @@ pub struct NetworkFacts {
 /// The problems of one network.
 pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
     let name = f.net.name.to_string();
-    let br = &f.net.bridge;
     let mut problems = Vec::new();
     let mut add = |problem: String, fix: String| {
         problems.push(Problem {
@@ -96,6 +95,24 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
         );
         return problems;
     }
+    plumbing(f, &mut add);
+    host_settings(f, &mut add);
+    firewalls(f, tables, &mut add);
+    for (forward, owner) in &f.taken_ports {
+        add(
+            format!("forward {forward}: the host port is taken by {owner}, which gets connections from the host itself"),
+            "stop that process, or forward another host port".into(),
+        );
+    }
+    problems
+}
+
+/// Receives each problem found and its fix.
+type Add<'a> = dyn FnMut(String, String) + 'a;
+
+/// What qnet itself set up: the bridge and dnsmasq.
+fn plumbing(f: &NetworkFacts, add: &mut Add<'_>) {
+    let name = &f.net.name;
     for (problem, fix) in bridge_problems(f) {
         add(problem, fix);
     }
@@ -105,6 +122,11 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
             format!("read qnet-hookd's log for dnsmasq's error, then `qnetctl network down {name}` and `up {name}`"),
         );
     }
+}
+
+/// The host's sysctls the network's mode needs.
+fn host_settings(f: &NetworkFacts, add: &mut Add<'_>) {
+    let br = &f.net.bridge;
     if f.net.mode != Mode::Isolated && !f.ip_forward {
         add(
             "net.ipv4.ip_forward is 0: the host forwards nothing for the guests".into(),
@@ -117,6 +139,11 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
             format!("`sysctl -w net.ipv4.conf.{br}.rp_filter=2 net.ipv4.conf.all.rp_filter=2` (loose)"),
         );
     }
+}
+
+/// The other firewalls of the host: iptables tables and firewalld's zone.
+fn firewalls(f: &NetworkFacts, tables: &[TableFacts], add: &mut Add<'_>) {
+    let br = &f.net.bridge;
     let what = Openings {
         networks: vec![f.net.clone()],
         libvirt: Vec::new(),
@@ -141,13 +168,6 @@ pub fn diagnose(f: &NetworkFacts, tables: &[TableFacts]) -> Vec<Problem> {
             );
         }
     }
-    for (forward, owner) in &f.taken_ports {
-        add(
-            format!("forward {forward}: the host port is taken by {owner}, which gets connections from the host itself"),
-            "stop that process, or forward another host port".into(),
-        );
-    }
-    problems
 }
 
 /// The bridge's problems: missing, down, without its router address, or

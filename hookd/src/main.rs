@@ -36,8 +36,14 @@ fn main() -> ExitCode {
         ctl_socket: cli.ctl_socket,
         qmp_socket: cli.qmp_socket,
     };
+    // The daemon is I/O-bound: two workers. Its blocking work (a guest's
+    // /proc walk, nfnetlink batches) takes a millisecond at most; a few
+    // threads for it are enough, where tokio's default of 512 would start
+    // a thread (with its stack and malloc arena) for each of hundreds of
+    // QEMUs connecting at once.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(4)
         .enable_all()
         .build()
     {

@@ -265,23 +265,10 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
             .await
             .map_err(failed(format!("setting the MAC address of `{name}`")))?;
     }
-    ensure_address(
-        handle,
-        name,
-        dev.index,
-        IpAddr::V4(net.router),
-        net.subnet.prefix_len(),
-    )
-    .await?;
-    if let Some(v6) = &net.ipv6 {
-        ensure_address(
-            handle,
-            name,
-            dev.index,
-            IpAddr::V6(v6.router),
-            v6.subnet.prefix_len(),
-        )
-        .await?;
+    let v4 = (IpAddr::V4(net.router), net.subnet.prefix_len());
+    let v6 = (net.ipv6.as_ref()).map(|v6| (IpAddr::V6(v6.router), v6.subnet.prefix_len()));
+    for (router, prefix_len) in std::iter::once(v4).chain(v6) {
+        ensure_address(handle, name, dev.index, router, prefix_len).await?;
     }
     if !dev.up {
         handle

@@ -38,7 +38,7 @@ pub fn take_passed_sockets(ctl: &Path, qmp: &Path) -> Result<PassedSockets, Daem
         .map_err(|e| refused(format!("bad LISTEN_FDS/LISTEN_FDNAMES: {e}")))?;
     let mut sockets = PassedSockets::default();
     for (fd, name) in passed {
-        let (listener, path) = listening_unix_socket(fd).map_err(refused)?;
+        let (listener, path) = listening_unix_socket(fd).map_err(|e| refused(e.to_string()))?;
         let slot = match name.as_str() {
             _ if path.as_deref() == Some(ctl) => &mut sockets.ctl,
             _ if path.as_deref() == Some(qmp) => &mut sockets.qmp,
@@ -58,25 +58,40 @@ pub fn take_passed_sockets(ctl: &Path, qmp: &Path) -> Result<PassedSockets, Daem
     Ok(sockets)
 }
 
+/// Why a passed descriptor cannot be served.
+#[derive(Debug, thiserror::Error)]
+enum BadSocket {
+    #[error("descriptor {fd} is not {what}")]
+    Not { fd: RawFd, what: &'static str },
+    #[error("descriptor {fd}: {source}")]
+    Io {
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Owns `fd` and checks that it is a listening unix stream socket;
 /// returns it with its path.
-fn listening_unix_socket(fd: RawFd) -> Result<(UnixListener, Option<std::path::PathBuf>), String> {
+fn listening_unix_socket(
+    fd: RawFd,
+) -> Result<(UnixListener, Option<std::path::PathBuf>), BadSocket> {
     // SAFETY: systemd passed fd to this process and nothing else owns it;
     // listen_fds_with_names yields each passed descriptor once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let problem = |what: &str| format!("descriptor {fd} is not {what}");
-    let kind = getsockopt(&owned, sockopt::SockType).map_err(|_| problem("a socket"))?;
+    let not = |what| BadSocket::Not { fd, what };
+    let kind = getsockopt(&owned, sockopt::SockType).map_err(|_| not("a socket"))?;
     let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
-    let addr: UnixAddr = getsockname(std::os::fd::AsRawFd::as_raw_fd(&owned))
-        .map_err(|_| problem("a unix socket"))?;
+    let addr: UnixAddr =
+        getsockname(std::os::fd::AsRawFd::as_raw_fd(&owned)).map_err(|_| not("a unix socket"))?;
     if kind != SockType::Stream || !listening {
-        return Err(problem("a listening stream socket (ListenStream=)"));
+        return Err(not("a listening stream socket (ListenStream=)"));
     }
     let path = addr.path().map(Path::to_path_buf);
     let listener = UnixListener::from(owned);
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("descriptor {fd}: {e}"))?;
+        .map_err(|source| BadSocket::Io { fd, source })?;
     Ok((listener, path))
 }
 

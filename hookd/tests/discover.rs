@@ -41,23 +41,11 @@ impl Qemu {
         let dir = tempfile::tempdir().unwrap();
         let qmp = dir.path().join("q.sock");
         let fds = fds.to_vec();
-        let mut command = Command::new("qemu-system-x86_64");
+        let mut command = qnet_tests::guest::stopped_qemu();
         command
-            .args([
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-m",
-                "64",
-            ])
             .args(args)
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         command_in_netns(&mut command, ns.name()).unwrap();
         // SAFETY: only async-signal-safe libc calls between fork and exec
         // (this hook runs after command_in_netns's setns).

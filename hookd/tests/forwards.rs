@@ -223,6 +223,18 @@ fn assert_reaches(from: &NetNs, proto: Proto, to: &str, what: &str, expect: (&st
     assert_eq!(got, answered(expect.0, expect.1, expect.2), "{what}");
 }
 
+/// One path to check: `(proto, to, what, expect)` as [`assert_reaches`]
+/// takes them.
+type Reach<'a> = (Proto, &'a str, &'a str, (&'a str, u16, &'a str));
+
+/// [`assert_reaches`] for each case, in order.
+#[track_caller]
+fn assert_all_reach(from: &NetNs, cases: &[Reach<'_>]) {
+    for &(proto, to, what, expect) in cases {
+        assert_reaches(from, proto, to, what, expect);
+    }
+}
+
 fn must_be_refused(result: std::io::Result<Answer>, what: &str) {
     match result {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}"),
@@ -349,11 +361,18 @@ impl Lab {
     }
 }
 
-#[test]
-fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
+/// Runs `test` in a lab of its own (namespaces tagged `tag`) for each
+/// bridge netfilter mode.
+fn in_each_mode(tag: &str, test: impl Fn(&Lab, BridgeNf)) {
     for mode in modes() {
         eprintln!("bridge netfilter: {mode:?}");
-        let lab = Lab::new("fw-out", mode);
+        test(&Lab::new(tag, mode), mode);
+    }
+}
+
+#[test]
+fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
+    in_each_mode("fw-out", |lab, _| {
         let mut forwards = vec![
             rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
             rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
@@ -363,19 +382,22 @@ fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
         lab.apply(&forwards);
 
         // The guest sees the outside's own address: no masquerade inbound.
-        assert_reaches(
+        assert_all_reach(
             &lab.outside,
-            Proto::Tcp,
-            "10.99.0.1:8080",
-            "tcp 8080",
-            ("guest1", 80, "10.99.0.2"),
-        );
-        assert_reaches(
-            &lab.outside,
-            Proto::Udp,
-            "10.99.0.1:5353",
-            "udp 5353",
-            ("guest1", 53, "10.99.0.2"),
+            &[
+                (
+                    Proto::Tcp,
+                    "10.99.0.1:8080",
+                    "tcp 8080",
+                    ("guest1", 80, "10.99.0.2"),
+                ),
+                (
+                    Proto::Udp,
+                    "10.99.0.1:5353",
+                    "udp 5353",
+                    ("guest1", 53, "10.99.0.2"),
+                ),
+            ],
         );
         for (offset, host_port) in (9000..=9002).enumerate() {
             let got = must_answer(
@@ -406,54 +428,52 @@ fn outside_reaches_guests_through_the_uplink_by_tcp_udp_and_port_ranges() {
             ask_tcp(&lab.outside, "10.42.0.11:80", DROPPED_AFTER).is_err(),
             "the outside reached a NAT guest without a forward"
         );
-    }
+    });
 }
 
 #[test]
 fn ipv6_forwards_from_the_outside_through_the_uplinks_v6_address() {
-    for mode in modes() {
-        eprintln!("bridge netfilter: {mode:?}");
-        let lab = Lab::new("fw-v6", mode);
+    in_each_mode("fw-v6", |lab, _| {
         lab.apply(&[
             rule(Proto::Tcp, Some(UPLINK6), 8080, "fd42::11", 80),
             rule(Proto::Udp, None, 5353, "fd42::12", 53),
             // The same port over IPv4 goes elsewhere: the families are apart.
             rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.12", 81),
         ]);
-        assert_reaches(
+        assert_all_reach(
             &lab.outside,
-            Proto::Tcp,
-            "[fd99::1]:8080",
-            "tcp6",
-            ("guest1", 80, "fd99::2"),
-        );
-        assert_reaches(
-            &lab.outside,
-            Proto::Udp,
-            "[fd99::1]:5353",
-            "udp6",
-            ("guest2", 53, "fd99::2"),
-        );
-        assert_reaches(
-            &lab.outside,
-            Proto::Tcp,
-            "10.99.0.1:8080",
-            "tcp4",
-            ("guest2", 81, "10.99.0.2"),
+            &[
+                (
+                    Proto::Tcp,
+                    "[fd99::1]:8080",
+                    "tcp6",
+                    ("guest1", 80, "fd99::2"),
+                ),
+                (
+                    Proto::Udp,
+                    "[fd99::1]:5353",
+                    "udp6",
+                    ("guest2", 53, "fd99::2"),
+                ),
+                (
+                    Proto::Tcp,
+                    "10.99.0.1:8080",
+                    "tcp4",
+                    ("guest2", 81, "10.99.0.2"),
+                ),
+            ],
         );
         // An "any address" IPv6 forward is not an IPv4 one.
         must_be_refused(
             ask_udp(&lab.outside, "10.99.0.1:5353", OK_WITHIN),
             "udp4 5353",
         );
-    }
+    });
 }
 
 #[test]
 fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
-    for mode in modes() {
-        eprintln!("bridge netfilter: {mode:?}");
-        let lab = Lab::new("fw-local", mode);
+    in_each_mode("fw-local", |lab, _| {
         lab.apply(&[
             rule(Proto::Tcp, None, 8080, "10.42.0.11", 80),
             rule(Proto::Tcp, None, 8080, "fd42::11", 80),
@@ -462,19 +482,22 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
 
         // To its own uplink address: the source is that address, which the
         // guest can answer through its default route.
-        assert_reaches(
+        assert_all_reach(
             &lab.host,
-            Proto::Tcp,
-            "10.99.0.1:8080",
-            "host → uplink",
-            ("guest1", 80, "10.99.0.1"),
-        );
-        assert_reaches(
-            &lab.host,
-            Proto::Tcp,
-            "[fd99::1]:8080",
-            "host → uplink v6",
-            ("guest1", 80, "fd99::1"),
+            &[
+                (
+                    Proto::Tcp,
+                    "10.99.0.1:8080",
+                    "host → uplink",
+                    ("guest1", 80, "10.99.0.1"),
+                ),
+                (
+                    Proto::Tcp,
+                    "[fd99::1]:8080",
+                    "host → uplink v6",
+                    ("guest1", 80, "fd99::1"),
+                ),
+            ],
         );
         // Any local address, also the router's own on the bridge.
         assert_reaches(
@@ -515,31 +538,32 @@ fn the_host_reaches_forwards_on_its_own_addresses_and_on_localhost() {
             .run_in(|| FW.enable_localhost_forwards())
             .expect("enabling twice");
         // Masqueraded to the router address, so the guest can answer.
-        assert_reaches(
+        assert_all_reach(
             &lab.host,
-            Proto::Tcp,
-            "127.0.0.1:8080",
-            "host → 127.0.0.1",
-            ("guest1", 80, "10.42.0.1"),
-        );
-        assert_reaches(
-            &lab.host,
-            Proto::Udp,
-            "127.0.0.1:5353",
-            "udp → 127.0.0.1",
-            ("guest2", 53, "10.42.0.1"),
+            &[
+                (
+                    Proto::Tcp,
+                    "127.0.0.1:8080",
+                    "host → 127.0.0.1",
+                    ("guest1", 80, "10.42.0.1"),
+                ),
+                (
+                    Proto::Udp,
+                    "127.0.0.1:5353",
+                    "udp → 127.0.0.1",
+                    ("guest2", 53, "10.42.0.1"),
+                ),
+            ],
         );
         // ::1 is never forwarded (Linux cannot): the host answers it itself,
         // and nothing listens there.
         must_be_refused(ask_tcp(&lab.host, "[::1]:8080", OK_WITHIN), "host → ::1");
-    }
+    });
 }
 
 #[test]
 fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
-    for mode in modes() {
-        eprintln!("bridge netfilter: {mode:?}");
-        let lab = Lab::new("fw-hair", mode);
+    in_each_mode("fw-hair", |lab, mode| {
         lab.apply(&[
             rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
             rule(Proto::Tcp, Some(UPLINK6), 8080, "fd42::11", 80),
@@ -548,26 +572,28 @@ fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
         // guest2 → the host's public address → guest1, on the same bridge:
         // guest1 sees the router (masquerade), so its answer goes back through
         // the host, which undoes both translations.
-        assert_reaches(
+        assert_all_reach(
             &lab.guest2,
-            Proto::Tcp,
-            "10.99.0.1:8080",
-            "hairpin",
-            ("guest1", 80, "10.42.0.1"),
-        );
-        assert_reaches(
-            &lab.guest2,
-            Proto::Tcp,
-            "[fd99::1]:8080",
-            "hairpin v6",
-            ("guest1", 80, "fd42::1"),
-        );
-        assert_reaches(
-            &lab.guest2,
-            Proto::Udp,
-            "10.99.0.1:5353",
-            "hairpin udp",
-            ("guest1", 53, "10.42.0.1"),
+            &[
+                (
+                    Proto::Tcp,
+                    "10.99.0.1:8080",
+                    "hairpin",
+                    ("guest1", 80, "10.42.0.1"),
+                ),
+                (
+                    Proto::Tcp,
+                    "[fd99::1]:8080",
+                    "hairpin v6",
+                    ("guest1", 80, "fd42::1"),
+                ),
+                (
+                    Proto::Udp,
+                    "10.99.0.1:5353",
+                    "hairpin udp",
+                    ("guest1", 53, "10.42.0.1"),
+                ),
+            ],
         );
         // Again, and a service of the host on the same address: an ICMP
         // redirect ("10.99.0.1 is reachable via guest1") must not have sent
@@ -628,7 +654,7 @@ fn guests_reach_forwards_through_the_hosts_address_hairpin_masqueraded() {
             "direct",
             ("guest1", 80, "10.42.0.12"),
         );
-    }
+    });
 }
 
 /// `report` changed exactly `changed` and refused exactly `refused`, each
@@ -694,19 +720,22 @@ fn removed_forwards_close_the_port_and_changes_are_idempotent_and_per_element() 
         "{}",
         report.refused[0]
     );
-    assert_reaches(
+    assert_all_reach(
         &lab.outside,
-        Proto::Tcp,
-        "10.99.0.1:8082",
-        "other",
-        ("guest2", 82, "10.99.0.2"),
-    );
-    assert_reaches(
-        &lab.outside,
-        Proto::Tcp,
-        "10.99.0.1:8080",
-        "web",
-        ("guest1", 80, "10.99.0.2"),
+        &[
+            (
+                Proto::Tcp,
+                "10.99.0.1:8082",
+                "other",
+                ("guest2", 82, "10.99.0.2"),
+            ),
+            (
+                Proto::Tcp,
+                "10.99.0.1:8080",
+                "web",
+                ("guest1", 80, "10.99.0.2"),
+            ),
+        ],
     );
     assert_report(&lab.remove(&[other]).expect("remove"), &[other], &[]);
     assert_eq!(lab.list(), installed);

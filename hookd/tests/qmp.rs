@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_hookd::qmp::{
-    self, GuestIdentity, NicInfo, QmpError, QmpEvent, QmpSession, SessionOptions,
+    self, GuestIdentity, GuestInfo, NicInfo, QmpError, QmpEvent, QmpSession, SessionOptions,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -311,6 +311,13 @@ where
 /// Everything left on an events channel: events, the total of `Lagged`,
 /// and the closing error. Checks that `Closed` is last and the channel
 /// then ends.
+/// The session's events end without an error, and the fake saw EOF.
+async fn ended_cleanly(rx: &mut mpsc::Receiver<QmpEvent>, fake: JoinHandle<()>) {
+    let (_, _, error) = drain(rx).await;
+    assert!(error.is_none(), "{error:?}");
+    bounded("the fake to see EOF", fake).await.unwrap();
+}
+
 async fn drain(rx: &mut mpsc::Receiver<QmpEvent>) -> (Vec<QmpEvent>, u64, Option<String>) {
     let mut events = Vec::new();
     let mut lagged = 0;
@@ -514,16 +521,9 @@ async fn peer_credentials_of_another_process() {
         assert_eq!(info.name.as_deref(), Some("py-guest"));
         assert_eq!(info.uuid, None, "the nil UUID means no -uuid");
         assert_eq!((info.status.as_str(), info.running), ("running", true));
-        let macs: Vec<String> = info.nics.iter().map(|n| n.mac.to_string()).collect();
-        let nics: Vec<(&str, &str)> = info
-            .nics
-            .iter()
-            .zip(&macs)
-            .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
-            .collect();
-        assert_eq!(
-            nics,
-            [("net0", "52:54:00:aa:bb:01"), ("net1", "52:54:00:aa:bb:02")]
+        assert_nics(
+            &info,
+            &[("net0", "52:54:00:aa:bb:01"), ("net1", "52:54:00:aa:bb:02")],
         );
 
         child.kill().await.unwrap();
@@ -824,9 +824,7 @@ async fn error_replies_keep_the_session() {
         // Dropping the last handle closes the connection (the fake sees
         // EOF) and ends the events cleanly.
         drop(session);
-        let (_, _, error) = drain(&mut rx).await;
-        assert!(error.is_none(), "{error:?}");
-        bounded("the fake to see EOF", fake).await.unwrap();
+        ended_cleanly(&mut rx, fake).await;
     }
 }
 
@@ -905,9 +903,7 @@ async fn command_timeout_leaves_the_session_usable() {
             Err(QmpError::Closed { reason, .. }) => assert_eq!(reason, "closed by us"),
             other => panic!("expected Closed, got {other:?}"),
         }
-        let (_, _, error) = drain(&mut rx).await;
-        assert!(error.is_none(), "{error:?}");
-        bounded("the fake to see EOF", fake).await.unwrap();
+        ended_cleanly(&mut rx, fake).await;
     }
 }
 
@@ -1044,6 +1040,19 @@ async fn dial_errors() {
 // ---------------------------------------------------------------------------
 // Real QEMU
 
+/// The guest's NICs are `expected`: (name, MAC) in QEMU's order.
+#[track_caller]
+fn assert_nics(info: &GuestInfo, expected: &[(&str, &str)]) {
+    let macs: Vec<String> = info.nics.iter().map(|n| n.mac.to_string()).collect();
+    let nics: Vec<(&str, &str)> = info
+        .nics
+        .iter()
+        .zip(&macs)
+        .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
+        .collect();
+    assert_eq!(nics, expected);
+}
+
 /// A QEMU process, killed when dropped.
 struct Qemu {
     child: std::process::Child,
@@ -1051,20 +1060,8 @@ struct Qemu {
 
 impl Qemu {
     fn spawn(args: &[&str]) -> Qemu {
-        let child = std::process::Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-m",
-                "64",
-            ])
+        let child = qnet_tests::guest::stopped_qemu()
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 is required");
         Qemu { child }
@@ -1122,39 +1119,60 @@ fn sock_arg(prefix: &str, path: &Path, suffix: &str) -> String {
     format!("{prefix}{}{suffix}", path.display())
 }
 
+/// The arguments of a stopped guest named `qnet-test-guest` with `uuid`
+/// and one virtio-net NIC, then `more`.
+fn guest_args<'a>(uuid: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-name",
+        "qnet-test-guest",
+        "-uuid",
+        uuid,
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
+/// Starts a session with the QEMU of [`guest_args`] on `stream` and reads
+/// its info: the peer is that QEMU, the guest is named and not started.
+async fn start_with_guest(
+    stream: UnixStream,
+    qemu: &Qemu,
+    uuid: &str,
+) -> (
+    QmpSession,
+    GuestIdentity,
+    mpsc::Receiver<QmpEvent>,
+    GuestInfo,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let (session, identity) = bounded("the handshake", QmpSession::start(stream, tx))
+        .await
+        .unwrap();
+    assert_eq!(identity.pid, qemu.pid());
+    let info = bounded("query_info", session.query_info()).await.unwrap();
+    eprintln!("{info:?}");
+    assert_eq!(info.name.as_deref(), Some("qnet-test-guest"));
+    assert_eq!(info.uuid.as_deref(), Some(uuid));
+    assert_eq!(info.status, "prelaunch");
+    (session, identity, rx, info)
+}
+
 #[tokio::test]
 async fn real_qemu_server_mode() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("q.sock");
     let uuid = random_uuid();
     let qmp_arg = sock_arg("unix:", &sock, ",server=on,wait=off");
-    let mut qemu = Qemu::spawn(&[
-        "-name",
-        "qnet-test-guest",
-        "-uuid",
-        &uuid,
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
-        "-qmp",
-        &qmp_arg,
-    ]);
+    let mut qemu = Qemu::spawn(&guest_args(&uuid, &["-qmp", &qmp_arg]));
     wait_for_socket(&mut qemu, &sock).await;
     let stream = qmp::dial(&sock).await.unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
-    let (session, identity) = bounded("the handshake", QmpSession::start(stream, tx))
-        .await
-        .unwrap();
-    assert_eq!(identity.pid, qemu.pid());
+    let (session, identity, mut rx, info) = start_with_guest(stream, &qemu, &uuid).await;
     assert_eq!(identity.uid, nix::unistd::getuid().as_raw());
     assert_eq!(session.greeting().version.0, 7);
-
-    let info = bounded("query_info", session.query_info()).await.unwrap();
-    eprintln!("{info:?}");
-    assert_eq!(info.name.as_deref(), Some("qnet-test-guest"));
-    assert_eq!(info.uuid.as_deref(), Some(uuid.as_str()));
-    assert_eq!(info.status, "prelaunch");
     assert!(!info.running);
     assert_eq!(info.nics.len(), 1, "{:?}", info.nics);
     assert_eq!(info.nics[0].mac, "52:54:00:12:34:56");
@@ -1203,51 +1221,29 @@ async fn real_qemu_client_mode() {
     let listener = UnixListener::bind(&listen).unwrap();
     let uuid = random_uuid();
     let chardev = sock_arg("socket,id=qnet,path=", &listen, ",reconnect=1");
-    let mut qemu = Qemu::spawn(&[
-        "-name",
-        "qnet-test-guest",
-        "-uuid",
+    let mut qemu = Qemu::spawn(&guest_args(
         &uuid,
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
-        // Not listed by query-rx-filter: found through HMP.
-        "-netdev",
-        "user,id=n1",
-        "-device",
-        "e1000,netdev=n1,id=nic1,mac=52:54:00:AB:CD:EF",
-        "-chardev",
-        &chardev,
-        "-mon",
-        "chardev=qnet,mode=control",
-    ]);
+        &[
+            // Not listed by query-rx-filter: found through HMP.
+            "-netdev",
+            "user,id=n1",
+            "-device",
+            "e1000,netdev=n1,id=nic1,mac=52:54:00:AB:CD:EF",
+            "-chardev",
+            &chardev,
+            "-mon",
+            "chardev=qnet,mode=control",
+        ],
+    ));
     let (stream, _) = bounded("QEMU to dial", listener.accept()).await.unwrap();
     qemu.check_alive();
-    let (tx, mut rx) = mpsc::channel(64);
-    let (session, identity) = bounded("the handshake", QmpSession::start(stream, tx))
-        .await
-        .unwrap();
-    assert_eq!(identity.pid, qemu.pid());
-
-    let info = bounded("query_info", session.query_info()).await.unwrap();
-    eprintln!("{info:?}");
-    assert_eq!(info.name.as_deref(), Some("qnet-test-guest"));
-    assert_eq!(info.uuid.as_deref(), Some(uuid.as_str()));
-    assert_eq!(info.status, "prelaunch");
-    let macs: Vec<String> = info.nics.iter().map(|n| n.mac.to_string()).collect();
-    let nics: Vec<(&str, &str)> = info
-        .nics
-        .iter()
-        .zip(&macs)
-        .map(|(n, mac)| (n.name.as_str(), mac.as_str()))
-        .collect();
-    assert_eq!(
-        nics,
-        [
+    let (session, _, mut rx, info) = start_with_guest(stream, &qemu, &uuid).await;
+    assert_nics(
+        &info,
+        &[
             ("virtio-net-pci.0", "52:54:00:12:34:56"),
-            ("nic1", "52:54:00:ab:cd:ef")
-        ]
+            ("nic1", "52:54:00:ab:cd:ef"),
+        ],
     );
 
     session

@@ -24,6 +24,42 @@ pub struct ProtocolArgs {
     pub br: String,
 }
 
+/// A helper's `--version` line: `version` (the helper's own) and the
+/// build-time ACL directory, so a user can tell which files it reads.
+pub fn version_line(version: &str) -> &'static str {
+    let line = format!("{version} (config dir {})", crate::CONFIG_DIR);
+    Box::leak(line.into_boxed_str())
+}
+
+/// A helper's `main` once it has dropped its privileges (`privileges`, or
+/// why it could not): parses argv (clap errors as [`exit_for_cli_error`]
+/// says), turns on `--debug` logging, runs `run`, and makes its error one
+/// line on stderr and exit status 1.
+pub fn helper_main<C, P, E>(
+    program: &str,
+    usage: &str,
+    privileges: Result<P, E>,
+    debug: fn(&C) -> bool,
+    run: impl FnOnce(&C, P) -> Result<(), E>,
+) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    E: std::fmt::Display,
+{
+    let cli = match C::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return exit_for_cli_error(program, usage, err),
+    };
+    init_debug_logging(debug(&cli));
+    match privileges.and_then(|p| run(&cli, p)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            say(format_args!("{program}: {err}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// What a helper does with a clap error: `--help`/`--version` print and
 /// succeed; anything else is one usage line on stderr and exit status 1,
 /// as qemu-bridge-helper does.

@@ -59,15 +59,7 @@ impl Tap {
     /// somebody else's TAP through us. `IFF_VNET_HDR` is requested only when
     /// asked for and supported by the kernel, as qemu-bridge-helper does.
     pub fn create_new(want_vnet_hdr: bool) -> Result<Tap, TapError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(TUN_CLONE_DEVICE)
-            .map_err(|source| TapError::Open {
-                path: TUN_CLONE_DEVICE.into(),
-                hint: open_hint(&source),
-                source,
-            })?;
+        let file = open_rw(Path::new(TUN_CLONE_DEVICE), TUN_CLONE_DEVICE)?;
         let features = tun_features(&file)?;
         let vnet_hdr = want_vnet_hdr && features & (libc::IFF_VNET_HDR as u32) != 0;
 
@@ -98,15 +90,7 @@ impl Tap {
     /// (`/dev/tapN`, N = ifindex) and sets `IFF_VNET_HDR` when asked for.
     pub fn open_macvtap(node: &Path, name: &str, want_vnet_hdr: bool) -> Result<Tap, TapError> {
         let path = node.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(node)
-            .map_err(|source| TapError::Open {
-                path: path.clone(),
-                hint: open_hint(&source),
-                source,
-            })?;
+        let file = open_rw(node, &path)?;
         Self::from_macvtap_file(file, &path, name, want_vnet_hdr)
     }
 
@@ -275,6 +259,20 @@ fn ifreq_name(ifr: &libc::ifreq) -> String {
         Ok(name) => name.to_string_lossy().into_owned(),
         Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
     }
+}
+
+/// Opens a tun/tap character device for reading and writing; `path` names
+/// it in the error.
+fn open_rw(node: &Path, path: &str) -> Result<std::fs::File, TapError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(node)
+        .map_err(|source| TapError::Open {
+            path: path.into(),
+            hint: open_hint(&source),
+            source,
+        })
 }
 
 fn open_hint(err: &std::io::Error) -> &'static str {

@@ -10,6 +10,21 @@ use nix::errno::Errno;
 use qnet_hostnet::link::{LinkError, LinkSocket, MacvtapMode, PortChange};
 use qnet_tests::netns::NetNs;
 
+/// Runs `test` with a link socket in a namespace of its own, once the
+/// `ip` commands `setup` have run there.
+fn with_socket(setup: &[&[&str]], test: impl FnOnce(&mut LinkSocket) + Send) {
+    let ns = NetNs::new("link");
+    for args in setup {
+        ns.ip(args);
+    }
+    ns.run_in(|| test(&mut LinkSocket::new().unwrap()));
+}
+
+/// [`with_socket`] in a namespace that holds TAP `t0` (down).
+fn with_tap(test: impl FnOnce(&mut LinkSocket) + Send) {
+    with_socket(&[&["tuntap", "add", "t0", "mode", "tap"]], test);
+}
+
 fn index_of(socket: &mut LinkSocket, name: &str) -> u32 {
     socket
         .link_by_name(name)
@@ -22,9 +37,7 @@ const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 #[test]
 fn missing_device_is_none() {
-    let ns = NetNs::new("link");
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_socket(&[], |socket| {
         assert_eq!(socket.link_by_name("nosuchdev0").unwrap(), None);
         assert_eq!(socket.link_by_index(999_999).unwrap(), None);
         assert!(matches!(
@@ -36,9 +49,7 @@ fn missing_device_is_none() {
 
 #[test]
 fn loopback_by_name_and_index_agree() {
-    let ns = NetNs::new("link");
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_socket(&[], |socket| {
         let by_name = socket.link_by_name("lo").unwrap().unwrap();
         assert_eq!(by_name.name, "lo");
         assert_eq!(by_name.kind, None);
@@ -50,9 +61,7 @@ fn loopback_by_name_and_index_agree() {
 
 #[test]
 fn bridge_is_created_and_read_back() {
-    let ns = NetNs::new("link");
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_socket(&[], |socket| {
         socket.create_bridge("qbr0", Some(MAC)).unwrap();
         let bridge = socket.link_by_name("qbr0").unwrap().unwrap();
         assert_eq!(bridge.name, "qbr0");
@@ -122,9 +131,7 @@ fn macvtap_in_every_mode() {
 
 #[test]
 fn macvtap_on_missing_lower_fails_with_errno() {
-    let ns = NetNs::new("link");
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_socket(&[], |socket| {
         let error = socket
             .create_macvtap("mvt0", 999_999, MAC, MacvtapMode::Bridge, None)
             .unwrap_err();
@@ -139,12 +146,9 @@ fn macvtap_on_missing_lower_fails_with_errno() {
 
 #[test]
 fn configure_port_in_one_request() {
-    let ns = NetNs::new("link");
-    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_tap(|socket| {
         socket.create_bridge("qbr0", None).unwrap();
-        let bridge = index_of(&mut socket, "qbr0");
+        let bridge = index_of(socket, "qbr0");
         let before = socket.link_by_name("t0").unwrap().unwrap();
         assert_eq!(before.kind.as_deref(), Some("tun"));
         assert!(!before.up);
@@ -167,11 +171,8 @@ fn configure_port_in_one_request() {
 
 #[test]
 fn configure_port_reports_kernel_errors() {
-    let ns = NetNs::new("link");
-    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
-        let tap = index_of(&mut socket, "t0");
+    with_tap(|socket| {
+        let tap = index_of(socket, "t0");
         let change = PortChange {
             mtu: Some(10),
             ..PortChange::default()
@@ -191,11 +192,8 @@ fn configure_port_reports_kernel_errors() {
 
 #[test]
 fn single_setters() {
-    let ns = NetNs::new("link");
-    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
-        let tap = index_of(&mut socket, "t0");
+    with_tap(|socket| {
+        let tap = index_of(socket, "t0");
 
         socket.set_mac(tap, MAC).unwrap();
         socket.set_alias(tap, "guest vm1 net0").unwrap();
@@ -213,13 +211,10 @@ fn single_setters() {
 
 #[test]
 fn delete_removes_the_link() {
-    let ns = NetNs::new("link");
-    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_tap(|socket| {
         socket.create_bridge("qbr0", None).unwrap();
         for name in ["qbr0", "t0"] {
-            let index = index_of(&mut socket, name);
+            let index = index_of(socket, name);
             socket.delete(index).unwrap();
             assert_eq!(socket.link_by_name(name).unwrap(), None);
             assert_eq!(socket.link_by_index(index).unwrap(), None);
@@ -248,9 +243,7 @@ fn devices_stay_in_their_namespace() {
 
 #[test]
 fn links_lists_every_device_of_the_namespace() {
-    let ns = NetNs::new("link");
-    ns.run_in(|| {
-        let mut socket = LinkSocket::new().unwrap();
+    with_socket(&[], |socket| {
         socket.create_bridge("qbrlist0", None).unwrap();
         socket.create_bridge("qbrlist1", Some(MAC)).unwrap();
         let mut names: Vec<String> = socket

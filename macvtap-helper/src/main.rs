@@ -14,9 +14,8 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
-use qnet_hostnet::acl::{self, AclError, Decision, FsReader, ReadError};
-use qnet_hostnet::link::{LinkSocket, MacvtapMode};
+use qnet_hostnet::acl::{self, AclError, FsReader, ReadError};
+use qnet_hostnet::link::{Link, LinkSocket, MacvtapMode};
 use qnet_hostnet::{devnode, fdpass, owner, privilege, protocol, reaper, CONFIG_DIR};
 
 use crate::device::{Guarded, Request};
@@ -29,24 +28,9 @@ const PROGRAM: &str = "qnet-macvtap-helper";
 fn main() -> ExitCode {
     // Before anything the caller controls is looked at. The capabilities
     // needed to open /dev/tapN stay permitted (not effective) until then.
-    let privileges = privilege::drop_to_net_admin_keeping(&devnode::PRIVATE_NODE_CAPS);
-
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => return protocol::exit_for_cli_error(PROGRAM, USAGE, err),
-    };
-    protocol::init_debug_logging(cli.debug);
-
-    match privileges
-        .map_err(HelperError::from)
-        .and_then(|p| run(&cli, p))
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            protocol::say(format_args!("{PROGRAM}: {err}"));
-            ExitCode::FAILURE
-        }
-    }
+    let privileges = privilege::drop_to_net_admin_keeping(&devnode::PRIVATE_NODE_CAPS)
+        .map_err(HelperError::from);
+    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| cli.debug, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
@@ -54,49 +38,12 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     let mode = MacvtapMode::from(cli.mode);
     let fd = cli.protocol.fd;
     tracing::debug!(?privileges, lower, %mode, fd, "starting");
-    if cli.debug {
-        tracing::debug!(credentials = privilege::describe_credentials(), "at start");
-    }
-    acl::check_name(lower).map_err(|source| HelperError::BadName {
-        name: lower.to_string(),
-        source,
-    })?;
-    let mac = cli.mac.map(|mac| mac.0);
-    if mac.is_none() && mode != MacvtapMode::Passthru {
-        return Err(HelperError::MacRequired { mode });
-    }
+    log_credentials(cli.debug, "at start");
+    let mac = checked_arguments(lower, mode, cli)?;
     let socket =
         fdpass::borrow_unix_stream(fd).map_err(|source| HelperError::BadSocket { fd, source })?;
     let qemu = owner::identify_qemu(socket, fd)?;
-
-    let conf = PathBuf::from(CONFIG_DIR).join("macvtap.conf");
-    let rules = acl::load(&FsReader::default(), &conf).map_err(|err| match err {
-        AclError::Read {
-            path,
-            cause: ReadError::NotFound,
-        } => HelperError::MissingAcl { path },
-        other => HelperError::Acl(other),
-    })?;
-    for skipped in rules.skipped_includes() {
-        tracing::debug!(%skipped, "include skipped");
-    }
-    // The ACL decides on the device, under every name it has: the kernel
-    // also finds a device by an alternative name.
-    let found = LinkSocket::new()
-        .and_then(|mut netlink| netlink.link_by_name(lower))
-        .map_err(HelperError::Netlink)?;
-    let decision = match &found {
-        Some(link) => rules.decide_device(lower, link.names()),
-        None => rules.decide(lower),
-    };
-    match decision {
-        Decision::Allowed { by } => tracing::debug!(rule = %by, "allowed"),
-        Decision::Denied(denial) => return Err(HelperError::Denied(Box::new(denial))),
-    }
-    let lower_link = found.ok_or_else(|| HelperError::NoSuchLower {
-        lower: lower.to_string(),
-        conf: conf.clone(),
-    })?;
+    let lower_link = allowed_lower(lower)?;
     if !privileges.net_admin {
         return Err(HelperError::NoNetAdmin);
     }
@@ -112,12 +59,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     let macvtap = Guarded::create(request, qemu.pidfd)?;
     let tap = macvtap.open_queue(cli.protocol.use_vnet)?;
     privilege::release_spare()?;
-    if cli.debug {
-        tracing::debug!(
-            credentials = privilege::describe_credentials(),
-            "after opening the device"
-        );
-    }
+    log_credentials(cli.debug, "after opening the device");
     // A QEMU that died meanwhile (and whose pid might be reused) has
     // closed its end of the socket.
     if reaper::peer_gone(socket).unwrap_or(true) {
@@ -136,4 +78,50 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
         "fd sent; the reaper removes the device when QEMU exits"
     );
     Ok(())
+}
+
+fn log_credentials(debug: bool, when: &str) {
+    if debug {
+        tracing::debug!(credentials = privilege::describe_credentials(), "{when}");
+    }
+}
+
+/// The lower device's name is one the kernel could have, and every mode
+/// but passthru has the guest's MAC (a macvtap drops frames to others).
+fn checked_arguments(
+    lower: &str,
+    mode: MacvtapMode,
+    cli: &Cli,
+) -> Result<Option<[u8; 6]>, HelperError> {
+    acl::check_name(lower).map_err(|source| HelperError::BadName {
+        name: lower.to_string(),
+        source,
+    })?;
+    let mac = cli.mac.map(|mac| mac.0);
+    if mac.is_none() && mode != MacvtapMode::Passthru {
+        return Err(HelperError::MacRequired { mode });
+    }
+    Ok(mac)
+}
+
+/// The lower device, once `macvtap.conf` allows it under every name it has.
+fn allowed_lower(lower: &str) -> Result<Link, HelperError> {
+    let conf = PathBuf::from(CONFIG_DIR).join("macvtap.conf");
+    let rules = acl::load(&FsReader::default(), &conf).map_err(|err| match err {
+        AclError::Read {
+            path,
+            cause: ReadError::NotFound,
+        } => HelperError::MissingAcl { path },
+        other => HelperError::Acl(other),
+    })?;
+    let found = LinkSocket::new()
+        .and_then(|mut netlink| netlink.link_by_name(lower))
+        .map_err(HelperError::Netlink)?;
+    rules
+        .admit(lower, found.as_ref())
+        .map_err(HelperError::Denied)?;
+    found.ok_or_else(|| HelperError::NoSuchLower {
+        lower: lower.to_string(),
+        conf,
+    })
 }

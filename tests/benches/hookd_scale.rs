@@ -231,8 +231,8 @@ fn rounds_of_guests(n: usize) {
         mib(start.rss_kib)
     );
     println!();
-    println!("| round | RSS with {n} guests (peak) | RSS when all have exited | RSS after {}s idle | VmHWM | fds after | guests still listed |", IDLE.as_secs());
-    println!("|---|---|---|---|---|---|---|");
+    println!("| round | RSS with {n} guests (peak) | threads (peak) | RSS when all have exited | RSS after {}s idle | VmHWM | fds after | guests still listed |", IDLE.as_secs());
+    println!("|---|---|---|---|---|---|---|---|");
     for round in 1..=ROUNDS {
         let mut guests = Guests::default();
         for i in 0..n {
@@ -240,7 +240,12 @@ fn rounds_of_guests(n: usize) {
             let index = (round * 2048 + i) as u32;
             guests.0.push(Guest::spawn(index, &socket, &ns_file));
         }
-        let mut peak = 0;
+        let (mut peak, mut threads) = (0, 0);
+        let mut sample = || {
+            let now = usage(daemon);
+            peak = peak.max(now.rss_kib);
+            threads = threads.max(now.threads);
+        };
         for guest in &mut guests.0 {
             guest.go();
         }
@@ -249,12 +254,12 @@ fn rounds_of_guests(n: usize) {
             Duration::from_millis(50),
             "every guest named",
             |_| {
-                peak = peak.max(usage(daemon).rss_kib);
+                sample();
                 (names(&dns_dir) >= n).then_some(())
             },
         );
         std::thread::sleep(Duration::from_secs(1));
-        peak = peak.max(usage(daemon).rss_kib);
+        sample();
         guests.kill_all();
         wait_for(
             &watch,
@@ -270,7 +275,7 @@ fn rounds_of_guests(n: usize) {
             .as_array()
             .map_or(0, Vec::len);
         println!(
-            "| {round} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {listed} |",
+            "| {round} | {:.1} MiB | {threads} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {listed} |",
             mib(peak),
             mib(exited.rss_kib),
             mib(idle.rss_kib),

@@ -3,7 +3,7 @@
 //! open across exec), receive one byte with one fd, wait for the exit.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -92,17 +92,7 @@ fn run_with_stderr(
     theirs: OwnedFd,
     stderr: Stdio,
 ) -> HelperOutcome {
-    let child_fd = theirs.as_raw_fd();
-    // SAFETY: fcntl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            fcntl(
-                std::os::fd::BorrowedFd::borrow_raw(child_fd),
-                FcntlArg::F_SETFD(FdFlag::empty()),
-            )?;
-            Ok(())
-        });
-    }
+    inherit_fd(&mut cmd, theirs.as_raw_fd());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -123,6 +113,21 @@ fn run_with_stderr(
     let status = child.wait().expect("wait helper");
     let stderr = stderr_reader.join().unwrap();
     HelperOutcome { status, stderr, fd }
+}
+
+/// Keeps `fd` (close-on-exec here) open in the program `cmd` runs, as
+/// QEMU leaves a helper its `--fd`.
+pub fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            fcntl(
+                std::os::fd::BorrowedFd::borrow_raw(fd),
+                FcntlArg::F_SETFD(FdFlag::empty()),
+            )?;
+            Ok(())
+        });
+    }
 }
 
 /// A fresh socketpair for [`run_with_socket`]: (QEMU's end, helper's end).
@@ -227,4 +232,21 @@ pub fn wait_until(bound: std::time::Duration, mut check: impl FnMut() -> bool) -
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Checks that `fd` is a TAP-style queue (a TAP's or a macvtap's) in
+/// QEMU's form: IFF_TAP, IFF_NO_PI and IFF_VNET_HDR; returns the device's
+/// name.
+pub fn assert_vnet_hdr_tap(fd: &OwnedFd) -> String {
+    let (name, flags) = qnet_hostnet::tap::tap_info(fd.as_fd()).expect("fd is a tun/tap queue");
+    assert!(flags & libc::IFF_TAP != 0, "not a TAP: flags {flags:#x}");
+    assert!(
+        flags & libc::IFF_NO_PI != 0,
+        "IFF_NO_PI missing: {flags:#x}"
+    );
+    assert!(
+        flags & libc::IFF_VNET_HDR != 0,
+        "vnet_hdr missing: {flags:#x}"
+    );
+    name
 }

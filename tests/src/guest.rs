@@ -591,6 +591,43 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// `target/qnet-test-logs/NAME`, created if need be: where a test keeps
+/// its guests' serial logs (kept after the test, for debugging; `cargo
+/// clean` removes them).
+pub fn log_dir(name: &str) -> PathBuf {
+    let dir = target_dir().join("qnet-test-logs").join(name);
+    std::fs::create_dir_all(&dir).expect("create the log dir");
+    dir
+}
+
+/// [`log_dir`], emptied first.
+pub fn fresh_log_dir(name: &str) -> PathBuf {
+    let _ = std::fs::remove_dir_all(target_dir().join("qnet-test-logs").join(name));
+    log_dir(name)
+}
+
+/// `qemu-system-x86_64` for a guest that never runs (`-S`, TCG, no
+/// default devices, no display, 64 MiB), with stdin and stdout closed: a
+/// QEMU to speak QMP with and to hold devices. The caller adds its
+/// devices and monitors.
+pub fn stopped_qemu() -> std::process::Command {
+    let mut command = std::process::Command::new("qemu-system-x86_64");
+    command
+        .args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-m",
+            "64",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

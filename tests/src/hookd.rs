@@ -1,6 +1,7 @@
 //! Running `qnet-hookd` inside a test namespace, and talking to it with
 //! the real `qnetctl`.
 
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +13,15 @@ use crate::mountns::MountNs;
 use crate::netns::NetNs;
 use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
+
+/// One NAT network, `lab` on bridge `qnlab`, 10.77.0.0/24: the config of
+/// most daemon tests.
+pub const LAB: &str = r#"
+[[network]]
+name = "lab"
+bridge = "qnlab"
+subnet = "10.77.0.0/24"
+"#;
 use std::os::unix::process::CommandExt;
 
 /// A qnet-hookd process with its own config, run and state directories.
@@ -182,6 +192,23 @@ impl Hookd {
         self.dir().join("ctl.sock")
     }
 
+    /// Sends `bytes` to the control socket as they are, ends the request
+    /// (shutdown of the write side) and returns the reply line; empty when
+    /// the daemon closed the connection without one. Errors writing are
+    /// ignored: the daemon may close before it has read everything.
+    pub fn ctl_raw(&self, bytes: &[u8]) -> String {
+        let mut stream = std::os::unix::net::UnixStream::connect(self.ctl_socket())
+            .expect("connect to ctl.sock");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let _ = stream.write_all(bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut reply = String::new();
+        let _ = std::io::BufReader::new(stream).read_line(&mut reply);
+        reply
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.dir().join("run")
     }
@@ -319,6 +346,31 @@ impl Hookd {
             );
             let _ = child.wait();
         }
+    }
+
+    /// Starts the test image as guest `name` (`spec`) on `bridge` through
+    /// the bridge helper, in `ns` with `config`, dialing this daemon's QMP
+    /// socket, with `more` QEMU arguments. Its serial log is in the test
+    /// logs of `ns`.
+    pub fn spawn_guest(
+        &self,
+        ns: &NetNs,
+        config: &crate::sandbox::ConfigDir,
+        name: &str,
+        spec: &crate::guest::GuestSpec,
+        bridge: &str,
+        more: &[&str],
+    ) -> crate::guest::RunningGuest {
+        let serial = crate::guest::log_dir(ns.name())
+            .join(format!("{name}-{}.log", crate::guest::random_token()));
+        let helper = workspace_binary("qnet-bridge-helper");
+        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
+        let mut qemu = crate::sandbox::sandboxed("qemu-system-x86_64", ns, config, None);
+        qemu.args(spec.qemu_args(&netdev, &serial))
+            .args(["-name", name])
+            .args(qmp_client_args(&self.qmp_socket()))
+            .args(more);
+        crate::guest::RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `qnetctl --json ARGS` and returns the parsed reply, or the

@@ -2,9 +2,11 @@
 //! file capabilities, or plain, in a directory an ordinary user can reach.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use crate::netns::run;
+use crate::netns::{run, NetNs};
+use crate::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use crate::{require_tool, workspace_binary};
 
 /// How a copy is installed.
@@ -54,5 +56,58 @@ impl Installed {
 
     pub fn copy(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+}
+
+/// What a helper's unprivileged tests run it in: a namespace, a config
+/// directory, the installed copies and a throwaway user no account uses.
+pub struct AsUser {
+    pub netns: NetNs,
+    pub config: ConfigDir,
+    pub installed: Installed,
+    pub user: RunAs,
+}
+
+impl AsUser {
+    pub fn new(netns: NetNs, installed: Installed) -> AsUser {
+        AsUser {
+            netns,
+            config: ConfigDir::new(),
+            installed,
+            user: unused_user(),
+        }
+    }
+
+    /// `program` in the namespace, with the config directory, as the user,
+    /// with nothing in its environment but `PATH`.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = sandboxed(program, &self.netns, &self.config, Some(self.user));
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd
+    }
+}
+
+/// A `--debug` credentials line (`log` of the helper of `install`) shows
+/// that the helper runs as `user` (real, effective, saved and fs ids), with
+/// at most CAP_NET_ADMIN (bit 12) effective, nothing inheritable or
+/// ambient, and no_new_privs; with `check_bounding_set`, a setuid install
+/// also an empty bounding set.
+pub fn assert_runs_as(log: &str, user: RunAs, install: Install, check_bounding_set: bool) {
+    let (uid, gid) = (user.uid, user.gid);
+    for expected in [
+        format!("Uid: {uid} {uid} {uid} {uid}"),
+        format!("Gid: {gid} {gid} {gid} {gid}"),
+        "CapEff: 0000000000001000".into(),
+        "CapInh: 0000000000000000".into(),
+        "CapAmb: 0000000000000000".into(),
+        "NoNewPrivs: 1".into(),
+    ] {
+        assert!(log.contains(&expected), "{install:?}: {log}");
+    }
+    if matches!(install, Install::Setuid) && check_bounding_set {
+        assert!(
+            log.contains("CapBnd: 0000000000000000"),
+            "{install:?}: {log}"
+        );
     }
 }

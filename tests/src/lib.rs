@@ -9,6 +9,7 @@ pub mod dnsmasq;
 pub mod fake_guest;
 pub mod fake_qemu;
 pub mod guest;
+pub mod helper_bench;
 pub mod helper_cli;
 pub mod hookd;
 pub mod http;

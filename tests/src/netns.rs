@@ -181,6 +181,14 @@ impl NetNs {
             .collect()
     }
 
+    /// The devices whose names start with `prefix`.
+    pub fn links_named(&self, prefix: &str) -> Vec<String> {
+        self.link_names()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
+
     /// Runs `f` on a thread that has entered this namespace and returns its
     /// result; a panic in `f` is re-raised here, message intact.
     pub fn run_in<F, R>(&self, f: F) -> R
@@ -282,6 +290,23 @@ pub fn accept_one(listener: TcpListener, timeout: Duration) -> mpsc::Receiver<So
         }
     });
     rx
+}
+
+/// A host namespace named `host` and "the outside" named `outside`,
+/// joined like a host and its uplink: veth `up0` in the host with
+/// `uplink` (/24), `out0` outside with `outside_ip` (/24).
+pub fn host_and_outside(
+    host: &str,
+    outside: &str,
+    uplink: &str,
+    outside_ip: &str,
+) -> (NetNs, NetNs) {
+    NetNs::with_outside(
+        host,
+        outside,
+        &[&format!("{uplink}/24")],
+        &[&format!("{outside_ip}/24")],
+    )
 }
 
 /// Runs a command and returns its stdout, or an error naming the command

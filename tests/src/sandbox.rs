@@ -236,3 +236,60 @@ pub fn unused_user() -> RunAs {
     }
     panic!("no unused uid near {base}");
 }
+
+/// A namespace and a config directory to run a helper in as root, as its
+/// tests do.
+pub struct HelperSandbox {
+    pub netns: NetNs,
+    pub config: ConfigDir,
+    /// The workspace binary.
+    program: &'static str,
+}
+
+impl HelperSandbox {
+    /// `program` in `netns`, with `acl` as the config directory's
+    /// `acl_file`.
+    pub fn new(netns: NetNs, program: &'static str, acl_file: &str, acl: &str) -> HelperSandbox {
+        let config = ConfigDir::new();
+        config.write(acl_file, acl);
+        HelperSandbox {
+            netns,
+            config,
+            program,
+        }
+    }
+
+    /// The helper, sandboxed.
+    pub fn helper(&self) -> Command {
+        sandboxed(
+            crate::workspace_binary(self.program),
+            &self.netns,
+            &self.config,
+            None,
+        )
+    }
+
+    /// Runs the helper with `args` plus QEMU's `--use-vnet --fd=N
+    /// --br=DEVICE`.
+    pub fn run(&self, args: &[&str], device: &str) -> crate::fake_qemu::HelperOutcome {
+        let mut cmd = self.helper();
+        cmd.args(args);
+        crate::fake_qemu::run_helper(cmd, Some(device))
+    }
+
+    /// [`HelperSandbox::run`], expecting a refusal: checks that no link
+    /// was left behind and that the one line names the program; returns
+    /// the line.
+    pub fn refused(&self, args: &[&str], device: &str) -> String {
+        let before = self.netns.link_names();
+        let message = self.run(args, device).expect_refusal();
+        assert_eq!(
+            self.netns.link_names(),
+            before,
+            "a refusal left a device behind"
+        );
+        let program = self.program;
+        assert!(message.starts_with(&format!("{program}: ")), "{message}");
+        message
+    }
+}

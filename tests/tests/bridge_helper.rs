@@ -3,60 +3,23 @@
 //! `/etc/qemu` (see `sandbox`).
 
 use std::os::fd::AsFd;
-use std::process::Command;
 
 use qnet_hostnet::tap::tap_info;
-use qnet_tests::fake_qemu::{helper_socketpair, run_helper, run_with_socket, HelperOutcome};
+use qnet_tests::fake_qemu::{assert_vnet_hdr_tap, helper_socketpair, run_with_socket};
 use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::sandbox::{sandboxed, HelperSandbox};
 use qnet_tests::workspace_binary;
 
 const BRIDGE: &str = "qbr0";
 
 /// A namespace with bridge `qbr0` (MTU 1400, so copying it is visible)
 /// and a config dir holding `acl` as bridge.conf.
-struct Setup {
-    netns: NetNs,
-    config: ConfigDir,
-}
-
-impl Setup {
-    fn new(tag: &str, acl: &str) -> Setup {
-        let netns = NetNs::new(tag);
-        netns.add_bridge(BRIDGE, None);
-        netns.ip(&["link", "set", BRIDGE, "mtu", "1400"]);
-        let config = ConfigDir::new();
-        config.write("bridge.conf", acl);
-        Setup { netns, config }
-    }
-
-    fn helper(&self) -> Command {
-        sandboxed(
-            workspace_binary("qnet-bridge-helper"),
-            &self.netns,
-            &self.config,
-            None,
-        )
-    }
-
-    fn run(&self, bridge: &str) -> HelperOutcome {
-        run_helper(self.helper(), Some(bridge))
-    }
-
-    /// Runs the helper expecting a refusal and checks that no link was
-    /// left behind; returns the one-line message.
-    fn refused(&self, bridge: &str) -> String {
-        let before = self.netns.link_names();
-        let message = self.run(bridge).expect_refusal();
-        assert_eq!(
-            self.netns.link_names(),
-            before,
-            "a refusal left a device behind"
-        );
-        assert!(message.starts_with("qnet-bridge-helper: "), "{message}");
-        message
-    }
+fn setup(tag: &str, acl: &str) -> HelperSandbox {
+    let netns = NetNs::new(tag);
+    netns.add_bridge(BRIDGE, None);
+    netns.ip(&["link", "set", BRIDGE, "mtu", "1400"]);
+    HelperSandbox::new(netns, "qnet-bridge-helper", "bridge.conf", acl)
 }
 
 /// `ip -o link show dev NAME` as one line.
@@ -66,19 +29,10 @@ fn link_line(netns: &NetNs, name: &str) -> String {
 
 #[test]
 fn allowed_bridge_gets_an_attached_tap_with_vnet_hdr() {
-    let setup = Setup::new("br-ok", "allow qbr0\n");
-    let fd = setup.run(BRIDGE).expect_fd();
+    let setup = setup("br-ok", "allow qbr0\n");
+    let fd = setup.run(&[], BRIDGE).expect_fd();
 
-    let (name, flags) = tap_info(fd.as_fd()).expect("fd is a tun/tap queue");
-    assert!(flags & libc::IFF_TAP != 0, "not a TAP: flags {flags:#x}");
-    assert!(
-        flags & libc::IFF_NO_PI != 0,
-        "IFF_NO_PI missing: {flags:#x}"
-    );
-    assert!(
-        flags & libc::IFF_VNET_HDR != 0,
-        "vnet_hdr missing: {flags:#x}"
-    );
+    let name = assert_vnet_hdr_tap(&fd);
 
     let line = link_line(&setup.netns, &name);
     assert!(line.contains(&format!("master {BRIDGE}")), "{line}");
@@ -103,7 +57,7 @@ fn allowed_bridge_gets_an_attached_tap_with_vnet_hdr() {
 
 #[test]
 fn without_use_vnet_there_is_no_vnet_hdr() {
-    let setup = Setup::new("br-novnet", "allow qbr0\n");
+    let setup = setup("br-novnet", "allow qbr0\n");
     let (ours, theirs) = helper_socketpair();
     let mut cmd = setup.helper();
     cmd.arg(format!("--fd={}", std::os::fd::AsRawFd::as_raw_fd(&theirs)))
@@ -121,7 +75,7 @@ fn without_use_vnet_there_is_no_vnet_hdr() {
 fn qemu_sh_c_form_with_extra_arguments_works() {
     // QEMU runs `/bin/sh -c "HELPER ARGS --use-vnet --fd=N"` when the
     // helper string has a space; here the bridge comes from the string.
-    let setup = Setup::new("br-shc", "allow qbr0\n");
+    let setup = setup("br-shc", "allow qbr0\n");
     let (ours, theirs) = helper_socketpair();
     let helper = workspace_binary("qnet-bridge-helper");
     let script = format!(
@@ -138,8 +92,8 @@ fn qemu_sh_c_form_with_extra_arguments_works() {
 
 #[test]
 fn deny_wins_over_allow_in_any_order() {
-    let setup = Setup::new("br-deny", "deny qbr0\nallow all\n");
-    let message = setup.refused(BRIDGE);
+    let setup = setup("br-deny", "deny qbr0\nallow all\n");
+    let message = setup.refused(&[], BRIDGE);
     assert!(
         message.contains("bridge.conf:1"),
         "should name the rule: {message}"
@@ -148,16 +102,16 @@ fn deny_wins_over_allow_in_any_order() {
 
 #[test]
 fn bridge_without_an_allow_is_refused_with_what_to_write() {
-    let setup = Setup::new("br-noallow", "allow other0\n");
-    let message = setup.refused(BRIDGE);
+    let setup = setup("br-noallow", "allow other0\n");
+    let message = setup.refused(&[], BRIDGE);
     assert!(message.contains("`allow qbr0`"), "{message}");
     assert!(message.contains("/etc/qemu/bridge.conf"), "{message}");
 }
 
 #[test]
 fn missing_bridge_is_refused_with_a_hint() {
-    let setup = Setup::new("br-missing", "allow all\n");
-    let message = setup.refused("br9");
+    let setup = setup("br-missing", "allow all\n");
+    let message = setup.refused(&[], "br9");
     assert!(
         message.contains("bridge `br9` does not exist: create it first"),
         "{message}"
@@ -166,56 +120,56 @@ fn missing_bridge_is_refused_with_a_hint() {
 
 #[test]
 fn a_device_that_is_not_a_bridge_is_refused() {
-    let setup = Setup::new("br-veth", "allow all\n");
+    let setup = setup("br-veth", "allow all\n");
     setup
         .netns
         .ip(&["link", "add", "qv0", "type", "veth", "peer", "name", "qv1"]);
-    let message = setup.refused("qv0");
+    let message = setup.refused(&[], "qv0");
     assert!(message.contains("not a Linux bridge"), "{message}");
 }
 
 #[test]
 fn missing_acl_file_is_refused() {
-    let setup = Setup::new("br-noacl", "allow all\n");
+    let setup = setup("br-noacl", "allow all\n");
     std::fs::remove_file(setup.config.path().join("bridge.conf")).unwrap();
-    let message = setup.refused(BRIDGE);
+    let message = setup.refused(&[], BRIDGE);
     assert!(message.contains("/etc/qemu/bridge.conf"), "{message}");
 }
 
 #[test]
 fn over_long_names_are_refused_cve_2019_13164() {
     // qemu-bridge-helper once truncated long names after the ACL check.
-    let setup = Setup::new("br-long", "allow qbr0\n");
-    let message = setup.refused("qbr0xxxxxxxxxxxx");
+    let setup = setup("br-long", "allow qbr0\n");
+    let message = setup.refused(&[], "qbr0xxxxxxxxxxxx");
     assert!(message.contains("qbr0xxxxxxxxxxxx"), "{message}");
 }
 
 #[test]
 fn malformed_acl_line_names_file_and_line() {
-    let setup = Setup::new("br-bad", "allow qbr0\nalow qbr1\n");
-    let message = setup.refused(BRIDGE);
+    let setup = setup("br-bad", "allow qbr0\nalow qbr1\n");
+    let message = setup.refused(&[], BRIDGE);
     assert!(message.contains("/etc/qemu/bridge.conf:2"), "{message}");
 }
 
 #[test]
 fn include_cycle_is_refused_not_a_crash() {
-    let setup = Setup::new("br-cycle", "allow qbr0\ninclude /etc/qemu/a.conf\n");
+    let setup = setup("br-cycle", "allow qbr0\ninclude /etc/qemu/a.conf\n");
     setup
         .config
         .write("a.conf", "include /etc/qemu/bridge.conf\n");
-    let message = setup.refused(BRIDGE);
+    let message = setup.refused(&[], BRIDGE);
     assert!(message.contains("cycle"), "{message}");
 }
 
 #[test]
 fn bad_arguments_are_a_usage_error() {
-    let setup = Setup::new("br-argv", "allow all\n");
+    let setup = setup("br-argv", "allow all\n");
     helper_cli::bad_arguments_are_a_usage_error(|| setup.helper(), &setup.netns, "qbr0");
 }
 
 #[test]
 fn fd_that_is_not_a_unix_socket_is_refused_before_any_device_exists() {
-    let setup = Setup::new("br-fd", "allow all\n");
+    let setup = setup("br-fd", "allow all\n");
     let before = setup.netns.link_names();
     // fd 0 is /dev/null here.
     let out = setup
@@ -232,7 +186,7 @@ fn fd_that_is_not_a_unix_socket_is_refused_before_any_device_exists() {
 
 #[test]
 fn help_and_version_print_and_touch_nothing() {
-    let setup = Setup::new("br-help", "allow all\n");
+    let setup = setup("br-help", "allow all\n");
     helper_cli::help_and_version_print_and_touch_nothing(
         || setup.helper(),
         &setup.netns,

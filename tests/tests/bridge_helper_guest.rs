@@ -4,13 +4,12 @@
 //! namespace of the test's own, with the test's own `/etc/qemu`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_bytes, random_mac, random_token, target_dir,
-    GuestSpec, RunningGuest, HTTP_PORT,
+    check_prerequisites, guest_image, random_bytes, random_mac, random_token, GuestSpec,
+    RunningGuest, HTTP_PORT,
 };
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
@@ -34,7 +33,7 @@ fn boot_through_helper(tag: &str, netdev_template: &str) {
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
 
-    let logs = log_dir(netns.name());
+    let logs = qnet_tests::guest::fresh_log_dir(netns.name());
     let mac = random_mac();
     let reserved = Ipv4Addr::new(10, 77, 0, 2 + random_bytes::<1>()[0] % 90);
     let _dnsmasq = Dnsmasq::start(
@@ -98,11 +97,4 @@ fn guest_on_netdev_tap_helper_in_sh_c_form() {
     // A space in the helper string makes QEMU run it through /bin/sh -c;
     // `-netdev tap` has no br= of its own, so the bridge comes from there.
     boot_through_helper("guest-tap", "tap,id=n0,helper={helper} --br=qbr0");
-}
-
-fn log_dir(name: &str) -> PathBuf {
-    let dir = target_dir().join("qnet-test-logs").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -5,14 +5,13 @@
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_until, HeldFd};
-use qnet_tests::install::{Install, Installed, INSTALLS};
+use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
-use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
+use qnet_tests::sandbox::{sandboxed, RunAs};
 use qnet_tests::{require_tool, workspace_binary};
 
 fn path_str(path: &Path) -> String {
@@ -20,56 +19,41 @@ fn path_str(path: &Path) -> String {
 }
 
 /// Namespace with bridges qbr0..qbr3, an installed helper and a user.
-struct Setup {
-    netns: NetNs,
-    config: ConfigDir,
-    installed: Installed,
-    user: RunAs,
-}
-
-impl Setup {
-    fn new(tag: &str) -> Setup {
-        let netns = NetNs::new(tag);
-        for bridge in ["qbr0", "qbr1", "qbr2", "qbr3"] {
-            netns.add_bridge(bridge, None);
-        }
-        let user = unused_user();
-        let config = ConfigDir::new();
-        config.write(
-            "bridge.conf",
-            "allow qbr0\ndeny qbr3\ninclude /etc/qemu/root-only.conf\ninclude /etc/qemu/user.conf\n",
-        );
-        // Readable by root only: the user's helper must skip it.
-        config.write_owned("root-only.conf", "allow qbr1\n", 0, 0, 0o600);
-        // The per-user file pattern: root:<user's group> 0640.
-        config.write_owned("user.conf", "allow qbr2\n", 0, user.gid, 0o640);
-        Setup {
-            netns,
-            config,
-            installed: Installed::new(
-                "qnet-bridge-helper",
-                &[
-                    ("caps", 0o755, Some("cap_net_admin+ep")),
-                    ("setuid", 0o4755, None),
-                    ("plain", 0o755, None),
-                ],
-            ),
-            user,
-        }
+fn setup(tag: &str) -> AsUser {
+    let netns = NetNs::new(tag);
+    for bridge in ["qbr0", "qbr1", "qbr2", "qbr3"] {
+        netns.add_bridge(bridge, None);
     }
-
-    fn helper(&self, program: &Path) -> Command {
-        let mut cmd = sandboxed(program, &self.netns, &self.config, Some(self.user));
-        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        cmd
-    }
+    let installed = Installed::new(
+        "qnet-bridge-helper",
+        &[
+            ("caps", 0o755, Some("cap_net_admin+ep")),
+            ("setuid", 0o4755, None),
+            ("plain", 0o755, None),
+        ],
+    );
+    let setup = AsUser::new(netns, installed);
+    setup.config.write(
+        "bridge.conf",
+        "allow qbr0\ndeny qbr3\ninclude /etc/qemu/root-only.conf\ninclude /etc/qemu/user.conf\n",
+    );
+    // Readable by root only: the user's helper must skip it.
+    setup
+        .config
+        .write_owned("root-only.conf", "allow qbr1\n", 0, 0, 0o600);
+    // The per-user file pattern: root:<user's group> 0640.
+    setup
+        .config
+        .write_owned("user.conf", "allow qbr2\n", 0, setup.user.gid, 0o640);
+    setup
 }
 
 #[test]
 fn allowed_bridge_works_for_an_ordinary_user() {
-    let setup = Setup::new("unpriv-ok");
+    let setup = setup("unpriv-ok");
     for install in INSTALLS {
-        let fd = run_helper(setup.helper(&setup.installed.path(install)), Some("qbr0")).expect_fd();
+        let fd =
+            run_helper(setup.command(&setup.installed.path(install)), Some("qbr0")).expect_fd();
         let (name, flags) = tap_info(fd.as_fd()).unwrap();
         assert!(flags & libc::IFF_VNET_HDR != 0, "{install:?}");
         let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
@@ -79,56 +63,28 @@ fn allowed_bridge_works_for_an_ordinary_user() {
 
 #[test]
 fn privileges_are_dropped_to_net_admin_and_the_caller() {
-    let setup = Setup::new("unpriv-creds");
+    let setup = setup("unpriv-creds");
     for install in INSTALLS {
-        let mut cmd = setup.helper(&setup.installed.path(install));
+        let mut cmd = setup.command(&setup.installed.path(install));
         cmd.arg("--debug");
         let outcome = run_helper(cmd, Some("qbr0"));
         let log = outcome.stderr.clone();
         outcome.expect_fd();
-        let uid = setup.user.uid;
-        let gid = setup.user.gid;
-        assert!(
-            log.contains(&format!("Uid: {uid} {uid} {uid} {uid}")),
-            "{install:?}: {log}"
-        );
-        assert!(
-            log.contains(&format!("Gid: {gid} {gid} {gid} {gid}")),
-            "{install:?}: {log}"
-        );
+        assert_runs_as(&log, setup.user, install, true);
         // CAP_NET_ADMIN is bit 12.
-        assert!(
-            log.contains("CapEff: 0000000000001000"),
-            "{install:?}: {log}"
-        );
         assert!(
             log.contains("CapPrm: 0000000000001000"),
             "{install:?}: {log}"
         );
-        assert!(
-            log.contains("CapInh: 0000000000000000"),
-            "{install:?}: {log}"
-        );
-        assert!(
-            log.contains("CapAmb: 0000000000000000"),
-            "{install:?}: {log}"
-        );
-        assert!(log.contains("NoNewPrivs: 1"), "{install:?}: {log}");
-        if matches!(install, Install::Setuid) {
-            assert!(
-                log.contains("CapBnd: 0000000000000000"),
-                "{install:?}: {log}"
-            );
-        }
     }
 }
 
 #[test]
 fn denied_bridge_is_refused() {
-    let setup = Setup::new("unpriv-deny");
+    let setup = setup("unpriv-deny");
     for install in INSTALLS {
-        let message =
-            run_helper(setup.helper(&setup.installed.path(install)), Some("qbr3")).expect_refusal();
+        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr3"))
+            .expect_refusal();
         assert!(
             message.contains("denied by /etc/qemu/bridge.conf:2"),
             "{install:?}: {message}"
@@ -138,27 +94,27 @@ fn denied_bridge_is_refused() {
 
 #[test]
 fn includes_are_read_as_the_calling_user() {
-    let setup = Setup::new("unpriv-incl");
+    let setup = setup("unpriv-incl");
     for install in INSTALLS {
         // root-only.conf allows qbr1, but the user cannot read it.
-        let message =
-            run_helper(setup.helper(&setup.installed.path(install)), Some("qbr1")).expect_refusal();
+        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr1"))
+            .expect_refusal();
         assert!(message.contains("not allowed"), "{install:?}: {message}");
         assert!(
             message.contains("root-only.conf") && message.contains("permission denied"),
             "the refusal should mention the skipped include: {message}"
         );
         // user.conf is readable through the user's group.
-        run_helper(setup.helper(&setup.installed.path(install)), Some("qbr2")).expect_fd();
+        run_helper(setup.command(&setup.installed.path(install)), Some("qbr2")).expect_fd();
     }
 }
 
 #[test]
 fn an_uninstalled_copy_says_how_to_install_it() {
-    let setup = Setup::new("unpriv-plain");
+    let setup = setup("unpriv-plain");
     let before = setup.netns.link_names();
     let message =
-        run_helper(setup.helper(&setup.installed.copy("plain")), Some("qbr0")).expect_refusal();
+        run_helper(setup.command(&setup.installed.copy("plain")), Some("qbr0")).expect_refusal();
     assert!(message.contains("CAP_NET_ADMIN"), "{message}");
     assert!(message.contains("setcap cap_net_admin+ep"), "{message}");
     assert_eq!(setup.netns.link_names(), before);
@@ -166,7 +122,7 @@ fn an_uninstalled_copy_says_how_to_install_it() {
 
 #[test]
 fn odd_environment_changes_nothing() {
-    let setup = Setup::new("unpriv-env");
+    let setup = setup("unpriv-env");
     // A config dir the user controls, offered through the environment.
     let evil = tempfile::Builder::new()
         .prefix("qnet-test-evil-")
@@ -175,7 +131,7 @@ fn odd_environment_changes_nothing() {
     std::fs::write(evil.path().join("bridge.conf"), "allow all\n").unwrap();
     std::fs::set_permissions(evil.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for install in INSTALLS {
-        let mut cmd = setup.helper(&setup.installed.path(install));
+        let mut cmd = setup.command(&setup.installed.path(install));
         cmd.env("QNET_CONFIG_DIR", evil.path())
             .env("CONFIG_QEMU_CONFDIR", evil.path())
             .env("RUST_LOG", "trace")
@@ -193,7 +149,7 @@ fn odd_environment_changes_nothing() {
 
 #[test]
 fn ld_preload_is_ignored() {
-    let setup = Setup::new("unpriv-preload");
+    let setup = setup("unpriv-preload");
     let cc = require_tool("cc", "gcc");
     let work = tempfile::Builder::new()
         .prefix("qnet-test-preload-")
@@ -227,7 +183,7 @@ fn ld_preload_is_ignored() {
     // Control: the library does run in an ordinary program of the user's,
     // so its absence below means the helper refused it.
     let status = setup
-        .helper(Path::new("/bin/true"))
+        .command(Path::new("/bin/true"))
         .env("LD_PRELOAD", &library)
         .status()
         .unwrap();
@@ -239,7 +195,7 @@ fn ld_preload_is_ignored() {
     std::fs::remove_file(&marker).unwrap();
 
     for install in INSTALLS {
-        let mut cmd = setup.helper(&setup.installed.path(install));
+        let mut cmd = setup.command(&setup.installed.path(install));
         cmd.env("LD_PRELOAD", &library);
         run_helper(cmd, Some("qbr0")).expect_fd();
         assert!(
@@ -253,7 +209,7 @@ fn ld_preload_is_ignored() {
 /// name, so a `deny` must hold under every name of the device.
 #[test]
 fn a_denied_bridge_is_refused_under_an_altname_too() {
-    let setup = Setup::new("unpriv-alt");
+    let setup = setup("unpriv-alt");
     setup.config.write("bridge.conf", "allow all\ndeny qbr3\n");
     setup.netns.ip(&[
         "link", "property", "add", "dev", "qbr3", "altname", "prodalt",
@@ -263,7 +219,7 @@ fn a_denied_bridge_is_refused_under_an_altname_too() {
     ]);
     for install in INSTALLS {
         let message = run_helper(
-            setup.helper(&setup.installed.path(install)),
+            setup.command(&setup.installed.path(install)),
             Some("prodalt"),
         )
         .expect_refusal();
@@ -274,8 +230,11 @@ fn a_denied_bridge_is_refused_under_an_altname_too() {
         let ports = setup.netns.ip(&["-o", "link", "show", "master", "qbr3"]);
         assert!(ports.trim().is_empty(), "{install:?}: {ports}");
         // An allowed bridge may still be named by its altname.
-        let fd =
-            run_helper(setup.helper(&setup.installed.path(install)), Some("labalt")).expect_fd();
+        let fd = run_helper(
+            setup.command(&setup.installed.path(install)),
+            Some("labalt"),
+        )
+        .expect_fd();
         let (name, _) = tap_info(fd.as_fd()).unwrap();
         let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
         assert!(line.contains("master qbr0"), "{install:?}: {line}");
@@ -286,13 +245,13 @@ fn a_denied_bridge_is_refused_under_an_altname_too() {
 /// nobody else can attach to it, and it is deleted when QEMU exits.
 #[test]
 fn a_persisted_tap_is_the_callers_only_and_dies_with_qemu() {
-    let setup = Setup::new("unpriv-persist");
+    let setup = setup("unpriv-persist");
     let other = RunAs {
         uid: setup.user.uid + 1,
         gid: setup.user.gid + 1,
     };
     for install in INSTALLS {
-        let mut cmd = setup.helper(&workspace_binary("qnet-fake-qemu"));
+        let mut cmd = setup.command(&workspace_binary("qnet-fake-qemu"));
         cmd.arg("--persist")
             .arg(setup.installed.path(install))
             .arg("--br=qbr0");
@@ -337,13 +296,13 @@ fn a_persisted_tap_is_the_callers_only_and_dies_with_qemu() {
 /// helper's memory map, and a closed stderr must not make it panic.
 #[test]
 fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
-    let setup = Setup::new("unpriv-maps");
+    let setup = setup("unpriv-maps");
     setup
         .config
         .write("bridge.conf", "allow qbr0\ninclude /proc/self/maps\n");
     for install in INSTALLS {
-        let message =
-            run_helper(setup.helper(&setup.installed.path(install)), Some("qbr0")).expect_refusal();
+        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr0"))
+            .expect_refusal();
         assert!(
             message.contains("/proc/self/maps:1: unknown keyword:"),
             "{install:?}: {message}"
@@ -364,7 +323,7 @@ fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
     setup.config.write("bridge.conf", "allow qbr0\ndeny qbr3\n");
     for install in INSTALLS {
         for (bridge, code) in [("qbr0", 0), ("qbr3", 1)] {
-            let mut cmd = setup.helper(&setup.installed.path(install));
+            let mut cmd = setup.command(&setup.installed.path(install));
             cmd.arg("--debug");
             let outcome = run_helper_with_closed_stderr(cmd, bridge);
             assert_eq!(
@@ -384,7 +343,7 @@ fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
 /// bridge given a MAC (as hookd's are) keeps it.
 #[test]
 fn a_tap_holder_moves_only_a_bridge_without_a_fixed_mac() {
-    let setup = Setup::new("unpriv-brmac");
+    let setup = setup("unpriv-brmac");
     setup
         .netns
         .ip(&["link", "set", "qbr1", "address", "02:00:00:00:00:10"]);
@@ -403,7 +362,7 @@ fn a_tap_holder_moves_only_a_bridge_without_a_fixed_mac() {
     let mut held = Vec::new();
     for bridge in ["qbr0", "qbr1"] {
         let fd = run_helper(
-            setup.helper(&setup.installed.path(Install::FileCaps)),
+            setup.command(&setup.installed.path(Install::FileCaps)),
             Some(bridge),
         )
         .expect_fd();

@@ -8,13 +8,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::guest::{
     check_prerequisites, command_in_netns, guest_image, random_bytes, random_mac, random_token,
-    target_dir, GuestSpec, RunningGuest, ECHO_PORT, HTTP_PORT,
+    GuestSpec, RunningGuest, ECHO_PORT, HTTP_PORT,
 };
 use qnet_tests::http::{http_get_in_netns, with_netns};
 use qnet_tests::netns::NetNs;
@@ -24,15 +23,6 @@ const LEASE_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A fresh directory for this test's logs, kept after the test for
-/// debugging (under the target dir, so `cargo clean` removes it).
-fn log_dir(netns: &str) -> PathBuf {
-    let dir = target_dir().join("qnet-test-logs").join(netns);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create log dir");
-    dir
-}
 
 /// Sends `payload` to the guest's TCP echo server, returns what came back.
 fn tcp_echo(addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>, String> {
@@ -81,7 +71,7 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
 
     // Declared first so it is dropped last: processes die before their netns.
     let ns = NetNs::new("guest");
-    let logs = log_dir(ns.name());
+    let logs = qnet_tests::guest::fresh_log_dir(ns.name());
 
     // A /24 of its own per test (the namespace isolates it anyway).
     let [subnet] = random_bytes::<1>();

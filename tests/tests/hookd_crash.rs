@@ -23,17 +23,11 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use qnet_tests::fake_guest::FakeGuest;
-use qnet_tests::hookd::Hookd;
+use qnet_tests::hookd::{Hookd, LAB};
 use qnet_tests::netns::NetNs;
 use qnet_tests::require_root;
 use serde_json::Value;
 
-const LAB: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.77.0.0/24"
-"#;
 const GUESTS: usize = 6;
 /// Keys the control requests pick from: MACs (reservations) and host
 /// ports (forwards).

@@ -3,37 +3,19 @@
 //! down/up, reservations across restarts, orphaned macvtaps. Each test runs
 //! the daemon in a namespace of its own.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use qnet_tests::hookd::{run_with_config, Hookd};
+use qnet_tests::hookd::{run_with_config, Hookd, LAB};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
 use qnet_tests::workspace_binary;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-const LAB: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.77.0.0/24"
-"#;
-
-/// Sends raw bytes to the control socket and returns the reply line.
-fn raw_ctl(hookd: &Hookd, bytes: &[u8]) -> String {
-    let mut stream = UnixStream::connect(hookd.ctl_socket()).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let _ = stream.write_all(bytes);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut reply = String::new();
-    let _ = BufReader::new(stream).read_line(&mut reply);
-    reply
-}
 
 fn nft_table(ns: &NetNs) -> Option<String> {
     ns.exec("nft", &["list", "table", "inet", "qnet"]).ok()
@@ -114,7 +96,7 @@ fn bad_control_requests_get_errors_and_the_daemon_goes_on() {
         (b"\n".to_vec(), "empty request"),
         (vec![b'x'; 200_000], "longer than"),
     ] {
-        let reply = raw_ctl(&hookd, &bytes);
+        let reply = hookd.ctl_raw(&bytes);
         assert!(reply.starts_with("{\"error\":"), "{reply}");
         assert!(reply.contains(expect), "{reply}");
     }

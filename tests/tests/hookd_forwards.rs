@@ -11,13 +11,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
-    ProbeOutcome, RunningGuest,
+    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, ProbeOutcome,
+    RunningGuest,
 };
-use qnet_tests::hookd::{qmp_client_args, Hookd};
+use qnet_tests::hookd::Hookd;
 use qnet_tests::http::{http_get_in_netns, http_get_once};
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir};
+use qnet_tests::sandbox::{unused_user, ConfigDir};
 use qnet_tests::workspace_binary;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -74,16 +74,7 @@ impl World {
         let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
         let mut spec = GuestSpec::new(&image, mac, token);
         spec.extra_append = append.iter().map(|s| s.to_string()).collect();
-        let logs = target_dir().join("qnet-test-logs").join(self.hk.name());
-        std::fs::create_dir_all(&logs).unwrap();
-        let serial = logs.join(format!("{name}-{}.log", random_token()));
-        let helper = workspace_binary("qnet-bridge-helper");
-        let netdev = format!("bridge,id=n0,br=qnlab,helper={}", helper.display());
-        let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, None);
-        qemu.args(spec.qemu_args(&netdev, &serial))
-            .args(["-name", name])
-            .args(qmp_client_args(&self.hookd.qmp_socket()));
-        let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
+        let guest = (self.hookd).spawn_guest(&self.hk, &self.config, name, &spec, "qnlab", &[]);
         guest.wait_for_ready(LONG).unwrap_or_else(|e| panic!("{e}"));
         guest
     }

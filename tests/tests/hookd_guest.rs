@@ -22,7 +22,7 @@ use qnet_tests::guest::{
     ProbeOutcome, RunningGuest, INIT_MARKER,
 };
 use qnet_tests::hookd::{qmp_client_args, Hookd};
-use qnet_tests::netns::NetNs;
+use qnet_tests::netns::{host_and_outside, NetNs};
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use qnet_tests::workspace_binary;
 
@@ -61,15 +61,8 @@ struct World {
 impl World {
     fn new(tag: &str) -> World {
         check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-        let hk = NetNs::new(&format!("{tag}-hk"));
-        let out = NetNs::new(&format!("{tag}-out"));
-        hk.add_veth_to(
-            "up0",
-            Some(&format!("{UPLINK}/24")),
-            &out,
-            "out0",
-            Some(&format!("{OUTSIDE}/24")),
-        );
+        let (hk, out) =
+            host_and_outside(&format!("{tag}-hk"), &format!("{tag}-out"), UPLINK, OUTSIDE);
         let servers = vec![
             OutsideServer::start(&out, format!("{OUTSIDE}:8080").parse().unwrap()),
             OutsideServer::start(&out, format!("{OUTSIDE}:2525").parse().unwrap()),
@@ -104,18 +97,8 @@ impl World {
         let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
         let mut spec = GuestSpec::new(&image, mac, random_token());
         spec.extra_append = append.iter().map(|s| s.to_string()).collect();
-        let logs = target_dir().join("qnet-test-logs").join(self.hk.name());
-        std::fs::create_dir_all(&logs).unwrap();
-        let serial = logs.join(format!("{name}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&serial);
-        let helper = workspace_binary("qnet-bridge-helper");
-        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
-        let mut qemu = sandboxed("qemu-system-x86_64", &self.hk, &self.config, None);
-        qemu.args(spec.qemu_args(&netdev, &serial))
-            .args(["-name", name])
-            .args(qmp_client_args(&self.hookd.qmp_socket()))
-            .args(qemu_args);
-        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+        self.hookd
+            .spawn_guest(&self.hk, &self.config, name, &spec, bridge, qemu_args)
     }
 
     /// Boots a guest named `name` whose QEMU runs as `user`, on QEMU's own

@@ -5,7 +5,7 @@
 //! tmpfs of a few pages in a private mount namespace, the descriptor limit
 //! a real `RLIMIT_NOFILE`, the attacker a throwaway unprivileged user.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::fake_guest::{FakeGuest, Flood};
-use qnet_tests::hookd::{run_with_config, Hookd, Launch};
+use qnet_tests::hookd::{run_with_config, Hookd, Launch, LAB};
 use qnet_tests::mountns::MountNs;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
@@ -22,20 +22,9 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-const LAB: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.77.0.0/24"
-"#;
-
 /// One raw request line on the control socket; the reply, parsed.
 fn ctl(hookd: &Hookd, line: &str) -> Value {
-    let mut stream = UnixStream::connect(hookd.ctl_socket()).expect("connect to ctl.sock");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).unwrap();
+    let reply = hookd.ctl_raw(format!("{line}\n").as_bytes());
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{line} → {reply:?}: {e}"))
 }
 
@@ -57,6 +46,28 @@ fn forwards(hookd: &Hookd) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+/// The daemon with the lab network, its state directory a tmpfs of `size`
+/// in the mount namespace `mount`.
+fn on_tmpfs_state(ns: &NetNs, mount: &MountNs, size: &'static str) -> Hookd {
+    Hookd::start_with(
+        ns,
+        Some(LAB),
+        Launch {
+            mount_ns: Some(mount),
+            state_tmpfs: Some(size),
+            ..Launch::default()
+        },
+    )
+}
+
+/// The first host port of each forward.
+fn forward_ports(hookd: &Hookd) -> Vec<u64> {
+    forwards(hookd)
+        .iter()
+        .filter_map(|f| f["host_ports"][0].as_u64())
+        .collect()
 }
 
 fn file_names(dir: &Path) -> Vec<String> {
@@ -456,15 +467,7 @@ fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
     require_root();
     let ns = NetNs::new("rl06");
     let mount = MountNs::new(&ns);
-    let mut hookd = Hookd::start_with(
-        &ns,
-        Some(LAB),
-        Launch {
-            mount_ns: Some(&mount),
-            state_tmpfs: Some("64k"),
-            ..Launch::default()
-        },
-    );
+    let mut hookd = on_tmpfs_state(&ns, &mount, "64k");
     let state = mount.host_path(&hookd.dir().join("state"));
     let mut acknowledged = Vec::new();
     let mut refused = 0;
@@ -490,16 +493,10 @@ fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
         .filter(|n| n.contains(".tmp."))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let before_restart: Vec<u64> = forwards(&hookd)
-        .iter()
-        .filter_map(|f| f["host_ports"][0].as_u64())
-        .collect();
+    let before_restart = forward_ports(&hookd);
     hookd.kill9();
     hookd.spawn();
-    let mut after: Vec<u64> = forwards(&hookd)
-        .iter()
-        .filter_map(|f| f["host_ports"][0].as_u64())
-        .collect();
+    let mut after = forward_ports(&hookd);
     after.sort();
     let expected: Vec<u64> = acknowledged.iter().map(|p| u64::from(*p)).collect();
     assert_eq!(after, expected, "acknowledged forwards after a restart");
@@ -518,15 +515,7 @@ fn f06_a_read_only_state_dir_refuses_changes_and_keeps_what_it_has() {
     require_root();
     let ns = NetNs::new("rl06ro");
     let mount = MountNs::new(&ns);
-    let mut hookd = Hookd::start_with(
-        &ns,
-        Some(LAB),
-        Launch {
-            mount_ns: Some(&mount),
-            state_tmpfs: Some("256k"),
-            ..Launch::default()
-        },
-    );
+    let mut hookd = on_tmpfs_state(&ns, &mount, "256k");
     hookd
         .qnetctl(&["forward", "add", "web", "tcp", "8080:80"])
         .unwrap();
@@ -542,17 +531,11 @@ fn f06_a_read_only_state_dir_refuses_changes_and_keeps_what_it_has() {
         .qnetctl(&["forward", "rm", "tcp", "8080"])
         .unwrap_err();
     assert!(err.contains("Read-only"), "{err}");
-    let ports = |h: &Hookd| -> Vec<u64> {
-        forwards(h)
-            .iter()
-            .filter_map(|f| f["host_ports"][0].as_u64())
-            .collect()
-    };
-    assert_eq!(ports(&hookd), [8080], "rolled back");
+    assert_eq!(forward_ports(&hookd), [8080], "rolled back");
     hookd.kill9();
     mount.set_read_only(&state, false);
     hookd.spawn();
-    assert_eq!(ports(&hookd), [8080], "after a restart");
+    assert_eq!(forward_ports(&hookd), [8080], "after a restart");
 }
 
 #[test]

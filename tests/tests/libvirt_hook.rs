@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
 use qnet_tests::hookd::Hookd;
 use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::NetNs;
+use qnet_tests::netns::{host_and_outside, NetNs};
 use qnet_tests::{require_tool, workspace_binary};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -432,12 +432,7 @@ fn wait_for(
 #[test]
 fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    let (hk, out) = NetNs::with_outside(
-        "lvhk",
-        "lvout",
-        &[&format!("{UPLINK}/24")],
-        &[&format!("{OUTSIDE}/24")],
-    );
+    let (hk, out) = host_and_outside("lvhk", "lvout", UPLINK, OUTSIDE);
     let hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-")
@@ -759,12 +754,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     require_tool("dnsmasq", "dnsmasq-base");
     require_tool("iptables", "iptables");
-    let (hk, out) = NetNs::with_outside(
-        "lvnh",
-        "lvno",
-        &[&format!("{UPLINK}/24")],
-        &[&format!("{OUTSIDE}/24")],
-    );
+    let (hk, out) = host_and_outside("lvnh", "lvno", UPLINK, OUTSIDE);
     let mut hookd = Hookd::start(&hk, Some(CONFIG));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-net-")

@@ -21,8 +21,8 @@ use std::time::Duration;
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::fake_qemu::wait_until;
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_bytes, random_mac, random_token, target_dir,
-    GuestImage, GuestSpec, ProbeOutcome, RunningGuest, HTTP_PORT,
+    check_prerequisites, guest_image, random_bytes, random_mac, random_token, GuestImage,
+    GuestSpec, ProbeOutcome, RunningGuest, HTTP_PORT,
 };
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
@@ -64,9 +64,7 @@ impl Lan {
         let image = guest_image().expect("guest image");
         let a = NetNs::new(&format!("{tag}-a"));
         let b = NetNs::new(&format!("{tag}-b"));
-        let logs = target_dir().join("qnet-test-logs").join(a.name());
-        let _ = std::fs::remove_dir_all(&logs);
-        std::fs::create_dir_all(&logs).unwrap();
+        let logs = qnet_tests::guest::fresh_log_dir(a.name());
 
         let [subnet] = random_bytes::<1>();
         let net = |host: u8| Ipv4Addr::new(10, 78, subnet, host);

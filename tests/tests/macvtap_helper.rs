@@ -9,18 +9,16 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use qnet_hostnet::tap::tap_info;
-use qnet_tests::fake_qemu::{
-    helper_socketpair, run_helper, run_with_socket, wait_until, HeldFd, HelperOutcome,
-};
+use qnet_tests::fake_qemu::{helper_socketpair, run_helper, run_with_socket, wait_until, HeldFd};
 use qnet_tests::guest::random_mac;
 use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::sandbox::{sandboxed, HelperSandbox};
 use qnet_tests::workspace_binary;
 
 const LOWER: &str = "qv0";
@@ -30,9 +28,13 @@ const REAPER_BOUND: Duration = Duration::from_secs(10);
 
 /// A namespace with veth pair qv0/qv1 (MTU 1400, so copying it is
 /// visible, both up) and a config dir holding `acl` as macvtap.conf.
-struct Setup {
-    netns: NetNs,
-    config: ConfigDir,
+struct Setup(HelperSandbox);
+
+impl std::ops::Deref for Setup {
+    type Target = HelperSandbox;
+    fn deref(&self) -> &HelperSandbox {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -42,40 +44,20 @@ impl Setup {
         for dev in [LOWER, "qv1"] {
             netns.ip(&["link", "set", dev, "mtu", LOWER_MTU, "up"]);
         }
-        let config = ConfigDir::new();
-        config.write("macvtap.conf", acl);
-        Setup { netns, config }
+        Setup(HelperSandbox::new(
+            netns,
+            "qnet-macvtap-helper",
+            "macvtap.conf",
+            acl,
+        ))
     }
 
-    fn helper(&self) -> Command {
-        sandboxed(
-            workspace_binary("qnet-macvtap-helper"),
-            &self.netns,
-            &self.config,
-            None,
-        )
-    }
-
-    /// Runs the helper with `args` plus QEMU's `--use-vnet --fd=N --br=LOWER`.
-    fn run(&self, args: &[&str], lower: &str) -> HelperOutcome {
-        let mut cmd = self.helper();
-        cmd.args(args);
-        run_helper(cmd, Some(lower))
-    }
-
-    /// Runs the helper expecting a refusal; checks that no link was left
-    /// behind and that the lower device's MAC is unchanged.
+    /// [`HelperSandbox::refused`], also checking that the lower device's
+    /// MAC is unchanged.
     fn refused(&self, args: &[&str], lower: &str) -> String {
-        let before = self.netns.link_names();
         let mac_before = self.mac_of(LOWER);
-        let message = self.run(args, lower).expect_refusal();
-        assert_eq!(
-            self.netns.link_names(),
-            before,
-            "a refusal left a device behind"
-        );
+        let message = self.0.refused(args, lower);
         assert_eq!(self.mac_of(LOWER), mac_before, "lower MAC changed");
-        assert!(message.starts_with("qnet-macvtap-helper: "), "{message}");
         message
     }
 
@@ -133,11 +115,7 @@ impl Setup {
     }
 
     fn macvtaps(&self) -> Vec<String> {
-        self.netns
-            .link_names()
-            .into_iter()
-            .filter(|n| n.starts_with("qmvtap"))
-            .collect()
+        self.netns.links_named("qmvtap")
     }
 }
 
@@ -157,16 +135,7 @@ fn is_up(line: &str) -> bool {
 
 /// Checks that `fd` is a macvtap queue with IFF_VNET_HDR; returns its name.
 fn assert_tap_with_vnet_hdr(fd: &std::os::fd::OwnedFd) -> String {
-    let (name, flags) = tap_info(fd.as_fd()).expect("fd is a tun/tap queue");
-    assert!(flags & libc::IFF_TAP != 0, "not a TAP: flags {flags:#x}");
-    assert!(
-        flags & libc::IFF_NO_PI != 0,
-        "IFF_NO_PI missing: {flags:#x}"
-    );
-    assert!(
-        flags & libc::IFF_VNET_HDR != 0,
-        "vnet_hdr missing: {flags:#x}"
-    );
+    let name = qnet_tests::fake_qemu::assert_vnet_hdr_tap(fd);
     assert!(name.starts_with("qmvtap"), "{name}");
     name
 }
@@ -724,16 +693,7 @@ fn a_failure_after_creation_leaves_nothing_behind() {
         &format!("--fd={fd}"),
         "--br=qv0",
     ]);
-    // SAFETY: fcntl is async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            nix::fcntl::fcntl(
-                std::os::fd::BorrowedFd::borrow_raw(fd),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )?;
-            Ok(())
-        });
-    }
+    qnet_tests::fake_qemu::inherit_fd(&mut cmd, fd);
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     drop(theirs);
     let stderr = String::from_utf8_lossy(&out.stderr);

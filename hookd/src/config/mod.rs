@@ -188,20 +188,19 @@ pub struct BlockedPort {
 }
 
 impl FromStr for BlockedPort {
-    type Err = String;
+    type Err = crate::api::Invalid;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = crate::api::Invalid;
         let (proto, port) = s
             .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not PROTO/PORT, e.g. `tcp/25`"))?;
-        let proto = proto
-            .parse()
-            .map_err(|e: crate::api::Invalid| e.to_string())?;
+            .ok_or_else(|| invalid(format!("`{s}` is not PROTO/PORT, e.g. `tcp/25`")))?;
+        let proto = proto.parse()?;
         let port = port
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("`{port}` is not a port number (1-65535)"))?;
+            .ok_or_else(|| invalid(format!("`{port}` is not a port number (1-65535)")))?;
         Ok(BlockedPort { proto, port })
     }
 }

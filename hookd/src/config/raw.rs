@@ -192,7 +192,7 @@ impl RawNetwork {
         )?;
         let mut blocked_ports = Vec::new();
         for port in &self.blocked_ports {
-            blocked_ports.push(port.parse().map_err(|e| ("blocked-ports", e))?);
+            blocked_ports.push(typed("blocked-ports", port)?);
         }
         blocked_ports.sort();
         blocked_ports.dedup();

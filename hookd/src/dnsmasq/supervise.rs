@@ -7,7 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -60,13 +60,6 @@ pub(super) async fn supervise(
     status: watch::Sender<Status>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let finish = |status: &watch::Sender<Status>| {
-        status.send_modify(|st| {
-            st.pid = None;
-            st.ready = false;
-            st.finished = true;
-        })
-    };
     replace_stale(&s).await;
     let mut delay = MIN_BACKOFF;
     loop {
@@ -75,58 +68,14 @@ pub(super) async fn supervise(
             return;
         }
         let started = Instant::now();
-        let outcome = match start(&s) {
-            Ok(mut child) => {
-                let pid = child.id();
-                tracing::info!(network = %s.network, pid, "dnsmasq started");
-                status.send_modify(|st| {
-                    st.pid = pid;
-                    st.ready = false;
-                });
-                let run = Run { pid, started };
-                let event = watch_child(&s, &mut child, run, &status, &mut stop).await;
-                match event {
-                    Event::Exited(result) => {
-                        status.send_modify(|st| {
-                            st.pid = None;
-                            st.ready = false;
-                        });
-                        match result {
-                            Ok(code) => format!("{code}"),
-                            Err(e) => format!("cannot wait for it: {e}"),
-                        }
-                    }
-                    Event::Stop => {
-                        terminate(&s.network, child, pid).await;
-                        finish(&status);
-                        return;
-                    }
-                    Event::Detach => {
-                        // Handle dropped: leave dnsmasq running, unsupervised.
-                        tracing::info!(network = %s.network, pid, "no longer supervising dnsmasq");
-                        finish(&status);
-                        return;
-                    }
-                }
-            }
-            Err(e) => format!("cannot start {}: {e}", s.program.display()),
+        let Some(outcome) = run_once(&s, started, &status, &mut stop).await else {
+            return;
         };
         let quick = started.elapsed() < STABLE_AFTER;
         if !quick {
             delay = MIN_BACKOFF;
         }
-        let detail = match last_log_line(&s.log_file) {
-            Some(line) => format!("{outcome}; last log line: {line}"),
-            None => outcome,
-        };
-        tracing::warn!(
-            network = %s.network,
-            "dnsmasq exited unexpectedly ({detail}); restarting in {delay:?}"
-        );
-        status.send_modify(|st| {
-            st.last_exit = Some(detail);
-            st.quick_exits = if quick { st.quick_exits + 1 } else { 0 };
-        });
+        report_exit(&s, outcome, quick, delay, &status);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             changed = stop.changed() => {
@@ -138,6 +87,82 @@ pub(super) async fn supervise(
         }
         delay = (delay * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The supervisor has ended: no dnsmasq of its own any more.
+fn finish(status: &watch::Sender<Status>) {
+    status.send_modify(|st| {
+        st.pid = None;
+        st.ready = false;
+        st.finished = true;
+    })
+}
+
+/// Starts dnsmasq once and waits for it. `Some(why)`: it exited, or could
+/// not start, and is to be started again; `None`: supervision has ended
+/// (stopped or detached), and `status` says so.
+async fn run_once(
+    s: &Supervised,
+    started: Instant,
+    status: &watch::Sender<Status>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<String> {
+    let mut child = match start(s) {
+        Ok(child) => child,
+        Err(e) => return Some(format!("cannot start {}: {e}", s.program.display())),
+    };
+    let pid = child.id();
+    tracing::info!(network = %s.network, pid, "dnsmasq started");
+    status.send_modify(|st| {
+        st.pid = pid;
+        st.ready = false;
+    });
+    let run = Run { pid, started };
+    match watch_child(s, &mut child, run, status, stop).await {
+        Event::Exited(result) => {
+            status.send_modify(|st| {
+                st.pid = None;
+                st.ready = false;
+            });
+            Some(match result {
+                Ok(code) => format!("{code}"),
+                Err(e) => format!("cannot wait for it: {e}"),
+            })
+        }
+        Event::Stop => {
+            terminate(&s.network, child, pid).await;
+            finish(status);
+            None
+        }
+        Event::Detach => {
+            // Handle dropped: leave dnsmasq running, unsupervised.
+            tracing::info!(network = %s.network, pid, "no longer supervising dnsmasq");
+            finish(status);
+            None
+        }
+    }
+}
+
+/// Says why dnsmasq exited (with its last log line) and counts quick exits.
+fn report_exit(
+    s: &Supervised,
+    outcome: String,
+    quick: bool,
+    delay: Duration,
+    status: &watch::Sender<Status>,
+) {
+    let detail = match last_log_line(&s.log_file) {
+        Some(line) => format!("{outcome}; last log line: {line}"),
+        None => outcome,
+    };
+    tracing::warn!(
+        network = %s.network,
+        "dnsmasq exited unexpectedly ({detail}); restarting in {delay:?}"
+    );
+    status.send_modify(|st| {
+        st.last_exit = Some(detail);
+        st.quick_exits = if quick { st.quick_exits + 1 } else { 0 };
+    });
 }
 
 /// Waits for the child to exit or for a stop request; meanwhile marks it

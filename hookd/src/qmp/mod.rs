@@ -76,7 +76,7 @@ pub use types::*;
 pub mod fuzzing {
     use futures_util::FutureExt;
 
-    use super::parse::{self, Message};
+    use super::parse::Message;
     pub use super::parse::{is_nil_uuid, parse_info_network, preview_bytes, preview_value};
     use super::shared::ReplyError;
     use super::{reader, Greeting, QmpError};
@@ -103,24 +103,28 @@ pub mod fuzzing {
             .expect("reading memory never waits")?;
         let mut buf = Vec::new();
         let mut messages = Vec::new();
-        while let Some(value) = reader::read_message(&mut bytes, &mut buf, max_line, peer)
+        while reader::read_nonblank(&mut bytes, &mut buf, max_line, peer)
             .now_or_never()
             .expect("reading memory never waits")?
         {
-            let protocol = |detail| QmpError::Protocol {
-                peer: peer.into(),
-                detail,
-            };
-            messages.push(match parse::message(value).map_err(protocol)? {
+            messages.push(match reader::parse_line(&buf, peer)? {
                 Message::Event(event) => Read::Event(event),
                 Message::Reply { id, reply } => Read::Reply(
                     id,
-                    reply.map_err(|ReplyError { class, desc }| QmpError::Command {
-                        peer: peer.into(),
-                        command: "query-status".into(),
-                        class,
-                        desc,
-                    }),
+                    reply
+                        .map_err(|ReplyError { class, desc }| QmpError::Command {
+                            peer: peer.into(),
+                            command: "query-status".into(),
+                            class,
+                            desc,
+                        })
+                        .and_then(|text| {
+                            serde_json::from_str(text.get()).map_err(|e| QmpError::Decode {
+                                peer: peer.into(),
+                                command: "query-status".into(),
+                                detail: e.to_string(),
+                            })
+                        }),
                 ),
             });
         }

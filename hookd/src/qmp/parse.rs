@@ -2,6 +2,9 @@
 //! mean, with no I/O, so every one of them is unit-tested (and fuzzed)
 //! on its own.
 
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
 
 use super::shared::{Reply, ReplyError};
@@ -20,25 +23,40 @@ pub enum Message {
     },
 }
 
+/// Why a message is not QMP: the session ends with it as a protocol
+/// error. Peer text in it is previewed (one line, bounded).
+#[derive(Debug, thiserror::Error)]
+pub enum NotQmp {
+    #[error("expected a JSON object, got {0}")]
+    NotAnObject(String),
+    #[error("event name is not a string: {0}")]
+    EventName(String),
+    #[error("unexpected second greeting")]
+    SecondGreeting,
+    #[error("message is neither a reply nor an event (keys {0:?})")]
+    Neither(Vec<String>),
+    #[error("expected the QMP greeting, got event {0}")]
+    EventForGreeting(String),
+    #[error("expected the QMP greeting, got {0}")]
+    NotAGreeting(String),
+    /// Cannot happen for a parsed value; kept rather than a panic.
+    #[error("cannot keep the reply: {0}")]
+    Unkept(#[from] serde_json::Error),
+}
+
 /// What a message after the greeting is, or why it is not QMP.
-pub fn message(message: Value) -> Result<Message, String> {
+pub fn message(message: Value) -> Result<Message, NotQmp> {
     let Value::Object(mut map) = message else {
-        return Err(format!(
-            "expected a JSON object, got {}",
-            preview_value(&message)
-        ));
+        return Err(NotQmp::NotAnObject(preview_value(&message)));
     };
     if let Some(name) = map.get("event") {
         let Some(name) = name.as_str() else {
-            return Err(format!(
-                "event name is not a string: {}",
-                preview_value(name)
-            ));
+            return Err(NotQmp::EventName(preview_value(name)));
         };
         return Ok(Message::Event(parse_event(name, map.get("data"))));
     }
     let reply = if let Some(value) = map.remove("return") {
-        Ok(value)
+        Ok(to_raw_value(&value)?)
     } else if let Some(error) = map.get("error") {
         // QEMU's text goes into a one-line error: escaped and bounded.
         let field = |key: &str| {
@@ -50,41 +68,65 @@ pub fn message(message: Value) -> Result<Message, String> {
             desc: field("desc"),
         })
     } else if map.contains_key("QMP") {
-        return Err("unexpected second greeting".into());
+        return Err(NotQmp::SecondGreeting);
     } else {
-        let keys: Vec<&str> = map.keys().map(String::as_str).take(8).collect();
-        return Err(format!(
-            "message is neither a reply nor an event (keys {keys:?})"
-        ));
+        let keys = map.keys().take(8).cloned().collect();
+        return Err(NotQmp::Neither(keys));
     };
     let id = map.get("id").and_then(Value::as_u64);
     Ok(Message::Reply { id, reply })
 }
 
+/// `line` read as a reply when it plainly is one (an object with a
+/// `"return"`, an integer or no `"id"`, and no `"event"`), without a tree
+/// of [`Value`]s: the `"return"` stays JSON text until the command that
+/// waits for it decodes what it needs. QEMU's `query-rx-filter` reply
+/// holds a 4,096-entry `vlan-table`: as Values that is 128 KiB per guest
+/// while a burst of guests connect, as text 20 KiB. `None` for anything
+/// else, which [`message`] reads from its Value (to the same result).
+pub fn plain_reply(line: &[u8]) -> Option<Message> {
+    /// Whether a member is there at all, whatever its value (`null`
+    /// included, which `Option` would read as absent).
+    #[derive(Default)]
+    struct Present(bool);
+    impl<'de> Deserialize<'de> for Present {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Present, D::Error> {
+            IgnoredAny::deserialize(d).map(|_| Present(true))
+        }
+    }
+    #[derive(Deserialize)]
+    struct Plain {
+        #[serde(rename = "return")]
+        value: Box<RawValue>,
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        event: Present,
+    }
+    // Only an object (serde would read a struct from an array too).
+    if line.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    // Anything unusual (a repeated member, an id that is not an integer)
+    // fails here and goes the general way.
+    let plain: Plain = serde_json::from_slice(line).ok()?;
+    (!plain.event.0).then_some(Message::Reply {
+        id: plain.id,
+        reply: Ok(plain.value),
+    })
+}
+
 /// The `{"QMP": {...}}` greeting, or why `message` is not one.
-pub fn greeting(message: &Value) -> Result<Greeting, String> {
+pub fn greeting(message: &Value) -> Result<Greeting, NotQmp> {
     let qmp = match message {
         Value::Object(map) => match map.get("QMP") {
             Some(Value::Object(qmp)) => qmp,
             _ if map.contains_key("event") => {
-                return Err(format!(
-                    "expected the QMP greeting, got event {}",
-                    preview_value(&map["event"])
-                ))
+                return Err(NotQmp::EventForGreeting(preview_value(&map["event"])))
             }
-            _ => {
-                return Err(format!(
-                    "expected the QMP greeting, got {}",
-                    preview_value(message)
-                ))
-            }
+            _ => return Err(NotQmp::NotAGreeting(preview_value(message))),
         },
-        _ => {
-            return Err(format!(
-                "expected the QMP greeting, got {}",
-                preview_value(message)
-            ))
-        }
+        _ => return Err(NotQmp::NotAGreeting(preview_value(message))),
     };
     let version = qmp.get("version");
     let number = |key: &str| {
@@ -296,7 +338,7 @@ mod tests {
     fn previews_are_one_line() {
         let value: Value =
             serde_json::from_str("{\"QM\u{7f}\":{\"version\":{\"qemu\":{\"major\":7}}}}").unwrap();
-        let err = greeting(&value).unwrap_err();
+        let err = greeting(&value).unwrap_err().to_string();
         assert!(!err.chars().any(char::is_control), "{err:?}");
         assert!(err.contains("\\u{7f}"), "{err}");
         let long = Value::String("\u{85}".repeat(1000));
@@ -350,6 +392,45 @@ mod tests {
             })
             .collect();
         assert_eq!(parse_info_network(&many).len(), MAX_NICS);
+    }
+
+    /// A plain reply reads as the general path reads it; anything else is
+    /// left to the general path.
+    #[test]
+    fn plain_replies_read_as_the_general_way_does() {
+        for line in [
+            r#"{"return": {"a": [1, 2, {"b": null}]}, "id": 7}"#,
+            r#"{"id": 1, "return": {}}"#,
+            r#"{"return": "text", "error": {"class": "x"}}"#,
+        ] {
+            let Some(Message::Reply {
+                id,
+                reply: Ok(text),
+            }) = plain_reply(line.as_bytes())
+            else {
+                panic!("not a plain reply: {line}");
+            };
+            let Ok(Message::Reply {
+                id: general_id,
+                reply: Ok(general),
+            }) = message(serde_json::from_str(line).unwrap())
+            else {
+                panic!("not a reply: {line}");
+            };
+            assert_eq!(id, general_id);
+            let value = |text: &RawValue| serde_json::from_str::<Value>(text.get()).unwrap();
+            assert_eq!(value(&text), value(&general), "{line}");
+        }
+        for line in [
+            r#"{"event": "STOP", "return": {}}"#,
+            r#"{"event": null, "return": 1}"#,
+            r#"{"return": 1, "id": "x"}"#,
+            r#"{"return": 1, "return": 2}"#,
+            r#"{"error": {"class": "GenericError", "desc": "no"}}"#,
+            r#"[1]"#,
+        ] {
+            assert!(plain_reply(line.as_bytes()).is_none(), "{line}");
+        }
     }
 
     #[test]

@@ -64,27 +64,39 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-/// Reads the next non-blank line and parses it as JSON; `None` on a clean
-/// EOF.
-pub(super) async fn read_message<R: AsyncBufRead + Unpin>(
+/// Reads the next non-blank line into `buf`; `false` on a clean EOF.
+pub(super) async fn read_nonblank<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
     peer: &str,
-) -> Result<Option<Value>, QmpError> {
+) -> Result<bool, QmpError> {
     loop {
         if let Line::Eof = read_line(reader, buf, max, peer).await? {
-            return Ok(None);
+            return Ok(false);
         }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
+        if !buf.iter().all(u8::is_ascii_whitespace) {
+            return Ok(true);
         }
-        return serde_json::from_slice(buf)
-            .map(Some)
-            .map_err(|e| QmpError::Protocol {
-                peer: peer.to_owned(),
-                detail: format!("invalid JSON ({e}): {}", preview_bytes(buf)),
-            });
+    }
+}
+
+fn json(line: &[u8], peer: &str) -> Result<Value, QmpError> {
+    serde_json::from_slice(line).map_err(|e| QmpError::Protocol {
+        peer: peer.to_owned(),
+        detail: format!("invalid JSON ({e}): {}", preview_bytes(line)),
+    })
+}
+
+/// What a line after the greeting is: a plain reply read as text, anything
+/// else through its JSON value. Anything that is not QMP ends the session.
+pub(super) fn parse_line(line: &[u8], peer: &str) -> Result<Message, QmpError> {
+    match parse::plain_reply(line) {
+        Some(reply) => Ok(reply),
+        None => parse::message(json(line, peer)?).map_err(|e| QmpError::Protocol {
+            peer: peer.to_owned(),
+            detail: e.to_string(),
+        }),
     }
 }
 
@@ -94,15 +106,15 @@ pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
     max: usize,
 ) -> Result<Greeting, QmpError> {
     let mut buf = Vec::new();
-    let Some(message) = read_message(reader, &mut buf, max, peer).await? else {
+    if !read_nonblank(reader, &mut buf, max, peer).await? {
         return Err(QmpError::Eof {
             peer: peer.to_owned(),
             during: "before the QMP greeting".into(),
         });
-    };
-    parse::greeting(&message).map_err(|detail| QmpError::Protocol {
+    }
+    parse::greeting(&json(&buf, peer)?).map_err(|e| QmpError::Protocol {
         peer: peer.to_owned(),
-        detail,
+        detail: e.to_string(),
     })
 }
 
@@ -196,14 +208,14 @@ pub(super) async fn read_loop(
     let mut buf = Vec::new();
     let peer = shared.peer.as_str();
     let outcome = loop {
-        let message = tokio::select! {
+        let line = tokio::select! {
             biased;
             _ = stop.wait_for(|&stop| stop) => break Ok(false),
-            message = read_message(&mut reader, &mut buf, max_line, peer) => message,
+            line = read_nonblank(&mut reader, &mut buf, max_line, peer) => line,
         };
-        match message {
-            Ok(Some(message)) => {
-                if let Err(e) = handle_message(message, &shared, &mut sink) {
+        match line {
+            Ok(true) => {
+                if let Err(e) = parse_line(&buf, peer).map(|m| route(m, &shared, &mut sink)) {
                     break Err(e);
                 }
                 // A Vec keeps the capacity of the longest line it held;
@@ -213,7 +225,7 @@ pub(super) async fn read_loop(
                     buf = Vec::new();
                 }
             }
-            Ok(None) => break Ok(true),
+            Ok(false) => break Ok(true),
             Err(e) => break Err(e),
         }
     };
@@ -246,20 +258,15 @@ pub(super) async fn read_loop(
 }
 
 /// Routes one message: an event to the sink, a reply to the command
-/// waiting for it. Anything that is not QMP ends the session.
-fn handle_message(message: Value, shared: &Shared, sink: &mut EventSink) -> Result<(), QmpError> {
+/// waiting for it.
+fn route(message: Message, shared: &Shared, sink: &mut EventSink) {
     let peer = shared.peer.as_str();
-    match parse::message(message) {
-        Err(detail) => Err(QmpError::Protocol {
-            peer: peer.to_owned(),
-            detail,
-        }),
-        Ok(Message::Event(event)) => {
+    match message {
+        Message::Event(event) => {
             tracing::debug!("{peer}: event {event:?}");
             sink.deliver(event, peer);
-            Ok(())
         }
-        Ok(Message::Reply { id, reply }) => {
+        Message::Reply { id, reply } => {
             let waiter = id.and_then(|id| shared.state().pending.remove(&id));
             match waiter {
                 // The waiter may have just given up; nothing to do then.
@@ -269,7 +276,6 @@ fn handle_message(message: Value, shared: &Shared, sink: &mut EventSink) -> Resu
                     id.map_or_else(|| "missing".into(), |id| id.to_string())
                 ),
             }
-            Ok(())
         }
     }
 }

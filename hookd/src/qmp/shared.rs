@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{oneshot, watch};
 
 pub(super) struct Shared {
@@ -27,7 +27,9 @@ pub(super) struct State {
     pub(super) closed: Option<String>,
 }
 
-pub(super) type Reply = Result<Value, ReplyError>;
+/// A reply's `"return"` as JSON text, decoded by whoever waits for it
+/// into the type it wants.
+pub(super) type Reply = Result<Box<RawValue>, ReplyError>;
 
 #[derive(Debug)]
 pub(super) struct ReplyError {

@@ -98,6 +98,33 @@ impl Acl {
         &self.skipped_includes
     }
 
+    /// A helper's check of the device it was asked for by `requested`:
+    /// `found` is the device the kernel resolves that name to, decided
+    /// under every name it has (the kernel also finds a device by an
+    /// alternative name); a device that does not exist is decided by the
+    /// requested name, so a denied name is reported as denied, not as
+    /// missing. Logs (debug) the skipped includes and the allowing rule.
+    pub fn admit(
+        &self,
+        requested: &str,
+        found: Option<&crate::link::Link>,
+    ) -> Result<(), Box<Denial>> {
+        for skipped in self.skipped_includes() {
+            tracing::debug!(%skipped, "include skipped");
+        }
+        let decision = match found {
+            Some(link) => self.decide_device(requested, link.names()),
+            None => self.decide(requested),
+        };
+        match decision {
+            Decision::Allowed { by } => {
+                tracing::debug!(rule = %by, "allowed");
+                Ok(())
+            }
+            Decision::Denied(denial) => Err(Box::new(denial)),
+        }
+    }
+
     /// May `name` be used? Allowed if it is a valid interface name, some
     /// `allow` rule matches it and no `deny` rule does.
     pub fn decide(&self, name: &str) -> Decision {

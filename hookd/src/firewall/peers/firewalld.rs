@@ -243,31 +243,33 @@ fn no_op_ok(outcome: Result<(), PeerError>) -> Result<(), PeerError> {
     }
 }
 
+/// What a D-Bus method takes: its arguments, as one value.
+trait Body: serde::Serialize + zbus::zvariant::DynamicType {}
+impl<T: serde::Serialize + zbus::zvariant::DynamicType> Body for T {}
+
+/// What a D-Bus method returns.
+trait Returns: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type {}
+impl<T: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type> Returns for T {}
+
 /// Calls a firewalld method.
-async fn fw<R>(
+async fn fw<R: Returns>(
     conn: &Connection,
     path: &str,
     interface: &str,
     method: &str,
-    body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
-) -> Result<R, PeerError>
-where
-    R: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
-{
+    body: &impl Body,
+) -> Result<R, PeerError> {
     call(conn, BUS_NAME, path, interface, method, body).await
 }
 
-async fn call<R>(
+async fn call<R: Returns>(
     conn: &Connection,
     destination: &str,
     path: &str,
     interface: &str,
     method: &str,
-    body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
-) -> Result<R, PeerError>
-where
-    R: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
-{
+    body: &impl Body,
+) -> Result<R, PeerError> {
     let bus = |e: zbus::Error| PeerError::Bus(format!("{interface}.{method}: {e}"));
     let reply = conn
         .call_method(Some(destination), path, Some(interface), method, body)
