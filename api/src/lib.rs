@@ -9,6 +9,7 @@
 //! hook link this crate, not the daemon.
 
 pub mod client;
+pub mod reply;
 pub mod types;
 pub mod wire;
 
