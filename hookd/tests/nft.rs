@@ -80,6 +80,16 @@ fn connect_and_see_source(from: &NetNs, listen_ns: &NetNs, to: &str) -> IpAddr {
         .ip()
 }
 
+/// What nft lists is what we rendered, rule for rule (nft may list the
+/// elements of an anonymous set in another order, so compare the shape).
+fn assert_listed_as_rendered(listing: &str, nets: &[NetworkConfig]) {
+    assert_eq!(
+        listing.lines().count(),
+        firewall::normalize(&firewall::render(nets)).lines().count(),
+        "{listing}"
+    );
+}
+
 #[test]
 fn apply_replaces_only_our_table_and_is_repeatable() {
     require(&["ip", "nft"]);
@@ -118,15 +128,7 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
         first.contains("tcp dport 25 reject with tcp reset"),
         "{first}"
     );
-    // What nft lists is what we rendered, rule for rule (nft may list the
-    // elements of an anonymous set in another order, so compare the shape).
-    assert_eq!(
-        first.lines().count(),
-        firewall::normalize(&firewall::render(&nets))
-            .lines()
-            .count(),
-        "{first}"
-    );
+    assert_listed_as_rendered(&first, &nets);
 
     let tables = ns.exec_ok(&["nft", "list", "tables"]);
     let mut tables: Vec<&str> = tables.lines().collect();
@@ -381,16 +383,9 @@ fn links_open_their_directions_only_without_masquerade() {
     daemon
         .block_on(|| FW.apply_ruleset(&nets, &[]))
         .expect("apply");
-    // nft lists what we rendered (the links chain included).
     let listing = daemon.block_on(|| FW.listing()).expect("list");
     assert!(listing.contains("\tchain links {\n"), "{listing}");
-    assert_eq!(
-        listing.lines().count(),
-        firewall::normalize(&firewall::render(&nets))
-            .lines()
-            .count(),
-        "{listing}"
-    );
+    assert_listed_as_rendered(&listing, &nets);
 
     // Linked: each side sees the other's own address (no masquerade).
     for (from, to, port, source) in [
