@@ -2,6 +2,7 @@
 //! the real `qnetctl`.
 
 use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +23,18 @@ name = "lab"
 bridge = "qnlab"
 subnet = "10.77.0.0/24"
 "#;
-use std::os::unix::process::CommandExt;
+
+/// One `[[network]]` table of hookd.toml: `name` on `bridge`, then each of
+/// `settings` (`key = value`, TOML as it is) on a line of its own. Tests
+/// build their configs from it and say only what their network adds.
+pub fn network(name: &str, bridge: &str, settings: &[&str]) -> String {
+    let mut table = format!("\n[[network]]\nname = \"{name}\"\nbridge = \"{bridge}\"\n");
+    for setting in settings {
+        table.push_str(setting);
+        table.push('\n');
+    }
+    table
+}
 
 /// A qnet-hookd process with its own config, run and state directories.
 /// Dropping it kills the daemon (the namespace's own drop kills dnsmasq).
@@ -62,6 +74,15 @@ impl Hookd {
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
         Hookd::start_with(netns, config, Launch::default())
+    }
+
+    /// A new namespace (`tag`, see [`NetNs::new`]) with the daemon started
+    /// in it: the opening of most daemon tests. Bind both (`let (ns,
+    /// hookd)`): the daemon is dropped before its namespace.
+    pub fn start_in_new_netns(tag: &str, config: Option<&str>) -> (NetNs, Hookd) {
+        let ns = NetNs::new(tag);
+        let hookd = Hookd::start(&ns, config);
+        (ns, hookd)
     }
 
     /// [`Hookd::start`] with extra environment variables (kept for

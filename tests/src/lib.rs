@@ -17,6 +17,7 @@ pub mod install;
 pub mod mountns;
 pub mod netns;
 pub mod peers;
+pub mod procfs;
 pub mod sandbox;
 
 use std::path::PathBuf;

@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+/// The host's uplink address and the outside's, on the /24 between them,
+/// in the tests' worlds of a host and "the outside" ([`host_and_outside`]).
+pub const UPLINK: &str = "10.254.0.1";
+pub const OUTSIDE: &str = "10.254.0.2";
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short suffix (`<pid>-<n>`) for names that must not collide

@@ -12,31 +12,33 @@ use std::time::Duration;
 
 use qnet_tests::guest::{
     check_prerequisites, guest_image, random_mac, random_token, GuestSpec, ProbeOutcome,
-    RunningGuest,
+    RunningGuest, LONG,
 };
-use qnet_tests::hookd::Hookd;
-use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::NetNs;
+use qnet_tests::hookd::{network, Hookd};
+use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
+use qnet_tests::netns::{NetNs, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{unused_user, ConfigDir};
 use qnet_tests::workspace_binary;
 
-const LONG: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(20);
-/// One HTTP attempt's budget (connect, send, read).
-const ONE_TRY: Duration = Duration::from_secs(5);
 
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
 const UPLINK6: &str = "fd99::1";
 const OUTSIDE6: &str = "fd99::2";
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.77.0.0/24"
-ipv6 = { subnet = "fd77::/64" }
+/// A dual-stack network and a forward of the config.
+fn hookd_toml() -> String {
+    let lab = network(
+        "lab",
+        "qnlab",
+        &[
+            r#"subnet = "10.77.0.0/24""#,
+            r#"ipv6 = { subnet = "fd77::/64" }"#,
+        ],
+    );
+    lab + FORWARD
+}
 
+const FORWARD: &str = r#"
 [[forward]]
 guest = "cfg-guest"
 proto = "tcp"
@@ -61,7 +63,7 @@ impl World {
         );
         let config = ConfigDir::new();
         config.write("bridge.conf", "allow qnlab\n");
-        let hookd = Hookd::start(&hk, Some(CONFIG));
+        let hookd = Hookd::start(&hk, Some(&hookd_toml()));
         World {
             hookd,
             config,

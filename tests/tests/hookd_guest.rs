@@ -19,34 +19,34 @@ use std::time::Duration;
 
 use qnet_tests::guest::{
     check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
-    ProbeOutcome, RunningGuest, INIT_MARKER,
+    ProbeOutcome, RunningGuest, INIT_MARKER, LONG,
 };
-use qnet_tests::hookd::{qmp_client_args, Hookd};
-use qnet_tests::netns::{host_and_outside, NetNs};
+use qnet_tests::hookd::{network, qmp_client_args, Hookd};
+use qnet_tests::netns::{host_and_outside, NetNs, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use qnet_tests::workspace_binary;
 
-const LONG: Duration = Duration::from_secs(90);
 const TEARDOWN: Duration = Duration::from_secs(20);
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-mode = "nat"
-subnet = "10.77.0.0/24"
-domain = "lab.qnet"
-blocked-ports = ["tcp/2525"]
-
-[[network]]
-name = "iso"
-bridge = "qniso"
-mode = "isolated"
-subnet = "10.78.0.0/24"
-"#;
-
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
+/// A NAT network with a domain and a blocked port, and an isolated one.
+fn hookd_toml() -> String {
+    let lab = network(
+        "lab",
+        "qnlab",
+        &[
+            r#"mode = "nat""#,
+            r#"subnet = "10.77.0.0/24""#,
+            r#"domain = "lab.qnet""#,
+            r#"blocked-ports = ["tcp/2525"]"#,
+        ],
+    );
+    let iso = network(
+        "iso",
+        "qniso",
+        &[r#"mode = "isolated""#, r#"subnet = "10.78.0.0/24""#],
+    );
+    lab + &iso
+}
 
 /// The daemon's namespace with an uplink to an "outside" namespace.
 struct World {
@@ -69,7 +69,7 @@ impl World {
         ];
         let config = ConfigDir::new();
         config.write("bridge.conf", "allow qnlab\nallow qniso\n");
-        let hookd = Hookd::start(&hk, Some(CONFIG));
+        let hookd = Hookd::start(&hk, Some(&hookd_toml()));
         World {
             hookd,
             _servers: servers,

@@ -17,9 +17,9 @@ use std::time::Duration;
 use qnet_tests::fake_guest::FakeGuest;
 use qnet_tests::fake_qemu::run_helper;
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest,
+    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, RunningGuest, LONG,
 };
-use qnet_tests::hookd::{qmp_client_args, Hookd, Launch};
+use qnet_tests::hookd::{network, qmp_client_args, Hookd, Launch};
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::install::{Install, Installed};
 use qnet_tests::mountns::MountNs;
@@ -29,14 +29,10 @@ use qnet_tests::workspace_binary;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-const LONG: Duration = Duration::from_secs(90);
 
-const LAB: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.61.0.0/24"
-"#;
+fn lab_toml() -> String {
+    network("lab", "qnlab", &[r#"subnet = "10.61.0.0/24""#])
+}
 
 /// What identifies a network's bridge and dnsmasq instance.
 #[derive(Debug, PartialEq, Eq)]
@@ -101,8 +97,7 @@ fn runtime_file(hookd: &Hookd, network: &str) -> PathBuf {
 
 #[test]
 fn networks_are_created_edited_and_deleted_at_run_time_touching_only_what_changed() {
-    let ns = NetNs::new("hklive");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, mut hookd) = Hookd::start_in_new_netns("hklive", Some(&lab_toml()));
     let lab_guest = FakeGuest::spawn(
         &ns,
         &hookd.qmp_socket(),
@@ -310,8 +305,7 @@ fn networks_are_created_edited_and_deleted_at_run_time_touching_only_what_change
 
 #[test]
 fn reload_applies_the_diff_and_a_bad_config_keeps_the_running_one() {
-    let ns = NetNs::new("hkreload");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, hookd) = Hookd::start_in_new_netns("hkreload", Some(&lab_toml()));
     let guest = FakeGuest::spawn(&ns, &hookd.qmp_socket(), "qnlab", "52:54:00:61:01:01", "vm");
     hookd.wait_until("the reservation", WAIT, |h| {
         h.reservation("lab", &guest.mac).is_some()
@@ -330,8 +324,9 @@ fn reload_applies_the_diff_and_a_bad_config_keeps_the_running_one() {
 
     // A second network and a new forward: `qnetctl reload`.
     let more = format!(
-        "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.64.0.0/24\"\n\n\
-         [[forward]]\nguest = \"vm\"\nproto = \"tcp\"\nports = \"8080:80\"\n"
+        "{}{}\n[[forward]]\nguest = \"vm\"\nproto = \"tcp\"\nports = \"8080:80\"\n",
+        lab_toml(),
+        network("lab2", "qnlab2", &[r#"subnet = "10.64.0.0/24""#])
     );
     std::fs::write(&config, &more).unwrap();
     let out = check(&config);
@@ -375,7 +370,7 @@ fn reload_applies_the_diff_and_a_bad_config_keeps_the_running_one() {
     assert!(err.contains("overlaps network `lab`"), "{err}");
 
     // SIGHUP with a good file: lab2 goes, lab stays as it was.
-    std::fs::write(&config, LAB).unwrap();
+    std::fs::write(&config, lab_toml()).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     hookd.wait_until("lab2 removed", WAIT, |h| status_of(h, "lab2").is_none());
     assert!(!ns.link_names().contains(&"qnlab2".to_string()));
@@ -482,7 +477,7 @@ fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
     let ns = NetNs::new("hkusers");
     let mount = MountNs::new(&ns);
     let users = Users::new(&mount);
-    let config = format!("{LAB}\n[user-networks]\nper-user = 2\n");
+    let config = format!("{}\n[user-networks]\nper-user = 2\n", lab_toml());
     let hookd = Hookd::start_with(
         &ns,
         Some(&config),

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use qnet_tests::hookd::Hookd;
+use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
 use qnet_tests::peers::{drop_policies, iptables_marks, Dockerd, Firewalld, HttpServer, VethGuest};
@@ -25,13 +25,17 @@ const OUTSIDE: &str = "10.253.0.2";
 const UPLINK6: &str = "fd53::1";
 const OUTSIDE6: &str = "fd53::2";
 const BRIDGE: &str = "qnfw";
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnfw"
-subnet = "10.78.0.0/24"
-ipv6 = { subnet = "fd78::/64" }
-"#;
+/// A dual-stack network on [`BRIDGE`].
+fn hookd_toml() -> String {
+    network(
+        "lab",
+        BRIDGE,
+        &[
+            r#"subnet = "10.78.0.0/24""#,
+            r#"ipv6 = { subnet = "fd78::/64" }"#,
+        ],
+    )
+}
 const FORWARD: &str = "<q:forward proto='tcp' host-port='8080' guest-port='80'/>";
 const TRY: Duration = Duration::from_secs(10);
 
@@ -63,7 +67,7 @@ impl World {
     }
 
     fn start(hk: NetNs, out: NetNs, web: HttpServer, env: &[(&str, &str)]) -> World {
-        let hookd = Hookd::start_with_env(&hk, Some(CONFIG), env);
+        let hookd = Hookd::start_with_env(&hk, Some(&hookd_toml()), env);
         let guest = VethGuest::new(
             &hk,
             BRIDGE,
@@ -413,7 +417,7 @@ fn doctor_names_every_drop_when_integration_is_off() {
     drop_policies(&hk, "nft");
     let fw = Firewalld::start(&hk);
     let bus = fw.bus_address();
-    let config = format!("firewall-integration = false\n{CONFIG}");
+    let config = format!("firewall-integration = false\n{}", hookd_toml());
     let hookd = Hookd::start_with_env(&hk, Some(&config), &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
     let guest = VethGuest::new(&hk, BRIDGE, "fwdog", "52:54:00:7e:00:03");
     guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
@@ -564,7 +568,7 @@ fn real_guest_next_to_dockerd() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     let (hk, out, _web) = World::namespaces("fwrg");
     let docker = Dockerd::start(&hk);
-    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));

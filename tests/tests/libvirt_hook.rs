@@ -28,25 +28,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
-use qnet_tests::hookd::Hookd;
-use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::{host_and_outside, NetNs};
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, target_dir, LONG,
+};
+use qnet_tests::hookd::{network, Hookd};
+use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
+use qnet_tests::netns::{host_and_outside, NetNs, OUTSIDE, UPLINK};
 use qnet_tests::{require_tool, workspace_binary};
 
-const LONG: Duration = Duration::from_secs(90);
-/// One HTTP attempt's budget (connect, send, read).
-const ONE_TRY: Duration = Duration::from_secs(5);
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
 const QNET_XMLNS: &str = "https://qnet.example/xmlns/libvirt/1";
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlvb"
-subnet = "10.78.0.0/24"
-"#;
+fn hookd_toml() -> String {
+    network("lab", "qnlvb", &[r#"subnet = "10.78.0.0/24""#])
+}
 
 /// Serialises the tests of this binary: one libvirtd at a time.
 static ONE_LIBVIRTD: Mutex<()> = Mutex::new(());
@@ -433,7 +427,7 @@ fn wait_for(
 fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     let (hk, out) = host_and_outside("lvhk", "lvout", UPLINK, OUTSIDE);
-    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-")
         .tempdir()
@@ -755,7 +749,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
     require_tool("dnsmasq", "dnsmasq-base");
     require_tool("iptables", "iptables");
     let (hk, out) = host_and_outside("lvnh", "lvno", UPLINK, OUTSIDE);
-    let mut hookd = Hookd::start(&hk, Some(CONFIG));
+    let mut hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-net-")
         .tempdir()
@@ -1097,7 +1091,7 @@ fn nat_forward_survives_restarts(backend: FirewallBackend) {
         &[&format!("{UPLINK}/24")],
         &[&format!("{OUTSIDE}/24")],
     );
-    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-restarts-")
         .tempdir()

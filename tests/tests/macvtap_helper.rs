@@ -18,6 +18,7 @@ use qnet_tests::fake_qemu::{helper_socketpair, run_helper, run_with_socket, wait
 use qnet_tests::guest::random_mac;
 use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
+use qnet_tests::procfs::ProcStatus;
 use qnet_tests::sandbox::{sandboxed, HelperSandbox};
 use qnet_tests::workspace_binary;
 
@@ -449,15 +450,8 @@ fn reaper_holds_only_what_it_needs() {
         .fake_qemu(&[&format!("--mac={}", random_mac())], LOWER)
         .expect("helper");
     let reaper = reaper_of(&setup.netns).expect("a reaper runs");
-    let status = std::fs::read_to_string(format!("/proc/{reaper}/status")).unwrap();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
+    let status = ProcStatus::of(reaper);
+    let field = |key: &str| status.field(key).unwrap_or_default().to_string();
     assert_eq!(field("CapEff:"), "0000000000001000", "{status}");
     assert_eq!(field("CapPrm:"), "0000000000001000", "{status}");
     // Once it has the helper's go-ahead it closes the socket to the
