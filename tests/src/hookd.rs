@@ -4,7 +4,7 @@
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::guest::{target_dir, GuestSpec, RunningGuest};
 use crate::mountns::MountNs;
 use crate::netns::NetNs;
+use crate::process::{spawn_logged, wait_serving};
 use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
 
@@ -197,8 +198,12 @@ impl Hookd {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir().join("hookd.log"))
+            .open(self.log_path())
             .unwrap()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir().join("hookd.log")
     }
 
     pub fn dir(&self) -> &Path {
@@ -261,7 +266,7 @@ impl Hookd {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("hookd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The command line of the daemon (for tests of bad configs too).
@@ -313,21 +318,12 @@ impl Hookd {
     /// (Re)starts the daemon and waits until `status` answers.
     pub fn spawn(&mut self) {
         self.spawn_nowait();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.qnetctl(&["status"]).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("qnet-hookd exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qnet-hookd did not answer:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (ctl, log) = (self.ctl_socket(), self.log_path());
+        let child = self.child.as_mut().unwrap();
+        let (timeout, every) = (Duration::from_secs(30), Duration::from_millis(50));
+        wait_serving("qnet-hookd", child, &log, timeout, every, || {
+            qnetctl_at(&ctl, &["status"]).is_ok()
+        });
     }
 
     /// The daemon's pid while it runs (`ip netns exec` and `nsenter` exec
@@ -338,14 +334,7 @@ impl Hookd {
 
     /// Starts the daemon without waiting for it to answer.
     pub fn spawn_nowait(&mut self) {
-        let log = self.log_file();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start qnet-hookd");
+        let child = spawn_logged(&mut self.command(), &self.log_path(), "qnet-hookd");
         self.child = Some(child);
     }
 
@@ -397,18 +386,7 @@ impl Hookd {
     /// Runs `qnetctl --json ARGS` and returns the parsed reply, or the
     /// error line qnetctl printed.
     pub fn qnetctl(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(workspace_binary("qnetctl"))
-            .arg("--socket")
-            .arg(self.ctl_socket())
-            .arg("--json")
-            .args(args)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON from qnetctl: {e}"))
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+        qnetctl_at(&self.ctl_socket(), args)
     }
 
     /// Polls `check` with the daemon's replies until it is true.
@@ -446,6 +424,23 @@ impl Hookd {
 impl Drop for Hookd {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Runs `qnetctl --socket CTL --json ARGS` and returns the parsed reply,
+/// or the error line qnetctl printed.
+fn qnetctl_at(ctl: &Path, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(ctl)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON from qnetctl: {e}"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod install;
 pub mod mountns;
 pub mod netns;
 pub mod peers;
+pub mod process;
 pub mod procfs;
 pub mod sandbox;
 
@@ -84,6 +85,24 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut check: impl FnMu
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// All a finished command said: its stdout, then its stderr.
+pub fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` (`what` names it in a failure) and returns all it said;
+/// panics with that unless it succeeded.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text = said(&out);
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
 }
 
 /// The directory cargo puts this build's binaries in (target/debug or
