@@ -55,6 +55,10 @@ use std::time::{Duration, Instant};
 /// to its lease or its ready line, a daemon following it (a few seconds
 /// as a rule; never an expectation).
 pub const LONG: Duration = Duration::from_secs(90);
+/// Failure bounds for a guest with its lease: until its servers are up
+/// (the ready line), and for one HTTP fetch from it.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `/init` started (kernel boot is over).
 pub const INIT_MARKER: &str = "QNET-GUEST-INIT";

@@ -102,6 +102,11 @@ impl NetNs {
         serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
     }
 
+    /// Gives link `dev` the alternative name `altname`.
+    pub fn add_altname(&self, dev: &str, altname: &str) {
+        self.ip(&["link", "property", "add", "dev", dev, "altname", altname]);
+    }
+
     /// Adds a bridge with the given address (CIDR) and brings it up.
     pub fn add_bridge(&self, name: &str, cidr: Option<&str>) {
         self.ip(&["link", "add", name, "type", "bridge"]);
