@@ -389,6 +389,19 @@ impl Hookd {
         qnetctl_at(&self.ctl_socket(), args)
     }
 
+    /// Runs `qnetctl ARGS`, which the daemon must refuse with an error
+    /// saying each of `says`; returns the error.
+    pub fn refused(&self, args: &[&str], says: &[&str]) -> String {
+        let err = match self.qnetctl(args) {
+            Ok(reply) => panic!("qnetctl {args:?} succeeded: {reply}"),
+            Err(err) => err,
+        };
+        for part in says {
+            assert!(err.contains(part), "qnetctl {args:?}: {err}");
+        }
+        err
+    }
+
     /// Polls `check` with the daemon's replies until it is true.
     pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut(&Hookd) -> bool) {
         let deadline = Instant::now() + timeout;
@@ -442,6 +455,15 @@ fn qnetctl_at(ctl: &Path, args: &[&str]) -> Result<Value, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
+}
+
+/// How many objects of the JSON array `list` (a reply's) have `key` equal
+/// to `value`; panics if `list` is no array.
+pub fn count_where(list: &Value, key: &str, value: &str) -> usize {
+    let list = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"));
+    list.iter().filter(|item| item[key] == value).count()
 }
 
 /// The QEMU arguments that make QEMU dial the daemon as a QMP client.

@@ -14,7 +14,7 @@ use qnet_tests::guest::{
     check_prerequisites, guest_image, random_mac, random_token, GuestSpec, ProbeOutcome,
     RunningGuest, LONG,
 };
-use qnet_tests::hookd::{network, Hookd};
+use qnet_tests::hookd::{count_where, network, Hookd};
 use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
 use qnet_tests::netns::{NetNs, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{unused_user, ConfigDir};
@@ -255,12 +255,7 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
     world.hookd.kill9();
     world.hookd.spawn();
     let listed = world.hookd.qnetctl(&["forward", "list"]).unwrap();
-    let runtime = listed["forwards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["origin"] == "runtime")
-        .count();
+    let runtime = count_where(&listed["forwards"], "origin", "runtime");
     assert_eq!(runtime, 0, "{listed}");
     assert!(refused(&world.out, sock(UPLINK, 8080)), "still removed");
 }

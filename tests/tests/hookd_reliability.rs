@@ -49,18 +49,18 @@ fn forwards(hookd: &Hookd) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The daemon with the lab network, its state directory a tmpfs of `size`
-/// in the mount namespace `mount`.
-fn on_tmpfs_state(ns: &NetNs, mount: &MountNs, size: &'static str) -> Hookd {
-    Hookd::start_with(
-        ns,
-        Some(LAB),
-        Launch {
-            mount_ns: Some(mount),
-            state_tmpfs: Some(size),
-            ..Launch::default()
-        },
-    )
+/// A new namespace `tag` with a mount namespace of its own, and the daemon
+/// with the lab network in them, its state directory a tmpfs of `size`.
+fn on_tmpfs_state(tag: &str, size: &'static str) -> (NetNs, MountNs, Hookd) {
+    let ns = NetNs::new(tag);
+    let mount = MountNs::new(&ns);
+    let launch = Launch {
+        mount_ns: Some(&mount),
+        state_tmpfs: Some(size),
+        ..Launch::default()
+    };
+    let hookd = Hookd::start_with(&ns, Some(LAB), launch);
+    (ns, mount, hookd)
 }
 
 /// The first host port of each forward.
@@ -454,10 +454,7 @@ fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
 
 #[test]
 fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
-    require_root();
-    let ns = NetNs::new("rl06");
-    let mount = MountNs::new(&ns);
-    let mut hookd = on_tmpfs_state(&ns, &mount, "64k");
+    let (_ns, mount, mut hookd) = on_tmpfs_state("rl06", "64k");
     let state = mount.host_path(&hookd.dir().join("state"));
     let mut acknowledged = Vec::new();
     let mut refused = 0;
@@ -502,10 +499,7 @@ fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
 
 #[test]
 fn f06_a_read_only_state_dir_refuses_changes_and_keeps_what_it_has() {
-    require_root();
-    let ns = NetNs::new("rl06ro");
-    let mount = MountNs::new(&ns);
-    let mut hookd = on_tmpfs_state(&ns, &mount, "256k");
+    let (_ns, mount, mut hookd) = on_tmpfs_state("rl06ro", "256k");
     hookd
         .qnetctl(&["forward", "add", "web", "tcp", "8080:80"])
         .unwrap();
