@@ -1,6 +1,7 @@
 //! What the helper latency benchmarks (`benches/helper_latency.rs`,
-//! `benches/macvtap_latency.rs`) share: the helpers as installed, one
-//! QEMU-style run timed, programs measured alternately, and the table.
+//! `benches/macvtap_latency.rs`) share: the helpers as installed, the
+//! worker each re-runs itself as in the sandbox, one QEMU-style run timed,
+//! programs measured alternately, and the table.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -11,10 +12,42 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use qnet_hostnet::fdpass::recv_fd;
 
+use crate::netns::NetNs;
+use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
 
 /// Samples taken before measuring, per program.
 pub const WARMUP: usize = 20;
+
+/// Set in the environment of the worker a bench re-runs itself as.
+const WORKER_ENV: &str = "QNET_BENCH_WORKER";
+
+/// The rounds a bench is asked for: its first numeric argument, else
+/// `default`.
+pub fn rounds(default: usize) -> usize {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether this process is the worker [`run_worker`] started.
+pub fn is_worker() -> bool {
+    std::env::var_os(WORKER_ENV).is_some()
+}
+
+/// Re-runs this bench as its worker in the sandbox of `netns` and
+/// `config` (so the timed spawns pay no namespace set-up), with `env` and
+/// `rounds`; panics unless the worker succeeds.
+pub fn run_worker(netns: &NetNs, config: &ConfigDir, env: &[(&str, &Path)], rounds: usize) {
+    let status = sandboxed(std::env::current_exe().unwrap(), netns, config, None)
+        .env(WORKER_ENV, "1")
+        .envs(env.iter().copied())
+        .arg(rounds.to_string())
+        .status()
+        .expect("run worker");
+    assert!(status.success(), "benchmark worker failed: {status}");
+}
 
 /// The helper as installed: the static build `make helpers` makes
 /// (target/<host triple>/release), else the plain release build.

@@ -457,6 +457,20 @@ fn qnetctl_at(ctl: &Path, args: &[&str]) -> Result<Value, String> {
     }
 }
 
+/// Runs `qnetctl --socket CTL ARGS`, which must fail (exit status 1), and
+/// returns what it said on stderr.
+pub fn qnetctl_error(ctl: &Path, args: &[&str]) -> String {
+    let out = Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(ctl)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "qnetctl {args:?}: {stderr}");
+    stderr
+}
+
 /// How many objects of the JSON array `list` (a reply's) have `key` equal
 /// to `value`; panics if `list` is no array.
 pub fn count_where(list: &Value, key: &str, value: &str) -> usize {

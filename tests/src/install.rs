@@ -31,11 +31,7 @@ impl Installed {
     /// named `caps` and `setuid` are what [`Installed::path`] returns.
     pub fn new(binary: &str, copies: &[(&str, u32, Option<&str>)]) -> Installed {
         require_tool("setcap", "libcap2-bin");
-        let dir = tempfile::Builder::new()
-            .prefix("qnet-test-bin-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = crate::tempdir_with_mode("qnet-test-bin-", 0o755);
         let built = workspace_binary(binary);
         for (name, mode, caps) in copies {
             let path = dir.path().join(name);

@@ -73,6 +73,15 @@ fn package_of(program: &str) -> &'static str {
     }
 }
 
+/// A temporary directory `PREFIX…` (removed on drop) with permissions
+/// `mode`: for files a test shares with the user it runs a program as.
+pub fn tempdir_with_mode(prefix: &str, mode: u32) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
+
 /// Polls `check` every 20 ms until it is true; panics with `what` if it is
 /// still false after `timeout` (a generous failure bound, never a timing
 /// assertion).

@@ -12,7 +12,7 @@ use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_unti
 use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
 use qnet_tests::sandbox::{sandboxed, RunAs};
-use qnet_tests::{require_tool, workspace_binary};
+use qnet_tests::{require_tool, tempdir_with_mode, workspace_binary};
 
 fn path_str(path: &Path) -> String {
     path.to_str().unwrap().to_string()
@@ -140,11 +140,7 @@ fn odd_environment_changes_nothing() {
 fn ld_preload_is_ignored() {
     let setup = setup("unpriv-preload");
     let cc = require_tool("cc", "gcc");
-    let work = tempfile::Builder::new()
-        .prefix("qnet-test-preload-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let work = tempdir_with_mode("qnet-test-preload-", 0o1777);
     let marker = work.path().join("preloaded");
     let source = work.path().join("evil.c");
     let library = work.path().join("evil.so");

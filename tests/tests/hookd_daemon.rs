@@ -7,10 +7,11 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use qnet_tests::hookd::{run_with_config, Hookd, LAB};
+use qnet_tests::hookd::{qnetctl_error, run_with_config, Hookd, LAB};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
 use qnet_tests::workspace_binary;
@@ -139,12 +140,7 @@ fn bad_control_requests_get_errors_and_the_daemon_goes_on() {
 
 #[test]
 fn qnetctl_says_when_the_daemon_is_not_running() {
-    let out = Command::new(workspace_binary("qnetctl"))
-        .args(["--socket", "/nonexistent/qnet/ctl.sock", "status"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = qnetctl_error(Path::new("/nonexistent/qnet/ctl.sock"), &["status"]);
     assert!(stderr.contains("qnet-hookd is not running"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }

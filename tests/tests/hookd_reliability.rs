@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::fake_guest::{FakeGuest, Flood};
-use qnet_tests::hookd::{run_with_config, Hookd, Launch, LAB};
+use qnet_tests::hookd::{network, qnetctl_error, run_with_config, Hookd, Launch, LAB};
 use qnet_tests::mountns::MountNs;
 use qnet_tests::netns::NetNs;
 use qnet_tests::procfs::ProcStatus;
@@ -579,12 +579,8 @@ fn f07_an_empty_config_never_tears_down_running_networks() {
 
 #[test]
 fn f08_removing_a_network_from_the_config_stops_its_dnsmasq_and_run_dir() {
-    require_root();
-    let ns = NetNs::new("rl08");
-    let two = format!(
-        "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.78.0.0/24\"\n"
-    );
-    let mut hookd = Hookd::start(&ns, Some(&two));
+    let two = LAB.to_string() + &network("lab2", "qnlab2", &[r#"subnet = "10.78.0.0/24""#]);
+    let (ns, mut hookd) = Hookd::start_in_new_netns("rl08", Some(&two));
     let pid_file = hookd.run_dir().join("lab2/dnsmasq.pid");
     hookd.wait_until("lab2's dnsmasq", WAIT, |_| pid_file.exists());
     let old: u32 = std::fs::read_to_string(&pid_file)
@@ -737,14 +733,7 @@ fn f12_a_qnetctl_timeout_says_the_daemon_did_not_answer() {
         std::thread::sleep(Duration::from_secs(3));
         drop(conn);
     });
-    let out = Command::new(workspace_binary("qnetctl"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--timeout", "1", "status"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = qnetctl_error(&socket, &["--timeout", "1", "status"]);
     assert!(stderr.contains("did not answer within 1 s"), "{stderr}");
     assert!(!stderr.contains("os error"), "{stderr}");
     holder.join().unwrap();
@@ -752,11 +741,8 @@ fn f12_a_qnetctl_timeout_says_the_daemon_did_not_answer() {
 
 #[test]
 fn f12_overlapping_subnets_are_reported_at_their_line() {
-    require_root();
     let ns = NetNs::new("rl12ov");
-    let text = format!(
-        "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.77.0.128/25\"\n"
-    );
+    let text = LAB.to_string() + &network("lab2", "qnlab2", &[r#"subnet = "10.77.0.128/25""#]);
     let out = run_with_config(&ns, &text);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -14,7 +14,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use qnet_tests::netns::NetNs;
-use qnet_tests::{require_root, require_tool, run_ok, said, target_profile_dir, workspace_binary};
+use qnet_tests::{
+    require_root, require_tool, run_ok, said, target_profile_dir, tempdir_with_mode,
+    workspace_binary,
+};
 
 /// The real install changes the host's /lib/systemd/system, which the
 /// units test copies: tests that read or change the host's own files take
@@ -91,11 +94,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn make_install_into_destdir_as_non_root_then_uninstall_leaves_only_the_config() {
     require_root();
-    let dest = tempfile::Builder::new()
-        .prefix("qnet-test-install-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(dest.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dest = tempdir_with_mode("qnet-test-install-", 0o777);
     let d = dest.path().join("stage");
     let destdir = format!("DESTDIR={}", d.display());
     let said = make(&["install", &destdir], &dest.path().join("dist"), true);

@@ -15,7 +15,7 @@ use qnet_tests::guest::{random_bytes, random_mac};
 use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::sandboxed;
-use qnet_tests::workspace_binary;
+use qnet_tests::{tempdir_with_mode, workspace_binary};
 
 const FULL_CAPS: &str = "cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep";
 
@@ -219,15 +219,7 @@ fn a_socket_of_an_unrelated_process_is_refused() {
     use std::io::BufRead;
     use std::os::fd::AsRawFd;
     let setup = setup("mvt-unpriv-peer");
-    let dir = tempfile::Builder::new()
-        .prefix("qnet-test-daemon-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let dir = tempdir_with_mode("qnet-test-daemon-", 0o1777);
     for (who, run_as) in [("root", None), ("the caller", Some(setup.user))] {
         let path = dir.path().join(format!("{}.sock", run_as.is_some()));
         let mut daemon = sandboxed(
