@@ -16,8 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use qnet_tests::helper_bench::{
-    installed_helper, is_worker, measure_alternately, print_table, rounds, run_worker, Candidate,
-    WARMUP,
+    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
 };
 use qnet_tests::netns::NetNs;
 use qnet_tests::require_tool;
@@ -27,11 +26,10 @@ const ANCHOR: &str = "/usr/lib/qemu/qemu-bridge-helper";
 const BRIDGE: &str = "qbrbench";
 
 fn main() {
-    let rounds = rounds(400);
-    if is_worker() {
-        worker(rounds);
-        return;
-    }
+    bench_main(400, parent, worker);
+}
+
+fn parent(rounds: usize) {
     require_tool(ANCHOR, "qemu-system-common");
     let ours = helper_under_test();
     println!("measuring {}", ours.display());

@@ -25,8 +25,7 @@ use std::path::{Path, PathBuf};
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::helper_bench::{
-    installed_helper, is_worker, measure_alternately, print_table, rounds, run_worker, Candidate,
-    WARMUP,
+    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
 };
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::ConfigDir;
@@ -35,11 +34,10 @@ const BRIDGE: &str = "qbrbench";
 const LOWER: &str = "qvbench";
 
 fn main() {
-    let rounds = rounds(300);
-    if is_worker() {
-        worker(rounds);
-        return;
-    }
+    bench_main(300, parent, worker);
+}
+
+fn parent(rounds: usize) {
     let macvtap = installed_helper("qnet-macvtap-helper");
     let bridge = installed_helper("qnet-bridge-helper");
     println!("measuring {} and {}", macvtap.display(), bridge.display());

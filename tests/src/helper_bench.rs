@@ -22,21 +22,22 @@ pub const WARMUP: usize = 20;
 /// Set in the environment of the worker a bench re-runs itself as.
 const WORKER_ENV: &str = "QNET_BENCH_WORKER";
 
-/// The rounds a bench is asked for: its first numeric argument, else
-/// `default`.
-pub fn rounds(default: usize) -> usize {
-    std::env::args()
+/// A helper bench's `main`: with the rounds asked for (the first numeric
+/// argument, else `default_rounds`), `parent` sets up the sandbox and
+/// calls [`run_worker`]; in the worker it started, `worker` measures.
+pub fn bench_main(default_rounds: usize, parent: fn(usize), worker: fn(usize)) {
+    let rounds = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(default_rounds);
+    if std::env::var_os(WORKER_ENV).is_some() {
+        worker(rounds);
+    } else {
+        parent(rounds);
+    }
 }
 
-/// Whether this process is the worker [`run_worker`] started.
-pub fn is_worker() -> bool {
-    std::env::var_os(WORKER_ENV).is_some()
-}
-
-/// Re-runs this bench as its worker in the sandbox of `netns` and
+/// Re-runs this bench as its worker (see [`bench_main`]) in the sandbox of `netns` and
 /// `config` (so the timed spawns pay no namespace set-up), with `env` and
 /// `rounds`; panics unless the worker succeeds.
 pub fn run_worker(netns: &NetNs, config: &ConfigDir, env: &[(&str, &Path)], rounds: usize) {
