@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::guest::{target_dir, GuestSpec, RunningGuest};
+use crate::guest::{check_prerequisites, log_dir, random_token, GuestSpec, RunningGuest};
 use crate::mountns::MountNs;
 use crate::netns::NetNs;
 use crate::process::{spawn_logged, wait_serving};
@@ -86,6 +86,17 @@ impl Hookd {
         (ns, hookd)
     }
 
+    /// The opening of a test with real guests in `hk`: checks what they
+    /// need, starts the daemon there with `config`, and returns it with a
+    /// sandbox config for QEMU whose bridge.conf allows `bridges`.
+    pub fn start_for_guests(hk: &NetNs, config: &str, bridges: &[&str]) -> (Hookd, ConfigDir) {
+        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+        let sandbox = ConfigDir::new();
+        let allow: String = bridges.iter().map(|b| format!("allow {b}\n")).collect();
+        sandbox.write("bridge.conf", &allow);
+        (Hookd::start(hk, Some(config)), sandbox)
+    }
+
     /// [`Hookd::start`] with extra environment variables (kept for
     /// restarts).
     pub fn start_with_env(netns: &NetNs, config: Option<&str>, env: &[(&str, &str)]) -> Hookd {
@@ -134,30 +145,6 @@ impl Hookd {
                     .collect(),
             },
         }
-    }
-
-    /// Boots the test guest of `spec`, named `name` (`-name`), on `bridge`
-    /// in `netns` through qnet-bridge-helper (allowed by `config`'s
-    /// bridge.conf), dialing this daemon's QMP socket. Does not wait for
-    /// it; its serial log is `<target>/qnet-test-logs/NETNS/NAME-TOKEN.log`.
-    pub fn boot_guest(
-        &self,
-        netns: &NetNs,
-        config: &ConfigDir,
-        bridge: &str,
-        name: &str,
-        spec: &GuestSpec,
-    ) -> RunningGuest {
-        let logs = target_dir().join("qnet-test-logs").join(netns.name());
-        std::fs::create_dir_all(&logs).unwrap();
-        let serial = logs.join(format!("{name}-{}.log", spec.token));
-        let helper = workspace_binary("qnet-bridge-helper");
-        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
-        let mut qemu = sandboxed("qemu-system-x86_64", netns, config, None);
-        qemu.args(spec.qemu_args(&netdev, &serial))
-            .args(["-name", name])
-            .args(qmp_client_args(&self.qmp_socket()));
-        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The extra environment of the next (re)start, replacing the one
@@ -365,22 +352,21 @@ impl Hookd {
     pub fn spawn_guest(
         &self,
         ns: &NetNs,
-        config: &crate::sandbox::ConfigDir,
+        config: &ConfigDir,
         name: &str,
-        spec: &crate::guest::GuestSpec,
+        spec: &GuestSpec,
         bridge: &str,
         more: &[&str],
-    ) -> crate::guest::RunningGuest {
-        let serial = crate::guest::log_dir(ns.name())
-            .join(format!("{name}-{}.log", crate::guest::random_token()));
+    ) -> RunningGuest {
+        let serial = log_dir(ns.name()).join(format!("{name}-{}.log", random_token()));
         let helper = workspace_binary("qnet-bridge-helper");
         let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
-        let mut qemu = crate::sandbox::sandboxed("qemu-system-x86_64", ns, config, None);
+        let mut qemu = sandboxed("qemu-system-x86_64", ns, config, None);
         qemu.args(spec.qemu_args(&netdev, &serial))
             .args(["-name", name])
             .args(qmp_client_args(&self.qmp_socket()))
             .args(more);
-        crate::guest::RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `qnetctl --json ARGS` and returns the parsed reply, or the

@@ -11,8 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, ProbeOutcome,
-    RunningGuest, LONG,
+    guest_image, random_mac, random_token, GuestSpec, ProbeOutcome, RunningGuest, LONG,
 };
 use qnet_tests::hookd::{count_where, network, Hookd};
 use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
@@ -54,16 +53,13 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let (hk, out) = NetNs::with_outside(
             &format!("{tag}-hk"),
             &format!("{tag}-out"),
             &[&format!("{UPLINK}/24"), &format!("{UPLINK6}/64")],
             &[&format!("{OUTSIDE}/24"), &format!("{OUTSIDE6}/64")],
         );
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnlab\n");
-        let hookd = Hookd::start(&hk, Some(&hookd_toml()));
+        let (hookd, config) = Hookd::start_for_guests(&hk, &hookd_toml(), &["qnlab"]);
         World {
             hookd,
             config,

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
-    ProbeOutcome, RunningGuest, INIT_MARKER, LONG,
+    guest_image, random_mac, random_token, target_dir, GuestSpec, ProbeOutcome, RunningGuest,
+    INIT_MARKER, LONG,
 };
 use qnet_tests::hookd::{network, qmp_client_args, Hookd};
 use qnet_tests::netns::{host_and_outside, NetNs, OUTSIDE, UPLINK};
@@ -60,16 +60,13 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let (hk, out) =
             host_and_outside(&format!("{tag}-hk"), &format!("{tag}-out"), UPLINK, OUTSIDE);
         let servers = vec![
             OutsideServer::start(&out, format!("{OUTSIDE}:8080").parse().unwrap()),
             OutsideServer::start(&out, format!("{OUTSIDE}:2525").parse().unwrap()),
         ];
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnlab\nallow qniso\n");
-        let hookd = Hookd::start(&hk, Some(&hookd_toml()));
+        let (hookd, config) = Hookd::start_for_guests(&hk, &hookd_toml(), &["qnlab", "qniso"]);
         World {
             hookd,
             _servers: servers,

@@ -330,7 +330,7 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     let mac = random_mac();
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
     let spec = GuestSpec::new(&image, &mac, random_token());
-    let guest = hookd.boot_guest(&world.host, &config, BRIDGE, "lan-guest", &spec);
+    let guest = hookd.spawn_guest(&world.host, &config, "lan-guest", &spec, BRIDGE, &[]);
     let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         (100..=150).contains(&leased.octets()[3]) && leased.octets()[..3] == [192, 168, 77],

@@ -16,9 +16,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_token, GuestSpec, ProbeOutcome, RunningGuest, LONG,
-};
+use qnet_tests::guest::{guest_image, random_token, GuestSpec, ProbeOutcome, RunningGuest, LONG};
 use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::http::{http_get_in_netns, http_get_once};
 use qnet_tests::netns::NetNs;
@@ -66,11 +64,9 @@ impl World {
     /// The daemon with the three networks, and each guest's address
     /// reserved.
     fn new() -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let hk = NetNs::new("links-hk");
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnla\nallow qnlb\nallow qnlc\n");
-        let hookd = Hookd::start(&hk, Some(&hookd_toml()));
+        let (hookd, config) =
+            Hookd::start_for_guests(&hk, &hookd_toml(), &["qnla", "qnlb", "qnlc"]);
         for net in ['a', 'b', 'c'] {
             let (name, mac, ip) = (net.to_string(), guest_mac(net), guest_addr(net));
             hookd
@@ -91,8 +87,8 @@ impl World {
             format!("qnet.probe_tries={tries}"),
         ];
         let bridge = format!("qnl{net}");
-        self.hookd
-            .boot_guest(&self.hk, &self.config, &bridge, &format!("g{net}"), &spec)
+        let name = format!("g{net}");
+        (self.hookd).spawn_guest(&self.hk, &self.config, &name, &spec, &bridge, &[])
     }
 
     /// A veth "guest" on network `net`'s bridge at `.20`.
