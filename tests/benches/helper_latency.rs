@@ -16,25 +16,20 @@
 use std::path::{Path, PathBuf};
 
 use qnet_tests::helper_bench::{
-    installed_helper, measure_alternately, print_table, Candidate, WARMUP,
+    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
 };
 use qnet_tests::netns::NetNs;
 use qnet_tests::require_tool;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::sandbox::ConfigDir;
 
 const ANCHOR: &str = "/usr/lib/qemu/qemu-bridge-helper";
 const BRIDGE: &str = "qbrbench";
-const WORKER_ENV: &str = "QNET_BENCH_WORKER";
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(400);
-    if std::env::var_os(WORKER_ENV).is_some() {
-        worker(rounds);
-        return;
-    }
+    bench_main(400, parent, worker);
+}
+
+fn parent(rounds: usize) {
     require_tool(ANCHOR, "qemu-system-common");
     let ours = helper_under_test();
     println!("measuring {}", ours.display());
@@ -43,13 +38,7 @@ fn main() {
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
 
-    let status = sandboxed(std::env::current_exe().unwrap(), &netns, &config, None)
-        .env(WORKER_ENV, "1")
-        .env("QNET_BENCH_OURS", &ours)
-        .arg(rounds.to_string())
-        .status()
-        .expect("run worker");
-    assert!(status.success(), "benchmark worker failed: {status}");
+    run_worker(&netns, &config, &[("QNET_BENCH_OURS", &ours)], rounds);
 }
 
 /// The helper as installed (or `QNET_BENCH_HELPER`).

@@ -58,8 +58,9 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qnet_tests::fake_guest::{self, Identity};
-use qnet_tests::hookd::Hookd;
+use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::netns::{run, NetNs};
+use qnet_tests::procfs::ProcStatus;
 use serde_json::{json, Value};
 
 const NET: &str = "bench";
@@ -76,13 +77,26 @@ const IDLE: Duration = Duration::from_secs(10);
 /// that never writes the reservation would otherwise hang the bench).
 const PATIENCE: Duration = Duration::from_secs(120);
 
-const CONFIG: &str = r#"
-[[network]]
-name = "bench"
-bridge = "qnbench"
-mode = "nat"
-subnet = "10.90.0.0/16"
-"#;
+fn hookd_toml() -> String {
+    network(
+        NET,
+        BRIDGE,
+        &[r#"mode = "nat""#, r#"subnet = "10.90.0.0/16""#],
+    )
+}
+
+/// The bench's daemon in a new namespace `tag`, logging at `info` (its
+/// default; `Hookd::start` passes `--log debug`, which `RUST_LOG`
+/// overrides), and its network's run directory. Call it before any thread
+/// exists (it sets the environment).
+fn start_daemon(tag: &str) -> (NetNs, Hookd, PathBuf) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
+    let (netns, hookd) = Hookd::start_in_new_netns(tag, Some(&hookd_toml()));
+    let net_dir = hookd.run_dir().join(NET);
+    (netns, hookd, net_dir)
+}
 
 fn main() {
     if let Some(index) = std::env::var_os(WORKER_ENV) {
@@ -115,15 +129,8 @@ fn main() {
     let mut steps: Vec<usize> = STEPS.iter().copied().filter(|&n| n < max).collect();
     steps.push(max);
 
-    // The daemon's default level; Hookd::start passes --log debug, which
-    // RUST_LOG overrides. Set before any thread exists.
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "info");
-    }
-    let netns = NetNs::new("hkscale");
-    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let (netns, hookd, net_dir) = start_daemon("hkscale");
     let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
-    let net_dir = hookd.run_dir().join(NET);
     let hosts_dir = net_dir.join("dhcp-hosts.d");
     let dns_dir = net_dir.join("dns-hosts.d");
     let watch = Watch::new(&net_dir);
@@ -210,13 +217,8 @@ const ROUNDS: usize = 3;
 /// exiting: the daemon's RSS at each round's peak, right after every guest
 /// has gone, and after [`IDLE`] with none; `VmHWM` is the high-water mark.
 fn rounds_of_guests(n: usize) {
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "info");
-    }
-    let netns = NetNs::new("hkround");
-    let hookd = Hookd::start(&netns, Some(CONFIG));
+    let (netns, hookd, net_dir) = start_daemon("hkround");
     let daemon = process_in(&netns, "qnet-hookd").expect("qnet-hookd runs in the namespace");
-    let net_dir = hookd.run_dir().join(NET);
     let dns_dir = net_dir.join("dns-hosts.d");
     let watch = Watch::new(&net_dir);
     wait_for_dnsmasq(&net_dir);
@@ -292,12 +294,7 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    ProcStatus::of(pid).number("VmHWM:")
 }
 
 // ----- forwards through the daemon --------------------------------------------
@@ -313,12 +310,7 @@ const MEASURED_PORT: u16 = 40000;
 /// running (fake) guest, with k-1 forwards added before it one request
 /// each. Also as a `qnetctl forward add` process.
 fn forwards_through_the_daemon() {
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "info");
-    }
-    let netns = NetNs::new("hkfwd");
-    let hookd = Hookd::start(&netns, Some(CONFIG));
-    let net_dir = hookd.run_dir().join(NET);
+    let (netns, hookd, net_dir) = start_daemon("hkfwd");
     let hosts_dir = net_dir.join("dhcp-hosts.d");
     wait_for_dnsmasq(&net_dir);
     let watch = Watch::new(&net_dir);
@@ -679,15 +671,7 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let status = ProcStatus::of(pid);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): state is the
     // first, utime (14) and stime (15) the 12th and 13th.
@@ -699,8 +683,8 @@ fn usage(pid: u32) -> Usage {
     let cpu_ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     Usage {
-        rss_kib: field("VmRSS:"),
-        threads: field("Threads:"),
+        rss_kib: status.number("VmRSS:"),
+        threads: status.number("Threads:"),
         cpu_ticks,
         fds,
     }

@@ -25,24 +25,19 @@ use std::path::{Path, PathBuf};
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::helper_bench::{
-    installed_helper, measure_alternately, print_table, Candidate, WARMUP,
+    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
 };
 use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::{sandboxed, ConfigDir};
+use qnet_tests::sandbox::ConfigDir;
 
 const BRIDGE: &str = "qbrbench";
 const LOWER: &str = "qvbench";
-const WORKER_ENV: &str = "QNET_BENCH_WORKER";
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(300);
-    if std::env::var_os(WORKER_ENV).is_some() {
-        worker(rounds);
-        return;
-    }
+    bench_main(300, parent, worker);
+}
+
+fn parent(rounds: usize) {
     let macvtap = installed_helper("qnet-macvtap-helper");
     let bridge = installed_helper("qnet-bridge-helper");
     println!("measuring {} and {}", macvtap.display(), bridge.display());
@@ -63,14 +58,11 @@ fn main() {
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
     config.write("macvtap.conf", &format!("allow {LOWER}\n"));
 
-    let status = sandboxed(std::env::current_exe().unwrap(), &netns, &config, None)
-        .env(WORKER_ENV, "1")
-        .env("QNET_BENCH_MACVTAP", &macvtap)
-        .env("QNET_BENCH_BRIDGE", &bridge)
-        .arg(rounds.to_string())
-        .status()
-        .expect("run worker");
-    assert!(status.success(), "benchmark worker failed: {status}");
+    let env = [
+        ("QNET_BENCH_MACVTAP", macvtap.as_path()),
+        ("QNET_BENCH_BRIDGE", bridge.as_path()),
+    ];
+    run_worker(&netns, &config, &env, rounds);
 }
 
 fn worker(rounds: usize) {

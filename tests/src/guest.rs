@@ -51,6 +51,15 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The failure bound of a long wait on a real guest: booting under TCG
+/// to its lease or its ready line, a daemon following it (a few seconds
+/// as a rule; never an expectation).
+pub const LONG: Duration = Duration::from_secs(90);
+/// Failure bounds for a guest with its lease: until its servers are up
+/// (the ready line), and for one HTTP fetch from it.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `/init` started (kernel boot is over).
 pub const INIT_MARKER: &str = "QNET-GUEST-INIT";
 /// `eth0` got a DHCP lease; see [`GuestLease`].

@@ -1,6 +1,7 @@
 //! What the helper latency benchmarks (`benches/helper_latency.rs`,
-//! `benches/macvtap_latency.rs`) share: the helpers as installed, one
-//! QEMU-style run timed, programs measured alternately, and the table.
+//! `benches/macvtap_latency.rs`) share: the helpers as installed, the
+//! worker each re-runs itself as in the sandbox, one QEMU-style run timed,
+//! programs measured alternately, and the table.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -11,10 +12,43 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use qnet_hostnet::fdpass::recv_fd;
 
+use crate::netns::NetNs;
+use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
 
 /// Samples taken before measuring, per program.
 pub const WARMUP: usize = 20;
+
+/// Set in the environment of the worker a bench re-runs itself as.
+const WORKER_ENV: &str = "QNET_BENCH_WORKER";
+
+/// A helper bench's `main`: with the rounds asked for (the first numeric
+/// argument, else `default_rounds`), `parent` sets up the sandbox and
+/// calls [`run_worker`]; in the worker it started, `worker` measures.
+pub fn bench_main(default_rounds: usize, parent: fn(usize), worker: fn(usize)) {
+    let rounds = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(default_rounds);
+    if std::env::var_os(WORKER_ENV).is_some() {
+        worker(rounds);
+    } else {
+        parent(rounds);
+    }
+}
+
+/// Re-runs this bench as its worker (see [`bench_main`]) in the sandbox of `netns` and
+/// `config` (so the timed spawns pay no namespace set-up), with `env` and
+/// `rounds`; panics unless the worker succeeds.
+pub fn run_worker(netns: &NetNs, config: &ConfigDir, env: &[(&str, &Path)], rounds: usize) {
+    let status = sandboxed(std::env::current_exe().unwrap(), netns, config, None)
+        .env(WORKER_ENV, "1")
+        .envs(env.iter().copied())
+        .arg(rounds.to_string())
+        .status()
+        .expect("run worker");
+    assert!(status.success(), "benchmark worker failed: {status}");
+}
 
 /// The helper as installed: the static build `make helpers` makes
 /// (target/<host triple>/release), else the plain release build.

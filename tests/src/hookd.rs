@@ -2,15 +2,17 @@
 //! the real `qnetctl`.
 
 use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::guest::{target_dir, GuestSpec, RunningGuest};
+use crate::guest::{check_prerequisites, log_dir, random_token, GuestSpec, RunningGuest};
 use crate::mountns::MountNs;
 use crate::netns::NetNs;
+use crate::process::{spawn_logged, wait_serving};
 use crate::sandbox::{sandboxed, ConfigDir};
 use crate::workspace_binary;
 
@@ -22,7 +24,18 @@ name = "lab"
 bridge = "qnlab"
 subnet = "10.77.0.0/24"
 "#;
-use std::os::unix::process::CommandExt;
+
+/// One `[[network]]` table of hookd.toml: `name` on `bridge`, then each of
+/// `settings` (`key = value`, TOML as it is) on a line of its own. Tests
+/// build their configs from it and say only what their network adds.
+pub fn network(name: &str, bridge: &str, settings: &[&str]) -> String {
+    let mut table = format!("\n[[network]]\nname = \"{name}\"\nbridge = \"{bridge}\"\n");
+    for setting in settings {
+        table.push_str(setting);
+        table.push('\n');
+    }
+    table
+}
 
 /// A qnet-hookd process with its own config, run and state directories.
 /// Dropping it kills the daemon (the namespace's own drop kills dnsmasq).
@@ -62,6 +75,26 @@ impl Hookd {
     /// no config file, so the default network) and waits until it answers.
     pub fn start(netns: &NetNs, config: Option<&str>) -> Hookd {
         Hookd::start_with(netns, config, Launch::default())
+    }
+
+    /// A new namespace (`tag`, see [`NetNs::new`]) with the daemon started
+    /// in it: the opening of most daemon tests. Bind both (`let (ns,
+    /// hookd)`): the daemon is dropped before its namespace.
+    pub fn start_in_new_netns(tag: &str, config: Option<&str>) -> (NetNs, Hookd) {
+        let ns = NetNs::new(tag);
+        let hookd = Hookd::start(&ns, config);
+        (ns, hookd)
+    }
+
+    /// The opening of a test with real guests in `hk`: checks what they
+    /// need, starts the daemon there with `config`, and returns it with a
+    /// sandbox config for QEMU whose bridge.conf allows `bridges`.
+    pub fn start_for_guests(hk: &NetNs, config: &str, bridges: &[&str]) -> (Hookd, ConfigDir) {
+        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
+        let sandbox = ConfigDir::new();
+        let allow: String = bridges.iter().map(|b| format!("allow {b}\n")).collect();
+        sandbox.write("bridge.conf", &allow);
+        (Hookd::start(hk, Some(config)), sandbox)
     }
 
     /// [`Hookd::start`] with extra environment variables (kept for
@@ -114,30 +147,6 @@ impl Hookd {
         }
     }
 
-    /// Boots the test guest of `spec`, named `name` (`-name`), on `bridge`
-    /// in `netns` through qnet-bridge-helper (allowed by `config`'s
-    /// bridge.conf), dialing this daemon's QMP socket. Does not wait for
-    /// it; its serial log is `<target>/qnet-test-logs/NETNS/NAME-TOKEN.log`.
-    pub fn boot_guest(
-        &self,
-        netns: &NetNs,
-        config: &ConfigDir,
-        bridge: &str,
-        name: &str,
-        spec: &GuestSpec,
-    ) -> RunningGuest {
-        let logs = target_dir().join("qnet-test-logs").join(netns.name());
-        std::fs::create_dir_all(&logs).unwrap();
-        let serial = logs.join(format!("{name}-{}.log", spec.token));
-        let helper = workspace_binary("qnet-bridge-helper");
-        let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
-        let mut qemu = sandboxed("qemu-system-x86_64", netns, config, None);
-        qemu.args(spec.qemu_args(&netdev, &serial))
-            .args(["-name", name])
-            .args(qmp_client_args(&self.qmp_socket()));
-        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// The extra environment of the next (re)start, replacing the one
     /// given at launch.
     pub fn set_env(&mut self, env: &[(&str, &str)]) {
@@ -176,8 +185,12 @@ impl Hookd {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir().join("hookd.log"))
+            .open(self.log_path())
             .unwrap()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir().join("hookd.log")
     }
 
     pub fn dir(&self) -> &Path {
@@ -240,7 +253,7 @@ impl Hookd {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("hookd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The command line of the daemon (for tests of bad configs too).
@@ -292,21 +305,12 @@ impl Hookd {
     /// (Re)starts the daemon and waits until `status` answers.
     pub fn spawn(&mut self) {
         self.spawn_nowait();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.qnetctl(&["status"]).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("qnet-hookd exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qnet-hookd did not answer:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (ctl, log) = (self.ctl_socket(), self.log_path());
+        let child = self.child.as_mut().unwrap();
+        let (timeout, every) = (Duration::from_secs(30), Duration::from_millis(50));
+        wait_serving("qnet-hookd", child, &log, timeout, every, || {
+            qnetctl_at(&ctl, &["status"]).is_ok()
+        });
     }
 
     /// The daemon's pid while it runs (`ip netns exec` and `nsenter` exec
@@ -317,14 +321,7 @@ impl Hookd {
 
     /// Starts the daemon without waiting for it to answer.
     pub fn spawn_nowait(&mut self) {
-        let log = self.log_file();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start qnet-hookd");
+        let child = spawn_logged(&mut self.command(), &self.log_path(), "qnet-hookd");
         self.child = Some(child);
     }
 
@@ -355,39 +352,40 @@ impl Hookd {
     pub fn spawn_guest(
         &self,
         ns: &NetNs,
-        config: &crate::sandbox::ConfigDir,
+        config: &ConfigDir,
         name: &str,
-        spec: &crate::guest::GuestSpec,
+        spec: &GuestSpec,
         bridge: &str,
         more: &[&str],
-    ) -> crate::guest::RunningGuest {
-        let serial = crate::guest::log_dir(ns.name())
-            .join(format!("{name}-{}.log", crate::guest::random_token()));
+    ) -> RunningGuest {
+        let serial = log_dir(ns.name()).join(format!("{name}-{}.log", random_token()));
         let helper = workspace_binary("qnet-bridge-helper");
         let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
-        let mut qemu = crate::sandbox::sandboxed("qemu-system-x86_64", ns, config, None);
+        let mut qemu = sandboxed("qemu-system-x86_64", ns, config, None);
         qemu.args(spec.qemu_args(&netdev, &serial))
             .args(["-name", name])
             .args(qmp_client_args(&self.qmp_socket()))
             .args(more);
-        crate::guest::RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
+        RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `qnetctl --json ARGS` and returns the parsed reply, or the
     /// error line qnetctl printed.
     pub fn qnetctl(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(workspace_binary("qnetctl"))
-            .arg("--socket")
-            .arg(self.ctl_socket())
-            .arg("--json")
-            .args(args)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON from qnetctl: {e}"))
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        qnetctl_at(&self.ctl_socket(), args)
+    }
+
+    /// Runs `qnetctl ARGS`, which the daemon must refuse with an error
+    /// saying each of `says`; returns the error.
+    pub fn refused(&self, args: &[&str], says: &[&str]) -> String {
+        let err = match self.qnetctl(args) {
+            Ok(reply) => panic!("qnetctl {args:?} succeeded: {reply}"),
+            Err(err) => err,
+        };
+        for part in says {
+            assert!(err.contains(part), "qnetctl {args:?}: {err}");
         }
+        err
     }
 
     /// Polls `check` with the daemon's replies until it is true.
@@ -426,6 +424,46 @@ impl Drop for Hookd {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `qnetctl --socket CTL --json ARGS` and returns the parsed reply,
+/// or the error line qnetctl printed.
+fn qnetctl_at(ctl: &Path, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(ctl)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON from qnetctl: {e}"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Runs `qnetctl --socket CTL ARGS`, which must fail (exit status 1), and
+/// returns what it said on stderr.
+pub fn qnetctl_error(ctl: &Path, args: &[&str]) -> String {
+    let out = Command::new(workspace_binary("qnetctl"))
+        .arg("--socket")
+        .arg(ctl)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "qnetctl {args:?}: {stderr}");
+    stderr
+}
+
+/// How many objects of the JSON array `list` (a reply's) have `key` equal
+/// to `value`; panics if `list` is no array.
+pub fn count_where(list: &Value, key: &str, value: &str) -> usize {
+    let list = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"));
+    list.iter().filter(|item| item[key] == value).count()
 }
 
 /// The QEMU arguments that make QEMU dial the daemon as a QMP client.

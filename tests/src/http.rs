@@ -11,6 +11,10 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// One HTTP attempt's budget (connect, send, read), for a fetch that may
+/// fail and is tried again.
+pub const ONE_TRY: Duration = Duration::from_secs(5);
+
 /// Runs `f` on a new thread inside the network namespace
 /// `/run/netns/<netns>` and returns its result.
 pub fn with_netns<T, F>(netns: &str, f: F) -> Result<T, String>

@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::fake_qemu::run_helper;
 use crate::netns::{run, NetNs};
 use crate::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use crate::{require_tool, workspace_binary};
@@ -30,11 +31,7 @@ impl Installed {
     /// named `caps` and `setuid` are what [`Installed::path`] returns.
     pub fn new(binary: &str, copies: &[(&str, u32, Option<&str>)]) -> Installed {
         require_tool("setcap", "libcap2-bin");
-        let dir = tempfile::Builder::new()
-            .prefix("qnet-test-bin-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = crate::tempdir_with_mode("qnet-test-bin-", 0o755);
         let built = workspace_binary(binary);
         for (name, mode, caps) in copies {
             let path = dir.path().join(name);
@@ -66,6 +63,7 @@ pub struct AsUser {
     pub config: ConfigDir,
     pub installed: Installed,
     pub user: RunAs,
+    nic_args: fn() -> Vec<String>,
 }
 
 impl AsUser {
@@ -75,7 +73,52 @@ impl AsUser {
             config: ConfigDir::new(),
             installed,
             user: unused_user(),
+            nic_args: Vec::new,
         }
+    }
+
+    /// `args` makes the helper's arguments for one guest NIC (the
+    /// macvtap helper's `--mac`), afresh for every [`AsUser::helper`].
+    pub fn with_nic_args(self, args: fn() -> Vec<String>) -> AsUser {
+        AsUser {
+            nic_args: args,
+            ..self
+        }
+    }
+
+    /// The helper installed as `install`, for one guest NIC, run as the
+    /// user (see [`AsUser::command`]).
+    pub fn helper(&self, install: Install) -> Command {
+        let mut cmd = self.command(&self.installed.path(install));
+        cmd.args((self.nic_args)());
+        cmd
+    }
+
+    /// Runs the uninstalled ("plain") copy for `device`: it must refuse and
+    /// leave no link behind. Returns what it said.
+    pub fn plain_copy_refused(&self, device: &str) -> String {
+        let before = self.netns.link_names();
+        let mut cmd = self.command(&self.installed.copy("plain"));
+        cmd.args((self.nic_args)());
+        let message = run_helper(cmd, Some(device)).expect_refusal();
+        assert_eq!(self.netns.link_names(), before, "{message}");
+        message
+    }
+
+    /// Issue 11, finding 1: `acl_file` allows all but `device`, which the
+    /// kernel also knows as `prodalt`: the name to try the helper with.
+    pub fn deny_under_an_altname(&self, acl_file: &str, device: &str) {
+        self.config
+            .write(acl_file, &format!("allow all\ndeny {device}\n"));
+        self.netns.add_altname(device, "prodalt");
+    }
+
+    /// Runs [`AsUser::helper`] for `device`: it must refuse, saying
+    /// `expected`. Returns all it said.
+    pub fn refused(&self, install: Install, device: &str, expected: &str) -> String {
+        let message = run_helper(self.helper(install), Some(device)).expect_refusal();
+        assert!(message.contains(expected), "{install:?}: {message}");
+        message
     }
 
     /// `program` in the namespace, with the config directory, as the user,

@@ -17,6 +17,8 @@ pub mod install;
 pub mod mountns;
 pub mod netns;
 pub mod peers;
+pub mod process;
+pub mod procfs;
 pub mod sandbox;
 
 use std::path::PathBuf;
@@ -71,6 +73,15 @@ fn package_of(program: &str) -> &'static str {
     }
 }
 
+/// A temporary directory `PREFIX…` (removed on drop) with permissions
+/// `mode`: for files a test shares with the user it runs a program as.
+pub fn tempdir_with_mode(prefix: &str, mode: u32) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
+
 /// Polls `check` every 20 ms until it is true; panics with `what` if it is
 /// still false after `timeout` (a generous failure bound, never a timing
 /// assertion).
@@ -83,6 +94,24 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut check: impl FnMu
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// All a finished command said: its stdout, then its stderr.
+pub fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` (`what` names it in a failure) and returns all it said;
+/// panics with that unless it succeeded.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text = said(&out);
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
 }
 
 /// The directory cargo puts this build's binaries in (target/debug or

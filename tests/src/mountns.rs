@@ -52,23 +52,10 @@ impl MountNs {
 
     /// Runs `program ARGS` in the namespace (mount and network).
     pub fn run(&self, program: &str, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("nsenter")
-            .args([
-                "--target",
-                &self.pid().to_string(),
-                "--mount",
-                "--net",
-                "--",
-            ])
-            .arg(program)
-            .args(args)
-            .output()
-            .map_err(|e| format!("nsenter: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+        let pid = self.pid().to_string();
+        let mut argv = vec!["--target", &pid, "--mount", "--net", "--", program];
+        argv.extend_from_slice(args);
+        crate::netns::run("nsenter", &argv)
     }
 
     /// Mounts a tmpfs of `size` (e.g. `"16k"`) on `dir` (created on the

@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+/// The host's uplink address and the outside's, on the /24 between them,
+/// in the tests' worlds of a host and "the outside" ([`host_and_outside`]).
+pub const UPLINK: &str = "10.254.0.1";
+pub const OUTSIDE: &str = "10.254.0.2";
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short suffix (`<pid>-<n>`) for names that must not collide
@@ -95,6 +100,11 @@ impl NetNs {
         let mut all = vec!["-j"];
         all.extend_from_slice(args);
         serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
+    }
+
+    /// Gives link `dev` the alternative name `altname`.
+    pub fn add_altname(&self, dev: &str, altname: &str) {
+        self.ip(&["link", "property", "add", "dev", dev, "altname", altname]);
     }
 
     /// Adds a bridge with the given address (CIDR) and brings it up.

@@ -12,6 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::netns::NetNs;
+use crate::process::{spawn_logged, stop, wait_serving};
 use crate::{require_tool, workspace_binary};
 
 /// The program's output, or a panic naming the command and its stderr.
@@ -29,28 +30,6 @@ fn in_ns(ns: &NetNs, program: &str) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns.name(), program]);
     cmd
-}
-
-/// SIGTERM, wait up to 20 s, then SIGKILL.
-fn stop_child(child: &mut Child) {
-    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// An iptables backend's binary for a family.
@@ -164,12 +143,8 @@ impl Dockerd {
 
     fn spawn(&mut self, ns: &NetNs) {
         let d = self.dir.path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("dockerd.log"))
-            .unwrap();
-        let child = Command::new("nsenter")
+        let mut dockerd = Command::new("nsenter");
+        dockerd
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg("dockerd")
             .arg("--data-root")
@@ -179,29 +154,20 @@ impl Dockerd {
             .arg("--pidfile")
             .arg(d.join("dockerd.pid"))
             .arg("-H")
-            .arg(format!("unix://{}", d.join("docker.sock").display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd");
-        self.child = Some(child);
+            .arg(format!("unix://{}", d.join("docker.sock").display()));
+        let log = d.join("dockerd.log");
+        let child = self
+            .child
+            .insert(spawn_logged(&mut dockerd, &log, "dockerd"));
         // Ready once its chains are there and its API answers.
         let sock = d.join("docker.sock");
-        wait_for(
-            "dockerd's DOCKER-USER chain",
-            Duration::from_secs(60),
-            || {
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("dockerd exited ({status}):\n{}", self.log());
-                }
-                sock.exists()
-                    && in_ns(ns, "iptables-nft")
-                        .args(["-w", "-S", "DOCKER-USER"])
-                        .output()
-                        .is_ok_and(|o| o.status.success())
-            },
-        );
+        wait_serving("dockerd", child, &log, MINUTE, POLL, || {
+            sock.exists()
+                && in_ns(ns, "iptables-nft")
+                    .args(["-w", "-S", "DOCKER-USER"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
     }
 
     pub fn log(&self) -> String {
@@ -217,7 +183,7 @@ impl Dockerd {
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
+            stop(&mut child);
         }
         let data = self.dir.path().join("data");
         // dockerd bind-mounts parts of its data root; unmount them all.
@@ -232,6 +198,31 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// How long dockerd and firewalld may take to serve, and how often to
+/// look.
+const MINUTE: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(100);
+
+/// Runs `firewall-cmd ARGS` against the firewalld on the bus of
+/// `dbus_pid`'s mount namespace, in the network namespace `netns`.
+fn firewall_cmd(dbus_pid: i32, netns: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("nsenter")
+        .args(["-t", &dbus_pid.to_string(), "-m"])
+        .args(["ip", "netns", "exec", netns, "firewall-cmd"])
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "firewall-cmd {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -294,12 +285,8 @@ impl Firewalld {
 
     /// Starts firewalld on the bus and waits until it runs.
     pub fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("firewalld.log"))
-            .unwrap();
-        let child = Command::new("nsenter")
+        let mut firewalld = Command::new("nsenter");
+        firewalld
             .args(["-t", &self.dbus_pid.to_string(), "-m"])
             .args([
                 "ip",
@@ -309,18 +296,14 @@ impl Firewalld {
                 "firewalld",
                 "--nofork",
                 "--nopid",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start firewalld");
-        self.child = Some(child);
-        wait_for("firewalld to run", Duration::from_secs(60), || {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("firewalld exited ({status}):\n{}", self.log());
-            }
-            self.cmd(&["--state"]).is_ok_and(|s| s.trim() == "running")
+            ]);
+        let log = self.dir.path().join("firewalld.log");
+        let child = self
+            .child
+            .insert(spawn_logged(&mut firewalld, &log, "firewalld"));
+        let (dbus_pid, netns) = (self.dbus_pid, &self.netns);
+        wait_serving("firewalld", child, &log, MINUTE, POLL, || {
+            firewall_cmd(dbus_pid, netns, &["--state"]).is_ok_and(|s| s.trim() == "running")
         });
     }
 
@@ -330,27 +313,13 @@ impl Firewalld {
 
     /// Runs `firewall-cmd ARGS` against this firewalld.
     pub fn cmd(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.dbus_pid.to_string(), "-m"])
-            .args(["ip", "netns", "exec", &self.netns, "firewall-cmd"])
-            .args(args)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "firewall-cmd {args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        firewall_cmd(self.dbus_pid, &self.netns, args)
     }
 
     /// Stops firewalld (by pid) and starts it again on the same bus.
     pub fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
+            stop(&mut child);
         }
         self.start_daemon();
     }
@@ -385,7 +354,7 @@ impl Firewalld {
 impl Drop for Firewalld {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
+            stop(&mut child);
         }
         let _ = kill(Pid::from_raw(self.dbus_pid), Signal::SIGTERM);
     }

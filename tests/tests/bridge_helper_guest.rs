@@ -9,16 +9,14 @@ use std::time::{Duration, Instant};
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::guest::{
     check_prerequisites, guest_image, random_bytes, random_mac, random_token, GuestSpec,
-    RunningGuest, HTTP_PORT,
+    RunningGuest, HTTP_PORT, HTTP_TIMEOUT, LONG,
 };
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
 
-/// Generous failure bounds, not expectations.
-const LEASE_TIMEOUT: Duration = Duration::from_secs(90);
-const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A generous failure bound, not an expectation.
 const GONE_TIMEOUT: Duration = Duration::from_secs(20);
 
 const BRIDGE: &str = "qbr0";
@@ -58,9 +56,7 @@ fn boot_through_helper(tag: &str, netdev_template: &str) {
     qemu.args(planned.get_args());
     let guest = RunningGuest::spawn(qemu, &serial).unwrap_or_else(|e| panic!("{e}"));
 
-    let leased = guest
-        .wait_for_lease(LEASE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(leased, reserved, "guest did not get its reserved address");
 
     // The helper's TAP is the bridge's only port, with a fe: MAC.

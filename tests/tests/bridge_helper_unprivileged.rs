@@ -12,7 +12,7 @@ use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_unti
 use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
 use qnet_tests::sandbox::{sandboxed, RunAs};
-use qnet_tests::{require_tool, workspace_binary};
+use qnet_tests::{require_tool, tempdir_with_mode, workspace_binary};
 
 fn path_str(path: &Path) -> String {
     path.to_str().unwrap().to_string()
@@ -52,8 +52,7 @@ fn setup(tag: &str) -> AsUser {
 fn allowed_bridge_works_for_an_ordinary_user() {
     let setup = setup("unpriv-ok");
     for install in INSTALLS {
-        let fd =
-            run_helper(setup.command(&setup.installed.path(install)), Some("qbr0")).expect_fd();
+        let fd = run_helper(setup.helper(install), Some("qbr0")).expect_fd();
         let (name, flags) = tap_info(fd.as_fd()).unwrap();
         assert!(flags & libc::IFF_VNET_HDR != 0, "{install:?}");
         let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
@@ -65,7 +64,7 @@ fn allowed_bridge_works_for_an_ordinary_user() {
 fn privileges_are_dropped_to_net_admin_and_the_caller() {
     let setup = setup("unpriv-creds");
     for install in INSTALLS {
-        let mut cmd = setup.command(&setup.installed.path(install));
+        let mut cmd = setup.helper(install);
         cmd.arg("--debug");
         let outcome = run_helper(cmd, Some("qbr0"));
         let log = outcome.stderr.clone();
@@ -83,12 +82,7 @@ fn privileges_are_dropped_to_net_admin_and_the_caller() {
 fn denied_bridge_is_refused() {
     let setup = setup("unpriv-deny");
     for install in INSTALLS {
-        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr3"))
-            .expect_refusal();
-        assert!(
-            message.contains("denied by /etc/qemu/bridge.conf:2"),
-            "{install:?}: {message}"
-        );
+        setup.refused(install, "qbr3", "denied by /etc/qemu/bridge.conf:2");
     }
 }
 
@@ -97,27 +91,22 @@ fn includes_are_read_as_the_calling_user() {
     let setup = setup("unpriv-incl");
     for install in INSTALLS {
         // root-only.conf allows qbr1, but the user cannot read it.
-        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr1"))
-            .expect_refusal();
-        assert!(message.contains("not allowed"), "{install:?}: {message}");
+        let message = setup.refused(install, "qbr1", "not allowed");
         assert!(
             message.contains("root-only.conf") && message.contains("permission denied"),
             "the refusal should mention the skipped include: {message}"
         );
         // user.conf is readable through the user's group.
-        run_helper(setup.command(&setup.installed.path(install)), Some("qbr2")).expect_fd();
+        run_helper(setup.helper(install), Some("qbr2")).expect_fd();
     }
 }
 
 #[test]
 fn an_uninstalled_copy_says_how_to_install_it() {
     let setup = setup("unpriv-plain");
-    let before = setup.netns.link_names();
-    let message =
-        run_helper(setup.command(&setup.installed.copy("plain")), Some("qbr0")).expect_refusal();
+    let message = setup.plain_copy_refused("qbr0");
     assert!(message.contains("CAP_NET_ADMIN"), "{message}");
     assert!(message.contains("setcap cap_net_admin+ep"), "{message}");
-    assert_eq!(setup.netns.link_names(), before);
 }
 
 #[test]
@@ -131,7 +120,7 @@ fn odd_environment_changes_nothing() {
     std::fs::write(evil.path().join("bridge.conf"), "allow all\n").unwrap();
     std::fs::set_permissions(evil.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for install in INSTALLS {
-        let mut cmd = setup.command(&setup.installed.path(install));
+        let mut cmd = setup.helper(install);
         cmd.env("QNET_CONFIG_DIR", evil.path())
             .env("CONFIG_QEMU_CONFDIR", evil.path())
             .env("RUST_LOG", "trace")
@@ -151,11 +140,7 @@ fn odd_environment_changes_nothing() {
 fn ld_preload_is_ignored() {
     let setup = setup("unpriv-preload");
     let cc = require_tool("cc", "gcc");
-    let work = tempfile::Builder::new()
-        .prefix("qnet-test-preload-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let work = tempdir_with_mode("qnet-test-preload-", 0o1777);
     let marker = work.path().join("preloaded");
     let source = work.path().join("evil.c");
     let library = work.path().join("evil.so");
@@ -195,7 +180,7 @@ fn ld_preload_is_ignored() {
     std::fs::remove_file(&marker).unwrap();
 
     for install in INSTALLS {
-        let mut cmd = setup.command(&setup.installed.path(install));
+        let mut cmd = setup.helper(install);
         cmd.env("LD_PRELOAD", &library);
         run_helper(cmd, Some("qbr0")).expect_fd();
         assert!(
@@ -210,31 +195,15 @@ fn ld_preload_is_ignored() {
 #[test]
 fn a_denied_bridge_is_refused_under_an_altname_too() {
     let setup = setup("unpriv-alt");
-    setup.config.write("bridge.conf", "allow all\ndeny qbr3\n");
-    setup.netns.ip(&[
-        "link", "property", "add", "dev", "qbr3", "altname", "prodalt",
-    ]);
-    setup.netns.ip(&[
-        "link", "property", "add", "dev", "qbr0", "altname", "labalt",
-    ]);
+    setup.deny_under_an_altname("bridge.conf", "qbr3");
+    setup.netns.add_altname("qbr0", "labalt");
     for install in INSTALLS {
-        let message = run_helper(
-            setup.command(&setup.installed.path(install)),
-            Some("prodalt"),
-        )
-        .expect_refusal();
-        assert!(
-            message.contains("bridge `prodalt` is denied by /etc/qemu/bridge.conf:2 (`deny qbr3`)"),
-            "{install:?}: {message}"
-        );
+        let denied = "bridge `prodalt` is denied by /etc/qemu/bridge.conf:2 (`deny qbr3`)";
+        setup.refused(install, "prodalt", denied);
         let ports = setup.netns.ip(&["-o", "link", "show", "master", "qbr3"]);
         assert!(ports.trim().is_empty(), "{install:?}: {ports}");
         // An allowed bridge may still be named by its altname.
-        let fd = run_helper(
-            setup.command(&setup.installed.path(install)),
-            Some("labalt"),
-        )
-        .expect_fd();
+        let fd = run_helper(setup.helper(install), Some("labalt")).expect_fd();
         let (name, _) = tap_info(fd.as_fd()).unwrap();
         let line = setup.netns.ip(&["-o", "link", "show", "dev", &name]);
         assert!(line.contains("master qbr0"), "{install:?}: {line}");
@@ -301,12 +270,7 @@ fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
         .config
         .write("bridge.conf", "allow qbr0\ninclude /proc/self/maps\n");
     for install in INSTALLS {
-        let message = run_helper(setup.command(&setup.installed.path(install)), Some("qbr0"))
-            .expect_refusal();
-        assert!(
-            message.contains("/proc/self/maps:1: unknown keyword:"),
-            "{install:?}: {message}"
-        );
+        let message = setup.refused(install, "qbr0", "/proc/self/maps:1: unknown keyword:");
         for leak in ["r-xp", "r--p", "rw-p", "[heap]", "[stack]"] {
             assert!(!message.contains(leak), "{install:?}: {message}");
         }
@@ -323,7 +287,7 @@ fn errors_do_not_echo_file_content_and_a_closed_stderr_is_no_crash() {
     setup.config.write("bridge.conf", "allow qbr0\ndeny qbr3\n");
     for install in INSTALLS {
         for (bridge, code) in [("qbr0", 0), ("qbr3", 1)] {
-            let mut cmd = setup.command(&setup.installed.path(install));
+            let mut cmd = setup.helper(install);
             cmd.arg("--debug");
             let outcome = run_helper_with_closed_stderr(cmd, bridge);
             assert_eq!(

@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::guest::{
     check_prerequisites, command_in_netns, guest_image, random_bytes, random_mac, random_token,
-    GuestSpec, RunningGuest, ECHO_PORT, HTTP_PORT,
+    GuestSpec, RunningGuest, ECHO_PORT, HTTP_PORT, HTTP_TIMEOUT, LONG, READY_TIMEOUT,
 };
 use qnet_tests::http::{http_get_in_netns, with_netns};
 use qnet_tests::netns::NetNs;
 
-/// Generous failure bounds, not expectations (boot to lease takes ~3 s).
-const LEASE_TIMEOUT: Duration = Duration::from_secs(60);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A generous failure bound, not an expectation.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends `payload` to the guest's TCP echo server, returns what came back.
@@ -111,7 +108,7 @@ fn guest_gets_reserved_lease_and_serves_ping_http_and_echo() {
     let guest = RunningGuest::spawn(qemu, &serial_log).expect("start QEMU");
 
     let lease = guest
-        .wait_for_lease_info(LEASE_TIMEOUT)
+        .wait_for_lease_info(LONG)
         .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", dnsmasq.log()));
     eprintln!("guest lease after {:.1?}: {lease:?}", started.elapsed());
     assert_eq!(

@@ -379,8 +379,7 @@ fn kill_9_at_random_points_never_loses_or_invents_an_acknowledged_change() {
     println!("hookd_crash: QNET_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
 
-    let ns = NetNs::new("crash");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, hookd) = Hookd::start_in_new_netns("crash", Some(LAB));
     let mut world = World {
         ns,
         hookd,

@@ -7,10 +7,11 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use qnet_tests::hookd::{run_with_config, Hookd, LAB};
+use qnet_tests::hookd::{qnetctl_error, run_with_config, Hookd, LAB};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::unused_user;
 use qnet_tests::workspace_binary;
@@ -46,8 +47,7 @@ fn without_config_the_default_network_avoids_used_subnets() {
 
 #[test]
 fn the_default_subnet_survives_restarts() {
-    let ns = NetNs::new("hkdefrst");
-    let mut hookd = Hookd::start(&ns, None);
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("hkdefrst", None);
     let before = hookd.qnetctl(&["status"]).unwrap()["networks"][0]["subnet"].clone();
     hookd.kill9();
     hookd.spawn();
@@ -87,8 +87,7 @@ fn a_bad_config_is_refused_with_file_line_and_key_and_changes_nothing() {
 
 #[test]
 fn bad_control_requests_get_errors_and_the_daemon_goes_on() {
-    let ns = NetNs::new("hkctl");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, hookd) = Hookd::start_in_new_netns("hkctl", Some(LAB));
     for (bytes, expect) in [
         (b"garbage\n".to_vec(), "bad request"),
         (b"{\"op\":\"format-disk\"}\n".to_vec(), "bad request"),
@@ -141,12 +140,7 @@ fn bad_control_requests_get_errors_and_the_daemon_goes_on() {
 
 #[test]
 fn qnetctl_says_when_the_daemon_is_not_running() {
-    let out = Command::new(workspace_binary("qnetctl"))
-        .args(["--socket", "/nonexistent/qnet/ctl.sock", "status"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = qnetctl_error(Path::new("/nonexistent/qnet/ctl.sock"), &["status"]);
     assert!(stderr.contains("qnet-hookd is not running"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
@@ -156,8 +150,7 @@ type HostilePeer = Box<dyn Fn(&mut UnixStream)>;
 
 #[test]
 fn hostile_qmp_peers_never_crash_the_daemon() {
-    let ns = NetNs::new("hkqmp");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, hookd) = Hookd::start_in_new_netns("hkqmp", Some(LAB));
     let peers: Vec<HostilePeer> = vec![
         Box::new(|s| drop(s.write_all(b"garbage\n{not json\n"))),
         Box::new(|s| drop(s.write_all(&vec![b'{'; 6 << 20]))),
@@ -183,8 +176,7 @@ fn hostile_qmp_peers_never_crash_the_daemon() {
 
 #[test]
 fn network_down_removes_bridge_rules_and_dnsmasq_and_up_restores_them() {
-    let ns = NetNs::new("hknet");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, mut hookd) = Hookd::start_in_new_netns("hknet", Some(LAB));
     let pid_file = hookd.run_dir().join("lab/dnsmasq.pid");
     assert!(pid_file.exists());
     hookd.qnetctl(&["network", "down", "lab"]).unwrap();
@@ -208,8 +200,7 @@ fn network_down_removes_bridge_rules_and_dnsmasq_and_up_restores_them() {
 
 #[test]
 fn reservations_survive_restarts_and_reach_dnsmasq() {
-    let ns = NetNs::new("hkres");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("hkres", Some(LAB));
     let mac = "52:54:00:aa:bb:01";
     let reply = hookd
         .qnetctl(&[
@@ -273,8 +264,7 @@ fn reservations_survive_restarts_and_reach_dnsmasq() {
 
 #[test]
 fn other_users_may_look_but_only_act_on_their_own_guests() {
-    let ns = NetNs::new("hkuser");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, hookd) = Hookd::start_in_new_netns("hkuser", Some(LAB));
     let user = unused_user();
     let qnetctl_as_user = |args: &[&str]| {
         let mut cmd = Command::new(workspace_binary("qnetctl"));

@@ -11,32 +11,33 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, ProbeOutcome,
-    RunningGuest,
+    guest_image, random_mac, random_token, GuestSpec, ProbeOutcome, RunningGuest, LONG,
 };
-use qnet_tests::hookd::Hookd;
-use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::NetNs;
+use qnet_tests::hookd::{count_where, network, Hookd};
+use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
+use qnet_tests::netns::{NetNs, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{unused_user, ConfigDir};
 use qnet_tests::workspace_binary;
 
-const LONG: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(20);
-/// One HTTP attempt's budget (connect, send, read).
-const ONE_TRY: Duration = Duration::from_secs(5);
 
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
 const UPLINK6: &str = "fd99::1";
 const OUTSIDE6: &str = "fd99::2";
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-subnet = "10.77.0.0/24"
-ipv6 = { subnet = "fd77::/64" }
+/// A dual-stack network and a forward of the config.
+fn hookd_toml() -> String {
+    let lab = network(
+        "lab",
+        "qnlab",
+        &[
+            r#"subnet = "10.77.0.0/24""#,
+            r#"ipv6 = { subnet = "fd77::/64" }"#,
+        ],
+    );
+    lab + FORWARD
+}
 
+const FORWARD: &str = r#"
 [[forward]]
 guest = "cfg-guest"
 proto = "tcp"
@@ -52,16 +53,13 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let (hk, out) = NetNs::with_outside(
             &format!("{tag}-hk"),
             &format!("{tag}-out"),
             &[&format!("{UPLINK}/24"), &format!("{UPLINK6}/64")],
             &[&format!("{OUTSIDE}/24"), &format!("{OUTSIDE6}/64")],
         );
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnlab\n");
-        let hookd = Hookd::start(&hk, Some(CONFIG));
+        let (hookd, config) = Hookd::start_for_guests(&hk, &hookd_toml(), &["qnlab"]);
         World {
             hookd,
             config,
@@ -253,12 +251,7 @@ fn forwards_follow_the_guest_and_survive_a_daemon_restart() {
     world.hookd.kill9();
     world.hookd.spawn();
     let listed = world.hookd.qnetctl(&["forward", "list"]).unwrap();
-    let runtime = listed["forwards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["origin"] == "runtime")
-        .count();
+    let runtime = count_where(&listed["forwards"], "origin", "runtime");
     assert_eq!(runtime, 0, "{listed}");
     assert!(refused(&world.out, sock(UPLINK, 8080)), "still removed");
 }

@@ -10,7 +10,7 @@
 //! host's own namespace.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,35 +18,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_mac, random_token, target_dir, GuestSpec,
-    ProbeOutcome, RunningGuest, INIT_MARKER,
+    guest_image, random_mac, random_token, target_dir, GuestSpec, ProbeOutcome, RunningGuest,
+    INIT_MARKER, LONG,
 };
-use qnet_tests::hookd::{qmp_client_args, Hookd};
-use qnet_tests::netns::{host_and_outside, NetNs};
+use qnet_tests::hookd::{network, qmp_client_args, Hookd};
+use qnet_tests::netns::{host_and_outside, NetNs, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{sandboxed, unused_user, ConfigDir, RunAs};
 use qnet_tests::workspace_binary;
 
-const LONG: Duration = Duration::from_secs(90);
 const TEARDOWN: Duration = Duration::from_secs(20);
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlab"
-mode = "nat"
-subnet = "10.77.0.0/24"
-domain = "lab.qnet"
-blocked-ports = ["tcp/2525"]
-
-[[network]]
-name = "iso"
-bridge = "qniso"
-mode = "isolated"
-subnet = "10.78.0.0/24"
-"#;
-
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
+/// A NAT network with a domain and a blocked port, and an isolated one.
+fn hookd_toml() -> String {
+    let lab = network(
+        "lab",
+        "qnlab",
+        &[
+            r#"mode = "nat""#,
+            r#"subnet = "10.77.0.0/24""#,
+            r#"domain = "lab.qnet""#,
+            r#"blocked-ports = ["tcp/2525"]"#,
+        ],
+    );
+    let iso = network(
+        "iso",
+        "qniso",
+        &[r#"mode = "isolated""#, r#"subnet = "10.78.0.0/24""#],
+    );
+    lab + &iso
+}
 
 /// The daemon's namespace with an uplink to an "outside" namespace.
 struct World {
@@ -60,16 +60,13 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let (hk, out) =
             host_and_outside(&format!("{tag}-hk"), &format!("{tag}-out"), UPLINK, OUTSIDE);
         let servers = vec![
             OutsideServer::start(&out, format!("{OUTSIDE}:8080").parse().unwrap()),
             OutsideServer::start(&out, format!("{OUTSIDE}:2525").parse().unwrap()),
         ];
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnlab\nallow qniso\n");
-        let hookd = Hookd::start(&hk, Some(CONFIG));
+        let (hookd, config) = Hookd::start_for_guests(&hk, &hookd_toml(), &["qnlab", "qniso"]);
         World {
             hookd,
             _servers: servers,
@@ -148,6 +145,24 @@ impl World {
     fn guest_named(&self, name: &str) -> Option<serde_json::Value> {
         self.hookd.guests().into_iter().find(|g| g["name"] == name)
     }
+
+    /// Kills QEMU of `guest` (kill -9, by dropping it) and waits until the
+    /// daemon no longer lists it as `name`.
+    fn kill_and_wait_gone(&self, guest: RunningGuest, name: &str) {
+        drop(guest);
+        self.hookd
+            .wait_until(&format!("{name} gone"), TEARDOWN, |h| {
+                h.guests().iter().all(|g| g["name"] != name)
+            });
+    }
+}
+
+/// Whether the daemon lists guest `name` with address `ip`.
+fn listed_at(hookd: &Hookd, name: &str, ip: Ipv4Addr) -> bool {
+    hookd
+        .guests()
+        .iter()
+        .any(|g| g["name"] == name && ip_of(g) == Some(ip.to_string()))
 }
 
 /// An HTTP server in the outside namespace that answers every request with
@@ -267,10 +282,7 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     assert!(lab["rx_bytes"].as_u64().unwrap() > 0, "{lab}");
 
     // kill -9 QEMU: its runtime state goes, its reservation stays.
-    drop(guest);
-    world.hookd.wait_until("guest-a to be gone", TEARDOWN, |h| {
-        h.guests().iter().all(|g| g["name"] != "guest-a")
-    });
+    world.kill_and_wait_gone(guest, "guest-a");
     let dns_hosts = world.hookd.dns_hosts("lab");
     assert!(!dns_hosts.contains("guest-a"), "{dns_hosts}");
     assert_eq!(world.hookd.reservation("lab", &mac), Some(reserved.clone()));
@@ -343,16 +355,11 @@ fn daemon_killed_and_restarted_rebuilds_exactly_and_readopts_guests() {
 
     // The client-mode QEMU reconnects by itself and is followed again.
     world.hookd.wait_until("guest-r re-adopted", LONG, |h| {
-        h.guests()
-            .iter()
-            .any(|g| g["name"] == "guest-r" && ip_of(g) == Some(leased.to_string()))
+        listed_at(h, "guest-r", leased)
     });
 
     // Killing QEMU after the restart still tears down.
-    drop(guest);
-    world.hookd.wait_until("guest-r gone", TEARDOWN, |h| {
-        h.guests().iter().all(|g| g["name"] != "guest-r")
-    });
+    world.kill_and_wait_gone(guest, "guest-r");
 }
 
 #[test]
@@ -501,15 +508,9 @@ fn qemu_with_its_own_qmp_server_is_attached_and_redialed_after_a_restart() {
             .lines()
             .filter(|l| l.contains("guest connected") && l.contains("guest-att"))
             .count();
-        connects == 2
-            && h.guests()
-                .iter()
-                .any(|g| g["name"] == "guest-att" && ip_of(g) == Some(leased.to_string()))
+        connects == 2 && listed_at(h, "guest-att", leased)
     });
-    drop(guest);
-    world.hookd.wait_until("guest-att gone", TEARDOWN, |h| {
-        h.guests().iter().all(|g| g["name"] != "guest-att")
-    });
+    world.kill_and_wait_gone(guest, "guest-att");
 }
 
 #[test]

@@ -19,27 +19,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
-use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, GuestSpec};
-use qnet_tests::hookd::{Hookd, Launch};
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, GuestSpec, LONG,
+};
+use qnet_tests::hookd::{network, Hookd, Launch};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::ConfigDir;
 use qnet_tests::{require_programs, wait_until};
 use serde_json::Value;
 
-const LONG: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(30);
 
 const HOST: &str = "192.168.77.10";
 const UPSTREAM: &str = "192.168.77.1";
 const BRIDGE: &str = "qnlan";
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lan"
-bridge = "qnlan"
-mode = "bridged"
-uplink = "eth0"
-"#;
+/// The LAN network: [`BRIDGE`] takes `eth0` over.
+fn hookd_toml() -> String {
+    network(
+        "lan",
+        BRIDGE,
+        &[r#"mode = "bridged""#, r#"uplink = "eth0""#],
+    )
+}
 
 /// The network removed from the file (on purpose: `default-network`).
 const NO_NETWORK: &str = "default-network = false\n";
@@ -295,7 +297,7 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     wait_until("replies before the switch-over", SHORT, || {
         ping.replies() >= 5
     });
-    let mut hookd = Hookd::start(&world.host, Some(CONFIG));
+    let mut hookd = Hookd::start(&world.host, Some(&hookd_toml()));
     world.assert_switched(&hookd);
     let switched = ping.replies();
     wait_until("replies after the switch-over", SHORT, || {
@@ -328,7 +330,7 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     let mac = random_mac();
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
     let spec = GuestSpec::new(&image, &mac, random_token());
-    let guest = hookd.boot_guest(&world.host, &config, BRIDGE, "lan-guest", &spec);
+    let guest = hookd.spawn_guest(&world.host, &config, "lan-guest", &spec, BRIDGE, &[]);
     let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         (100..=150).contains(&leased.octets()[3]) && leased.octets()[..3] == [192, 168, 77],
@@ -427,11 +429,11 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
 fn lan_switch_over_killed_at_every_step_is_completed_or_restored() {
     let world = World::new("lank9");
     let original = world.uplink();
-    let mut hookd = Hookd::prepare(&world.host, Some(CONFIG), Launch::default());
+    let mut hookd = Hookd::prepare(&world.host, Some(&hookd_toml()), Launch::default());
     let mut step = 0;
     let mut steps = None;
     while steps.is_none_or(|total| step <= total) {
-        hookd.write_config(CONFIG);
+        hookd.write_config(&hookd_toml());
         hookd.set_env(&[(PAUSE, &step.to_string())]);
         hookd.spawn_nowait();
         let marker = format!("LAN test pause before step {step} of ");
@@ -479,7 +481,7 @@ fn lan_switch_over_killed_at_every_step_is_completed_or_restored() {
 fn lan_switch_over_failing_at_any_step_is_rolled_back() {
     let world = World::new("lanfail");
     let original = world.uplink();
-    let mut hookd = Hookd::prepare(&world.host, Some(CONFIG), Launch::default());
+    let mut hookd = Hookd::prepare(&world.host, Some(&hookd_toml()), Launch::default());
     let record = hookd.dir().join("state/lan/lan.json");
     let mut step = 0;
     let mut steps = None;

@@ -16,36 +16,30 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use qnet_tests::guest::{
-    check_prerequisites, guest_image, random_token, GuestSpec, ProbeOutcome, RunningGuest,
-};
-use qnet_tests::hookd::Hookd;
+use qnet_tests::guest::{guest_image, random_token, GuestSpec, ProbeOutcome, RunningGuest, LONG};
+use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::http::{http_get_in_netns, http_get_once};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::ConfigDir;
 
-const LONG: Duration = Duration::from_secs(90);
 /// One try of a connection that must be dropped.
 const DROPPED_AFTER: Duration = Duration::from_secs(3);
 
-const CONFIG: &str = r#"
-[[network]]
-name = "a"
-bridge = "qnla"
-subnet = "10.81.0.0/24"
-connect-to = ["b"]
-connect-to-one-way = ["c"]
-
-[[network]]
-name = "b"
-bridge = "qnlb"
-subnet = "10.82.0.0/24"
-
-[[network]]
-name = "c"
-bridge = "qnlc"
-subnet = "10.83.0.0/24"
-"#;
+/// `a` linked two-way to `b` and one way to `c`.
+fn hookd_toml() -> String {
+    let a = network(
+        "a",
+        "qnla",
+        &[
+            r#"subnet = "10.81.0.0/24""#,
+            r#"connect-to = ["b"]"#,
+            r#"connect-to-one-way = ["c"]"#,
+        ],
+    );
+    let b = network("b", "qnlb", &[r#"subnet = "10.82.0.0/24""#]);
+    let c = network("c", "qnlc", &[r#"subnet = "10.83.0.0/24""#]);
+    a + &b + &c
+}
 
 /// Guest `g<net>`'s address and MAC on network `net`.
 fn guest_addr(net: char) -> String {
@@ -70,11 +64,9 @@ impl World {
     /// The daemon with the three networks, and each guest's address
     /// reserved.
     fn new() -> World {
-        check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
         let hk = NetNs::new("links-hk");
-        let config = ConfigDir::new();
-        config.write("bridge.conf", "allow qnla\nallow qnlb\nallow qnlc\n");
-        let hookd = Hookd::start(&hk, Some(CONFIG));
+        let (hookd, config) =
+            Hookd::start_for_guests(&hk, &hookd_toml(), &["qnla", "qnlb", "qnlc"]);
         for net in ['a', 'b', 'c'] {
             let (name, mac, ip) = (net.to_string(), guest_mac(net), guest_addr(net));
             hookd
@@ -95,8 +87,8 @@ impl World {
             format!("qnet.probe_tries={tries}"),
         ];
         let bridge = format!("qnl{net}");
-        self.hookd
-            .boot_guest(&self.hk, &self.config, &bridge, &format!("g{net}"), &spec)
+        let name = format!("g{net}");
+        (self.hookd).spawn_guest(&self.hk, &self.config, &name, &spec, &bridge, &[])
     }
 
     /// A veth "guest" on network `net`'s bridge at `.20`.

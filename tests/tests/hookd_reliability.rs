@@ -13,9 +13,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use qnet_tests::fake_guest::{FakeGuest, Flood};
-use qnet_tests::hookd::{run_with_config, Hookd, Launch, LAB};
+use qnet_tests::hookd::{network, qnetctl_error, run_with_config, Hookd, Launch, LAB};
 use qnet_tests::mountns::MountNs;
 use qnet_tests::netns::NetNs;
+use qnet_tests::procfs::ProcStatus;
 use qnet_tests::sandbox::unused_user;
 use qnet_tests::{require_root, workspace_binary};
 use serde_json::Value;
@@ -48,18 +49,18 @@ fn forwards(hookd: &Hookd) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The daemon with the lab network, its state directory a tmpfs of `size`
-/// in the mount namespace `mount`.
-fn on_tmpfs_state(ns: &NetNs, mount: &MountNs, size: &'static str) -> Hookd {
-    Hookd::start_with(
-        ns,
-        Some(LAB),
-        Launch {
-            mount_ns: Some(mount),
-            state_tmpfs: Some(size),
-            ..Launch::default()
-        },
-    )
+/// A new namespace `tag` with a mount namespace of its own, and the daemon
+/// with the lab network in them, its state directory a tmpfs of `size`.
+fn on_tmpfs_state(tag: &str, size: &'static str) -> (NetNs, MountNs, Hookd) {
+    let ns = NetNs::new(tag);
+    let mount = MountNs::new(&ns);
+    let launch = Launch {
+        mount_ns: Some(&mount),
+        state_tmpfs: Some(size),
+        ..Launch::default()
+    };
+    let hookd = Hookd::start_with(&ns, Some(LAB), launch);
+    (ns, mount, hookd)
 }
 
 /// The first host port of each forward.
@@ -119,12 +120,7 @@ fn wait_guest(hookd: &Hookd, name: &str) -> String {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    ProcStatus::of(pid).number("VmRSS:")
 }
 
 fn fd_count(pid: u32) -> usize {
@@ -146,9 +142,7 @@ fn processes_in(ns: &NetNs, comm: &str) -> Vec<u32> {
 
 #[test]
 fn f01_an_overflowing_forward_is_refused_and_a_bad_saved_one_never_stops_a_start() {
-    require_root();
-    let ns = NetNs::new("rl01");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("rl01", Some(LAB));
     // The request that panicked the daemon after saving it.
     let reply = ctl(&hookd, &forward_add("web", 60000, 60010, 65530));
     let message = error_of(&reply);
@@ -202,9 +196,7 @@ fn f01_an_overflowing_forward_is_refused_and_a_bad_saved_one_never_stops_a_start
 
 #[test]
 fn f02_reversed_and_zero_port_ranges_are_refused_on_the_wire_and_on_disk() {
-    require_root();
-    let ns = NetNs::new("rl02");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("rl02", Some(LAB));
     for (from, to, guest_port) in [(9000, 8000, 80), (0, 0, 80), (8000, 8000, 0)] {
         let reply = ctl(&hookd, &forward_add("web", from, to, guest_port));
         let message = error_of(&reply);
@@ -411,9 +403,7 @@ fn f04_a_local_user_cannot_exhaust_the_daemons_descriptors() {
 
 #[test]
 fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
-    require_root();
-    let ns = NetNs::new("rl05");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, mut hookd) = Hookd::start_in_new_netns("rl05", Some(LAB));
     let reservations = hookd.dir().join("state/reservations/lab");
     let mut rng = qnet_tests::netns::unique_suffix().len() as u64 ^ u64::from(std::process::id());
     let mut known: std::collections::BTreeMap<String, String> = Default::default();
@@ -464,10 +454,7 @@ fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
 
 #[test]
 fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
-    require_root();
-    let ns = NetNs::new("rl06");
-    let mount = MountNs::new(&ns);
-    let mut hookd = on_tmpfs_state(&ns, &mount, "64k");
+    let (_ns, mount, mut hookd) = on_tmpfs_state("rl06", "64k");
     let state = mount.host_path(&hookd.dir().join("state"));
     let mut acknowledged = Vec::new();
     let mut refused = 0;
@@ -512,10 +499,7 @@ fn f06_a_full_state_dir_never_loses_an_acknowledged_change() {
 
 #[test]
 fn f06_a_read_only_state_dir_refuses_changes_and_keeps_what_it_has() {
-    require_root();
-    let ns = NetNs::new("rl06ro");
-    let mount = MountNs::new(&ns);
-    let mut hookd = on_tmpfs_state(&ns, &mount, "256k");
+    let (_ns, mount, mut hookd) = on_tmpfs_state("rl06ro", "256k");
     hookd
         .qnetctl(&["forward", "add", "web", "tcp", "8080:80"])
         .unwrap();
@@ -540,9 +524,7 @@ fn f06_a_read_only_state_dir_refuses_changes_and_keeps_what_it_has() {
 
 #[test]
 fn f06_status_says_degraded_while_dnsmasq_keeps_failing() {
-    require_root();
-    let ns = NetNs::new("rl06dg");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("rl06dg", Some(LAB));
     let status = hookd.qnetctl(&["status"]).unwrap();
     assert!(status["networks"][0].get("degraded").is_none(), "{status}");
     hookd.terminate();
@@ -571,9 +553,7 @@ fn f06_status_says_degraded_while_dnsmasq_keeps_failing() {
 
 #[test]
 fn f07_an_empty_config_never_tears_down_running_networks() {
-    require_root();
-    let ns = NetNs::new("rl07");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, mut hookd) = Hookd::start_in_new_netns("rl07", Some(LAB));
     hookd.terminate();
     let config = hookd.dir().join("hookd.toml");
     std::fs::write(&config, "").unwrap();
@@ -599,12 +579,8 @@ fn f07_an_empty_config_never_tears_down_running_networks() {
 
 #[test]
 fn f08_removing_a_network_from_the_config_stops_its_dnsmasq_and_run_dir() {
-    require_root();
-    let ns = NetNs::new("rl08");
-    let two = format!(
-        "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.78.0.0/24\"\n"
-    );
-    let mut hookd = Hookd::start(&ns, Some(&two));
+    let two = LAB.to_string() + &network("lab2", "qnlab2", &[r#"subnet = "10.78.0.0/24""#]);
+    let (ns, mut hookd) = Hookd::start_in_new_netns("rl08", Some(&two));
     let pid_file = hookd.run_dir().join("lab2/dnsmasq.pid");
     hookd.wait_until("lab2's dnsmasq", WAIT, |_| pid_file.exists());
     let old: u32 = std::fs::read_to_string(&pid_file)
@@ -629,9 +605,7 @@ fn f08_removing_a_network_from_the_config_stops_its_dnsmasq_and_run_dir() {
 
 #[test]
 fn f09_a_config_forward_wins_over_a_saved_one_and_unrelated_ones_stay() {
-    require_root();
-    let ns = NetNs::new("rl09");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, mut hookd) = Hookd::start_in_new_netns("rl09", Some(LAB));
     let socket = hookd.qmp_socket();
     let _g0 = FakeGuest::spawn(&ns, &socket, "qnlab", "52:54:00:09:00:00", "g0");
     let _g1 = FakeGuest::spawn(&ns, &socket, "qnlab", "52:54:00:09:00:01", "g1");
@@ -687,9 +661,7 @@ fn f09_a_config_forward_wins_over_a_saved_one_and_unrelated_ones_stay() {
 
 #[test]
 fn f10_a_huge_guest_name_and_clients_that_never_read_hold_no_memory() {
-    require_root();
-    let ns = NetNs::new("rl10");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (ns, hookd) = Hookd::start_in_new_netns("rl10", Some(LAB));
     let pid = hookd.pid().unwrap();
     let before = rss_kib(pid);
     let _g = FakeGuest::spawn(
@@ -721,9 +693,7 @@ fn f10_a_huge_guest_name_and_clients_that_never_read_hold_no_memory() {
 
 #[test]
 fn f11_temp_files_left_by_kill_9_are_removed_at_start() {
-    require_root();
-    let ns = NetNs::new("rl11");
-    let mut hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("rl11", Some(LAB));
     hookd
         .qnetctl(&["reserve", "add", "lab", "52:54:00:11:00:01"])
         .unwrap();
@@ -763,14 +733,7 @@ fn f12_a_qnetctl_timeout_says_the_daemon_did_not_answer() {
         std::thread::sleep(Duration::from_secs(3));
         drop(conn);
     });
-    let out = Command::new(workspace_binary("qnetctl"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--timeout", "1", "status"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = qnetctl_error(&socket, &["--timeout", "1", "status"]);
     assert!(stderr.contains("did not answer within 1 s"), "{stderr}");
     assert!(!stderr.contains("os error"), "{stderr}");
     holder.join().unwrap();
@@ -778,11 +741,8 @@ fn f12_a_qnetctl_timeout_says_the_daemon_did_not_answer() {
 
 #[test]
 fn f12_overlapping_subnets_are_reported_at_their_line() {
-    require_root();
     let ns = NetNs::new("rl12ov");
-    let text = format!(
-        "{LAB}\n[[network]]\nname = \"lab2\"\nbridge = \"qnlab2\"\nsubnet = \"10.77.0.128/25\"\n"
-    );
+    let text = LAB.to_string() + &network("lab2", "qnlab2", &[r#"subnet = "10.77.0.128/25""#]);
     let out = run_with_config(&ns, &text);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -794,9 +754,7 @@ fn f12_overlapping_subnets_are_reported_at_their_line() {
 
 #[test]
 fn f12_hostile_qmp_connections_are_logged_at_a_bounded_rate() {
-    require_root();
-    let ns = NetNs::new("rl12rl");
-    let hookd = Hookd::start(&ns, Some(LAB));
+    let (_ns, hookd) = Hookd::start_in_new_netns("rl12rl", Some(LAB));
     for _ in 0..300 {
         let mut s = UnixStream::connect(hookd.qmp_socket()).unwrap();
         let _ = s.write_all(b"garbage\n");

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use qnet_tests::hookd::{Hookd, Launch};
 use qnet_tests::netns::NetNs;
+use qnet_tests::procfs::ProcStatus;
 use qnet_tests::{require_root, require_tool};
 
 /// The capabilities qnet-hookd.service leaves the daemon
@@ -131,15 +132,8 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
     assert!(log.contains("socket_activated=true"), "{log}");
     // It ran with the unit's restrictions: no CAP_SYS_ADMIN (bit 21) in
     // its bounding set, no_new_privs set.
-    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        proc_status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let proc_status = ProcStatus::of(pid);
+    let field = |name: &str| proc_status.field(name).unwrap().to_string();
     let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
     assert_eq!(bounding & (1 << 21), 0, "CapBnd {bounding:x}");
     assert_ne!(

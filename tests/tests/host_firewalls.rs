@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use qnet_tests::hookd::Hookd;
+use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
 use qnet_tests::peers::{drop_policies, iptables_marks, Dockerd, Firewalld, HttpServer, VethGuest};
@@ -25,13 +25,17 @@ const OUTSIDE: &str = "10.253.0.2";
 const UPLINK6: &str = "fd53::1";
 const OUTSIDE6: &str = "fd53::2";
 const BRIDGE: &str = "qnfw";
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnfw"
-subnet = "10.78.0.0/24"
-ipv6 = { subnet = "fd78::/64" }
-"#;
+/// A dual-stack network on [`BRIDGE`].
+fn hookd_toml() -> String {
+    network(
+        "lab",
+        BRIDGE,
+        &[
+            r#"subnet = "10.78.0.0/24""#,
+            r#"ipv6 = { subnet = "fd78::/64" }"#,
+        ],
+    )
+}
 const FORWARD: &str = "<q:forward proto='tcp' host-port='8080' guest-port='80'/>";
 const TRY: Duration = Duration::from_secs(10);
 
@@ -62,8 +66,14 @@ impl World {
         (hk, out, web)
     }
 
+    /// The namespaces and hookd, with no other firewall before it.
+    fn new(tag: &str) -> World {
+        let (hk, out, web) = World::namespaces(tag);
+        World::start(hk, out, web, &[])
+    }
+
     fn start(hk: NetNs, out: NetNs, web: HttpServer, env: &[(&str, &str)]) -> World {
-        let hookd = Hookd::start_with_env(&hk, Some(CONFIG), env);
+        let hookd = Hookd::start_with_env(&hk, Some(&hookd_toml()), env);
         let guest = VethGuest::new(
             &hk,
             BRIDGE,
@@ -102,26 +112,19 @@ impl World {
         }
         let outside: SocketAddr = format!("{OUTSIDE}:80").parse().unwrap();
         let forward: SocketAddr = format!("{UPLINK}:8080").parse().unwrap();
-        let expect = |what: &str, got: Result<String, String>, want: &str| match got {
-            Ok(body) if body.contains(want) => Ok(()),
-            Ok(body) => Err(format!("{what}: unexpected answer {body:?}")),
-            Err(e) => Err(format!("{what}: {e}")),
-        };
-        expect(
-            "guest -> outside (NAT)",
-            http_get_in_netns(g.ns.name(), outside, "/", TRY),
-            "the outside",
-        )?;
+        expect("guest -> outside (NAT)", &g.ns, outside, "the outside")?;
         expect(
             "outside -> forward -> guest",
-            http_get_in_netns(self.out.name(), forward, "/", TRY),
+            &self.out,
+            forward,
             "hello from",
         )?;
         let n = self.neighbour.as_ref().unwrap();
         n.dhcp()?;
         expect(
             "neighbour -> forward -> guest (hairpin)",
-            http_get_in_netns(n.ns.name(), forward, "/", TRY),
+            &n.ns,
+            forward,
             "hello from",
         )?;
         let ip6 = g.slaac(TRY)?;
@@ -132,12 +135,14 @@ impl World {
         let forward6: SocketAddr = format!("[{UPLINK6}]:8080").parse().unwrap();
         expect(
             "guest -> outside over IPv6 (NAT)",
-            http_get_in_netns(g.ns.name(), outside6, "/", TRY),
+            &g.ns,
+            outside6,
             "the outside",
         )?;
         expect(
             "outside -> forward -> guest over IPv6",
-            http_get_in_netns(self.out.name(), forward6, "/", TRY),
+            &self.out,
+            forward6,
             "hello from",
         )
     }
@@ -158,6 +163,21 @@ impl World {
     fn network_down(&self) {
         self.hookd.qnetctl(&["network", "down", "lab"]).unwrap();
     }
+}
+
+/// `from` fetches `addr`: the step `what` of [`World::check`] works if the
+/// answer holds `want`.
+fn expect(what: &str, from: &NetNs, addr: SocketAddr, want: &str) -> Result<(), String> {
+    match http_get_in_netns(from.name(), addr, "/", TRY) {
+        Ok(body) if body.contains(want) => Ok(()),
+        Ok(body) => Err(format!("{what}: unexpected answer {body:?}")),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Panics unless no qnet mark is left in any iptables backend of `ns`.
+fn assert_no_marks(ns: &NetNs, why: &str) {
+    assert_eq!(iptables_marks(ns), Vec::<String>::new(), "{why}");
 }
 
 /// `qnetctl --json doctor [TARGET]`: whether it exited 0, and the
@@ -243,14 +263,9 @@ fn assert_restart_adopts(world: &mut World, marks: impl Fn(&NetNs) -> Vec<String
 
 #[test]
 fn no_other_firewall() {
-    let (hk, out, web) = World::namespaces("fwno");
-    let world = World::start(hk, out, web, &[]);
+    let world = World::new("fwno");
     world.assert_works("no other firewall", String::new);
-    assert_eq!(
-        iptables_marks(&world.hk),
-        Vec::<String>::new(),
-        "nothing drops: nothing added"
-    );
+    assert_no_marks(&world.hk, "nothing drops: nothing added");
 }
 
 #[test]
@@ -277,17 +292,12 @@ fn dockerd_started_before_hookd() {
     world.assert_works("after hookd kill -9 and restart", || docker.log());
 
     world.network_down();
-    assert_eq!(
-        iptables_marks(&world.hk),
-        Vec::<String>::new(),
-        "network down leaves nothing"
-    );
+    assert_no_marks(&world.hk, "network down leaves nothing");
 }
 
 #[test]
 fn dockerd_started_after_hookd() {
-    let (hk, out, web) = World::namespaces("fwdk2");
-    let world = World::start(hk, out, web, &[]);
+    let world = World::new("fwdk2");
     let docker = Dockerd::start(&world.hk);
     // The policy does not matter then (ip_forward was on already), but a
     // later `iptables -P FORWARD DROP` would: qnet opens its bridge in
@@ -313,13 +323,12 @@ fn iptables_nft_drop_policy_before_hookd() {
     assert_doctor_clean(&world);
     assert_restart_adopts(&mut world, iptables_marks);
     world.network_down();
-    assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
+    assert_no_marks(&world.hk, "network down leaves nothing");
 }
 
 #[test]
 fn iptables_legacy_drop_policy_after_hookd() {
-    let (hk, out, web) = World::namespaces("fwil");
-    let world = World::start(hk, out, web, &[]);
+    let world = World::new("fwil");
     drop_policies(&world.hk, "legacy");
     wait_until("qnet's accepts in the legacy FORWARD chain", || {
         iptables_marks(&world.hk)
@@ -334,7 +343,7 @@ fn iptables_legacy_drop_policy_after_hookd() {
     let mut world = world;
     world.hookd.terminate();
     cleanup(&world.hk, &[]);
-    assert_eq!(iptables_marks(&world.hk), Vec::<String>::new());
+    assert_no_marks(&world.hk, "--cleanup leaves nothing");
 }
 
 #[test]
@@ -413,7 +422,7 @@ fn doctor_names_every_drop_when_integration_is_off() {
     drop_policies(&hk, "nft");
     let fw = Firewalld::start(&hk);
     let bus = fw.bus_address();
-    let config = format!("firewall-integration = false\n{CONFIG}");
+    let config = format!("firewall-integration = false\n{}", hookd_toml());
     let hookd = Hookd::start_with_env(&hk, Some(&config), &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
     let guest = VethGuest::new(&hk, BRIDGE, "fwdog", "52:54:00:7e:00:03");
     guest.register(&hookd.ctl_socket(), BRIDGE, FORWARD);
@@ -449,7 +458,7 @@ fn doctor_names_every_drop_when_integration_is_off() {
     // By guest: the same problems (its one network).
     assert_eq!(doctor(&hookd, Some("fwdog")).1, problems);
     // Nothing was integrated.
-    assert_eq!(iptables_marks(&hk), Vec::<String>::new());
+    assert_no_marks(&hk, "nothing was integrated");
     assert_eq!(fw.marks(), Vec::<String>::new());
     drop(guest);
     drop((hookd, web, out));
@@ -564,7 +573,7 @@ fn real_guest_next_to_dockerd() {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
     let (hk, out, _web) = World::namespaces("fwrg");
     let docker = Dockerd::start(&hk);
-    let hookd = Hookd::start(&hk, Some(CONFIG));
+    let hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let config = ConfigDir::new();
     config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));

@@ -14,7 +14,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use qnet_tests::netns::NetNs;
-use qnet_tests::{require_root, require_tool, target_profile_dir, workspace_binary};
+use qnet_tests::{
+    require_root, require_tool, run_ok, said, target_profile_dir, tempdir_with_mode,
+    workspace_binary,
+};
 
 /// The real install changes the host's /lib/systemd/system, which the
 /// units test copies: tests that read or change the host's own files take
@@ -52,23 +55,14 @@ fn make(args: &[&str], dist: &Path, as_nobody: bool) -> String {
     } else {
         Command::new("make")
     };
-    let out = cmd
-        .current_dir(workspace_root())
+    cmd.current_dir(workspace_root())
         .args(["--no-print-directory", "BUILD="])
         .arg(format!("BIN_SRC={}", bin.display()))
         .arg(format!("HELPER_SRC={}", bin.display()))
         .arg(format!("XTASK={}", bin.join("xtask").display()))
         .arg(format!("DIST={}", dist.display()))
-        .args(args)
-        .output()
-        .expect("make (apt-get install make)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "make {args:?} failed:\n{text}");
-    text
+        .args(args);
+    run_ok(&mut cmd, &format!("make {args:?}"))
 }
 
 /// Every file (not directory) under `root`, relative.
@@ -100,11 +94,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn make_install_into_destdir_as_non_root_then_uninstall_leaves_only_the_config() {
     require_root();
-    let dest = tempfile::Builder::new()
-        .prefix("qnet-test-install-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(dest.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dest = tempdir_with_mode("qnet-test-install-", 0o777);
     let d = dest.path().join("stage");
     let destdir = format!("DESTDIR={}", d.display());
     let said = make(&["install", &destdir], &dest.path().join("dist"), true);
@@ -197,11 +187,7 @@ fn the_installed_units_pass_systemd_analyze_verify() {
         .arg(units.join("qnet-hookd-qmp.socket"))
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify:\n{said}"
@@ -212,23 +198,15 @@ fn the_installed_units_pass_systemd_analyze_verify() {
 /// (they honour DPKG_ROOT); the root holds no other package, so the
 /// dependencies are not checked.
 fn dpkg(root: &Path, args: &[&str]) -> String {
-    let out = Command::new("dpkg")
-        .arg(format!("--root={}", root.display()))
+    let mut dpkg = Command::new("dpkg");
+    dpkg.arg(format!("--root={}", root.display()))
         .args([
             "--force-script-chrootless",
             "--force-depends",
             "--log=/dev/null",
         ])
-        .args(args)
-        .output()
-        .expect("dpkg");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "dpkg {args:?} failed:\n{text}");
-    text
+        .args(args);
+    run_ok(&mut dpkg, &format!("dpkg {args:?}"))
 }
 
 /// target/debian/qnet_VERSION_ARCH.deb, built by `make deb` once for
@@ -369,11 +347,7 @@ fn lintian_finds_no_errors_in_the_debian_package() {
         .arg(deb())
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     let errors: Vec<&str> = said.lines().filter(|l| l.starts_with("E: ")).collect();
     assert!(
         errors.is_empty(),
@@ -467,11 +441,7 @@ fn host_dpkg(ns: &NetNs, args: &[&str]) -> Result<String, String> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output()
             .expect("dpkg");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = said(&out);
         if out.status.success() {
             return Ok(text);
         }
@@ -571,12 +541,8 @@ fn the_debian_package_installs_on_this_host_runs_the_demo_and_purges_clean() {
         .env(qnet_tests::INSTALLED_PREFIX_ENV, "/usr")
         .output()
         .unwrap();
+    assert!(demo.status.success(), "demo failed:\n{}", said(&demo));
     let said = String::from_utf8_lossy(&demo.stdout);
-    assert!(
-        demo.status.success(),
-        "demo failed:\n{said}\n{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
     for used in [
         "/usr/bin/qnet-hookd up with its default network",
         "helper=/usr/libexec/qnet-bridge-helper",

@@ -25,28 +25,25 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use qnet_tests::guest::{check_prerequisites, guest_image, random_mac, random_token, target_dir};
-use qnet_tests::hookd::Hookd;
-use qnet_tests::http::{http_get_in_netns, http_get_once};
-use qnet_tests::netns::{host_and_outside, NetNs};
+use tempfile::TempDir;
+
+use qnet_tests::guest::{
+    check_prerequisites, guest_image, random_mac, random_token, target_dir, LONG,
+};
+use qnet_tests::hookd::{network, Hookd};
+use qnet_tests::http::{http_get_in_netns, http_get_once, ONE_TRY};
+use qnet_tests::netns::{host_and_outside, NetNs, OUTSIDE, UPLINK};
+use qnet_tests::process::{self, spawn_logged, wait_serving};
 use qnet_tests::{require_tool, workspace_binary};
 
-const LONG: Duration = Duration::from_secs(90);
-/// One HTTP attempt's budget (connect, send, read).
-const ONE_TRY: Duration = Duration::from_secs(5);
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
 const QNET_XMLNS: &str = "https://qnet.example/xmlns/libvirt/1";
 
-const CONFIG: &str = r#"
-[[network]]
-name = "lab"
-bridge = "qnlvb"
-subnet = "10.78.0.0/24"
-"#;
+fn hookd_toml() -> String {
+    network("lab", "qnlvb", &[r#"subnet = "10.78.0.0/24""#])
+}
 
 /// Serialises the tests of this binary: one libvirtd at a time.
 static ONE_LIBVIRTD: Mutex<()> = Mutex::new(());
@@ -199,11 +196,6 @@ impl Libvirtd {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
         // `ip netns exec` execs libvirtd: the child is libvirtd itself.
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.ns, "libvirtd"]);
@@ -211,47 +203,19 @@ impl Libvirtd {
             let path = std::env::var("PATH").unwrap_or_default();
             command.env("PATH", format!("{}:{path}", dir.display()));
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start libvirtd");
-        self.child = Some(child);
-        let deadline = Instant::now() + LONG;
-        while virsh(&["list", "--all"]).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("libvirtd exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "libvirtd did not answer:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let child = self
+            .child
+            .insert(spawn_logged(&mut command, &self.log, "libvirtd"));
+        let every = Duration::from_millis(200);
+        wait_serving("libvirtd", child, &self.log, LONG, every, || {
+            virsh(&["list", "--all"]).is_ok()
+        });
     }
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            process::stop(&mut child);
         }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -429,18 +393,27 @@ fn wait_for(
     }
 }
 
-#[test]
-fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
+/// The opening of every test here: the host namespace `host` (hookd in
+/// it) and the outside `outside`, a temp dir for libvirtd's files, and the
+/// lock of [`ONE_LIBVIRTD`], taken last (look at qemu.conf only after it:
+/// another libvirt test writes its own while it holds the lock).
+fn open(host: &str, outside: &str) -> (NetNs, NetNs, Hookd, TempDir, MutexGuard<'static, ()>) {
     check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    let (hk, out) = host_and_outside("lvhk", "lvout", UPLINK, OUTSIDE);
-    let hookd = Hookd::start(&hk, Some(CONFIG));
+    require_tool("dnsmasq", "dnsmasq-base");
+    require_tool("iptables", "iptables");
+    let (hk, out) = host_and_outside(host, outside, UPLINK, OUTSIDE);
+    let hookd = Hookd::start(&hk, Some(&hookd_toml()));
     let dir = tempfile::Builder::new()
         .prefix("qnet-test-libvirt-")
         .tempdir()
         .unwrap();
-    // Take the lock before looking at qemu.conf: the other libvirt test
-    // writes its own qemu.conf while it holds the lock.
-    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    (hk, out, hookd, dir, one)
+}
+
+#[test]
+fn libvirt_guest_gets_reservation_and_forward_through_the_hook() {
+    let (hk, out, hookd, dir, _one) = open("lvhk", "lvout");
     let qemu_conf_before = std::fs::read(QEMU_CONF).ok();
     let hook_existed = Path::new(HOOK).exists();
     let mut libvirtd = Libvirtd::setup(
@@ -751,16 +724,7 @@ fn forward_addr(hookd: &Hookd, port: u16) -> Option<String> {
 
 #[test]
 fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
-    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    require_tool("dnsmasq", "dnsmasq-base");
-    require_tool("iptables", "iptables");
-    let (hk, out) = host_and_outside("lvnh", "lvno", UPLINK, OUTSIDE);
-    let mut hookd = Hookd::start(&hk, Some(CONFIG));
-    let dir = tempfile::Builder::new()
-        .prefix("qnet-test-libvirt-net-")
-        .tempdir()
-        .unwrap();
-    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let (hk, out, mut hookd, dir, _one) = open("lvnh", "lvno");
     let mut libvirtd = Libvirtd::setup(
         &hk,
         dir.path(),
@@ -910,20 +874,25 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
         token
     );
 
-    // Destroy: the forward goes.
-    virsh(&["destroy", &name]).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
-    wait_for(
-        "the forward to go",
-        Duration::from_secs(20),
-        || {
-            forward_addr(&hookd, 8090).is_none()
-                && hk
-                    .run_in(|| {
-                        http_get_once(SocketAddr::new(UPLINK.parse().unwrap(), 8090), "/", ONE_TRY)
-                    })
-                    .is_err()
-        },
-        || context(&hookd, &name),
+    // Destroy: the forward of `port` goes, and `from` gets nothing at
+    // `addr` any more.
+    let destroy = |name: &str, port: u16, from: &NetNs, addr: SocketAddr| {
+        virsh(&["destroy", name]).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, name)));
+        wait_for(
+            "the forward to go",
+            Duration::from_secs(20),
+            || {
+                forward_addr(&hookd, port).is_none()
+                    && from.run_in(|| http_get_once(addr, "/", ONE_TRY)).is_err()
+            },
+            || context(&hookd, name),
+        );
+    };
+    destroy(
+        &name,
+        8090,
+        &hk,
+        SocketAddr::new(UPLINK.parse().unwrap(), 8090),
     );
     assert!(hookd.guests().iter().all(|g| g["name"] != name.as_str()));
     let listed = hookd.qnetctl(&["forward", "list"]).unwrap();
@@ -967,16 +936,7 @@ fn libvirt_guests_on_libvirt_networks_get_forwards_to_their_leases() {
         0,
         "no warning for a routed network"
     );
-    virsh(&["destroy", &name]).unwrap_or_else(|e| panic!("{e}\n{}", context(&hookd, &name)));
-    wait_for(
-        "the forward to go",
-        Duration::from_secs(20),
-        || {
-            forward_addr(&hookd, 8091).is_none()
-                && out.run_in(|| http_get_once(forward, "/", ONE_TRY)).is_err()
-        },
-        || context(&hookd, &name),
-    );
+    destroy(&name, 8091, &out, forward);
 
     let (nat_status, routed_status) = (nat.status_file(), routed.status_file());
     let names = [nat.name.clone(), routed.name.clone()];
@@ -1087,22 +1047,8 @@ fn qnet_accept_first(ns: &NetNs, backend: FirewallBackend, bridge: &str, guest: 
 }
 
 fn nat_forward_survives_restarts(backend: FirewallBackend) {
-    check_prerequisites().unwrap_or_else(|e| panic!("{e}"));
-    require_tool("dnsmasq", "dnsmasq-base");
-    require_tool("iptables", "iptables");
     let tag = &backend.name()[..3];
-    let (hk, out) = NetNs::with_outside(
-        &format!("lvr{tag}h"),
-        &format!("lvr{tag}o"),
-        &[&format!("{UPLINK}/24")],
-        &[&format!("{OUTSIDE}/24")],
-    );
-    let hookd = Hookd::start(&hk, Some(CONFIG));
-    let dir = tempfile::Builder::new()
-        .prefix("qnet-test-libvirt-restarts-")
-        .tempdir()
-        .unwrap();
-    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let (hk, out, hookd, dir, _one) = open(&format!("lvr{tag}h"), &format!("lvr{tag}o"));
     let mut libvirtd = Libvirtd::setup(
         &hk,
         dir.path(),

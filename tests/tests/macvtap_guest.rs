@@ -22,7 +22,7 @@ use qnet_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use qnet_tests::fake_qemu::wait_until;
 use qnet_tests::guest::{
     check_prerequisites, guest_image, random_bytes, random_mac, random_token, GuestImage,
-    GuestSpec, ProbeOutcome, RunningGuest, HTTP_PORT,
+    GuestSpec, ProbeOutcome, RunningGuest, HTTP_PORT, HTTP_TIMEOUT, LONG, READY_TIMEOUT,
 };
 use qnet_tests::http::http_get_in_netns;
 use qnet_tests::netns::NetNs;
@@ -30,9 +30,6 @@ use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
 
 /// Generous failure bounds, not expectations.
-const LEASE_TIMEOUT: Duration = Duration::from_secs(90);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest gives up probing after at most a minute.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
 const REAPER_BOUND: Duration = Duration::from_secs(10);
@@ -126,7 +123,7 @@ impl Lan {
     /// Waits for guest `i`'s reserved lease and servers.
     fn wait_ready(&self, i: usize, guest: &RunningGuest) {
         let lease = guest
-            .wait_for_lease_info(LEASE_TIMEOUT)
+            .wait_for_lease_info(LONG)
             .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", self.dnsmasq.log()));
         assert_eq!(
             lease.ip, self.guests[i].ip,
@@ -134,6 +131,16 @@ impl Lan {
         );
         assert_eq!(lease.mac, self.guests[i].mac);
         guest.wait_for_ready(READY_TIMEOUT).expect("guest servers");
+    }
+
+    /// Boots guest 0 in `mode` and, once it serves, guest 1, which probes
+    /// guest 0's page as it boots; returns both, ready.
+    fn boot_two(&self, mode: &str) -> (RunningGuest, RunningGuest) {
+        let first = self.boot(0, mode, &[]);
+        self.wait_ready(0, &first);
+        let second = self.boot(1, mode, &probe_param(self.guests[0].ip));
+        self.wait_ready(1, &second);
+        (first, second)
     }
 
     /// B (the LAN behind the lower device) fetches guest `i`'s page.
@@ -148,11 +155,7 @@ impl Lan {
     }
 
     fn macvtaps(&self) -> Vec<String> {
-        self.a
-            .link_names()
-            .into_iter()
-            .filter(|n| n.starts_with("qmvtap"))
-            .collect()
+        self.a.links_named("qmvtap")
     }
 
     /// The macvtaps' `ip -d` lines, for assertions about modes.
@@ -202,10 +205,7 @@ fn guest_on_a_macvtap_gets_its_lease_and_serves_the_lan() {
 #[test]
 fn two_guests_in_bridge_mode_reach_each_other() {
     let lan = Lan::new("mvg-br", 2);
-    let first = lan.boot(0, "bridge", &[]);
-    lan.wait_ready(0, &first);
-    let second = lan.boot(1, "bridge", &probe_param(lan.guests[0].ip));
-    lan.wait_ready(1, &second);
+    let (first, second) = lan.boot_two("bridge");
     assert_eq!(
         second.wait_for_probe(PROBE_TIMEOUT).expect("probe result"),
         ProbeOutcome::Reached {
@@ -220,10 +220,7 @@ fn two_guests_in_bridge_mode_reach_each_other() {
 #[test]
 fn two_guests_in_private_mode_do_not_reach_each_other() {
     let lan = Lan::new("mvg-priv", 2);
-    let first = lan.boot(0, "private", &[]);
-    lan.wait_ready(0, &first);
-    let second = lan.boot(1, "private", &probe_param(lan.guests[0].ip));
-    lan.wait_ready(1, &second);
+    let (first, second) = lan.boot_two("private");
     let lines = lan.macvtap_lines();
     assert_eq!(lines.matches("macvtap mode private").count(), 2, "{lines}");
     // Both are on the LAN (B reaches both)...

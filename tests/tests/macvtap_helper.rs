@@ -18,6 +18,7 @@ use qnet_tests::fake_qemu::{helper_socketpair, run_helper, run_with_socket, wait
 use qnet_tests::guest::random_mac;
 use qnet_tests::helper_cli;
 use qnet_tests::netns::NetNs;
+use qnet_tests::procfs::ProcStatus;
 use qnet_tests::sandbox::{sandboxed, HelperSandbox};
 use qnet_tests::workspace_binary;
 
@@ -110,6 +111,39 @@ impl Setup {
         std::fs::File::from(fd).metadata().unwrap().rdev()
     }
 
+    /// A fake QEMU with a guest NIC of a random MAC on [`LOWER`], in
+    /// `mode` (the helper's default without), and its macvtap's name.
+    fn guest(&self, mode: Option<&str>) -> (HeldFd, String) {
+        let mac = format!("--mac={}", random_mac());
+        let mode = mode.map(|m| format!("--mode={m}"));
+        let args: Vec<&str> = mode
+            .iter()
+            .map(String::as_str)
+            .chain([mac.as_str()])
+            .collect();
+        let qemu = self.fake_qemu(&args, LOWER).expect("helper");
+        let name = qemu.ifname.clone();
+        (qemu, name)
+    }
+
+    /// Runs the helper with `args` on [`LOWER`]: it must send a macvtap
+    /// queue with IFF_VNET_HDR. That fd and the macvtap's name.
+    fn tap(&self, args: &[&str]) -> (std::os::fd::OwnedFd, String) {
+        let fd = self.run(args, LOWER).expect_fd();
+        let name = assert_tap_with_vnet_hdr(&fd);
+        (fd, name)
+    }
+
+    /// Waits for the reaper to delete macvtap `name` once QEMU is gone.
+    fn assert_removed(&self, name: &str) {
+        assert!(
+            wait_until(REAPER_BOUND, || !self
+                .macvtaps()
+                .contains(&name.to_string())),
+            "{name} still exists {REAPER_BOUND:?} after QEMU was killed"
+        );
+    }
+
     fn mac_of(&self, name: &str) -> String {
         mac_in(&self.link(name))
     }
@@ -117,6 +151,15 @@ impl Setup {
     fn macvtaps(&self) -> Vec<String> {
         self.netns.links_named("qmvtap")
     }
+}
+
+/// Waits for the process `pid` (a reaper) to exit.
+fn assert_exits(pid: u32) {
+    let proc = format!("/proc/{pid}");
+    assert!(
+        wait_until(REAPER_BOUND, || !std::path::Path::new(&proc).exists()),
+        "the reaper did not exit"
+    );
 }
 
 /// The `link/ether` address of an `ip -o link` line.
@@ -145,10 +188,7 @@ fn each_mode_creates_the_right_macvtap() {
     let setup = Setup::new("mvt-modes", "allow qv0\n");
     for mode in ["bridge", "vepa", "private"] {
         let mac = random_mac();
-        let fd = setup
-            .run(&[&format!("--mode={mode}"), &format!("--mac={mac}")], LOWER)
-            .expect_fd();
-        let name = assert_tap_with_vnet_hdr(&fd);
+        let (fd, name) = setup.tap(&[&format!("--mode={mode}"), &format!("--mac={mac}")]);
         let line = setup.link(&name);
         assert!(line.contains(&format!("{name}@{LOWER}:")), "{line}");
         assert!(line.contains(&format!("macvtap mode {mode} ")), "{line}");
@@ -173,10 +213,7 @@ fn each_mode_creates_the_right_macvtap() {
 #[test]
 fn default_mode_is_bridge() {
     let setup = Setup::new("mvt-default", "allow qv0\n");
-    let fd = setup
-        .run(&[&format!("--mac={}", random_mac())], LOWER)
-        .expect_fd();
-    let name = assert_tap_with_vnet_hdr(&fd);
+    let (_fd, name) = setup.tap(&[&format!("--mac={}", random_mac())]);
     assert!(setup.link(&name).contains("macvtap mode bridge "));
 }
 
@@ -244,10 +281,7 @@ fn passthru_puts_the_guest_mac_on_the_lower_device_and_the_reaper_restores_it() 
 
     let name = qemu.ifname.clone();
     qemu.kill();
-    assert!(
-        wait_until(REAPER_BOUND, || !setup.macvtaps().contains(&name)),
-        "{name} still exists {REAPER_BOUND:?} after QEMU was killed"
-    );
+    setup.assert_removed(&name);
     assert!(
         wait_until(REAPER_BOUND, || setup.mac_of(LOWER) == original),
         "lower MAC not restored: {}",
@@ -259,8 +293,7 @@ fn passthru_puts_the_guest_mac_on_the_lower_device_and_the_reaper_restores_it() 
 fn passthru_without_mac_leaves_the_lower_mac_alone() {
     let setup = Setup::new("mvt-pt-nomac", "allow qv0\n");
     let original = setup.mac_of(LOWER);
-    let fd = setup.run(&["--mode=passthru"], LOWER).expect_fd();
-    let name = assert_tap_with_vnet_hdr(&fd);
+    let (_fd, name) = setup.tap(&["--mode=passthru"]);
     let line = setup.link(&name);
     assert!(line.contains("macvtap mode passthru "), "{line}");
     assert_eq!(setup.mac_of(LOWER), original);
@@ -304,10 +337,7 @@ fn a_second_guest_cannot_take_a_lower_device_held_in_passthru() {
 #[test]
 fn passthru_on_a_shared_lower_device_is_refused() {
     let setup = Setup::new("mvt-pt-shared", "allow qv0\n");
-    let fd = setup
-        .run(&[&format!("--mac={}", random_mac())], LOWER)
-        .expect_fd();
-    let name = assert_tap_with_vnet_hdr(&fd);
+    let (_fd, name) = setup.tap(&[&format!("--mac={}", random_mac())]);
     let message = setup.refused(
         &["--mode=passthru", &format!("--mac={}", random_mac())],
         LOWER,
@@ -322,13 +352,7 @@ fn passthru_on_a_shared_lower_device_is_refused() {
 #[test]
 fn reaper_removes_the_macvtap_when_qemu_is_killed() {
     let setup = Setup::new("mvt-reap", "allow qv0\n");
-    let qemu = setup
-        .fake_qemu(
-            &["--mode=bridge", &format!("--mac={}", random_mac())],
-            LOWER,
-        )
-        .expect("helper");
-    let name = qemu.ifname.clone();
+    let (qemu, name) = setup.guest(Some("bridge"));
     assert!(setup.macvtaps().contains(&name));
     // The helper has exited (fake QEMU waited for it); the device is held
     // by the fake QEMU's fd and watched by the reaper.
@@ -339,17 +363,8 @@ fn reaper_removes_the_macvtap_when_qemu_is_killed() {
         "the reaper must not be QEMU's child"
     );
     qemu.kill();
-    assert!(
-        wait_until(REAPER_BOUND, || !setup.macvtaps().contains(&name)),
-        "{name} still exists {REAPER_BOUND:?} after QEMU was killed"
-    );
-    assert!(
-        wait_until(REAPER_BOUND, || !std::path::Path::new(&format!(
-            "/proc/{reaper}"
-        ))
-        .exists()),
-        "the reaper did not exit"
-    );
+    setup.assert_removed(&name);
+    assert_exits(reaper);
 }
 
 #[test]
@@ -376,10 +391,7 @@ fn reaper_through_sh_c_watches_qemu_not_the_shell() {
         "{line}"
     );
     qemu.kill();
-    assert!(
-        wait_until(REAPER_BOUND, || !setup.macvtaps().contains(&name)),
-        "{name} still exists after QEMU was killed"
-    );
+    setup.assert_removed(&name);
 }
 
 #[test]
@@ -388,10 +400,7 @@ fn reaper_leaves_a_replaced_device_alone() {
     // same name and even the same ifindex (but without our marker): when
     // QEMU exits, the reaper must not delete it.
     let setup = Setup::new("mvt-reap-other", "allow qv0\n");
-    let qemu = setup
-        .fake_qemu(&[&format!("--mac={}", random_mac())], LOWER)
-        .expect("helper");
-    let name = qemu.ifname.clone();
+    let (qemu, name) = setup.guest(None);
     let index = setup.link(&name).split(':').next().unwrap().to_string();
     let reaper = reaper_of(&setup.netns).expect("a reaper runs");
     setup.netns.ip(&["link", "del", &name]);
@@ -399,13 +408,7 @@ fn reaper_leaves_a_replaced_device_alone() {
         "link", "add", "link", LOWER, "name", &name, "index", &index, "type", "macvtap",
     ]);
     qemu.kill();
-    assert!(
-        wait_until(REAPER_BOUND, || !std::path::Path::new(&format!(
-            "/proc/{reaper}"
-        ))
-        .exists()),
-        "the reaper did not exit"
-    );
+    assert_exits(reaper);
     assert!(
         setup.link(&name).starts_with(&format!("{index}: ")),
         "the reaper deleted a device it did not create"
@@ -415,22 +418,13 @@ fn reaper_leaves_a_replaced_device_alone() {
 #[test]
 fn reaper_leaves_a_lower_mac_changed_since_alone() {
     let setup = Setup::new("mvt-reap-mac", "allow qv0\n");
-    let qemu = setup
-        .fake_qemu(
-            &["--mode=passthru", &format!("--mac={}", random_mac())],
-            LOWER,
-        )
-        .expect("helper");
-    let name = qemu.ifname.clone();
+    let (qemu, name) = setup.guest(Some("passthru"));
     let admin_mac = random_mac();
     setup
         .netns
         .ip(&["link", "set", LOWER, "address", &admin_mac]);
     qemu.kill();
-    assert!(
-        wait_until(REAPER_BOUND, || !setup.macvtaps().contains(&name)),
-        "{name} outlived QEMU"
-    );
+    setup.assert_removed(&name);
     assert!(
         wait_until(REAPER_BOUND, || reaper_of(&setup.netns).is_none()),
         "the reaper did not exit"
@@ -445,19 +439,10 @@ fn reaper_leaves_a_lower_mac_changed_since_alone() {
 #[test]
 fn reaper_holds_only_what_it_needs() {
     let setup = Setup::new("mvt-reap-fds", "allow qv0\n");
-    let _qemu = setup
-        .fake_qemu(&[&format!("--mac={}", random_mac())], LOWER)
-        .expect("helper");
+    let (_qemu, _) = setup.guest(None);
     let reaper = reaper_of(&setup.netns).expect("a reaper runs");
-    let status = std::fs::read_to_string(format!("/proc/{reaper}/status")).unwrap();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
+    let status = ProcStatus::of(reaper);
+    let field = |key: &str| status.field(key).unwrap_or_default().to_string();
     assert_eq!(field("CapEff:"), "0000000000001000", "{status}");
     assert_eq!(field("CapPrm:"), "0000000000001000", "{status}");
     // Once it has the helper's go-ahead it closes the socket to the

@@ -15,7 +15,7 @@ use qnet_tests::guest::{random_bytes, random_mac};
 use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::NetNs;
 use qnet_tests::sandbox::sandboxed;
-use qnet_tests::workspace_binary;
+use qnet_tests::{tempdir_with_mode, workspace_binary};
 
 const FULL_CAPS: &str = "cap_net_admin,cap_dac_override,cap_mknod,cap_chown+ep";
 
@@ -36,7 +36,8 @@ fn setup(tag: &str) -> AsUser {
             ("plain", 0o755, None),
         ],
     );
-    let setup = AsUser::new(netns, installed);
+    let setup =
+        AsUser::new(netns, installed).with_nic_args(|| vec![format!("--mac={}", random_mac())]);
     setup
         .config
         .write("macvtap.conf", "allow qv0\ndeny qv2\nallow qv2\n");
@@ -78,7 +79,7 @@ fn allowed_lower_device_works_for_an_ordinary_user() {
 fn privileges_are_net_admin_plus_spares_only_until_the_device_is_open() {
     let setup = setup("mvt-unpriv-creds");
     for install in INSTALLS {
-        let mut cmd = helper(&setup, &setup.installed.path(install), &random_mac());
+        let mut cmd = setup.helper(install);
         cmd.arg("--debug");
         let outcome = run_helper(cmd, Some("qv0"));
         let log = outcome.stderr.clone();
@@ -128,30 +129,16 @@ fn net_admin_alone_is_refused_with_what_to_install() {
 #[test]
 fn an_uninstalled_copy_says_how_to_install_it() {
     let setup = setup("mvt-unpriv-plain");
-    let before = setup.netns.link_names();
-    let message = run_helper(
-        helper(&setup, &setup.installed.copy("plain"), &random_mac()),
-        Some("qv0"),
-    )
-    .expect_refusal();
+    let message = setup.plain_copy_refused("qv0");
     assert!(message.contains("CAP_NET_ADMIN"), "{message}");
     assert!(message.contains("chmod 4755"), "{message}");
-    assert_eq!(setup.netns.link_names(), before);
 }
 
 #[test]
 fn denied_lower_device_is_refused() {
     let setup = setup("mvt-unpriv-deny");
     for install in INSTALLS {
-        let message = run_helper(
-            helper(&setup, &setup.installed.path(install), &random_mac()),
-            Some("qv2"),
-        )
-        .expect_refusal();
-        assert!(
-            message.contains("denied by /etc/qemu/macvtap.conf:2"),
-            "{install:?}: {message}"
-        );
+        setup.refused(install, "qv2", "denied by /etc/qemu/macvtap.conf:2");
     }
 }
 
@@ -177,7 +164,7 @@ fn a_private_node_is_made_when_dev_tap_belongs_to_another_namespace() {
             "type",
             "macvtap",
         ]);
-        let mut cmd = helper(&setup, &setup.installed.path(install), &random_mac());
+        let mut cmd = setup.helper(install);
         cmd.arg("--debug");
         let outcome = run_helper(cmd, Some("qv0"));
         let log = outcome.stderr.clone();
@@ -216,22 +203,10 @@ fn the_reaper_works_for_an_ordinary_user() {
 #[test]
 fn a_denied_lower_device_is_refused_under_an_altname_too() {
     let setup = setup("mvt-unpriv-alt");
-    setup.config.write("macvtap.conf", "allow all\ndeny qv2\n");
-    setup.netns.ip(&[
-        "link", "property", "add", "dev", "qv2", "altname", "prodalt",
-    ]);
+    setup.deny_under_an_altname("macvtap.conf", "qv2");
     for install in INSTALLS {
-        let message = run_helper(
-            helper(&setup, &setup.installed.path(install), &random_mac()),
-            Some("prodalt"),
-        )
-        .expect_refusal();
-        assert!(
-            message.contains(
-                "lower device `prodalt` is denied by /etc/qemu/macvtap.conf:2 (`deny qv2`)"
-            ),
-            "{install:?}: {message}"
-        );
+        let denied = "lower device `prodalt` is denied by /etc/qemu/macvtap.conf:2 (`deny qv2`)";
+        setup.refused(install, "prodalt", denied);
         assert!(macvtaps(&setup).is_empty(), "{install:?}");
     }
 }
@@ -244,15 +219,7 @@ fn a_socket_of_an_unrelated_process_is_refused() {
     use std::io::BufRead;
     use std::os::fd::AsRawFd;
     let setup = setup("mvt-unpriv-peer");
-    let dir = tempfile::Builder::new()
-        .prefix("qnet-test-daemon-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let dir = tempdir_with_mode("qnet-test-daemon-", 0o1777);
     for (who, run_as) in [("root", None), ("the caller", Some(setup.user))] {
         let path = dir.path().join(format!("{}.sock", run_as.is_some()));
         let mut daemon = sandboxed(
@@ -275,7 +242,7 @@ fn a_socket_of_an_unrelated_process_is_refused() {
         for install in INSTALLS {
             let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
             let fd = stream.as_raw_fd();
-            let mut cmd = helper(&setup, &setup.installed.path(install), &random_mac());
+            let mut cmd = setup.helper(install);
             cmd.arg(format!("--fd={fd}")).arg("--br=qv0");
             inherit_fd(&mut cmd, fd);
             let out = cmd.output().unwrap();
@@ -336,7 +303,7 @@ fn killing_the_helper_at_any_moment_leaves_no_device() {
     for delay_ms in 0..40u64 {
         let install = INSTALLS[delay_ms as usize % 2];
         let (ours, theirs) = qnet_tests::fake_qemu::helper_socketpair();
-        let mut cmd = helper(&setup, &setup.installed.path(install), &random_mac());
+        let mut cmd = setup.helper(install);
         cmd.arg(format!("--fd={}", std::os::fd::AsRawFd::as_raw_fd(&theirs)))
             .arg("--br=qv0")
             .stderr(std::process::Stdio::null());

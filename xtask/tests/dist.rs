@@ -17,28 +17,24 @@ fn dist_writes_every_page_and_completion() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for page in [
-        "man/man8/qnet-hookd.8",
-        "man/man1/qnetctl.1",
-        "man/man5/qnet-hookd.toml.5",
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // Each file, what it must hold, and what it is without.
+    for (file, holds, else_it) in [
+        ("man/man8/qnet-hookd.8", ".TH", "is no man page"),
+        ("man/man1/qnetctl.1", ".TH", "is no man page"),
+        ("man/man5/qnet-hookd.toml.5", ".TH", "is no man page"),
+        ("completions/bash/qnetctl", "doctor", "lacks a subcommand"),
+        ("completions/zsh/_qnetctl", "doctor", "lacks a subcommand"),
+        (
+            "completions/fish/qnetctl.fish",
+            "doctor",
+            "lacks a subcommand",
+        ),
     ] {
-        let text = std::fs::read_to_string(dir.path().join(page))
-            .unwrap_or_else(|e| panic!("{page}: {e}"));
-        assert!(text.contains(".TH"), "{page} is no man page:\n{text}");
-    }
-    for completion in [
-        "completions/bash/qnetctl",
-        "completions/zsh/_qnetctl",
-        "completions/fish/qnetctl.fish",
-    ] {
-        let text = std::fs::read_to_string(dir.path().join(completion))
-            .unwrap_or_else(|e| panic!("{completion}: {e}"));
-        assert!(text.contains("doctor"), "{completion} lacks a subcommand");
+        let text = std::fs::read_to_string(dir.path().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains(holds), "{file} {else_it}:\n{text}");
     }
     assert!(Path::new(dir.path()).join("man").is_dir());
 }

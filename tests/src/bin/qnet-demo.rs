@@ -17,12 +17,9 @@ use qnet_tests::guest::{
 };
 use qnet_tests::hookd::{qmp_client_args, Hookd};
 use qnet_tests::http::http_get_in_netns;
-use qnet_tests::netns::NetNs;
+use qnet_tests::netns::{host_and_outside, OUTSIDE, UPLINK};
 use qnet_tests::sandbox::{sandboxed, ConfigDir};
 use qnet_tests::workspace_binary;
-
-const UPLINK: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
 
 fn main() -> ExitCode {
     match run() {
@@ -57,15 +54,7 @@ fn run() -> Result<(), String> {
 
     // "host" runs the daemon and the guest; "outside" is another machine on
     // the host's uplink (all addresses live inside these namespaces).
-    let host = NetNs::new("demo-host");
-    let outside = NetNs::new("demo-out");
-    host.add_veth_to(
-        "uplink0",
-        Some(&format!("{UPLINK}/24")),
-        &outside,
-        "eth0",
-        Some(&format!("{OUTSIDE}/24")),
-    );
+    let (host, outside) = host_and_outside("demo-host", "demo-out", UPLINK, OUTSIDE);
     step(
         2,
         format!(
