@@ -324,7 +324,13 @@ async fn follow_events(
     mut dropped: oneshot::Receiver<()>,
 ) -> String {
     let no_shutdown = procfs::has_arg(pid, "-no-shutdown");
-    let exited = process_exit(pid);
+    // A peer already gone (no start time) has exited: resolve at once.
+    let start_time = procfs::start_time(pid);
+    let exited = async move {
+        if let Some(start_time) = start_time {
+            process_exit(pid, start_time).await;
+        }
+    };
     tokio::pin!(exited);
     loop {
         tokio::select! {
@@ -363,26 +369,43 @@ async fn ports_of(pid: u32) -> Vec<GuestPort> {
     })
 }
 
-/// Resolves when process `pid` exits (pidfd); never, if it cannot be
-/// watched (the QMP connection's EOF then reports the exit).
-pub async fn process_exit(pid: u32) {
-    let Ok(fd) = qnet_hostnet::reaper::pidfd_open(pid) else {
-        return std::future::pending().await;
-    };
-    // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the
-    // same descriptor, for the AsyncFd's whole life.
-    match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+/// How often `/proc` is read for a process no pidfd can watch.
+const EXIT_POLL: Duration = Duration::from_secs(1);
+
+/// Resolves once process `pid`, which started at `start_time`, has exited
+/// (as a zombie too; see [`procfs::is_running`]), at once if it already
+/// has.
+///
+/// A pidfd wakes it when the process exits. The pidfd is opened before
+/// the check, so that it names the process checked and not one that got
+/// the pid later. Where none can be had (the daemon is out of fds), `/proc`
+/// is read every [`EXIT_POLL`] instead: an exit must never go unnoticed,
+/// or a guest stays listed, with its names and forwards, for good.
+pub async fn process_exit(pid: u32, start_time: u64) {
+    let pidfd = qnet_hostnet::reaper::pidfd_open(pid).ok().and_then(|fd| {
+        // SAFETY: the OwnedFd is moved into the AsyncFd and stays open,
+        // the same descriptor, for the AsyncFd's whole life.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+    });
+    if !procfs::is_running(pid, start_time) {
+        return;
+    }
+    match pidfd {
         // A pidfd becomes readable when the process exits.
-        Ok(async_fd) => drop(async_fd.readable().await),
-        Err(_) => std::future::pending().await,
+        Some(pidfd) => drop(pidfd.readable().await),
+        None => {
+            while procfs::is_running(pid, start_time) {
+                tokio::time::sleep(EXIT_POLL).await;
+            }
+        }
     }
 }
 
 /// A guest recorded before a restart (or registered by the libvirt hook):
 /// report its exit.
-pub fn watch_exit(pid: u32, inputs: mpsc::UnboundedSender<Input>) {
+pub fn watch_exit(pid: u32, start_time: u64, inputs: mpsc::UnboundedSender<Input>) {
     tokio::spawn(async move {
-        process_exit(pid).await;
+        process_exit(pid, start_time).await;
         let _ = inputs.send(Input::StaleGuestExited { pid });
     });
 }
@@ -390,6 +413,43 @@ pub fn watch_exit(pid: u32, inputs: mpsc::UnboundedSender<Input>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::timeout;
+
+    #[tokio::test]
+    async fn a_process_that_is_gone_has_exited() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let start = procfs::start_time(pid).unwrap_or(0);
+        child.wait().unwrap();
+        timeout(Duration::from_secs(5), process_exit(pid, start))
+            .await
+            .expect("a reaped process is gone");
+        // A live one is not.
+        let me = std::process::id();
+        let mine = procfs::start_time(me).unwrap();
+        assert!(timeout(Duration::from_millis(600), process_exit(me, mine))
+            .await
+            .is_err());
+    }
+
+    /// Reproducer of a guest that stayed listed: its QEMU had exited but
+    /// was not reaped yet when the daemon looked, and a zombie passed for
+    /// running.
+    #[tokio::test]
+    async fn an_exited_process_not_yet_reaped_has_exited() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let start = procfs::start_time(pid).expect("just started");
+        timeout(Duration::from_secs(5), process_exit(pid, start))
+            .await
+            .expect("a zombie is gone");
+        assert!(!procfs::is_running(pid, start), "a zombie is not running");
+        assert!(
+            procfs::start_time(pid).is_some(),
+            "still a zombie (not reaped)"
+        );
+        child.wait().unwrap();
+    }
 
     #[test]
     fn limits_leave_a_reserve_and_bound_each_user() {

@@ -20,7 +20,6 @@ use std::time::Duration;
 use qnet_api::{ApiError, ErrorKind, QUIT_WAIT};
 use tokio::time::{timeout, Instant};
 
-use crate::procfs;
 use crate::qmp::{QmpError, QmpSession};
 
 /// How often a powering-down guest's run state is read.
@@ -57,7 +56,7 @@ enum Off {
 /// Stops `target` as `how` says; the reply says what happened.
 pub async fn run(qmp: QmpSession, target: Target, how: How) -> Result<String, ApiError> {
     let started = Instant::now();
-    let mut exited = pin!(exit(target.pid, target.start_time));
+    let mut exited = pin!(crate::follow::process_exit(target.pid, target.start_time));
     let How::Powerdown(grace) = how else {
         quit(&qmp, &target, exited).await?;
         return Ok(format!("{}: QEMU quit", target.label));
@@ -128,44 +127,6 @@ async fn quit(
     )))
 }
 
-/// Resolves once the process is gone: its pidfd, and `/proc` as a
-/// fallback (a pidfd cannot always be had; a zombie counts as gone).
-async fn exit(pid: u32, start_time: u64) {
-    let gone = || !procfs::is_same_process(pid, start_time) || !procfs::is_alive(pid);
-    let pidfd = pin!(crate::follow::process_exit(pid));
-    let polled = async {
-        while !gone() {
-            tokio::time::sleep(POLL).await;
-        }
-    };
-    tokio::select! {
-        () = pidfd => {}
-        () = polled => {}
-    }
-}
-
 fn failed(message: String) -> ApiError {
     ApiError::new(ErrorKind::Failed, message)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_process_that_is_gone_has_exited() {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        let start = procfs::start_time(pid).unwrap_or(0);
-        child.wait().unwrap();
-        timeout(Duration::from_secs(5), exit(pid, start))
-            .await
-            .expect("a reaped process is gone");
-        // A live one is not.
-        let me = std::process::id();
-        let mine = procfs::start_time(me).unwrap();
-        assert!(timeout(Duration::from_millis(600), exit(me, mine))
-            .await
-            .is_err());
-    }
 }

@@ -4,7 +4,7 @@
 //!
 //! A pid alone names a process only until it exits: pids are recycled.
 //! Whoever keeps a pid across time keeps its start time too
-//! ([`start_time`]) and compares both ([`is_same_process`]).
+//! ([`start_time`]) and compares both ([`is_running`]).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -14,9 +14,18 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid)?.nth(19)?.parse().ok()
 }
 
-/// Whether `pid` still is the process that started at `start_time`.
-pub fn is_same_process(pid: u32, start_time: u64) -> bool {
-    self::start_time(pid) == Some(start_time)
+/// Whether `pid` is still the process that started at `start_time`, and
+/// has not exited. A zombie keeps its pid and start time until its parent
+/// reaps it, but is gone for every purpose here: a guest that exited must
+/// not stay listed because its parent has not waited for it yet.
+pub fn is_running(pid: u32, start_time: u64) -> bool {
+    let Some(mut fields) = stat_fields(pid) else {
+        return false;
+    };
+    let exited = fields
+        .next()
+        .is_none_or(|state| matches!(state.as_str(), "Z" | "X"));
+    !exited && fields.nth(18).and_then(|t| t.parse().ok()) == Some(start_time)
 }
 
 /// Alive and not a zombie: a process that exited but was not reaped yet
@@ -70,8 +79,8 @@ mod tests {
     fn this_process_is_known_and_a_missing_one_is_not() {
         let me = std::process::id();
         let started = start_time(me).expect("our own start time");
-        assert!(is_same_process(me, started));
-        assert!(!is_same_process(me, started + 1));
+        assert!(is_running(me, started));
+        assert!(!is_running(me, started + 1));
         assert!(is_alive(me));
         assert_eq!(uid_of(me), Some(nix::unistd::getuid().as_raw()));
         assert!(!cmdline(me).is_empty());

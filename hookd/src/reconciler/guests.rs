@@ -192,7 +192,7 @@ impl Reconciler {
                 self.forget_guest(pid);
                 continue;
             }
-            follow::watch_exit(pid, self.inputs.clone());
+            follow::watch_exit(pid, guest.start_time, self.inputs.clone());
             if let Some(path) = guest.qmp_server.clone() {
                 let conn = self.new_conn();
                 tokio::spawn(follow::follow_guest(

@@ -326,7 +326,7 @@ impl Reconciler {
             },
         );
         if !known {
-            follow::watch_exit(pid, self.inputs.clone());
+            follow::watch_exit(pid, start_time, self.inputs.clone());
         }
     }
 

@@ -100,7 +100,7 @@ pub struct Guest {
 impl Guest {
     /// Whether this is still the running process.
     pub fn is_running(&self) -> bool {
-        procfs::is_same_process(self.pid, self.start_time)
+        procfs::is_running(self.pid, self.start_time)
     }
 
     /// The owner key of this guest's automatic reservations.
