@@ -301,13 +301,7 @@ impl Config {
 
     /// The network used when there is no config file, on `subnet`.
     pub fn default_network(subnet: Ipv4Net) -> NetworkConfig {
-        RawNetwork {
-            name: DEFAULT_NETWORK.into(),
-            subnet: Some(subnet.to_string()),
-            ..RawNetwork::default()
-        }
-        .validate()
-        .expect("the default network is valid for any /24")
+        NetworkConfig::with_defaults(DEFAULT_NETWORK, Mode::Nat, subnet)
     }
 }
 
