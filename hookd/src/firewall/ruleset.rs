@@ -456,6 +456,13 @@ mod tests {
         net
     }
 
+    /// `net` alone with uplink `uplink` and IPv6 subnet `v6`, rendered.
+    fn render_dual_stack(mut net: NetworkConfig, uplink: &str, v6: &str) -> String {
+        net.uplink = Some(uplink.parse().unwrap());
+        net.ipv6 = Ipv6Config::first_router(v6.parse().unwrap());
+        render(&[net])
+    }
+
     /// What every table starts with when there are no forwards: the empty
     /// maps, the loopback guard and the DNAT chains.
     const FORWARD_PARTS: &str = r#"	map fwd4 {
@@ -574,10 +581,11 @@ mod tests {
 
     #[test]
     fn routed_with_uplink_and_ipv6() {
-        let mut r = net("r-1", Mode::Routed, "10.44.0.0/24");
-        r.uplink = Some("eth0".parse().unwrap());
-        r.ipv6 = Ipv6Config::first_router("fd44::/64".parse().unwrap());
-        let text = render(&[r]);
+        let text = render_dual_stack(
+            net("r-1", Mode::Routed, "10.44.0.0/24"),
+            "eth0",
+            "fd44::/64",
+        );
         // No outgoing masquerade; only that of port forwards (hairpin,
         // localhost), which need it in every mode.
         assert!(
@@ -599,10 +607,7 @@ mod tests {
 
     #[test]
     fn nat_with_uplink_and_ipv6_masquerades_both_families_via_uplink() {
-        let mut n = net("six", Mode::Nat, "10.45.0.0/24");
-        n.uplink = Some("up0".parse().unwrap());
-        n.ipv6 = Ipv6Config::first_router("fd45::/64".parse().unwrap());
-        let text = render(&[n]);
+        let text = render_dual_stack(net("six", Mode::Nat, "10.45.0.0/24"), "up0", "fd45::/64");
         assert!(text.contains(
             "\t\tip saddr 10.45.0.0/24 ip daddr != 10.45.0.0/24 oifname \"up0\" masquerade comment \"six\"\n"
         ), "{text}");
