@@ -21,6 +21,18 @@ use thiserror::Error;
 #[error("{0}")]
 pub struct Invalid(pub String);
 
+impl Invalid {
+    /// Unless `ok`: `text` refused, quoted (bounded, one line) and followed
+    /// by `problem`.
+    fn unless(ok: bool, text: &str, problem: &str) -> Result<(), Invalid> {
+        if ok {
+            Ok(())
+        } else {
+            Err(Invalid(format!("`{}` {problem}", preview(text))))
+        }
+    }
+}
+
 /// Serde as a string, through `Display` and `FromStr`.
 macro_rules! string_serde {
     ($ty:ty) => {
@@ -204,14 +216,12 @@ impl FromStr for NetName {
             && text
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
-        if ok {
-            Ok(NetName(text.to_owned()))
-        } else {
-            Err(Invalid(format!(
-                "`{}` must be 1-32 characters of a-z, A-Z, 0-9, `-`, `_`",
-                preview(text)
-            )))
-        }
+        Invalid::unless(
+            ok,
+            text,
+            "must be 1-32 characters of a-z, A-Z, 0-9, `-`, `_`",
+        )?;
+        Ok(NetName(text.to_owned()))
     }
 }
 
@@ -247,14 +257,9 @@ impl FromStr for DnsLabel {
     type Err = Invalid;
 
     fn from_str(text: &str) -> Result<DnsLabel, Invalid> {
-        if is_label(text) {
-            Ok(DnsLabel(text.to_ascii_lowercase()))
-        } else {
-            Err(Invalid(format!(
-                "`{}` is not a DNS name: use 1-63 letters, digits and `-`",
-                preview(text)
-            )))
-        }
+        let problem = "is not a DNS name: use 1-63 letters, digits and `-`";
+        Invalid::unless(is_label(text), text, problem)?;
+        Ok(DnsLabel(text.to_ascii_lowercase()))
     }
 }
 
@@ -277,14 +282,9 @@ impl FromStr for DomainName {
     type Err = Invalid;
 
     fn from_str(text: &str) -> Result<DomainName, Invalid> {
-        if text.len() <= 253 && text.split('.').all(is_label) {
-            Ok(DomainName(text.to_ascii_lowercase()))
-        } else {
-            Err(Invalid(format!(
-                "`{}` is not a DNS domain such as lab.qnet",
-                preview(text)
-            )))
-        }
+        let ok = text.len() <= 253 && text.split('.').all(is_label);
+        Invalid::unless(ok, text, "is not a DNS domain such as lab.qnet")?;
+        Ok(DomainName(text.to_ascii_lowercase()))
     }
 }
 
@@ -444,26 +444,9 @@ pub fn preview(text: &str) -> std::borrow::Cow<'_, str> {
     one_line(text, PREVIEW).into()
 }
 
-/// `text` as one line of about `max` bytes at most, for echoing what a
-/// peer sent in a message: control characters (line breaks, terminal
-/// escapes) are shown escaped (`\n`, `\u{1b}`), so that a hostile value
-/// cannot forge log lines or a second line of an error, and a longer text
-/// is cut on a character boundary with `…`.
-pub fn one_line(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max) + 4);
-    for c in text.chars() {
-        if out.len() >= max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// `text` as one line of about `max` bytes at most (the helpers' and
+/// hookd's one escaping, for echoing what a peer sent).
+pub use qnet_hostnet::protocol::one_line;
 
 #[cfg(test)]
 mod tests {

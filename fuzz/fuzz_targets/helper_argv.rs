@@ -32,12 +32,36 @@ fn argv(program: &str, args: &[&[u8]]) -> Vec<OsString> {
         .collect()
 }
 
-fn protocol_args(p: &ProtocolArgs) -> Vec<String> {
+/// The arguments both helpers share, printed canonically.
+fn protocol_args(p: &ProtocolArgs, debug: bool) -> Vec<String> {
     let mut args = vec![format!("--br={}", p.br), format!("--fd={}", p.fd)];
     if p.use_vnet {
         args.push("--use-vnet".into());
     }
+    if debug {
+        args.push("--debug".into());
+    }
     args
+}
+
+/// `args` parsed as helper `program`'s command line (`C`): refused, it
+/// must print one line; accepted, its canonical form (`canonical`) must
+/// parse to the same values (`assert_same`).
+fn check<C: Parser>(
+    program: &str,
+    args: &[&[u8]],
+    input_len: usize,
+    canonical: fn(&C) -> Vec<String>,
+    assert_same: fn(&C, &C),
+) {
+    let cli = match C::try_parse_from(argv(program, args)) {
+        Err(err) => return check_error(program, &err, input_len),
+        Ok(cli) => cli,
+    };
+    let again = canonical(&cli);
+    let reparsed = C::try_parse_from(std::iter::once(program.to_string()).chain(again.clone()))
+        .unwrap_or_else(|e| panic!("{again:?} does not parse again: {e}"));
+    assert_same(&reparsed, &cli);
 }
 
 /// A refused command line: what the helper prints must be one line.
@@ -58,45 +82,36 @@ fuzz_target!(|data: &[u8]| {
     };
     let args: Vec<&[u8]> = rest.split(|&b| b == 0).take(32).collect();
     if which % 2 == 0 {
-        let program = "qnet-bridge-helper";
-        match bridge_cli::Cli::try_parse_from(argv(program, &args)) {
-            Err(err) => check_error(program, &err, data.len()),
-            Ok(cli) => {
-                let mut again = protocol_args(&cli.protocol);
-                if cli.debug {
-                    again.push("--debug".into());
-                }
-                let reparsed = bridge_cli::Cli::try_parse_from(
-                    std::iter::once(program.to_string()).chain(again.clone()),
-                )
-                .unwrap_or_else(|e| panic!("{again:?} does not parse again: {e}"));
+        check::<bridge_cli::Cli>(
+            "qnet-bridge-helper",
+            &args,
+            data.len(),
+            |cli| protocol_args(&cli.protocol, cli.debug),
+            |reparsed, cli| {
                 assert_eq!(reparsed.protocol, cli.protocol);
                 assert_eq!(reparsed.debug, cli.debug);
-            }
-        }
+            },
+        );
     } else {
-        let program = "qnet-macvtap-helper";
-        match macvtap_cli::Cli::try_parse_from(argv(program, &args)) {
-            Err(err) => check_error(program, &err, data.len()),
-            Ok(cli) => {
-                let mut again = protocol_args(&cli.protocol);
+        check::<macvtap_cli::Cli>(
+            "qnet-macvtap-helper",
+            &args,
+            data.len(),
+            |cli| {
+                let mut again = protocol_args(&cli.protocol, cli.debug);
                 let mode = clap::ValueEnum::to_possible_value(&cli.mode).expect("named mode");
                 again.push(format!("--mode={}", mode.get_name()));
                 if let Some(mac) = cli.mac {
                     again.push(format!("--mac={mac}"));
                 }
-                if cli.debug {
-                    again.push("--debug".into());
-                }
-                let reparsed = macvtap_cli::Cli::try_parse_from(
-                    std::iter::once(program.to_string()).chain(again.clone()),
-                )
-                .unwrap_or_else(|e| panic!("{again:?} does not parse again: {e}"));
+                again
+            },
+            |reparsed, cli| {
                 assert_eq!(reparsed.protocol, cli.protocol);
                 assert_eq!(reparsed.mode, cli.mode);
                 assert_eq!(reparsed.mac, cli.mac);
                 assert_eq!(reparsed.debug, cli.debug);
-            }
-        }
+            },
+        );
     }
 });

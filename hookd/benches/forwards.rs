@@ -33,6 +33,11 @@
 //!    200 warm-up connections, then 5,000 timed; 5 rounds per N, the
 //!    candidates' order rotating each round; the median is reported.
 
+// hookd's test helpers (namespaces, networks, runtimes), shared with the
+// integration tests.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -41,11 +46,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{block_on, NetNs};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::NetworkConfig;
 use qnet_hookd::firewall::{self, Firewall, ForwardElement};
 use qnet_hookd::network::bring_up;
-use qnet_tests::netns::NetNs;
 
 static FW: Firewall = Firewall::new();
 
@@ -105,24 +110,7 @@ impl Candidate {
 }
 
 fn network() -> NetworkConfig {
-    let subnet: ipnet::Ipv4Net = "10.42.0.0/24".parse().unwrap();
-    NetworkConfig {
-        name: "bench".parse().unwrap(),
-        bridge: "qnbench".parse().unwrap(),
-        mode: Mode::Nat,
-        subnet,
-        router: "10.42.0.1".parse().unwrap(),
-        dhcp_range: (
-            "10.42.0.100".parse().unwrap(),
-            "10.42.0.199".parse().unwrap(),
-        ),
-        domain: "bench.qnet".parse().unwrap(),
-        uplink: None,
-        blocked_ports: Vec::new(),
-        ipv6: None,
-        owner: None,
-        connect_to: Vec::new(),
-    }
+    common::network("bench", "qnbench", Mode::Nat, "10.42.0.0/24")
 }
 
 /// Forward number `i` (0-based) of the filler: uplink:P → guest:P.
@@ -188,14 +176,6 @@ fn timed(program: &str, args: &[&str], stdin: Option<&str>) -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     elapsed
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// The chain `QNETBENCH` (jumped to from PREROUTING) holding exactly

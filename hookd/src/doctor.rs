@@ -411,6 +411,13 @@ mod tests {
         }
     }
 
+    /// The one problem of `problems`.
+    #[track_caller]
+    fn only(problems: Vec<Problem>) -> Problem {
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.into_iter().next().unwrap()
+    }
+
     fn table(listing: &str) -> TableFacts {
         TableFacts {
             program: "iptables-nft",
@@ -451,15 +458,14 @@ mod tests {
     #[test]
     fn a_drop_policy_without_integration_names_the_table_chain_and_the_commands() {
         let t = table("-P INPUT DROP\n-P FORWARD ACCEPT\n-A INPUT -i lo -j ACCEPT\n");
-        let problems = diagnose(&facts(false), &[t]);
-        assert_eq!(problems.len(), 1, "{problems:?}");
+        let problem = only(diagnose(&facts(false), &[t]));
         assert_eq!(
-            problems[0].problem,
+            problem.problem,
             "iptables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off"
         );
-        assert!(problems[0].fix.starts_with(
+        assert!(problem.fix.starts_with(
             "set `firewall-integration = true` in hookd.toml, or allow it yourself: `iptables-nft -I INPUT 1 -i qnlab -p udp -m udp --dport 67 -j ACCEPT` and "
-        ), "{}", problems[0].fix);
+        ), "{}", problem.fix);
     }
 
     #[test]
@@ -507,22 +513,21 @@ mod tests {
     fn a_bridge_without_its_fixed_mac_is_named_with_the_command_that_sets_it() {
         let mut f = facts(true);
         f.bridge_mac = Some("52:54:00:12:34:56".parse().unwrap());
-        let problems = diagnose(&f, &[]);
-        assert_eq!(problems.len(), 1, "{problems:?}");
+        let problem = only(diagnose(&f, &[]));
         let want = Mac::from_octets(crate::network::bridge_mac("lab"));
         assert!(
-            problems[0].problem.starts_with(&format!(
+            problem.problem.starts_with(&format!(
                 "bridge qnlab has MAC 52:54:00:12:34:56, not qnet's fixed {want}:"
             )),
             "{}",
-            problems[0].problem
+            problem.problem
         );
         assert!(
-            problems[0]
+            problem
                 .fix
                 .starts_with(&format!("`ip link set qnlab address {want}`")),
             "{}",
-            problems[0].fix
+            problem.fix
         );
         // No bridge: that is the problem, not its MAC.
         f.bridge = BridgeState::Missing;
@@ -547,20 +552,19 @@ mod tests {
         let chain = libvirt_nft::parse_chain(
             "\t\toif \"virbr0\" counter packets 0 bytes 0 reject # handle 12\n",
         );
-        let problems = diagnose_libvirt_nft(
+        let problem = only(diagnose_libvirt_nft(
             std::slice::from_ref(&forward),
             Some(chain.as_slice()),
             false,
-        );
-        assert_eq!(problems.len(), 1);
+        ));
         assert_eq!(
-            problems[0].problem,
+            problem.problem,
             "libvirt's nftables chain ip libvirt_network guest_input rejects connections from outside to this \
              forward's guest (192.168.122.5 port 80 via virbr0); firewall-integration is off"
         );
-        assert!(problems[0].fix.ends_with(
+        assert!(problem.fix.ends_with(
             "`nft insert rule ip libvirt_network guest_input oifname \"virbr0\" ip daddr 192.168.122.5 tcp dport 80 ct status dnat accept`"
-        ), "{}", problems[0].fix);
+        ), "{}", problem.fix);
         // Accepted first: nothing; no libvirt table: nothing.
         let ours = format!("\t\t{} # handle 20\n", libvirt_nft::rule(&forward));
         let accepted =
@@ -580,14 +584,13 @@ mod tests {
     fn libvirt_fwi_rejects_are_named_per_forward() {
         let t = table("-P FORWARD ACCEPT\n-N LIBVIRT_FWI\n-A LIBVIRT_FWI -o virbr0 -j REJECT\n");
         let forward = virbr0_forward();
-        let problems = diagnose_libvirt(&[forward], &[t], false);
-        assert_eq!(problems.len(), 1);
+        let problem = only(diagnose_libvirt(&[forward], &[t], false));
         assert_eq!(
-            problems[0].subject,
+            problem.subject,
             "libvirt network 192.168.122.5 port 80 via virbr0"
         );
-        assert!(problems[0].fix.ends_with(
+        assert!(problem.fix.ends_with(
             "`iptables-nft -I LIBVIRT_FWI 1 -d 192.168.122.5/32 -o virbr0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -j ACCEPT`"
-        ), "{}", problems[0].fix);
+        ), "{}", problem.fix);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use qnet_api::{ApiError, ErrorKind};
+use qnet_api::{ApiError, ErrorKind, NetName};
 use thiserror::Error;
 
 use crate::config::ConfigError;
@@ -52,6 +52,23 @@ impl DaemonError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DaemonError {
         let path = path.into();
         move |source| DaemonError::Io { path, source }
+    }
+
+    /// What a failure of network `name`'s bridge becomes:
+    /// `.map_err(DaemonError::network(name))`.
+    pub fn network(name: &NetName) -> impl Fn(NetworkError) -> DaemonError + Copy + '_ {
+        move |source| DaemonError::Network {
+            network: name.to_string(),
+            source,
+        }
+    }
+
+    /// What a failure of network `name`'s dnsmasq becomes.
+    pub fn dnsmasq(name: &NetName) -> impl Fn(DnsmasqError) -> DaemonError + Copy + '_ {
+        move |source| DaemonError::Dnsmasq {
+            network: name.to_string(),
+            source,
+        }
     }
 
     pub fn kind(&self) -> ErrorKind {

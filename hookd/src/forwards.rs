@@ -168,10 +168,7 @@ mod tests {
         // A qnet network called like the libvirt one, with IPv6.
         let mut lab = crate::config::Config::default_network("10.9.0.0/24".parse().unwrap());
         lab.name = "lab".parse().unwrap();
-        lab.ipv6 = Some(crate::config::Ipv6Config {
-            subnet: "fd42::/64".parse().unwrap(),
-            router: "fd42::1".parse().unwrap(),
-        });
+        lab.ipv6 = crate::config::Ipv6Config::first_router("fd42::/64".parse().unwrap());
         let rules = desired([&spec("web", (8080, 8080), 80)], &[&web], &[&lab]);
         let targets: Vec<IpAddr> = rules.iter().map(|r| r.guest_addr).collect();
         assert_eq!(targets, [IpAddr::V4(Ipv4Addr::new(192, 168, 122, 9))]);

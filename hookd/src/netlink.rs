@@ -185,22 +185,30 @@ impl Netlink {
 
     /// RTM_GETLINK dump: every device of the namespace.
     pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
-        let mut dump = self.handle.link().get().execute();
-        let mut links = Vec::new();
-        while let Some(msg) = dump
-            .try_next()
-            .await
-            .map_err(NetlinkError::refused("listing links"))?
-        {
-            links.push(Link::from_message(&msg));
-        }
-        Ok(links)
+        let msgs = dump(self.handle.link().get().execute(), "listing links").await?;
+        Ok(msgs.iter().map(Link::from_message).collect())
     }
 
     /// The name of device `index`, if it exists.
     pub async fn name_of(&self, index: u32) -> Result<Option<String>, NetlinkError> {
         Ok(self.link_by_index(index).await?.map(|l| l.name))
     }
+}
+
+/// Every message a dump request (`action`) answers, in the kernel's order.
+pub async fn dump<M>(
+    mut request: impl futures_util::Stream<Item = Result<M, rtnetlink::Error>> + Unpin,
+    action: &str,
+) -> Result<Vec<M>, NetlinkError> {
+    let mut msgs = Vec::new();
+    while let Some(msg) = request
+        .try_next()
+        .await
+        .map_err(NetlinkError::refused(action))?
+    {
+        msgs.push(msg);
+    }
+    Ok(msgs)
 }
 
 /// The one link a GETLINK request answers, ENODEV meaning none.

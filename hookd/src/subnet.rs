@@ -6,14 +6,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::AddressFamily;
 use thiserror::Error;
 
-use crate::netlink::{Netlink, NetlinkError};
+use crate::netlink::{dump, Netlink, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum SubnetError {
@@ -157,12 +156,8 @@ async fn addresses(
     ifname: &impl Fn(u32) -> String,
 ) -> Result<Vec<Occupied>, SubnetError> {
     let mut used = Vec::new();
-    let mut dump = netlink.handle().address().get().execute();
-    while let Some(msg) = dump
-        .try_next()
-        .await
-        .map_err(NetlinkError::refused("listing addresses"))?
-    {
+    let request = netlink.handle().address().get().execute();
+    for msg in dump(request, "listing addresses").await? {
         if msg.header.family != AddressFamily::Inet {
             continue;
         }
@@ -196,13 +191,9 @@ async fn routes(
     // routes of every table.
     let mut query = RouteMessage::default();
     query.header.address_family = AddressFamily::Inet;
-    let mut dump = netlink.handle().route().get(query).execute();
+    let request = netlink.handle().route().get(query).execute();
     let mut used = Vec::new();
-    while let Some(msg) = dump
-        .try_next()
-        .await
-        .map_err(NetlinkError::refused("listing routes"))?
-    {
+    for msg in dump(request, "listing routes").await? {
         let len = msg.header.destination_prefix_length;
         if msg.header.address_family != AddressFamily::Inet || len == 0 {
             continue;

@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+
+use common::block_on;
 use qnet_hookd::discover::{self, DiscoverError, GuestPort, PortKind};
 use qnet_hookd::qmp::{self, NicInfo, QmpSession};
 use qnet_hostnet::link::LinkSocket;
@@ -330,14 +333,4 @@ fn processes_without_ports() {
         block_on(discover::guest_ports(1 << 30)),
         Err(DiscoverError::NoProcess { pid }) if pid == 1 << 30
     ));
-}
-
-/// Runs `future` on a runtime of the calling thread (and so in its
-/// network namespace).
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
 }

@@ -32,13 +32,6 @@ fn paths() -> (tempfile::TempDir, Paths) {
     (dir, paths)
 }
 
-fn ipv6(subnet: &str, router: &str) -> Ipv6Config {
-    Ipv6Config {
-        subnet: subnet.parse().unwrap(),
-        router: router.parse().unwrap(),
-    }
-}
-
 /// A daemon namespace with `net` up and a guest plugged into its bridge.
 fn lan(what: &str, net: &NetworkConfig) -> (NetNs, NetNs) {
     require(&["ip", "dnsmasq", "busybox"]);
@@ -299,8 +292,8 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
     let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
     // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
-    a.ipv6 = Some(ipv6("fd42::/64", "fd42::1"));
-    b.ipv6 = Some(ipv6("fd43::/64", "fd43::1"));
+    a.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    b.ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
     let (_tmp, paths) = paths();
     daemon.block_on(|| async {
         bring_up(&a).await.unwrap();
@@ -347,7 +340,7 @@ fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
 #[test]
 fn router_advertisements_give_guests_an_ipv6_address() {
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    net.ipv6 = Some(ipv6("fd42::/64", "fd42::1"));
+    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     let (daemon, guest) = lan("ra", &net);
     let (_tmp, paths) = paths();
     daemon.block_on(|| async {

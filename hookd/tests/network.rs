@@ -56,10 +56,7 @@ fn sysctl(ns: &NetNs, path: &str) -> String {
 fn bring_up_creates_the_bridge_with_its_mac_and_addresses_idempotently() {
     let ns = NetNs::new("up");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    net.ipv6 = Some(Ipv6Config {
-        subnet: "fd42::/64".parse().unwrap(),
-        router: "fd42::1".parse().unwrap(),
-    });
+    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     let host_forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     assert_eq!(sysctl(&ns, "/proc/sys/net/ipv4/ip_forward"), "0");
 

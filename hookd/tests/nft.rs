@@ -32,10 +32,7 @@ const DROPPED_AFTER: Duration = Duration::from_secs(3);
 
 fn lab(mode: Mode) -> NetworkConfig {
     let mut net = network("lab", "qnlab", mode, "10.42.0.0/24");
-    net.ipv6 = Some(Ipv6Config {
-        subnet: "fd42::/64".parse().unwrap(),
-        router: "fd42::1".parse().unwrap(),
-    });
+    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     net
 }
 
@@ -50,11 +47,7 @@ fn topology(what: &str, net: &NetworkConfig) -> Topology {
     let daemon = NetNs::new(&format!("{what}-d"));
     let outside = NetNs::new(&format!("{what}-o"));
     let guest = NetNs::new(&format!("{what}-g"));
-    veth(&daemon, "up0", &outside, "eth0");
-    daemon.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
-    daemon.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
-    outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    outside.ip(&["addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]);
+    common::uplink(&daemon, &outside);
     daemon.block_on(|| bring_up(net)).expect("bring_up");
     plug_guest(&daemon, &net.bridge, "gport", &guest, "52:54:00:00:00:10");
     guest.ip(&["addr", "add", "10.42.0.10/24", "dev", "eth0"]);
@@ -66,6 +59,23 @@ fn topology(what: &str, net: &NetworkConfig) -> Topology {
         outside,
         guest,
     }
+}
+
+impl Topology {
+    /// Our table for `net` alone, in the daemon's namespace.
+    fn apply(&self, net: &NetworkConfig) {
+        self.daemon
+            .block_on(|| FW.apply_ruleset(std::slice::from_ref(net), &[]))
+            .expect("apply");
+    }
+}
+
+/// A connection from `from` to `to` (listening in `listen_ns`) gets
+/// through, and the listener sees it come from `source`.
+#[track_caller]
+fn assert_source(from: &NetNs, listen_ns: &NetNs, to: &str, source: &str) {
+    let seen = connect_and_see_source(from, listen_ns, to);
+    assert_eq!(seen, source.parse::<IpAddr>().unwrap(), "to {to}");
 }
 
 /// Connects from `from` to `to` (listening in `listen_ns`) and returns the
@@ -208,16 +218,12 @@ fn nat_masquerades_rejects_blocked_ports_and_keeps_the_outside_out() {
         },
     ];
     let t = topology("nat", &net);
-    t.daemon
-        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
-        .expect("apply");
+    t.apply(&net);
 
     // Out through the uplink, masqueraded: the outside sees the daemon's
     // uplink address, for IPv4 and IPv6.
-    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
-    assert_eq!(source, "10.99.0.1".parse::<IpAddr>().unwrap());
-    let source = connect_and_see_source(&t.guest, &t.outside, "[fd99::2]:8080");
-    assert_eq!(source, "fd99::1".parse::<IpAddr>().unwrap());
+    assert_source(&t.guest, &t.outside, "10.99.0.2:8080", "10.99.0.1");
+    assert_source(&t.guest, &t.outside, "[fd99::2]:8080", "fd99::1");
 
     // A blocked TCP port fails at once with a reset, although the outside
     // listens on it.
@@ -261,12 +267,9 @@ fn nat_with_uplink_masquerades_only_via_the_uplink() {
     t.daemon
         .ip(&["addr", "add", "10.98.0.1/24", "dev", "side0"]);
     other.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"]);
-    t.daemon
-        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
-        .expect("apply");
+    t.apply(&net);
 
-    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
-    assert_eq!(source, "10.99.0.1".parse::<IpAddr>().unwrap());
+    assert_source(&t.guest, &t.outside, "10.99.0.2:8080", "10.99.0.1");
     let _listener = other.listen("10.98.0.2:8080");
     let result = t.guest.connect("10.98.0.2:8080", DROPPED_AFTER);
     assert!(
@@ -281,14 +284,10 @@ fn routed_forwards_both_ways_without_masquerade() {
     let t = topology("routed", &net);
     t.outside
         .ip(&["route", "add", "10.42.0.0/24", "via", "10.99.0.1"]);
-    t.daemon
-        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
-        .expect("apply");
+    t.apply(&net);
 
-    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
-    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
-    let source = connect_and_see_source(&t.outside, &t.guest, "10.42.0.10:2222");
-    assert_eq!(source, "10.99.0.2".parse::<IpAddr>().unwrap());
+    assert_source(&t.guest, &t.outside, "10.99.0.2:8080", "10.42.0.10");
+    assert_source(&t.outside, &t.guest, "10.42.0.10:2222", "10.99.0.2");
 }
 
 #[test]
@@ -306,12 +305,9 @@ fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
     second.ip(&["addr", "add", "10.42.0.11/24", "dev", "eth0"]);
 
     // Without our table the guest does get out (the topology works).
-    let source = connect_and_see_source(&t.guest, &t.outside, "10.99.0.2:8080");
-    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
+    assert_source(&t.guest, &t.outside, "10.99.0.2:8080", "10.42.0.10");
 
-    t.daemon
-        .block_on(|| FW.apply_ruleset(std::slice::from_ref(&net), &[]))
-        .expect("apply");
+    t.apply(&net);
 
     let _outside_listener = t.outside.listen("10.99.0.2:8081");
     let out = t.guest.connect("10.99.0.2:8081", DROPPED_AFTER);
@@ -321,10 +317,8 @@ fn isolated_forwards_nothing_but_guests_reach_each_other_and_the_host() {
     assert!(inbound.is_err(), "the outside reached an isolated guest");
 
     // Bridged guest to guest, and guest to host, still work.
-    let source = connect_and_see_source(&second, &t.guest, "10.42.0.10:2223");
-    assert_eq!(source, "10.42.0.11".parse::<IpAddr>().unwrap());
-    let source = connect_and_see_source(&t.guest, &t.daemon, "10.42.0.1:7000");
-    assert_eq!(source, "10.42.0.10".parse::<IpAddr>().unwrap());
+    assert_source(&second, &t.guest, "10.42.0.10:2223", "10.42.0.11");
+    assert_source(&t.guest, &t.daemon, "10.42.0.1:7000", "10.42.0.10");
 }
 
 /// Links between networks against the real kernel, with a veth "guest" on
@@ -343,10 +337,7 @@ fn links_open_their_directions_only_without_masquerade() {
     // Declared by lab alone: b's guests may connect back all the same.
     a.connect_to = vec![link("b", false), link("c", true), link("i", true)];
     let mut b = network("b", "qnb", Mode::Nat, "10.43.0.0/24");
-    b.ipv6 = Some(Ipv6Config {
-        subnet: "fd43::/64".parse().unwrap(),
-        router: "fd43::1".parse().unwrap(),
-    });
+    b.ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
     let c = network("c", "qnc", Mode::Nat, "10.44.0.0/24");
     let i = network("i", "qni", Mode::Isolated, "10.45.0.0/24");
     let nets = vec![a, b, c, i];
@@ -396,8 +387,7 @@ fn links_open_their_directions_only_without_masquerade() {
         (ga, gc, "10.44.0.10:82", "10.42.0.10"),
         (ga, gi, "10.45.0.10:83", "10.42.0.10"),
     ] {
-        let seen = connect_and_see_source(from, to, port);
-        assert_eq!(seen, source.parse::<IpAddr>().unwrap(), "to {port}");
+        assert_source(from, to, port, source);
     }
     // The other way of a one-way link, and networks not linked: dropped.
     for (from, to, port) in [

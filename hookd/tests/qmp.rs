@@ -146,11 +146,8 @@ fn rx_filter(name: &str, mac: &str) -> Value {
 const INFO_NETWORK: &str = "net0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ hn0: index=0,type=tap,ifname=qtap0,script=no,downscript=no\r\nnic1: index=0,type=nic,model=e1000,macaddr=52:54:00:AB:CD:EF\r\n \\ hn1: index=0,type=user,net=10.0.2.0,restrict=off\r\n";
 
 /// A well-behaved QEMU that interleaves events with its replies, including
-/// one no schema knows.
+/// one no schema knows, from the end of the handshake on.
 async fn qemu_like(mut fake: Fake) {
-    fake.send(GREETING).await;
-    let id = fake.command("qmp_capabilities").await;
-    fake.reply(&id, json!({})).await;
     while let Some(message) = fake.recv().await {
         let id = &message["id"];
         match message["execute"].as_str().unwrap_or_default() {
@@ -256,8 +253,8 @@ where
     }
 }
 
-/// Starts a session against `script`; returns the session, its events and
-/// the fake's task.
+/// Starts a session against a fake that does the handshake, then
+/// `script`; returns the session, its events and the fake's task.
 async fn session<F, Fut>(
     mode: Mode,
     script: F,
@@ -273,6 +270,10 @@ where
     F: FnOnce(Fake) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let script = |mut fake: Fake| async move {
+        fake.handshake().await;
+        script(fake).await;
+    };
     let conn = connect(mode, script).await;
     let (tx, rx) = mpsc::channel(capacity);
     let (session, identity) = bounded(
@@ -690,7 +691,6 @@ where
     let (session, mut rx, fake, _dir) = session(
         mode,
         |mut f| async move {
-            f.handshake().await;
             let id = f.command("query-name").await;
             respond(f, id).await;
         },
@@ -787,7 +787,6 @@ async fn error_replies_keep_the_session() {
         let (session, mut rx, fake, _dir) = session(
             mode,
             |mut f| async move {
-                f.handshake().await;
                 let id = f.command("query-name").await;
                 f.error(&id, "GenericError", "no name for you").await;
                 let id = f.command("query-uuid").await;
@@ -876,7 +875,6 @@ async fn command_timeout_leaves_the_session_usable() {
         let (session, mut rx, fake, _dir) = session(
             mode,
             |mut f| async move {
-                f.handshake().await;
                 let late = f.command("query-name").await;
                 let id = f.command("query-uuid").await;
                 // The reply to the command that timed out comes too late.
@@ -913,7 +911,6 @@ async fn replies_out_of_order_reach_their_commands() {
         let (session, _rx, _fake, _dir) = session(
             mode,
             |mut f| async move {
-                f.handshake().await;
                 let mut ids = Vec::new();
                 for _ in 0..2 {
                     let message = f.recv().await.unwrap();
@@ -955,7 +952,6 @@ async fn a_slow_consumer_never_blocks_replies() {
         let (session, mut rx, fake, _dir) = session(
             mode,
             |mut f| async move {
-                f.handshake().await;
                 let id = f.command("query-name").await;
                 for _ in 0..FLOOD {
                     f.event("STOP", None).await;
@@ -994,8 +990,7 @@ async fn a_peer_that_stops_reading_is_dropped() {
     for mode in MODES {
         let (session, mut rx, _fake, _dir) = session(
             mode,
-            |mut f| async move {
-                f.handshake().await;
+            |f| async move {
                 // Keep the connection open without ever reading again.
                 tokio::time::sleep(BOUND).await;
                 drop(f);

@@ -106,20 +106,29 @@ pub fn cli_error_line(program: &str, usage: &str, err: &clap::Error) -> String {
     const MAX: usize = 512;
     let text = err.to_string();
     let first = text.lines().next().unwrap_or("invalid arguments");
-    let first = first.trim_start_matches("error: ");
-    let mut shown = String::new();
-    for c in first.chars() {
-        if shown.len() >= MAX {
-            shown.push('…');
+    let shown = one_line(first.trim_start_matches("error: "), MAX);
+    format!("{program}: {shown}; usage: {program} {usage} (see --help)")
+}
+
+/// `text` as one line of about `max` bytes at most, for echoing what a
+/// peer sent in a message: control characters (line breaks, terminal
+/// escapes) are shown escaped (`\n`, `\u{1b}`), so that a hostile value
+/// cannot forge log lines or a second line of an error, and a longer text
+/// is cut on a character boundary with `…`.
+pub fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 4);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push('…');
             break;
         }
         if c.is_control() {
-            shown.extend(c.escape_default());
+            out.extend(c.escape_default());
         } else {
-            shown.push(c);
+            out.push(c);
         }
     }
-    format!("{program}: {shown}; usage: {program} {usage} (see --help)")
+    out
 }
 
 /// Logging goes to stderr (QEMU shows it to the user) and is configured by

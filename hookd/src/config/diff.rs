@@ -87,7 +87,7 @@ fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BlockedPort, Config};
+    use crate::config::Config;
 
     fn net(name: &str, third: u8) -> NetworkConfig {
         let mut net = Config::default_network(format!("10.77.{third}.0/24").parse().unwrap());
@@ -121,49 +121,24 @@ mod tests {
     #[test]
     fn each_change_redoes_as_little_as_it_needs() {
         let old = net("a", 1);
-        let with = |edit: fn(&mut NetworkConfig)| {
+        use Change::{Dnsmasq, Recreate, Rules};
+        fn p<T: std::str::FromStr<Err: std::fmt::Debug>>(text: &str) -> T {
+            text.parse().unwrap()
+        }
+        // What is edited, whether dnsmasq's config text changes, and the
+        // change that follows.
+        type Edit = fn(&mut NetworkConfig);
+        let cases: [(Edit, bool, Change); 6] = [
+            (|n| n.blocked_ports.push(p("tcp/25")), false, Rules),
+            (|n| n.uplink = Some(p("eth0")), false, Rules),
+            (|n| n.domain = p("x.example"), true, Dnsmasq),
+            (|n| n.subnet = p("10.77.1.0/25"), true, Recreate),
+            (|n| n.router = p("10.77.1.254"), false, Recreate),
+            (|n| n.bridge = p("other"), true, Recreate),
+        ];
+        for (edit, dnsmasq, expected) in cases {
             let mut new = old.clone();
             edit(&mut new);
-            new
-        };
-        let cases: [(NetworkConfig, bool, Change); 6] = [
-            (
-                with(|n| {
-                    n.blocked_ports.push(BlockedPort {
-                        proto: crate::api::Proto::Tcp,
-                        port: 25,
-                    })
-                }),
-                false,
-                Change::Rules,
-            ),
-            (
-                with(|n| n.uplink = Some("eth0".parse().unwrap())),
-                false,
-                Change::Rules,
-            ),
-            (
-                with(|n| n.domain = "x.example".parse().unwrap()),
-                true,
-                Change::Dnsmasq,
-            ),
-            (
-                with(|n| n.subnet = "10.77.1.0/25".parse().unwrap()),
-                true,
-                Change::Recreate,
-            ),
-            (
-                with(|n| n.router = "10.77.1.254".parse().unwrap()),
-                false,
-                Change::Recreate,
-            ),
-            (
-                with(|n| n.bridge = "other".parse().unwrap()),
-                true,
-                Change::Recreate,
-            ),
-        ];
-        for (new, dnsmasq, expected) in cases {
             let plan = diff(
                 std::slice::from_ref(&old),
                 std::slice::from_ref(&new),

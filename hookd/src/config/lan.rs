@@ -30,19 +30,17 @@ impl NetworkConfig {
     }
 }
 
-/// The keys a LAN network refuses, and whether `raw` sets each.
-fn inapplicable(raw: &RawNetwork) -> [(&'static str, bool); 8] {
-    [
-        ("subnet", raw.subnet.is_some()),
-        ("router", raw.router.is_some()),
-        ("dhcp-range", raw.dhcp_range.is_some()),
-        ("domain", raw.domain.is_some()),
-        ("ipv6", raw.ipv6.is_some()),
-        ("blocked-ports", !raw.blocked_ports.is_empty()),
-        ("connect-to", !raw.connect_to.is_empty()),
-        ("connect-to-one-way", !raw.connect_to_one_way.is_empty()),
-    ]
-}
+/// The keys a LAN network refuses, in the order they are reported.
+const INAPPLICABLE: [&str; 8] = [
+    "subnet",
+    "router",
+    "dhcp-range",
+    "domain",
+    "ipv6",
+    "blocked-ports",
+    "connect-to",
+    "connect-to-one-way",
+];
 
 /// A `[[network]]` with `mode = "bridged"`, validated.
 pub(super) fn validate_bridged(raw: RawNetwork) -> Result<NetworkConfig, Problem> {
@@ -63,7 +61,8 @@ pub(super) fn validate_bridged(raw: RawNetwork) -> Result<NetworkConfig, Problem
             ),
         ));
     }
-    if let Some((key, _)) = inapplicable(&raw).into_iter().find(|(_, set)| *set) {
+    let set = raw.keys();
+    if let Some(key) = INAPPLICABLE.into_iter().find(|key| set.contains(key)) {
         return Err((
             key,
             "does not apply to a bridged network: its guests get addresses, router and DNS \

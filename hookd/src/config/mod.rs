@@ -301,13 +301,7 @@ impl Config {
 
     /// The network used when there is no config file, on `subnet`.
     pub fn default_network(subnet: Ipv4Net) -> NetworkConfig {
-        RawNetwork {
-            name: DEFAULT_NETWORK.into(),
-            subnet: Some(subnet.to_string()),
-            ..RawNetwork::default()
-        }
-        .validate()
-        .expect("the default network is valid for any /24")
+        NetworkConfig::with_defaults(DEFAULT_NETWORK, Mode::Nat, subnet)
     }
 }
 
@@ -444,6 +438,11 @@ mod tests {
         Config::parse(Path::new("/etc/qnet/hookd.toml"), text)
     }
 
+    /// The error `text` is refused with.
+    fn refused(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn minimal_network_gets_every_default() {
         let config = parse("[[network]]\nname = \"lab\"\nsubnet = \"10.42.0.0/24\"\n").unwrap();
@@ -492,7 +491,7 @@ ipv6 = { subnet = "fd43::/64" }
     #[test]
     fn errors_name_line_and_key() {
         let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n\n[[network]]\nname = \"b\"\nsubnet = \"10.1.0.0/24\"\nrouter = \"10.9.9.9\"\n";
-        let err = parse(text).unwrap_err().to_string();
+        let err = refused(text);
         assert_eq!(
             err,
             "/etc/qnet/hookd.toml:5: network `b`: `router`: 10.9.9.9 is not a host address of 10.1.0.0/24"
@@ -501,14 +500,10 @@ ipv6 = { subnet = "fd43::/64" }
 
     #[test]
     fn unknown_keys_and_bad_types_are_errors_with_a_line() {
-        let err = parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmtu = 9000\n")
-            .unwrap_err()
-            .to_string();
+        let err = refused("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmtu = 9000\n");
         assert!(err.contains("line 4") && err.contains("mtu"), "{err}");
         let err =
-            parse("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"macvlan\"\n")
-                .unwrap_err()
-                .to_string();
+            refused("[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nmode = \"macvlan\"\n");
         assert!(err.contains("line 4") && err.contains("macvlan"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
@@ -549,7 +544,7 @@ ipv6 = { subnet = "fd43::/64" }
             ),
         ] {
             let text = format!("[[network]]\nname = \"n\"\n{body}\n");
-            let err = parse(&text).unwrap_err().to_string();
+            let err = refused(&text);
             assert!(err.contains(&format!("`{key}`")), "{body}: {err}");
         }
     }
@@ -557,11 +552,11 @@ ipv6 = { subnet = "fd43::/64" }
     #[test]
     fn duplicate_names_bridges_and_overlapping_subnets_are_refused() {
         let dup = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[network]]\nname = \"a\"\nsubnet = \"10.1.0.0/24\"\n";
-        assert!(parse(dup).unwrap_err().to_string().contains("`name`"));
+        assert!(refused(dup).contains("`name`"));
         let bridge = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[network]]\nname = \"b\"\nbridge = \"a\"\nsubnet = \"10.1.0.0/24\"\n";
-        assert!(parse(bridge).unwrap_err().to_string().contains("`bridge`"));
+        assert!(refused(bridge).contains("`bridge`"));
         let overlap = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/16\"\n[[network]]\nname = \"b\"\nsubnet = \"10.0.5.0/24\"\n";
-        assert!(parse(overlap).unwrap_err().to_string().contains("overlaps"));
+        assert!(refused(overlap).contains("overlaps"));
     }
 
     #[test]
@@ -574,24 +569,23 @@ ipv6 = { subnet = "fd43::/64" }
         let ports = config.forwards[0].ports;
         assert_eq!((ports.first(), ports.last()), (8080, 8080));
         assert_eq!(ports.guest(), 80);
-        let err = parse(&format!(
-            "{base}[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"80-70\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains(":4: forward: `ports`"), "{err}");
-        let err = parse(&format!(
-            "{base}[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\n[[forward]]\nguest = \"b\"\nproto = \"tcp\"\nports = \"8000-8090\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("overlaps"), "{err}");
-        let err = parse(&format!(
-            "{base}[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\nnetwork = \"nope\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("no network `nope`"), "{err}");
+        for (forwards, says) in [
+            (
+                "[[forward]]\nguest = \"web\"\nproto = \"tcp\"\nports = \"80-70\"\n",
+                ":4: forward: `ports`",
+            ),
+            (
+                "[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\n[[forward]]\nguest = \"b\"\nproto = \"tcp\"\nports = \"8000-8090\"\n",
+                "overlaps",
+            ),
+            (
+                "[[forward]]\nguest = \"a\"\nproto = \"tcp\"\nports = \"8080\"\nnetwork = \"nope\"\n",
+                "no network `nope`",
+            ),
+        ] {
+            let err = refused(&format!("{base}{forwards}"));
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]
@@ -634,9 +628,7 @@ ipv6 = { subnet = "fd43::/64" }
         assert_eq!(config.limits.reservations.reclaim_after, 86_400);
         assert_eq!(config.limits.qmp_sessions_per_user, 8);
         assert_eq!(parse("").unwrap().limits, Limits::default());
-        let err = parse("[limits]\nauto-reservations-per-nic = 0\n")
-            .unwrap_err()
-            .to_string();
+        let err = refused("[limits]\nauto-reservations-per-nic = 0\n");
         assert!(
             err.contains("[limits]: `auto-reservations-per-nic`"),
             "{err}"
@@ -647,7 +639,7 @@ ipv6 = { subnet = "fd43::/64" }
     #[test]
     fn overlapping_subnets_name_the_line_of_the_later_network() {
         let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/16\"\n\n[[network]]\nname = \"b\"\nsubnet = \"10.0.5.0/24\"\n";
-        let err = parse(text).unwrap_err().to_string();
+        let err = refused(text);
         assert!(
             err.starts_with("/etc/qnet/hookd.toml:5: network `b`: `subnet`:"),
             "{err}"
@@ -736,7 +728,7 @@ ipv6 = { subnet = "fd43::/64" }
     #[test]
     fn ipv6_subnet_without_hosts_is_an_error() {
         let text = "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\nipv6 = { subnet = \"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128\" }\n";
-        let err = parse(text).unwrap_err().to_string();
+        let err = refused(text);
         assert!(err.contains("has no host address"), "{err}");
     }
 
@@ -750,7 +742,7 @@ ipv6 = { subnet = "fd43::/64" }
             "[[network]]\nname = \"a\"\nsubnet = \"10.0.0.0/24\"\n[[forward]]\nguest = \"g\"\nproto = \"tcp\"\nports = \"80\"\nnetwork = \"x\\ny\"\n",
             "\"a\\nb\" = 1\n",
         ] {
-            let err = parse(text).unwrap_err().to_string();
+            let err = refused(text);
             assert!(!err.chars().any(char::is_control), "{err:?}");
         }
     }

@@ -27,34 +27,18 @@ pub(super) struct RawLimits {
 
 impl RawLimits {
     pub(super) fn validate(self) -> Result<Limits, Problem> {
-        let defaults = Limits::default();
-        let per_nic = self
-            .auto_reservations_per_nic
-            .unwrap_or(defaults.reservations.per_nic);
-        if !(1..=1024).contains(&per_nic) {
-            return Err((
-                "auto-reservations-per-nic",
-                format!("{per_nic} must be 1-1024"),
-            ));
-        }
-        let sessions = self
-            .qmp_sessions_per_user
-            .unwrap_or(defaults.qmp_sessions_per_user);
-        if !(1..=100_000).contains(&sessions) {
-            return Err((
-                "qmp-sessions-per-user",
-                format!("{sessions} must be 1-100000"),
-            ));
-        }
-        let days = self
-            .reclaim_after_days
-            .unwrap_or(defaults.reservations.reclaim_after / 86_400);
-        if days > 36_500 {
-            return Err((
-                "reclaim-after-days",
-                format!("{days} must be at most 36500"),
-            ));
-        }
+        let d = Limits::default();
+        let RawLimits {
+            auto_reservations_per_nic: per_nic,
+            qmp_sessions_per_user: sessions,
+            reclaim_after_days: days,
+        } = self;
+        let per_nic = per_nic.unwrap_or(d.reservations.per_nic);
+        let sessions = sessions.unwrap_or(d.qmp_sessions_per_user);
+        let days = days.unwrap_or(d.reservations.reclaim_after / 86_400);
+        within("auto-reservations-per-nic", per_nic, 1..=1024, "1-1024")?;
+        within("qmp-sessions-per-user", sessions, 1..=100_000, "1-100000")?;
+        within("reclaim-after-days", days, 0..=36_500, "at most 36500")?;
         Ok(Limits {
             reservations: alloc::Limits {
                 per_nic,
@@ -62,6 +46,21 @@ impl RawLimits {
             },
             qmp_sessions_per_user: sessions,
         })
+    }
+}
+
+/// Unless `range` holds `value` of `key`: the problem, saying it must be
+/// `expected`.
+fn within<T: PartialOrd + fmt::Display>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    expected: &str,
+) -> Result<(), Problem> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err((key, format!("{value} must be {expected}")))
     }
 }
 
@@ -215,6 +214,38 @@ impl RawNetwork {
     }
 }
 
+impl NetworkConfig {
+    /// A nat, routed or isolated network as a `[[network]]` table with
+    /// only `name`, `mode` and `subnet` gives it: bridge named like the
+    /// network, router `.1`, DHCP from `.2` to the last host, domain
+    /// `NAME.qnet`, nothing else. For the built-in default network, tests
+    /// and benchmarks, which pass constants: panics on a bridged `mode`, a
+    /// name that is no network or bridge name, or a subnet under /29.
+    pub fn with_defaults(name: &str, mode: Mode, subnet: Ipv4Net) -> NetworkConfig {
+        RawNetwork {
+            name: name.into(),
+            mode: Some(mode),
+            subnet: Some(subnet.to_string()),
+            ..RawNetwork::default()
+        }
+        .validate()
+        .unwrap_or_else(|(key, problem)| panic!("network `{name}`: {key}: {problem}"))
+    }
+}
+
+impl Ipv6Config {
+    /// `subnet` with its first host address as the router, as `ipv6 = {
+    /// subnet = ... }` alone gives it; `None` for an all-ones /128, which
+    /// has no host address (and adding one to it would overflow).
+    pub fn first_router(subnet: Ipv6Net) -> Option<Ipv6Config> {
+        let first = u128::from(subnet.network()).checked_add(1)?;
+        Some(Ipv6Config {
+            subnet,
+            router: Ipv6Addr::from(first),
+        })
+    }
+}
+
 /// `connect-to` (two-way) and `connect-to-one-way` as one list of links,
 /// sorted by name, each network once; a network in both lists is an error.
 /// Whether the names exist is checked once every network is read
@@ -283,11 +314,7 @@ pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
             format!("`{subnet}` has host bits set: write `{}`", subnet.trunc()),
         ));
     }
-    // The subnet's first host address; an all-ones /128 has none (and
-    // adding one to it would overflow).
-    let first = u128::from(subnet.network())
-        .checked_add(1)
-        .map(Ipv6Addr::from);
+    let first = Ipv6Config::first_router(subnet).map(|v6| v6.router);
     let Some(router) = raw.router.or(first) else {
         return Err(("ipv6", format!("`{subnet}` has no host address: use a /64")));
     };

@@ -91,20 +91,11 @@ mod tests {
     use crate::config::Ipv6Config;
 
     fn lab() -> NetworkConfig {
-        NetworkConfig {
-            name: "lab".parse().unwrap(),
-            bridge: "qnlab".parse().unwrap(),
-            mode: Mode::Nat,
-            subnet: "10.42.0.0/24".parse().unwrap(),
-            router: Ipv4Addr::new(10, 42, 0, 1),
-            dhcp_range: (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)),
-            domain: "lab.qnet".parse().unwrap(),
-            uplink: None,
-            blocked_ports: Vec::new(),
-            ipv6: None,
-            owner: None,
-            connect_to: Vec::new(),
-        }
+        let mut net =
+            NetworkConfig::with_defaults("lab", Mode::Nat, "10.42.0.0/24".parse().unwrap());
+        net.bridge = "qnlab".parse().unwrap();
+        net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199));
+        net
     }
 
     fn paths() -> Paths {
@@ -144,10 +135,7 @@ log-dhcp
     fn config_with_ipv6_and_isolation() {
         let mut net = lab();
         net.mode = Mode::Isolated;
-        net.ipv6 = Some(Ipv6Config {
-            subnet: "fd42::/64".parse().unwrap(),
-            router: "fd42::1".parse().unwrap(),
-        });
+        net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
         let text = render_config(&net, &paths(), false);
         for line in [
             "listen-address=fd42::1\n",

@@ -449,22 +449,18 @@ mod tests {
     use crate::firewall::element::tests::rule;
 
     fn net(name: &str, mode: Mode, subnet: &str) -> NetworkConfig {
-        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
-        let first = u32::from(subnet.network());
-        NetworkConfig {
-            name: name.parse().unwrap(),
-            bridge: format!("br-{name}").parse().unwrap(),
-            mode,
-            subnet,
-            router: (first + 1).into(),
-            dhcp_range: ((first + 2).into(), (first + 200).into()),
-            domain: format!("{name}.qnet").parse().unwrap(),
-            uplink: None,
-            blocked_ports: Vec::new(),
-            ipv6: None,
-            owner: None,
-            connect_to: Vec::new(),
-        }
+        let mut net = NetworkConfig::with_defaults(name, mode, subnet.parse().unwrap());
+        net.bridge = format!("br-{name}").parse().unwrap();
+        let first = u32::from(net.subnet.network());
+        net.dhcp_range = ((first + 2).into(), (first + 200).into());
+        net
+    }
+
+    /// `net` alone with uplink `uplink` and IPv6 subnet `v6`, rendered.
+    fn render_dual_stack(mut net: NetworkConfig, uplink: &str, v6: &str) -> String {
+        net.uplink = Some(uplink.parse().unwrap());
+        net.ipv6 = Ipv6Config::first_router(v6.parse().unwrap());
+        render(&[net])
     }
 
     /// What every table starts with when there are no forwards: the empty
@@ -585,13 +581,11 @@ mod tests {
 
     #[test]
     fn routed_with_uplink_and_ipv6() {
-        let mut r = net("r-1", Mode::Routed, "10.44.0.0/24");
-        r.uplink = Some("eth0".parse().unwrap());
-        r.ipv6 = Some(Ipv6Config {
-            subnet: "fd44::/64".parse().unwrap(),
-            router: "fd44::1".parse().unwrap(),
-        });
-        let text = render(&[r]);
+        let text = render_dual_stack(
+            net("r-1", Mode::Routed, "10.44.0.0/24"),
+            "eth0",
+            "fd44::/64",
+        );
         // No outgoing masquerade; only that of port forwards (hairpin,
         // localhost), which need it in every mode.
         assert!(
@@ -613,13 +607,7 @@ mod tests {
 
     #[test]
     fn nat_with_uplink_and_ipv6_masquerades_both_families_via_uplink() {
-        let mut n = net("six", Mode::Nat, "10.45.0.0/24");
-        n.uplink = Some("up0".parse().unwrap());
-        n.ipv6 = Some(Ipv6Config {
-            subnet: "fd45::/64".parse().unwrap(),
-            router: "fd45::1".parse().unwrap(),
-        });
-        let text = render(&[n]);
+        let text = render_dual_stack(net("six", Mode::Nat, "10.45.0.0/24"), "up0", "fd45::/64");
         assert!(text.contains(
             "\t\tip saddr 10.45.0.0/24 ip daddr != 10.45.0.0/24 oifname \"up0\" masquerade comment \"six\"\n"
         ), "{text}");
@@ -656,12 +644,7 @@ mod tests {
 
     #[test]
     fn links_accept_their_direction_and_replies_and_skip_masquerade() {
-        let v6 = |n: u8| {
-            Some(Ipv6Config {
-                subnet: format!("fd0{n}::/64").parse().unwrap(),
-                router: format!("fd0{n}::1").parse().unwrap(),
-            })
-        };
+        let v6 = |n: u8| Ipv6Config::first_router(format!("fd0{n}::/64").parse().unwrap());
         let link = |to: &str, one_way| crate::config::Link {
             to: to.parse().unwrap(),
             one_way,
@@ -713,10 +696,7 @@ mod tests {
     #[test]
     fn forwards_are_map_elements_in_nfts_order_each_once() {
         let mut lab = net("lab", Mode::Nat, "10.42.0.0/24");
-        lab.ipv6 = Some(Ipv6Config {
-            subnet: "fd42::/64".parse().unwrap(),
-            router: "fd42::1".parse().unwrap(),
-        });
+        lab.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
         let web = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
         let dns = rule(Proto::Udp, None, 5353, "10.42.0.11", 53);
         let ssh = rule(Proto::Tcp, None, 22, "10.42.0.11", 22);

@@ -148,21 +148,15 @@ impl Kernel {
     }
 
     async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>, LanError> {
-        let mut dump = self
+        let request = self
             .netlink
             .handle()
             .address()
             .get()
             .set_link_index_filter(index)
             .execute();
-        let mut out = Vec::new();
-        while let Some(msg) = dump.try_next().await.map_err(refused(format!(
-            "listing the addresses of `{}`",
-            self.uplink
-        )))? {
-            out.push(msg);
-        }
-        Ok(out)
+        let action = format!("listing the addresses of `{}`", self.uplink);
+        Ok(crate::netlink::dump(request, &action).await?)
     }
 
     /// The uplink's addresses that move ([`plan::moves_address`]).

@@ -1,22 +1,12 @@
 use super::*;
-use crate::api::{IfName, NetName};
+use crate::api::IfName;
 use std::str::FromStr;
 
 fn lab(mode: Mode) -> NetworkConfig {
-    NetworkConfig {
-        name: NetName::from_str("lab").unwrap(),
-        bridge: IfName::from_str("qnlab").unwrap(),
-        mode,
-        subnet: "10.9.0.0/24".parse().unwrap(),
-        router: "10.9.0.1".parse().unwrap(),
-        dhcp_range: ("10.9.0.2".parse().unwrap(), "10.9.0.200".parse().unwrap()),
-        domain: "lab.qnet".parse().unwrap(),
-        uplink: None,
-        blocked_ports: Vec::new(),
-        ipv6: None,
-        owner: None,
-        connect_to: Vec::new(),
-    }
+    let mut net = NetworkConfig::with_defaults("lab", mode, "10.9.0.0/24".parse().unwrap());
+    net.bridge = IfName::from_str("qnlab").unwrap();
+    net.dhcp_range = ("10.9.0.2".parse().unwrap(), "10.9.0.200".parse().unwrap());
+    net
 }
 
 /// What `nft -a monitor trace` printed for an outbound probe dropped by a

@@ -263,10 +263,7 @@ impl Reconciler {
                 handle.stop().await;
             }
         }
-        let failed = |source| crate::error::DaemonError::Network {
-            network: name.to_string(),
-            source,
-        };
+        let failed = crate::error::DaemonError::network(&name);
         if change == Change::Recreate && (old.is_lan() || new.is_lan()) {
             // A LAN network's uplink goes back before it is taken over
             // again (or given to another network).

@@ -95,17 +95,12 @@ impl Reconciler {
             return Ok(());
         };
         let net = runtime.config.clone();
-        let failed = |source| DaemonError::Network {
-            network: name.to_string(),
-            source,
-        };
-        network::up(&net, &paths.state_dir).await.map_err(failed)?;
+        network::up(&net, &paths.state_dir)
+            .await
+            .map_err(DaemonError::network(name))?;
         // A LAN network's guests lease from the LAN's own DHCP server.
         if !net.is_lan() {
-            let handle = dnsmasq::spawn(&net, &paths).map_err(|source| DaemonError::Dnsmasq {
-                network: name.to_string(),
-                source,
-            })?;
+            let handle = dnsmasq::spawn(&net, &paths).map_err(DaemonError::dnsmasq(name))?;
             runtime.dnsmasq = Some(handle);
         }
         runtime.up = true;
@@ -127,10 +122,7 @@ impl Reconciler {
         let net = runtime.config.clone();
         network::down(&net, &self.paths().state_dir)
             .await
-            .map_err(|source| DaemonError::Network {
-                network: name.to_string(),
-                source,
-            })?;
+            .map_err(DaemonError::network(name))?;
         self.state.known_networks.remove(name);
         self.dirty.state = true;
         Ok(())

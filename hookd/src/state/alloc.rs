@@ -247,6 +247,12 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    /// A network whose DHCP range holds `size` addresses, and its empty
+    /// reservation table.
+    fn pool(size: u8) -> (NetworkConfig, BTreeMap<Mac, Reservation>) {
+        (net(size), BTreeMap::new())
+    }
+
     fn net(pool: u8) -> NetworkConfig {
         let mut net = Config::default_network("10.9.0.0/24".parse().unwrap());
         net.dhcp_range = (
@@ -289,8 +295,7 @@ mod tests {
 
     #[test]
     fn reservations_are_sticky_and_unique() {
-        let net = net(3);
-        let mut table = BTreeMap::new();
+        let (net, mut table) = pool(3);
         let a = auto(&mut table, &net, 1, "a", 0).unwrap();
         let b = auto(&mut table, &net, 2, "b", 0).unwrap();
         assert!(a.created && b.created);
@@ -302,8 +307,7 @@ mod tests {
 
     #[test]
     fn a_nic_changing_its_mac_keeps_at_most_its_limit() {
-        let net = net(50);
-        let mut table = BTreeMap::new();
+        let (net, mut table) = pool(50);
         for (n, now) in [(1, 1), (2, 2)] {
             auto(&mut table, &net, n, "g", now).unwrap();
         }
@@ -322,8 +326,7 @@ mod tests {
 
     #[test]
     fn a_mac_in_use_is_never_evicted() {
-        let net = net(50);
-        let mut table = BTreeMap::new();
+        let (net, mut table) = pool(50);
         auto(&mut table, &net, 1, "g", 1).unwrap();
         auto(&mut table, &net, 2, "g", 2).unwrap();
         let in_use: BTreeSet<Mac> = [mac(1), mac(2)].into();
@@ -334,8 +337,7 @@ mod tests {
 
     #[test]
     fn an_empty_pool_reclaims_only_long_unseen_automatic_reservations() {
-        let net = net(2);
-        let mut table = BTreeMap::new();
+        let (net, mut table) = pool(2);
         auto(&mut table, &net, 1, "a", 10).unwrap();
         let (ip, _) =
             explicit_address(&table, &net, mac(2), None, &BTreeSet::new(), LIMITS, 10).unwrap();
@@ -364,8 +366,7 @@ mod tests {
 
     #[test]
     fn explicit_addresses_are_checked() {
-        let net = net(5);
-        let mut table = BTreeMap::new();
+        let (net, mut table) = pool(5);
         let granted = auto(&mut table, &net, 1, "a", 0).unwrap();
         let none = BTreeSet::new();
         for bad in [

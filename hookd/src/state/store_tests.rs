@@ -51,6 +51,27 @@ fn guest(pid: u32) -> Guest {
     }
 }
 
+/// A store opened on a new empty directory, and its (empty) state.
+fn empty_store() -> (tempfile::TempDir, Store, State) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, state) = Store::open(dir.path()).unwrap();
+    (dir, store, state)
+}
+
+/// What a store opened on `dir` loads.
+fn reopened(dir: &Path) -> State {
+    Store::open(dir).unwrap().1
+}
+
+/// `state.json` of `dir`, which must hold no record itself.
+fn header(dir: &Path) -> String {
+    fs::read_to_string(dir.join(STATE_FILE)).unwrap()
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    fs::metadata(path).unwrap().modified().unwrap()
+}
+
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|d| {
@@ -64,8 +85,7 @@ fn names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn every_record_round_trips_through_files_of_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    let (dir, mut store, mut state) = empty_store();
     assert_eq!(state, State::default());
     let lab: NetName = "lab".parse().unwrap();
     state
@@ -92,26 +112,21 @@ fn every_record_round_trips_through_files_of_its_own() {
     );
     assert_eq!(names(&dir.path().join("guests")), ["42.json"]);
     assert_eq!(names(&dir.path().join("forwards")).len(), 2);
-    let header = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    let header = header(dir.path());
     assert!(
         !header.contains("8080") && !header.contains("10.0.0.5"),
         "{header}"
     );
-    let (_, loaded) = Store::open(dir.path()).unwrap();
-    assert_eq!(loaded, state);
+    assert_eq!(reopened(dir.path()), state);
 }
 
 #[test]
 fn a_save_writes_only_what_changed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    let (dir, mut store, mut state) = empty_store();
     state.guests.insert(1, guest(1));
     state.guests.insert(2, guest(2));
     store.save(&state).unwrap();
-    let first = fs::metadata(dir.path().join("guests/1.json"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let first = modified(&dir.path().join("guests/1.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
     state.guests.get_mut(&2).unwrap().uid = 5;
     state.guests.insert(3, guest(3));
@@ -120,21 +135,12 @@ fn a_save_writes_only_what_changed() {
     assert_eq!(names(&dir.path().join("guests")), ["2.json", "3.json"]);
     state.guests.insert(1, guest(1));
     store.save(&state).unwrap();
-    let again = fs::metadata(dir.path().join("guests/1.json"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let again = modified(&dir.path().join("guests/1.json"));
     assert_ne!(first, again, "rewritten after it was removed");
-    let untouched = fs::metadata(dir.path().join("guests/3.json"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let untouched = modified(&dir.path().join("guests/3.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
     store.save(&state).unwrap();
-    let same = fs::metadata(dir.path().join("guests/3.json"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let same = modified(&dir.path().join("guests/3.json"));
     assert_eq!(untouched, same, "an unchanged record is not rewritten");
 }
 
@@ -171,19 +177,17 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
     assert_eq!(state.forwards.len(), 1);
     assert_eq!(state.default_subnet, Some("10.213.7.0/24".parse().unwrap()));
     store.save(&state).unwrap();
-    let header = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    let header = header(dir.path());
     assert!(
         header.contains("\"version\": 2") && !header.contains("10.213.7.2"),
         "{header}"
     );
-    let (_, again) = Store::open(dir.path()).unwrap();
-    assert_eq!(again, state);
+    assert_eq!(reopened(dir.path()), state);
 }
 
 #[test]
 fn bad_files_are_set_aside_and_the_rest_loads() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    let (dir, mut store, mut state) = empty_store();
     state.forwards = vec![forward(8080)];
     store.save(&state).unwrap();
     let forwards = dir.path().join(FORWARDS_DIR);
@@ -202,8 +206,7 @@ fn bad_files_are_set_aside_and_the_rest_loads() {
     fs::create_dir_all(dir.path().join("reservations/lab")).unwrap();
     fs::write(dir.path().join("reservations/lab/nonsense.json"), "{}").unwrap();
     fs::write(dir.path().join(".state.json.tmp.999"), "half").unwrap();
-    let (_, loaded) = Store::open(dir.path()).unwrap();
-    assert_eq!(loaded.forwards, state.forwards);
+    assert_eq!(reopened(dir.path()).forwards, state.forwards);
     let left = names(&forwards);
     for bad in [
         "tcp-1-a.json.bad",
@@ -223,15 +226,13 @@ fn bad_files_are_set_aside_and_the_rest_loads() {
 fn a_corrupt_state_file_is_set_aside_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
-    let (_, state) = Store::open(dir.path()).unwrap();
-    assert_eq!(state, State::default());
+    assert_eq!(reopened(dir.path()), State::default());
     assert!(dir.path().join("state.json.bad").exists());
 }
 
 #[test]
 fn a_full_disk_is_an_error_and_leaves_no_temp_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    let (dir, mut store, mut state) = empty_store();
     // A forwards "directory" that is a file: every write into it fails.
     fs::write(dir.path().join(FORWARDS_DIR), "").unwrap();
     state.forwards = vec![forward(8080)];

@@ -11,6 +11,16 @@ pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     a.add_veth_to(a_if, None, b, b_if, None);
 }
 
+/// The uplink the network tests share: veth `up0` in `host` (10.99.0.1/24,
+/// fd99::1/64) to `eth0` in `outside` (10.99.0.2/24, fd99::2/64).
+pub fn uplink(host: &NetNs, outside: &NetNs) {
+    veth(host, "up0", outside, "eth0");
+    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
+    host.ip(&["addr", "add", "fd99::1/64", "dev", "up0", "nodad"]);
+    outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    outside.ip(&["addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]);
+}
+
 /// `ip -j` output of `args` in `ns`, parsed.
 pub fn ip_json(ns: &NetNs, args: &[&str]) -> serde_json::Value {
     ns.ip_json(args)
@@ -25,21 +35,21 @@ pub fn network(
     subnet: &str,
 ) -> qnet_hookd::config::NetworkConfig {
     let subnet: ipnet::Ipv4Net = subnet.parse().expect("subnet");
+    let mut net = qnet_hookd::config::NetworkConfig::with_defaults(name, mode, subnet);
+    net.bridge = bridge.parse().unwrap();
     let base = u32::from(subnet.network());
-    qnet_hookd::config::NetworkConfig {
-        name: name.parse().unwrap(),
-        bridge: bridge.parse().unwrap(),
-        mode,
-        subnet,
-        router: (base + 1).into(),
-        dhcp_range: ((base + 100).into(), (base + 199).into()),
-        domain: format!("{name}.qnet").parse().unwrap(),
-        uplink: None,
-        blocked_ports: Vec::new(),
-        ipv6: None,
-        owner: None,
-        connect_to: Vec::new(),
-    }
+    net.dhcp_range = ((base + 100).into(), (base + 199).into());
+    net
+}
+
+/// Runs `future` on a runtime of the calling thread (and so in its
+/// network namespace).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }
 
 /// Plugs `guest`'s `eth0` (with MAC `mac`) into bridge `bridge` of
