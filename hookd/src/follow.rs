@@ -250,7 +250,7 @@ pub async fn follow_guest(
     let (stream, qmp_server) = match origin {
         Origin::Client(stream) => (Ok(stream), None),
         Origin::Server(path) => (
-            qmp::dial(&path).await.map_err(|e| e.to_string()),
+            Box::pin(qmp::dial(&path)).await.map_err(|e| e.to_string()),
             Some(path),
         ),
     };
@@ -269,7 +269,10 @@ pub async fn follow_guest(
     // Events are hints (a lagged follower re-reads the NICs): a short
     // queue is enough, and it is memory every guest holds.
     let (events_tx, mut events) = mpsc::channel(16);
-    let (session, identity) = match QmpSession::start(stream, events_tx).await {
+    // The handshake and the queries are the follower's largest futures
+    // but run once: boxed, they are freed when done, where inline they
+    // would size the task every followed guest keeps for its whole life.
+    let (session, identity) = match Box::pin(QmpSession::start(stream, events_tx)).await {
         Ok(started) => started,
         Err(e) => return fail(attach, format!("QMP handshake: {e}")),
     };
@@ -283,12 +286,12 @@ pub async fn follow_guest(
             return;
         }
     }
-    let info = match session.query_info().await {
+    let info = match Box::pin(session.query_info()).await {
         Ok(info) => info,
         Err(e) => return fail(attach, format!("pid {}: QMP queries: {e}", identity.pid)),
     };
     let pid = identity.pid;
-    let ports = ports_of(pid).await;
+    let ports = Box::pin(ports_of(pid)).await;
     let name = info.name.clone();
     let (keepalive, dropped) = oneshot::channel();
     let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
@@ -341,9 +344,10 @@ async fn follow_events(
                 }
                 Some(QmpEvent::NicRxFilterChanged { .. })
                 | Some(QmpEvent::DeviceDeleted { .. })
-                | Some(QmpEvent::Lagged(_)) => match session.query_nics().await {
+                // Boxed like the handshake (see `follow_guest`).
+                | Some(QmpEvent::Lagged(_)) => match Box::pin(session.query_nics()).await {
                     Ok(nics) => {
-                        let ports = ports_of(pid).await;
+                        let ports = Box::pin(ports_of(pid)).await;
                         let _ = inputs.send(Input::GuestNics { conn, nics, ports });
                     }
                     Err(e) => tracing::warn!(pid, "query-rx-filter: {e}"),
