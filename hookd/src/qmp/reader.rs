@@ -119,20 +119,30 @@ pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
     })
 }
 
-/// Writes queued command lines until the session ends.
-pub(super) async fn write_loop(
-    mut writer: OwnedWriteHalf,
-    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
-    shared: Arc<Shared>,
-    after: Duration,
-) {
+/// Writes queued command lines (`State::outgoing`)
+/// until the session ends.
+pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, after: Duration) {
     let mut stop = shared.stop.subscribe();
     loop {
-        let line = tokio::select! {
-            line = lines.recv() => line,
-            _ = stop.wait_for(|&stop| stop) => None,
+        if *stop.borrow() {
+            break;
+        }
+        let line = {
+            let mut state = shared.state();
+            let line = state.outgoing.pop_front();
+            if state.outgoing.is_empty() {
+                // Give the handshake's few slots back while idle.
+                state.outgoing = Default::default();
+            }
+            line
         };
-        let Some(line) = line else { break };
+        let Some(line) = line else {
+            // A line queued since the pop left a permit: never missed.
+            tokio::select! {
+                _ = shared.wake_writer.notified() => continue,
+                _ = stop.wait_for(|&stop| stop) => break,
+            }
+        };
         let failure = match timeout(after, writer.write_all(&line)).await {
             Ok(Ok(())) => continue,
             Ok(Err(e)) if is_hangup(&e) => {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::lazybuf::LazyBufReader;
@@ -60,10 +60,6 @@ pub struct QmpSession {
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Complete lines for the writer task. Writes happen there so that a
-    /// caller that gives up on `execute` can never leave half a command in
-    /// the stream.
-    outgoing: mpsc::UnboundedSender<Vec<u8>>,
     next_id: AtomicU64,
     identity: GuestIdentity,
     greeting: Greeting,
@@ -128,14 +124,9 @@ impl QmpSession {
             peer,
             state: Mutex::new(State::default()),
             stop,
+            wake_writer: Notify::new(),
         });
-        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(
-            write_half,
-            outgoing_rx,
-            shared.clone(),
-            options.timeout,
-        ));
+        tokio::spawn(write_loop(write_half, shared.clone(), options.timeout));
         tokio::spawn(read_loop(
             reader,
             shared.clone(),
@@ -147,7 +138,6 @@ impl QmpSession {
         let session = QmpSession {
             inner: Arc::new(Inner {
                 shared,
-                outgoing,
                 next_id: AtomicU64::new(0),
                 identity,
                 greeting,
@@ -249,14 +239,12 @@ impl QmpSession {
                 return Err(closed(reason.clone()));
             }
             state.pending.insert(id, deliver);
+            // The writer only stops once the session is closed, so a line
+            // queued while it is not will be written.
+            state.outgoing.push_back(line);
         }
         let _pending = PendingGuard { shared, id };
-        if inner.outgoing.send(line).is_err() {
-            let reason = shared
-                .closed_reason()
-                .unwrap_or_else(|| "writer gone".into());
-            return Err(closed(reason));
-        }
+        shared.wake_writer.notify_one();
 
         let deadline = Instant::now() + inner.options.timeout;
         match timeout_at(deadline, reply_rx).await {

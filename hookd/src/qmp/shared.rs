@@ -1,17 +1,19 @@
 //! State shared by a session's handles and its reader and writer tasks.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::value::RawValue;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 pub(super) struct Shared {
     pub(super) peer: String,
     pub(super) state: Mutex<State>,
     /// Set to end the session: the reader and the writer stop.
     pub(super) stop: watch::Sender<bool>,
+    /// Tells the writer task that [`State::outgoing`] has a line.
+    pub(super) wake_writer: Notify,
 }
 
 /// Close reason of a session ended by [`QmpSession::close`] or by dropping
@@ -26,6 +28,12 @@ pub(super) struct State {
     pub(super) pending: HashMap<u64, Deliver>,
     /// Why the session ended, once it has.
     pub(super) closed: Option<String>,
+    /// Complete command lines for the writer task. Writes happen there so
+    /// that a caller that gives up on a command can never leave half of it
+    /// in the stream. A queue here rather than a channel: a tokio channel
+    /// holds a block of 32 slots (and its own allocation) for the whole
+    /// session, and a followed guest sends a command once in a long while.
+    pub(super) outgoing: VecDeque<Vec<u8>>,
 }
 
 /// A reply's `"return"` as JSON text: borrowed from the reader's line
@@ -62,6 +70,7 @@ impl Shared {
         // Dropping the deliveries (and with them their senders) wakes the
         // waiters, which read `closed`.
         state.pending.clear();
+        state.outgoing = VecDeque::new();
         reason
     }
 
