@@ -19,7 +19,7 @@ use std::time::Duration;
 use qnet_api::{ApiError, ErrorKind, Reply, Response};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::discover::{self, GuestPort};
 use crate::procfs;
@@ -360,7 +360,17 @@ async fn follow_events(
     }
 }
 
+/// Guests whose devices are resolved at once. Each resolution opens an
+/// rtnetlink connection (a task and its receive buffers, tens of KiB) for
+/// a few milliseconds: a burst of a thousand QEMUs connecting at once held
+/// hundreds of them at the same time, most of the daemon's peak memory
+/// (`hookd_scale rounds`, heaptrack). The work is the kernel's alone (a
+/// `/proc` walk, link lookups), so no peer can keep a place for long.
+static RESOLVING: Semaphore = Semaphore::const_new(4);
+
 async fn ports_of(pid: u32) -> Vec<GuestPort> {
+    // Never closed, so `acquire` cannot fail.
+    let _place = RESOLVING.acquire().await.ok();
     discover::guest_ports(pid).await.unwrap_or_else(|e| {
         tracing::warn!(pid, "finding the guest's devices: {e}");
         Vec::new()
