@@ -19,7 +19,7 @@ use std::time::Duration;
 use qnet_api::{ApiError, ErrorKind, Reply, Response};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::discover::{self, GuestPort};
 use crate::procfs;
@@ -250,7 +250,7 @@ pub async fn follow_guest(
     let (stream, qmp_server) = match origin {
         Origin::Client(stream) => (Ok(stream), None),
         Origin::Server(path) => (
-            qmp::dial(&path).await.map_err(|e| e.to_string()),
+            Box::pin(qmp::dial(&path)).await.map_err(|e| e.to_string()),
             Some(path),
         ),
     };
@@ -269,7 +269,10 @@ pub async fn follow_guest(
     // Events are hints (a lagged follower re-reads the NICs): a short
     // queue is enough, and it is memory every guest holds.
     let (events_tx, mut events) = mpsc::channel(16);
-    let (session, identity) = match QmpSession::start(stream, events_tx).await {
+    // The handshake and the queries are the follower's largest futures
+    // but run once: boxed, they are freed when done, where inline they
+    // would size the task every followed guest keeps for its whole life.
+    let (session, identity) = match Box::pin(QmpSession::start(stream, events_tx)).await {
         Ok(started) => started,
         Err(e) => return fail(attach, format!("QMP handshake: {e}")),
     };
@@ -283,12 +286,12 @@ pub async fn follow_guest(
             return;
         }
     }
-    let info = match session.query_info().await {
+    let info = match Box::pin(session.query_info()).await {
         Ok(info) => info,
         Err(e) => return fail(attach, format!("pid {}: QMP queries: {e}", identity.pid)),
     };
     let pid = identity.pid;
-    let ports = ports_of(pid).await;
+    let ports = Box::pin(ports_of(pid)).await;
     let name = info.name.clone();
     let (keepalive, dropped) = oneshot::channel();
     let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
@@ -347,9 +350,10 @@ async fn follow_events(
                 }
                 Some(QmpEvent::NicRxFilterChanged { .. })
                 | Some(QmpEvent::DeviceDeleted { .. })
-                | Some(QmpEvent::Lagged(_)) => match session.query_nics().await {
+                // Boxed like the handshake (see `follow_guest`).
+                | Some(QmpEvent::Lagged(_)) => match Box::pin(session.query_nics()).await {
                     Ok(nics) => {
-                        let ports = ports_of(pid).await;
+                        let ports = Box::pin(ports_of(pid)).await;
                         let _ = inputs.send(Input::GuestNics { conn, nics, ports });
                     }
                     Err(e) => tracing::warn!(pid, "query-rx-filter: {e}"),
@@ -362,7 +366,17 @@ async fn follow_events(
     }
 }
 
+/// Guests whose devices are resolved at once. Each resolution opens an
+/// rtnetlink connection (a task and its receive buffers, tens of KiB) for
+/// a few milliseconds: a burst of a thousand QEMUs connecting at once held
+/// hundreds of them at the same time, most of the daemon's peak memory
+/// (`hookd_scale rounds`, heaptrack). The work is the kernel's alone (a
+/// `/proc` walk, link lookups), so no peer can keep a place for long.
+static RESOLVING: Semaphore = Semaphore::const_new(4);
+
 async fn ports_of(pid: u32) -> Vec<GuestPort> {
+    // Never closed, so `acquire` cannot fail.
+    let _place = RESOLVING.acquire().await.ok();
     discover::guest_ports(pid).await.unwrap_or_else(|e| {
         tracing::warn!(pid, "finding the guest's devices: {e}");
         Vec::new()

@@ -61,6 +61,7 @@
 //! dropped); a write that times out or fails tears the session down, since
 //! the stream may then hold half a command.
 
+mod lazybuf;
 mod parse;
 mod reader;
 mod session;

@@ -2,6 +2,8 @@
 //! mean, with no I/O, so every one of them is unit-tested (and fuzzed)
 //! on its own.
 
+use std::borrow::Cow;
+
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::{to_raw_value, RawValue};
@@ -12,14 +14,14 @@ use super::types::{Greeting, NicInfo, QmpEvent};
 use qnet_api::types::one_line;
 use qnet_api::Mac;
 
-/// One message after the greeting.
+/// One message after the greeting; a reply may borrow from its line.
 #[derive(Debug)]
-pub enum Message {
+pub enum Message<'a> {
     Event(QmpEvent),
     /// A command's reply; `id` is the command's, if it is one of ours.
     Reply {
         id: Option<u64>,
-        reply: Reply,
+        reply: Reply<'a>,
     },
 }
 
@@ -45,7 +47,7 @@ pub enum NotQmp {
 }
 
 /// What a message after the greeting is, or why it is not QMP.
-pub fn message(message: Value) -> Result<Message, NotQmp> {
+pub fn message(message: Value) -> Result<Message<'static>, NotQmp> {
     let Value::Object(mut map) = message else {
         return Err(NotQmp::NotAnObject(preview_value(&message)));
     };
@@ -56,7 +58,7 @@ pub fn message(message: Value) -> Result<Message, NotQmp> {
         return Ok(Message::Event(parse_event(name, map.get("data"))));
     }
     let reply = if let Some(value) = map.remove("return") {
-        Ok(to_raw_value(&value)?)
+        Ok(Cow::Owned(to_raw_value(&value)?))
     } else if let Some(error) = map.get("error") {
         // QEMU's text goes into a one-line error: escaped and bounded.
         let field = |key: &str| {
@@ -79,12 +81,13 @@ pub fn message(message: Value) -> Result<Message, NotQmp> {
 
 /// `line` read as a reply when it plainly is one (an object with a
 /// `"return"`, an integer or no `"id"`, and no `"event"`), without a tree
-/// of [`Value`]s: the `"return"` stays JSON text until the command that
-/// waits for it decodes what it needs. QEMU's `query-rx-filter` reply
-/// holds a 4,096-entry `vlan-table`: as Values that is 128 KiB per guest
-/// while a burst of guests connect, as text 20 KiB. `None` for anything
-/// else, which [`message`] reads from its Value (to the same result).
-pub fn plain_reply(line: &[u8]) -> Option<Message> {
+/// of [`Value`]s: the `"return"` stays JSON text, borrowed from `line`,
+/// until the command that waits for it decodes what it needs. QEMU's
+/// `query-rx-filter` reply holds a 4,096-entry `vlan-table`: as Values
+/// that is 128 KiB per guest while a burst of guests connect, as a copy
+/// of the text 20 KiB, borrowed nothing. `None` for anything else, which
+/// [`message`] reads from its Value (to the same result).
+pub fn plain_reply(line: &[u8]) -> Option<Message<'_>> {
     /// Whether a member is there at all, whatever its value (`null`
     /// included, which `Option` would read as absent).
     #[derive(Default)]
@@ -95,9 +98,9 @@ pub fn plain_reply(line: &[u8]) -> Option<Message> {
         }
     }
     #[derive(Deserialize)]
-    struct Plain {
-        #[serde(rename = "return")]
-        value: Box<RawValue>,
+    struct Plain<'a> {
+        #[serde(rename = "return", borrow)]
+        value: &'a RawValue,
         #[serde(default)]
         id: Option<u64>,
         #[serde(default)]
@@ -112,7 +115,7 @@ pub fn plain_reply(line: &[u8]) -> Option<Message> {
     let plain: Plain = serde_json::from_slice(line).ok()?;
     (!plain.event.0).then_some(Message::Reply {
         id: plain.id,
-        reply: Ok(plain.value),
+        reply: Ok(Cow::Borrowed(plain.value)),
     })
 }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
+use super::lazybuf::LazyBufReader;
 use super::parse::{self, preview_bytes, Message};
 use super::shared::{Shared, CLOSED_BY_US, PEER_CLOSED};
 use super::types::{Greeting, QmpError, QmpEvent};
@@ -90,7 +91,7 @@ fn json(line: &[u8], peer: &str) -> Result<Value, QmpError> {
 
 /// What a line after the greeting is: a plain reply read as text, anything
 /// else through its JSON value. Anything that is not QMP ends the session.
-pub(super) fn parse_line(line: &[u8], peer: &str) -> Result<Message, QmpError> {
+pub(super) fn parse_line<'a>(line: &'a [u8], peer: &str) -> Result<Message<'a>, QmpError> {
     match parse::plain_reply(line) {
         Some(reply) => Ok(reply),
         None => parse::message(json(line, peer)?).map_err(|e| QmpError::Protocol {
@@ -118,20 +119,30 @@ pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
     })
 }
 
-/// Writes queued command lines until the session ends.
-pub(super) async fn write_loop(
-    mut writer: OwnedWriteHalf,
-    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
-    shared: Arc<Shared>,
-    after: Duration,
-) {
+/// Writes queued command lines (`State::outgoing`)
+/// until the session ends.
+pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, after: Duration) {
     let mut stop = shared.stop.subscribe();
     loop {
-        let line = tokio::select! {
-            line = lines.recv() => line,
-            _ = stop.wait_for(|&stop| stop) => None,
+        if *stop.borrow() {
+            break;
+        }
+        let line = {
+            let mut state = shared.state();
+            let line = state.outgoing.pop_front();
+            if state.outgoing.is_empty() {
+                // Give the handshake's few slots back while idle.
+                state.outgoing = Default::default();
+            }
+            line
         };
-        let Some(line) = line else { break };
+        let Some(line) = line else {
+            // A line queued since the pop left a permit: never missed.
+            tokio::select! {
+                _ = shared.wake_writer.notified() => continue,
+                _ = stop.wait_for(|&stop| stop) => break,
+            }
+        };
         let failure = match timeout(after, writer.write_all(&line)).await {
             Ok(Ok(())) => continue,
             Ok(Err(e)) if is_hangup(&e) => {
@@ -191,11 +202,8 @@ impl EventSink {
     }
 }
 
-/// Line buffer capacity a QMP reader keeps between messages.
-const KEEP_LINE_BUFFER: usize = 1024;
-
 pub(super) async fn read_loop(
-    mut reader: BufReader<OwnedReadHalf>,
+    mut reader: LazyBufReader,
     shared: Arc<Shared>,
     events: mpsc::Sender<QmpEvent>,
     mut stop: watch::Receiver<bool>,
@@ -218,12 +226,11 @@ pub(super) async fn read_loop(
                 if let Err(e) = parse_line(&buf, peer).map(|m| route(m, &shared, &mut sink)) {
                     break Err(e);
                 }
-                // A Vec keeps the capacity of the longest line it held;
-                // `query-rx-filter` answers are ~20 KiB, events ~200 bytes.
-                // Idle guests would otherwise each keep ~20 KiB.
-                if buf.capacity() > KEEP_LINE_BUFFER {
-                    buf = Vec::new();
-                }
+                // A Vec keeps the capacity of the longest line it held
+                // (`query-rx-filter` answers are ~20 KiB); between messages
+                // it holds nothing, so idle guests keep no line buffer. An
+                // allocation per message is nothing next to its parsing.
+                buf = Vec::new();
             }
             Ok(false) => break Ok(true),
             Err(e) => break Err(e),
@@ -259,7 +266,7 @@ pub(super) async fn read_loop(
 
 /// Routes one message: an event to the sink, a reply to the command
 /// waiting for it.
-fn route(message: Message, shared: &Shared, sink: &mut EventSink) {
+fn route(message: Message<'_>, shared: &Shared, sink: &mut EventSink) {
     let peer = shared.peer.as_str();
     match message {
         Message::Event(event) => {
@@ -269,8 +276,12 @@ fn route(message: Message, shared: &Shared, sink: &mut EventSink) {
         Message::Reply { id, reply } => {
             let waiter = id.and_then(|id| shared.state().pending.remove(&id));
             match waiter {
-                // The waiter may have just given up; nothing to do then.
-                Some(waiter) => drop(waiter.send(reply)),
+                // Decoded here, from the line buffer (see `Deliver`). The
+                // waiter may have just given up; nothing to do then.
+                Some(deliver) => match reply {
+                    Ok(text) => deliver(Ok(&*text)),
+                    Err(e) => deliver(Err(e)),
+                },
                 None => tracing::debug!(
                     "{peer}: dropping a reply nobody waits for (id {})",
                     id.map_or_else(|| "missing".into(), |id| id.to_string())

@@ -6,25 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::io::BufReader;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::lazybuf::LazyBufReader;
 use super::parse::{bounded, is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
 use super::reader::{read_greeting, read_loop, write_loop};
-use super::shared::{PendingGuard, ReplyError, Shared, State, CLOSED_BY_US};
+use super::shared::{Deliver, PendingGuard, ReplyError, Shared, State, CLOSED_BY_US};
 use super::types::{
     Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, QmpEvent, SessionOptions,
     DEFAULT_TIMEOUT,
 };
 use qnet_api::Mac;
-
-/// The socket read buffer of a session.
-const READ_BUFFER: usize = 1024;
 
 /// Connects to a QEMU listening on `path` (`-qmp unix:PATH,server=on`),
 /// within [`DEFAULT_TIMEOUT`].
@@ -62,10 +60,6 @@ pub struct QmpSession {
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Complete lines for the writer task. Writes happen there so that a
-    /// caller that gives up on `execute` can never leave half a command in
-    /// the stream.
-    outgoing: mpsc::UnboundedSender<Vec<u8>>,
     next_id: AtomicU64,
     identity: GuestIdentity,
     greeting: Greeting,
@@ -102,10 +96,9 @@ impl QmpSession {
     ) -> Result<(QmpSession, GuestIdentity), QmpError> {
         let (identity, peer) = identify(&stream)?;
         let (read_half, write_half) = stream.into_split();
-        // Small: QEMU's messages are short but for query-rx-filter's reply,
-        // which the line buffer grows for (and then gives back); a
-        // thousand idle guests should not cost 8 KiB each for nothing.
-        let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+        // No buffer while idle: a thousand idle guests should not cost a
+        // buffer each for nothing.
+        let mut reader = LazyBufReader::new(read_half);
 
         let greeting = timeout(
             options.timeout,
@@ -131,14 +124,9 @@ impl QmpSession {
             peer,
             state: Mutex::new(State::default()),
             stop,
+            wake_writer: Notify::new(),
         });
-        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(
-            write_half,
-            outgoing_rx,
-            shared.clone(),
-            options.timeout,
-        ));
+        tokio::spawn(write_loop(write_half, shared.clone(), options.timeout));
         tokio::spawn(read_loop(
             reader,
             shared.clone(),
@@ -150,7 +138,6 @@ impl QmpSession {
         let session = QmpSession {
             inner: Arc::new(Inner {
                 shared,
-                outgoing,
                 next_id: AtomicU64::new(0),
                 identity,
                 greeting,
@@ -189,7 +176,10 @@ impl QmpSession {
     }
 
     /// Runs a typed qapi command and decodes its reply.
-    pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
+    pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError>
+    where
+        C::Ok: Send + 'static,
+    {
         let arguments = serde_json::to_value(&command).map_err(|e| QmpError::Protocol {
             peer: self.peer().to_owned(),
             detail: format!("cannot encode {}: {e}", C::NAME),
@@ -198,8 +188,7 @@ impl QmpSession {
             Value::Null => None,
             other => Some(other),
         };
-        let reply = self.execute_text(C::NAME, arguments).await?;
-        self.decode(C::NAME, &reply)
+        self.request(C::NAME, arguments).await
     }
 
     /// Runs a command by name with untyped arguments; returns the untyped
@@ -209,17 +198,18 @@ impl QmpSession {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        let reply = self.execute_text(command, arguments).await?;
-        self.decode(command, &reply)
+        self.request(command, arguments).await
     }
 
-    /// Runs a command by name; returns the `"return"` value as JSON text,
-    /// for [`QmpSession::decode`] into what the caller needs of it.
-    async fn execute_text(
+    /// Runs a command by name; returns its `"return"` value decoded into
+    /// `T`, which may be just the fields the caller needs of it. The
+    /// reader decodes the reply as soon as it has read it (see
+    /// `shared::Deliver`).
+    async fn request<T: DeserializeOwned + Send + 'static>(
         &self,
         command: &str,
         arguments: Option<Value>,
-    ) -> Result<Box<RawValue>, QmpError> {
+    ) -> Result<T, QmpError> {
         let inner = &*self.inner;
         let shared = &*inner.shared;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -238,24 +228,32 @@ impl QmpSession {
             reason,
         };
         let (reply_tx, reply_rx) = oneshot::channel();
+        let deliver: Deliver = Box::new(move |reply: Result<&RawValue, ReplyError>| {
+            let decoded = reply.map(|text| serde_json::from_str::<T>(text.get()));
+            // The waiter may have just given up.
+            let _ = reply_tx.send(decoded);
+        });
         {
             let mut state = shared.state();
             if let Some(reason) = &state.closed {
                 return Err(closed(reason.clone()));
             }
-            state.pending.insert(id, reply_tx);
+            state.pending.insert(id, deliver);
+            // The writer only stops once the session is closed, so a line
+            // queued while it is not will be written.
+            state.outgoing.push_back(line);
         }
         let _pending = PendingGuard { shared, id };
-        if inner.outgoing.send(line).is_err() {
-            let reason = shared
-                .closed_reason()
-                .unwrap_or_else(|| "writer gone".into());
-            return Err(closed(reason));
-        }
+        shared.wake_writer.notify_one();
 
         let deadline = Instant::now() + inner.options.timeout;
         match timeout_at(deadline, reply_rx).await {
-            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Ok(Ok(value)))) => Ok(value),
+            Ok(Ok(Ok(Err(e)))) => Err(QmpError::Decode {
+                peer: shared.peer.clone(),
+                command: command.to_owned(),
+                detail: e.to_string(),
+            }),
             Ok(Ok(Err(ReplyError { class, desc }))) => Err(QmpError::Command {
                 peer: shared.peer.clone(),
                 command: command.to_owned(),
@@ -306,8 +304,7 @@ impl QmpSession {
             status: String,
             running: bool,
         }
-        let reply = self.execute_text("query-status", None).await?;
-        let Status { status, running } = self.decode("query-status", &reply)?;
+        let Status { status, running } = self.request("query-status", None).await?;
         Ok(GuestStatus {
             status: bounded(&status),
             running,
@@ -330,8 +327,7 @@ impl QmpSession {
         const COMMAND: &str = "query-rx-filter";
         // Decoded from the reply's text: the `vlan-table` of 4,096 entries
         // next to each NIC's name and MAC is skipped, never built.
-        let reply = self.execute_text(COMMAND, None).await?;
-        let filters: Vec<Filter> = self.decode(COMMAND, &reply)?;
+        let filters: Vec<Filter> = self.request(COMMAND, None).await?;
         filters
             .into_iter()
             .take(MAX_NICS)
@@ -399,18 +395,6 @@ impl QmpSession {
         }
         nics.truncate(MAX_NICS);
         Ok(nics)
-    }
-
-    fn decode<T: serde::de::DeserializeOwned>(
-        &self,
-        command: &str,
-        reply: &RawValue,
-    ) -> Result<T, QmpError> {
-        serde_json::from_str(reply.get()).map_err(|e| QmpError::Decode {
-            peer: self.peer().to_owned(),
-            command: command.to_owned(),
-            detail: e.to_string(),
-        })
     }
 }
 
