@@ -102,3 +102,15 @@ pub fn denied(message: impl Into<String>) -> ApiError {
 pub fn conflict(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Conflict, message)
 }
+
+pub fn exhausted(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Exhausted, message)
+}
+
+pub fn storage(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Storage, message)
+}
+
+pub fn failed(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Failed, message)
+}

@@ -16,12 +16,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qnet_api::{ApiError, ErrorKind, Reply, Response};
+use qnet_api::{Reply, Response};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::discover::{self, GuestPort};
+use crate::error;
 use crate::procfs;
 use crate::qmp::{self, QmpEvent, QmpSession};
 use crate::ratelimit::RateLimit;
@@ -257,9 +258,7 @@ pub async fn follow_guest(
     let fail = |attach: Option<Attach>, message: String| {
         warn_limited!(PEER_WARNINGS, "QMP: {message}");
         if let Some(attach) = attach {
-            let _ = attach
-                .reply
-                .send(Response::Error(ApiError::new(ErrorKind::Failed, message)));
+            let _ = attach.reply.send(Response::Error(error::failed(message)));
         }
     };
     let stream = match stream {
@@ -279,10 +278,7 @@ pub async fn follow_guest(
     if let Some(a) = &attach {
         if !a.peer.is_root() && a.peer.uid != identity.uid {
             let message = "that QEMU does not run under your uid: only root may attach it";
-            let _ = attach.map(|a| {
-                a.reply
-                    .send(Response::Error(ApiError::new(ErrorKind::Denied, message)))
-            });
+            let _ = attach.map(|a| a.reply.send(Response::Error(error::denied(message))));
             return;
         }
     }

@@ -17,9 +17,10 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
-use qnet_api::{ApiError, ErrorKind, QUIT_WAIT};
+use qnet_api::{ApiError, QUIT_WAIT};
 use tokio::time::{timeout, Instant};
 
+use crate::error::failed;
 use crate::qmp::{QmpError, QmpSession};
 
 /// How often a powering-down guest's run state is read.
@@ -125,8 +126,4 @@ async fn quit(
         QUIT_WAIT.as_secs(),
         target.pid
     )))
-}
-
-fn failed(message: String) -> ApiError {
-    ApiError::new(ErrorKind::Failed, message)
 }

@@ -9,11 +9,11 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use qnet_api::{ApiError, ErrorKind, ForwardInfo, ForwardSpec, Proto, Reply};
+use qnet_api::{ApiError, ForwardInfo, ForwardSpec, Proto, Reply};
 
 use super::networks::done;
 use super::{plan, Peer, Reconciler};
-use crate::error::{conflict, not_found};
+use crate::error::{conflict, denied, not_found};
 use crate::firewall::{ElementReport, ForwardElement};
 use crate::forwards;
 use crate::hostports;
@@ -187,13 +187,10 @@ impl Reconciler {
                 .iter()
                 .any(|f| f.proto == proto && f.ports.contains(port));
             if in_config {
-                ApiError::new(
-                    ErrorKind::Denied,
-                    format!(
-                        "{proto}/{port} is forwarded by {}: remove it there",
-                        self.paths().config.display()
-                    ),
-                )
+                denied(format!(
+                    "{proto}/{port} is forwarded by {}: remove it there",
+                    self.paths().config.display()
+                ))
             } else {
                 not_found(format!("no forward of {proto}/{port}"))
             }

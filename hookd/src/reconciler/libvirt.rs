@@ -13,7 +13,7 @@ use qnet_api::{
 use super::guests::bounded_name;
 use super::networks::done;
 use super::{Peer, Reconciler};
-use crate::error::{conflict, invalid};
+use crate::error::{conflict, exhausted, invalid};
 use crate::follow;
 use crate::libvirt::{self, LeaseUpdate};
 use crate::procfs;
@@ -292,7 +292,7 @@ impl Reconciler {
                     now,
                 )
                 .map(|granted| granted.ip)
-                .map_err(|e| ApiError::new(qnet_api::ErrorKind::Exhausted, e.to_string()))
+                .map_err(|e| exhausted(e.to_string()))
             }
         }
     }

@@ -14,14 +14,14 @@
 use std::path::Path;
 
 use ipnet::Ipv4Net;
-use qnet_api::{ApiError, ErrorKind, NetName, Reply};
+use qnet_api::{ApiError, NetName, Reply};
 
 use super::networks::done;
 use super::users::departed_owners;
 use super::{NetworkRuntime, Reconciler};
 use crate::config::diff::{self, Change, NetworkDiff};
 use crate::config::{self, runtime, Config, ConfigFiles, NetworkConfig, RuntimeFile};
-use crate::error::{conflict, invalid};
+use crate::error::{conflict, failed, invalid, storage};
 use crate::{dnsmasq, network};
 
 /// A new configuration, checked and planned, not applied yet.
@@ -57,10 +57,10 @@ impl Reconciler {
         for (name, path) in &departed {
             tracing::info!(network = %name, "its owner left group `{}`: deleting it", crate::ctl::CTL_GROUP);
             runtime::remove(path).map_err(|e| {
-                ApiError::new(
-                    ErrorKind::Storage,
-                    format!("cannot remove {}: {e}; nothing was changed", path.display()),
-                )
+                storage(format!(
+                    "cannot remove {}: {e}; nothing was changed",
+                    path.display()
+                ))
             })?;
         }
         self.apply(plan).await?;
@@ -91,13 +91,10 @@ impl Reconciler {
             None => runtime::remove(path),
         };
         written.map_err(|e| {
-            ApiError::new(
-                ErrorKind::Storage,
-                format!(
-                    "cannot write {}: {e}; nothing was changed: fix the directory and retry",
-                    path.display()
-                ),
-            )
+            storage(format!(
+                "cannot write {}: {e}; nothing was changed: fix the directory and retry",
+                path.display()
+            ))
         })?;
         let previous = self.files.clone();
         if let Err(e) = self.apply(plan).await {
@@ -238,7 +235,7 @@ impl Reconciler {
         if failures.is_empty() {
             Ok(())
         } else {
-            Err(ApiError::new(ErrorKind::Failed, failures.join("; ")))
+            Err(failed(failures.join("; ")))
         }
     }
 

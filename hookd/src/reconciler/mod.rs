@@ -42,7 +42,7 @@ mod views;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use qnet_api::{ApiError, ErrorKind, ForwardSpec, NetName};
+use qnet_api::{ApiError, ForwardSpec, NetName};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use guests::bounded_name;
@@ -51,7 +51,7 @@ pub use input::{ConnId, GuestUp, Input, Peer};
 use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin, UserPolicy};
 use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
-use crate::error::DaemonError;
+use crate::error::{storage, DaemonError};
 use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
 use crate::follow::Sessions;
@@ -323,10 +323,7 @@ impl Reconciler {
                     self.schedule_retry();
                 }
                 tracing::error!("{e}: the change was refused");
-                Err(ApiError::new(
-                    ErrorKind::Storage,
-                    format!("cannot save the change, so it was not made: {e}; free space in (or fix) the state directory and retry"),
-                ))
+                Err(storage(format!("cannot save the change, so it was not made: {e}; free space in (or fix) the state directory and retry")))
             }
         }
     }

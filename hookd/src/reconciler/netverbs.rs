@@ -4,12 +4,12 @@
 //! validates, persists and applies it.
 
 use ipnet::Ipv4Net;
-use qnet_api::{ApiError, ErrorKind, NetName, NetworkInfo, Reply, Settings};
+use qnet_api::{ApiError, NetName, NetworkInfo, Reply, Settings};
 
 use super::networks::done;
 use super::{Peer, Reconciler};
 use crate::config::{self, policy, runtime, RuntimeFile};
-use crate::error::{conflict, denied, invalid, not_found};
+use crate::error::{conflict, denied, exhausted, failed, invalid, not_found};
 use crate::subnet;
 
 impl Reconciler {
@@ -45,7 +45,7 @@ impl Reconciler {
             self.user_policy.check_keys(&table).map_err(denied)?;
             self.user_policy
                 .may_create(self.owned_by(uid))
-                .map_err(|m| ApiError::new(ErrorKind::Exhausted, m))?;
+                .map_err(exhausted)?;
             let bridge = policy::user_bridge(uid, name.as_str());
             table.insert("bridge".into(), toml::Value::String(bridge));
             table.insert("owner".into(), toml::Value::Integer(i64::from(uid)));
@@ -255,7 +255,7 @@ impl Reconciler {
         }
         let mut used = subnet::occupied()
             .await
-            .map_err(|e| ApiError::new(ErrorKind::Failed, format!("picking a subnet: {e}")))?;
+            .map_err(|e| failed(format!("picking a subnet: {e}")))?;
         for n in self.networks.values() {
             if Some(n.config.subnet) == current {
                 continue;
@@ -270,10 +270,7 @@ impl Reconciler {
             Some(_) => subnet::pick_among(self.user_policy.candidates(), &used),
         };
         let picked = picked.ok_or_else(|| {
-            ApiError::new(
-                ErrorKind::Exhausted,
-                "no free subnet left among the candidates: give `subnet` yourself",
-            )
+            exhausted("no free subnet left among the candidates: give `subnet` yourself")
         })?;
         table.insert("subnet".into(), toml::Value::String(picked.to_string()));
         Ok(())

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::libvirt::Registration;
 use super::{Peer, Reconciler};
-use crate::error::denied;
+use crate::error::{denied, failed};
 use crate::follow::{Attach, Origin};
 use crate::forwards;
 
@@ -215,8 +215,7 @@ impl Reconciler {
             }
             Request::GuestUnregister { uuid } => self.guest_unregister(&uuid),
             // Answered by a task of their own (see `request`); never get here.
-            Request::Attach { .. } | Request::GuestStop { .. } => Err(ApiError::new(
-                qnet_api::ErrorKind::Failed,
+            Request::Attach { .. } | Request::GuestStop { .. } => Err(failed(
                 "attach and guest stop are answered by a task of their own",
             )),
         }

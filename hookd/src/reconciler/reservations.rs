@@ -2,11 +2,11 @@
 
 use std::net::Ipv4Addr;
 
-use qnet_api::{ApiError, DnsLabel, ErrorKind, GuestRef, Mac, NetName, Reply};
+use qnet_api::{ApiError, DnsLabel, GuestRef, Mac, NetName, Reply};
 
 use super::networks::done;
 use super::{Peer, Reconciler};
-use crate::error::{conflict, invalid, not_found};
+use crate::error::{conflict, exhausted, invalid, not_found};
 use crate::state::alloc::{self, AllocError};
 use crate::state::{self, Reservation};
 
@@ -96,7 +96,7 @@ impl Reconciler {
 
 fn alloc_error(e: AllocError) -> ApiError {
     match e {
-        AllocError::Exhausted { .. } => ApiError::new(ErrorKind::Exhausted, e.to_string()),
+        AllocError::Exhausted { .. } => exhausted(e.to_string()),
         AllocError::Taken { .. } => conflict(e.to_string()),
         AllocError::NotAGuestAddress { .. } => invalid(e.to_string()),
     }

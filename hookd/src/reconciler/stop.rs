@@ -1,11 +1,11 @@
 //! `qnetctl guest stop|powerdown`: which guest the caller means and may
 //! stop, then a task that does it ([`crate::guest_stop`]) and answers.
 
-use qnet_api::{ApiError, ErrorKind, Grace, GuestRef, Reply, Response};
+use qnet_api::{ApiError, Grace, GuestRef, Reply, Response};
 use tokio::sync::oneshot;
 
 use super::{Peer, Reconciler};
-use crate::error::{conflict, denied, not_found};
+use crate::error::{conflict, denied, invalid, not_found};
 use crate::guest_stop::{self, How, Target};
 use crate::qmp::QmpSession;
 use crate::state::Guest;
@@ -106,13 +106,10 @@ impl Reconciler {
             [] => Err(denied(format!(
                 "`{wanted}` is not one of your running guests: only root may stop other users' guests"
             ))),
-            many => Err(ApiError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{} running guests are named `{wanted}`: name one by a NIC's MAC (`qnetctl guests`)",
-                    many.len()
-                ),
-            )),
+            many => Err(invalid(format!(
+                "{} running guests are named `{wanted}`: name one by a NIC's MAC (`qnetctl guests`)",
+                many.len()
+            ))),
         }
     }
 }
