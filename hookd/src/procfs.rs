@@ -22,10 +22,8 @@ pub fn is_running(pid: u32, start_time: u64) -> bool {
     let Some(mut fields) = stat_fields(pid) else {
         return false;
     };
-    let exited = fields
-        .next()
-        .is_none_or(|state| matches!(state.as_str(), "Z" | "X"));
-    !exited && fields.nth(18).and_then(|t| t.parse().ok()) == Some(start_time)
+    fields.next().is_some_and(|state| !has_exited(&state))
+        && fields.nth(18).and_then(|t| t.parse().ok()) == Some(start_time)
 }
 
 /// Alive and not a zombie: a process that exited but was not reaped yet
@@ -33,7 +31,13 @@ pub fn is_running(pid: u32, start_time: u64) -> bool {
 pub fn is_alive(pid: u32) -> bool {
     stat_fields(pid)
         .and_then(|mut fields| fields.next())
-        .is_some_and(|state| !matches!(state.as_str(), "Z" | "X"))
+        .is_some_and(|state| !has_exited(&state))
+}
+
+/// Whether a `/proc/PID/stat` state (field 3) is that of a process that
+/// exited: a zombie (`Z`) or one being reaped (`X`).
+fn has_exited(state: &str) -> bool {
+    matches!(state, "Z" | "X")
 }
 
 /// The uid owning process `pid` (its real uid, as `/proc/PID` shows it).
