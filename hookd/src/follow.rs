@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::discover::{self, GuestPort};
 use crate::error;
 use crate::procfs;
-use crate::qmp::{self, QmpEvent, QmpSession};
+use crate::qmp::{self, QmpEvent, QmpEvents, QmpSession};
 use crate::ratelimit::RateLimit;
 use crate::reconciler::{ConnId, GuestUp, Input, Peer};
 use crate::warn_limited;
@@ -265,13 +265,12 @@ pub async fn follow_guest(
         Ok(stream) => stream,
         Err(e) => return fail(attach, e),
     };
-    // Events are hints (a lagged follower re-reads the NICs): a short
-    // queue is enough, and it is memory every guest holds.
-    let (events_tx, mut events) = mpsc::channel(16);
+    // Events are hints (a lagged follower re-reads the NICs): the
+    // session's short default queue is enough.
     // The handshake and the queries are the follower's largest futures
     // but run once: boxed, they are freed when done, where inline they
     // would size the task every followed guest keeps for its whole life.
-    let (session, identity) = match Box::pin(QmpSession::start(stream, events_tx)).await {
+    let (session, identity, mut events) = match Box::pin(QmpSession::start(stream)).await {
         Ok(started) => started,
         Err(e) => return fail(attach, format!("QMP handshake: {e}")),
     };
@@ -316,7 +315,7 @@ pub async fn follow_guest(
 /// Forwards one session's events until it ends; returns why it ended.
 async fn follow_events(
     session: &QmpSession,
-    events: &mut mpsc::Receiver<QmpEvent>,
+    events: &mut QmpEvents,
     conn: ConnId,
     pid: u32,
     inputs: &mpsc::UnboundedSender<Input>,

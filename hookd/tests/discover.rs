@@ -20,7 +20,6 @@ use qnet_hookd::qmp::{self, NicInfo, QmpSession};
 use qnet_hostnet::link::LinkSocket;
 use qnet_tests::guest::command_in_netns;
 use qnet_tests::netns::NetNs;
-use tokio::sync::mpsc;
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -97,8 +96,7 @@ impl Qemu {
         })
         .await;
         let stream = qmp::dial(&qmp).await.unwrap();
-        let (tx, _rx) = mpsc::channel(64);
-        let (session, identity) = bounded("QMP", QmpSession::start(stream, tx)).await.unwrap();
+        let (session, identity, _events) = bounded("QMP", QmpSession::start(stream)).await.unwrap();
         assert_eq!(identity.pid, self.pid());
         bounded("query-nics", session.query_nics()).await.unwrap()
     }

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qnet_hookd::qmp::{
-    self, GuestIdentity, GuestInfo, NicInfo, QmpError, QmpEvent, QmpSession, SessionOptions,
+    self, GuestIdentity, GuestInfo, NicInfo, QmpError, QmpEvent, QmpEvents, QmpSession,
+    SessionOptions,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Failure bound for anything that should happen promptly.
@@ -260,12 +260,7 @@ async fn session<F, Fut>(
     script: F,
     opts: SessionOptions,
     capacity: usize,
-) -> (
-    QmpSession,
-    mpsc::Receiver<QmpEvent>,
-    JoinHandle<()>,
-    TempDir,
-)
+) -> (QmpSession, QmpEvents, JoinHandle<()>, TempDir)
 where
     F: FnOnce(Fake) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -275,13 +270,14 @@ where
         script(fake).await;
     };
     let conn = connect(mode, script).await;
-    let (tx, rx) = mpsc::channel(capacity);
-    let (session, identity) = bounded(
-        "the handshake",
-        QmpSession::start_with(conn.stream, tx, opts),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{mode:?}: handshake failed: {e}"));
+    let opts = SessionOptions {
+        events: capacity,
+        ..opts
+    };
+    let (session, identity, rx) =
+        bounded("the handshake", QmpSession::start_with(conn.stream, opts))
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: handshake failed: {e}"));
     assert_eq!(identity, our_identity());
     assert_eq!(session.identity(), identity);
     (session, rx, conn.fake, conn._dir)
@@ -294,10 +290,9 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let conn = connect(mode, script).await;
-    let (tx, _rx) = mpsc::channel(16);
     match bounded(
         "the handshake to fail",
-        QmpSession::start_with(conn.stream, tx, opts),
+        QmpSession::start_with(conn.stream, opts),
     )
     .await
     {
@@ -313,13 +308,13 @@ where
 /// and the closing error. Checks that `Closed` is last and the channel
 /// then ends.
 /// The session's events end without an error, and the fake saw EOF.
-async fn ended_cleanly(rx: &mut mpsc::Receiver<QmpEvent>, fake: JoinHandle<()>) {
+async fn ended_cleanly(rx: &mut QmpEvents, fake: JoinHandle<()>) {
     let (_, _, error) = drain(rx).await;
     assert!(error.is_none(), "{error:?}");
     bounded("the fake to see EOF", fake).await.unwrap();
 }
 
-async fn drain(rx: &mut mpsc::Receiver<QmpEvent>) -> (Vec<QmpEvent>, u64, Option<String>) {
+async fn drain(rx: &mut QmpEvents) -> (Vec<QmpEvent>, u64, Option<String>) {
     let mut events = Vec::new();
     let mut lagged = 0;
     loop {
@@ -509,8 +504,7 @@ async fn peer_credentials_of_another_process() {
                 (qmp::dial(&path).await.unwrap(), child)
             }
         };
-        let (tx, mut rx) = mpsc::channel(16);
-        let (session, identity) = bounded("the handshake", QmpSession::start(stream, tx))
+        let (session, identity, mut rx) = bounded("the handshake", QmpSession::start(stream))
             .await
             .unwrap();
         assert_eq!(identity.pid, child.id().unwrap(), "{mode:?}");
@@ -1137,14 +1131,12 @@ async fn start_with_guest(
     stream: UnixStream,
     qemu: &Qemu,
     uuid: &str,
-) -> (
-    QmpSession,
-    GuestIdentity,
-    mpsc::Receiver<QmpEvent>,
-    GuestInfo,
-) {
-    let (tx, rx) = mpsc::channel(64);
-    let (session, identity) = bounded("the handshake", QmpSession::start(stream, tx))
+) -> (QmpSession, GuestIdentity, QmpEvents, GuestInfo) {
+    let opts = SessionOptions {
+        events: 64,
+        ..SessionOptions::default()
+    };
+    let (session, identity, rx) = bounded("the handshake", QmpSession::start_with(stream, opts))
         .await
         .unwrap();
     assert_eq!(identity.pid, qemu.pid());

@@ -61,6 +61,7 @@
 //! dropped); a write that times out or fails tears the session down, since
 //! the stream may then hold half a command.
 
+mod events;
 mod lazybuf;
 mod parse;
 mod reader;
@@ -68,6 +69,7 @@ mod session;
 mod shared;
 mod types;
 
+pub use events::QmpEvents;
 pub use session::{dial, dial_timeout, QmpSession};
 pub use types::*;
 

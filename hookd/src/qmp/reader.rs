@@ -8,13 +8,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
 use super::lazybuf::LazyBufReader;
 use super::parse::{self, preview_bytes, Message};
 use super::shared::{Shared, CLOSED_BY_US, PEER_CLOSED};
-use super::types::{Greeting, QmpError, QmpEvent};
+use super::types::{Greeting, QmpError};
 
 /// Outcome of reading one line.
 enum Line {
@@ -122,9 +121,8 @@ pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
 /// Writes queued command lines (`State::outgoing`)
 /// until the session ends.
 pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, after: Duration) {
-    let mut stop = shared.stop.subscribe();
     loop {
-        if *stop.borrow() {
+        if shared.is_stopped() {
             break;
         }
         let line = {
@@ -140,7 +138,7 @@ pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, 
             // A line queued since the pop left a permit: never missed.
             tokio::select! {
                 _ = shared.wake_writer.notified() => continue,
-                _ = stop.wait_for(|&stop| stop) => break,
+                _ = shared.stopped() => break,
             }
         };
         let failure = match timeout(after, writer.write_all(&line)).await {
@@ -164,66 +162,21 @@ pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, 
     // Dropping the write half shuts the write direction down.
 }
 
-/// Delivers events without ever waiting for the consumer.
-struct EventSink {
-    tx: mpsc::Sender<QmpEvent>,
-    /// Events dropped since the last successful delivery.
-    lagged: u64,
-}
-
-impl EventSink {
-    fn deliver(&mut self, event: QmpEvent, peer: &str) {
-        if self.lagged > 0 {
-            match self.tx.try_send(QmpEvent::Lagged(self.lagged)) {
-                Ok(()) => self.lagged = 0,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.lagged += 1;
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
-        }
-        match self.tx.try_send(event) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                tracing::warn!("{peer}: events channel full, dropping {event:?} and any that follow until it drains");
-                self.lagged = 1;
-            }
-        }
-    }
-
-    /// Final delivery; may wait, since nothing else is left to do.
-    async fn finish(self, outcome: Option<QmpError>) {
-        if self.lagged > 0 {
-            let _ = self.tx.send(QmpEvent::Lagged(self.lagged)).await;
-        }
-        let error = outcome.map(|e| e.to_string());
-        let _ = self.tx.send(QmpEvent::Closed { error }).await;
-    }
-}
-
-pub(super) async fn read_loop(
-    mut reader: LazyBufReader,
-    shared: Arc<Shared>,
-    events: mpsc::Sender<QmpEvent>,
-    mut stop: watch::Receiver<bool>,
-    max_line: usize,
-) {
-    let mut sink = EventSink {
-        tx: events,
-        lagged: 0,
-    };
+/// Reads messages until the session ends: routes replies, queues events
+/// (never waiting for their consumer: replies only arrive while this
+/// reads), and finally reports the end.
+pub(super) async fn read_loop(mut reader: LazyBufReader, shared: Arc<Shared>, max_line: usize) {
     let mut buf = Vec::new();
     let peer = shared.peer.as_str();
     let outcome = loop {
         let line = tokio::select! {
             biased;
-            _ = stop.wait_for(|&stop| stop) => break Ok(false),
+            _ = shared.stopped() => break Ok(false),
             line = read_nonblank(&mut reader, &mut buf, max_line, peer) => line,
         };
         match line {
             Ok(true) => {
-                if let Err(e) = parse_line(&buf, peer).map(|m| route(m, &shared, &mut sink)) {
+                if let Err(e) = parse_line(&buf, peer).map(|m| route(m, &shared)) {
                     break Err(e);
                 }
                 // A Vec keeps the capacity of the longest line it held
@@ -260,18 +213,18 @@ pub(super) async fn read_loop(
         }
     };
     // Stops the writer too (the peer is gone or broken).
-    shared.stop.send_replace(true);
-    sink.finish(report).await;
+    shared.stop();
+    shared.finish_events(report.map(|e| e.to_string()));
 }
 
-/// Routes one message: an event to the sink, a reply to the command
-/// waiting for it.
-fn route(message: Message<'_>, shared: &Shared, sink: &mut EventSink) {
+/// Routes one message: an event to the consumer's queue, a reply to the
+/// command waiting for it.
+fn route(message: Message<'_>, shared: &Shared) {
     let peer = shared.peer.as_str();
     match message {
         Message::Event(event) => {
             tracing::debug!("{peer}: event {event:?}");
-            sink.deliver(event, peer);
+            shared.deliver(event);
         }
         Message::Reply { id, reply } => {
             let waiter = id.and_then(|id| shared.state().pending.remove(&id));

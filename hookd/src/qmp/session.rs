@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -11,15 +11,16 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::oneshot;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::events::QmpEvents;
 use super::lazybuf::LazyBufReader;
 use super::parse::{bounded, is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
 use super::reader::{read_greeting, read_loop, write_loop};
-use super::shared::{Deliver, PendingGuard, ReplyError, Shared, State, CLOSED_BY_US};
+use super::shared::{Deliver, PendingGuard, ReplyError, Shared, CLOSED_BY_US};
 use super::types::{
-    Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, QmpEvent, SessionOptions,
+    Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, SessionOptions,
     DEFAULT_TIMEOUT,
 };
 use qnet_api::Mac;
@@ -69,31 +70,27 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: nobody can send commands any more.
-        self.shared.stop.send_replace(true);
+        self.shared.stop();
     }
 }
 
-/// State shared by the handles and the reader and writer tasks.
 impl QmpSession {
     /// Reads the greeting, spawns the reader task and negotiates
     /// capabilities (none are enabled), with [`SessionOptions::default`].
     ///
-    /// `events` receives every event of the session and finally
-    /// [`QmpEvent::Closed`]; give the session the only `Sender` if the
-    /// receiver should also see `None` at the end.
+    /// The [`QmpEvents`] returned receive every event of the session and
+    /// finally [`QmpEvent::Closed`](super::QmpEvent::Closed), then `None`.
     pub async fn start(
         stream: UnixStream,
-        events: mpsc::Sender<QmpEvent>,
-    ) -> Result<(QmpSession, GuestIdentity), QmpError> {
-        Self::start_with(stream, events, SessionOptions::default()).await
+    ) -> Result<(QmpSession, GuestIdentity, QmpEvents), QmpError> {
+        Self::start_with(stream, SessionOptions::default()).await
     }
 
     /// [`QmpSession::start`] with explicit options.
     pub async fn start_with(
         stream: UnixStream,
-        events: mpsc::Sender<QmpEvent>,
         options: SessionOptions,
-    ) -> Result<(QmpSession, GuestIdentity), QmpError> {
+    ) -> Result<(QmpSession, GuestIdentity, QmpEvents), QmpError> {
         let (identity, peer) = identify(&stream)?;
         let (read_half, write_half) = stream.into_split();
         // No buffer while idle: a thousand idle guests should not cost a
@@ -119,21 +116,10 @@ impl QmpSession {
             greeting.capabilities
         );
 
-        let (stop, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            peer,
-            state: Mutex::new(State::default()),
-            stop,
-            wake_writer: Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(peer, options.events));
+        let events = QmpEvents::new(shared.clone());
         tokio::spawn(write_loop(write_half, shared.clone(), options.timeout));
-        tokio::spawn(read_loop(
-            reader,
-            shared.clone(),
-            events,
-            stop_rx,
-            options.max_line,
-        ));
+        tokio::spawn(read_loop(reader, shared.clone(), options.max_line));
 
         let session = QmpSession {
             inner: Arc::new(Inner {
@@ -147,7 +133,7 @@ impl QmpSession {
         session
             .execute(qapi::qmp::qmp_capabilities { enable: None })
             .await?;
-        Ok((session, identity))
+        Ok((session, identity, events))
     }
 
     /// The QEMU process at the other end.

@@ -2,18 +2,29 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::value::RawValue;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
+use super::events::EventQueue;
+use super::types::QmpEvent;
+
+/// Signals here are a flag and a `Notify` each, not tokio channels: a
+/// `watch` channel is an allocation of its own (~0.35 KB) that every
+/// followed guest would hold for nothing.
 pub(super) struct Shared {
     pub(super) peer: String,
     pub(super) state: Mutex<State>,
     /// Set to end the session: the reader and the writer stop.
-    pub(super) stop: watch::Sender<bool>,
+    stopped: AtomicBool,
+    /// Wakes the reader and the writer once `stopped` is set.
+    stop: Notify,
     /// Tells the writer task that [`State::outgoing`] has a line.
     pub(super) wake_writer: Notify,
+    /// Tells the consumer that [`State::events`] has an event.
+    pub(super) wake_events: Notify,
 }
 
 /// Close reason of a session ended by [`QmpSession::close`] or by dropping
@@ -22,7 +33,6 @@ pub(super) const CLOSED_BY_US: &str = "closed by us";
 /// Close reason of a session the peer ended.
 pub(super) const PEER_CLOSED: &str = "the peer closed the connection";
 
-#[derive(Default)]
 pub(super) struct State {
     /// Commands waiting for their reply, by id.
     pub(super) pending: HashMap<u64, Deliver>,
@@ -34,6 +44,8 @@ pub(super) struct State {
     /// holds a block of 32 slots (and its own allocation) for the whole
     /// session, and a followed guest sends a command once in a long while.
     pub(super) outgoing: VecDeque<Vec<u8>>,
+    /// Events for the consumer ([`super::QmpEvents`]).
+    pub(super) events: EventQueue,
 }
 
 /// A reply's `"return"` as JSON text: borrowed from the reader's line
@@ -57,6 +69,24 @@ pub(super) struct ReplyError {
 }
 
 impl Shared {
+    /// State of a session whose consumer gets at most `events` events
+    /// queued.
+    pub(super) fn new(peer: String, events: usize) -> Shared {
+        Shared {
+            peer,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                closed: None,
+                outgoing: VecDeque::new(),
+                events: EventQueue::new(events),
+            }),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            wake_writer: Notify::new(),
+            wake_events: Notify::new(),
+        }
+    }
+
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock; recover regardless.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -81,7 +111,41 @@ impl Shared {
     /// Ends the session from our side: the reader stops and reports why.
     pub(super) fn abort(&self, reason: String) {
         self.close(reason);
-        self.stop.send_replace(true);
+        self.stop();
+    }
+
+    /// Stops the reader and the writer.
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+    }
+
+    pub(super) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Resolves once [`Shared::stop`] has been called.
+    pub(super) async fn stopped(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a stop after it wakes us.
+        notified.as_mut().enable();
+        if !self.is_stopped() {
+            notified.await;
+        }
+    }
+
+    /// Hands an event from the peer to the consumer, never waiting.
+    pub(super) fn deliver(&self, event: QmpEvent) {
+        if self.state().events.push(event, &self.peer) {
+            self.wake_events.notify_one();
+        }
+    }
+
+    /// Hands the consumer the session's end: always its last event.
+    pub(super) fn finish_events(&self, error: Option<String>) {
+        self.state().events.finish(error);
+        self.wake_events.notify_one();
     }
 }
 

@@ -6,19 +6,24 @@ use std::time::Duration;
 
 use qnet_api::Mac;
 
+pub use super::events::DEFAULT_EVENTS;
+
 /// Default bound on every wait for the peer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default cap on the length of one QMP message (one line).
 pub const DEFAULT_MAX_LINE: usize = 4 << 20;
 
-/// Tunables of a session; [`Default`] gives [`DEFAULT_TIMEOUT`] and
-/// [`DEFAULT_MAX_LINE`].
+/// Tunables of a session; [`Default`] gives [`DEFAULT_TIMEOUT`],
+/// [`DEFAULT_MAX_LINE`] and [`DEFAULT_EVENTS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionOptions {
     /// Bound on the greeting, each command's reply and each write.
     pub timeout: Duration,
     /// Longest accepted line in bytes, excluding the newline.
     pub max_line: usize,
+    /// Most events queued for the consumer ([`super::QmpEvents`]); more
+    /// are dropped and counted (at least 1).
+    pub events: usize,
 }
 
 impl Default for SessionOptions {
@@ -26,6 +31,7 @@ impl Default for SessionOptions {
         Self {
             timeout: DEFAULT_TIMEOUT,
             max_line: DEFAULT_MAX_LINE,
+            events: DEFAULT_EVENTS,
         }
     }
 }
@@ -112,7 +118,7 @@ pub enum QmpEvent {
     /// Any other event, by name.
     Other(String),
     /// Not from QEMU: this many events were dropped because the events
-    /// channel was full; re-read whatever state matters.
+    /// queue was full; re-read whatever state matters.
     Lagged(u64),
     /// Not from QEMU: the session ended, always the last item. `error` is
     /// `None` for a clean end (the peer closed the connection between
