@@ -37,20 +37,24 @@
 //!
 //! The reader never waits for the consumer: replies only arrive while it
 //! reads, so a consumer that waits for a command reply before draining
-//! events would otherwise deadlock. Events go to a caller-supplied bounded
-//! channel with `try_send`; when it is full, events are dropped and counted,
-//! and a single [`QmpEvent::Lagged`] with the count is delivered as soon
-//! as there is room again. Events are hints: a consumer that sees `Lagged`
-//! should re-read the state it cares about ([`QmpSession::query_status`],
-//! [`QmpSession::query_nics`]). Memory per session is therefore bounded by
-//! the channel capacity the caller chose (64 or more is plenty: QEMU emits
-//! a handful of events per state change).
+//! events would otherwise deadlock. [`QmpSession::start`] returns the
+//! session's [`QmpEvents`], whose events wait in a queue in the session's
+//! shared state, bounded by [`SessionOptions::events`] (16 by default:
+//! QEMU emits a handful of events per state change). When it is full,
+//! events are dropped and counted (with one warning per run of drops),
+//! and a single [`QmpEvent::Lagged`] with the count is queued as soon as
+//! the consumer takes an event and so makes room. Events are hints: a
+//! consumer that sees `Lagged` should re-read the state it cares about
+//! ([`QmpSession::query_status`], [`QmpSession::query_nics`]). Memory per
+//! session is therefore bounded by that capacity, and an empty queue holds
+//! none: not a tokio channel, whose blocks of 32 slots every idle guest
+//! would hold for its whole life. Dropping the [`QmpEvents`] discards
+//! later events.
 //!
 //! The session's end is always reported: the last item is
-//! [`QmpEvent::Closed`] (this one is sent with a blocking `send`, since
-//! the reader has nothing else left to do), after which the reader drops its
-//! `Sender`, so a receiver that was given the only sender then sees `None`.
-//! A consumer may rely on either.
+//! [`QmpEvent::Closed`] (queued over the bound, after a final `Lagged` if
+//! events were still being dropped), after which [`QmpEvents::recv`]
+//! returns `None`. A consumer may rely on either.
 //!
 //! # Timeouts
 //!

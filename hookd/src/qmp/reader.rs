@@ -1,6 +1,8 @@
 //! The I/O tasks of a session: bounded line reading, the greeting, the
-//! writer, and the reader that routes replies and delivers events.
+//! writer (while commands are queued), and the reader that routes replies
+//! and queues events.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,29 +120,30 @@ pub(super) async fn read_greeting<R: AsyncBufRead + Unpin>(
     })
 }
 
-/// Writes queued command lines (`State::outgoing`)
-/// until the session ends.
-pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, after: Duration) {
+/// Writes the queued command lines (`State::outgoing`), then gives the
+/// write half back to the session's state and ends. A writer task runs
+/// only while there is something to write: an idle guest holds none (a
+/// task for each of a thousand guests sending a command once in a long
+/// while was memory held for nothing). `QmpSession::request` starts it.
+pub(super) async fn write_queued(mut writer: OwnedWriteHalf, shared: Arc<Shared>, after: Duration) {
     loop {
-        if shared.is_stopped() {
-            break;
-        }
         let line = {
             let mut state = shared.state();
-            let line = state.outgoing.pop_front();
-            if state.outgoing.is_empty() {
-                // Give the handshake's few slots back while idle.
-                state.outgoing = Default::default();
+            match state.outgoing.pop_front() {
+                _ if shared.is_stopped() => None,
+                Some(line) => Some(line),
+                None => {
+                    // Give the handshake's few slots back while idle.
+                    state.outgoing = VecDeque::new();
+                    // Under the lock: a line queued after this starts a
+                    // writer of its own with it.
+                    state.writer = Some(writer);
+                    return;
+                }
             }
-            line
         };
-        let Some(line) = line else {
-            // A line queued since the pop left a permit: never missed.
-            tokio::select! {
-                _ = shared.wake_writer.notified() => continue,
-                _ = shared.stopped() => break,
-            }
-        };
+        // Stopped: dropping the write half shuts the write direction down.
+        let Some(line) = line else { return };
         let failure = match timeout(after, writer.write_all(&line)).await {
             Ok(Ok(())) => continue,
             Ok(Err(e)) if is_hangup(&e) => {
@@ -150,16 +153,15 @@ pub(super) async fn write_loop(mut writer: OwnedWriteHalf, shared: Arc<Shared>, 
                 // when the reader notices first.
                 tracing::debug!("{}: writing a command: {e}", shared.peer);
                 shared.close(PEER_CLOSED.into());
-                break;
+                return;
             }
             Ok(Err(e)) => format!("writing a command failed: {e}"),
             Err(_) => format!("writing a command timed out after {after:?}"),
         };
         tracing::debug!("{}: {failure}", shared.peer);
         shared.abort(failure);
-        break;
+        return;
     }
-    // Dropping the write half shuts the write direction down.
 }
 
 /// Reads messages until the session ends: routes replies, queues events

@@ -17,7 +17,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::events::QmpEvents;
 use super::lazybuf::LazyBufReader;
 use super::parse::{bounded, is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
-use super::reader::{read_greeting, read_loop, write_loop};
+use super::reader::{read_greeting, read_loop, write_queued};
 use super::shared::{Deliver, PendingGuard, ReplyError, Shared, CLOSED_BY_US};
 use super::types::{
     Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, SessionOptions,
@@ -116,9 +116,8 @@ impl QmpSession {
             greeting.capabilities
         );
 
-        let shared = Arc::new(Shared::new(peer, options.events));
+        let shared = Arc::new(Shared::new(peer, write_half, options.events));
         let events = QmpEvents::new(shared.clone());
-        tokio::spawn(write_loop(write_half, shared.clone(), options.timeout));
         tokio::spawn(read_loop(reader, shared.clone(), options.max_line));
 
         let session = QmpSession {
@@ -219,18 +218,23 @@ impl QmpSession {
             // The waiter may have just given up.
             let _ = reply_tx.send(decoded);
         });
-        {
+        let idle_writer = {
             let mut state = shared.state();
             if let Some(reason) = &state.closed {
                 return Err(closed(reason.clone()));
             }
             state.pending.insert(id, deliver);
-            // The writer only stops once the session is closed, so a line
-            // queued while it is not will be written.
+            // A writer task running now writes this line too (it gives
+            // the write half back only under this lock, with the queue
+            // empty); otherwise this command starts one.
             state.outgoing.push_back(line);
-        }
+            state.writer.take()
+        };
         let _pending = PendingGuard { shared, id };
-        shared.wake_writer.notify_one();
+        if let Some(writer) = idle_writer {
+            let after = inner.options.timeout;
+            tokio::spawn(write_queued(writer, inner.shared.clone(), after));
+        }
 
         let deadline = Instant::now() + inner.options.timeout;
         match timeout_at(deadline, reply_rx).await {

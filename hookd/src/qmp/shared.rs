@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::value::RawValue;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::events::EventQueue;
@@ -21,8 +22,6 @@ pub(super) struct Shared {
     stopped: AtomicBool,
     /// Wakes the reader and the writer once `stopped` is set.
     stop: Notify,
-    /// Tells the writer task that [`State::outgoing`] has a line.
-    pub(super) wake_writer: Notify,
     /// Tells the consumer that [`State::events`] has an event.
     pub(super) wake_events: Notify,
 }
@@ -43,7 +42,12 @@ pub(super) struct State {
     /// in the stream. A queue here rather than a channel: a tokio channel
     /// holds a block of 32 slots (and its own allocation) for the whole
     /// session, and a followed guest sends a command once in a long while.
+    /// The writer task takes [`State::writer`] and gives it back when
+    /// this is empty.
     pub(super) outgoing: VecDeque<Vec<u8>>,
+    /// The socket's write half while no writer task holds it (see
+    /// `reader::write_queued`); `None` once the session has stopped.
+    pub(super) writer: Option<OwnedWriteHalf>,
     /// Events for the consumer ([`super::QmpEvents`]).
     pub(super) events: EventQueue,
 }
@@ -69,20 +73,20 @@ pub(super) struct ReplyError {
 }
 
 impl Shared {
-    /// State of a session whose consumer gets at most `events` events
-    /// queued.
-    pub(super) fn new(peer: String, events: usize) -> Shared {
+    /// State of a session that writes to `writer` and whose consumer
+    /// gets at most `events` events queued.
+    pub(super) fn new(peer: String, writer: OwnedWriteHalf, events: usize) -> Shared {
         Shared {
             peer,
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 closed: None,
                 outgoing: VecDeque::new(),
+                writer: Some(writer),
                 events: EventQueue::new(events),
             }),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
-            wake_writer: Notify::new(),
             wake_events: Notify::new(),
         }
     }
@@ -118,6 +122,10 @@ impl Shared {
     pub(super) fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.stop.notify_waiters();
+        // Dropping an idle write half shuts the write direction down, as
+        // a running writer does when it sees the flag: the peer sees EOF.
+        let idle = self.state().writer.take();
+        drop(idle);
     }
 
     pub(super) fn is_stopped(&self) -> bool {
