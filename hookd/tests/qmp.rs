@@ -664,15 +664,23 @@ fn handshake_failures() -> Vec<HandshakeFailure> {
     cases
 }
 
-#[tokio::test]
-async fn broken_peers_fail_the_handshake() {
-    for case in handshake_failures() {
+/// Runs `check` on each of `cases` in each connection mode.
+async fn each_case_in_both_modes<C>(cases: Vec<C>, check: impl AsyncFn(&C, Mode)) {
+    for case in &cases {
         for mode in MODES {
-            let script = case.script.clone();
-            let e = failed_start(mode, move |f| script(f), case.opts).await;
-            assert!((case.expect)(&e), "{}, {mode:?}: {e:?}", case.what);
+            check(case, mode).await;
         }
     }
+}
+
+#[tokio::test]
+async fn broken_peers_fail_the_handshake() {
+    each_case_in_both_modes(handshake_failures(), async |case, mode| {
+        let script = case.script.clone();
+        let e = failed_start(mode, move |f| script(f), case.opts).await;
+        assert!((case.expect)(&e), "{}, {mode:?}: {e:?}", case.what);
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -761,24 +769,23 @@ fn broken_answers() -> Vec<BrokenAnswer> {
 
 #[tokio::test]
 async fn broken_answers_close_the_session() {
-    for case in broken_answers() {
-        for mode in MODES {
-            let answer = case.answer.clone();
-            let (result, _, error) = after_handshake(mode, move |f, id| answer(f, id)).await;
-            assert!(
-                matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains(case.result_says)),
-                "{}, {mode:?}: {result:?}",
-                case.what
-            );
-            assert!(
-                error
-                    .as_deref()
-                    .is_some_and(|e| e.contains(case.closing_says)),
-                "{}, {mode:?}: {error:?}",
-                case.what
-            );
-        }
-    }
+    each_case_in_both_modes(broken_answers(), async |case, mode| {
+        let answer = case.answer.clone();
+        let (result, _, error) = after_handshake(mode, move |f, id| answer(f, id)).await;
+        assert!(
+            matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains(case.result_says)),
+            "{}, {mode:?}: {result:?}",
+            case.what
+        );
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains(case.closing_says)),
+            "{}, {mode:?}: {error:?}",
+            case.what
+        );
+    })
+    .await;
 }
 
 #[tokio::test]
