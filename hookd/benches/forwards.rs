@@ -308,10 +308,15 @@ fn bench_add() {
         let mut by_nft: Vec<Duration> = (0..ADD_SAMPLES)
             .map(|_| {
                 namespaces[0].1.run_in(|| {
-                    // The library's own `nft -f -` (script on stdin).
-                    let start = Instant::now();
-                    block_on(firewall::run_script("adding one forward", &script)).expect("nft -f");
-                    let took = start.elapsed();
+                    // The library's own `nft -f -` (script on stdin), timed
+                    // inside the runtime.
+                    let took = block_on(async {
+                        let start = Instant::now();
+                        firewall::run_script("adding one forward", &script)
+                            .await
+                            .expect("nft -f");
+                        start.elapsed()
+                    });
                     block_on(FW.remove_elements(&[rule])).expect("remove");
                     took
                 })
