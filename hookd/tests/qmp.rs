@@ -253,19 +253,17 @@ where
     }
 }
 
-/// Starts a session against a fake that does the handshake, then
-/// `script`; returns the session, its events and the fake's task.
-async fn session<F, Fut>(
-    mode: Mode,
-    script: F,
-    opts: SessionOptions,
-    capacity: usize,
-) -> (
+/// A session, its events, the fake's task and the fake's directory.
+type Started = (
     QmpSession,
     mpsc::Receiver<QmpEvent>,
     JoinHandle<()>,
     TempDir,
-)
+);
+
+/// Starts a session against a fake that does the handshake, then
+/// `script`; returns the session, its events and the fake's task.
+async fn session<F, Fut>(mode: Mode, script: F, opts: SessionOptions, capacity: usize) -> Started
 where
     F: FnOnce(Fake) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -285,6 +283,16 @@ where
     assert_eq!(identity, our_identity());
     assert_eq!(session.identity(), identity);
     (session, rx, conn.fake, conn._dir)
+}
+
+/// [`session`] with the default options and room for 16 events, as most
+/// tests want it.
+async fn default_session<F, Fut>(mode: Mode, script: F) -> Started
+where
+    F: FnOnce(Fake) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    session(mode, script, SessionOptions::default(), 16).await
 }
 
 /// Starts a session that must fail during the handshake.
@@ -696,15 +704,10 @@ where
     F: FnOnce(Fake, Value) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (session, mut rx, fake, _dir) = session(
-        mode,
-        |mut f| async move {
-            let id = f.command("query-name").await;
-            respond(f, id).await;
-        },
-        SessionOptions::default(),
-        16,
-    )
+    let (session, mut rx, fake, _dir) = default_session(mode, |mut f| async move {
+        let id = f.command("query-name").await;
+        respond(f, id).await;
+    })
     .await;
     let result = bounded("query-name", session.execute(qapi::qmp::query_name {}))
         .await
@@ -791,21 +794,16 @@ async fn broken_answers_close_the_session() {
 #[tokio::test]
 async fn error_replies_keep_the_session() {
     for mode in MODES {
-        let (session, mut rx, fake, _dir) = session(
-            mode,
-            |mut f| async move {
-                let id = f.command("query-name").await;
-                f.error(&id, "GenericError", "no name for you").await;
-                let id = f.command("query-uuid").await;
-                // An error class newer than qapi's schema.
-                f.error(&id, "SomeFutureErrorClass", "try QEMU 12").await;
-                let id = f.command("query-name").await;
-                f.reply(&id, json!({"name": "after-errors"})).await;
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-            16,
-        )
+        let (session, mut rx, fake, _dir) = default_session(mode, |mut f| async move {
+            let id = f.command("query-name").await;
+            f.error(&id, "GenericError", "no name for you").await;
+            let id = f.command("query-uuid").await;
+            // An error class newer than qapi's schema.
+            f.error(&id, "SomeFutureErrorClass", "try QEMU 12").await;
+            let id = f.command("query-name").await;
+            f.reply(&id, json!({"name": "after-errors"})).await;
+            f.wait_eof().await;
+        })
         .await;
         match session.execute(qapi::qmp::query_name {}).await {
             Err(QmpError::Command {
@@ -915,29 +913,24 @@ async fn command_timeout_leaves_the_session_usable() {
 #[tokio::test]
 async fn replies_out_of_order_reach_their_commands() {
     for mode in MODES {
-        let (session, _rx, _fake, _dir) = session(
-            mode,
-            |mut f| async move {
-                let mut ids = Vec::new();
-                for _ in 0..2 {
-                    let message = f.recv().await.unwrap();
-                    ids.push((
-                        message["execute"].as_str().unwrap().to_owned(),
-                        message["id"].clone(),
-                    ));
+        let (session, _rx, _fake, _dir) = default_session(mode, |mut f| async move {
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let message = f.recv().await.unwrap();
+                ids.push((
+                    message["execute"].as_str().unwrap().to_owned(),
+                    message["id"].clone(),
+                ));
+            }
+            for (command, id) in ids.iter().rev() {
+                match command.as_str() {
+                    "query-name" => f.reply(id, json!({"name": "n"})).await,
+                    "query-uuid" => f.reply(id, json!({"UUID": FAKE_UUID})).await,
+                    other => panic!("unexpected {other}"),
                 }
-                for (command, id) in ids.iter().rev() {
-                    match command.as_str() {
-                        "query-name" => f.reply(id, json!({"name": "n"})).await,
-                        "query-uuid" => f.reply(id, json!({"UUID": FAKE_UUID})).await,
-                        other => panic!("unexpected {other}"),
-                    }
-                }
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-            16,
-        )
+            }
+            f.wait_eof().await;
+        })
         .await;
         let (name, uuid) = bounded("both replies", async {
             tokio::join!(
