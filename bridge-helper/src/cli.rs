@@ -68,7 +68,7 @@ EXIT STATUS
 #[derive(Debug, Parser)]
 #[command(
     name = "qnet-bridge-helper",
-    version = qnet_hostnet::protocol::version_line(env!("CARGO_PKG_VERSION")),
+    version = qnet_hostnet::protocol::VERSION_LINE.as_str(),
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_long_help = AFTER_LONG_HELP,

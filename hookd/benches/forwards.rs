@@ -146,28 +146,16 @@ fn iptables_rule(rule: &ForwardElement) -> String {
 
 /// Runs `program args` (from the calling thread, so in its namespace),
 /// panicking on failure; returns how long it took.
-fn timed(program: &str, args: &[&str], stdin: Option<&str>) -> Duration {
+fn timed(program: &str, args: &[&str]) -> Duration {
     let start = Instant::now();
-    let mut child = Command::new(program)
+    let out = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .and_then(|child| child.wait_with_output())
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
     let elapsed = start.elapsed();
     assert!(
         out.status.success(),
@@ -179,7 +167,7 @@ fn timed(program: &str, args: &[&str], stdin: Option<&str>) -> Duration {
 }
 
 /// The chain `QNETBENCH` (jumped to from PREROUTING) holding exactly
-/// `rules`, in order: one restore process.
+/// `rules`, in order: one restore process, reading them from a file.
 fn iptables_fill(restore: &str, rules: impl Iterator<Item = ForwardElement>) {
     let mut text = String::from("*nat\n:QNETBENCH - [0:0]\n");
     for rule in rules {
@@ -188,15 +176,17 @@ fn iptables_fill(restore: &str, rules: impl Iterator<Item = ForwardElement>) {
         text.push('\n');
     }
     text.push_str("COMMIT\n");
-    timed(restore, &["-w", "--noflush"], Some(&text));
+    let file = tempfile::NamedTempFile::new().expect("temporary file");
+    std::fs::write(file.path(), text).unwrap();
+    let path = file.path().to_str().expect("a UTF-8 temporary path");
+    timed(restore, &["-w", "--noflush", path]);
 }
 
 fn iptables_init(program: &str) {
-    timed(program, &["-w", "-t", "nat", "-N", "QNETBENCH"], None);
+    timed(program, &["-w", "-t", "nat", "-N", "QNETBENCH"]);
     timed(
         program,
         &["-w", "-t", "nat", "-A", "PREROUTING", "-j", "QNETBENCH"],
-        None,
     );
 }
 
@@ -303,13 +293,9 @@ fn bench_add() {
                         let spec = iptables_rule(&rule);
                         let mut args = vec!["-w", "-t", "nat", "-A", "QNETBENCH"];
                         args.extend(spec.split(' '));
-                        let took = timed(program, &args, None);
+                        let took = timed(program, &args);
                         let position = k.to_string();
-                        timed(
-                            program,
-                            &["-w", "-t", "nat", "-D", "QNETBENCH", &position],
-                            None,
-                        );
+                        timed(program, &["-w", "-t", "nat", "-D", "QNETBENCH", &position]);
                         took
                     }
                 });
@@ -322,7 +308,15 @@ fn bench_add() {
         let mut by_nft: Vec<Duration> = (0..ADD_SAMPLES)
             .map(|_| {
                 namespaces[0].1.run_in(|| {
-                    let took = timed("nft", &["-f", "-"], Some(&script));
+                    // The library's own `nft -f -` (script on stdin), timed
+                    // inside the runtime.
+                    let took = block_on(async {
+                        let start = Instant::now();
+                        firewall::run_script("adding one forward", &script)
+                            .await
+                            .expect("nft -f");
+                        start.elapsed()
+                    });
                     block_on(FW.remove_elements(&[rule])).expect("remove");
                     took
                 })

@@ -418,6 +418,16 @@ mod tests {
         problems.into_iter().next().unwrap()
     }
 
+    #[track_caller]
+    fn assert_starts(text: &str, prefix: &str) {
+        assert!(text.starts_with(prefix), "{text}");
+    }
+
+    #[track_caller]
+    fn assert_ends(text: &str, suffix: &str) {
+        assert!(text.ends_with(suffix), "{text}");
+    }
+
     fn table(listing: &str) -> TableFacts {
         TableFacts {
             program: "iptables-nft",
@@ -463,9 +473,10 @@ mod tests {
             problem.problem,
             "iptables-nft: policy DROP of chain INPUT drops the guests' DHCP and DNS to the host; firewall-integration is off"
         );
-        assert!(problem.fix.starts_with(
-            "set `firewall-integration = true` in hookd.toml, or allow it yourself: `iptables-nft -I INPUT 1 -i qnlab -p udp -m udp --dport 67 -j ACCEPT` and "
-        ), "{}", problem.fix);
+        assert_starts(
+            &problem.fix,
+            "set `firewall-integration = true` in hookd.toml, or allow it yourself: `iptables-nft -I INPUT 1 -i qnlab -p udp -m udp --dport 67 -j ACCEPT` and ",
+        );
     }
 
     #[test]
@@ -515,20 +526,11 @@ mod tests {
         f.bridge_mac = Some("52:54:00:12:34:56".parse().unwrap());
         let problem = only(diagnose(&f, &[]));
         let want = Mac::from_octets(crate::network::bridge_mac("lab"));
-        assert!(
-            problem.problem.starts_with(&format!(
-                "bridge qnlab has MAC 52:54:00:12:34:56, not qnet's fixed {want}:"
-            )),
-            "{}",
-            problem.problem
+        assert_starts(
+            &problem.problem,
+            &format!("bridge qnlab has MAC 52:54:00:12:34:56, not qnet's fixed {want}:"),
         );
-        assert!(
-            problem
-                .fix
-                .starts_with(&format!("`ip link set qnlab address {want}`")),
-            "{}",
-            problem.fix
-        );
+        assert_starts(&problem.fix, &format!("`ip link set qnlab address {want}`"));
         // No bridge: that is the problem, not its MAC.
         f.bridge = BridgeState::Missing;
         f.bridge_mac = None;
@@ -562,9 +564,10 @@ mod tests {
             "libvirt's nftables chain ip libvirt_network guest_input rejects connections from outside to this \
              forward's guest (192.168.122.5 port 80 via virbr0); firewall-integration is off"
         );
-        assert!(problem.fix.ends_with(
-            "`nft insert rule ip libvirt_network guest_input oifname \"virbr0\" ip daddr 192.168.122.5 tcp dport 80 ct status dnat accept`"
-        ), "{}", problem.fix);
+        assert_ends(
+            &problem.fix,
+            "`nft insert rule ip libvirt_network guest_input oifname \"virbr0\" ip daddr 192.168.122.5 tcp dport 80 ct status dnat accept`",
+        );
         // Accepted first: nothing; no libvirt table: nothing.
         let ours = format!("\t\t{} # handle 20\n", libvirt_nft::rule(&forward));
         let accepted =
@@ -589,8 +592,9 @@ mod tests {
             problem.subject,
             "libvirt network 192.168.122.5 port 80 via virbr0"
         );
-        assert!(problem.fix.ends_with(
-            "`iptables-nft -I LIBVIRT_FWI 1 -d 192.168.122.5/32 -o virbr0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -j ACCEPT`"
-        ), "{}", problem.fix);
+        assert_ends(
+            &problem.fix,
+            "`iptables-nft -I LIBVIRT_FWI 1 -d 192.168.122.5/32 -o virbr0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -j ACCEPT`",
+        );
     }
 }

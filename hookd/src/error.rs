@@ -86,31 +86,22 @@ impl From<DaemonError> for ApiError {
     }
 }
 
-/// Shorthands for the errors handlers return.
-pub fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Invalid, message)
+/// Shorthands for the errors handlers return: `invalid("...")` is an
+/// [`ApiError`] of kind [`ErrorKind::Invalid`], and so on for each kind.
+macro_rules! shorthands {
+    ($($name:ident => $kind:ident),* $(,)?) => {$(
+        pub fn $name(message: impl Into<String>) -> ApiError {
+            ApiError::new(ErrorKind::$kind, message)
+        }
+    )*};
 }
 
-pub fn not_found(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::NotFound, message)
-}
-
-pub fn denied(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Denied, message)
-}
-
-pub fn conflict(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Conflict, message)
-}
-
-pub fn exhausted(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Exhausted, message)
-}
-
-pub fn storage(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Storage, message)
-}
-
-pub fn failed(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::Failed, message)
+shorthands! {
+    invalid => Invalid,
+    not_found => NotFound,
+    denied => Denied,
+    conflict => Conflict,
+    exhausted => Exhausted,
+    storage => Storage,
+    failed => Failed,
 }

@@ -23,6 +23,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
+use thiserror::Error;
 
 use crate::fsutil;
 
@@ -81,7 +82,7 @@ pub fn write(dir: &Path, files: &AclFiles) -> io::Result<Vec<(u32, String)>> {
             }
             Err(why) => {
                 fsutil::remove_durably(&path)?;
-                refused.push((*uid, why));
+                refused.push((*uid, why.to_string()));
             }
         }
     }
@@ -102,27 +103,51 @@ pub fn write(dir: &Path, files: &AclFiles) -> io::Result<Vec<(u32, String)>> {
 /// private group"), so a file of that group is the user's alone. A uid
 /// without a passwd entry counts as having the group of its own number,
 /// which then must not exist or be empty.
-pub fn private_group(uid: u32) -> Result<u32, String> {
-    let user =
-        User::from_uid(Uid::from_raw(uid)).map_err(|e| format!("looking up uid {uid}: {e}"))?;
+pub fn private_group(uid: u32) -> Result<u32, NotPrivate> {
+    let user = User::from_uid(Uid::from_raw(uid)).map_err(|source| NotPrivate::Lookup {
+        what: "uid",
+        id: uid,
+        source,
+    })?;
     let gid = user.as_ref().map_or(uid, |u| u.gid.as_raw());
     let name = user.as_ref().map(|u| u.name.clone());
-    if let Some(group) =
-        Group::from_gid(Gid::from_raw(gid)).map_err(|e| format!("looking up gid {gid}: {e}"))?
-    {
+    let group = Group::from_gid(Gid::from_raw(gid)).map_err(|source| NotPrivate::Lookup {
+        what: "gid",
+        id: gid,
+        source,
+    })?;
+    if let Some(group) = group {
         if let Some(other) = group.mem.iter().find(|m| Some(*m) != name.as_ref()) {
-            return Err(format!(
-                "the primary group `{}` of uid {uid} also holds `{other}`",
-                group.name
-            ));
+            return Err(NotPrivate::Member {
+                group: group.name,
+                uid,
+                other: other.clone(),
+            });
         }
     }
     if let Some(other) = other_user_with_group(uid, gid) {
-        return Err(format!(
-            "gid {gid}, the primary group of uid {uid}, is also the primary group of `{other}`"
-        ));
+        return Err(NotPrivate::Primary { gid, uid, other });
     }
     Ok(gid)
+}
+
+/// Why a user's primary group is not theirs alone (or cannot be told).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NotPrivate {
+    #[error("looking up {what} {id}: {source}")]
+    Lookup {
+        what: &'static str,
+        id: u32,
+        source: nix::Error,
+    },
+    #[error("the primary group `{group}` of uid {uid} also holds `{other}`")]
+    Member {
+        group: String,
+        uid: u32,
+        other: String,
+    },
+    #[error("gid {gid}, the primary group of uid {uid}, is also the primary group of `{other}`")]
+    Primary { gid: u32, uid: u32, other: String },
 }
 
 /// Whether user `uid` is a member of group `group` (primary or

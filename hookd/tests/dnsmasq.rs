@@ -32,14 +32,43 @@ fn paths() -> (tempfile::TempDir, Paths) {
     (dir, paths)
 }
 
-/// A daemon namespace with `net` up and a guest plugged into its bridge.
-fn lan(what: &str, net: &NetworkConfig) -> (NetNs, NetNs) {
-    require(&["ip", "dnsmasq", "busybox"]);
-    let daemon = NetNs::new(&format!("{what}-d"));
+/// A daemon namespace tagged `tag` with each of `nets` up, and the run
+/// and state directories of its dnsmasqs (see [`paths`]).
+fn daemon_with(tag: &str, nets: &[&NetworkConfig]) -> (NetNs, tempfile::TempDir, Paths) {
+    require(&["ip", "dnsmasq"]);
+    let daemon = NetNs::new(tag);
+    for net in nets {
+        daemon.block_on(|| bring_up(net)).expect("bring_up");
+    }
+    let (tmp, paths) = paths();
+    (daemon, tmp, paths)
+}
+
+/// A daemon namespace with a network up and a guest plugged into its
+/// bridge, the dnsmasq directories, and a DHCP client's script.
+struct Lan {
+    daemon: NetNs,
+    guest: NetNs,
+    paths: Paths,
+    /// See [`lease_script`].
+    script: String,
+    _tmp: tempfile::TempDir,
+}
+
+/// The [`Lan`] of `net`, its namespaces tagged `what`.
+fn lan(what: &str, net: &NetworkConfig) -> Lan {
+    require(&["busybox"]);
+    let (daemon, tmp, paths) = daemon_with(&format!("{what}-d"), &[net]);
     let guest = NetNs::new(&format!("{what}-g"));
-    daemon.block_on(|| bring_up(net)).expect("bring_up");
     plug_guest(&daemon, &net.bridge, "gport", &guest, GUEST_MAC);
-    (daemon, guest)
+    let script = lease_script(tmp.path());
+    Lan {
+        daemon,
+        guest,
+        paths,
+        script,
+        _tmp: tmp,
+    }
 }
 
 /// A udhcpc script that prints the address it was given.
@@ -54,29 +83,31 @@ fn lease_script(dir: &Path) -> String {
     path.display().to_string()
 }
 
-/// Asks for a lease from inside `guest` (a fresh DISCOVER every time:
-/// the script configures nothing) and returns the address offered.
-async fn dhcp(guest: &NetNs, script: &str) -> Ipv4Addr {
-    let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", guest.name(), "busybox", "udhcpc"])
-        .args([
-            "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "2", "-s", script,
-        ])
-        .output()
-        .await
-        .expect("cannot run udhcpc");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("QNET-LEASE "))
-        .and_then(|ip| ip.trim().parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "udhcpc got no lease ({}):\n{stdout}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+impl Lan {
+    /// Asks for a lease from inside the guest (a fresh DISCOVER every
+    /// time: the script configures nothing) and returns the address
+    /// offered.
+    async fn dhcp(&self) -> Ipv4Addr {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", self.guest.name(), "busybox", "udhcpc"])
+            .args(["-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "2", "-s"])
+            .arg(&self.script)
+            .output()
+            .await
+            .expect("cannot run udhcpc");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("QNET-LEASE "))
+            .and_then(|ip| ip.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "udhcpc got no lease ({}):\n{stdout}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    }
 }
 
 /// Resolves `name` at `server` from inside `guest`.
@@ -158,11 +189,10 @@ async fn wait_for_new_pid(handle: &qnet_hookd::dnsmasq::DnsmasqHandle, old: u32)
 #[test]
 fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
     let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    let (daemon, guest) = lan("dhcp", &net);
-    let (tmp, paths) = paths();
-    let script = lease_script(tmp.path());
+    let lab = lan("dhcp", &net);
     // The guest talks DNS from a static address outside the DHCP range.
-    guest.ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
+    lab.guest
+        .ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
     let host = |ip: [u8; 4]| {
         let ip = Ipv4Addr::from(ip);
         (
@@ -178,31 +208,34 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         )
     };
 
-    daemon.block_on(|| async {
-        let handle = spawn(&net, &paths).expect("spawn");
+    lab.daemon.block_on(|| async {
+        let handle = spawn(&net, &lab.paths).expect("spawn");
         let pid = handle.wait_ready(READY).await.expect("dnsmasq starts");
         assert_eq!(handle.pid(), Some(pid));
-        let config = std::fs::read_to_string(paths.config_file("lab")).unwrap();
+        let config = std::fs::read_to_string(lab.paths.config_file("lab")).unwrap();
         assert!(!config.contains("user=root"), "{config}");
         let (uid, sid, pgid) = owner_and_session(pid);
         assert_ne!(uid, 0, "dnsmasq dropped root");
         assert_eq!((sid, pgid), (pid, pid), "dnsmasq has a session of its own");
 
         // A reservation, then a real DHCP client gets it; DNS knows the name.
-        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 50]);
-        handle
-            .set_hosts(dhcp_hosts, dns_hosts)
-            .await
-            .expect("set_hosts");
-        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 50));
-        assert_eq!(
-            resolve(&guest, "vm1.lab.qnet", "10.42.0.1").await,
-            Some(Ipv4Addr::new(10, 42, 0, 50))
-        );
+        let reserve = async |ip: [u8; 4]| {
+            let (dhcp_hosts, dns_hosts) = host(ip);
+            handle
+                .set_hosts(dhcp_hosts, dns_hosts)
+                .await
+                .expect("set_hosts");
+            assert_eq!(lab.dhcp().await, Ipv4Addr::from(ip));
+            assert_eq!(
+                resolve(&lab.guest, "vm1.lab.qnet", "10.42.0.1").await,
+                Some(Ipv4Addr::from(ip))
+            );
+        };
+        reserve([10, 42, 0, 50]).await;
 
         // A new reservation needs no SIGHUP: dnsmasq read its new file
         // through inotify (which it logs), not by re-reading every host.
-        let log = std::fs::read_to_string(paths.log_file("lab")).unwrap_or_default();
+        let log = std::fs::read_to_string(lab.paths.log_file("lab")).unwrap_or_default();
         assert!(
             log.lines()
                 .any(|l| l.contains("inotify") && l.contains(&GUEST_MAC.to_lowercase())),
@@ -210,21 +243,16 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         );
 
         // Moved: SIGHUP, same process, the next request gets the new one.
-        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
-        handle
-            .set_hosts(dhcp_hosts.clone(), dns_hosts.clone())
-            .await
-            .expect("set_hosts");
-        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 60));
-        assert_eq!(
-            resolve(&guest, "vm1.lab.qnet", "10.42.0.1").await,
-            Some(Ipv4Addr::new(10, 42, 0, 60))
-        );
+        reserve([10, 42, 0, 60]).await;
         assert_eq!(handle.pid(), Some(pid), "reloaded, not restarted");
 
         // Unchanged: the files are not even rewritten.
-        let host_file = paths.dhcp_hosts_dir("lab").join(GUEST_MAC.to_lowercase());
+        let host_file = lab
+            .paths
+            .dhcp_hosts_dir("lab")
+            .join(GUEST_MAC.to_lowercase());
         let inode = std::fs::metadata(&host_file).unwrap().ino();
+        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
         handle
             .set_hosts(dhcp_hosts, dns_hosts)
             .await
@@ -235,13 +263,13 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
         let new_pid = wait_for_new_pid(&handle, pid).await;
         assert_eq!(handle.wait_ready(READY).await.expect("restarted"), new_pid);
-        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 60));
+        assert_eq!(lab.dhcp().await, Ipv4Addr::new(10, 42, 0, 60));
 
         // Stopped: process and run directory gone, leases kept.
         handle.stop().await;
         assert!(!alive(new_pid), "dnsmasq {new_pid} still runs");
-        assert!(!paths.net_dir("lab").exists());
-        let leases = std::fs::read_to_string(paths.lease_file("lab")).expect("lease file kept");
+        assert!(!lab.paths.net_dir("lab").exists());
+        let leases = std::fs::read_to_string(lab.paths.lease_file("lab")).expect("lease file kept");
         assert!(leases.contains(GUEST_MAC), "{leases}");
     });
 }
@@ -249,11 +277,9 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
 #[test]
 fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
     let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    let (daemon, guest) = lan("adopt", &net);
-    let (tmp, paths) = paths();
-    let script = lease_script(tmp.path());
-    daemon.block_on(|| async {
-        let first = spawn(&net, &paths).expect("spawn");
+    let lab = lan("adopt", &net);
+    lab.daemon.block_on(|| async {
+        let first = spawn(&net, &lab.paths).expect("spawn");
         let old = first.wait_ready(READY).await.expect("dnsmasq starts");
         first
             .set_hosts(
@@ -266,13 +292,13 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
             )
             .await
             .unwrap();
-        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 77));
+        assert_eq!(lab.dhcp().await, Ipv4Addr::new(10, 42, 0, 77));
         // The daemon goes away without stopping it (as on a crash).
         drop(first);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(alive(old), "dnsmasq must outlive the daemon's handle");
 
-        let second = spawn(&net, &paths).expect("spawn again");
+        let second = spawn(&net, &lab.paths).expect("spawn again");
         let new = second
             .wait_ready(READY)
             .await
@@ -280,24 +306,20 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
         assert_ne!(new, old);
         assert!(!alive(old), "the old dnsmasq was replaced");
         // The reservation file was kept across the restart.
-        assert_eq!(dhcp(&guest, &script).await, Ipv4Addr::new(10, 42, 0, 77));
+        assert_eq!(lab.dhcp().await, Ipv4Addr::new(10, 42, 0, 77));
         second.stop().await;
     });
 }
 
 #[test]
 fn two_networks_run_their_own_dnsmasq_side_by_side() {
-    require(&["ip", "dnsmasq"]);
-    let daemon = NetNs::new("two");
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
     let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
     // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
     a.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     b.ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
-    let (_tmp, paths) = paths();
+    let (daemon, _tmp, paths) = daemon_with("two", &[&a, &b]);
     daemon.block_on(|| async {
-        bring_up(&a).await.unwrap();
-        bring_up(&b).await.unwrap();
         let ha = spawn(&a, &paths).unwrap();
         let hb = spawn(&b, &paths).unwrap();
         let pa = ha.wait_ready(READY).await.expect("a's dnsmasq");
@@ -313,14 +335,11 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
 
 #[test]
 fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
-    require(&["ip", "dnsmasq"]);
-    let daemon = NetNs::new("broken");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     // Not a range within one /24: dnsmasq refuses its config.
     net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));
-    let (_tmp, paths) = paths();
+    let (daemon, _tmp, paths) = daemon_with("broken", &[&net]);
     daemon.block_on(|| async {
-        bring_up(&net).await.unwrap();
         let handle = spawn(&net, &paths).unwrap();
         let err = handle
             .wait_ready(Duration::from_secs(2))
@@ -341,10 +360,9 @@ fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
 fn router_advertisements_give_guests_an_ipv6_address() {
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
-    let (daemon, guest) = lan("ra", &net);
-    let (_tmp, paths) = paths();
-    daemon.block_on(|| async {
-        let handle = spawn(&net, &paths).expect("spawn");
+    let lab = lan("ra", &net);
+    lab.daemon.block_on(|| async {
+        let handle = spawn(&net, &lab.paths).expect("spawn");
         handle.wait_ready(READY).await.expect("dnsmasq starts");
         // SLAAC from dnsmasq's RAs.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -352,7 +370,7 @@ fn router_advertisements_give_guests_an_ipv6_address() {
             let out = tokio::process::Command::new("ip")
                 .args([
                     "-n",
-                    guest.name(),
+                    lab.guest.name(),
                     "-6",
                     "addr",
                     "show",

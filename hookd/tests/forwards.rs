@@ -22,6 +22,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +70,27 @@ fn rule(
         guest_addr: ip(guest),
         guest_port,
     }
+}
+
+/// One forward in each of the four maps (by host address and for any,
+/// IPv4 and IPv6), TCP and UDP.
+fn one_in_each_map() -> Vec<ForwardElement> {
+    vec![
+        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
+        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
+        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
+        rule(Proto::Udp, None, 22, "fd42::12", 22),
+    ]
+}
+
+/// Runs `change` (`what` names it in a failure), then lists our table:
+/// what `change` returned, and the listing after it.
+async fn listed_after<T>(
+    what: &str,
+    change: impl Future<Output = Result<T, FirewallError>>,
+) -> (T, String) {
+    let result = change.await.expect(what);
+    (result, FW.listing().await.expect("list"))
 }
 
 /// `HOST..=HOST_END:GUEST` as one rule per port, offsets kept.
@@ -751,12 +773,7 @@ fn installed_elements_are_read_back_from_the_kernel_whoever_installed_them() {
     require(&["ip", "nft"]);
     let ns = NetNs::new("fw-read");
     let nets = vec![net()];
-    let by_nft = vec![
-        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
-        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
-        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
-        rule(Proto::Udp, None, 22, "fd42::12", 22),
-    ];
+    let by_nft = one_in_each_map();
     let by_netlink = vec![
         rule(Proto::Udp, Some(UPLINK), 8080, "10.42.0.12", 81),
         rule(Proto::Tcp, None, 2222, "10.42.0.12", 22),
@@ -803,24 +820,14 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
     let foreign_before = foreign();
 
     let nets = vec![net()];
-    let mut forwards = vec![
-        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
-        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
-        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
-        rule(Proto::Tcp, None, 22, "fd42::12", 22),
-    ];
+    let mut forwards = one_in_each_map();
     forwards.extend(expand(Proto::Tcp, None, (9000, 9099), "10.42.0.12", 9000));
     let (first, after_adds, second, rendered) = ns.block_on(|| async {
-        FW.apply_ruleset(&nets, &forwards).await.expect("apply");
-        let first = FW.listing().await.expect("list");
-        let report = FW
-            .add_elements(&forwards)
-            .await
-            .expect("adding them all again");
+        let ((), first) = listed_after("apply", FW.apply_ruleset(&nets, &forwards)).await;
+        let (report, after_adds) =
+            listed_after("adding them all again", FW.add_elements(&forwards)).await;
         assert!(report.is_complete(), "{report:?}");
-        let after_adds = FW.listing().await.expect("list");
-        FW.apply_ruleset(&nets, &forwards).await.expect("re-apply");
-        let second = FW.listing().await.expect("list");
+        let ((), second) = listed_after("re-apply", FW.apply_ruleset(&nets, &forwards)).await;
         (
             first,
             after_adds,
@@ -856,10 +863,7 @@ fn reapplying_lists_identically_without_duplicates_and_leaves_a_foreign_table_al
     assert_eq!(ns.block_on(|| FW.listing()).unwrap(), first);
 
     // apply() of the networks alone keeps the maps, empty.
-    let bare = ns.block_on(|| async {
-        FW.apply_ruleset(&nets, &[]).await.expect("apply");
-        FW.listing().await.expect("list")
-    });
+    let ((), bare) = ns.block_on(|| listed_after("apply", FW.apply_ruleset(&nets, &[])));
     assert_eq!(bare, firewall::normalize(&firewall::render(&nets)));
     assert!(bare.contains("\tmap fwd4 {\n"), "{bare}");
     assert!(!bare.contains("elements"), "{bare}");
@@ -1005,12 +1009,7 @@ fn localhost_forwards_do_not_open_the_hosts_loopback_to_the_network() {
 fn netlink_elements_equal_nfts_own_in_every_map_also_by_the_ten_thousand() {
     let ns = NetNs::new("fw-nl");
     let nets = vec![net()];
-    let mut forwards = vec![
-        rule(Proto::Tcp, Some(UPLINK), 8080, "10.42.0.11", 80),
-        rule(Proto::Udp, None, 5353, "10.42.0.11", 53),
-        rule(Proto::Tcp, Some(UPLINK6), 443, "fd42::11", 443),
-        rule(Proto::Udp, None, 22, "fd42::12", 22),
-    ];
+    let mut forwards = one_in_each_map();
     forwards.extend(expand(
         Proto::Tcp,
         Some(UPLINK),
@@ -1019,21 +1018,14 @@ fn netlink_elements_equal_nfts_own_in_every_map_also_by_the_ten_thousand() {
         20000,
     ));
     let (by_nft, by_netlink, emptied, empty) = ns.block_on(|| async {
-        FW.apply_ruleset(&nets, &forwards)
-            .await
-            .expect("apply with nft");
-        let by_nft = FW.listing().await.expect("list");
-        FW.apply_ruleset(&nets, &[]).await.expect("apply empty");
-        let empty = FW.listing().await.expect("list");
-        let report = FW.add_elements(&forwards).await.expect("add over netlink");
+        let ((), by_nft) = listed_after("apply with nft", FW.apply_ruleset(&nets, &forwards)).await;
+        let ((), empty) = listed_after("apply empty", FW.apply_ruleset(&nets, &[])).await;
+        let (report, by_netlink) =
+            listed_after("add over netlink", FW.add_elements(&forwards)).await;
         assert_eq!(report.changed.len(), forwards.len(), "{:?}", report.refused);
-        let by_netlink = FW.listing().await.expect("list");
-        let report = FW
-            .remove_elements(&forwards)
-            .await
-            .expect("remove over netlink");
+        let (report, emptied) =
+            listed_after("remove over netlink", FW.remove_elements(&forwards)).await;
         assert!(report.is_complete(), "{report:?}");
-        let emptied = FW.listing().await.expect("list");
         (by_nft, by_netlink, emptied, empty)
     });
     assert_eq!(by_nft.matches(" : 10.42.0.12 . ").count(), 12_000);

@@ -253,14 +253,12 @@ where
     }
 }
 
+/// A session, its events, the fake's task and the fake's directory.
+type Started = (QmpSession, QmpEvents, JoinHandle<()>, TempDir);
+
 /// Starts a session against a fake that does the handshake, then
 /// `script`; returns the session, its events and the fake's task.
-async fn session<F, Fut>(
-    mode: Mode,
-    script: F,
-    opts: SessionOptions,
-    capacity: usize,
-) -> (QmpSession, QmpEvents, JoinHandle<()>, TempDir)
+async fn session<F, Fut>(mode: Mode, script: F, opts: SessionOptions, capacity: usize) -> Started
 where
     F: FnOnce(Fake) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -281,6 +279,16 @@ where
     assert_eq!(identity, our_identity());
     assert_eq!(session.identity(), identity);
     (session, rx, conn.fake, conn._dir)
+}
+
+/// [`session`] with the default options and room for 16 events, as most
+/// tests want it.
+async fn default_session<F, Fut>(mode: Mode, script: F) -> Started
+where
+    F: FnOnce(Fake) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    session(mode, script, SessionOptions::default(), 16).await
 }
 
 /// Starts a session that must fail during the handshake.
@@ -658,15 +666,23 @@ fn handshake_failures() -> Vec<HandshakeFailure> {
     cases
 }
 
-#[tokio::test]
-async fn broken_peers_fail_the_handshake() {
-    for case in handshake_failures() {
+/// Runs `check` on each of `cases` in each connection mode.
+async fn each_case_in_both_modes<C>(cases: Vec<C>, check: impl AsyncFn(&C, Mode)) {
+    for case in &cases {
         for mode in MODES {
-            let script = case.script.clone();
-            let e = failed_start(mode, move |f| script(f), case.opts).await;
-            assert!((case.expect)(&e), "{}, {mode:?}: {e:?}", case.what);
+            check(case, mode).await;
         }
     }
+}
+
+#[tokio::test]
+async fn broken_peers_fail_the_handshake() {
+    each_case_in_both_modes(handshake_failures(), async |case, mode| {
+        let script = case.script.clone();
+        let e = failed_start(mode, move |f| script(f), case.opts).await;
+        assert!((case.expect)(&e), "{}, {mode:?}: {e:?}", case.what);
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -682,15 +698,10 @@ where
     F: FnOnce(Fake, Value) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (session, mut rx, fake, _dir) = session(
-        mode,
-        |mut f| async move {
-            let id = f.command("query-name").await;
-            respond(f, id).await;
-        },
-        SessionOptions::default(),
-        16,
-    )
+    let (session, mut rx, fake, _dir) = default_session(mode, |mut f| async move {
+        let id = f.command("query-name").await;
+        respond(f, id).await;
+    })
     .await;
     let result = bounded("query-name", session.execute(qapi::qmp::query_name {}))
         .await
@@ -755,44 +766,38 @@ fn broken_answers() -> Vec<BrokenAnswer> {
 
 #[tokio::test]
 async fn broken_answers_close_the_session() {
-    for case in broken_answers() {
-        for mode in MODES {
-            let answer = case.answer.clone();
-            let (result, _, error) = after_handshake(mode, move |f, id| answer(f, id)).await;
-            assert!(
-                matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains(case.result_says)),
-                "{}, {mode:?}: {result:?}",
-                case.what
-            );
-            assert!(
-                error
-                    .as_deref()
-                    .is_some_and(|e| e.contains(case.closing_says)),
-                "{}, {mode:?}: {error:?}",
-                case.what
-            );
-        }
-    }
+    each_case_in_both_modes(broken_answers(), async |case, mode| {
+        let answer = case.answer.clone();
+        let (result, _, error) = after_handshake(mode, move |f, id| answer(f, id)).await;
+        assert!(
+            matches!(&result, Err(QmpError::Closed { reason, .. }) if reason.contains(case.result_says)),
+            "{}, {mode:?}: {result:?}",
+            case.what
+        );
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains(case.closing_says)),
+            "{}, {mode:?}: {error:?}",
+            case.what
+        );
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn error_replies_keep_the_session() {
     for mode in MODES {
-        let (session, mut rx, fake, _dir) = session(
-            mode,
-            |mut f| async move {
-                let id = f.command("query-name").await;
-                f.error(&id, "GenericError", "no name for you").await;
-                let id = f.command("query-uuid").await;
-                // An error class newer than qapi's schema.
-                f.error(&id, "SomeFutureErrorClass", "try QEMU 12").await;
-                let id = f.command("query-name").await;
-                f.reply(&id, json!({"name": "after-errors"})).await;
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-            16,
-        )
+        let (session, mut rx, fake, _dir) = default_session(mode, |mut f| async move {
+            let id = f.command("query-name").await;
+            f.error(&id, "GenericError", "no name for you").await;
+            let id = f.command("query-uuid").await;
+            // An error class newer than qapi's schema.
+            f.error(&id, "SomeFutureErrorClass", "try QEMU 12").await;
+            let id = f.command("query-name").await;
+            f.reply(&id, json!({"name": "after-errors"})).await;
+            f.wait_eof().await;
+        })
         .await;
         match session.execute(qapi::qmp::query_name {}).await {
             Err(QmpError::Command {
@@ -902,29 +907,24 @@ async fn command_timeout_leaves_the_session_usable() {
 #[tokio::test]
 async fn replies_out_of_order_reach_their_commands() {
     for mode in MODES {
-        let (session, _rx, _fake, _dir) = session(
-            mode,
-            |mut f| async move {
-                let mut ids = Vec::new();
-                for _ in 0..2 {
-                    let message = f.recv().await.unwrap();
-                    ids.push((
-                        message["execute"].as_str().unwrap().to_owned(),
-                        message["id"].clone(),
-                    ));
+        let (session, _rx, _fake, _dir) = default_session(mode, |mut f| async move {
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let message = f.recv().await.unwrap();
+                ids.push((
+                    message["execute"].as_str().unwrap().to_owned(),
+                    message["id"].clone(),
+                ));
+            }
+            for (command, id) in ids.iter().rev() {
+                match command.as_str() {
+                    "query-name" => f.reply(id, json!({"name": "n"})).await,
+                    "query-uuid" => f.reply(id, json!({"UUID": FAKE_UUID})).await,
+                    other => panic!("unexpected {other}"),
                 }
-                for (command, id) in ids.iter().rev() {
-                    match command.as_str() {
-                        "query-name" => f.reply(id, json!({"name": "n"})).await,
-                        "query-uuid" => f.reply(id, json!({"UUID": FAKE_UUID})).await,
-                        other => panic!("unexpected {other}"),
-                    }
-                }
-                f.wait_eof().await;
-            },
-            SessionOptions::default(),
-            16,
-        )
+            }
+            f.wait_eof().await;
+        })
         .await;
         let (name, uuid) = bounded("both replies", async {
             tokio::join!(

@@ -6,6 +6,7 @@
 //! Both helpers flatten [`ProtocolArgs`] into their own clap parser.
 
 use std::os::fd::RawFd;
+use std::sync::LazyLock;
 
 use clap::Args;
 
@@ -24,25 +25,21 @@ pub struct ProtocolArgs {
     pub br: String,
 }
 
-/// A helper's `--version` line: `version` (the helper's own) and the
-/// build-time ACL directory, so a user can tell which files it reads.
+/// A helper's `--version` line: the version (every crate of the
+/// workspace has the same) and the build-time ACL directory, so a user
+/// can tell which files it reads.
 ///
 /// clap wants a `&'static str` and evaluates the attribute each time it
-/// builds the command, that is on every parse; so the line is made (and
-/// leaked) once per process, not per call. Leaking per call cost a fuzz
-/// run of 10 million parses 540 MB.
-pub fn version_line(version: &'static str) -> &'static str {
-    static LINE: std::sync::OnceLock<(&str, &str)> = std::sync::OnceLock::new();
-    let make = || -> &'static str {
-        Box::leak(format!("{version} (config dir {})", crate::CONFIG_DIR).into_boxed_str())
-    };
-    match *LINE.get_or_init(|| (version, make())) {
-        (cached, line) if cached == version => line,
-        // Another version in the same process (never in a helper): rare
-        // enough to leak.
-        _ => make(),
-    }
-}
+/// builds the command, that is on every parse; so the line is made once
+/// per process. Making (and leaking) it per call cost a fuzz run of 10
+/// million parses 540 MB.
+pub static VERSION_LINE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (config dir {})",
+        env!("CARGO_PKG_VERSION"),
+        crate::CONFIG_DIR
+    )
+});
 
 /// A helper's `main` once it has dropped its privileges (`privileges`, or
 /// why it could not): parses argv (clap errors as [`exit_for_cli_error`]
@@ -185,13 +182,16 @@ mod tests {
     /// version line, and every call leaked a new one.
     #[test]
     fn version_line_is_made_once() {
-        let first = version_line("1.2.3");
-        let again = version_line("1.2.3");
-        assert!(std::ptr::eq(first, again), "a second line was leaked");
-        assert_eq!(first, format!("1.2.3 (config dir {})", crate::CONFIG_DIR));
+        let first = VERSION_LINE.as_str();
+        let again = VERSION_LINE.as_str();
+        assert!(std::ptr::eq(first, again), "a second line was made");
         assert_eq!(
-            version_line("9.9"),
-            format!("9.9 (config dir {})", crate::CONFIG_DIR)
+            first,
+            format!(
+                "{} (config dir {})",
+                env!("CARGO_PKG_VERSION"),
+                crate::CONFIG_DIR
+            )
         );
     }
 }

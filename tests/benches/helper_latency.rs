@@ -16,14 +16,12 @@
 use std::path::{Path, PathBuf};
 
 use qnet_tests::helper_bench::{
-    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
+    bench_main, helper_from_env, installed_helper, measure_alternately, print_table, run_sandboxed,
+    Candidate, BRIDGE, WARMUP,
 };
-use qnet_tests::netns::NetNs;
 use qnet_tests::require_tool;
-use qnet_tests::sandbox::ConfigDir;
 
 const ANCHOR: &str = "/usr/lib/qemu/qemu-bridge-helper";
-const BRIDGE: &str = "qbrbench";
 
 fn main() {
     bench_main(400, parent, worker);
@@ -32,13 +30,7 @@ fn main() {
 fn parent(rounds: usize) {
     require_tool(ANCHOR, "qemu-system-common");
     let ours = helper_under_test();
-    println!("measuring {}", ours.display());
-    let netns = NetNs::new("bench");
-    netns.add_bridge(BRIDGE, None);
-    let config = ConfigDir::new();
-    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
-
-    run_worker(&netns, &config, &[("QNET_BENCH_OURS", &ours)], rounds);
+    run_sandboxed("bench", &[("QNET_BENCH_OURS", &ours)], |_, _| {}, rounds);
 }
 
 /// The helper as installed (or `QNET_BENCH_HELPER`).
@@ -50,7 +42,7 @@ fn helper_under_test() -> PathBuf {
 }
 
 fn worker(rounds: usize) {
-    let ours = PathBuf::from(std::env::var_os("QNET_BENCH_OURS").unwrap());
+    let ours = helper_from_env("QNET_BENCH_OURS");
     let mut candidates = [
         Candidate::new("qnet-bridge-helper", &ours, Some(BRIDGE)),
         Candidate::new(
@@ -58,7 +50,7 @@ fn worker(rounds: usize) {
             Path::new(ANCHOR),
             Some(BRIDGE),
         ),
-        Candidate::new("/bin/true (process floor)", Path::new("/bin/true"), None),
+        Candidate::process_floor(),
     ];
     measure_alternately(&mut candidates, rounds, |_, _| {});
     println!("bridge helper latency: {rounds} rounds after {WARMUP} warm-up, alternating; bridge in a private netns, same ACL");

@@ -20,17 +20,14 @@
 //! with it. Results are printed as a Markdown table.
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
 
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::helper_bench::{
-    bench_main, installed_helper, measure_alternately, print_table, run_worker, Candidate, WARMUP,
+    bench_main, helper_from_env, installed_helper, measure_alternately, print_table, run_sandboxed,
+    Candidate, BRIDGE, WARMUP,
 };
-use qnet_tests::netns::NetNs;
-use qnet_tests::sandbox::ConfigDir;
 
-const BRIDGE: &str = "qbrbench";
 const LOWER: &str = "qvbench";
 
 fn main() {
@@ -40,37 +37,37 @@ fn main() {
 fn parent(rounds: usize) {
     let macvtap = installed_helper("qnet-macvtap-helper");
     let bridge = installed_helper("qnet-bridge-helper");
-    println!("measuring {} and {}", macvtap.display(), bridge.display());
-    let netns = NetNs::new("mvbench");
-    netns.add_bridge(BRIDGE, None);
-    netns.ip(&[
-        "link",
-        "add",
-        LOWER,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "qvbench-p",
-    ]);
-    netns.ip(&["link", "set", LOWER, "up"]);
-    let config = ConfigDir::new();
-    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
-    config.write("macvtap.conf", &format!("allow {LOWER}\n"));
-
-    let env = [
+    let helpers = [
         ("QNET_BENCH_MACVTAP", macvtap.as_path()),
         ("QNET_BENCH_BRIDGE", bridge.as_path()),
     ];
-    run_worker(&netns, &config, &env, rounds);
+    // The macvtap's lower device, a veth, and an ACL allowing it.
+    run_sandboxed(
+        "mvbench",
+        &helpers,
+        |netns, config| {
+            netns.ip(&[
+                "link",
+                "add",
+                LOWER,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "qvbench-p",
+            ]);
+            netns.ip(&["link", "set", LOWER, "up"]);
+            config.write("macvtap.conf", &format!("allow {LOWER}\n"));
+        },
+        rounds,
+    );
 }
 
 fn worker(rounds: usize) {
-    let env_path = |key: &str| PathBuf::from(std::env::var_os(key).unwrap());
     let mut netlink = LinkSocket::new().expect("netlink");
     let mut macvtap = Candidate::new(
         "qnet-macvtap-helper (bridge mode)",
-        &env_path("QNET_BENCH_MACVTAP"),
+        &helper_from_env("QNET_BENCH_MACVTAP"),
         Some(LOWER),
     );
     macvtap.args = vec!["--mode=bridge".into(), "--mac=52:54:00:be:0c:01".into()];
@@ -78,10 +75,10 @@ fn worker(rounds: usize) {
         macvtap,
         Candidate::new(
             "qnet-bridge-helper",
-            &env_path("QNET_BENCH_BRIDGE"),
+            &helper_from_env("QNET_BENCH_BRIDGE"),
             Some(BRIDGE),
         ),
-        Candidate::new("/bin/true (process floor)", Path::new("/bin/true"), None),
+        Candidate::process_floor(),
     ];
     // A macvtap outlives its fd: delete it, so that every sample finds
     // `qmvtap0` free again.

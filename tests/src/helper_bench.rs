@@ -24,7 +24,7 @@ const WORKER_ENV: &str = "QNET_BENCH_WORKER";
 
 /// A helper bench's `main`: with the rounds asked for (the first numeric
 /// argument, else `default_rounds`), `parent` sets up the sandbox and
-/// calls [`run_worker`]; in the worker it started, `worker` measures.
+/// calls [`run_sandboxed`]; in the worker it started, `worker` measures.
 pub fn bench_main(default_rounds: usize, parent: fn(usize), worker: fn(usize)) {
     let rounds = std::env::args()
         .skip(1)
@@ -37,10 +37,43 @@ pub fn bench_main(default_rounds: usize, parent: fn(usize), worker: fn(usize)) {
     }
 }
 
+/// The bridge every helper bench attaches to, in its sandbox.
+pub const BRIDGE: &str = "qbrbench";
+
+/// A helper bench's parent: prints the `helpers` measured, makes the
+/// sandbox (network namespace `tag` with [`BRIDGE`], and a config dir
+/// whose `bridge.conf` allows it), lets `setup` add to both, then runs
+/// the worker (see [`bench_main`]) there with `rounds`, each helper's path
+/// in its environment variable (read back with [`helper_from_env`]).
+pub fn run_sandboxed(
+    tag: &str,
+    helpers: &[(&str, &Path)],
+    setup: impl FnOnce(&NetNs, &ConfigDir),
+    rounds: usize,
+) {
+    let names: Vec<String> = helpers
+        .iter()
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    println!("measuring {}", names.join(" and "));
+    let netns = NetNs::new(tag);
+    netns.add_bridge(BRIDGE, None);
+    let config = ConfigDir::new();
+    config.write("bridge.conf", &format!("allow {BRIDGE}\n"));
+    setup(&netns, &config);
+    run_worker(&netns, &config, helpers, rounds);
+}
+
+/// In the worker: the helper the parent passed in `key` (see
+/// [`run_sandboxed`]).
+pub fn helper_from_env(key: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os(key).unwrap_or_else(|| panic!("{key} is not set")))
+}
+
 /// Re-runs this bench as its worker (see [`bench_main`]) in the sandbox of `netns` and
 /// `config` (so the timed spawns pay no namespace set-up), with `env` and
 /// `rounds`; panics unless the worker succeeds.
-pub fn run_worker(netns: &NetNs, config: &ConfigDir, env: &[(&str, &Path)], rounds: usize) {
+fn run_worker(netns: &NetNs, config: &ConfigDir, env: &[(&str, &Path)], rounds: usize) {
     let status = sandboxed(std::env::current_exe().unwrap(), netns, config, None)
         .env(WORKER_ENV, "1")
         .envs(env.iter().copied())
@@ -87,6 +120,12 @@ impl Candidate {
             fd_received: Vec::new(),
             exited: Vec::new(),
         }
+    }
+
+    /// `/bin/true`, timed as a helper is: the floor of starting any
+    /// process.
+    pub fn process_floor() -> Candidate {
+        Candidate::new("/bin/true (process floor)", Path::new("/bin/true"), None)
     }
 
     /// One QEMU-style run: (time until the fd arrived, time until the

@@ -90,75 +90,111 @@ fn qemu_sh_c_form_with_extra_arguments_works() {
     assert!(link_line(&setup.netns, &name).contains("master qbr0"));
 }
 
-#[test]
-fn deny_wins_over_allow_in_any_order() {
-    let setup = setup("br-deny", "deny qbr0\nallow all\n");
-    let message = setup.refused(&[], BRIDGE);
-    assert!(
-        message.contains("bridge.conf:1"),
-        "should name the rule: {message}"
-    );
+/// A request the helper must refuse: in a namespace tagged `tag` with
+/// `acl` as bridge.conf, changed by `prepare`, the helper for `device`
+/// must refuse (leaving no device, see `HelperSandbox::refused`) in one
+/// line saying each of `says`.
+struct Refusal {
+    what: &'static str,
+    tag: &'static str,
+    acl: &'static str,
+    prepare: fn(&HelperSandbox),
+    device: &'static str,
+    says: &'static [&'static str],
 }
 
-#[test]
-fn bridge_without_an_allow_is_refused_with_what_to_write() {
-    let setup = setup("br-noallow", "allow other0\n");
-    let message = setup.refused(&[], BRIDGE);
-    assert!(message.contains("`allow qbr0`"), "{message}");
-    assert!(message.contains("/etc/qemu/bridge.conf"), "{message}");
-}
+fn nothing_more(_: &HelperSandbox) {}
+
+const REFUSALS: &[Refusal] = &[
+    Refusal {
+        what: "deny wins over allow in any order, and the message names the rule",
+        tag: "br-deny",
+        acl: "deny qbr0\nallow all\n",
+        prepare: nothing_more,
+        device: BRIDGE,
+        says: &["bridge.conf:1"],
+    },
+    Refusal {
+        what: "a bridge without an allow is refused with what to write",
+        tag: "br-noallow",
+        acl: "allow other0\n",
+        prepare: nothing_more,
+        device: BRIDGE,
+        says: &["`allow qbr0`", "/etc/qemu/bridge.conf"],
+    },
+    Refusal {
+        what: "a missing bridge is refused with a hint",
+        tag: "br-missing",
+        acl: "allow all\n",
+        prepare: nothing_more,
+        device: "br9",
+        says: &["bridge `br9` does not exist: create it first"],
+    },
+    Refusal {
+        what: "a device that is not a bridge is refused",
+        tag: "br-veth",
+        acl: "allow all\n",
+        prepare: |setup| {
+            setup
+                .netns
+                .ip(&["link", "add", "qv0", "type", "veth", "peer", "name", "qv1"]);
+        },
+        device: "qv0",
+        says: &["not a Linux bridge"],
+    },
+    Refusal {
+        what: "a missing ACL file is refused",
+        tag: "br-noacl",
+        acl: "allow all\n",
+        prepare: |setup| std::fs::remove_file(setup.config.path().join("bridge.conf")).unwrap(),
+        device: BRIDGE,
+        says: &["/etc/qemu/bridge.conf"],
+    },
+    Refusal {
+        // qemu-bridge-helper once truncated long names after the ACL check.
+        what: "over-long names are refused (CVE-2019-13164)",
+        tag: "br-long",
+        acl: "allow qbr0\n",
+        prepare: nothing_more,
+        device: "qbr0xxxxxxxxxxxx",
+        says: &["qbr0xxxxxxxxxxxx"],
+    },
+    Refusal {
+        what: "a malformed ACL line names file and line",
+        tag: "br-bad",
+        acl: "allow qbr0\nalow qbr1\n",
+        prepare: nothing_more,
+        device: BRIDGE,
+        says: &["/etc/qemu/bridge.conf:2"],
+    },
+    Refusal {
+        what: "an include cycle is refused, not a crash",
+        tag: "br-cycle",
+        acl: "allow qbr0\ninclude /etc/qemu/a.conf\n",
+        prepare: |setup| {
+            setup
+                .config
+                .write("a.conf", "include /etc/qemu/bridge.conf\n");
+        },
+        device: BRIDGE,
+        says: &["cycle"],
+    },
+];
 
 #[test]
-fn missing_bridge_is_refused_with_a_hint() {
-    let setup = setup("br-missing", "allow all\n");
-    let message = setup.refused(&[], "br9");
-    assert!(
-        message.contains("bridge `br9` does not exist: create it first"),
-        "{message}"
-    );
-}
-
-#[test]
-fn a_device_that_is_not_a_bridge_is_refused() {
-    let setup = setup("br-veth", "allow all\n");
-    setup
-        .netns
-        .ip(&["link", "add", "qv0", "type", "veth", "peer", "name", "qv1"]);
-    let message = setup.refused(&[], "qv0");
-    assert!(message.contains("not a Linux bridge"), "{message}");
-}
-
-#[test]
-fn missing_acl_file_is_refused() {
-    let setup = setup("br-noacl", "allow all\n");
-    std::fs::remove_file(setup.config.path().join("bridge.conf")).unwrap();
-    let message = setup.refused(&[], BRIDGE);
-    assert!(message.contains("/etc/qemu/bridge.conf"), "{message}");
-}
-
-#[test]
-fn over_long_names_are_refused_cve_2019_13164() {
-    // qemu-bridge-helper once truncated long names after the ACL check.
-    let setup = setup("br-long", "allow qbr0\n");
-    let message = setup.refused(&[], "qbr0xxxxxxxxxxxx");
-    assert!(message.contains("qbr0xxxxxxxxxxxx"), "{message}");
-}
-
-#[test]
-fn malformed_acl_line_names_file_and_line() {
-    let setup = setup("br-bad", "allow qbr0\nalow qbr1\n");
-    let message = setup.refused(&[], BRIDGE);
-    assert!(message.contains("/etc/qemu/bridge.conf:2"), "{message}");
-}
-
-#[test]
-fn include_cycle_is_refused_not_a_crash() {
-    let setup = setup("br-cycle", "allow qbr0\ninclude /etc/qemu/a.conf\n");
-    setup
-        .config
-        .write("a.conf", "include /etc/qemu/bridge.conf\n");
-    let message = setup.refused(&[], BRIDGE);
-    assert!(message.contains("cycle"), "{message}");
+fn bad_acls_and_devices_are_refused_saying_what_is_wrong() {
+    for case in REFUSALS {
+        let setup = setup(case.tag, case.acl);
+        (case.prepare)(&setup);
+        let message = setup.refused(&[], case.device);
+        for expected in case.says {
+            assert!(
+                message.contains(expected),
+                "{}: {expected:?} in: {message}",
+                case.what
+            );
+        }
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use qnet_hostnet::tap::tap_info;
-use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_until, HeldFd};
+use qnet_tests::fake_qemu::{run_helper, run_helper_with_closed_stderr, wait_until};
 use qnet_tests::install::{assert_runs_as, AsUser, Install, Installed, INSTALLS};
 use qnet_tests::netns::{run, NetNs};
 use qnet_tests::sandbox::{sandboxed, RunAs};
@@ -64,26 +64,15 @@ fn allowed_bridge_works_for_an_ordinary_user() {
 fn privileges_are_dropped_to_net_admin_and_the_caller() {
     let setup = setup("unpriv-creds");
     for install in INSTALLS {
-        let mut cmd = setup.helper(install);
-        cmd.arg("--debug");
-        let outcome = run_helper(cmd, Some("qbr0"));
-        let log = outcome.stderr.clone();
-        outcome.expect_fd();
-        assert_runs_as(&log, setup.user, install, true);
+        let (_, log) = setup.debug_run(install, "qbr0");
         // CAP_NET_ADMIN is bit 12.
-        assert!(
-            log.contains("CapPrm: 0000000000001000"),
-            "{install:?}: {log}"
-        );
+        assert_runs_as(&log, setup.user, install, "0000000000001000", true);
     }
 }
 
 #[test]
 fn denied_bridge_is_refused() {
-    let setup = setup("unpriv-deny");
-    for install in INSTALLS {
-        setup.refused(install, "qbr3", "denied by /etc/qemu/bridge.conf:2");
-    }
+    setup("unpriv-deny").refused_by_every_install("qbr3", "denied by /etc/qemu/bridge.conf:2");
 }
 
 #[test]
@@ -103,10 +92,7 @@ fn includes_are_read_as_the_calling_user() {
 
 #[test]
 fn an_uninstalled_copy_says_how_to_install_it() {
-    let setup = setup("unpriv-plain");
-    let message = setup.plain_copy_refused("qbr0");
-    assert!(message.contains("CAP_NET_ADMIN"), "{message}");
-    assert!(message.contains("setcap cap_net_admin+ep"), "{message}");
+    setup("unpriv-plain").plain_copy_refused("qbr0", "setcap cap_net_admin+ep");
 }
 
 #[test]
@@ -128,11 +114,7 @@ fn odd_environment_changes_nothing() {
             .env("QNET_LOG", "trace")
             .env("LD_LIBRARY_PATH", evil.path())
             .env("TMPDIR", evil.path());
-        let message = run_helper(cmd, Some("qbr3")).expect_refusal();
-        assert!(
-            message.contains("denied by /etc/qemu/bridge.conf:2"),
-            "{install:?}: {message}"
-        );
+        setup.refused_by(cmd, install, "qbr3", "denied by /etc/qemu/bridge.conf:2");
     }
 }
 
@@ -220,11 +202,9 @@ fn a_persisted_tap_is_the_callers_only_and_dies_with_qemu() {
         gid: setup.user.gid + 1,
     };
     for install in INSTALLS {
-        let mut cmd = setup.command(&workspace_binary("qnet-fake-qemu"));
-        cmd.arg("--persist")
-            .arg(setup.installed.path(install))
-            .arg("--br=qbr0");
-        let qemu = HeldFd::start(cmd).expect("helper");
+        let qemu = setup
+            .guest(&["--persist"], install, "qbr0")
+            .expect("helper");
         let name = qemu.ifname.clone();
         let line = setup.netns.ip(&["-d", "-o", "link", "show", "dev", &name]);
         let uid = setup.user.uid;

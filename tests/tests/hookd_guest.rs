@@ -82,6 +82,20 @@ impl World {
         self.boot_with(name, mac, bridge, append, &[])
     }
 
+    /// [`World::boot`], then waits for the guest's DHCP lease: the guest
+    /// and its address.
+    fn boot_leased(
+        &self,
+        name: &str,
+        mac: &str,
+        bridge: &str,
+        append: &[&str],
+    ) -> (RunningGuest, Ipv4Addr) {
+        let guest = self.boot(name, mac, bridge, append);
+        let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+        (guest, leased)
+    }
+
     /// [`World::boot`] with extra QEMU arguments.
     fn boot_with(
         &self,
@@ -215,6 +229,13 @@ impl Drop for OutsideServer {
     }
 }
 
+/// What `guest`'s probe (`qnet.probe=`) of the outside's `port` came to.
+fn probe(guest: &RunningGuest, port: u16) -> ProbeOutcome {
+    guest
+        .wait_for_probe_to(&format!("{OUTSIDE}:{port}"), LONG)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn ip_of(nic_owner: &serde_json::Value) -> Option<String> {
     nic_owner["nics"][0]["ip"].as_str().map(str::to_string)
 }
@@ -223,7 +244,7 @@ fn ip_of(nic_owner: &serde_json::Value) -> Option<String> {
 fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     let world = World::new("hkgnat");
     let mac = random_mac();
-    let guest = world.boot(
+    let (guest, leased) = world.boot_leased(
         "guest-a",
         &mac,
         "qnlab",
@@ -233,7 +254,6 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
             "qnet.probe_tries=2",
         ],
     );
-    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
 
     // The address is the daemon's sticky reservation for this MAC.
     let reserved = world
@@ -253,18 +273,13 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     assert_eq!(resolved, Some(leased), "guest-a.lab.qnet");
 
     // Outbound through masquerade: the outside sees the uplink address.
-    match guest
-        .wait_for_probe_to(&format!("{OUTSIDE}:8080"), LONG)
-        .unwrap_or_else(|e| panic!("{e}"))
-    {
+    match probe(&guest, 8080) {
         ProbeOutcome::Reached { body } => assert_eq!(body, format!("from-{UPLINK}")),
         ProbeOutcome::Failed => panic!("guest could not reach the outside"),
     }
     // The blocked port is refused.
     assert_eq!(
-        guest
-            .wait_for_probe_to(&format!("{OUTSIDE}:2525"), LONG)
-            .unwrap_or_else(|e| panic!("{e}")),
+        probe(&guest, 2525),
         ProbeOutcome::Failed,
         "tcp/2525 is blocked for network lab"
     );
@@ -288,8 +303,7 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
     assert_eq!(world.hookd.reservation("lab", &mac), Some(reserved.clone()));
 
     // Started again: the same address.
-    let again = world.boot("guest-a", &mac, "qnlab", &[]);
-    let leased_again = again.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    let (_again, leased_again) = world.boot_leased("guest-a", &mac, "qnlab", &[]);
     assert_eq!(leased_again, leased, "the reservation is sticky");
 }
 
@@ -297,21 +311,18 @@ fn nat_guest_gets_sticky_address_name_masquerade_and_blocked_port() {
 fn isolated_guest_cannot_reach_the_outside() {
     let world = World::new("hkgiso");
     let mac = random_mac();
-    let guest = world.boot(
+    let (guest, leased) = world.boot_leased(
         "guest-i",
         &mac,
         "qniso",
         &[&format!("qnet.probe={OUTSIDE}:8080"), "qnet.probe_tries=2"],
     );
-    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         world.hookd.reservation("iso", &mac),
         Some(leased.to_string())
     );
     assert_eq!(
-        guest
-            .wait_for_probe_to(&format!("{OUTSIDE}:8080"), LONG)
-            .unwrap_or_else(|e| panic!("{e}")),
+        probe(&guest, 8080),
         ProbeOutcome::Failed,
         "an isolated network must not reach the outside"
     );
@@ -321,8 +332,7 @@ fn isolated_guest_cannot_reach_the_outside() {
 fn daemon_killed_and_restarted_rebuilds_exactly_and_readopts_guests() {
     let mut world = World::new("hkgrst");
     let mac = random_mac();
-    let guest = world.boot("guest-r", &mac, "qnlab", &[]);
-    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    let (guest, leased) = world.boot_leased("guest-r", &mac, "qnlab", &[]);
     world.hookd.wait_until("guest-r listed", TEARDOWN, |h| {
         h.guests().iter().any(|g| g["name"] == "guest-r")
     });
@@ -383,8 +393,7 @@ fn killed_dnsmasq_is_restarted_and_still_serves_leases() {
     });
 
     let mac = random_mac();
-    let guest = world.boot("guest-d", &mac, "qnlab", &[]);
-    let leased = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
+    let (_guest, leased) = world.boot_leased("guest-d", &mac, "qnlab", &[]);
     assert_eq!(
         world.hookd.reservation("lab", &mac),
         Some(leased.to_string())

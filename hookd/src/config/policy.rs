@@ -19,8 +19,9 @@ use std::collections::BTreeSet;
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
+use thiserror::Error;
 
-use crate::api::Mode;
+use crate::api::{ApiError, ErrorKind, Mode};
 use crate::fsutil;
 
 /// The keys a user may set on their own network.
@@ -109,54 +110,67 @@ impl RawPolicy {
     }
 }
 
+/// Why the policy refuses a user's request, as the user reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error("users may not create networks here ([user-networks] per-user = 0): ask root")]
+    Off,
+    #[error("you own {owned} network(s), the most [user-networks] per-user allows: delete one first, or ask root")]
+    TooMany { owned: usize },
+    #[error("only root may set `{key}` (you may set {})", USER_KEYS.join(", "))]
+    RootsKey { key: String },
+    #[error("mode `{mode}` is not one users may use here (allowed: {allowed})")]
+    Mode { mode: String, allowed: String },
+    #[error("subnet {subnet} is outside the users' pool {pool}: pick one inside it, or `auto`")]
+    OutsidePool { subnet: Ipv4Net, pool: Ipv4Net },
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        let kind = match refusal {
+            Refusal::Off | Refusal::TooMany { .. } => ErrorKind::Exhausted,
+            _ => ErrorKind::Denied,
+        };
+        ApiError::new(kind, refusal.to_string())
+    }
+}
+
 impl UserPolicy {
     /// Whether a user who owns `owned` networks may create another.
-    pub fn may_create(&self, owned: usize) -> Result<(), String> {
+    pub fn may_create(&self, owned: usize) -> Result<(), Refusal> {
         if self.per_user == 0 {
-            return Err(
-                "users may not create networks here ([user-networks] per-user = 0): ask root"
-                    .into(),
-            );
+            return Err(Refusal::Off);
         }
         if owned >= self.per_user {
-            return Err(format!(
-                "you own {owned} network(s), the most [user-networks] per-user allows: delete one first, or ask root"
-            ));
+            return Err(Refusal::TooMany { owned });
         }
         Ok(())
     }
 
     /// Checks the keys a user sets on their network against the policy.
-    pub fn check_keys(&self, table: &toml::Table) -> Result<(), String> {
-        for key in table.keys() {
-            if key != "name" && !USER_KEYS.contains(&key.as_str()) {
-                return Err(format!(
-                    "only root may set `{key}` (you may set {})",
-                    USER_KEYS.join(", ")
-                ));
-            }
+    pub fn check_keys(&self, table: &toml::Table) -> Result<(), Refusal> {
+        if let Some(key) = table
+            .keys()
+            .find(|key| *key != "name" && !USER_KEYS.contains(&key.as_str()))
+        {
+            return Err(Refusal::RootsKey { key: key.clone() });
         }
         if let Some(mode) = table.get("mode").and_then(toml::Value::as_str) {
             if !self.modes.contains(mode) {
-                return Err(format!(
-                    "mode `{mode}` is not one users may use here (allowed: {})",
-                    self.modes.iter().cloned().collect::<Vec<_>>().join(", ")
-                ));
+                return Err(Refusal::Mode {
+                    mode: mode.to_owned(),
+                    allowed: self.modes.iter().cloned().collect::<Vec<_>>().join(", "),
+                });
             }
         }
-        if let Some(subnet) = table.get("subnet").and_then(toml::Value::as_str) {
-            if subnet != "auto" {
-                match subnet.parse::<Ipv4Net>() {
-                    Ok(net) if self.pool.contains(&net) => {}
-                    Ok(net) => {
-                        return Err(format!(
-                        "subnet {net} is outside the users' pool {}: pick one inside it, or `auto`",
-                        self.pool
-                    ))
-                    }
-                    // Not a CIDR: the config check says so, in its words.
-                    Err(_) => {}
-                }
+        let subnet = table.get("subnet").and_then(toml::Value::as_str);
+        // Not a CIDR (or `auto`): the config check says so, in its words.
+        if let Some(Ok(subnet)) = subnet.map(str::parse::<Ipv4Net>) {
+            if !self.pool.contains(&subnet) {
+                return Err(Refusal::OutsidePool {
+                    subnet,
+                    pool: self.pool,
+                });
             }
         }
         Ok(())
@@ -239,11 +253,15 @@ mod tests {
             ),
             ("subnet = \"192.168.1.0/24\"", "outside the users' pool"),
         ] {
-            let err = policy.check_keys(&table(text)).unwrap_err();
+            let err = policy.check_keys(&table(text)).unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
         assert!(policy.may_create(3).is_ok());
-        assert!(policy.may_create(4).unwrap_err().contains("per-user"));
+        assert!(policy
+            .may_create(4)
+            .unwrap_err()
+            .to_string()
+            .contains("per-user"));
     }
 
     #[test]

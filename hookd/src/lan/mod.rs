@@ -166,7 +166,9 @@ pub async fn restore_unwanted(state_dir: &Path, wanted: impl Fn(&str) -> bool) {
 /// The record of `network` if it belongs to this boot; one of an earlier
 /// boot is removed.
 fn current_record(state_dir: &Path, network: &str) -> Result<Option<Record>, LanError> {
-    let Some(rec) = record::load(state_dir, network).map_err(LanError::Record)? else {
+    let Some(rec) =
+        record::load(state_dir, network).map_err(|e| LanError::Record(e.to_string()))?
+    else {
         return Ok(None);
     };
     if rec.boot_id == boot_id() {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use qnet_api::NetName;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use super::plan::Snapshot;
 use crate::fsutil;
@@ -84,20 +85,53 @@ pub fn remove(state_dir: &Path, network: &str) -> io::Result<()> {
 
 /// The record of `network`, if there is one; an error says what is wrong
 /// with the file.
-pub fn load(state_dir: &Path, network: &str) -> Result<Option<Record>, String> {
+pub fn load(state_dir: &Path, network: &str) -> Result<Option<Record>, RecordError> {
     let path = path(state_dir, network);
+    let read = |source| RecordError::Read {
+        path: path.clone(),
+        source,
+    };
     let file = match fs::File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(read(e)),
     };
     let mut bytes = Vec::new();
     file.take(MAX_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&bytes, network)
-        .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(read)?;
+    match parse(&bytes, network) {
+        Ok(record) => Ok(Some(record)),
+        Err(source) => Err(RecordError::Bad { path, source }),
+    }
+}
+
+/// A record file that cannot be used.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: {source}", path.display())]
+    Bad { path: PathBuf, source: BadRecord },
+}
+
+/// What is wrong with a record's content.
+#[derive(Debug, Error)]
+pub enum BadRecord {
+    #[error("larger than {MAX_BYTES} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("version {0} (this daemon reads {VERSION})")]
+    Version(u32),
+    #[error("names network `{named}`, not `{network}`")]
+    OtherNetwork { named: String, network: String },
+    #[error("too many addresses or routes")]
+    TooMany,
+    #[error("a prefix length is out of range")]
+    PrefixLength,
+    #[error("an address label is not an interface label")]
+    Label,
 }
 
 /// The networks with a record (by file name; `load` checks the content).
@@ -119,26 +153,23 @@ pub fn networks(state_dir: &Path) -> Vec<String> {
 
 /// A record's bytes, checked: the version, the network it names (that of
 /// its file), the size of its lists, prefix lengths.
-pub fn parse(bytes: &[u8], network: &str) -> Result<Record, String> {
+pub fn parse(bytes: &[u8], network: &str) -> Result<Record, BadRecord> {
     if bytes.len() as u64 > MAX_BYTES {
-        return Err(format!("larger than {MAX_BYTES} bytes"));
+        return Err(BadRecord::TooLarge);
     }
-    let record: Record = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let record: Record = serde_json::from_slice(bytes)?;
     if record.version != VERSION {
-        return Err(format!(
-            "version {} (this daemon reads {VERSION})",
-            record.version
-        ));
+        return Err(BadRecord::Version(record.version));
     }
     if record.network != network {
-        return Err(format!(
-            "names network `{}`, not `{network}`",
-            record.network
-        ));
+        return Err(BadRecord::OtherNetwork {
+            named: record.network.to_string(),
+            network: network.to_owned(),
+        });
     }
     let snap = &record.snapshot;
     if snap.addresses.len() > MAX_ADDRESSES || snap.routes.len() > MAX_ROUTES {
-        return Err("too many addresses or routes".into());
+        return Err(BadRecord::TooMany);
     }
     let max_len = |v6: bool| if v6 { 128 } else { 32 };
     if snap
@@ -147,7 +178,7 @@ pub fn parse(bytes: &[u8], network: &str) -> Result<Record, String> {
         .any(|a| a.prefix_len > max_len(a.ip.is_ipv6()))
         || snap.routes.iter().any(|r| r.dst_len > max_len(r.v6))
     {
-        return Err("a prefix length is out of range".into());
+        return Err(BadRecord::PrefixLength);
     }
     let bad_label = |l: &String| l.len() > 15 || l.chars().any(|c| c.is_control());
     if snap
@@ -155,7 +186,7 @@ pub fn parse(bytes: &[u8], network: &str) -> Result<Record, String> {
         .iter()
         .any(|a| a.label.as_ref().is_some_and(bad_label))
     {
-        return Err("an address label is not an interface label".into());
+        return Err(BadRecord::Label);
     }
     Ok(record)
 }
@@ -193,20 +224,30 @@ mod tests {
         assert!(parse(&good, "lan").is_ok());
         assert!(parse(&good, "other")
             .unwrap_err()
+            .to_string()
             .contains("names network `lan`"));
         assert!(parse(b"{", "lan").is_err());
         let mut rec = record();
         rec.snapshot.addresses[0].prefix_len = 33;
         let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan").unwrap_err().contains("prefix length"));
+        assert!(parse(&bytes, "lan")
+            .unwrap_err()
+            .to_string()
+            .contains("prefix length"));
         let mut rec = record();
         rec.snapshot.addresses[0].label = Some("eth0\n:1".into());
         let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan").unwrap_err().contains("label"));
+        assert!(parse(&bytes, "lan")
+            .unwrap_err()
+            .to_string()
+            .contains("label"));
         let mut rec = record();
         rec.snapshot.addresses = vec![rec.snapshot.addresses[0].clone(); MAX_ADDRESSES + 1];
         let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan").unwrap_err().contains("too many"));
+        assert!(parse(&bytes, "lan")
+            .unwrap_err()
+            .to_string()
+            .contains("too many"));
         let mut json: serde_json::Value = serde_json::from_slice(&good).unwrap();
         json["snapshot"]["uplink"] = "not a/name".into();
         assert!(parse(&serde_json::to_vec(&json).unwrap(), "lan").is_err());

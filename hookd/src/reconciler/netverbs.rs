@@ -42,10 +42,8 @@ impl Reconciler {
                     table.insert("mode".into(), toml::Value::String(mode.clone()));
                 }
             }
-            self.user_policy.check_keys(&table).map_err(denied)?;
-            self.user_policy
-                .may_create(self.owned_by(uid))
-                .map_err(exhausted)?;
+            self.user_policy.check_keys(&table)?;
+            self.user_policy.may_create(self.owned_by(uid))?;
             let bridge = policy::user_bridge(uid, name.as_str());
             table.insert("bridge".into(), toml::Value::String(bridge));
             table.insert("owner".into(), toml::Value::Integer(i64::from(uid)));
@@ -86,7 +84,7 @@ impl Reconciler {
             changes.insert(key.clone(), toml::Value::Boolean(false));
         }
         if !peer.is_root() {
-            self.user_policy.check_keys(&changes).map_err(denied)?;
+            self.user_policy.check_keys(&changes)?;
         }
         for key in &unset {
             if key == "name" || key == "subnet" {

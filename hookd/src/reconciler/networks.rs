@@ -7,6 +7,7 @@ use super::{plan, NetworkRuntime, Peer, Reconciler};
 use crate::config::{Config, NetworkConfig};
 use crate::error::{not_found, DaemonError};
 use crate::firewall::peers::{LibvirtForward, Opened, Openings};
+use crate::state::State;
 use crate::{dnsmasq, network, subnet};
 
 impl Reconciler {
@@ -128,46 +129,51 @@ impl Reconciler {
         Ok(())
     }
 
+    /// `network up` (`up`) and `network down`.
     pub(super) async fn ctl_network_up(
         &mut self,
         name: &NetName,
+        up: bool,
         _peer: Peer,
     ) -> Result<Reply, ApiError> {
-        let runtime = self.network(name)?;
-        if runtime.up {
-            return Ok(done(format!("network `{name}` is already up")));
+        let wanted = if up { "up" } else { "down" };
+        if !self.want_up(name, up)? {
+            return Ok(done(format!("network `{name}` is already {wanted}")));
         }
-        self.state.networks_down.remove(name);
-        let again = name.clone();
-        self.commit(|state| {
-            state.networks_down.insert(again);
-        })?;
-        self.network_up(name).await?;
+        if up {
+            self.network_up(name).await?;
+        } else {
+            self.network_down(name).await?;
+        }
         self.apply_rules().await?;
-        self.dirty.all();
-        Ok(done(format!("network `{name}` is up")))
+        if up {
+            self.dirty.all();
+            Ok(done(format!("network `{name}` is up")))
+        } else {
+            self.dirty.state = true;
+            Ok(done(format!(
+                "network `{name}` is down: bridge, rules and dnsmasq removed (reservations kept)"
+            )))
+        }
     }
 
-    pub(super) async fn ctl_network_down(
-        &mut self,
-        name: &NetName,
-        _peer: Peer,
-    ) -> Result<Reply, ApiError> {
-        let runtime = self.network(name)?;
-        if !runtime.up {
-            return Ok(done(format!("network `{name}` is already down")));
+    /// Records durably whether the admin wants `name` up, before the
+    /// bridge changes, so a restart keeps the choice. `false`: the network
+    /// already is as wanted, and nothing was changed.
+    fn want_up(&mut self, name: &NetName, up: bool) -> Result<bool, ApiError> {
+        if self.network(name)?.up == up {
+            return Ok(false);
         }
-        self.state.networks_down.insert(name.clone());
-        let again = name.clone();
-        self.commit(|state| {
-            state.networks_down.remove(&again);
-        })?;
-        self.network_down(name).await?;
-        self.apply_rules().await?;
-        self.dirty.state = true;
-        Ok(done(format!(
-            "network `{name}` is down: bridge, rules and dnsmasq removed (reservations kept)"
-        )))
+        let set_down = |state: &mut State, down: bool| {
+            if down {
+                state.networks_down.insert(name.clone());
+            } else {
+                state.networks_down.remove(name);
+            }
+        };
+        set_down(&mut self.state, !up);
+        self.commit(|state| set_down(state, up))?;
+        Ok(true)
     }
 
     pub(super) fn network(&self, name: &str) -> Result<&NetworkRuntime, ApiError> {

@@ -167,8 +167,8 @@ impl Reconciler {
                 name,
             } => self.reserve_add(&network, mac, ip, name, peer),
             Request::ReserveRm { network, mac } => self.reserve_rm(&network, mac),
-            Request::NetworkUp { name } => self.ctl_network_up(&name, peer).await,
-            Request::NetworkDown { name } => self.ctl_network_down(&name, peer).await,
+            Request::NetworkUp { name } => self.ctl_network_up(&name, true, peer).await,
+            Request::NetworkDown { name } => self.ctl_network_up(&name, false, peer).await,
             Request::NetworkCreate { name, settings } => {
                 self.network_create(name, settings, peer).await
             }
