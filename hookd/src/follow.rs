@@ -286,12 +286,16 @@ pub async fn follow_guest(
         Err(e) => return fail(attach, format!("pid {}: QMP queries: {e}", identity.pid)),
     };
     let pid = identity.pid;
+    // Read once, for the exit watch and the reconciler's record alike;
+    // `None`: the peer has already exited.
+    let start_time = procfs::start_time(pid);
     let ports = Box::pin(ports_of(pid)).await;
     let name = info.name.clone();
     let (keepalive, dropped) = oneshot::channel();
     let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
         conn,
         identity,
+        start_time,
         info,
         ports,
         qmp_server,
@@ -307,7 +311,16 @@ pub async fn follow_guest(
             ),
         }));
     }
-    let why = follow_events(&session, &mut events, conn, pid, &inputs, dropped).await;
+    let why = follow_events(
+        &session,
+        &mut events,
+        conn,
+        pid,
+        start_time,
+        &inputs,
+        dropped,
+    )
+    .await;
     let _ = inputs.send(Input::GuestGone { conn, why });
     drop(slot);
 }
@@ -318,12 +331,12 @@ async fn follow_events(
     events: &mut QmpEvents,
     conn: ConnId,
     pid: u32,
+    start_time: Option<u64>,
     inputs: &mpsc::UnboundedSender<Input>,
     mut dropped: oneshot::Receiver<()>,
 ) -> String {
     let no_shutdown = procfs::has_arg(pid, "-no-shutdown");
     // A peer already gone (no start time) has exited: resolve at once.
-    let start_time = procfs::start_time(pid);
     let exited = async move {
         if let Some(start_time) = start_time {
             process_exit(pid, start_time).await;

@@ -6,16 +6,17 @@ use qnet_api::{DnsLabel, MAX_GUEST_NAME};
 use super::{plan, ConnId, GuestUp, Peer, Reconciler, Session};
 use crate::discover::GuestPort;
 use crate::follow::{self, Origin};
+use crate::orphans;
 use crate::qmp::NicInfo;
 use crate::state::alloc::{self, AutoRequest};
 use crate::state::{self, Guest, Nic, NicOwner};
-use crate::{orphans, procfs};
 
 impl Reconciler {
     pub(super) fn guest_up(&mut self, up: GuestUp) {
         let GuestUp {
             conn,
             identity,
+            start_time,
             info,
             ports,
             qmp_server,
@@ -50,7 +51,7 @@ impl Reconciler {
             pid,
             Guest {
                 pid,
-                start_time: procfs::start_time(pid).unwrap_or(0),
+                start_time: start_time.unwrap_or(0),
                 uid: identity.uid,
                 name,
                 uuid: info.uuid.clone(),

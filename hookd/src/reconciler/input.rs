@@ -80,6 +80,8 @@ impl Input {
 pub struct GuestUp {
     pub conn: ConnId,
     pub identity: GuestIdentity,
+    /// The process's start time (`None`: it has already exited).
+    pub start_time: Option<u64>,
     pub info: GuestInfo,
     pub ports: Vec<GuestPort>,
     pub qmp_server: Option<PathBuf>,
