@@ -536,6 +536,8 @@ fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
         run_helper(sandboxed(&helper_path, &ns, &acl, Some(b)), Some(&bridge)).expect_refusal();
     assert!(refusal.contains("not allowed"), "{refusal}");
     let token = random_token();
+    // The serial log, writable by A's QEMU; removed after the guest.
+    let logs = qnet_tests::tempdir_with_mode("qnet-test-serial-", 0o777);
     let guest = boot_as(
         &ns,
         &acl,
@@ -544,6 +546,7 @@ fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
         &bridge,
         &hookd,
         "mineguest",
+        logs.path(),
         &token,
     );
     let lease = guest.wait_for_lease(LONG).unwrap_or_else(|e| panic!("{e}"));
@@ -584,8 +587,8 @@ fn users_own_networks_within_the_policy_and_attach_real_guests_to_them() {
     assert!(!runtime_file(&hookd, "mine").exists());
 }
 
-/// Boots the test guest as `user`, on `bridge` through `helper`, dialing
-/// the daemon's QMP socket.
+/// Boots the test guest `name` as `user`, on `bridge` through `helper`,
+/// dialing the daemon's QMP socket; its serial log goes in `logs`.
 #[allow(clippy::too_many_arguments)]
 fn boot_as(
     ns: &NetNs,
@@ -595,16 +598,11 @@ fn boot_as(
     bridge: &str,
     hookd: &Hookd,
     name: &str,
+    logs: &std::path::Path,
     token: &str,
 ) -> RunningGuest {
     let image = guest_image().unwrap_or_else(|e| panic!("{e}"));
     let spec = GuestSpec::new(&image, random_mac(), token);
-    let logs = tempfile::Builder::new()
-        .prefix("qnet-test-serial-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o777)).unwrap();
     let serial = logs.join(format!("{name}.log"));
     let netdev = format!("bridge,id=n0,br={bridge},helper={}", helper.display());
     let mut qemu = sandboxed("qemu-system-x86_64", ns, acl, Some(user));
