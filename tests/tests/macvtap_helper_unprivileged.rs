@@ -261,8 +261,6 @@ fn a_user_gets_at_most_the_limit_of_macvtaps() {
     guest(Install::FileCaps).expect("room again");
 }
 
-/// Issue 11, finding 4: the device never exists without its guard, so
-/// killing the helper at any moment leaves nothing behind.
 /// Whether the helper sent a descriptor on QEMU's end `ours`, without
 /// waiting for one.
 fn fd_was_sent(ours: &std::os::fd::OwnedFd) -> bool {
@@ -271,6 +269,8 @@ fn fd_was_sent(ours: &std::os::fd::OwnedFd) -> bool {
     qnet_hostnet::fdpass::recv_fd(std::os::fd::AsFd::as_fd(ours)).is_ok()
 }
 
+/// Issue 11, finding 4: the device never exists without its guard, so
+/// killing the helper at any moment leaves nothing behind.
 #[test]
 fn killing_the_helper_at_any_moment_leaves_no_device() {
     let setup = setup("mvt-unpriv-kill");
