@@ -6,7 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Temp files are `.NAME.tmp.PID` next to their target: hidden, and
 /// recognisable by [`remove_temp_files`] after a crash.
@@ -20,6 +20,19 @@ const TEMP_MARK: &str = ".tmp.";
 /// further with our leftovers). `mode` is applied exactly, whatever the
 /// umask.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_via_temp(path, contents, mode, true)
+}
+
+/// [`write_atomic`] without its two fsyncs: readers still see the old or
+/// the new content, never a mix, but a power cut may lose the new content
+/// or leave the file empty. Only for files rebuilt from the state at every
+/// start (dnsmasq's config and hosts files): each fsync costs about a
+/// millisecond of waiting for the disk, on the path of every connect.
+pub fn write_atomic_unsynced(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_via_temp(path, contents, mode, false)
+}
+
+fn write_via_temp(path: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{file_name}{TEMP_MARK}{}", std::process::id()));
@@ -32,10 +45,15 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             .open(&tmp)?;
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         drop(file);
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if sync {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -52,6 +70,29 @@ pub fn remove_durably(path: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Removes every file of `paths` and makes the removals durable, with one
+/// fsync per directory however many files went from it. Missing files are
+/// fine. On an error, says which path failed; the files removed before it
+/// stay removed (and may not be durable yet).
+pub fn remove_all_durably(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
+    let mut dirs: Vec<&Path> = Vec::new();
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err((path.clone(), e)),
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for dir in dirs {
+        sync_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    }
+    Ok(())
 }
 
 /// fsync of a directory: makes renames and unlinks in it durable.
@@ -125,6 +166,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["d"]);
+    }
+
+    #[test]
+    fn removing_many_leaves_the_rest_and_takes_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b", "c"] {
+            fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let gone = ["a", "c", "never"].map(|n| dir.path().join(n));
+        remove_all_durably(&gone).unwrap();
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["b"]);
+        // A directory is not a file: the error names it.
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        let (path, _) = remove_all_durably(std::slice::from_ref(&sub)).unwrap_err();
+        assert_eq!(path, sub);
     }
 
     #[test]

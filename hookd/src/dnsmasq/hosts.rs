@@ -10,9 +10,15 @@
 //! says when. A guest that connects adds files; a guest that leaves
 //! removes its name (exits are coalesced by the reconciler).
 //!
+//! What the directories hold is kept typed ([`Hosts`]), as the files say
+//! it: a flush compares values and renders only the files that differ, so
+//! its cost is a comparison per host, not a formatted line per host.
+//! Files are read back into the same types ([`parse_dhcp`], [`parse_dns`])
+//! when a daemon starts over a previous one's directories.
+//!
 //! Everything here is pure: the handle in `mod.rs` writes the files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use crate::api::{DnsLabel, Mac};
@@ -33,44 +39,70 @@ pub struct DnsHost {
     pub name: DnsLabel,
 }
 
-/// The files of one hosts directory: file name → contents. Names are MACs
-/// (`52:54:00:12:34:56`) or DNS labels, so never `.`-prefixed (dnsmasq
-/// skips those, which is where our temp files go) nor containing `/`.
-pub type Files = BTreeMap<String, String>;
-
-/// `dhcp-hosts.d`: one file per MAC.
-pub fn dhcp_files(hosts: &[DhcpHost]) -> Files {
-    hosts
-        .iter()
-        .map(|h| {
-            let line = match &h.name {
-                Some(name) => format!("{},{},{name}\n", h.mac, h.ip),
-                None => format!("{},{}\n", h.mac, h.ip),
-            };
-            (h.mac.to_string(), line)
-        })
-        .collect()
+/// What one network's two hosts directories hold: a file per MAC in
+/// `dhcp-hosts.d` (its address and name) and a file per name in
+/// `dns-hosts.d` (its addresses: a name held by two guests lists both).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Hosts {
+    pub dhcp: BTreeMap<Mac, (Ipv4Addr, Option<DnsLabel>)>,
+    pub dns: BTreeMap<DnsLabel, BTreeSet<Ipv4Addr>>,
 }
 
-/// `dns-hosts.d`: one file per name (a name held by two addresses lists
-/// both, sorted).
-pub fn dns_files(domain: &str, hosts: &[DnsHost]) -> Files {
-    let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for h in hosts {
-        files.entry(h.name.to_string()).or_default().push(format!(
-            "{} {n}.{domain} {n}\n",
-            h.ip,
-            n = h.name
-        ));
+impl Hosts {
+    pub fn new(dhcp: Vec<DhcpHost>, dns: Vec<DnsHost>) -> Hosts {
+        let mut hosts = Hosts {
+            dhcp: dhcp.into_iter().map(|h| (h.mac, (h.ip, h.name))).collect(),
+            dns: BTreeMap::new(),
+        };
+        for h in dns {
+            hosts.dns.entry(h.name).or_default().insert(h.ip);
+        }
+        hosts
     }
-    files
-        .into_iter()
-        .map(|(name, mut lines)| {
-            lines.sort();
-            lines.dedup();
-            (name, lines.concat())
-        })
-        .collect()
+}
+
+/// The file of one reservation: its name and contents.
+pub fn dhcp_file(mac: Mac, (ip, name): &(Ipv4Addr, Option<DnsLabel>)) -> (String, String) {
+    let line = match name {
+        Some(name) => format!("{mac},{ip},{name}\n"),
+        None => format!("{mac},{ip}\n"),
+    };
+    (mac.to_string(), line)
+}
+
+/// The file of one name: its name and contents, a line per address.
+pub fn dns_file(domain: &str, name: &DnsLabel, ips: &BTreeSet<Ipv4Addr>) -> (String, String) {
+    let lines = ips
+        .iter()
+        .map(|ip| format!("{ip} {name}.{domain} {name}\n"))
+        .collect();
+    (name.to_string(), lines)
+}
+
+/// Reads back a file [`dhcp_file`] wrote; `None` for anything else.
+pub fn parse_dhcp(file_name: &str, text: &str) -> Option<(Mac, (Ipv4Addr, Option<DnsLabel>))> {
+    let mut fields = text.strip_suffix('\n')?.split(',');
+    let mac: Mac = fields.next()?.parse().ok()?;
+    let ip = fields.next()?.parse().ok()?;
+    let name = fields.next().map(str::parse::<DnsLabel>).transpose().ok()?;
+    let entry = (mac, (ip, name));
+    (fields.next().is_none() && dhcp_file(mac, &entry.1) == (file_name.into(), text.into()))
+        .then_some(entry)
+}
+
+/// Reads back a file [`dns_file`] wrote for `domain`; `None` for anything
+/// else.
+pub fn parse_dns(
+    domain: &str,
+    file_name: &str,
+    text: &str,
+) -> Option<(DnsLabel, BTreeSet<Ipv4Addr>)> {
+    let name: DnsLabel = file_name.parse().ok()?;
+    let ips = text
+        .lines()
+        .map(|line| line.split(' ').next()?.parse().ok())
+        .collect::<Option<BTreeSet<Ipv4Addr>>>()?;
+    (!ips.is_empty() && dns_file(domain, &name, &ips).1 == text).then_some((name, ips))
 }
 
 /// What turns one directory's files into another's.
@@ -91,22 +123,35 @@ impl Change {
     }
 }
 
-/// The change from `old` to `new`.
-pub fn diff(old: &Files, new: &Files) -> Change {
+/// The changes from `old` to `new`: `dhcp-hosts.d`'s, then `dns-hosts.d`'s.
+pub fn diff(domain: &str, old: &Hosts, new: &Hosts) -> [Change; 2] {
+    [
+        diff_maps(&old.dhcp, &new.dhcp, |mac, entry| dhcp_file(*mac, entry)),
+        diff_maps(&old.dns, &new.dns, |name, ips| dns_file(domain, name, ips)),
+    ]
+}
+
+/// The change from `old` to `new`, one file per key (`render` gives its
+/// name and contents); only the files that differ are rendered.
+fn diff_maps<K: Ord, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    render: impl Fn(&K, &V) -> (String, String),
+) -> Change {
     let mut change = Change::default();
-    for (name, text) in new {
-        match old.get(name) {
-            Some(current) if current == text => {}
+    for (key, value) in new {
+        match old.get(key) {
+            Some(current) if current == value => {}
             Some(_) => {
                 change.needs_reload = true;
-                change.write.push((name.clone(), text.clone()));
+                change.write.push(render(key, value));
             }
-            None => change.write.push((name.clone(), text.clone())),
+            None => change.write.push(render(key, value)),
         }
     }
-    for name in old.keys().filter(|name| !new.contains_key(*name)) {
+    for (key, value) in old.iter().filter(|(key, _)| !new.contains_key(*key)) {
         change.needs_reload = true;
-        change.remove.push(name.clone());
+        change.remove.push(render(key, value).0);
     }
     change
 }
@@ -123,14 +168,29 @@ mod tests {
         }
     }
 
+    fn dns(ip: [u8; 4], name: &str) -> DnsHost {
+        DnsHost {
+            ip: ip.into(),
+            name: name.parse().unwrap(),
+        }
+    }
+
+    fn files(hosts: &Hosts) -> [Vec<(String, String)>; 2] {
+        diff("lab.qnet", &Hosts::default(), hosts).map(|c| c.write)
+    }
+
     #[test]
     fn one_file_per_reservation_and_per_name() {
-        let dhcp = dhcp_files(&[
-            host("52:54:00:00:00:02", [10, 42, 0, 12], None),
-            host("52:54:00:AA:00:01", [10, 42, 0, 11], Some("web")),
-        ]);
+        let hosts = Hosts::new(
+            vec![
+                host("52:54:00:00:00:02", [10, 42, 0, 12], None),
+                host("52:54:00:AA:00:01", [10, 42, 0, 11], Some("web")),
+            ],
+            vec![dns([10, 42, 0, 12], "web"), dns([10, 42, 0, 11], "web")],
+        );
+        let [dhcp, dns] = files(&hosts);
         assert_eq!(
-            dhcp.into_iter().collect::<Vec<_>>(),
+            dhcp,
             [
                 (
                     "52:54:00:00:00:02".into(),
@@ -142,45 +202,70 @@ mod tests {
                 ),
             ]
         );
-        let dns = dns_files(
-            "lab.qnet",
-            &[
-                DnsHost {
-                    ip: [10, 42, 0, 12].into(),
-                    name: "web".parse().unwrap(),
-                },
-                DnsHost {
-                    ip: [10, 42, 0, 11].into(),
-                    name: "web".parse().unwrap(),
-                },
-            ],
-        );
         assert_eq!(
-            dns["web"],
-            "10.42.0.11 web.lab.qnet web\n10.42.0.12 web.lab.qnet web\n"
+            dns,
+            [(
+                "web".into(),
+                "10.42.0.11 web.lab.qnet web\n10.42.0.12 web.lab.qnet web\n".into()
+            )]
         );
     }
 
     #[test]
     fn only_changes_and_removals_need_a_reload() {
-        let one = dhcp_files(&[host("52:54:00:00:00:01", [10, 42, 0, 11], None)]);
-        let two = dhcp_files(&[
-            host("52:54:00:00:00:01", [10, 42, 0, 11], None),
-            host("52:54:00:00:00:02", [10, 42, 0, 12], None),
-        ]);
+        let one = Hosts::new(vec![host("52:54:00:00:00:01", [10, 42, 0, 11], None)], vec![]);
+        let two = Hosts::new(
+            vec![
+                host("52:54:00:00:00:01", [10, 42, 0, 11], None),
+                host("52:54:00:00:00:02", [10, 42, 0, 12], None),
+            ],
+            vec![],
+        );
         // A guest connects: one new file, no SIGHUP.
-        let added = diff(&one, &two);
+        let [added, _] = diff("q", &one, &two);
         assert_eq!(added.write.len(), 1);
         assert!(added.remove.is_empty() && !added.needs_reload);
         // Nothing changed: nothing to do.
-        assert!(diff(&two, &two).is_empty());
+        assert!(diff("q", &two, &two).iter().all(Change::is_empty));
         // A removal and a change both need one.
-        let removed = diff(&two, &one);
+        let [removed, _] = diff("q", &two, &one);
         assert_eq!(removed.remove, ["52:54:00:00:00:02"]);
         assert!(removed.needs_reload);
-        let moved = dhcp_files(&[host("52:54:00:00:00:01", [10, 42, 0, 99], None)]);
-        let changed = diff(&one, &moved);
+        let moved = Hosts::new(vec![host("52:54:00:00:00:01", [10, 42, 0, 99], None)], vec![]);
+        let [changed, _] = diff("q", &one, &moved);
         assert_eq!(changed.write.len(), 1);
         assert!(changed.needs_reload);
+    }
+
+    #[test]
+    fn files_read_back_as_what_was_written_and_nothing_else() {
+        let hosts = Hosts::new(
+            vec![
+                host("52:54:00:00:00:02", [10, 42, 0, 12], None),
+                host("52:54:00:00:00:01", [10, 42, 0, 11], Some("web")),
+            ],
+            vec![dns([10, 42, 0, 12], "web"), dns([10, 42, 0, 9], "web")],
+        );
+        let [dhcp, dns] = files(&hosts);
+        let mut back = Hosts::default();
+        for (name, text) in &dhcp {
+            let (mac, entry) = parse_dhcp(name, text).unwrap();
+            back.dhcp.insert(mac, entry);
+        }
+        for (name, text) in &dns {
+            let (label, ips) = parse_dns("lab.qnet", name, text).unwrap();
+            back.dns.insert(label, ips);
+        }
+        assert_eq!(back, hosts);
+        let (name, text) = &dhcp[0];
+        // Another file name, another domain, edited or cut files: not ours.
+        assert_eq!(parse_dhcp("52:54:00:00:00:09", text), None);
+        assert_eq!(parse_dhcp(name, &text.replace('\n', "")), None);
+        assert_eq!(parse_dhcp(name, &format!("{text}x\n")), None);
+        assert_eq!(parse_dhcp(name, "52:54:00:00:00:01,10.42.0.11,web,x\n"), None);
+        assert_eq!(parse_dns("other.qnet", &dns[0].0, &dns[0].1), None);
+        assert_eq!(parse_dns("lab.qnet", "web", ""), None);
+        assert_eq!(parse_dns("lab.qnet", "web", "10.42.0.9 web.lab.qnet"), None);
+        assert_eq!(parse_dns("lab.qnet", "-x", "10.42.0.9 -x.lab.qnet -x\n"), None);
     }
 }

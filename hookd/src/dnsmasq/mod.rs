@@ -19,8 +19,12 @@
 //! the pid file and replaces it (its leases are in the lease file).
 //!
 //! Every file is written atomically (temp file in the same directory,
-//! fsync, rename). dnsmasq reads a new hosts file by itself; a changed or
-//! removed one takes a SIGHUP (see `hosts`).
+//! rename), so dnsmasq never reads half a file. None is fsynced: they are
+//! all derived from the daemon's state, and a start reads the hosts files
+//! back and rewrites every one that is missing or differs, so one a power
+//! cut lost or left empty is made again before anything is published.
+//! dnsmasq reads a new hosts file by itself; a changed or removed one
+//! takes a SIGHUP (see `hosts`).
 
 mod conf;
 mod hosts;
@@ -28,8 +32,10 @@ mod supervise;
 
 pub use conf::render_config;
 pub use hosts::{DhcpHost, DnsHost};
+use hosts::Hosts;
 use supervise::{stop_stale, supervise, Status, Supervised};
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -42,7 +48,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::config::NetworkConfig;
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_unsynced;
 use crate::programs::find_program;
 
 /// First restart delay; doubled after every quick exit up to [`MAX_BACKOFF`].
@@ -132,9 +138,8 @@ pub struct DnsmasqHandle {
     status: watch::Receiver<Status>,
     stop_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
-    /// The hosts directories' files as last written: `dhcp-hosts.d`,
-    /// `dns-hosts.d`.
-    hosts: Mutex<[hosts::Files; 2]>,
+    /// What the hosts directories hold, as last written.
+    hosts: Mutex<Hosts>,
 }
 
 /// Writes `net`'s files and starts its dnsmasq under supervision. Must be
@@ -165,17 +170,20 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
         );
     }
     let config = paths.config_file(name);
-    write_atomic(
+    write_atomic_unsynced(
         &config,
         conf::render_config(net, paths, run_as_root).as_bytes(),
         0o644,
     )
     .map_err(io_err(format!("writing {}", config.display())))?;
 
-    let hosts = [
-        hosts_dir(&paths.dhcp_hosts_dir(name))?,
-        hosts_dir(&paths.dns_hosts_dir(name))?,
-    ];
+    let domain = net.domain.to_string();
+    let hosts = Hosts {
+        dhcp: read_hosts_dir(&paths.dhcp_hosts_dir(name), hosts::parse_dhcp)?,
+        dns: read_hosts_dir(&paths.dns_hosts_dir(name), |file, text| {
+            hosts::parse_dns(&domain, file, text)
+        })?,
+    };
 
     let (status_tx, status) = watch::channel(Status::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -189,7 +197,7 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
     let task = tokio::spawn(supervise(supervised, status_tx, stop_rx));
     Ok(DnsmasqHandle {
         network: name.to_owned(),
-        domain: net.domain.to_string(),
+        domain,
         paths: paths.clone(),
         status,
         stop_tx,
@@ -199,32 +207,43 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
 }
 
 /// Makes `dir` (mode 0755: dnsmasq re-reads it as its unprivileged user)
-/// and returns the hosts files a previous daemon left in it, which the new
-/// dnsmasq reads too. Temp files (`.`-prefixed) of a crashed write go.
-fn hosts_dir(dir: &Path) -> Result<hosts::Files, DnsmasqError> {
+/// and reads back the hosts files a previous daemon left in it, which the
+/// new dnsmasq reads too. Any other file goes: temp files (`.`-prefixed)
+/// of a write a crash interrupted, and files that do not read back as what
+/// this daemon writes (cut short by a power cut, edited by hand). Whatever
+/// the state still holds of them is written again by the first
+/// [`DnsmasqHandle::set_hosts`].
+fn read_hosts_dir<K: Ord, V>(
+    dir: &Path,
+    parse: impl Fn(&str, &str) -> Option<(K, V)>,
+) -> Result<BTreeMap<K, V>, DnsmasqError> {
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
         .map_err(io_err(format!("setting the mode of {}", dir.display())))?;
-    let mut files = hosts::Files::new();
+    let mut files = BTreeMap::new();
     let entries = std::fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))?;
     for entry in entries.flatten() {
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if name.starts_with('.') {
-            let _ = std::fs::remove_file(entry.path());
-        } else if let Ok(text) = std::fs::read_to_string(entry.path()) {
-            files.insert(name, text);
+        let name = entry.file_name();
+        let read = name.to_str().filter(|n| !n.starts_with('.')).and_then(|name| {
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            parse(name, &text)
+        });
+        match read {
+            Some((key, value)) => {
+                files.insert(key, value);
+            }
+            None => {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
     Ok(files)
 }
 
-/// Writes and removes the files of `change` in `dir`.
 fn apply(dir: &Path, change: &hosts::Change) -> Result<(), DnsmasqError> {
     for (name, text) in &change.write {
         let path = dir.join(name);
-        write_atomic(&path, text.as_bytes(), 0o644)
+        write_atomic_unsynced(&path, text.as_bytes(), 0o644)
             .map_err(io_err(format!("writing {}", path.display())))?;
     }
     for name in &change.remove {
@@ -305,23 +324,22 @@ impl DnsmasqHandle {
         dhcp: Vec<DhcpHost>,
         dns: Vec<DnsHost>,
     ) -> Result<(), DnsmasqError> {
-        let new = [
-            hosts::dhcp_files(&dhcp),
-            hosts::dns_files(&self.domain, &dns),
-        ];
+        let new = Hosts::new(dhcp, dns);
         let dirs = [
             self.paths.dhcp_hosts_dir(&self.network),
             self.paths.dns_hosts_dir(&self.network),
         ];
         let mut current = self.hosts.lock().await;
+        let changes = hosts::diff(&self.domain, &current, &new);
         let (mut changed, mut reload) = (false, false);
-        for ((dir, files), new) in dirs.iter().zip(current.iter_mut()).zip(new) {
-            let change = hosts::diff(files, &new);
-            apply(dir, &change)?;
+        for (dir, change) in dirs.iter().zip(&changes) {
+            // On an error `current` stays as it was: the next call makes
+            // the same changes again (writing and removing are idempotent).
+            apply(dir, change)?;
             changed |= !change.is_empty();
             reload |= change.needs_reload;
-            *files = new;
         }
+        *current = new;
         let running_and_ready = {
             let s = self.status.borrow();
             s.pid.is_some() && s.ready
