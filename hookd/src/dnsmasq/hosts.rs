@@ -105,6 +105,80 @@ pub fn parse_dns(
     (!ips.is_empty() && dns_file(domain, &name, &ips).1 == text).then_some((name, ips))
 }
 
+/// One MAC's hosts as the state has them now: its reservation's address
+/// and name, if it has one, and whether that name is in DNS (the
+/// reservation is explicit, or a guest with the MAC runs on the network).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostUpdate {
+    pub mac: Mac,
+    pub reservation: Option<(Ipv4Addr, Option<DnsLabel>)>,
+    pub in_dns: bool,
+}
+
+/// Brings `hosts` to the state after a change of the MACs of `updates`
+/// alone, and returns the changes of files, as [`diff`] would for the
+/// whole state: only the files of those MACs and of their old and new
+/// names are looked at.
+///
+/// A name's addresses are those of its MACs that are in DNS; addresses
+/// are unique on a network, so a MAC's old address leaves its old name's
+/// file before any new address joins one (within one call, an address may
+/// move from one MAC to another).
+pub fn update(domain: &str, hosts: &mut Hosts, updates: &[HostUpdate]) -> [Change; 2] {
+    let mut dhcp = Change::default();
+    // Each name touched, with its addresses before the call.
+    let mut names: BTreeMap<DnsLabel, Option<BTreeSet<Ipv4Addr>>> = BTreeMap::new();
+    for u in updates {
+        if let Some((ip, Some(name))) = hosts.dhcp.get(&u.mac) {
+            let before = hosts.dns.get(name).cloned();
+            names.entry(name.clone()).or_insert(before);
+            if let Some(ips) = hosts.dns.get_mut(name) {
+                ips.remove(ip);
+                if ips.is_empty() {
+                    hosts.dns.remove(name);
+                }
+            }
+        }
+    }
+    for u in updates {
+        let old = hosts.dhcp.get(&u.mac);
+        match &u.reservation {
+            Some(entry) if old == Some(entry) => {}
+            Some(entry) => {
+                dhcp.needs_reload |= old.is_some();
+                dhcp.write.push(dhcp_file(u.mac, entry));
+                hosts.dhcp.insert(u.mac, entry.clone());
+            }
+            None if old.is_some() => {
+                dhcp.needs_reload = true;
+                dhcp.remove.push(u.mac.to_string());
+                hosts.dhcp.remove(&u.mac);
+            }
+            None => {}
+        }
+        if let Some((ip, Some(name))) = u.reservation.as_ref().filter(|_| u.in_dns) {
+            let before = hosts.dns.get(name).cloned();
+            names.entry(name.clone()).or_insert(before);
+            hosts.dns.entry(name.clone()).or_default().insert(*ip);
+        }
+    }
+    let mut dns = Change::default();
+    for (name, before) in names {
+        match (before, hosts.dns.get(&name)) {
+            (before, after) if before.as_ref() == after => {}
+            (before, Some(ips)) => {
+                dns.needs_reload |= before.is_some();
+                dns.write.push(dns_file(domain, &name, ips));
+            }
+            (_, None) => {
+                dns.needs_reload = true;
+                dns.remove.push(name.to_string());
+            }
+        }
+    }
+    [dhcp, dns]
+}
+
 /// What turns one directory's files into another's.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Change {
@@ -213,7 +287,10 @@ mod tests {
 
     #[test]
     fn only_changes_and_removals_need_a_reload() {
-        let one = Hosts::new(vec![host("52:54:00:00:00:01", [10, 42, 0, 11], None)], vec![]);
+        let one = Hosts::new(
+            vec![host("52:54:00:00:00:01", [10, 42, 0, 11], None)],
+            vec![],
+        );
         let two = Hosts::new(
             vec![
                 host("52:54:00:00:00:01", [10, 42, 0, 11], None),
@@ -231,10 +308,75 @@ mod tests {
         let [removed, _] = diff("q", &two, &one);
         assert_eq!(removed.remove, ["52:54:00:00:00:02"]);
         assert!(removed.needs_reload);
-        let moved = Hosts::new(vec![host("52:54:00:00:00:01", [10, 42, 0, 99], None)], vec![]);
+        let moved = Hosts::new(
+            vec![host("52:54:00:00:00:01", [10, 42, 0, 99], None)],
+            vec![],
+        );
         let [changed, _] = diff("q", &one, &moved);
         assert_eq!(changed.write.len(), 1);
         assert!(changed.needs_reload);
+    }
+
+    /// `update` from `old` by the MACs of `updates` must give the files
+    /// and the changes that `diff` gives from `old` to the whole `new`.
+    fn assert_update_is_diff(old: &Hosts, new: &Hosts, updates: &[HostUpdate]) {
+        let mut updated = old.clone();
+        let changes = update("q", &mut updated, updates);
+        assert_eq!(&updated, new);
+        assert_eq!(changes, diff("q", old, new));
+    }
+
+    fn update_of(new: &Hosts, mac: &str, in_dns: bool) -> HostUpdate {
+        let mac: Mac = mac.parse().unwrap();
+        HostUpdate {
+            mac,
+            reservation: new.dhcp.get(&mac).cloned(),
+            in_dns,
+        }
+    }
+
+    #[test]
+    fn updating_some_macs_is_the_diff_of_the_whole() {
+        let (a, b, c) = ("52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03");
+        let old = Hosts::new(
+            vec![
+                host(a, [10, 0, 0, 2], Some("web")),
+                host(b, [10, 0, 0, 3], Some("web")),
+                host(c, [10, 0, 0, 4], Some("db")),
+            ],
+            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 3], "web"), dns([10, 0, 0, 4], "db")],
+        );
+        // A connects nothing new; B's guest leaves (its name goes, its
+        // reservation stays); C is renamed.
+        let new = Hosts::new(
+            vec![
+                host(a, [10, 0, 0, 2], Some("web")),
+                host(b, [10, 0, 0, 3], Some("web")),
+                host(c, [10, 0, 0, 4], Some("api")),
+            ],
+            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 4], "api")],
+        );
+        assert_update_is_diff(
+            &old,
+            &new,
+            &[update_of(&new, a, true), update_of(&new, b, false), update_of(&new, c, true)],
+        );
+        // An address moves from one MAC to another, and a MAC goes.
+        let moved = Hosts::new(
+            vec![host(a, [10, 0, 0, 2], Some("web")), host(c, [10, 0, 0, 3], Some("web"))],
+            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 3], "web")],
+        );
+        assert_update_is_diff(
+            &old,
+            &moved,
+            &[update_of(&moved, c, true), update_of(&moved, b, false)],
+        );
+        // A first guest: new files only, no SIGHUP.
+        let first = Hosts::new(vec![host(a, [10, 0, 0, 2], Some("web"))], vec![dns([10, 0, 0, 2], "web")]);
+        let mut updated = Hosts::default();
+        let [d, n] = update("q", &mut updated, &[update_of(&first, a, true)]);
+        assert!(!d.needs_reload && !n.needs_reload && d.write.len() == 1 && n.write.len() == 1);
+        assert_eq!(updated, first);
     }
 
     #[test]
@@ -262,10 +404,16 @@ mod tests {
         assert_eq!(parse_dhcp("52:54:00:00:00:09", text), None);
         assert_eq!(parse_dhcp(name, &text.replace('\n', "")), None);
         assert_eq!(parse_dhcp(name, &format!("{text}x\n")), None);
-        assert_eq!(parse_dhcp(name, "52:54:00:00:00:01,10.42.0.11,web,x\n"), None);
+        assert_eq!(
+            parse_dhcp(name, "52:54:00:00:00:01,10.42.0.11,web,x\n"),
+            None
+        );
         assert_eq!(parse_dns("other.qnet", &dns[0].0, &dns[0].1), None);
         assert_eq!(parse_dns("lab.qnet", "web", ""), None);
         assert_eq!(parse_dns("lab.qnet", "web", "10.42.0.9 web.lab.qnet"), None);
-        assert_eq!(parse_dns("lab.qnet", "-x", "10.42.0.9 -x.lab.qnet -x\n"), None);
+        assert_eq!(
+            parse_dns("lab.qnet", "-x", "10.42.0.9 -x.lab.qnet -x\n"),
+            None
+        );
     }
 }

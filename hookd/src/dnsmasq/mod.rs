@@ -31,8 +31,8 @@ mod hosts;
 mod supervise;
 
 pub use conf::render_config;
-pub use hosts::{DhcpHost, DnsHost};
 use hosts::Hosts;
+pub use hosts::{DhcpHost, DnsHost, HostUpdate};
 use supervise::{stop_stale, supervise, Status, Supervised};
 
 use std::collections::BTreeMap;
@@ -139,7 +139,7 @@ pub struct DnsmasqHandle {
     stop_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
     /// What the hosts directories hold, as last written.
-    hosts: Mutex<Hosts>,
+    hosts: Mutex<Published>,
 }
 
 /// Writes `net`'s files and starts its dnsmasq under supervision. Must be
@@ -178,12 +178,7 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
     .map_err(io_err(format!("writing {}", config.display())))?;
 
     let domain = net.domain.to_string();
-    let hosts = Hosts {
-        dhcp: read_hosts_dir(&paths.dhcp_hosts_dir(name), hosts::parse_dhcp)?,
-        dns: read_hosts_dir(&paths.dns_hosts_dir(name), |file, text| {
-            hosts::parse_dns(&domain, file, text)
-        })?,
-    };
+    let hosts = read_hosts(paths, name, &domain)?;
 
     let (status_tx, status) = watch::channel(Status::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -202,7 +197,30 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
         status,
         stop_tx,
         task,
-        hosts: Mutex::new(hosts),
+        hosts: Mutex::new(Published {
+            hosts,
+            synced: false,
+        }),
+    })
+}
+
+/// The hosts files of `net`, as [`DnsmasqHandle`] last wrote them.
+#[derive(Debug)]
+struct Published {
+    hosts: Hosts,
+    /// Whether `hosts` is what the state said at the last call: false
+    /// until the first [`DnsmasqHandle::set_hosts`] (the files are a
+    /// previous daemon's) and after a write failed.
+    synced: bool,
+}
+
+/// Both hosts directories of `net`, read back (see [`read_hosts_dir`]).
+fn read_hosts(paths: &Paths, net: &str, domain: &str) -> Result<Hosts, DnsmasqError> {
+    Ok(Hosts {
+        dhcp: read_hosts_dir(&paths.dhcp_hosts_dir(net), hosts::parse_dhcp)?,
+        dns: read_hosts_dir(&paths.dns_hosts_dir(net), |file, text| {
+            hosts::parse_dns(domain, file, text)
+        })?,
     })
 }
 
@@ -224,10 +242,13 @@ fn read_hosts_dir<K: Ord, V>(
     let entries = std::fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let read = name.to_str().filter(|n| !n.starts_with('.')).and_then(|name| {
-            let text = std::fs::read_to_string(entry.path()).ok()?;
-            parse(name, &text)
-        });
+        let read = name
+            .to_str()
+            .filter(|n| !n.starts_with('.'))
+            .and_then(|name| {
+                let text = std::fs::read_to_string(entry.path()).ok()?;
+                parse(name, &text)
+            });
         match read {
             Some((key, value)) => {
                 files.insert(key, value);
@@ -324,28 +345,82 @@ impl DnsmasqHandle {
         dhcp: Vec<DhcpHost>,
         dns: Vec<DnsHost>,
     ) -> Result<(), DnsmasqError> {
+        let mut published = self.hosts.lock().await;
         let new = Hosts::new(dhcp, dns);
+        let changes = hosts::diff(&self.domain, &published.hosts, &new);
+        // On an error `published` stays as it was: the next call makes
+        // the same changes again (writing and removing are idempotent).
+        published.synced = false;
+        self.write(&changes)?;
+        *published = Published {
+            hosts: new,
+            synced: true,
+        };
+        self.signal(&changes).await;
+        Ok(())
+    }
+
+    /// [`Self::set_hosts`] after only the MACs of `updates` changed in the
+    /// state: their files and their names' files are looked at, not every
+    /// host's. Until the hosts follow the state (before the first
+    /// `set_hosts`, after a failed write) it calls `set_hosts` with what
+    /// `everything` gives instead.
+    pub async fn update_hosts(
+        &self,
+        updates: &[HostUpdate],
+        everything: impl FnOnce() -> (Vec<DhcpHost>, Vec<DnsHost>),
+    ) -> Result<(), DnsmasqError> {
+        let mut published = self.hosts.lock().await;
+        if !published.synced {
+            drop(published);
+            let (dhcp, dns) = everything();
+            return self.set_hosts(dhcp, dns).await;
+        }
+        let changes = hosts::update(&self.domain, &mut published.hosts, updates);
+        if let Err(e) = self.write(&changes) {
+            // `hosts` already holds the update: what the files hold is
+            // read back instead, for the next call's whole comparison.
+            published.synced = false;
+            published.hosts = read_hosts(&self.paths, &self.network, &self.domain)?;
+            return Err(e);
+        }
+        self.signal(&changes).await;
+        Ok(())
+    }
+
+    /// Checks, in debug builds (every test), that the hosts as last
+    /// written are those of the whole state: that no change of the state
+    /// went unnoticed by [`Self::update_hosts`].
+    #[cfg(debug_assertions)]
+    pub async fn assert_hosts_are(&self, dhcp: Vec<DhcpHost>, dns: Vec<DnsHost>) {
+        let published = self.hosts.lock().await;
+        if published.synced {
+            assert_eq!(published.hosts, Hosts::new(dhcp, dns), "hosts of {}", self.network);
+        }
+    }
+
+    fn write(&self, changes: &[hosts::Change; 2]) -> Result<(), DnsmasqError> {
         let dirs = [
             self.paths.dhcp_hosts_dir(&self.network),
             self.paths.dns_hosts_dir(&self.network),
         ];
-        let mut current = self.hosts.lock().await;
-        let changes = hosts::diff(&self.domain, &current, &new);
-        let (mut changed, mut reload) = (false, false);
-        for (dir, change) in dirs.iter().zip(&changes) {
-            // On an error `current` stays as it was: the next call makes
-            // the same changes again (writing and removing are idempotent).
+        for (dir, change) in dirs.iter().zip(changes) {
             apply(dir, change)?;
-            changed |= !change.is_empty();
-            reload |= change.needs_reload;
         }
-        *current = new;
+        Ok(())
+    }
+
+    /// Has dnsmasq read what `changes` wrote: by itself for new files, with
+    /// a SIGHUP for changed and removed ones (see [`Self::set_hosts`]).
+    async fn signal(&self, changes: &[hosts::Change; 2]) {
+        let changed = changes.iter().any(|c| !c.is_empty());
+        let reload = changes.iter().any(|c| c.needs_reload);
         let running_and_ready = {
             let s = self.status.borrow();
             s.pid.is_some() && s.ready
         };
         if !changed || (running_and_ready && !reload) {
-            return Ok(());
+            return;
         }
         // A dnsmasq that is starting (running, pid file not yet written)
         // may have read the old files and cannot take SIGHUP yet: wait for
@@ -389,7 +464,6 @@ impl DnsmasqHandle {
                  without SIGHUP"
             ),
         }
-        Ok(())
     }
 
     /// Stops dnsmasq (SIGTERM, then SIGKILL after 5 s), waits for it, and

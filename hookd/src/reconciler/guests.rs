@@ -111,12 +111,7 @@ impl Reconciler {
         let Some(network) = nic.network.as_deref() else {
             return;
         };
-        if let Some(r) = self
-            .state
-            .reservations
-            .get_mut(network)
-            .and_then(|t| t.get_mut(&nic.mac))
-        {
+        if let Some(r) = self.state.reservations.get_mut(network, &nic.mac) {
             r.last_seen = now;
         }
     }
@@ -144,8 +139,8 @@ impl Reconciler {
             let ip = placed.network.as_ref().and_then(|net_name| {
                 // A LAN network's guests get their addresses from the LAN.
                 let net = &self.networks.get(net_name).filter(|n| !n.config.is_lan())?.config;
-                let in_use = self.state.running_macs_on(net_name);
-                let table = self.state.reservations.entry(net_name.clone()).or_default();
+                let in_use = self.state.guests.running_on(net_name);
+                let mut table = self.state.reservations.table_mut(net_name);
                 let request = AutoRequest {
                     mac: placed.mac,
                     name: label.clone(),
@@ -155,7 +150,7 @@ impl Reconciler {
                     },
                     uid,
                 };
-                match alloc::reserve_auto(table, net, request, &in_use, self.limits.reservations, now) {
+                match alloc::reserve_auto(&mut table, net, request, &in_use, self.limits.reservations, now) {
                     Ok(granted) => {
                         for (mac, ip, why) in granted.evicted {
                             tracing::info!(network = %net_name, %mac, %ip, "automatic reservation removed: {why}");
@@ -177,7 +172,7 @@ impl Reconciler {
                 libvirt_bridge: None,
             });
         }
-        if let Some(guest) = self.state.guests.get_mut(&pid) {
+        if let Some(mut guest) = self.state.guests.get_mut(&pid) {
             guest.nics = assigned;
         }
     }

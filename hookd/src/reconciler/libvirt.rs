@@ -111,7 +111,7 @@ impl Reconciler {
         }
         // Several files change at once here: a failed save leaves the
         // state dirty for a retry rather than half-undone.
-        if let Err(e) = self.store.save(&self.state) {
+        if let Err(e) = self.store.save(&mut self.state) {
             self.dirty.state = true;
             return Err(crate::error::DaemonError::State(e).into());
         }
@@ -256,8 +256,8 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Ipv4Addr, ApiError> {
         let config = self.networks[net].config.clone();
-        let in_use = self.state.running_macs_on(net);
-        let table = self.state.reservations.entry(net.clone()).or_default();
+        let in_use = self.state.guests.running_on(net);
+        let mut table = self.state.reservations.table_mut(net);
         let now = state::now();
         match nic.ip {
             Some(ip) => {
@@ -284,7 +284,7 @@ impl Reconciler {
                     uid: peer.uid,
                 };
                 alloc::reserve_auto(
-                    table,
+                    &mut table,
                     &config,
                     request,
                     &in_use,
@@ -405,7 +405,22 @@ impl Reconciler {
     /// that bridge whose lease is new or moved get their forwards (re)made.
     pub(super) fn libvirt_leases(&mut self, update: LeaseUpdate) {
         let mut changed = Vec::new();
-        for guest in self.state.guests.values_mut() {
+        let on_bridge: Vec<u32> = self
+            .state
+            .guests
+            .values()
+            .filter(|g| {
+                g.nics
+                    .iter()
+                    .any(|nic| nic.libvirt_bridge.as_deref() == Some(update.bridge.as_str()))
+            })
+            .map(|g| g.pid)
+            .collect();
+        for pid in on_bridge {
+            let Some(mut guest) = self.state.guests.get_mut(&pid) else {
+                continue;
+            };
+            let guest = &mut *guest;
             for nic in guest.nics.iter_mut() {
                 if nic.libvirt_bridge.as_deref() != Some(update.bridge.as_str()) {
                     continue;

@@ -316,7 +316,8 @@ impl Reconciler {
     /// After `--force` moved a network's subnet: its reservations outside
     /// the new one cannot be served any more.
     fn drop_reservations_outside(&mut self, name: &NetName, subnet: Ipv4Net) {
-        if let Some(reservations) = self.state.reservations.get_mut(name) {
+        if self.state.reservations.contains_key(name) {
+            let mut reservations = self.state.reservations.table_mut(name);
             let before = reservations.len();
             reservations.retain(|_, r| subnet.contains(&r.ip));
             if reservations.len() != before {
@@ -329,7 +330,11 @@ impl Reconciler {
     /// Removes the reservations of a deleted network and the forwards
     /// that name it, durably; returns how many of each.
     pub(super) fn forget_network(&mut self, name: &NetName) -> (usize, usize) {
-        let reservations = self.state.reservations.remove(name).map_or(0, |r| r.len());
+        let reservations = self
+            .state
+            .reservations
+            .remove_network(name)
+            .map_or(0, |r| r.len());
         let before = self.state.forwards.len();
         self.state
             .forwards

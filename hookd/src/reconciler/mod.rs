@@ -280,7 +280,7 @@ impl Reconciler {
     /// connect (or its exit) settles; its address is already durable.
     async fn flush(&mut self) {
         if self.dirty.state {
-            if let Err(e) = self.store.save_promises(&self.state) {
+            if let Err(e) = self.store.save_promises(&mut self.state) {
                 self.save_failed(&e);
                 return;
             }
@@ -289,7 +289,7 @@ impl Reconciler {
             self.sync_dnsmasq().await;
         }
         if self.dirty.state {
-            if let Err(e) = self.store.save_guests(&self.state) {
+            if let Err(e) = self.store.save_guests(&mut self.state) {
                 self.save_failed(&e);
                 return;
             }
@@ -325,14 +325,14 @@ impl Reconciler {
     /// failure `undo` reverts the state, the files are brought back to it
     /// as far as possible, and the client gets a storage error.
     fn commit(&mut self, undo: impl FnOnce(&mut State)) -> Result<(), ApiError> {
-        match self.store.save(&self.state) {
+        match self.store.save(&mut self.state) {
             Ok(()) => {
                 self.dirty.state = false;
                 Ok(())
             }
             Err(e) => {
                 undo(&mut self.state);
-                if self.store.save(&self.state).is_err() {
+                if self.store.save(&mut self.state).is_err() {
                     self.dirty.state = true;
                     self.schedule_retry();
                 }

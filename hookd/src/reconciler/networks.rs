@@ -288,15 +288,26 @@ impl Reconciler {
         }
     }
 
-    /// Gives every running dnsmasq the hosts of its network.
-    pub(super) async fn sync_dnsmasq(&self) {
+    /// Gives every running dnsmasq the hosts of its network: those of the
+    /// MACs whose reservation or running NIC changed since the last time
+    /// (see `state::tracked`), or all of them to a new dnsmasq.
+    pub(super) async fn sync_dnsmasq(&mut self) {
+        let changed = plan::hosts_changed(&mut self.state);
         for runtime in self.networks.values() {
             let Some(handle) = &runtime.dnsmasq else {
                 continue;
             };
-            let (dhcp, dns) = plan::dnsmasq_hosts(&self.state, &runtime.config.name);
-            if let Err(e) = handle.set_hosts(dhcp, dns).await {
-                tracing::warn!(network = %runtime.config.name, "updating dnsmasq hosts: {e}");
+            let name = &runtime.config.name;
+            let macs = changed.get(name.as_str()).into_iter().flatten();
+            let updates = plan::host_updates(&self.state, name, macs);
+            let everything = || plan::dnsmasq_hosts(&self.state, name);
+            if let Err(e) = handle.update_hosts(&updates, everything).await {
+                tracing::warn!(network = %name, "updating dnsmasq hosts: {e}");
+            }
+            #[cfg(debug_assertions)]
+            {
+                let (dhcp, dns) = plan::dnsmasq_hosts(&self.state, name);
+                handle.assert_hosts_are(dhcp, dns).await;
             }
         }
     }

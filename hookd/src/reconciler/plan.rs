@@ -9,7 +9,7 @@ use qnet_api::{ForwardSpec, IfName, Mac, NetName};
 
 use crate::config::NetworkConfig;
 use crate::discover::{GuestPort, PortKind};
-use crate::dnsmasq::{DhcpHost, DnsHost};
+use crate::dnsmasq::{DhcpHost, DnsHost, HostUpdate};
 use crate::firewall::ForwardElement;
 use crate::forwards;
 use crate::qmp::NicInfo;
@@ -66,6 +66,40 @@ pub fn place_nics(
                 qemu_name: nic.name.clone(),
                 device: device.and_then(|d| d.parse().ok()),
                 network,
+            }
+        })
+        .collect()
+}
+
+/// Takes the MACs whose hosts may have changed since the last call, by
+/// network: those whose reservation changed, and those of NICs that came
+/// or went on a network.
+pub fn hosts_changed(state: &mut State) -> BTreeMap<String, BTreeSet<Mac>> {
+    let mut changed: BTreeMap<String, BTreeSet<Mac>> = BTreeMap::new();
+    for (net, mac) in state.reservations.take_hosts_changes() {
+        changed.entry(net.to_string()).or_default().insert(mac);
+    }
+    for (net, mac) in state.guests.take_hosts_changes() {
+        changed.entry(net).or_default().insert(mac);
+    }
+    changed
+}
+
+/// What network `network`'s hosts are now for each MAC of `macs` (see
+/// [`dnsmasq_hosts`] for all of them).
+pub fn host_updates<'a>(
+    state: &State,
+    network: &NetName,
+    macs: impl IntoIterator<Item = &'a Mac>,
+) -> Vec<HostUpdate> {
+    let table = state.reservations.get(network);
+    macs.into_iter()
+        .map(|mac| {
+            let r = table.and_then(|t| t.get(mac));
+            HostUpdate {
+                mac: *mac,
+                reservation: r.map(|r| (r.ip, r.name.clone())),
+                in_dns: r.is_some_and(|r| r.explicit || state.guests.is_running_on(network, mac)),
             }
         })
         .collect()

@@ -115,7 +115,7 @@ fn reservation(ip: [u8; 4], name: Option<&str>, explicit: bool) -> Reservation {
 fn dns_names_are_for_running_guests_and_explicit_reservations() {
     let mut state = State::default();
     let net: NetName = "qnet0".parse().unwrap();
-    let table = state.reservations.entry(net.clone()).or_default();
+    let mut table = state.reservations.table_mut(&net);
     table.insert(mac(1), reservation([10, 0, 0, 2], Some("web"), false));
     table.insert(mac(2), reservation([10, 0, 0, 3], Some("old"), false));
     table.insert(mac(3), reservation([10, 0, 0, 4], Some("db"), true));

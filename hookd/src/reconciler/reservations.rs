@@ -34,12 +34,19 @@ impl Reconciler {
             })?),
             None => None,
         };
-        let in_use = self.state.running_macs_on(network);
         let now = state::now();
-        let table = self.state.reservations.entry(network.clone()).or_default();
-        let (ip, reclaimed) =
-            alloc::explicit_address(table, &net, mac, ip, &in_use, self.limits.reservations, now)
-                .map_err(alloc_error)?;
+        let in_use = self.state.guests.running_on(network);
+        let mut table = self.state.reservations.table_mut(network);
+        let (ip, reclaimed) = alloc::explicit_address(
+            &table,
+            &net,
+            mac,
+            ip,
+            &in_use,
+            self.limits.reservations,
+            now,
+        )
+        .map_err(alloc_error)?;
         let evicted = reclaimed.and_then(|old| table.remove(&old).map(|r| (old, r)));
         let previous = table.insert(
             mac,
@@ -54,7 +61,7 @@ impl Reconciler {
         );
         let key = network.clone();
         self.commit(move |state| {
-            let table = state.reservations.entry(key).or_default();
+            let mut table = state.reservations.table_mut(&key);
             match previous {
                 Some(old) => table.insert(mac, old),
                 None => table.remove(&mac),
@@ -73,17 +80,13 @@ impl Reconciler {
 
     pub(super) fn reserve_rm(&mut self, network: &NetName, mac: Mac) -> Result<Reply, ApiError> {
         self.network(network)?;
-        let removed = self
-            .state
-            .reservations
-            .get_mut(network)
-            .and_then(|t| t.remove(&mac));
+        let removed = self.state.reservations.table_mut(network).remove(&mac);
         let Some(removed) = removed else {
             return Err(not_found(format!("{mac} has no reservation on {network}")));
         };
         let (key, back) = (network.clone(), removed.clone());
         self.commit(move |state| {
-            state.reservations.entry(key).or_default().insert(mac, back);
+            state.reservations.table_mut(&key).insert(mac, back);
         })?;
         self.dirty.dnsmasq = true;
         self.dirty.forwards = true;

@@ -25,6 +25,43 @@ use thiserror::Error;
 use super::{NicOwner, Reservation};
 use crate::config::NetworkConfig;
 
+/// Which MACs running guests have on the network: those are never
+/// evicted. A set, or the state's index of running NICs.
+pub trait InUse {
+    fn contains(&self, mac: &Mac) -> bool;
+}
+
+impl InUse for BTreeSet<Mac> {
+    fn contains(&self, mac: &Mac) -> bool {
+        BTreeSet::contains(self, mac)
+    }
+}
+
+/// A network's reservation table as [`reserve_auto`] changes it: a plain
+/// map, or the state's table, which notes each change
+/// (`tracked::Table`).
+pub trait ReservationTable {
+    fn view(&self) -> &BTreeMap<Mac, Reservation>;
+    fn get_mut(&mut self, mac: &Mac) -> Option<&mut Reservation>;
+    fn remove(&mut self, mac: &Mac) -> Option<Reservation>;
+    fn insert(&mut self, mac: Mac, reservation: Reservation) -> Option<Reservation>;
+}
+
+impl ReservationTable for BTreeMap<Mac, Reservation> {
+    fn view(&self) -> &BTreeMap<Mac, Reservation> {
+        self
+    }
+    fn get_mut(&mut self, mac: &Mac) -> Option<&mut Reservation> {
+        BTreeMap::get_mut(self, mac)
+    }
+    fn remove(&mut self, mac: &Mac) -> Option<Reservation> {
+        BTreeMap::remove(self, mac)
+    }
+    fn insert(&mut self, mac: Mac, reservation: Reservation) -> Option<Reservation> {
+        BTreeMap::insert(self, mac, reservation)
+    }
+}
+
 /// How far automatic reservations go (hookd.toml `[limits]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -87,10 +124,10 @@ pub struct Granted {
 /// The reservation of `request.mac` in `table` (network `net`), made if
 /// there is none. `in_use`: MACs of NICs that run now, never evicted.
 pub fn reserve_auto(
-    table: &mut BTreeMap<Mac, Reservation>,
+    table: &mut impl ReservationTable,
     net: &NetworkConfig,
     request: AutoRequest,
-    in_use: &BTreeSet<Mac>,
+    in_use: &impl InUse,
     limits: Limits,
     now: u64,
 ) -> Result<Granted, AllocError> {
@@ -107,6 +144,7 @@ pub fn reserve_auto(
     }
     let mut evicted = Vec::new();
     let owned: Vec<Mac> = table
+        .view()
         .iter()
         .filter(|(_, r)| !r.explicit && r.nic.as_ref() == Some(&request.owner))
         .map(|(mac, _)| *mac)
@@ -116,7 +154,7 @@ pub fn reserve_auto(
         let oldest = owned
             .iter()
             .filter(|mac| !in_use.contains(mac))
-            .min_by_key(|mac| table[*mac].last_seen)
+            .min_by_key(|mac| table.view()[*mac].last_seen)
             .copied();
         if let Some(mac) = oldest {
             let gone = table.remove(&mac).map(|r| r.ip);
@@ -124,14 +162,15 @@ pub fn reserve_auto(
                 .extend(gone.map(|ip| (mac, ip, "the NIC holds too many automatic reservations")));
         }
     }
-    let ip = match free_address(net, table) {
+    let ip = match free_address(net, table.view()) {
         Some(ip) => ip,
         None => {
-            let (mac, ip) =
-                reclaimable(table, in_use, limits, now).ok_or_else(|| AllocError::Exhausted {
+            let (mac, ip) = reclaimable(table.view(), in_use, limits, now).ok_or_else(|| {
+                AllocError::Exhausted {
                     network: net.name.to_string(),
                     size: range_size(net),
-                })?;
+                }
+            })?;
             table.remove(&mac);
             evicted.push((mac, ip, "unseen for long and the pool is empty"));
             ip
@@ -163,7 +202,7 @@ pub fn explicit_address(
     net: &NetworkConfig,
     mac: Mac,
     wanted: Option<Ipv4Addr>,
-    in_use: &BTreeSet<Mac>,
+    in_use: &impl InUse,
     limits: Limits,
     now: u64,
 ) -> Result<(Ipv4Addr, Option<Mac>), AllocError> {
@@ -222,7 +261,7 @@ pub fn free_address(net: &NetworkConfig, table: &BTreeMap<Mac, Reservation>) -> 
 /// whose MAC no running guest has.
 fn reclaimable(
     table: &BTreeMap<Mac, Reservation>,
-    in_use: &BTreeSet<Mac>,
+    in_use: &impl InUse,
     limits: Limits,
     now: u64,
 ) -> Option<(Mac, Ipv4Addr)> {

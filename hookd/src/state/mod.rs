@@ -12,6 +12,7 @@
 pub mod alloc;
 mod saved;
 pub mod store;
+mod tracked;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -24,6 +25,7 @@ use crate::config::NetworkConfig;
 use crate::procfs;
 
 pub use store::{StateError, Store};
+pub use tracked::{Guests, Reservations};
 
 /// Everything the daemon persists, as it uses it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,9 +39,9 @@ pub struct State {
     /// restarts until `network up`.
     pub networks_down: BTreeSet<NetName>,
     /// network → MAC → reservation.
-    pub reservations: BTreeMap<NetName, BTreeMap<Mac, Reservation>>,
+    pub reservations: Reservations,
     /// Guests being followed, by QEMU pid.
-    pub guests: BTreeMap<u32, Guest>,
+    pub guests: Guests,
     /// QMP server sockets to re-dial after a restart (`qnetctl attach`).
     pub attached: BTreeSet<PathBuf>,
     /// Port forwards added at run time (qnetctl, the libvirt hook); those
@@ -177,10 +179,7 @@ impl State {
 
     /// MACs on the qnet network `name` of guests that run now.
     pub fn running_macs_on(&self, name: &str) -> BTreeSet<Mac> {
-        self.nics()
-            .filter(|nic| nic.is_on_qnet_network(name))
-            .map(|nic| nic.mac)
-            .collect()
+        self.guests.running_macs_on(name)
     }
 
     /// Guests on the qnet network `name`.

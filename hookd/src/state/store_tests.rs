@@ -90,8 +90,7 @@ fn every_record_round_trips_through_files_of_its_own() {
     let lab: NetName = "lab".parse().unwrap();
     state
         .reservations
-        .entry(lab.clone())
-        .or_default()
+        .table_mut(&lab)
         .insert(mac(1), reservation([10, 0, 0, 5]));
     state.guests.insert(42, guest(42));
     state.forwards = vec![forward(8080), forward(8081)];
@@ -105,7 +104,7 @@ fn every_record_round_trips_through_files_of_its_own() {
             fixed: false,
         },
     );
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     assert_eq!(
         names(&dir.path().join("reservations/lab")),
         ["52-54-00-00-00-01.json"]
@@ -125,21 +124,21 @@ fn a_save_writes_only_what_changed() {
     let (dir, mut store, mut state) = empty_store();
     state.guests.insert(1, guest(1));
     state.guests.insert(2, guest(2));
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     let first = modified(&dir.path().join("guests/1.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
     state.guests.get_mut(&2).unwrap().uid = 5;
     state.guests.insert(3, guest(3));
     state.guests.remove(&1);
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     assert_eq!(names(&dir.path().join("guests")), ["2.json", "3.json"]);
     state.guests.insert(1, guest(1));
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     let again = modified(&dir.path().join("guests/1.json"));
     assert_ne!(first, again, "rewritten after it was removed");
     let untouched = modified(&dir.path().join("guests/3.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     let same = modified(&dir.path().join("guests/3.json"));
     assert_eq!(untouched, same, "an unchanged record is not rewritten");
 }
@@ -165,7 +164,7 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
         .to_string(),
     )
     .unwrap();
-    let (mut store, state) = Store::open(dir.path()).unwrap();
+    let (mut store, mut state) = Store::open(dir.path()).unwrap();
     let qnet0: NetName = "qnet0".parse().unwrap();
     let mac_a: Mac = "52:54:00:00:00:0a".parse().unwrap();
     assert_eq!(
@@ -176,7 +175,7 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
     assert_eq!(state.guests[&42].nics[0].mac, mac_a);
     assert_eq!(state.forwards.len(), 1);
     assert_eq!(state.default_subnet, Some("10.213.7.0/24".parse().unwrap()));
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     let header = header(dir.path());
     assert!(
         header.contains("\"version\": 2") && !header.contains("10.213.7.2"),
@@ -189,7 +188,7 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
 fn bad_files_are_set_aside_and_the_rest_loads() {
     let (dir, mut store, mut state) = empty_store();
     state.forwards = vec![forward(8080)];
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     let forwards = dir.path().join(FORWARDS_DIR);
     // Truncated, reversed range, overflowing range, not JSON at all.
     fs::write(forwards.join("tcp-1-a.json"), "{\"guest\": \"web\", ").unwrap();
@@ -236,11 +235,11 @@ fn a_full_disk_is_an_error_and_leaves_no_temp_file() {
     // A forwards "directory" that is a file: every write into it fails.
     fs::write(dir.path().join(FORWARDS_DIR), "").unwrap();
     state.forwards = vec![forward(8080)];
-    let err = store.save(&state).unwrap_err();
+    let err = store.save(&mut state).unwrap_err();
     assert!(err.to_string().contains("forwards"), "{err}");
     // Nothing was recorded as written: the next save tries again.
     fs::remove_file(dir.path().join(FORWARDS_DIR)).unwrap();
-    store.save(&state).unwrap();
+    store.save(&mut state).unwrap();
     assert_eq!(names(&dir.path().join(FORWARDS_DIR)).len(), 1);
 }
 
