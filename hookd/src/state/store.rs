@@ -13,7 +13,8 @@
 //! forward added writes its own file and nothing else, so the cost does not
 //! grow with how many there are. [`Store`] remembers what the files hold
 //! (as domain values, compared without serialising) and a save writes only
-//! what differs.
+//! what differs, looking only at the records the state noted as changed
+//! (`super::tracked`).
 //!
 //! Loading never refuses to start over one bad file: a file that does not
 //! parse is renamed to `*.bad` and reported, and the daemon runs without
