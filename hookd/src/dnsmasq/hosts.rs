@@ -253,16 +253,20 @@ mod tests {
         diff("lab.qnet", &Hosts::default(), hosts).map(|c| c.write)
     }
 
-    #[test]
-    fn one_file_per_reservation_and_per_name() {
-        let hosts = Hosts::new(
+    /// Two reservations, one named, and the name held by both addresses.
+    fn two_hosts_one_name() -> Hosts {
+        Hosts::new(
             vec![
                 host("52:54:00:00:00:02", [10, 42, 0, 12], None),
                 host("52:54:00:AA:00:01", [10, 42, 0, 11], Some("web")),
             ],
             vec![dns([10, 42, 0, 12], "web"), dns([10, 42, 0, 11], "web")],
-        );
-        let [dhcp, dns] = files(&hosts);
+        )
+    }
+
+    #[test]
+    fn one_file_per_reservation_and_per_name() {
+        let [dhcp, dns] = files(&two_hosts_one_name());
         assert_eq!(
             dhcp,
             [
@@ -337,14 +341,22 @@ mod tests {
 
     #[test]
     fn updating_some_macs_is_the_diff_of_the_whole() {
-        let (a, b, c) = ("52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03");
+        let (a, b, c) = (
+            "52:54:00:00:00:01",
+            "52:54:00:00:00:02",
+            "52:54:00:00:00:03",
+        );
         let old = Hosts::new(
             vec![
                 host(a, [10, 0, 0, 2], Some("web")),
                 host(b, [10, 0, 0, 3], Some("web")),
                 host(c, [10, 0, 0, 4], Some("db")),
             ],
-            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 3], "web"), dns([10, 0, 0, 4], "db")],
+            vec![
+                dns([10, 0, 0, 2], "web"),
+                dns([10, 0, 0, 3], "web"),
+                dns([10, 0, 0, 4], "db"),
+            ],
         );
         // A connects nothing new; B's guest leaves (its name goes, its
         // reservation stays); C is renamed.
@@ -359,11 +371,18 @@ mod tests {
         assert_update_is_diff(
             &old,
             &new,
-            &[update_of(&new, a, true), update_of(&new, b, false), update_of(&new, c, true)],
+            &[
+                update_of(&new, a, true),
+                update_of(&new, b, false),
+                update_of(&new, c, true),
+            ],
         );
         // An address moves from one MAC to another, and a MAC goes.
         let moved = Hosts::new(
-            vec![host(a, [10, 0, 0, 2], Some("web")), host(c, [10, 0, 0, 3], Some("web"))],
+            vec![
+                host(a, [10, 0, 0, 2], Some("web")),
+                host(c, [10, 0, 0, 3], Some("web")),
+            ],
             vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 3], "web")],
         );
         assert_update_is_diff(
@@ -372,7 +391,10 @@ mod tests {
             &[update_of(&moved, c, true), update_of(&moved, b, false)],
         );
         // A first guest: new files only, no SIGHUP.
-        let first = Hosts::new(vec![host(a, [10, 0, 0, 2], Some("web"))], vec![dns([10, 0, 0, 2], "web")]);
+        let first = Hosts::new(
+            vec![host(a, [10, 0, 0, 2], Some("web"))],
+            vec![dns([10, 0, 0, 2], "web")],
+        );
         let mut updated = Hosts::default();
         let [d, n] = update("q", &mut updated, &[update_of(&first, a, true)]);
         assert!(!d.needs_reload && !n.needs_reload && d.write.len() == 1 && n.write.len() == 1);
@@ -381,13 +403,7 @@ mod tests {
 
     #[test]
     fn files_read_back_as_what_was_written_and_nothing_else() {
-        let hosts = Hosts::new(
-            vec![
-                host("52:54:00:00:00:02", [10, 42, 0, 12], None),
-                host("52:54:00:00:00:01", [10, 42, 0, 11], Some("web")),
-            ],
-            vec![dns([10, 42, 0, 12], "web"), dns([10, 42, 0, 9], "web")],
-        );
+        let hosts = two_hosts_one_name();
         let [dhcp, dns] = files(&hosts);
         let mut back = Hosts::default();
         for (name, text) in &dhcp {

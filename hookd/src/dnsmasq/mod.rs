@@ -395,7 +395,12 @@ impl DnsmasqHandle {
     pub async fn assert_hosts_are(&self, dhcp: Vec<DhcpHost>, dns: Vec<DnsHost>) {
         let published = self.hosts.lock().await;
         if published.synced {
-            assert_eq!(published.hosts, Hosts::new(dhcp, dns), "hosts of {}", self.network);
+            assert_eq!(
+                published.hosts,
+                Hosts::new(dhcp, dns),
+                "hosts of {}",
+                self.network
+            );
         }
     }
 

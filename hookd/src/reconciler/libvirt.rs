@@ -17,7 +17,7 @@ use crate::error::{conflict, exhausted, invalid};
 use crate::follow;
 use crate::libvirt::{self, LeaseUpdate};
 use crate::procfs;
-use crate::state::alloc::{self, AutoRequest};
+use crate::state::alloc::{self, AutoRequest, ReservationTable as _};
 use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
 
 /// Where a libvirt guest's NIC is.

@@ -4,6 +4,7 @@ use qnet_api::{PortMap, Proto};
 
 use super::*;
 use crate::config::Config;
+use crate::state::alloc::ReservationTable as _;
 use crate::state::{Nic, Reservation};
 
 fn mac(n: u8) -> Mac {

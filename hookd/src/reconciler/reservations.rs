@@ -7,7 +7,7 @@ use qnet_api::{ApiError, DnsLabel, GuestRef, Mac, NetName, Reply};
 use super::networks::done;
 use super::{Peer, Reconciler};
 use crate::error::{conflict, exhausted, invalid, not_found};
-use crate::state::alloc::{self, AllocError};
+use crate::state::alloc::{self, AllocError, ReservationTable as _};
 use crate::state::{self, Reservation};
 
 impl Reconciler {

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
+use super::alloc::ReservationTable as _;
 use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest, SavedReservation};
 use super::{Forward, Guest, Reservation, State};
 use crate::fsutil;

@@ -128,23 +128,6 @@ impl Deref for Table<'_> {
 }
 
 impl Table<'_> {
-    pub fn insert(&mut self, mac: Mac, reservation: Reservation) -> Option<Reservation> {
-        self.changed.note(&(self.net.clone(), mac));
-        self.table.insert(mac, reservation)
-    }
-
-    pub fn remove(&mut self, mac: &Mac) -> Option<Reservation> {
-        let removed = self.table.remove(mac)?;
-        self.changed.note(&(self.net.clone(), *mac));
-        Some(removed)
-    }
-
-    pub fn get_mut(&mut self, mac: &Mac) -> Option<&mut Reservation> {
-        let reservation = self.table.get_mut(mac)?;
-        self.changed.note(&(self.net.clone(), *mac));
-        Some(reservation)
-    }
-
     /// Keeps the reservations `keep` says yes to.
     pub fn retain(&mut self, mut keep: impl FnMut(&Mac, &Reservation) -> bool) {
         let Table {
@@ -162,18 +145,28 @@ impl Table<'_> {
     }
 }
 
+/// Each change notes the key (a removal or a lookup that finds nothing
+/// changes nothing, and notes nothing).
 impl ReservationTable for Table<'_> {
     fn view(&self) -> &BTreeMap<Mac, Reservation> {
         self.table
     }
+
     fn get_mut(&mut self, mac: &Mac) -> Option<&mut Reservation> {
-        Table::get_mut(self, mac)
+        let reservation = self.table.get_mut(mac)?;
+        self.changed.note(&(self.net.clone(), *mac));
+        Some(reservation)
     }
+
     fn remove(&mut self, mac: &Mac) -> Option<Reservation> {
-        Table::remove(self, mac)
+        let removed = self.table.remove(mac)?;
+        self.changed.note(&(self.net.clone(), *mac));
+        Some(removed)
     }
+
     fn insert(&mut self, mac: Mac, reservation: Reservation) -> Option<Reservation> {
-        Table::insert(self, mac, reservation)
+        self.changed.note(&(self.net.clone(), mac));
+        self.table.insert(mac, reservation)
     }
 }
 
