@@ -321,82 +321,76 @@ mod tests {
         assert!(changed.needs_reload);
     }
 
-    /// `update` from `old` by the MACs of `updates` must give the files
-    /// and the changes that `diff` gives from `old` to the whole `new`.
-    fn assert_update_is_diff(old: &Hosts, new: &Hosts, updates: &[HostUpdate]) {
-        let mut updated = old.clone();
-        let changes = update("q", &mut updated, updates);
-        assert_eq!(&updated, new);
-        assert_eq!(changes, diff("q", old, new));
-    }
-
-    fn update_of(new: &Hosts, mac: &str, in_dns: bool) -> HostUpdate {
-        let mac: Mac = mac.parse().unwrap();
-        HostUpdate {
-            mac,
-            reservation: new.dhcp.get(&mac).cloned(),
-            in_dns,
-        }
+    /// Hosts on 10.0.0.0/24 in one line: `(last byte of the MAC, of the
+    /// address, name)` each, and the names in DNS.
+    fn lab(hosts: &[(u8, u8, &str)], in_dns: &[&str]) -> Hosts {
+        let dhcp = hosts.iter().map(|(m, ip, name)| DhcpHost {
+            mac: Mac::from_octets([0x52, 0x54, 0, 0, 0, *m]),
+            ip: [10, 0, 0, *ip].into(),
+            name: Some(name.parse().unwrap()),
+        });
+        let dns = hosts
+            .iter()
+            .filter(|(m, _, name)| in_dns.contains(name) || in_dns.contains(&&*m.to_string()))
+            .map(|(_, ip, name)| dns([10, 0, 0, *ip], name));
+        Hosts::new(dhcp.collect(), dns.collect())
     }
 
     #[test]
     fn updating_some_macs_is_the_diff_of_the_whole() {
-        let (a, b, c) = (
-            "52:54:00:00:00:01",
-            "52:54:00:00:00:02",
-            "52:54:00:00:00:03",
+        let old = lab(
+            &[(1, 2, "web"), (2, 3, "web"), (3, 4, "db")],
+            &["web", "db"],
         );
-        let old = Hosts::new(
-            vec![
-                host(a, [10, 0, 0, 2], Some("web")),
-                host(b, [10, 0, 0, 3], Some("web")),
-                host(c, [10, 0, 0, 4], Some("db")),
-            ],
-            vec![
-                dns([10, 0, 0, 2], "web"),
-                dns([10, 0, 0, 3], "web"),
-                dns([10, 0, 0, 4], "db"),
-            ],
-        );
-        // A connects nothing new; B's guest leaves (its name goes, its
-        // reservation stays); C is renamed.
-        let new = Hosts::new(
-            vec![
-                host(a, [10, 0, 0, 2], Some("web")),
-                host(b, [10, 0, 0, 3], Some("web")),
-                host(c, [10, 0, 0, 4], Some("api")),
-            ],
-            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 4], "api")],
-        );
-        assert_update_is_diff(
-            &old,
-            &new,
-            &[
-                update_of(&new, a, true),
-                update_of(&new, b, false),
-                update_of(&new, c, true),
-            ],
-        );
-        // An address moves from one MAC to another, and a MAC goes.
-        let moved = Hosts::new(
-            vec![
-                host(a, [10, 0, 0, 2], Some("web")),
-                host(c, [10, 0, 0, 3], Some("web")),
-            ],
-            vec![dns([10, 0, 0, 2], "web"), dns([10, 0, 0, 3], "web")],
-        );
-        assert_update_is_diff(
-            &old,
-            &moved,
-            &[update_of(&moved, c, true), update_of(&moved, b, false)],
-        );
+        // (what happens, the hosts after, the MACs that changed)
+        let cases: [(&str, Hosts, &[u8]); 3] = [
+            (
+                "1 connects again, 2's guest leaves (its name goes, its reservation stays), 3 is renamed",
+                lab(&[(1, 2, "web"), (2, 3, "web"), (3, 4, "api")], &["1", "api"]),
+                &[1, 2, 3],
+            ),
+            (
+                "an address moves from one MAC to another, and a MAC goes",
+                lab(&[(1, 2, "web"), (3, 3, "web")], &["web"]),
+                &[2, 3],
+            ),
+            ("nothing changed", old.clone(), &[1]),
+        ];
+        for (what, new, macs) in cases {
+            let updates: Vec<HostUpdate> = macs
+                .iter()
+                .map(|m| {
+                    let mac = Mac::from_octets([0x52, 0x54, 0, 0, 0, *m]);
+                    let reservation = new.dhcp.get(&mac).cloned();
+                    let in_dns = reservation
+                        .as_ref()
+                        .is_some_and(|(ip, _)| new.dns.values().any(|ips| ips.contains(ip)));
+                    HostUpdate {
+                        mac,
+                        reservation,
+                        in_dns,
+                    }
+                })
+                .collect();
+            let mut updated = old.clone();
+            let changes = update("q", &mut updated, &updates);
+            assert_eq!(updated, new, "{what}");
+            assert_eq!(changes, diff("q", &old, &new), "{what}");
+        }
         // A first guest: new files only, no SIGHUP.
-        let first = Hosts::new(
-            vec![host(a, [10, 0, 0, 2], Some("web"))],
-            vec![dns([10, 0, 0, 2], "web")],
-        );
+        let first = lab(&[(1, 2, "web")], &["web"]);
         let mut updated = Hosts::default();
-        let [d, n] = update("q", &mut updated, &[update_of(&first, a, true)]);
+        let mac = Mac::from_octets([0x52, 0x54, 0, 0, 0, 1]);
+        let reservation = first.dhcp.get(&mac).cloned();
+        let [d, n] = update(
+            "q",
+            &mut updated,
+            &[HostUpdate {
+                mac,
+                reservation,
+                in_dns: true,
+            }],
+        );
         assert!(!d.needs_reload && !n.needs_reload && d.write.len() == 1 && n.write.len() == 1);
         assert_eq!(updated, first);
     }
