@@ -138,13 +138,17 @@ pub fn desired_elements<'a>(
     guests: &[&Guest],
     networks_up: &[&NetworkConfig],
 ) -> BTreeSet<ForwardElement> {
+    let mut elements = forwards::desired(specs, guests, networks_up);
+    if elements.is_empty() {
+        // No forward at all (the common case): no walk over every NIC.
+        return elements;
+    }
     let on_libvirt: BTreeSet<IpAddr> = guests
         .iter()
         .flat_map(|g| g.nics.iter())
         .filter(|nic| nic.libvirt_bridge.is_some())
         .filter_map(|nic| nic.ip.map(IpAddr::V4))
         .collect();
-    let mut elements = forwards::desired(specs, guests, networks_up);
     elements.retain(|e| {
         let guest_net_up = networks_up.iter().any(|n| match e.guest_addr {
             IpAddr::V4(a) => n.subnet.contains(&a),
