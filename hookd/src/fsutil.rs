@@ -1,7 +1,9 @@
 //! Files the daemon writes: one atomic writer for every file a reader
-//! must see whole (state, forwards, dnsmasq's config and hosts files), the
-//! sweep of temp files a crash left behind, and one stable hash for names
-//! derived from content.
+//! must see whole (state, forwards, dnsmasq's config and hosts files), in
+//! three forms (durable, durable for many files at once, and atomic only
+//! for files rebuilt at every start), durable removals, the sweep of temp
+//! files a crash left behind, and one stable hash for names derived from
+//! content.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -33,30 +35,80 @@ pub fn write_atomic_unsynced(path: &Path, contents: &[u8], mode: u32) -> io::Res
 }
 
 fn write_via_temp(path: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let result = write_temp(&tmp, contents, mode, sync).and_then(|()| {
+        fs::rename(&tmp, path)?;
+        match sync {
+            true => sync_dir(path.parent().unwrap_or(Path::new("."))),
+            false => Ok(()),
+        }
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `.NAME.tmp.PID` next to `path` (see [`TEMP_MARK`]).
+fn temp_path(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{file_name}{TEMP_MARK}{}", std::process::id()));
+    dir.join(format!(".{file_name}{TEMP_MARK}{}", std::process::id()))
+}
+
+/// Writes `contents` to the new file `tmp` with exactly `mode`, fsynced
+/// if `sync`.
+fn write_temp(tmp: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)?;
+    file.set_permissions(fs::Permissions::from_mode(mode))?;
+    file.write_all(contents)?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// [`write_atomic`] for many files at once, each with the same guarantee,
+/// in fewer waits for the disk: every file is written and fsynced under
+/// its temp name first, then all are renamed, then each directory is
+/// fsynced once (a thousand guests exiting at once rewrite a thousand
+/// reservations under one directory fsync, not a thousand). On an error,
+/// says which path failed and removes the temp files not yet renamed;
+/// files renamed before it stay renamed (each whole, maybe not durable).
+pub fn write_all_atomic(
+    files: &[(PathBuf, Vec<u8>)],
+    mode: u32,
+) -> Result<(), (PathBuf, io::Error)> {
+    let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        if sync {
-            file.sync_all()?;
+        for (path, contents) in files {
+            let tmp = temp_path(path);
+            temps.push(tmp.clone());
+            write_temp(&tmp, contents, mode, true).map_err(|e| (path.clone(), e))?;
         }
-        drop(file);
-        fs::rename(&tmp, path)?;
-        if sync {
-            sync_dir(dir)?;
+        let mut dirs: Vec<&Path> = Vec::new();
+        for (done, (path, _)) in files.iter().enumerate() {
+            fs::rename(&temps[done], path).map_err(|e| (path.clone(), e))?;
+            temps[done] = PathBuf::new();
+            let dir = path.parent().unwrap_or(Path::new("."));
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        for dir in dirs {
+            sync_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
         }
         Ok(())
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        for tmp in temps.iter().filter(|t| !t.as_os_str().is_empty()) {
+            let _ = fs::remove_file(tmp);
+        }
     }
     result
 }
@@ -166,6 +218,38 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["d"]);
+    }
+
+    #[test]
+    fn writing_many_leaves_each_whole_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        let files = vec![
+            (dir.path().join("a"), b"one".to_vec()),
+            (sub.join("b"), b"two".to_vec()),
+        ];
+        write_all_atomic(&files, 0o600).unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"one");
+        assert_eq!(fs::read(sub.join("b")).unwrap(), b"two");
+        // The second target is a non-empty directory: the first file is
+        // written, the error names the second, and no temp file is left.
+        let blocked = dir.path().join("blocked");
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("x"), b"").unwrap();
+        let files = vec![
+            (dir.path().join("a"), b"three".to_vec()),
+            (blocked.clone(), b"four".to_vec()),
+        ];
+        let (path, _) = write_all_atomic(&files, 0o600).unwrap_err();
+        assert_eq!(path, blocked);
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"three");
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "blocked", "sub"]);
     }
 
     #[test]

@@ -128,8 +128,8 @@ impl Store {
         self.save_forwards(state)?;
         let header = serde_json::to_vec_pretty(&header_of(state)).expect("headers serialise");
         if self.legacy || self.header.as_ref() != Some(&header) {
-            self.files
-                .write(&self.files.dir.join(STATE_FILE), &header)?;
+            let path = self.files.dir.join(STATE_FILE);
+            self.files.write_all(vec![(path, header.clone())])?;
             self.header = Some(header);
             self.legacy = false;
         }
@@ -254,7 +254,7 @@ impl Store {
             reservations: saved,
             ..
         } = self;
-        let mut gone = Vec::new();
+        let (mut writes, mut written, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for (network, mac) in state.reservations.store_changes() {
             let now = state.reservations.get(network).and_then(|t| t.get(mac));
             let before = saved.get(network).and_then(|t| t.get(mac));
@@ -262,12 +262,16 @@ impl Store {
                 _ if now == before => {}
                 Some(reservation) => {
                     let path = reservation_path(&files.dir, network, *mac);
-                    files.write_record(&path, &SavedReservation::from(reservation))?;
-                    let table = saved.entry(network.clone()).or_default();
-                    table.insert(*mac, reservation.clone());
+                    writes.push((path, record_bytes(&SavedReservation::from(reservation))));
+                    written.push((network, *mac, reservation));
                 }
                 None => gone.push((network.clone(), *mac)),
             }
+        }
+        files.write_all(writes)?;
+        for (network, mac, reservation) in written {
+            let table = saved.entry(network.clone()).or_default();
+            table.insert(mac, reservation.clone());
         }
         let paths = gone
             .iter()
@@ -305,18 +309,22 @@ impl Store {
             guests: saved,
             ..
         } = self;
-        let mut gone = Vec::new();
+        let (mut writes, mut written, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for pid in state.guests.store_changes() {
             let now = state.guests.get(pid);
             match now {
                 _ if now == saved.get(pid) => {}
                 Some(guest) => {
                     let path = files.dir.join(GUESTS_DIR).join(format!("{pid}.json"));
-                    files.write_record(&path, &SavedGuest::from(guest))?;
-                    saved.insert(*pid, guest.clone());
+                    writes.push((path, record_bytes(&SavedGuest::from(guest))));
+                    written.push(guest);
                 }
                 None => gone.push(*pid),
             }
+        }
+        files.write_all(writes)?;
+        for guest in written {
+            saved.insert(guest.pid, guest.clone());
         }
         let dir = files.dir.join(GUESTS_DIR);
         files.remove_all(
@@ -345,7 +353,8 @@ impl Store {
             if !saved.contains_key(forward) {
                 let record = SavedForward::from(forward);
                 let name = forward_file_name(&record);
-                files.write_record(&files.dir.join(FORWARDS_DIR).join(&name), &record)?;
+                let path = files.dir.join(FORWARDS_DIR).join(&name);
+                files.write_all(vec![(path, record_bytes(&record))])?;
                 saved.insert(forward.clone(), name);
             }
         }
@@ -363,22 +372,30 @@ impl Store {
 }
 
 impl Files {
-    fn write_record<T: Serialize>(&mut self, path: &Path, record: &T) -> Result<(), StateError> {
-        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
-        self.write(path, &bytes)
-    }
-
-    fn write(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-        let parent = path.parent().unwrap_or(Path::new("."));
-        self.ensure_dir(parent)?;
-        match fsutil::write_atomic(path, bytes, FILE_MODE) {
-            // Somebody removed the directory since we made it.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.dirs.remove(parent);
-                self.ensure_dir(parent)?;
-                fsutil::write_atomic(path, bytes, FILE_MODE).map_err(StateError::io(path))
+    /// Writes `files` atomically and durably (`fsutil::write_all_atomic`),
+    /// making their directories first.
+    fn write_all(&mut self, files: Vec<(PathBuf, Vec<u8>)>) -> Result<(), StateError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let parents: Vec<PathBuf> = files
+            .iter()
+            .map(|(path, _)| path.parent().unwrap_or(Path::new(".")).to_path_buf())
+            .collect();
+        for parent in &parents {
+            self.ensure_dir(parent)?;
+        }
+        match fsutil::write_all_atomic(&files, FILE_MODE) {
+            // Somebody removed a directory since we made it.
+            Err((_, e)) if e.kind() == io::ErrorKind::NotFound => {
+                for parent in &parents {
+                    self.dirs.remove(parent);
+                    self.ensure_dir(parent)?;
+                }
+                fsutil::write_all_atomic(&files, FILE_MODE)
+                    .map_err(|(path, e)| StateError::io(&path)(e))
             }
-            result => result.map_err(StateError::io(path)),
+            result => result.map_err(|(path, e)| StateError::io(&path)(e)),
         }
     }
 
@@ -414,6 +431,10 @@ impl Files {
         self.dirs.insert(dir.to_path_buf());
         Ok(())
     }
+}
+
+fn record_bytes<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(record).expect("records serialise")
 }
 
 fn header_of(state: &State) -> Header {
