@@ -91,19 +91,11 @@ pub fn write_all_atomic(
             temps.push(tmp.clone());
             write_temp(&tmp, contents, mode, true).map_err(|e| (path.clone(), e))?;
         }
-        let mut dirs: Vec<&Path> = Vec::new();
         for (done, (path, _)) in files.iter().enumerate() {
             fs::rename(&temps[done], path).map_err(|e| (path.clone(), e))?;
             temps[done] = PathBuf::new();
-            let dir = path.parent().unwrap_or(Path::new("."));
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
-            }
         }
-        for dir in dirs {
-            sync_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
-        }
-        Ok(())
+        sync_parents(files.iter().map(|(path, _)| path.as_path()))
     })();
     if result.is_err() {
         for tmp in temps.iter().filter(|t| !t.as_os_str().is_empty()) {
@@ -129,13 +121,21 @@ pub fn remove_durably(path: &Path) -> io::Result<()> {
 /// fine. On an error, says which path failed; the files removed before it
 /// stay removed (and may not be durable yet).
 pub fn remove_all_durably(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
-    let mut dirs: Vec<&Path> = Vec::new();
+    let mut removed = Vec::with_capacity(paths.len());
     for path in paths {
         match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Ok(()) => removed.push(path.as_path()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err((path.clone(), e)),
         }
+    }
+    sync_parents(removed)
+}
+
+/// fsync of the directory of each of `paths`, once per directory.
+fn sync_parents<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<(), (PathBuf, io::Error)> {
+    let mut dirs: Vec<&Path> = Vec::new();
+    for path in paths {
         let dir = path.parent().unwrap_or(Path::new("."));
         if !dirs.contains(&dir) {
             dirs.push(dir);
@@ -190,6 +190,16 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn atomic_writes_leave_only_the_target_with_its_mode() {
         let dir = tempfile::tempdir().unwrap();
@@ -213,10 +223,7 @@ mod tests {
         fs::create_dir(&target).unwrap();
         fs::write(target.join("x"), b"").unwrap();
         assert!(write_atomic(&target, b"data", 0o600).is_err());
-        let names: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let names = names_in(dir.path());
         assert_eq!(names, ["d"]);
     }
 
@@ -244,11 +251,7 @@ mod tests {
         let (path, _) = write_all_atomic(&files, 0o600).unwrap_err();
         assert_eq!(path, blocked);
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"three");
-        let mut names: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let names = names_in(dir.path());
         assert_eq!(names, ["a", "blocked", "sub"]);
     }
 
@@ -260,10 +263,7 @@ mod tests {
         }
         let gone = ["a", "c", "never"].map(|n| dir.path().join(n));
         remove_all_durably(&gone).unwrap();
-        let left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let left = names_in(dir.path());
         assert_eq!(left, ["b"]);
         // A directory is not a file: the error names it.
         let sub = dir.path().join("sub");
@@ -285,11 +285,7 @@ mod tests {
             fs::write(dir.path().join(name), b"").unwrap();
         }
         assert_eq!(remove_temp_files(dir.path()), 2);
-        let mut left: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
+        let left = names_in(dir.path());
         assert_eq!(left, [".hidden", "state.json", "x.tmp.1"]);
     }
 
