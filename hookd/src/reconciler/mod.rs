@@ -8,9 +8,10 @@
 //! [`Reconciler::flush`] then makes it follow, once per burst of events:
 //! first what was promised (durably), then dnsmasq, then the guests'
 //! records, then the forwards. Persist first, publish after: a guest never
-//! gets an address from dnsmasq that a crash could make the daemon forget. A control request
-//! that changes something is answered only once its change is durable; if
-//! it cannot be saved, it is undone and refused ([`Reconciler::commit`]).
+//! gets an address from dnsmasq that a crash could make the daemon forget.
+//! A control request that changes something is answered only once its
+//! change is durable; if it cannot be saved, it is undone and refused
+//! ([`Reconciler::commit`]).
 //!
 //! | module | handles |
 //! |---|---|
