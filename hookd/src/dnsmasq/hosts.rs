@@ -142,20 +142,13 @@ pub fn update(domain: &str, hosts: &mut Hosts, updates: &[HostUpdate]) -> [Chang
     }
     for u in updates {
         let old = hosts.dhcp.get(&u.mac);
+        dhcp.add(&u.mac, old, u.reservation.as_ref(), |mac, e| {
+            dhcp_file(*mac, e)
+        });
         match &u.reservation {
-            Some(entry) if old == Some(entry) => {}
-            Some(entry) => {
-                dhcp.needs_reload |= old.is_some();
-                dhcp.write.push(dhcp_file(u.mac, entry));
-                hosts.dhcp.insert(u.mac, entry.clone());
-            }
-            None if old.is_some() => {
-                dhcp.needs_reload = true;
-                dhcp.remove.push(u.mac.to_string());
-                hosts.dhcp.remove(&u.mac);
-            }
-            None => {}
-        }
+            Some(entry) => hosts.dhcp.insert(u.mac, entry.clone()),
+            None => hosts.dhcp.remove(&u.mac),
+        };
         if let Some((ip, Some(name))) = u.reservation.as_ref().filter(|_| u.in_dns) {
             let before = hosts.dns.get(name).cloned();
             names.entry(name.clone()).or_insert(before);
@@ -164,17 +157,9 @@ pub fn update(domain: &str, hosts: &mut Hosts, updates: &[HostUpdate]) -> [Chang
     }
     let mut dns = Change::default();
     for (name, before) in names {
-        match (before, hosts.dns.get(&name)) {
-            (before, after) if before.as_ref() == after => {}
-            (before, Some(ips)) => {
-                dns.needs_reload |= before.is_some();
-                dns.write.push(dns_file(domain, &name, ips));
-            }
-            (_, None) => {
-                dns.needs_reload = true;
-                dns.remove.push(name.to_string());
-            }
-        }
+        dns.add(&name, before.as_ref(), hosts.dns.get(&name), |name, ips| {
+            dns_file(domain, name, ips)
+        });
     }
     [dhcp, dns]
 }
@@ -195,6 +180,29 @@ impl Change {
     pub fn is_empty(&self) -> bool {
         self.write.is_empty() && self.remove.is_empty()
     }
+
+    /// Adds what turns the file of `key` from `before` into `after` (a
+    /// missing file is `None`); `render` gives a file's name and contents.
+    fn add<K, V: PartialEq>(
+        &mut self,
+        key: &K,
+        before: Option<&V>,
+        after: Option<&V>,
+        render: impl Fn(&K, &V) -> (String, String),
+    ) {
+        match (before, after) {
+            (before, after) if before == after => {}
+            (before, Some(value)) => {
+                self.needs_reload |= before.is_some();
+                self.write.push(render(key, value));
+            }
+            (Some(value), None) => {
+                self.needs_reload = true;
+                self.remove.push(render(key, value).0);
+            }
+            (None, None) => {}
+        }
+    }
 }
 
 /// The changes from `old` to `new`: `dhcp-hosts.d`'s, then `dns-hosts.d`'s.
@@ -214,18 +222,10 @@ fn diff_maps<K: Ord, V: PartialEq>(
 ) -> Change {
     let mut change = Change::default();
     for (key, value) in new {
-        match old.get(key) {
-            Some(current) if current == value => {}
-            Some(_) => {
-                change.needs_reload = true;
-                change.write.push(render(key, value));
-            }
-            None => change.write.push(render(key, value)),
-        }
+        change.add(key, old.get(key), Some(value), &render);
     }
     for (key, value) in old.iter().filter(|(key, _)| !new.contains_key(*key)) {
-        change.needs_reload = true;
-        change.remove.push(render(key, value).0);
+        change.add(key, Some(value), None, &render);
     }
     change
 }
