@@ -13,7 +13,7 @@ use crate::dnsmasq::{DhcpHost, DnsHost, HostUpdate};
 use crate::firewall::ForwardElement;
 use crate::forwards;
 use crate::qmp::NicInfo;
-use crate::state::{Guest, State};
+use crate::state::{Guest, Reservation, State};
 
 /// Where one guest NIC is, as far as QMP and `/proc` tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +99,7 @@ pub fn host_updates<'a>(
             HostUpdate {
                 mac: *mac,
                 reservation: r.map(|r| (r.ip, r.name.clone())),
-                in_dns: r.is_some_and(|r| r.explicit || state.guests.is_running_on(network, mac)),
+                in_dns: r.is_some_and(|r| in_dns(state, network, mac, r)),
             }
         })
         .collect()
@@ -108,8 +108,6 @@ pub fn host_updates<'a>(
 /// The hosts one network's dnsmasq serves: DHCP for every reservation,
 /// DNS names for running guests and for explicit reservations with a name.
 pub fn dnsmasq_hosts(state: &State, network: &NetName) -> (Vec<DhcpHost>, Vec<DnsHost>) {
-    // A set: it is looked up once per reservation.
-    let running = state.running_macs_on(network);
     let mut dhcp = Vec::new();
     let mut dns = Vec::new();
     for (mac, r) in state.reservations.get(network).into_iter().flatten() {
@@ -119,7 +117,7 @@ pub fn dnsmasq_hosts(state: &State, network: &NetName) -> (Vec<DhcpHost>, Vec<Dn
             name: r.name.clone(),
         });
         if let Some(name) = &r.name {
-            if r.explicit || running.contains(mac) {
+            if in_dns(state, network, mac, r) {
                 dns.push(DnsHost {
                     ip: r.ip,
                     name: name.clone(),
@@ -128,6 +126,12 @@ pub fn dnsmasq_hosts(state: &State, network: &NetName) -> (Vec<DhcpHost>, Vec<Dn
         }
     }
     (dhcp, dns)
+}
+
+/// Whether reservation `r` of `mac` puts its name in DNS: it is explicit,
+/// or a guest with the MAC runs on the network.
+fn in_dns(state: &State, network: &NetName, mac: &Mac, r: &Reservation) -> bool {
+    r.explicit || state.guests.is_running_on(network, mac)
 }
 
 /// The forward map elements `specs` need now: those of running guests

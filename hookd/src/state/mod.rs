@@ -137,7 +137,15 @@ impl Nic {
     /// Whether the NIC is on the qnet network `name` (a NIC on a libvirt
     /// network of the same name is not).
     pub fn is_on_qnet_network(&self, name: &str) -> bool {
-        self.libvirt_bridge.is_none() && self.network.as_deref() == Some(name)
+        self.qnet_network() == Some(name)
+    }
+
+    /// The qnet network the NIC is on, if it is on one (not on a libvirt
+    /// network).
+    pub fn qnet_network(&self) -> Option<&str> {
+        self.network
+            .as_deref()
+            .filter(|_| self.libvirt_bridge.is_none())
     }
 }
 
@@ -175,11 +183,6 @@ impl State {
             .filter(|g| g.uid == uid)
             .flat_map(|g| g.nics.iter().map(|n| n.mac))
             .collect()
-    }
-
-    /// MACs on the qnet network `name` of guests that run now.
-    pub fn running_macs_on(&self, name: &str) -> BTreeSet<Mac> {
-        self.guests.running_macs_on(name)
     }
 
     /// Guests on the qnet network `name`.

@@ -250,14 +250,6 @@ impl Guests {
         RunningOn { guests: self, net }
     }
 
-    /// MACs on the qnet network `net` of guests that run now.
-    pub fn running_macs_on(&self, net: &str) -> BTreeSet<Mac> {
-        self.on_networks
-            .get(net)
-            .map(|macs| macs.keys().copied().collect())
-            .unwrap_or_default()
-    }
-
     /// The pids changed since the store last took them.
     pub fn store_changes(&self) -> &BTreeSet<u32> {
         &self.changed
@@ -276,11 +268,11 @@ impl Guests {
     /// Adds (`add`) or removes `guest`'s NICs on qnet networks in the index.
     fn index(&mut self, guest: &Guest, add: bool) {
         for nic in &guest.nics {
-            let (Some(net), None) = (&nic.network, &nic.libvirt_bridge) else {
+            let Some(net) = nic.qnet_network() else {
                 continue;
             };
-            self.nics_changed.insert((net.clone(), nic.mac));
-            let macs = self.on_networks.entry(net.clone()).or_default();
+            self.nics_changed.insert((net.to_owned(), nic.mac));
+            let macs = self.on_networks.entry(net.to_owned()).or_default();
             let count = macs.entry(nic.mac).or_default();
             if add {
                 *count += 1;
@@ -411,6 +403,14 @@ mod tests {
         assert_eq!(r.take_hosts_changes().len(), 3);
     }
 
+    /// The MACs the index has running on `net`.
+    fn running_macs_on(g: &Guests, net: &str) -> BTreeSet<Mac> {
+        g.on_networks
+            .get(net)
+            .map(|macs| macs.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn the_nic_index_follows_every_change_of_the_guests() {
         let mut g = Guests::default();
@@ -422,12 +422,12 @@ mod tests {
         g.remove(&1);
         assert!(g.is_running_on("lab", &mac(1)) && !g.is_running_on("dev", &mac(2)));
         g.get_mut(&2).unwrap().nics = guest(2, &[("lab", 3)]).nics;
-        assert_eq!(g.running_macs_on("lab"), [mac(3)].into());
+        assert_eq!(running_macs_on(&g, "lab"), [mac(3)].into());
         g.insert(2, guest(2, &[]));
-        assert!(g.running_macs_on("lab").is_empty());
+        assert!(running_macs_on(&g, "lab").is_empty());
         g.insert(3, guest(3, &[("lab", 4)]));
         g.retain(|pid, _| *pid != 3);
-        assert!(g.running_macs_on("lab").is_empty());
+        assert!(running_macs_on(&g, "lab").is_empty());
         assert_eq!(g.store_changes(), &[1, 2, 3].into());
         let nics: Vec<(String, Mac)> = g.take_hosts_changes().into_iter().collect();
         assert_eq!(
