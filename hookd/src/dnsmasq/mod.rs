@@ -348,10 +348,7 @@ impl DnsmasqHandle {
         let mut published = self.hosts.lock().await;
         let new = Hosts::new(dhcp, dns);
         let changes = hosts::diff(&self.domain, &published.hosts, &new);
-        // On an error `published` stays as it was: the next call makes
-        // the same changes again (writing and removing are idempotent).
-        published.synced = false;
-        self.write(&changes)?;
+        self.write(&mut published, &changes)?;
         *published = Published {
             hosts: new,
             synced: true,
@@ -377,13 +374,7 @@ impl DnsmasqHandle {
             return self.set_hosts(dhcp, dns).await;
         }
         let changes = hosts::update(&self.domain, &mut published.hosts, updates);
-        if let Err(e) = self.write(&changes) {
-            // `hosts` already holds the update: what the files hold is
-            // read back instead, for the next call's whole comparison.
-            published.synced = false;
-            published.hosts = read_hosts(&self.paths, &self.network, &self.domain)?;
-            return Err(e);
-        }
+        self.write(&mut published, &changes)?;
         self.signal(&changes).await;
         Ok(())
     }
@@ -404,13 +395,26 @@ impl DnsmasqHandle {
         }
     }
 
-    fn write(&self, changes: &[hosts::Change; 2]) -> Result<(), DnsmasqError> {
+    /// Writes `changes`. When a write fails, what the files hold is no
+    /// longer known: it is read back, and the next call compares the whole
+    /// state with it.
+    fn write(
+        &self,
+        published: &mut Published,
+        changes: &[hosts::Change; 2],
+    ) -> Result<(), DnsmasqError> {
         let dirs = [
             self.paths.dhcp_hosts_dir(&self.network),
             self.paths.dns_hosts_dir(&self.network),
         ];
-        for (dir, change) in dirs.iter().zip(changes) {
-            apply(dir, change)?;
+        let written = dirs
+            .iter()
+            .zip(changes)
+            .try_for_each(|(dir, change)| apply(dir, change));
+        if let Err(e) = written {
+            published.synced = false;
+            published.hosts = read_hosts(&self.paths, &self.network, &self.domain)?;
+            return Err(e);
         }
         Ok(())
     }

@@ -20,7 +20,7 @@
 //! parse is renamed to `*.bad` and reported, and the daemon runs without
 //! it. Temp files of writes a crash interrupted are removed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,11 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// The error of a path, as `fsutil`'s batch functions give it.
+    fn at((path, source): (PathBuf, io::Error)) -> StateError {
+        StateError::Io { path, source }
+    }
+
     fn io(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
         move |source| StateError::Io {
             path: path.to_path_buf(),
@@ -378,7 +383,7 @@ impl Files {
         if files.is_empty() {
             return Ok(());
         }
-        let parents: Vec<PathBuf> = files
+        let parents: BTreeSet<PathBuf> = files
             .iter()
             .map(|(path, _)| path.parent().unwrap_or(Path::new(".")).to_path_buf())
             .collect();
@@ -392,17 +397,16 @@ impl Files {
                     self.dirs.remove(parent);
                     self.ensure_dir(parent)?;
                 }
-                fsutil::write_all_atomic(&files, FILE_MODE)
-                    .map_err(|(path, e)| StateError::io(&path)(e))
+                fsutil::write_all_atomic(&files, FILE_MODE).map_err(StateError::at)
             }
-            result => result.map_err(|(path, e)| StateError::io(&path)(e)),
+            result => result.map_err(StateError::at),
         }
     }
 
     /// Removes `paths` durably, with one fsync per directory: a thousand
     /// guests exiting at once cost one, not a thousand.
     fn remove_all(&mut self, paths: Vec<PathBuf>) -> Result<(), StateError> {
-        fsutil::remove_all_durably(&paths).map_err(|(path, e)| StateError::io(&path)(e))
+        fsutil::remove_all_durably(&paths).map_err(StateError::at)
     }
     /// Creates `dir` (and its parents) durably: a new directory entry is
     /// only durable once its parent is synced.
