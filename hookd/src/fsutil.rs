@@ -108,12 +108,7 @@ pub fn write_all_atomic(
 /// Removes `path` and makes the removal durable (fsync of its directory).
 /// A missing file is fine: the result is the same.
 pub fn remove_durably(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    remove_all_durably(&[path.to_path_buf()]).map_err(|(_, e)| e)
 }
 
 /// Removes every file of `paths` and makes the removals durable, with one
