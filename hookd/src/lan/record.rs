@@ -227,27 +227,21 @@ mod tests {
             .to_string()
             .contains("names network `lan`"));
         assert!(parse(b"{", "lan").is_err());
-        let mut rec = record();
-        rec.snapshot.addresses[0].prefix_len = 33;
-        let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan")
-            .unwrap_err()
-            .to_string()
-            .contains("prefix length"));
-        let mut rec = record();
-        rec.snapshot.addresses[0].label = Some("eth0\n:1".into());
-        let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan")
-            .unwrap_err()
-            .to_string()
-            .contains("label"));
-        let mut rec = record();
-        rec.snapshot.addresses = vec![rec.snapshot.addresses[0].clone(); MAX_ADDRESSES + 1];
-        let bytes = serde_json::to_vec(&rec).unwrap();
-        assert!(parse(&bytes, "lan")
-            .unwrap_err()
-            .to_string()
-            .contains("too many"));
+        // Why `parse` refuses the record tampered with by `tamper`.
+        let refusal = |tamper: fn(&mut Record)| {
+            let mut rec = record();
+            tamper(&mut rec);
+            let bytes = serde_json::to_vec(&rec).unwrap();
+            parse(&bytes, "lan").unwrap_err().to_string()
+        };
+        assert!(refusal(|rec| rec.snapshot.addresses[0].prefix_len = 33).contains("prefix length"));
+        assert!(
+            refusal(|rec| rec.snapshot.addresses[0].label = Some("eth0\n:1".into()))
+                .contains("label")
+        );
+        assert!(refusal(|rec| rec.snapshot.addresses =
+            vec![rec.snapshot.addresses[0].clone(); MAX_ADDRESSES + 1])
+        .contains("too many"));
         let mut json: serde_json::Value = serde_json::from_slice(&good).unwrap();
         json["snapshot"]["uplink"] = "not a/name".into();
         assert!(parse(&serde_json::to_vec(&json).unwrap(), "lan").is_err());
