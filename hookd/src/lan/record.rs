@@ -239,9 +239,10 @@ mod tests {
             refusal(|rec| rec.snapshot.addresses[0].label = Some("eth0\n:1".into()))
                 .contains("label")
         );
-        assert!(refusal(|rec| rec.snapshot.addresses =
-            vec![rec.snapshot.addresses[0].clone(); MAX_ADDRESSES + 1])
-        .contains("too many"));
+        let too_many = |rec: &mut Record| {
+            rec.snapshot.addresses = vec![rec.snapshot.addresses[0].clone(); MAX_ADDRESSES + 1];
+        };
+        assert!(refusal(too_many).contains("too many"));
         let mut json: serde_json::Value = serde_json::from_slice(&good).unwrap();
         json["snapshot"]["uplink"] = "not a/name".into();
         assert!(parse(&serde_json::to_vec(&json).unwrap(), "lan").is_err());
