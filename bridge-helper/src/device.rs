@@ -14,7 +14,8 @@ use crate::error::HelperError;
 /// Creates a new TAP and makes it a running port of `bridge`: MTU copied
 /// from the bridge, MAC starting with `fe:` (a Linux bridge takes the
 /// lowest port MAC as its own; `fe:` keeps the bridge's address stable),
-/// enslaved and up, all in one netlink request.
+/// without IPv6 addresses of its own (see [`PortChange`]), then enslaved
+/// and up in one netlink request.
 pub fn create_attached_tap(
     netlink: &mut LinkSocket,
     bridge: &Link,
@@ -44,6 +45,7 @@ pub fn create_attached_tap(
         mac: tap_link.mac.map(with_fe_prefix),
         master: Some(bridge.index),
         up: true,
+        no_ipv6_addresses: true,
     };
     netlink
         .configure_port(tap_link.index, change)

@@ -6,6 +6,8 @@
 //! of the devices. The namespace is deleted when the test ends, including
 //! after a failed assertion. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 
+use std::time::Duration;
+
 use nix::errno::Errno;
 use qnet_hostnet::link::{LinkError, LinkSocket, MacvtapMode, PortChange};
 use qnet_tests::netns::NetNs;
@@ -144,6 +146,34 @@ fn macvtap_on_missing_lower_fails_with_errno() {
     });
 }
 
+/// `no_ipv6_addresses` keeps the port free of the link-local address the
+/// kernel gives every other link once it has a carrier: here the other end
+/// of a veth pair, brought up after the port, which shows one was due.
+#[test]
+fn a_port_gets_no_ipv6_addresses() {
+    let ns = NetNs::new("link");
+    ns.ip(&["link", "add", "p0", "type", "veth", "peer", "name", "p1"]);
+    ns.run_in(|| {
+        let mut socket = LinkSocket::new().unwrap();
+        socket.create_bridge("qbr0", None).unwrap();
+        let change = PortChange {
+            master: Some(index_of(&mut socket, "qbr0")),
+            up: true,
+            no_ipv6_addresses: true,
+            ..PortChange::default()
+        };
+        let port = index_of(&mut socket, "p0");
+        socket.configure_port(port, change).unwrap();
+    });
+    ns.ip(&["link", "set", "p1", "up"]);
+    let addresses = |dev: &str| ns.ip(&["-6", "-o", "addr", "show", "dev", dev]);
+    qnet_tests::wait_until("p1's link-local address", Duration::from_secs(10), || {
+        addresses("p1").contains("fe80::")
+    });
+    assert!(ns.ip(&["-o", "link", "show", "p0"]).contains("LOWER_UP"));
+    assert_eq!(addresses("p0").trim(), "", "the port has IPv6 addresses");
+}
+
 #[test]
 fn configure_port_in_one_request() {
     with_tap(|socket| {
@@ -158,6 +188,7 @@ fn configure_port_in_one_request() {
             mac: Some(MAC),
             master: Some(bridge),
             up: true,
+            no_ipv6_addresses: false,
         };
         socket.configure_port(before.index, change).unwrap();
 

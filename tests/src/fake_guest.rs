@@ -246,6 +246,8 @@ pub fn tap_on_bridge(bridge: &str) -> qnet_hostnet::tap::Tap {
             PortChange {
                 master: Some(master.index),
                 up: true,
+                // As the bridge helper does.
+                no_ipv6_addresses: true,
                 ..PortChange::default()
             },
         )

@@ -46,6 +46,9 @@ fn allowed_bridge_gets_an_attached_tap_with_vnet_hdr() {
     );
     let flags_field = line.split('<').nth(1).unwrap().split('>').next().unwrap();
     assert!(flags_field.split(',').any(|f| f == "UP"), "not up: {line}");
+    // No IPv6 addresses of its own: a port's would carry nothing.
+    let details = setup.netns.ip(&["-d", "-o", "link", "show", "dev", &name]);
+    assert!(details.contains("addrgenmode none"), "{details}");
 
     // Not persistent: the device goes away with QEMU's fd.
     drop(fd);

@@ -22,8 +22,8 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoMacVtap, LinkAttribute, LinkExtentMask, LinkFlags, LinkHeader,
-    LinkInfo, LinkMessage, MacVlanMode,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoMacVtap, LinkAttribute,
+    LinkExtentMask, LinkFlags, LinkHeader, LinkInfo, LinkMessage, MacVlanMode,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -180,6 +180,17 @@ pub struct PortChange {
     /// Bring the port up. `false` leaves the administrative state as it is
     /// (it does not take the port down).
     pub up: bool,
+    /// Give the port no IPv6 addresses (`addr_gen_mode none`), in a request
+    /// of its own before the rest: the kernel applies `IFLA_AF_SPEC` after
+    /// bringing a link up, by when the link-local address exists.
+    ///
+    /// A bridge port's own addresses carry no traffic (the bridge holds the
+    /// host's), yet with one each port sends duplicate address detection,
+    /// MLD and router solicitations into its guest, and every daemon that
+    /// follows addresses does work for it: dnsmasq with `bind-dynamic`
+    /// reads every address on the host again for each new one, so with a
+    /// thousand guests a thousand link-local addresses each time.
+    pub no_ipv6_addresses: bool,
 }
 
 /// A failed link operation. `action` says what was being attempted, e.g.
@@ -341,6 +352,9 @@ impl LinkSocket {
     /// The kernel applies them in the order MAC, MTU, up, master. It does not
     /// roll back: if a later step fails, earlier ones stay applied.
     pub fn configure_port(&mut self, index: u32, change: PortChange) -> Result<(), LinkError> {
+        if change.no_ipv6_addresses {
+            self.no_ipv6_addresses(index)?;
+        }
         let mut attributes = Vec::new();
         if let Some(mac) = change.mac {
             attributes.push(LinkAttribute::Address(mac.to_vec()));
@@ -353,6 +367,21 @@ impl LinkSocket {
         }
         self.set_link(index, attributes, change.up)
             .map_err(|f| f.during(|| format!("configuring port ifindex {index}")))
+    }
+
+    /// Stops the kernel from giving link `index` IPv6 addresses when it next
+    /// comes up (`ip link set ... addrgenmode none`). A kernel without IPv6
+    /// (`EAFNOSUPPORT`) gives none anyway: that is success.
+    pub fn no_ipv6_addresses(&mut self, index: u32) -> Result<(), LinkError> {
+        let spec = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
+        match self.set_link(index, vec![LinkAttribute::AfSpecUnspec(vec![spec])], false) {
+            Err(Failure::Kernel {
+                errno: Errno::EAFNOSUPPORT,
+                ..
+            }) => Ok(()),
+            result => result
+                .map_err(|f| f.during(|| format!("turning off IPv6 addresses on ifindex {index}"))),
+        }
     }
 
     /// Sets a link's hardware address.
