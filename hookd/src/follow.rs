@@ -281,15 +281,18 @@ pub async fn follow_guest(
             return;
         }
     }
-    let info = match Box::pin(session.query_info()).await {
-        Ok(info) => info,
-        Err(e) => return fail(attach, format!("pid {}: QMP queries: {e}", identity.pid)),
-    };
     let pid = identity.pid;
+    // The devices come from the kernel, the rest from QEMU: asked at the
+    // same time, the kernel's answer costs the connect nothing while QEMU
+    // replies.
+    let (info, ports) = tokio::join!(Box::pin(session.query_info()), Box::pin(ports_of(pid)));
+    let info = match info {
+        Ok(info) => info,
+        Err(e) => return fail(attach, format!("pid {pid}: QMP queries: {e}")),
+    };
     // Read once, for the exit watch and the reconciler's record alike;
     // `None`: the peer has already exited.
     let start_time = procfs::start_time(pid);
-    let ports = Box::pin(ports_of(pid)).await;
     let name = info.name.clone();
     let (keepalive, dropped) = oneshot::channel();
     let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
