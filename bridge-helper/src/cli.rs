@@ -16,11 +16,12 @@ SYNOPSIS
 DESCRIPTION
     QEMU runs this program for `-netdev bridge,br=BRIDGE,helper=PATH` and
     `-netdev tap,helper=PATH`. It checks that the calling user may use BRIDGE
-    (see ACL FILES), creates a brand-new TAP device, copies the bridge's MTU
-    to it, gives it a MAC starting with fe: (so the bridge keeps its own
-    address), enslaves it to the bridge, brings it up, and sends the open TAP
-    file descriptor to QEMU over the unix socket N with SCM_RIGHTS. The
-    process at the other end of N must have started the helper (QEMU does).
+    (see ACL FILES), creates a brand-new TAP device without IPv6 addresses
+    of its own (addrgenmode none), copies the bridge's MTU to it, gives it a
+    MAC starting with fe: (so the bridge keeps its own address), enslaves it
+    to the bridge, brings it up, and sends the open TAP file descriptor to
+    QEMU over the unix socket N with SCM_RIGHTS. The process at the other end
+    of N must have started the helper (QEMU does).
 
     The TAP lives as long as QEMU: it disappears when QEMU closes the
     descriptor. QEMU could make it persistent (TUNSETPERSIST), so the TAP
