@@ -249,12 +249,31 @@ pub fn check_guest_address(net: &NetworkConfig, ip: Ipv4Addr) -> Result<(), Allo
 }
 
 /// The first address of the DHCP range that no reservation holds.
+///
+/// Every new MAC asks, so this is the allocator's one walk over the whole
+/// table: the taken addresses of the range go into one vector, sorted,
+/// and the first gap is the answer (a set built per call cost an
+/// allocation per thousand-odd reservations).
 pub fn free_address(net: &NetworkConfig, table: &BTreeMap<Mac, Reservation>) -> Option<Ipv4Addr> {
-    let used: BTreeSet<Ipv4Addr> = table.values().map(|r| r.ip).collect();
-    let (start, end) = net.dhcp_range;
-    (u32::from(start)..=u32::from(end))
-        .map(Ipv4Addr::from)
-        .find(|ip| !used.contains(ip) && *ip != net.router)
+    let (start, end) = (u32::from(net.dhcp_range.0), u32::from(net.dhcp_range.1));
+    let mut taken: Vec<u32> = table
+        .values()
+        .map(|r| u32::from(r.ip))
+        .chain([u32::from(net.router)])
+        .filter(|ip| (start..=end).contains(ip))
+        .collect();
+    taken.sort_unstable();
+    taken.dedup();
+    let mut candidate = start;
+    for ip in taken {
+        // Sorted and at least `start`: the first one that is not the
+        // candidate leaves the candidate free.
+        if ip != candidate {
+            break;
+        }
+        candidate = candidate.checked_add(1)?;
+    }
+    (candidate <= end).then(|| Ipv4Addr::from(candidate))
 }
 
 /// The oldest automatic reservation unseen for `limits.reclaim_after`
@@ -330,6 +349,47 @@ mod tests {
         now: u64,
     ) -> Result<Granted, AllocError> {
         reserve_auto(table, net, request(n, guest), &BTreeSet::new(), LIMITS, now)
+    }
+
+    /// Each case: the last octets reserved (10.9.0.X) and where the router
+    /// is, in a range of .10–.14; the address `free_address` gives.
+    #[test]
+    fn the_first_gap_of_the_range_is_free() {
+        let cases: [(&[u8], u8, Option<u8>); 7] = [
+            (&[], 1, Some(10)),
+            (&[10, 11], 1, Some(12)),
+            (&[11, 10, 13], 1, Some(12)),
+            (&[12], 10, Some(11)),
+            // Reservations outside the range (an explicit one, or an
+            // old range) take nothing from it.
+            (&[3, 200, 10], 1, Some(11)),
+            (&[10, 11, 12, 13, 14], 1, None),
+            (&[10, 11, 13, 14], 12, None),
+        ];
+        for (held, router, want) in cases {
+            let mut net = net(5);
+            net.router = Ipv4Addr::new(10, 9, 0, router);
+            let table: BTreeMap<Mac, Reservation> = held
+                .iter()
+                .map(|&last| {
+                    let reservation = Reservation {
+                        ip: Ipv4Addr::new(10, 9, 0, last),
+                        name: None,
+                        explicit: true,
+                        owner_uid: None,
+                        nic: None,
+                        last_seen: 0,
+                    };
+                    (mac(last), reservation)
+                })
+                .collect();
+            let want = want.map(|last| Ipv4Addr::new(10, 9, 0, last));
+            assert_eq!(
+                free_address(&net, &table),
+                want,
+                "{held:?}, router .{router}"
+            );
+        }
     }
 
     #[test]
