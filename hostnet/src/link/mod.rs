@@ -5,8 +5,9 @@
 //! crate): it is linked into setuid helpers, where every dependency is attack
 //! surface and where each guest NIC costs a process start. One request is in
 //! flight at a time; every request asks for an acknowledgement, so each
-//! operation is exactly one round trip to the kernel and every failure comes
-//! back as an errno.
+//! request is exactly one round trip to the kernel (an operation is one
+//! request, but for a port without IPv6 addresses: see [`PortChange`]) and
+//! every failure comes back as an errno.
 //!
 //! Links are addressed by ifindex rather than by name wherever possible:
 //! names can be renamed or reused between two calls, an ifindex is not reused
@@ -171,8 +172,9 @@ impl fmt::Display for MacvtapMode {
     }
 }
 
-/// Settings applied to a guest port (TAP) in one request by
-/// [`LinkSocket::configure_port`]. `None` fields are left untouched.
+/// Settings applied to a guest port (TAP) by [`LinkSocket::configure_port`]:
+/// one request, after a first one for `no_ipv6_addresses`. `None` fields
+/// are left untouched.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortChange {
     pub mtu: Option<u32>,
