@@ -174,6 +174,29 @@ fn a_port_gets_no_ipv6_addresses() {
     assert_eq!(addresses("p0").trim(), "", "the port has IPv6 addresses");
 }
 
+/// A link too small for IPv6 (MTU below 1280) has no IPv6 state, so the
+/// kernel refuses to turn its addresses off (`EAFNOSUPPORT`): that is no
+/// failure. Once the link is large enough, the same call takes.
+#[test]
+fn a_link_without_ipv6_needs_no_turning_off() {
+    let ns = NetNs::new("link");
+    ns.ip(&["tuntap", "add", "t0", "mode", "tap"]);
+    ns.ip(&["link", "set", "t0", "mtu", "1000"]);
+    let gen_mode = || ns.ip(&["-d", "-o", "link", "show", "dev", "t0"]);
+    let turn_off = || {
+        ns.run_in(|| {
+            let mut socket = LinkSocket::new().unwrap();
+            let tap = index_of(&mut socket, "t0");
+            socket.no_ipv6_addresses(tap).unwrap();
+        })
+    };
+    turn_off();
+    assert!(!gen_mode().contains("addrgenmode"), "{}", gen_mode());
+    ns.ip(&["link", "set", "t0", "mtu", "1500"]);
+    turn_off();
+    assert!(gen_mode().contains("addrgenmode none"), "{}", gen_mode());
+}
+
 #[test]
 fn configure_port_in_one_request() {
     with_tap(|socket| {

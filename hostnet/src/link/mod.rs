@@ -281,13 +281,19 @@ impl LinkSocket {
     }
 
     /// Stops the kernel from giving link `index` IPv6 addresses when it next
-    /// comes up (`ip link set ... addrgenmode none`). A kernel without IPv6
-    /// (`EAFNOSUPPORT`) gives none anyway: that is success.
+    /// comes up (`ip link set ... addrgenmode none`).
+    ///
+    /// A kernel or link without IPv6 (`EAFNOSUPPORT`) gives none anyway,
+    /// and one that cannot turn them off (`EOPNOTSUPP`, `EINVAL`) leaves a
+    /// port that works all the same: both are success, since the
+    /// addresses only cost other daemons work. Anything else (the device
+    /// is gone, no permission) is an error, as it would be for the next
+    /// request.
     pub fn no_ipv6_addresses(&mut self, index: u32) -> Result<(), LinkError> {
         let spec = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
         match self.set_link(index, vec![LinkAttribute::AfSpecUnspec(vec![spec])], false) {
             Err(Failure::Kernel {
-                errno: Errno::EAFNOSUPPORT,
+                errno: Errno::EAFNOSUPPORT | Errno::EOPNOTSUPP | Errno::EINVAL,
                 ..
             }) => Ok(()),
             result => result
