@@ -1,9 +1,9 @@
 //! Files the daemon writes: one atomic writer for every file a reader
 //! must see whole (state, forwards, dnsmasq's config and hosts files), in
-//! three forms (durable, durable for many files at once, and atomic only
-//! for files rebuilt at every start), durable removals, the sweep of temp
-//! files a crash left behind, and one stable hash for names derived from
-//! content.
+//! three forms (durable, many files at once as durable as asked, and
+//! atomic only for files rebuilt at every start), removals, the sweep of
+//! temp files a crash left behind, and one stable hash for names derived
+//! from content.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -13,6 +13,20 @@ use std::path::{Path, PathBuf};
 /// Temp files are `.NAME.tmp.PID` next to their target: hidden, and
 /// recognisable by [`remove_temp_files`] after a crash.
 const TEMP_MARK: &str = ".tmp.";
+
+/// What a write or a removal must outlast once it returns. Either way,
+/// readers see a file's old or new content, never a mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A power cut: fsync of each file, then of each directory. For what
+    /// the daemon promises (reservations, forwards, its networks).
+    PowerCut,
+    /// The daemon's crash, not the machine's: no fsync (the page cache
+    /// outlives the process). For records of what a power cut ends anyway:
+    /// the guests the daemon follows are QEMU processes. A power cut may
+    /// lose such a change or leave such a file empty.
+    ProcessCrash,
+}
 
 /// Writes `contents` to `path` so that readers see the old or the new
 /// content, never a mix, and the new content survives a power cut once
@@ -73,8 +87,8 @@ fn write_temp(tmp: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<
     Ok(())
 }
 
-/// [`write_atomic`] for many files at once, each with the same guarantee,
-/// in fewer waits for the disk: every file is written and fsynced under
+/// Atomic writes of many files at once, as durable as `durability` asks,
+/// in fewer waits for the disk: every file is written (and fsynced) under
 /// its temp name first, then all are renamed, then each directory is
 /// fsynced once (a thousand guests exiting at once rewrite a thousand
 /// reservations under one directory fsync, not a thousand). On an error,
@@ -83,19 +97,24 @@ fn write_temp(tmp: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<
 pub fn write_all_atomic(
     files: &[(PathBuf, Vec<u8>)],
     mode: u32,
+    durability: Durability,
 ) -> Result<(), (PathBuf, io::Error)> {
+    let sync = durability == Durability::PowerCut;
     let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
         for (path, contents) in files {
             let tmp = temp_path(path);
             temps.push(tmp.clone());
-            write_temp(&tmp, contents, mode, true).map_err(|e| (path.clone(), e))?;
+            write_temp(&tmp, contents, mode, sync).map_err(|e| (path.clone(), e))?;
         }
         for (done, (path, _)) in files.iter().enumerate() {
             fs::rename(&temps[done], path).map_err(|e| (path.clone(), e))?;
             temps[done] = PathBuf::new();
         }
-        sync_parents(files.iter().map(|(path, _)| path.as_path()))
+        match sync {
+            true => sync_parents(files.iter().map(|(path, _)| path.as_path())),
+            false => Ok(()),
+        }
     })();
     if result.is_err() {
         for tmp in temps.iter().filter(|t| !t.as_os_str().is_empty()) {
@@ -108,14 +127,14 @@ pub fn write_all_atomic(
 /// Removes `path` and makes the removal durable (fsync of its directory).
 /// A missing file is fine: the result is the same.
 pub fn remove_durably(path: &Path) -> io::Result<()> {
-    remove_all_durably(&[path.to_path_buf()]).map_err(|(_, e)| e)
+    remove_all(&[path.to_path_buf()], Durability::PowerCut).map_err(|(_, e)| e)
 }
 
-/// Removes every file of `paths` and makes the removals durable, with one
-/// fsync per directory however many files went from it. Missing files are
-/// fine. On an error, says which path failed; the files removed before it
-/// stay removed (and may not be durable yet).
-pub fn remove_all_durably(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
+/// Removes every file of `paths`, as durably as `durability` asks, with
+/// one fsync per directory however many files went from it. Missing
+/// files are fine. On an error, says which path failed; the files removed
+/// before it stay removed (and may not be durable yet).
+pub fn remove_all(paths: &[PathBuf], durability: Durability) -> Result<(), (PathBuf, io::Error)> {
     let mut removed = Vec::with_capacity(paths.len());
     for path in paths {
         match fs::remove_file(path) {
@@ -124,7 +143,10 @@ pub fn remove_all_durably(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)>
             Err(e) => return Err((path.clone(), e)),
         }
     }
-    sync_parents(removed)
+    match durability {
+        Durability::PowerCut => sync_parents(removed),
+        Durability::ProcessCrash => Ok(()),
+    }
 }
 
 /// fsync of the directory of each of `paths`, once per directory.
@@ -231,7 +253,7 @@ mod tests {
             (dir.path().join("a"), b"one".to_vec()),
             (sub.join("b"), b"two".to_vec()),
         ];
-        write_all_atomic(&files, 0o600).unwrap();
+        write_all_atomic(&files, 0o600, Durability::PowerCut).unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"one");
         assert_eq!(fs::read(sub.join("b")).unwrap(), b"two");
         // The second target is a non-empty directory: the first file is
@@ -243,7 +265,7 @@ mod tests {
             (dir.path().join("a"), b"three".to_vec()),
             (blocked.clone(), b"four".to_vec()),
         ];
-        let (path, _) = write_all_atomic(&files, 0o600).unwrap_err();
+        let (path, _) = write_all_atomic(&files, 0o600, Durability::ProcessCrash).unwrap_err();
         assert_eq!(path, blocked);
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"three");
         let names = names_in(dir.path());
@@ -257,13 +279,14 @@ mod tests {
             fs::write(dir.path().join(name), b"").unwrap();
         }
         let gone = ["a", "c", "never"].map(|n| dir.path().join(n));
-        remove_all_durably(&gone).unwrap();
+        remove_all(&gone, Durability::PowerCut).unwrap();
         let left = names_in(dir.path());
         assert_eq!(left, ["b"]);
         // A directory is not a file: the error names it.
         let sub = dir.path().join("sub");
         fs::create_dir(&sub).unwrap();
-        let (path, _) = remove_all_durably(std::slice::from_ref(&sub)).unwrap_err();
+        let (path, _) =
+            remove_all(std::slice::from_ref(&sub), Durability::ProcessCrash).unwrap_err();
         assert_eq!(path, sub);
     }
 

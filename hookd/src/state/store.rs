@@ -33,7 +33,7 @@ use thiserror::Error;
 use super::alloc::ReservationTable as _;
 use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest, SavedReservation};
 use super::{Forward, Guest, Reservation, State};
-use crate::fsutil;
+use crate::fsutil::{self, Durability};
 
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
@@ -134,7 +134,8 @@ impl Store {
         let header = serde_json::to_vec_pretty(&header_of(state)).expect("headers serialise");
         if self.legacy || self.header.as_ref() != Some(&header) {
             let path = self.files.dir.join(STATE_FILE);
-            self.files.write_all(vec![(path, header.clone())])?;
+            self.files
+                .write_all(vec![(path, header.clone())], Durability::PowerCut)?;
             self.header = Some(header);
             self.legacy = false;
         }
@@ -213,6 +214,13 @@ impl Store {
 
     fn load_guests(&mut self, state: &mut State) -> Result<(), StateError> {
         for (path, name) in json_files(&self.files.dir.join(GUESTS_DIR))? {
+            // Guests' records are not fsynced (see `save_guests`): a power
+            // cut can leave one empty, and its QEMU went with the machine.
+            if fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+                fs::remove_file(&path).map_err(StateError::io(&path))?;
+                tracing::info!("{}: empty after a power cut: removed", path.display());
+                continue;
+            }
             let Some(saved) = read_record::<SavedGuest>(&path)? else {
                 continue;
             };
@@ -273,7 +281,7 @@ impl Store {
                 None => gone.push((network.clone(), *mac)),
             }
         }
-        files.write_all(writes)?;
+        files.write_all(writes, Durability::PowerCut)?;
         for (network, mac, reservation) in written {
             let table = saved.entry(network.clone()).or_default();
             table.insert(mac, reservation.clone());
@@ -281,7 +289,7 @@ impl Store {
         let paths = gone
             .iter()
             .map(|(net, mac)| reservation_path(&files.dir, net, *mac));
-        files.remove_all(paths.collect())?;
+        files.remove_all(paths.collect(), Durability::PowerCut)?;
         for (network, mac) in gone {
             if let Some(table) = saved.get_mut(&network) {
                 table.remove(&mac);
@@ -307,7 +315,9 @@ impl Store {
     /// Brings the guests' records to `state` (see [`Self::save`]), those
     /// noted as changed only. They are saved after dnsmasq has its hosts:
     /// a crash in between forgets at most that a guest connected (and it
-    /// is found again when it reconnects), never a promised address.
+    /// is found again when it reconnects), never a promised address. They
+    /// outlast the daemon's crash but not the machine's, as their QEMUs
+    /// do ([`Durability::ProcessCrash`]).
     pub fn save_guests(&mut self, state: &mut State) -> Result<(), StateError> {
         let Store {
             files,
@@ -327,16 +337,16 @@ impl Store {
                 None => gone.push(*pid),
             }
         }
-        files.write_all(writes)?;
+        // Records of QEMU processes, which a power cut ends too: no fsync
+        // (see `Durability::ProcessCrash`), so the connect that follows
+        // does not wait behind the disk.
+        files.write_all(writes, Durability::ProcessCrash)?;
         for guest in written {
             saved.insert(guest.pid, guest.clone());
         }
         let dir = files.dir.join(GUESTS_DIR);
-        files.remove_all(
-            gone.iter()
-                .map(|pid| dir.join(format!("{pid}.json")))
-                .collect(),
-        )?;
+        let paths = gone.iter().map(|pid| dir.join(format!("{pid}.json")));
+        files.remove_all(paths.collect(), Durability::ProcessCrash)?;
         for pid in gone {
             saved.remove(&pid);
         }
@@ -359,7 +369,7 @@ impl Store {
                 let record = SavedForward::from(forward);
                 let name = forward_file_name(&record);
                 let path = files.dir.join(FORWARDS_DIR).join(&name);
-                files.write_all(vec![(path, record_bytes(&record))])?;
+                files.write_all(vec![(path, record_bytes(&record))], Durability::PowerCut)?;
                 saved.insert(forward.clone(), name);
             }
         }
@@ -369,7 +379,8 @@ impl Store {
             let current: HashSet<&Forward> = state.forwards.iter().collect();
             let dir = files.dir.join(FORWARDS_DIR);
             let gone = saved.iter().filter(|(f, _)| !current.contains(f));
-            files.remove_all(gone.map(|(_, name)| dir.join(name)).collect())?;
+            let gone = gone.map(|(_, name)| dir.join(name)).collect();
+            files.remove_all(gone, Durability::PowerCut)?;
             saved.retain(|f, _| current.contains(f));
         }
         Ok(())
@@ -377,9 +388,13 @@ impl Store {
 }
 
 impl Files {
-    /// Writes `files` atomically and durably (`fsutil::write_all_atomic`),
-    /// making their directories first.
-    fn write_all(&mut self, files: Vec<(PathBuf, Vec<u8>)>) -> Result<(), StateError> {
+    /// Writes `files` atomically, as durably as `durability` asks
+    /// (`fsutil::write_all_atomic`), making their directories first.
+    fn write_all(
+        &mut self,
+        files: Vec<(PathBuf, Vec<u8>)>,
+        durability: Durability,
+    ) -> Result<(), StateError> {
         if files.is_empty() {
             return Ok(());
         }
@@ -390,23 +405,28 @@ impl Files {
         for parent in &parents {
             self.ensure_dir(parent)?;
         }
-        match fsutil::write_all_atomic(&files, FILE_MODE) {
+        match fsutil::write_all_atomic(&files, FILE_MODE, durability) {
             // Somebody removed a directory since we made it.
             Err((_, e)) if e.kind() == io::ErrorKind::NotFound => {
                 for parent in &parents {
                     self.dirs.remove(parent);
                     self.ensure_dir(parent)?;
                 }
-                fsutil::write_all_atomic(&files, FILE_MODE).map_err(StateError::at)
+                fsutil::write_all_atomic(&files, FILE_MODE, durability).map_err(StateError::at)
             }
             result => result.map_err(StateError::at),
         }
     }
 
-    /// Removes `paths` durably, with one fsync per directory: a thousand
-    /// guests exiting at once cost one, not a thousand.
-    fn remove_all(&mut self, paths: Vec<PathBuf>) -> Result<(), StateError> {
-        fsutil::remove_all_durably(&paths).map_err(StateError::at)
+    /// Removes `paths`, as durably as `durability` asks, with at most one
+    /// fsync per directory: a thousand guests exiting at once cost one,
+    /// not a thousand.
+    fn remove_all(
+        &mut self,
+        paths: Vec<PathBuf>,
+        durability: Durability,
+    ) -> Result<(), StateError> {
+        fsutil::remove_all(&paths, durability).map_err(StateError::at)
     }
     /// Creates `dir` (and its parents) durably: a new directory entry is
     /// only durable once its parent is synced.

@@ -221,6 +221,22 @@ fn bad_files_are_set_aside_and_the_rest_loads() {
         .exists());
 }
 
+/// A guest's record left empty by a power cut (they are not fsynced) is
+/// removed: its QEMU is gone. An empty record of anything else is bad.
+#[test]
+fn an_empty_guest_record_is_removed_not_set_aside() {
+    let (dir, mut store, mut state) = empty_store();
+    state.guests.insert(7, guest(7));
+    store.save(&mut state).unwrap();
+    let guests = dir.path().join(GUESTS_DIR);
+    fs::write(guests.join("8.json"), "").unwrap();
+    fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
+    fs::write(dir.path().join(FORWARDS_DIR).join("tcp-1-a.json"), "").unwrap();
+    assert_eq!(reopened(dir.path()).guests, state.guests);
+    assert_eq!(names(&guests), ["7.json"]);
+    assert_eq!(names(&dir.path().join(FORWARDS_DIR)), ["tcp-1-a.json.bad"]);
+}
+
 #[test]
 fn a_corrupt_state_file_is_set_aside_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
