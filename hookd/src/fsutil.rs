@@ -36,7 +36,7 @@ pub enum Durability {
 /// further with our leftovers). `mode` is applied exactly, whatever the
 /// umask.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    write_via_temp(path, contents, mode, true)
+    write_all_atomic(&[(path, contents)], mode, Durability::PowerCut).map_err(|(_, e)| e)
 }
 
 /// [`write_atomic`] without its two fsyncs: readers still see the old or
@@ -45,22 +45,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// start (dnsmasq's config and hosts files): each fsync costs about a
 /// millisecond of waiting for the disk, on the path of every connect.
 pub fn write_atomic_unsynced(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    write_via_temp(path, contents, mode, false)
-}
-
-fn write_via_temp(path: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<()> {
-    let tmp = temp_path(path);
-    let result = write_temp(&tmp, contents, mode, sync).and_then(|()| {
-        fs::rename(&tmp, path)?;
-        match sync {
-            true => sync_dir(path.parent().unwrap_or(Path::new("."))),
-            false => Ok(()),
-        }
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_all_atomic(&[(path, contents)], mode, Durability::ProcessCrash).map_err(|(_, e)| e)
 }
 
 /// `.NAME.tmp.PID` next to `path` (see [`TEMP_MARK`]).
@@ -94,8 +79,9 @@ fn write_temp(tmp: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<
 /// reservations under one directory fsync, not a thousand). On an error,
 /// says which path failed and removes the temp files not yet renamed;
 /// files renamed before it stay renamed (each whole, maybe not durable).
+/// [`write_atomic`] and [`write_atomic_unsynced`] are this for one file.
 pub fn write_all_atomic(
-    files: &[(PathBuf, Vec<u8>)],
+    files: &[(impl AsRef<Path>, impl AsRef<[u8]>)],
     mode: u32,
     durability: Durability,
 ) -> Result<(), (PathBuf, io::Error)> {
@@ -103,17 +89,19 @@ pub fn write_all_atomic(
     let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
         for (path, contents) in files {
+            let path = path.as_ref();
             let tmp = temp_path(path);
             temps.push(tmp.clone());
-            write_temp(&tmp, contents, mode, sync).map_err(|e| (path.clone(), e))?;
+            write_temp(&tmp, contents.as_ref(), mode, sync).map_err(|e| (path.to_path_buf(), e))?;
         }
         for (done, (path, _)) in files.iter().enumerate() {
-            fs::rename(&temps[done], path).map_err(|e| (path.clone(), e))?;
+            let path = path.as_ref();
+            fs::rename(&temps[done], path).map_err(|e| (path.to_path_buf(), e))?;
             temps[done] = PathBuf::new();
         }
-        match sync {
-            true => sync_parents(files.iter().map(|(path, _)| path.as_path())),
-            false => Ok(()),
+        match durability {
+            Durability::PowerCut => sync_parents(files.iter().map(|(path, _)| path.as_ref())),
+            Durability::ProcessCrash => Ok(()),
         }
     })();
     if result.is_err() {
