@@ -1,6 +1,7 @@
 //! Running `qnet-hookd` inside a test namespace, and talking to it with
 //! the real `qnetctl`.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -410,6 +411,31 @@ impl Hookd {
     }
 
     /// The address reserved for `mac` on `network`, if any.
+    /// The reservations of `network` as the state directory holds them
+    /// (MAC → address), read from its journal `state/reservations/NET.jsonl`
+    /// without the daemon: the last line of each MAC says what it holds.
+    /// For tests of "persist, then publish". A line that does not parse
+    /// (a torn last line) is skipped.
+    pub fn saved_reservations(&self, network: &str) -> BTreeMap<String, String> {
+        let path = self
+            .dir()
+            .join("state/reservations")
+            .join(format!("{network}.jsonl"));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut saved = BTreeMap::new();
+        for entry in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            let mac = entry["mac"].as_str().unwrap_or_default().to_string();
+            match entry["reservation"]["ip"].as_str() {
+                Some(ip) if entry["op"] == "set" => saved.insert(mac, ip.to_string()),
+                _ => saved.remove(&mac),
+            };
+        }
+        saved
+    }
+
     pub fn reservation(&self, network: &str, mac: &str) -> Option<String> {
         let reply = self.qnetctl(&["reserve", "list", network]).unwrap();
         reply["reservations"]

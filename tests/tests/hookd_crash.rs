@@ -223,19 +223,16 @@ impl World {
     /// Before the restart: dnsmasq was never told of an address that was
     /// not saved (a removal may be saved and not yet published).
     fn check_persisted_before_published(&self, kill: usize) {
-        let dir = self.hookd.dir().join("state/reservations/lab");
+        let saved_all = self.hookd.saved_reservations("lab");
         for line in self.hookd.dhcp_hosts("lab").lines() {
             let mut fields = line.split(',');
             let (mac, ip) = (fields.next().unwrap_or_default(), fields.next());
-            let file = dir.join(format!("{}.json", mac.replace(':', "-")));
-            let saved: Option<Value> = std::fs::read(&file)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let saved = saved_all.get(mac);
             let removing = (0..KEYS)
                 .any(|k| ctl_mac(k) == mac && self.model.reservations.get(&k) != Some(&Some(true)));
             match saved {
                 Some(saved) => assert_eq!(
-                    saved["ip"].as_str(),
+                    Some(saved.as_str()),
                     ip,
                     "kill {kill}: {mac}'s address in dhcp-hosts differs from the saved one"
                 ),

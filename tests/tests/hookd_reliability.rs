@@ -296,7 +296,8 @@ reclaim-after-days = 1
     let mut hookd = Hookd::start(&ns, Some(config));
     hookd.kill9();
     // A full pool: one manual reservation and three automatic ones, two
-    // unseen since 1970 and one seen now.
+    // unseen since 1970 and one seen now, in files of their own as
+    // version 2 kept them (the daemon moves them into its journal).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -404,7 +405,6 @@ fn f04_a_local_user_cannot_exhaust_the_daemons_descriptors() {
 #[test]
 fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
     let (ns, mut hookd) = Hookd::start_in_new_netns("rl05", Some(LAB));
-    let reservations = hookd.dir().join("state/reservations/lab");
     let mut rng = qnet_tests::netns::unique_suffix().len() as u64 ^ u64::from(std::process::id());
     let mut known: std::collections::BTreeMap<String, String> = Default::default();
     let mut guests = Vec::new();
@@ -425,14 +425,13 @@ fn f05_kill_9_during_a_burst_never_changes_a_sticky_address() {
             .wrapping_add(1442695040888963407);
         std::thread::sleep(Duration::from_millis(rng >> 58));
         hookd.kill9();
-        // Persist, then publish: every MAC dnsmasq was told about has its
-        // reservation file.
-        let saved = file_names(&reservations);
+        // Persist, then publish: every MAC dnsmasq was told about is in
+        // the network's journal.
+        let saved = hookd.saved_reservations("lab");
         for line in hookd.dhcp_hosts("lab").lines() {
             let mac = line.split(',').next().unwrap();
-            let file = format!("{}.json", mac.replace(':', "-"));
             assert!(
-                saved.contains(&file),
+                saved.contains_key(mac),
                 "round {round}: {mac} in dhcp-hosts but not saved"
             );
         }
@@ -704,7 +703,7 @@ fn f11_temp_files_left_by_kill_9_are_removed_at_start() {
     let state = hookd.dir().join("state");
     let planted: Vec<PathBuf> = vec![
         state.join(".state.json.tmp.4242"),
-        state.join("reservations/lab/.52-54-00-11-00-02.json.tmp.4242"),
+        state.join("reservations/.lab.jsonl.tmp.4242"),
         state.join("forwards/.tcp-9-00.json.tmp.77"),
         state.join("guests/.1.json.tmp.8"),
     ];

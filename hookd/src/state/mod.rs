@@ -10,6 +10,7 @@
 //! addresses.
 
 pub mod alloc;
+mod journal;
 mod saved;
 pub mod store;
 mod tracked;

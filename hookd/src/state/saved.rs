@@ -3,12 +3,14 @@
 //! the same way): renaming a field of [`super::State`] must never change
 //! what is on disk, and old files must keep loading.
 //!
-//! Version 2 (this one): `state.json` holds the few network-wide facts
-//! ([`Header`]); each reservation, guest and run-time forward is a file
-//! of its own ([`SavedReservation`], [`SavedGuest`], [`SavedForward`]).
-//! Version 1 kept reservations and guests inside `state.json`
-//! ([`LegacyV1`]); such a file still loads, and the next save moves them
-//! to their own files.
+//! Version 3 (this one): `state.json` holds the few network-wide facts
+//! ([`Header`]); each network's reservations are a journal of
+//! [`JournalEntry`] lines; each guest and run-time forward is a file of
+//! its own ([`SavedGuest`], [`SavedForward`]). Version 2 differed only in
+//! keeping each reservation in a file of its own ([`SavedReservation`]);
+//! version 1 kept reservations and guests inside `state.json`
+//! ([`LegacyV1`]). Both still load, and the daemon moves what they hold to
+//! where this version keeps it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -21,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::{Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
 use crate::config::NetworkConfig;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
-/// `state.json` of version 2.
+/// `state.json` of versions 2 and 3.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     pub version: u32,
@@ -104,7 +106,24 @@ impl From<SavedLibvirtAddress> for LibvirtAddress {
     }
 }
 
-/// `reservations/NET/MAC.json`.
+/// One line of `reservations/NET.jsonl`: a reservation made or changed
+/// (`{"op":"set","mac":...,"reservation":{...}}`), or removed
+/// (`{"op":"remove","mac":...}`). The journal holds a network's
+/// reservations as the last line of each MAC says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum JournalEntry {
+    Set {
+        mac: Mac,
+        reservation: SavedReservation,
+    },
+    Remove {
+        mac: Mac,
+    },
+}
+
+/// A reservation: a line of `reservations/NET.jsonl` holds one, and so
+/// did version 2's `reservations/NET/MAC.json` files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedReservation {

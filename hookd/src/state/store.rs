@@ -3,22 +3,25 @@
 //!
 //! ```text
 //! STATE/state.json                     network-wide facts (saved::Header)
-//! STATE/reservations/NET/MAC.json      one reservation
+//! STATE/reservations/NET.jsonl         one network's reservations (a journal)
 //! STATE/guests/PID.json                one followed guest
 //! STATE/forwards/PROTO-PORT-HASH.json  one run-time forward
 //! ```
 //!
-//! One small file per record, each written atomically and durably
-//! (`fsutil::write_atomic`): a guest connecting, a reservation made or a
-//! forward added writes its own file and nothing else, so the cost does not
-//! grow with how many there are. [`Store`] remembers what the files hold
-//! (as domain values, compared without serialising) and a save writes only
-//! what differs, looking only at the records the state noted as changed
-//! (`super::tracked`).
+//! Each change writes only its own record, so its cost does not grow with
+//! how many there are: a guest, a forward or `state.json` is a small file
+//! written atomically (`fsutil::write_all_atomic`), and a reservation is a
+//! line appended to its network's journal (`super::journal`; see
+//! `reservations` for why). Each is durable before a save returns, bar
+//! the guests' records (see [`Store::save_guests`]). [`Store`] remembers
+//! what the files hold (as domain values, compared without serialising)
+//! and a save writes only what differs, looking only at the records the
+//! state noted as changed (`super::tracked`).
 //!
 //! Loading never refuses to start over one bad file: a file that does not
 //! parse is renamed to `*.bad` and reported, and the daemon runs without
-//! it. Temp files of writes a crash interrupted are removed.
+//! it (a journal's good lines are kept). Temp files of writes a crash
+//! interrupted are removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -30,13 +33,15 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::alloc::ReservationTable as _;
-use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest, SavedReservation};
+use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest};
 use super::{Forward, Guest, Reservation, State};
 use crate::fsutil::{self, Durability};
 use read::{json_files, read_if_exists, read_record, set_aside, subdirs};
 
 #[path = "store_read.rs"]
 mod read;
+#[path = "store_reservations.rs"]
+mod reservations;
 
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
@@ -79,6 +84,8 @@ pub struct Store {
     /// rewritten once every record has a file of its own.
     legacy: bool,
     reservations: BTreeMap<NetName, BTreeMap<Mac, Reservation>>,
+    /// Each network's journal as this daemon last wrote it.
+    journals: BTreeMap<NetName, reservations::JournalFile>,
     guests: BTreeMap<u32, Guest>,
     /// Each forward with a file, and the file's name.
     forwards: HashMap<Forward, String>,
@@ -105,6 +112,7 @@ impl Store {
             header: None,
             legacy: false,
             reservations: BTreeMap::new(),
+            journals: BTreeMap::new(),
             guests: BTreeMap::new(),
             forwards: HashMap::new(),
         };
@@ -162,13 +170,13 @@ impl Store {
                 }
                 Err(e) => return set_aside(&path, &e.to_string()),
             },
-            Some(v) if v == u64::from(saved::VERSION) => {
-                match serde_json::from_slice::<Header>(&bytes) {
-                    Ok(header) => header,
-                    Err(e) => return set_aside(&path, &e.to_string()),
-                }
-            }
-            Some(v) => return set_aside(&path, &format!("version {v}, this daemon knows 1 and 2")),
+            // Version 2 differs only in where reservations are (files
+            // of their own, see `reservations`), not in this file.
+            Some(2) | Some(3) => match serde_json::from_slice::<Header>(&bytes) {
+                Ok(header) => header,
+                Err(e) => return set_aside(&path, &e.to_string()),
+            },
+            Some(v) => return set_aside(&path, &format!("version {v}, this daemon knows 1 to 3")),
             None => return set_aside(&path, "not a qnet state file"),
         };
         state.default_subnet = header.default_subnet;
@@ -182,35 +190,6 @@ impl Store {
             .collect();
         if !self.legacy {
             self.header = Some(bytes);
-        }
-        Ok(())
-    }
-
-    fn load_reservations(&mut self, state: &mut State) -> Result<(), StateError> {
-        let root = self.files.dir.join(RESERVATIONS_DIR);
-        for (net_dir, net_name) in subdirs(&root)? {
-            let Ok(network) = net_name.parse::<NetName>() else {
-                tracing::warn!("{}: not a network's directory; ignored", net_dir.display());
-                continue;
-            };
-            for (path, name) in json_files(&net_dir)? {
-                let Some(mac) = mac_of_file(&name) else {
-                    set_aside(&path, "the file name is not MAC.json")?;
-                    continue;
-                };
-                let Some(saved) = read_record::<SavedReservation>(&path)? else {
-                    continue;
-                };
-                let reservation = Reservation::from(saved);
-                self.reservations
-                    .entry(network.clone())
-                    .or_default()
-                    .insert(mac, reservation.clone());
-                state
-                    .reservations
-                    .table_mut(&network)
-                    .insert(mac, reservation);
-            }
         }
         Ok(())
     }
@@ -258,60 +237,6 @@ impl Store {
                 state.forwards.push(forward);
             }
         }
-        Ok(())
-    }
-
-    /// Only the reservations noted as changed since the last save are
-    /// compared and written ([`super::tracked`]): a connect among a
-    /// thousand guests costs one comparison, not a thousand.
-    fn save_reservations(&mut self, state: &mut State) -> Result<(), StateError> {
-        let Store {
-            files,
-            reservations: saved,
-            ..
-        } = self;
-        let (mut writes, mut written, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-        for (network, mac) in state.reservations.store_changes() {
-            let now = state.reservations.get(network).and_then(|t| t.get(mac));
-            let before = saved.get(network).and_then(|t| t.get(mac));
-            match now {
-                _ if now == before => {}
-                Some(reservation) => {
-                    let path = reservation_path(&files.dir, network, *mac);
-                    writes.push((path, record_bytes(&SavedReservation::from(reservation))));
-                    written.push((network, *mac, reservation));
-                }
-                None => gone.push((network.clone(), *mac)),
-            }
-        }
-        files.write_all(writes, Durability::PowerCut)?;
-        for (network, mac, reservation) in written {
-            let table = saved.entry(network.clone()).or_default();
-            table.insert(mac, reservation.clone());
-        }
-        let paths = gone
-            .iter()
-            .map(|(net, mac)| reservation_path(&files.dir, net, *mac));
-        files.remove_all(paths.collect(), Durability::PowerCut)?;
-        for (network, mac) in gone {
-            if let Some(table) = saved.get_mut(&network) {
-                table.remove(&mac);
-                if table.is_empty() {
-                    saved.remove(&network);
-                }
-            }
-        }
-        state.reservations.clear_store_changes();
-        debug_assert!(
-            saved
-                .iter()
-                .all(|(net, t)| state.reservations.get(net) == Some(t))
-                && state
-                    .reservations
-                    .iter()
-                    .all(|(net, t)| t.is_empty() || saved.get(net) == Some(t)),
-            "a reservation changed without being noted"
-        );
         Ok(())
     }
 
@@ -521,19 +446,6 @@ fn sweep_temp_files(dir: &Path) -> Result<(), StateError> {
         }
     }
     Ok(())
-}
-
-/// `reservations/NET/52-54-00-12-34-56.json`: dashes, since a colon in a
-/// file name trips up tools (scp, make, Windows shares of backups).
-fn reservation_path(dir: &Path, network: &NetName, mac: Mac) -> PathBuf {
-    let name = mac.to_string().replace(':', "-");
-    dir.join(RESERVATIONS_DIR)
-        .join(network.as_str())
-        .join(format!("{name}.json"))
-}
-
-fn mac_of_file(name: &str) -> Option<Mac> {
-    name.strip_suffix(".json")?.parse().ok()
 }
 
 /// The file of one run-time forward: readable, and unique for each

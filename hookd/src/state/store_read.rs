@@ -46,9 +46,15 @@ pub(super) fn set_aside(path: &Path, why: &str) -> Result<(), StateError> {
 
 /// `(path, name)` of each `*.json` file in `dir` (none if it is missing).
 pub(super) fn json_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, StateError> {
+    files_ending(dir, ".json")
+}
+
+/// `(path, name)` of each regular file in `dir` whose name ends in
+/// `suffix`, hidden ones (temp files) apart (none if `dir` is missing).
+pub(super) fn files_ending(dir: &Path, suffix: &str) -> Result<Vec<(PathBuf, String)>, StateError> {
     Ok(entries(dir)?
         .into_iter()
-        .filter(|(path, name)| name.ends_with(".json") && !name.starts_with('.') && path.is_file())
+        .filter(|(path, name)| name.ends_with(suffix) && !name.starts_with('.') && path.is_file())
         .collect())
 }
 

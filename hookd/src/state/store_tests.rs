@@ -1,6 +1,8 @@
 use std::net::Ipv4Addr;
 
 use super::*;
+use crate::state::journal;
+use crate::state::saved::SavedReservation;
 use crate::state::{LibvirtAddress, Nic, NicOwner};
 
 fn reservation(ip: [u8; 4]) -> Reservation {
@@ -105,10 +107,7 @@ fn every_record_round_trips_through_files_of_its_own() {
         },
     );
     store.save(&mut state).unwrap();
-    assert_eq!(
-        names(&dir.path().join("reservations/lab")),
-        ["52-54-00-00-00-01.json"]
-    );
+    assert_eq!(names(&dir.path().join(RESERVATIONS_DIR)), ["lab.jsonl"]);
     assert_eq!(names(&dir.path().join("guests")), ["42.json"]);
     assert_eq!(names(&dir.path().join("forwards")).len(), 2);
     let header = header(dir.path());
@@ -178,7 +177,8 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
     store.save(&mut state).unwrap();
     let header = header(dir.path());
     assert!(
-        header.contains("\"version\": 2") && !header.contains("10.213.7.2"),
+        header.contains(&format!("\"version\": {}", saved::VERSION))
+            && !header.contains("10.213.7.2"),
         "{header}"
     );
     assert_eq!(reopened(dir.path()), state);
@@ -276,4 +276,123 @@ fn temp_files_of_every_record_directory_are_swept_at_open() {
     assert!(names(&net_dir).is_empty(), "{:?}", names(&net_dir));
     assert!(names(&dir.path().join(FORWARDS_DIR)).is_empty());
     assert!(!dir.path().join(".state.json.tmp.41").exists());
+}
+
+/// The lines of `lab`'s journal in `dir`.
+fn journal_lines(dir: &Path) -> Vec<String> {
+    let text = fs::read_to_string(dir.join(RESERVATIONS_DIR).join("lab.jsonl")).unwrap();
+    text.lines().map(str::to_owned).collect()
+}
+
+fn lab() -> NetName {
+    "lab".parse().unwrap()
+}
+
+#[test]
+fn a_reservation_change_is_a_line_appended_to_its_journal() {
+    let (dir, mut store, mut state) = empty_store();
+    for n in 1..=3 {
+        let r = reservation([10, 0, 0, n]);
+        state.reservations.table_mut(&lab()).insert(mac(n), r);
+    }
+    store.save(&mut state).unwrap();
+    assert_eq!(journal_lines(dir.path()).len(), 3);
+    state
+        .reservations
+        .get_mut("lab", &mac(2))
+        .unwrap()
+        .last_seen = 9;
+    state.reservations.table_mut(&lab()).remove(&mac(3));
+    store.save(&mut state).unwrap();
+    let lines = journal_lines(dir.path());
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(lines[4].contains("\"remove\""), "{lines:?}");
+    assert_eq!(reopened(dir.path()), state);
+    // Without reservations, a network has no journal.
+    state.reservations.table_mut(&lab()).remove(&mac(1));
+    state.reservations.table_mut(&lab()).remove(&mac(2));
+    store.save(&mut state).unwrap();
+    assert!(names(&dir.path().join(RESERVATIONS_DIR)).is_empty());
+    assert!(reopened(dir.path()).reservations.is_empty());
+}
+
+#[test]
+fn a_journal_is_rewritten_once_it_holds_twice_its_reservations() {
+    let (dir, mut store, mut state) = empty_store();
+    let r = reservation([10, 0, 0, 5]);
+    state.reservations.table_mut(&lab()).insert(mac(1), r);
+    let mut longest = 0;
+    for seen in 0..300 {
+        state
+            .reservations
+            .get_mut("lab", &mac(1))
+            .unwrap()
+            .last_seen = seen;
+        store.save(&mut state).unwrap();
+        longest = longest.max(journal_lines(dir.path()).len());
+    }
+    assert_eq!(longest, 2 + journal::SLACK, "lines before a rewrite");
+    assert_eq!(reopened(dir.path()), state);
+}
+
+#[test]
+fn a_journal_cut_short_or_edited_loads_what_it_can() {
+    let (dir, mut store, mut state) = empty_store();
+    for n in 1..=2 {
+        let r = reservation([10, 0, 0, n]);
+        state.reservations.table_mut(&lab()).insert(mac(n), r);
+    }
+    store.save(&mut state).unwrap();
+    let path = dir.path().join(RESERVATIONS_DIR).join("lab.jsonl");
+    let whole = fs::read(&path).unwrap();
+    // A crash in the middle of an append: the torn line goes, silently.
+    fs::write(&path, [&whole[..], b"{\"op\":\"set\",\"ma"].concat()).unwrap();
+    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(fs::read(&path).unwrap(), whole, "rewritten without it");
+    // A whole line that is not an entry: set aside, the rest kept.
+    let lines = journal_lines(dir.path());
+    fs::write(&path, format!("{}\nnot json\n{}\n", lines[0], lines[1])).unwrap();
+    assert_eq!(reopened(dir.path()), state);
+    assert!(dir
+        .path()
+        .join(RESERVATIONS_DIR)
+        .join("lab.jsonl.bad")
+        .exists());
+    assert_eq!(journal_lines(dir.path()), lines);
+}
+
+#[test]
+fn a_journal_changed_behind_the_daemon_is_written_again_from_its_state() {
+    let (dir, mut store, mut state) = empty_store();
+    let r = reservation([10, 0, 0, 5]);
+    state.reservations.table_mut(&lab()).insert(mac(1), r);
+    store.save(&mut state).unwrap();
+    fs::remove_file(dir.path().join(RESERVATIONS_DIR).join("lab.jsonl")).unwrap();
+    let r = reservation([10, 0, 0, 6]);
+    state.reservations.table_mut(&lab()).insert(mac(2), r);
+    store.save(&mut state).unwrap();
+    assert_eq!(journal_lines(dir.path()).len(), 2);
+    assert_eq!(reopened(dir.path()), state);
+}
+
+/// Version 2 kept each reservation in a file of its own: they load, move
+/// into the network's journal, and their files and directory go.
+#[test]
+fn version_2_reservation_files_move_into_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let net_dir = dir.path().join(RESERVATIONS_DIR).join("lab");
+    fs::create_dir_all(&net_dir).unwrap();
+    for n in [1u8, 2] {
+        let record = SavedReservation::from(&reservation([10, 0, 0, n]));
+        let name = format!("52-54-00-00-00-0{n}.json");
+        fs::write(net_dir.join(name), serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+    fs::write(dir.path().join(STATE_FILE), r#"{"version": 2}"#).unwrap();
+    let state = reopened(dir.path());
+    let lab = &state.reservations[&lab()];
+    assert_eq!(lab[&mac(2)], reservation([10, 0, 0, 2]));
+    assert_eq!(lab.len(), 2);
+    assert!(!net_dir.exists(), "{:?}", names(&net_dir));
+    assert_eq!(journal_lines(dir.path()).len(), 2);
+    assert_eq!(reopened(dir.path()), state);
 }
