@@ -288,14 +288,20 @@ fn lab() -> NetName {
     "lab".parse().unwrap()
 }
 
-#[test]
-fn a_reservation_change_is_a_line_appended_to_its_journal() {
+/// A store on a new directory whose `lab` has `n` reservations, saved.
+fn store_with_lab(n: u8) -> (tempfile::TempDir, Store, State) {
     let (dir, mut store, mut state) = empty_store();
-    for n in 1..=3 {
+    for n in 1..=n {
         let r = reservation([10, 0, 0, n]);
         state.reservations.table_mut(&lab()).insert(mac(n), r);
     }
     store.save(&mut state).unwrap();
+    (dir, store, state)
+}
+
+#[test]
+fn a_reservation_change_is_a_line_appended_to_its_journal() {
+    let (dir, mut store, mut state) = store_with_lab(3);
     assert_eq!(journal_lines(dir.path()).len(), 3);
     state
         .reservations
@@ -318,9 +324,7 @@ fn a_reservation_change_is_a_line_appended_to_its_journal() {
 
 #[test]
 fn a_journal_is_rewritten_once_it_holds_twice_its_reservations() {
-    let (dir, mut store, mut state) = empty_store();
-    let r = reservation([10, 0, 0, 5]);
-    state.reservations.table_mut(&lab()).insert(mac(1), r);
+    let (dir, mut store, mut state) = store_with_lab(1);
     let mut longest = 0;
     for seen in 0..300 {
         state
@@ -337,12 +341,7 @@ fn a_journal_is_rewritten_once_it_holds_twice_its_reservations() {
 
 #[test]
 fn a_journal_cut_short_or_edited_loads_what_it_can() {
-    let (dir, mut store, mut state) = empty_store();
-    for n in 1..=2 {
-        let r = reservation([10, 0, 0, n]);
-        state.reservations.table_mut(&lab()).insert(mac(n), r);
-    }
-    store.save(&mut state).unwrap();
+    let (dir, mut store, mut state) = store_with_lab(2);
     let path = dir.path().join(RESERVATIONS_DIR).join("lab.jsonl");
     let whole = fs::read(&path).unwrap();
     // A crash in the middle of an append: the torn line goes, silently.
@@ -363,10 +362,7 @@ fn a_journal_cut_short_or_edited_loads_what_it_can() {
 
 #[test]
 fn a_journal_changed_behind_the_daemon_is_written_again_from_its_state() {
-    let (dir, mut store, mut state) = empty_store();
-    let r = reservation([10, 0, 0, 5]);
-    state.reservations.table_mut(&lab()).insert(mac(1), r);
-    store.save(&mut state).unwrap();
+    let (dir, mut store, mut state) = store_with_lab(1);
     fs::remove_file(dir.path().join(RESERVATIONS_DIR).join("lab.jsonl")).unwrap();
     let r = reservation([10, 0, 0, 6]);
     state.reservations.table_mut(&lab()).insert(mac(2), r);
