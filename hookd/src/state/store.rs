@@ -1,20 +1,28 @@
-//! The state directory: where [`State`] survives restarts, kill -9 and
-//! power cuts.
+//! Where [`State`] survives restarts, kill -9 and power cuts: the state
+//! directory, and the run directory for what a reboot ends anyway.
 //!
 //! ```text
 //! STATE/state.json                     network-wide facts (saved::Header)
 //! STATE/reservations/NET/MAC.json      one reservation
-//! STATE/guests/PID.json                one followed guest
 //! STATE/forwards/PROTO-PORT-HASH.json  one run-time forward
+//! RUN/guests/PID.json                  one followed guest
 //! ```
 //!
-//! One small file per record, each written atomically and durably
-//! (`fsutil::write_atomic`): a guest connecting, a reservation made or a
-//! forward added writes its own file and nothing else, so the cost does not
-//! grow with how many there are. [`Store`] remembers what the files hold
-//! (as domain values, compared without serialising) and a save writes only
-//! what differs, looking only at the records the state noted as changed
-//! (`super::tracked`).
+//! One small file per record, each written atomically (`fsutil`): a guest
+//! connecting, a reservation made or a forward added writes its own file
+//! and nothing else, so the cost does not grow with how many there are.
+//! [`Store`] remembers what the files hold (as domain values, compared
+//! without serialising) and a save writes only what differs, looking only
+//! at the records the state noted as changed (`super::tracked`).
+//!
+//! What the daemon promised (reservations, forwards, its networks) is
+//! fsynced into the state directory (`/var/lib/qnet`, on disk). A guest's
+//! record names a QEMU process, which means nothing once the machine
+//! reboots (its PID is somebody else's then): it lives in the run
+//! directory (`/run/qnet`, tmpfs), as libvirt keeps a running domain's
+//! status in `/run/libvirt/qemu/`, and is not fsynced. Records an older
+//! daemon left in `STATE/guests/` are moved there at open
+//! (`store_guests.rs`).
 //!
 //! Loading never refuses to start over one bad file: a file that does not
 //! parse is renamed to `*.bad` and reported, and the daemon runs without
@@ -38,12 +46,15 @@ use read::{json_files, read_if_exists, read_record, set_aside, subdirs};
 #[path = "store_read.rs"]
 mod read;
 
+#[path = "store_guests.rs"]
+mod guests;
+
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
 pub const GUESTS_DIR: &str = "guests";
 pub const FORWARDS_DIR: &str = "forwards";
-/// Files in the state directory are readable by root only: they name
-/// users' guests and addresses.
+/// The store's files are readable by root only: they name users' guests
+/// and addresses.
 const FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, Error)]
@@ -70,10 +81,12 @@ impl StateError {
     }
 }
 
-/// The state directory and what its files hold.
+/// The state and run directories and what their files hold.
 #[derive(Debug)]
 pub struct Store {
     files: Files,
+    /// `RUN/guests`: the guests' records.
+    guests_dir: PathBuf,
     header: Option<Vec<u8>>,
     /// `state.json` is of version 1 and still holds records: it is
     /// rewritten once every record has a file of its own.
@@ -84,7 +97,7 @@ pub struct Store {
     forwards: HashMap<Forward, String>,
 }
 
-/// Writes and removes the state directory's files durably.
+/// Writes and removes the store's files, as durably as each asks.
 #[derive(Debug)]
 struct Files {
     dir: PathBuf,
@@ -93,15 +106,17 @@ struct Files {
 }
 
 impl Store {
-    /// Loads the state directory `dir` (a missing one is an empty state).
-    /// Files that do not parse are set aside, not fatal; only I/O errors
-    /// on the directory itself are.
-    pub fn open(dir: &Path) -> Result<(Store, State), StateError> {
+    /// Loads the state directory `dir` and the guests' records of the run
+    /// directory `run_dir` (missing ones are an empty state). Files that
+    /// do not parse are set aside, not fatal; only I/O errors on the
+    /// directories themselves are.
+    pub fn open(dir: &Path, run_dir: &Path) -> Result<(Store, State), StateError> {
         let mut store = Store {
             files: Files {
                 dir: dir.to_path_buf(),
                 dirs: HashSet::new(),
             },
+            guests_dir: run_dir.join(GUESTS_DIR),
             header: None,
             legacy: false,
             reservations: BTreeMap::new(),
@@ -109,9 +124,10 @@ impl Store {
             forwards: HashMap::new(),
         };
         let mut state = State::default();
-        sweep_temp_files(dir)?;
+        sweep_temp_files(dir, run_dir)?;
         store.load_header(&mut state)?;
         store.load_reservations(&mut state)?;
+        store.move_old_guests()?;
         store.load_guests(&mut state)?;
         store.load_forwards(&mut state)?;
         Ok((store, state))
@@ -215,29 +231,6 @@ impl Store {
         Ok(())
     }
 
-    fn load_guests(&mut self, state: &mut State) -> Result<(), StateError> {
-        for (path, name) in json_files(&self.files.dir.join(GUESTS_DIR))? {
-            // Guests' records are not fsynced (see `save_guests`): a power
-            // cut can leave one empty, and its QEMU went with the machine.
-            if fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
-                fs::remove_file(&path).map_err(StateError::io(&path))?;
-                tracing::info!("{}: empty after a power cut: removed", path.display());
-                continue;
-            }
-            let Some(saved) = read_record::<SavedGuest>(&path)? else {
-                continue;
-            };
-            if name != format!("{}.json", saved.pid) {
-                set_aside(&path, "the file name is not the guest's PID.json")?;
-                continue;
-            }
-            let guest = Guest::from(saved);
-            self.guests.insert(guest.pid, guest.clone());
-            state.guests.insert(guest.pid, guest);
-        }
-        Ok(())
-    }
-
     fn load_forwards(&mut self, state: &mut State) -> Result<(), StateError> {
         let mut files = json_files(&self.files.dir.join(FORWARDS_DIR))?;
         // In the order of their names: by protocol and first port.
@@ -325,6 +318,7 @@ impl Store {
         let Store {
             files,
             guests: saved,
+            guests_dir: dir,
             ..
         } = self;
         let (mut writes, mut written, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -333,7 +327,7 @@ impl Store {
             match now {
                 _ if now == saved.get(pid) => {}
                 Some(guest) => {
-                    let path = files.dir.join(GUESTS_DIR).join(format!("{pid}.json"));
+                    let path = dir.join(format!("{pid}.json"));
                     writes.push((path, record_bytes(&SavedGuest::from(guest))));
                     written.push(guest);
                 }
@@ -347,7 +341,6 @@ impl Store {
         for guest in written {
             saved.insert(guest.pid, guest.clone());
         }
-        let dir = files.dir.join(GUESTS_DIR);
         let paths = gone.iter().map(|pid| dir.join(format!("{pid}.json")));
         files.remove_all(paths.collect(), Durability::ProcessCrash)?;
         for pid in gone {
@@ -500,12 +493,14 @@ fn absorb_legacy(
 }
 
 /// Removes the temp files of writes a crash interrupted from every
-/// directory the store writes to (`reservations/NET/` included).
-fn sweep_temp_files(dir: &Path) -> Result<(), StateError> {
+/// directory the store writes to (`reservations/NET/` included, and the
+/// `STATE/guests/` of an older daemon).
+fn sweep_temp_files(dir: &Path, run_dir: &Path) -> Result<(), StateError> {
     let mut dirs: Vec<PathBuf> = ["", RESERVATIONS_DIR, GUESTS_DIR, FORWARDS_DIR]
         .iter()
         .map(|sub| dir.join(sub))
         .collect();
+    dirs.push(run_dir.join(GUESTS_DIR));
     dirs.extend(
         subdirs(&dir.join(RESERVATIONS_DIR))?
             .into_iter()
