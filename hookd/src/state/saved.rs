@@ -5,7 +5,17 @@
 //!
 //! Version 2 (this one): `state.json` holds the few network-wide facts
 //! ([`Header`]); each reservation, guest and run-time forward is a file
-//! of its own ([`SavedReservation`], [`SavedGuest`], [`SavedForward`]).
+//! of its own ([`SavedReservation`], [`SavedGuest`], [`SavedForward`]):
+//!
+//! ```text
+//! STATE/state.json                     Header
+//! STATE/reservations/NET/MAC.json      SavedReservation
+//! STATE/forwards/PROTO-PORT-HASH.json  SavedForward
+//! RUN/guests/PID.json                  SavedGuest (a reboot ends them)
+//! ```
+//!
+//! Daemons before the run directory kept the guests' files in
+//! `STATE/guests/`, of the same format: they are moved at start.
 //! Version 1 kept reservations and guests inside `state.json`
 //! ([`LegacyV1`]); such a file still loads, and the next save moves them
 //! to their own files.
@@ -159,7 +169,8 @@ impl From<SavedReservation> for Reservation {
     }
 }
 
-/// `guests/PID.json` (and version 1's `guests` map).
+/// `RUN/guests/PID.json` (and an older daemon's `STATE/guests/PID.json`,
+/// and version 1's `guests` map).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedGuest {
     pub pid: u32,
