@@ -47,8 +47,10 @@ DESCRIPTION
     configuration that does not validate is refused and the running one
     stays (the log says why).
 
-    State lives in STATE_DIR/state.json and STATE_DIR/forwards/ (one file
-    per forward added at run time), written atomically. SIGTERM leaves
+    State lives in STATE_DIR, one file per record, written atomically and
+    fsynced: state.json (network-wide facts), reservations/NET/MAC.json,
+    forwards/ (one file per forward added at run time). The guests it
+    follows are RUN_DIR/guests/PID.json: a reboot ends them. SIGTERM leaves
     bridges, rules and dnsmasq running for the guests; the next start
     rebuilds the rules in one transaction and re-adopts running guests.
 
@@ -57,7 +59,8 @@ FILES
     /etc/qnet/networks.d/  networks created at run time, one NAME.toml each
     /run/qnet/ctl.sock     control socket (root and group `qnet`)
     /run/qnet/qmp.sock     where QEMUs dial in
-    /var/lib/qnet/         state, run-time forwards, dnsmasq lease files";
+    /run/qnet/             dnsmasq configs and hosts files, followed guests
+    /var/lib/qnet/         reservations, run-time forwards, dnsmasq leases";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,11 +74,13 @@ pub struct Hookd {
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
 
-    /// Runtime files: dnsmasq configs, hosts files, pid files.
+    /// Runtime files (tmpfs): dnsmasq configs, hosts files, pid files, the
+    /// records of the guests followed (they end with a reboot).
     #[arg(long, value_name = "DIR", default_value = "/run/qnet")]
     pub run_dir: PathBuf,
 
-    /// Persistent state and dnsmasq leases.
+    /// Persistent state (reservations, run-time forwards) and dnsmasq
+    /// leases.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/qnet")]
     pub state_dir: PathBuf,
 

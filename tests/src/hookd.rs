@@ -39,10 +39,14 @@ pub fn network(name: &str, bridge: &str, settings: &[&str]) -> String {
 }
 
 /// A qnet-hookd process with its own config, run and state directories.
-/// Dropping it kills the daemon (the namespace's own drop kills dnsmasq).
+/// Dropping it kills the daemon (the namespace's own drop kills dnsmasq)
+/// and removes them.
 pub struct Hookd {
     netns_name: String,
     dir: tempfile::TempDir,
+    /// `--run-dir`, apart from `dir`: see [`run_tempdir`]. It lives as
+    /// long as this, so a restarted daemon finds its guests' records.
+    run: tempfile::TempDir,
     child: Option<Child>,
     launch: Launched,
 }
@@ -134,6 +138,7 @@ impl Hookd {
         }
         Hookd {
             netns_name: netns.name().to_string(),
+            run: run_tempdir(dir.path()),
             dir,
             child: None,
             launch: Launched {
@@ -223,8 +228,9 @@ impl Hookd {
         reply
     }
 
+    /// `--run-dir`: not inside [`Hookd::dir`] (see [`run_tempdir`]).
     pub fn run_dir(&self) -> PathBuf {
-        self.dir().join("run")
+        self.run.path().to_path_buf()
     }
 
     /// What dnsmasq of `network` is told of reservations: the lines of
@@ -507,6 +513,7 @@ pub fn qmp_client_args(socket: &Path) -> Vec<String> {
 /// configs it must refuse, where it exits before serving anything.
 pub fn run_with_config(netns: &NetNs, config: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
+    let run = run_tempdir(dir.path());
     std::fs::write(dir.path().join("hookd.toml"), config).unwrap();
     Command::new("ip")
         .args(["netns", "exec", netns.name()])
@@ -514,7 +521,7 @@ pub fn run_with_config(netns: &NetNs, config: &str) -> std::process::Output {
         .arg("--config")
         .arg(dir.path().join("hookd.toml"))
         .arg("--run-dir")
-        .arg(dir.path().join("run"))
+        .arg(run.path())
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--ctl-socket")
@@ -522,5 +529,20 @@ pub fn run_with_config(netns: &NetNs, config: &str) -> std::process::Output {
         .arg("--qmp-socket")
         .arg(dir.path().join("qmp.sock"))
         .output()
+        .unwrap()
+}
+
+/// A new run directory for the daemon, removed on drop: on tmpfs
+/// (`/dev/shm`), as an install's `/run/qnet` is, since what the daemon
+/// writes there unsynced (dnsmasq's hosts files, guests' records) costs
+/// what tmpfs costs on a host, and the benches measure what an install
+/// does. In `beside` (on TMPDIR's file system) where there is no
+/// `/dev/shm`. Mode 0700 as a tempdir's: dnsmasq keeps root unless a test
+/// opens it (`chmod 755`), as it did inside the 0700 `beside`.
+fn run_tempdir(beside: &Path) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    tempfile::Builder::new()
+        .prefix("qnet-test-run-")
+        .tempdir_in(if shm.is_dir() { shm } else { beside })
         .unwrap()
 }

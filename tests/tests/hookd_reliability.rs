@@ -705,7 +705,7 @@ fn f11_temp_files_left_by_kill_9_are_removed_at_start() {
         state.join(".state.json.tmp.4242"),
         state.join("reservations/.lab.jsonl.tmp.4242"),
         state.join("forwards/.tcp-9-00.json.tmp.77"),
-        state.join("guests/.1.json.tmp.8"),
+        hookd.run_dir().join("guests/.1.json.tmp.8"),
     ];
     for path in &planted {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -87,11 +87,9 @@ fn socket_activation_serves_the_first_client_and_notifies_ready_then_stopping() 
     let mut hookd = Hookd::prepare(&ns, None, Launch::default());
     // As /run/qnet is: traversable, so dnsmasq drops root for its own user
     // (which needs CAP_SETUID, CAP_SETGID, and CAP_KILL to signal it).
-    std::fs::set_permissions(
-        hookd.dir(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    for dir in [hookd.dir().to_path_buf(), hookd.run_dir()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let notify_path = hookd.dir().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let listen = [hookd.ctl_socket(), hookd.qmp_socket()];

@@ -159,7 +159,7 @@ impl Reconciler {
         lease_watch: watch::Sender<BTreeSet<String>>,
         qmp_sessions: Arc<Sessions>,
     ) -> Result<Reconciler, DaemonError> {
-        let (store, state) = Store::open(&paths.state_dir)?;
+        let (store, state) = Store::open(&paths.state_dir, &paths.run_dir)?;
         let mut reconciler = Reconciler {
             paths,
             files,

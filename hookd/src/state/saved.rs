@@ -6,11 +6,21 @@
 //! Version 3 (this one): `state.json` holds the few network-wide facts
 //! ([`Header`]); each network's reservations are a journal of
 //! [`JournalEntry`] lines; each guest and run-time forward is a file of
-//! its own ([`SavedGuest`], [`SavedForward`]). Version 2 differed only in
-//! keeping each reservation in a file of its own ([`SavedReservation`]);
-//! version 1 kept reservations and guests inside `state.json`
-//! ([`LegacyV1`]). Both still load, and the daemon moves what they hold to
-//! where this version keeps it.
+//! its own ([`SavedGuest`], [`SavedForward`]):
+//!
+//! ```text
+//! STATE/state.json                     Header
+//! STATE/reservations/NET.jsonl         JournalEntry, a line each
+//! STATE/forwards/PROTO-PORT-HASH.json  SavedForward
+//! RUN/guests/PID.json                  SavedGuest (a reboot ends them)
+//! ```
+//!
+//! Older layouts still load, and the daemon moves what they hold to where
+//! this version keeps it: version 2 kept each reservation in a file of its
+//! own (`STATE/reservations/NET/MAC.json`, a [`SavedReservation`]);
+//! daemons before the run directory kept the guests' files in
+//! `STATE/guests/`, of the same format; version 1 kept reservations and
+//! guests inside `state.json` ([`LegacyV1`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -178,7 +188,8 @@ impl From<SavedReservation> for Reservation {
     }
 }
 
-/// `guests/PID.json` (and version 1's `guests` map).
+/// `RUN/guests/PID.json` (and an older daemon's `STATE/guests/PID.json`,
+/// and version 1's `guests` map).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedGuest {
     pub pid: u32,

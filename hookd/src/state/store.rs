@@ -1,11 +1,11 @@
-//! The state directory: where [`State`] survives restarts, kill -9 and
-//! power cuts.
+//! Where [`State`] survives restarts, kill -9 and power cuts: the state
+//! directory, and the run directory for what a reboot ends anyway.
 //!
 //! ```text
 //! STATE/state.json                     network-wide facts (saved::Header)
 //! STATE/reservations/NET.jsonl         one network's reservations (a journal)
-//! STATE/guests/PID.json                one followed guest
 //! STATE/forwards/PROTO-PORT-HASH.json  one run-time forward
+//! RUN/guests/PID.json                  one followed guest
 //! ```
 //!
 //! Each change writes only its own record, so its cost does not grow with
@@ -17,6 +17,15 @@
 //! what the files hold (as domain values, compared without serialising)
 //! and a save writes only what differs, looking only at the records the
 //! state noted as changed (`super::tracked`).
+//!
+//! What the daemon promised (reservations, forwards, its networks) is
+//! made durable into the state directory (`/var/lib/qnet`, on disk). A guest's
+//! record names a QEMU process, which means nothing once the machine
+//! reboots (its PID is somebody else's then): it lives in the run
+//! directory (`/run/qnet`, tmpfs), as libvirt keeps a running domain's
+//! status in `/run/libvirt/qemu/`, and is not fsynced. Records an older
+//! daemon left in `STATE/guests/` are moved there at open
+//! (`store_guests.rs`).
 //!
 //! Loading never refuses to start over one bad file: a file that does not
 //! parse is renamed to `*.bad` and reported, and the daemon runs without
@@ -43,12 +52,15 @@ mod read;
 #[path = "store_reservations.rs"]
 mod reservations;
 
+#[path = "store_guests.rs"]
+mod guests;
+
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
 pub const GUESTS_DIR: &str = "guests";
 pub const FORWARDS_DIR: &str = "forwards";
-/// Files in the state directory are readable by root only: they name
-/// users' guests and addresses.
+/// The store's files are readable by root only: they name users' guests
+/// and addresses.
 const FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, Error)]
@@ -75,10 +87,12 @@ impl StateError {
     }
 }
 
-/// The state directory and what its files hold.
+/// The state and run directories and what their files hold.
 #[derive(Debug)]
 pub struct Store {
     files: Files,
+    /// `RUN/guests`: the guests' records.
+    guests_dir: PathBuf,
     header: Option<Vec<u8>>,
     /// `state.json` is of version 1 and still holds records: it is
     /// rewritten once every record has a file of its own.
@@ -91,7 +105,7 @@ pub struct Store {
     forwards: HashMap<Forward, String>,
 }
 
-/// Writes and removes the state directory's files durably.
+/// Writes and removes the store's files, as durably as each asks.
 #[derive(Debug)]
 struct Files {
     dir: PathBuf,
@@ -100,15 +114,17 @@ struct Files {
 }
 
 impl Store {
-    /// Loads the state directory `dir` (a missing one is an empty state).
-    /// Files that do not parse are set aside, not fatal; only I/O errors
-    /// on the directory itself are.
-    pub fn open(dir: &Path) -> Result<(Store, State), StateError> {
+    /// Loads the state directory `dir` and the guests' records of the run
+    /// directory `run_dir` (missing ones are an empty state). Files that
+    /// do not parse are set aside, not fatal; only I/O errors on the
+    /// directories themselves are.
+    pub fn open(dir: &Path, run_dir: &Path) -> Result<(Store, State), StateError> {
         let mut store = Store {
             files: Files {
                 dir: dir.to_path_buf(),
                 dirs: HashSet::new(),
             },
+            guests_dir: run_dir.join(GUESTS_DIR),
             header: None,
             legacy: false,
             reservations: BTreeMap::new(),
@@ -117,9 +133,10 @@ impl Store {
             forwards: HashMap::new(),
         };
         let mut state = State::default();
-        sweep_temp_files(dir)?;
+        sweep_temp_files(dir, run_dir)?;
         store.load_header(&mut state)?;
         store.load_reservations(&mut state)?;
+        store.move_old_guests()?;
         store.load_guests(&mut state)?;
         store.load_forwards(&mut state)?;
         Ok((store, state))
@@ -194,29 +211,6 @@ impl Store {
         Ok(())
     }
 
-    fn load_guests(&mut self, state: &mut State) -> Result<(), StateError> {
-        for (path, name) in json_files(&self.files.dir.join(GUESTS_DIR))? {
-            // Guests' records are not fsynced (see `save_guests`): a power
-            // cut can leave one empty, and its QEMU went with the machine.
-            if fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
-                fs::remove_file(&path).map_err(StateError::io(&path))?;
-                tracing::info!("{}: empty after a power cut: removed", path.display());
-                continue;
-            }
-            let Some(saved) = read_record::<SavedGuest>(&path)? else {
-                continue;
-            };
-            if name != format!("{}.json", saved.pid) {
-                set_aside(&path, "the file name is not the guest's PID.json")?;
-                continue;
-            }
-            let guest = Guest::from(saved);
-            self.guests.insert(guest.pid, guest.clone());
-            state.guests.insert(guest.pid, guest);
-        }
-        Ok(())
-    }
-
     fn load_forwards(&mut self, state: &mut State) -> Result<(), StateError> {
         let mut files = json_files(&self.files.dir.join(FORWARDS_DIR))?;
         // In the order of their names: by protocol and first port.
@@ -250,6 +244,7 @@ impl Store {
         let Store {
             files,
             guests: saved,
+            guests_dir: dir,
             ..
         } = self;
         let (mut writes, mut written, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -258,7 +253,7 @@ impl Store {
             match now {
                 _ if now == saved.get(pid) => {}
                 Some(guest) => {
-                    let path = files.dir.join(GUESTS_DIR).join(format!("{pid}.json"));
+                    let path = dir.join(format!("{pid}.json"));
                     writes.push((path, record_bytes(&SavedGuest::from(guest))));
                     written.push(guest);
                 }
@@ -272,7 +267,6 @@ impl Store {
         for guest in written {
             saved.insert(guest.pid, guest.clone());
         }
-        let dir = files.dir.join(GUESTS_DIR);
         let paths = gone.iter().map(|pid| dir.join(format!("{pid}.json")));
         files.remove_all(paths.collect(), Durability::ProcessCrash)?;
         for pid in gone {
@@ -425,12 +419,14 @@ fn absorb_legacy(
 }
 
 /// Removes the temp files of writes a crash interrupted from every
-/// directory the store writes to (`reservations/NET/` included).
-fn sweep_temp_files(dir: &Path) -> Result<(), StateError> {
+/// directory the store writes to (`reservations/NET/` included, and the
+/// `STATE/guests/` of an older daemon).
+fn sweep_temp_files(dir: &Path, run_dir: &Path) -> Result<(), StateError> {
     let mut dirs: Vec<PathBuf> = ["", RESERVATIONS_DIR, GUESTS_DIR, FORWARDS_DIR]
         .iter()
         .map(|sub| dir.join(sub))
         .collect();
+    dirs.push(run_dir.join(GUESTS_DIR));
     dirs.extend(
         subdirs(&dir.join(RESERVATIONS_DIR))?
             .into_iter()

@@ -53,16 +53,45 @@ fn guest(pid: u32) -> Guest {
     }
 }
 
-/// A store opened on a new empty directory, and its (empty) state.
-fn empty_store() -> (tempfile::TempDir, Store, State) {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, state) = Store::open(dir.path()).unwrap();
+/// A state directory and a run directory, apart as on a host (where
+/// the run directory is tmpfs).
+struct Dirs {
+    state: tempfile::TempDir,
+    run: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new() -> Dirs {
+        Dirs {
+            state: tempfile::tempdir().unwrap(),
+            run: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The state directory.
+    fn path(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn run(&self) -> &Path {
+        self.run.path()
+    }
+
+    fn open(&self) -> (Store, State) {
+        Store::open(self.path(), self.run()).unwrap()
+    }
+}
+
+/// A store opened on new empty directories, and its (empty) state.
+fn empty_store() -> (Dirs, Store, State) {
+    let dir = Dirs::new();
+    let (store, state) = dir.open();
     (dir, store, state)
 }
 
 /// What a store opened on `dir` loads.
-fn reopened(dir: &Path) -> State {
-    Store::open(dir).unwrap().1
+fn reopened(dir: &Dirs) -> State {
+    dir.open().1
 }
 
 /// `state.json` of `dir`, which must hold no record itself.
@@ -108,14 +137,14 @@ fn every_record_round_trips_through_files_of_its_own() {
     );
     store.save(&mut state).unwrap();
     assert_eq!(names(&dir.path().join(RESERVATIONS_DIR)), ["lab.jsonl"]);
-    assert_eq!(names(&dir.path().join("guests")), ["42.json"]);
+    assert_eq!(names(&dir.run().join("guests")), ["42.json"]);
     assert_eq!(names(&dir.path().join("forwards")).len(), 2);
     let header = header(dir.path());
     assert!(
         !header.contains("8080") && !header.contains("10.0.0.5"),
         "{header}"
     );
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
 }
 
 #[test]
@@ -124,27 +153,27 @@ fn a_save_writes_only_what_changed() {
     state.guests.insert(1, guest(1));
     state.guests.insert(2, guest(2));
     store.save(&mut state).unwrap();
-    let first = modified(&dir.path().join("guests/1.json"));
+    let first = modified(&dir.run().join("guests/1.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
     state.guests.get_mut(&2).unwrap().uid = 5;
     state.guests.insert(3, guest(3));
     state.guests.remove(&1);
     store.save(&mut state).unwrap();
-    assert_eq!(names(&dir.path().join("guests")), ["2.json", "3.json"]);
+    assert_eq!(names(&dir.run().join("guests")), ["2.json", "3.json"]);
     state.guests.insert(1, guest(1));
     store.save(&mut state).unwrap();
-    let again = modified(&dir.path().join("guests/1.json"));
+    let again = modified(&dir.run().join("guests/1.json"));
     assert_ne!(first, again, "rewritten after it was removed");
-    let untouched = modified(&dir.path().join("guests/3.json"));
+    let untouched = modified(&dir.run().join("guests/3.json"));
     std::thread::sleep(std::time::Duration::from_millis(20));
     store.save(&mut state).unwrap();
-    let same = modified(&dir.path().join("guests/3.json"));
+    let same = modified(&dir.run().join("guests/3.json"));
     assert_eq!(untouched, same, "an unchanged record is not rewritten");
 }
 
 #[test]
 fn version_1_state_loads_and_moves_its_records_to_files() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Dirs::new();
     // As version 1 wrote it: everything inside state.json.
     fs::write(
         dir.path().join(STATE_FILE),
@@ -163,7 +192,7 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
         .to_string(),
     )
     .unwrap();
-    let (mut store, mut state) = Store::open(dir.path()).unwrap();
+    let (mut store, mut state) = dir.open();
     let qnet0: NetName = "qnet0".parse().unwrap();
     let mac_a: Mac = "52:54:00:00:00:0a".parse().unwrap();
     assert_eq!(
@@ -181,7 +210,10 @@ fn version_1_state_loads_and_moves_its_records_to_files() {
             && !header.contains("10.213.7.2"),
         "{header}"
     );
-    assert_eq!(reopened(dir.path()), state);
+    // The guest's record is written where guests' records live now.
+    assert_eq!(names(&dir.run().join(GUESTS_DIR)), ["42.json"]);
+    assert!(!dir.path().join(GUESTS_DIR).exists());
+    assert_eq!(reopened(&dir), state);
 }
 
 #[test]
@@ -205,7 +237,7 @@ fn bad_files_are_set_aside_and_the_rest_loads() {
     fs::create_dir_all(dir.path().join("reservations/lab")).unwrap();
     fs::write(dir.path().join("reservations/lab/nonsense.json"), "{}").unwrap();
     fs::write(dir.path().join(".state.json.tmp.999"), "half").unwrap();
-    assert_eq!(reopened(dir.path()).forwards, state.forwards);
+    assert_eq!(reopened(&dir).forwards, state.forwards);
     let left = names(&forwards);
     for bad in [
         "tcp-1-a.json.bad",
@@ -228,20 +260,20 @@ fn an_empty_guest_record_is_removed_not_set_aside() {
     let (dir, mut store, mut state) = empty_store();
     state.guests.insert(7, guest(7));
     store.save(&mut state).unwrap();
-    let guests = dir.path().join(GUESTS_DIR);
+    let guests = dir.run().join(GUESTS_DIR);
     fs::write(guests.join("8.json"), "").unwrap();
     fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
     fs::write(dir.path().join(FORWARDS_DIR).join("tcp-1-a.json"), "").unwrap();
-    assert_eq!(reopened(dir.path()).guests, state.guests);
+    assert_eq!(reopened(&dir).guests, state.guests);
     assert_eq!(names(&guests), ["7.json"]);
     assert_eq!(names(&dir.path().join(FORWARDS_DIR)), ["tcp-1-a.json.bad"]);
 }
 
 #[test]
 fn a_corrupt_state_file_is_set_aside_not_fatal() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Dirs::new();
     fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
-    assert_eq!(reopened(dir.path()), State::default());
+    assert_eq!(reopened(&dir), State::default());
     assert!(dir.path().join("state.json.bad").exists());
 }
 
@@ -261,20 +293,23 @@ fn a_full_disk_is_an_error_and_leaves_no_temp_file() {
 
 #[test]
 fn temp_files_of_every_record_directory_are_swept_at_open() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Dirs::new();
     let net_dir = dir.path().join(RESERVATIONS_DIR).join("lab");
     fs::create_dir_all(&net_dir).unwrap();
     fs::create_dir_all(dir.path().join(FORWARDS_DIR)).unwrap();
+    fs::create_dir_all(dir.run().join(GUESTS_DIR)).unwrap();
     for path in [
         dir.path().join(".state.json.tmp.41"),
         net_dir.join(".52-54-00-00-00-01.json.tmp.42"),
         dir.path().join(FORWARDS_DIR).join(".tcp-80-00.json.tmp.43"),
+        dir.run().join(GUESTS_DIR).join(".7.json.tmp.44"),
     ] {
         fs::write(path, b"{").unwrap();
     }
-    Store::open(dir.path()).unwrap();
+    dir.open();
     assert!(names(&net_dir).is_empty(), "{:?}", names(&net_dir));
     assert!(names(&dir.path().join(FORWARDS_DIR)).is_empty());
+    assert!(names(&dir.run().join(GUESTS_DIR)).is_empty());
     assert!(!dir.path().join(".state.json.tmp.41").exists());
 }
 
@@ -289,7 +324,7 @@ fn lab() -> NetName {
 }
 
 /// A store on a new directory whose `lab` has `n` reservations, saved.
-fn store_with_lab(n: u8) -> (tempfile::TempDir, Store, State) {
+fn store_with_lab(n: u8) -> (Dirs, Store, State) {
     let (dir, mut store, mut state) = empty_store();
     for n in 1..=n {
         let r = reservation([10, 0, 0, n]);
@@ -313,13 +348,13 @@ fn a_reservation_change_is_a_line_appended_to_its_journal() {
     let lines = journal_lines(dir.path());
     assert_eq!(lines.len(), 5, "{lines:?}");
     assert!(lines[4].contains("\"remove\""), "{lines:?}");
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
     // Without reservations, a network has no journal.
     state.reservations.table_mut(&lab()).remove(&mac(1));
     state.reservations.table_mut(&lab()).remove(&mac(2));
     store.save(&mut state).unwrap();
     assert!(names(&dir.path().join(RESERVATIONS_DIR)).is_empty());
-    assert!(reopened(dir.path()).reservations.is_empty());
+    assert!(reopened(&dir).reservations.is_empty());
 }
 
 #[test]
@@ -336,22 +371,22 @@ fn a_journal_is_rewritten_once_it_holds_twice_its_reservations() {
         longest = longest.max(journal_lines(dir.path()).len());
     }
     assert_eq!(longest, 2 + journal::SLACK, "lines before a rewrite");
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
 }
 
 #[test]
 fn a_journal_cut_short_or_edited_loads_what_it_can() {
-    let (dir, mut store, mut state) = store_with_lab(2);
+    let (dir, _store, state) = store_with_lab(2);
     let path = dir.path().join(RESERVATIONS_DIR).join("lab.jsonl");
     let whole = fs::read(&path).unwrap();
     // A crash in the middle of an append: the torn line goes, silently.
     fs::write(&path, [&whole[..], b"{\"op\":\"set\",\"ma"].concat()).unwrap();
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
     assert_eq!(fs::read(&path).unwrap(), whole, "rewritten without it");
     // A whole line that is not an entry: set aside, the rest kept.
     let lines = journal_lines(dir.path());
     fs::write(&path, format!("{}\nnot json\n{}\n", lines[0], lines[1])).unwrap();
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
     assert!(dir
         .path()
         .join(RESERVATIONS_DIR)
@@ -368,14 +403,14 @@ fn a_journal_changed_behind_the_daemon_is_written_again_from_its_state() {
     state.reservations.table_mut(&lab()).insert(mac(2), r);
     store.save(&mut state).unwrap();
     assert_eq!(journal_lines(dir.path()).len(), 2);
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
 }
 
 /// Version 2 kept each reservation in a file of its own: they load, move
 /// into the network's journal, and their files and directory go.
 #[test]
 fn version_2_reservation_files_move_into_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Dirs::new();
     let net_dir = dir.path().join(RESERVATIONS_DIR).join("lab");
     fs::create_dir_all(&net_dir).unwrap();
     for n in [1u8, 2] {
@@ -384,11 +419,65 @@ fn version_2_reservation_files_move_into_the_journal() {
         fs::write(net_dir.join(name), serde_json::to_vec(&record).unwrap()).unwrap();
     }
     fs::write(dir.path().join(STATE_FILE), r#"{"version": 2}"#).unwrap();
-    let state = reopened(dir.path());
+    let state = reopened(&dir);
     let lab = &state.reservations[&lab()];
     assert_eq!(lab[&mac(2)], reservation([10, 0, 0, 2]));
     assert_eq!(lab.len(), 2);
     assert!(!net_dir.exists(), "{:?}", names(&net_dir));
     assert_eq!(journal_lines(dir.path()).len(), 2);
-    assert_eq!(reopened(dir.path()), state);
+    assert_eq!(reopened(&dir), state);
+}
+
+/// Writes `guest` as an older daemon did: into `STATE/guests/`.
+fn write_old_record(dir: &Dirs, guest: &Guest) {
+    let old = dir.path().join(GUESTS_DIR);
+    fs::create_dir_all(&old).unwrap();
+    let path = old.join(format!("{}.json", guest.pid));
+    fs::write(path, record_bytes(&SavedGuest::from(guest))).unwrap();
+}
+
+#[test]
+fn an_older_daemons_guest_records_move_to_the_run_dir() {
+    let dir = Dirs::new();
+    for pid in [1, 2] {
+        write_old_record(&dir, &guest(pid));
+    }
+    // A power cut's empty record and a temp file: removed as before.
+    fs::write(dir.path().join(GUESTS_DIR).join("3.json"), "").unwrap();
+    fs::write(dir.path().join(GUESTS_DIR).join(".4.json.tmp.5"), "{").unwrap();
+    let (_, state) = dir.open();
+    assert_eq!(state.guests.keys().collect::<Vec<_>>(), [&1, &2]);
+    assert_eq!(state.guests[&2], guest(2));
+    assert_eq!(names(&dir.run().join(GUESTS_DIR)), ["1.json", "2.json"]);
+    assert!(!dir.path().join(GUESTS_DIR).exists());
+    assert_eq!(reopened(&dir), state);
+}
+
+/// A crash while moving leaves a record in both places: the run
+/// directory's is the newer. A bad old record stays where it is.
+#[test]
+fn a_guest_record_in_both_places_is_the_run_dirs() {
+    let (dir, mut store, mut state) = empty_store();
+    state.guests.insert(5, guest(5));
+    store.save(&mut state).unwrap();
+    let mut older = guest(5);
+    older.uid = 9;
+    write_old_record(&dir, &older);
+    fs::write(dir.path().join(GUESTS_DIR).join("6.json"), "{").unwrap();
+    assert_eq!(reopened(&dir).guests, state.guests);
+    assert_eq!(names(&dir.run().join(GUESTS_DIR)), ["5.json"]);
+    assert_eq!(names(&dir.path().join(GUESTS_DIR)), ["6.json.bad"]);
+}
+
+/// `--run-dir` and `--state-dir` one directory: nothing moves, nothing
+/// is lost.
+#[test]
+fn one_dir_for_state_and_run_keeps_the_guests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut state) = Store::open(dir.path(), dir.path()).unwrap();
+    state.guests.insert(5, guest(5));
+    store.save(&mut state).unwrap();
+    let again = Store::open(dir.path(), dir.path()).unwrap().1;
+    assert_eq!(again.guests, state.guests);
+    assert_eq!(names(&dir.path().join(GUESTS_DIR)), ["5.json"]);
 }
