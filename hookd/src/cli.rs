@@ -47,10 +47,12 @@ DESCRIPTION
     configuration that does not validate is refused and the running one
     stays (the log says why).
 
-    State lives in STATE_DIR, one file per record, written atomically and
-    fsynced: state.json (network-wide facts), reservations/NET/MAC.json,
-    forwards/ (one file per forward added at run time). The guests it
-    follows are RUN_DIR/guests/PID.json: a reboot ends them. SIGTERM leaves
+    State lives in STATE_DIR and is on disk before anything is published:
+    state.json (network-wide facts) and forwards/ (one file per forward
+    added at run time), written atomically and fsynced, and
+    reservations/NET.jsonl, each network's reservations as a journal of
+    JSON lines (a change appends one). The guests it follows are
+    RUN_DIR/guests/PID.json: a reboot ends them. SIGTERM leaves
     bridges, rules and dnsmasq running for the guests; the next start
     rebuilds the rules in one transaction and re-adopts running guests.
 
