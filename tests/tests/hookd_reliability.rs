@@ -719,6 +719,39 @@ fn f11_temp_files_left_by_kill_9_are_removed_at_start() {
     assert!(hookd.reservation("lab", "52:54:00:11:00:01").is_some());
 }
 
+/// A daemon before the run directory kept its guests' records in
+/// `STATE/guests/`: the next start moves them to `RUN/guests/` and still
+/// follows their guests.
+#[test]
+fn f11_an_older_daemons_guest_records_move_to_the_run_dir() {
+    let (_ns, mut hookd) = Hookd::start_in_new_netns("rl11g", Some(LAB));
+    hookd.kill9();
+    // This test's process stands for a running QEMU the older daemon
+    // recorded (pid and start time are what make it the same process).
+    let me = std::process::id();
+    let started = qnet_hostnet::owner::start_time(me).unwrap();
+    let record = serde_json::json!({"pid": me, "start_time": started, "uid": 0,
+        "name": "older", "uuid": null, "qmp_server": null, "nics": []});
+    let old = hookd.dir().join("state/guests");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join(format!("{me}.json")), record.to_string()).unwrap();
+    hookd.spawn();
+    let followed = hookd.guests();
+    assert!(
+        followed
+            .iter()
+            .any(|g| g["pid"].as_u64() == Some(u64::from(me))),
+        "{followed:?}"
+    );
+    assert!(hookd.run_dir().join(format!("guests/{me}.json")).is_file());
+    assert!(!old.exists(), "{} left", old.display());
+    assert!(
+        hookd.log().contains("moved 1 guest record(s)"),
+        "{}",
+        hookd.log()
+    );
+}
+
 // ----- 12: the smaller ones --------------------------------------------------
 
 #[test]
