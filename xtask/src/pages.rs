@@ -142,6 +142,7 @@ DESCRIPTION
 NETWORKS
     [[network]]
     name = \"lab\"                  # required; also the default bridge name
+                                  # (1-32 of a-z A-Z 0-9 - _; not guests or users)
     bridge = \"qnlab\"              # default: the name
     mode = \"nat\"                  # nat (default) | routed | isolated | bridged
     subnet = \"10.42.0.0/24\"       # required (IPv4), except when bridged

@@ -44,7 +44,7 @@ const INAPPLICABLE: [&str; 8] = [
 
 /// A `[[network]]` with `mode = "bridged"`, validated.
 pub(super) fn validate_bridged(raw: RawNetwork) -> Result<NetworkConfig, Problem> {
-    let name: NetName = typed("name", &raw.name)?;
+    let name = super::raw::network_name(&raw.name)?;
     let bridge: IfName = typed("bridge", raw.bridge.as_deref().unwrap_or(&raw.name))?;
     let Some(uplink) = raw.uplink.as_deref() else {
         return Err((

@@ -80,6 +80,17 @@ pub use runtime::RuntimeFile;
 pub const DEFAULT_CONFIG: &str = "/etc/qnet/hookd.toml";
 pub const DEFAULT_NETWORK: &str = "qnet0";
 
+/// The run directory's subdirectory of the guests' records
+/// (`RUN/guests/PID.json`).
+pub const RUN_GUESTS_DIR: &str = "guests";
+/// The run directory's subdirectory of the bridge helper's ACL files for
+/// users' networks (`RUN/users/`).
+pub const RUN_USERS_DIR: &str = "users";
+/// The daemon's own directories in the run directory, beside each
+/// network's `RUN/NET/`: no network may be named as one of them, or
+/// removing it would remove them.
+pub const RUN_DIRS: [&str; 2] = [RUN_GUESTS_DIR, RUN_USERS_DIR];
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
@@ -546,6 +557,24 @@ ipv6 = { subnet = "fd43::/64" }
             let text = format!("[[network]]\nname = \"n\"\n{body}\n");
             let err = refused(&text);
             assert!(err.contains(&format!("`{key}`")), "{body}: {err}");
+        }
+    }
+
+    /// A network named as one of the daemon's own directories in the run
+    /// directory would share it (and delete it with itself).
+    #[test]
+    fn the_run_directorys_own_names_are_refused_as_network_names() {
+        for name in RUN_DIRS {
+            for mode in ["nat", "bridged"] {
+                let text = format!(
+                    "[[network]]\nname = \"{name}\"\nmode = \"{mode}\"\nsubnet = \"10.0.0.0/24\"\nuplink = \"eth0\"\n"
+                );
+                let err = refused(&text);
+                assert!(
+                    err.contains("`name`: `") && err.contains("reserved"),
+                    "{err}"
+                );
+            }
         }
     }
 

@@ -151,7 +151,7 @@ impl RawNetwork {
         if self.mode == Some(Mode::Bridged) {
             return super::lan::validate_bridged(self);
         }
-        let name: NetName = typed("name", &self.name)?;
+        let name = network_name(&self.name)?;
         let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;
         let uplink: Option<IfName> = self
             .uplink
@@ -328,6 +328,20 @@ pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
 }
 
 /// A typed value of `key`, or the problem with it.
+/// A network's name, which must not be one of the daemon's own
+/// directories in the run directory ([`super::RUN_DIRS`]): each network's
+/// dnsmasq files are `RUN/NET/`, removed with the network.
+pub(super) fn network_name(value: &str) -> Result<NetName, Problem> {
+    let name: NetName = typed("name", value)?;
+    if super::RUN_DIRS.contains(&name.as_str()) {
+        return Err((
+            "name",
+            format!("`{name}` is reserved (qnet keeps its own files in the run directory's {name}/): choose another name"),
+        ));
+    }
+    Ok(name)
+}
+
 pub(super) fn typed<T: FromStr<Err = crate::api::Invalid>>(
     key: &'static str,
     value: &str,

@@ -17,7 +17,7 @@ impl Reconciler {
             .values()
             .filter_map(|n| Some((n.config.owner?, n.config.bridge.to_string())))
             .collect();
-        let dir = self.paths.run_dir.join("users");
+        let dir = self.paths.run_dir.join(crate::config::RUN_USERS_DIR);
         match useracl::write(&dir, &useracl::render(&dir, &bridges)) {
             Ok(refused) => {
                 for (uid, why) in &refused {
@@ -36,7 +36,11 @@ impl Reconciler {
 
     /// What a user who created a network needs to know to attach to it.
     pub(super) fn user_acl_note(&self, uid: u32, bridge: &str) -> String {
-        let top = self.paths.run_dir.join("users").join(useracl::TOP_FILE);
+        let top = self
+            .paths
+            .run_dir
+            .join(crate::config::RUN_USERS_DIR)
+            .join(useracl::TOP_FILE);
         match self.acl_refused.get(&uid) {
             None => format!(
                 "; your QEMU may attach to it with qnet-bridge-helper (--br={bridge}) where /etc/qemu/bridge.conf has `include {}`",

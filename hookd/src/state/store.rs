@@ -57,7 +57,7 @@ mod guests;
 
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
-pub const GUESTS_DIR: &str = "guests";
+pub const GUESTS_DIR: &str = crate::config::RUN_GUESTS_DIR;
 pub const FORWARDS_DIR: &str = "forwards";
 /// The store's files are readable by root only: they name users' guests
 /// and addresses.
