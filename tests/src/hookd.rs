@@ -293,16 +293,7 @@ impl Hookd {
             }
         }
         cmd.arg(workspace_binary("qnet-hookd"))
-            .arg("--config")
-            .arg(self.dir().join("hookd.toml"))
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--state-dir")
-            .arg(self.dir().join("state"))
-            .arg("--ctl-socket")
-            .arg(self.ctl_socket())
-            .arg("--qmp-socket")
-            .arg(self.qmp_socket())
+            .args(path_args(self.dir(), &self.run_dir()))
             .arg("--log")
             .arg("debug")
             .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
@@ -508,6 +499,23 @@ pub fn qmp_client_args(socket: &Path) -> Vec<String> {
     ]
 }
 
+/// The daemon's paths for a test whose files are in `dir` (hookd.toml,
+/// `state/`, the two sockets) and whose run directory is `run`.
+fn path_args(dir: &Path, run: &Path) -> [std::ffi::OsString; 10] {
+    [
+        "--config".into(),
+        dir.join("hookd.toml").into(),
+        "--run-dir".into(),
+        run.into(),
+        "--state-dir".into(),
+        dir.join("state").into(),
+        "--ctl-socket".into(),
+        dir.join("ctl.sock").into(),
+        "--qmp-socket".into(),
+        dir.join("qmp.sock").into(),
+    ]
+}
+
 /// Runs `qnet-hookd` once in `netns` with `config` as its hookd.toml (and
 /// every directory in a temporary one) and returns how it ended: for
 /// configs it must refuse, where it exits before serving anything.
@@ -518,16 +526,7 @@ pub fn run_with_config(netns: &NetNs, config: &str) -> std::process::Output {
     Command::new("ip")
         .args(["netns", "exec", netns.name()])
         .arg(workspace_binary("qnet-hookd"))
-        .arg("--config")
-        .arg(dir.path().join("hookd.toml"))
-        .arg("--run-dir")
-        .arg(run.path())
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--ctl-socket")
-        .arg(dir.path().join("ctl.sock"))
-        .arg("--qmp-socket")
-        .arg(dir.path().join("qmp.sock"))
+        .args(path_args(dir.path(), run.path()))
         .output()
         .unwrap()
 }
