@@ -47,13 +47,12 @@ use super::{Forward, Guest, Reservation, State};
 use crate::fsutil::{self, Durability};
 use read::{json_files, read_if_exists, read_record, set_aside, subdirs};
 
+#[path = "store_guests.rs"]
+mod guests;
 #[path = "store_read.rs"]
 mod read;
 #[path = "store_reservations.rs"]
 mod reservations;
-
-#[path = "store_guests.rs"]
-mod guests;
 
 pub const STATE_FILE: &str = "state.json";
 pub const RESERVATIONS_DIR: &str = "reservations";
