@@ -47,6 +47,33 @@ pub const PROBE_MARKER: &str = "QNET-GUEST-PROBE";
 /// Result of `qnet.resolve=NAME`.
 pub const RESOLVE_MARKER: &str = "QNET-GUEST-RESOLVE";
 
+/// The lines of `text` that are complete (newline-ended: a line still being
+/// written could be cut in the middle of an address), without `\r`.
+pub(super) fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete.lines().map(|l| l.trim_end_matches('\r'))
+}
+
+/// `line` from `marker` on, if the marker is there as a whole word (kernel
+/// messages may share the line; `QNET-GUEST-LEASE` must not match
+/// `QNET-GUEST-LEASED`).
+pub(super) fn find_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.match_indices(marker)
+        .map(|(at, _)| &line[at..])
+        .find(|rest| {
+            let after = &rest[marker.len()..];
+            after.is_empty() || after.starts_with(' ')
+        })
+}
+
+pub(super) fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// What the guest's LEASE line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestLease {
@@ -112,33 +139,6 @@ pub fn parse_probe_line(line: &str) -> Result<ProbeOutcome, String> {
         Some("fail") => Ok(ProbeOutcome::Failed),
         _ => Err(format!("bad probe line: {line:?}")),
     }
-}
-
-/// The lines of `text` that are complete (newline-ended: a line still being
-/// written could be cut in the middle of an address), without `\r`.
-pub(super) fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
-    let complete = match text.rfind('\n') {
-        Some(end) => &text[..end],
-        None => "",
-    };
-    complete.lines().map(|l| l.trim_end_matches('\r'))
-}
-
-/// `line` from `marker` on, if the marker is there as a whole word (kernel
-/// messages may share the line; `QNET-GUEST-LEASE` must not match
-/// `QNET-GUEST-LEASED`).
-pub(super) fn find_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
-    line.match_indices(marker)
-        .map(|(at, _)| &line[at..])
-        .find(|rest| {
-            let after = &rest[marker.len()..];
-            after.is_empty() || after.starts_with(' ')
-        })
-}
-
-pub(super) fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]
