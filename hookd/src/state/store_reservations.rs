@@ -140,26 +140,32 @@ impl Store {
         let mut changes: BTreeMap<NetName, Vec<JournalEntry>> = BTreeMap::new();
         for (network, mac) in state.reservations.store_changes() {
             let now = state.reservations.get(network).and_then(|t| t.get(mac));
-            let saved = self.reservations.get(network);
-            let before = saved.and_then(|t| t.get(mac));
-            let entry = match (now, before) {
+            let before = self.reservations.get(network).and_then(|t| t.get(mac));
+            let entry = match now {
                 _ if now == before => continue,
-                (Some(reservation), _) => JournalEntry::Set {
+                Some(reservation) => JournalEntry::Set {
                     mac: *mac,
                     reservation: reservation.into(),
                 },
-                (None, _) => JournalEntry::Remove { mac: *mac },
+                None => JournalEntry::Remove { mac: *mac },
             };
             changes.entry(network.clone()).or_default().push(entry);
         }
+        let empty = BTreeMap::new();
         for (network, entries) in changes {
-            let empty = BTreeMap::new();
             let live = state.reservations.get(&network).unwrap_or(&empty);
             self.write_journal(&network, &entries, live)?;
-            if live.is_empty() {
+            // What the journal now holds: the changed records only, not a
+            // copy of the network's whole table for each connect.
+            let saved = self.reservations.entry(network.clone()).or_default();
+            for entry in &entries {
+                match entry {
+                    JournalEntry::Set { mac, .. } => saved.insert(*mac, live[mac].clone()),
+                    JournalEntry::Remove { mac } => saved.remove(mac),
+                };
+            }
+            if saved.is_empty() {
                 self.reservations.remove(&network);
-            } else {
-                self.reservations.insert(network, live.clone());
             }
         }
         state.reservations.clear_store_changes();
@@ -179,34 +185,34 @@ impl Store {
     /// Makes `entries` durable in `network`'s journal, whose reservations
     /// are then `live`: an append, or a rewrite when the journal is due
     /// for one or is not as the daemon left it. A network without
-    /// reservations has no journal.
+    /// reservations has no journal ([`Self::rewrite_journal`] removes it).
     fn write_journal(
         &mut self,
         network: &NetName,
         entries: &[JournalEntry],
         live: &BTreeMap<Mac, Reservation>,
     ) -> Result<(), StateError> {
-        let path = journal_path(&self.files.dir, network);
-        if live.is_empty() {
-            self.journals.remove(network);
-            return fsutil::remove_durably(&path).map_err(StateError::io(&path));
-        }
-        if let Some(file) = self.journals.get(network).copied() {
-            if !journal::needs_compaction(file.lines + entries.len(), live.len()) {
-                let bytes = journal::encode(entries);
-                match journal::append(&path, file.len, &bytes) {
-                    Ok(Some(len)) => {
-                        let lines = file.lines + entries.len();
-                        self.journals
-                            .insert(network.clone(), JournalFile { len, lines });
-                        return Ok(());
-                    }
-                    Ok(None) => tracing::warn!(
-                        "{}: removed or changed by something else than this daemon; written again from its state",
-                        path.display()
-                    ),
-                    Err(e) => return Err(StateError::io(&path)(e)),
+        let lines = |file: &JournalFile| file.lines + entries.len();
+        let appendable =
+            self.journals.get(network).copied().filter(|file| {
+                !live.is_empty() && !journal::needs_compaction(lines(file), live.len())
+            });
+        if let Some(file) = appendable {
+            let path = journal_path(&self.files.dir, network);
+            match journal::append(&path, file.len, &journal::encode(entries)) {
+                Ok(Some(len)) => {
+                    let file = JournalFile {
+                        len,
+                        lines: lines(&file),
+                    };
+                    self.journals.insert(network.clone(), file);
+                    return Ok(());
                 }
+                Ok(None) => tracing::warn!(
+                    "{}: removed or changed by something else than this daemon; written again from its state",
+                    path.display()
+                ),
+                Err(e) => return Err(StateError::io(&path)(e)),
             }
         }
         self.rewrite_journal(network, live)
