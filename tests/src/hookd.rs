@@ -407,7 +407,6 @@ impl Hookd {
         }
     }
 
-    /// The address reserved for `mac` on `network`, if any.
     /// The reservations of `network` as the state directory holds them
     /// (MAC → address), read from its journal `state/reservations/NET.jsonl`
     /// without the daemon: the last line of each MAC says what it holds.
@@ -433,6 +432,7 @@ impl Hookd {
         saved
     }
 
+    /// The address reserved for `mac` on `network`, if any.
     pub fn reservation(&self, network: &str, mac: &str) -> Option<String> {
         let reply = self.qnetctl(&["reserve", "list", network]).unwrap();
         reply["reservations"]

@@ -327,7 +327,6 @@ pub(super) fn validate_ipv6(raw: RawIpv6) -> Result<Ipv6Config, Problem> {
     Ok(Ipv6Config { subnet, router })
 }
 
-/// A typed value of `key`, or the problem with it.
 /// A network's name, which must not be one of the daemon's own
 /// directories in the run directory ([`super::RUN_DIRS`]): each network's
 /// dnsmasq files are `RUN/NET/`, removed with the network.
@@ -342,6 +341,7 @@ pub(super) fn network_name(value: &str) -> Result<NetName, Problem> {
     Ok(name)
 }
 
+/// A typed value of `key`, or the problem with it.
 pub(super) fn typed<T: FromStr<Err = crate::api::Invalid>>(
     key: &'static str,
     value: &str,
