@@ -311,6 +311,65 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
     });
 }
 
+/// A guest leaving takes its name out of DNS and keeps its reservation.
+/// dnsmasq 2.89 and later follow the name file going by themselves, so
+/// nothing is re-read (a SIGHUP would re-read every reservation file,
+/// which dnsmasq logs); an older one is sent a SIGHUP.
+#[test]
+fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
+    let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
+    let lab = lan("names", &net);
+    lab.guest
+        .ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
+    let ip = Ipv4Addr::new(10, 42, 0, 50);
+    let reservation = || {
+        vec![DhcpHost {
+            mac: GUEST_MAC.parse().unwrap(),
+            ip,
+            name: Some("vm1".parse().unwrap()),
+        }]
+    };
+    let reads = || {
+        let log = std::fs::read_to_string(lab.paths.log_file("lab")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
+            .count()
+    };
+    lab.daemon.block_on(|| async {
+        let handle = spawn(&net, &lab.paths).expect("spawn");
+        handle.wait_ready(READY).await.expect("dnsmasq starts");
+        let name = vec![DnsHost {
+            ip,
+            name: "vm1".parse().unwrap(),
+        }];
+        handle.set_hosts(reservation(), name).await.unwrap();
+        assert_eq!(
+            resolve(&lab.guest, "vm1.lab.qnet", "10.42.0.1").await,
+            Some(ip)
+        );
+        let reads_before = reads();
+
+        // The guest leaves: its name goes, its reservation stays.
+        handle.set_hosts(reservation(), Vec::new()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while resolve(&lab.guest, "vm1.lab.qnet", "10.42.0.1")
+            .await
+            .is_some()
+        {
+            assert!(std::time::Instant::now() < deadline, "vm1 still resolves");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reread = reads() > reads_before;
+        assert_eq!(
+            reread,
+            !handle.names_follow_files(),
+            "re-read every reservation: {reread}"
+        );
+        assert_eq!(lab.dhcp().await, ip, "the reservation stays");
+        handle.stop().await;
+    });
+}
+
 #[test]
 fn two_networks_run_their_own_dnsmasq_side_by_side() {
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");

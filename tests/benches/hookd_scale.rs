@@ -146,6 +146,7 @@ fn main() {
         daemon,
         net_dir: net_dir.clone(),
         state_file: hookd.dir().join("state/state.json"),
+        log_reads: Default::default(),
     };
 
     // Let start-up settle before the first sample.
@@ -742,13 +743,8 @@ struct Snapshot {
     at: Instant,
 }
 
-fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
+fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path, rereads: usize) -> Snapshot {
     let dnsmasq_pid = dnsmasq_pid(net_dir).unwrap_or(0);
-    let log = std::fs::read_to_string(net_dir.join("dnsmasq.log")).unwrap_or_default();
-    let rereads = log
-        .lines()
-        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
-        .count();
     Snapshot {
         daemon: usage(daemon),
         dnsmasq: usage(dnsmasq_pid),
@@ -759,16 +755,55 @@ fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path) -> Snapshot {
     }
 }
 
+/// Counts dnsmasq's `read .../dhcp-hosts.d/...` log lines as the log
+/// grows. The daemon rotates the log by copying it to `.log.1` and
+/// truncating it: a log shorter than what was counted has been rotated,
+/// and its lines from there on are at the end of `.log.1`. (Two rotations
+/// between two counts would lose lines: 8 MiB of log.)
+#[derive(Default)]
+struct LogReads {
+    offset: u64,
+    count: usize,
+}
+
+impl LogReads {
+    fn update(&mut self, net_dir: &Path) -> usize {
+        let log = net_dir.join("dnsmasq.log");
+        let len = std::fs::metadata(&log).map_or(0, |m| m.len());
+        if len < self.offset {
+            self.count += reads_in(&net_dir.join("dnsmasq.log.1"), self.offset);
+            self.offset = 0;
+        }
+        self.count += reads_in(&log, self.offset);
+        self.offset = len;
+        self.count
+    }
+}
+
+/// The `read .../dhcp-hosts.d/` lines of `path` from byte `from` on.
+fn reads_in(path: &Path, from: u64) -> usize {
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    let start = usize::try_from(from).map_or(bytes.len(), |f| f.min(bytes.len()));
+    String::from_utf8_lossy(&bytes[start..])
+        .lines()
+        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
+        .count()
+}
+
 /// The processes measured.
 struct Target {
     daemon: u32,
     net_dir: PathBuf,
     state_file: PathBuf,
+    log_reads: std::cell::RefCell<LogReads>,
 }
 
 impl Target {
     fn snapshot(&self) -> Snapshot {
-        let mut snapshot = daemon_and_dnsmasq(self.daemon, &self.net_dir);
+        let rereads = self.log_reads.borrow_mut().update(&self.net_dir);
+        let mut snapshot = daemon_and_dnsmasq(self.daemon, &self.net_dir, rereads);
         snapshot.state_bytes = std::fs::metadata(&self.state_file).map_or(0, |m| m.len());
         snapshot
     }

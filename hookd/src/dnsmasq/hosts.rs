@@ -5,10 +5,12 @@
 //! Why a file each: dnsmasq watches both directories with inotify
 //! (`dhcp-hostsdir`, `hostsdir`) and reads a *new* file by itself, without
 //! a SIGHUP; a SIGHUP makes it re-read every reservation and name, which
-//! costs O(guests) per connect. Its inotify only ever adds records, so a
-//! changed or removed file still needs a SIGHUP: [`Change::needs_reload`]
-//! says when. A guest that connects adds files; a guest that leaves
-//! removes its name (exits are coalesced by the reconciler).
+//! costs O(guests) per connect. A changed or removed reservation file
+//! still needs a SIGHUP, and so does a changed or removed name file before
+//! dnsmasq 2.89 (see `version`): [`needs_sighup`] says when. A guest that
+//! connects adds files; a guest that leaves removes its name (exits are
+//! coalesced by the reconciler), which dnsmasq 2.89 and later follow by
+//! themselves.
 //!
 //! What the directories hold is kept typed ([`Hosts`]), as the files say
 //! it: a flush compares values and renders only the files that differ, so
@@ -171,9 +173,17 @@ pub struct Change {
     pub write: Vec<(String, String)>,
     /// Files to remove.
     pub remove: Vec<String>,
-    /// Whether dnsmasq must re-read everything (SIGHUP): a file changed or
-    /// went away. New files alone it picks up by itself.
+    /// Whether a file changed or went away, which dnsmasq may not notice
+    /// by itself (see [`needs_sighup`]). New files it always picks up.
     pub needs_reload: bool,
+}
+
+/// Whether dnsmasq must re-read everything (SIGHUP) to see `changes`
+/// (`dhcp-hosts.d`'s, then `dns-hosts.d`'s, as [`diff`] gives them): a
+/// reservation that changed or went, or a name that did when dnsmasq does
+/// not follow `dns-hosts.d`'s files by itself (`names_follow_files`).
+pub fn needs_sighup([dhcp, dns]: &[Change; 2], names_follow_files: bool) -> bool {
+    dhcp.needs_reload || (dns.needs_reload && !names_follow_files)
 }
 
 impl Change {
@@ -319,6 +329,53 @@ mod tests {
         let [changed, _] = diff("q", &one, &moved);
         assert_eq!(changed.write.len(), 1);
         assert!(changed.needs_reload);
+    }
+
+    #[test]
+    fn a_name_that_goes_needs_a_sighup_only_before_dnsmasq_2_89() {
+        // (what happens, from, to, SIGHUP before 2.89, SIGHUP since)
+        let cases = [
+            (
+                "a guest connects",
+                lab(&[(1, 11, "a")], &["a"]),
+                lab(&[(1, 11, "a"), (2, 12, "b")], &["a", "b"]),
+                false,
+                false,
+            ),
+            (
+                "a guest leaves, its reservation stays",
+                lab(&[(1, 11, "a")], &["a"]),
+                lab(&[(1, 11, "a")], &[]),
+                true,
+                false,
+            ),
+            (
+                "a reservation is removed",
+                lab(&[(1, 11, "a")], &[]),
+                lab(&[], &[]),
+                true,
+                true,
+            ),
+            (
+                "a reservation moves",
+                lab(&[(1, 11, "a")], &["a"]),
+                lab(&[(1, 99, "a")], &["a"]),
+                true,
+                true,
+            ),
+            (
+                "nothing changes",
+                lab(&[(1, 11, "a")], &["a"]),
+                lab(&[(1, 11, "a")], &["a"]),
+                false,
+                false,
+            ),
+        ];
+        for (what, from, to, before, since) in cases {
+            let changes = diff("q", &from, &to);
+            assert_eq!(needs_sighup(&changes, false), before, "{what}, before 2.89");
+            assert_eq!(needs_sighup(&changes, true), since, "{what}, since 2.89");
+        }
     }
 
     /// Hosts on 10.0.0.0/24 in one line: `(last byte of the MAC, of the

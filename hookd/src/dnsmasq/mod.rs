@@ -24,11 +24,13 @@
 //! back and rewrites every one that is missing or differs, so one a power
 //! cut lost or left empty is made again before anything is published.
 //! dnsmasq reads a new hosts file by itself; a changed or removed one
-//! takes a SIGHUP (see `hosts`).
+//! takes a SIGHUP, apart from names with dnsmasq 2.89 and later (see
+//! `hosts` and `version`).
 
 mod conf;
 mod hosts;
 mod supervise;
+mod version;
 
 pub use conf::render_config;
 use hosts::Hosts;
@@ -140,6 +142,9 @@ pub struct DnsmasqHandle {
     task: JoinHandle<()>,
     /// What the hosts directories hold, as last written.
     hosts: Mutex<Published>,
+    /// Whether this dnsmasq follows changed and removed name files by
+    /// itself (2.89 and later), so that only reservations take a SIGHUP.
+    names_follow_files: bool,
 }
 
 /// Writes `net`'s files and starts its dnsmasq under supervision. Must be
@@ -182,9 +187,11 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
 
     let (status_tx, status) = watch::channel(Status::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let program = find_program("dnsmasq");
+    let names_follow_files = version::names_follow_files(&program);
     let supervised = Supervised {
         network: name.to_owned(),
-        program: find_program("dnsmasq"),
+        program,
         config,
         pid_file: paths.pid_file(name),
         log_file: paths.log_file(name),
@@ -201,6 +208,7 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
             hosts,
             synced: false,
         }),
+        names_follow_files,
     })
 }
 
@@ -288,6 +296,12 @@ impl DnsmasqHandle {
         &self.network
     }
 
+    /// Whether this dnsmasq follows changed and removed name files without
+    /// a SIGHUP (2.89 and later; see `version`).
+    pub fn names_follow_files(&self) -> bool {
+        self.names_follow_files
+    }
+
     /// Why the network's DHCP and DNS do not work although it is up:
     /// dnsmasq keeps exiting (a read-only lease file, a port taken), or
     /// `None` while it runs.
@@ -337,7 +351,8 @@ impl DnsmasqHandle {
     /// Replaces the reservations and names: writes the hosts files that
     /// are new or changed and removes those that went. A running dnsmasq
     /// reads new files by itself; a changed or removed one takes a SIGHUP
-    /// (no restart). A dnsmasq that is just starting gets its SIGHUP once
+    /// (no restart), apart from a name file with dnsmasq 2.89 and later.
+    /// A dnsmasq that is just starting gets its SIGHUP once
     /// it is ready (waiting at most [`READY_TIMEOUT`]); one that is not
     /// running (restart backoff) reads the files when it starts.
     pub async fn set_hosts(
@@ -419,11 +434,12 @@ impl DnsmasqHandle {
         Ok(())
     }
 
-    /// Has dnsmasq read what `changes` wrote: by itself for new files, with
-    /// a SIGHUP for changed and removed ones (see [`Self::set_hosts`]).
+    /// Has dnsmasq read what `changes` wrote: by itself for new files (and
+    /// for names, from 2.89), with a SIGHUP for the rest (see
+    /// [`Self::set_hosts`]).
     async fn signal(&self, changes: &[hosts::Change; 2]) {
         let changed = changes.iter().any(|c| !c.is_empty());
-        let reload = changes.iter().any(|c| c.needs_reload);
+        let reload = hosts::needs_sighup(changes, self.names_follow_files);
         let running_and_ready = {
             let s = self.status.borrow();
             s.pid.is_some() && s.ready
