@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::discover::{self, GuestPort};
 use crate::error;
-use crate::procfs;
+use crate::procfs::{self, Process};
 use crate::qmp::{self, QmpEvent, QmpEvents, QmpSession};
 use crate::ratelimit::RateLimit;
 use crate::reconciler::{ConnId, GuestUp, Input, Peer};
@@ -292,13 +292,13 @@ pub async fn follow_guest(
     };
     // Read once, for the exit watch and the reconciler's record alike;
     // `None`: the peer has already exited.
-    let start_time = procfs::start_time(pid);
+    let process = Process::of(pid);
     let name = info.name.clone();
     let (keepalive, dropped) = oneshot::channel();
     let _ = inputs.send(Input::GuestUp(Box::new(GuestUp {
         conn,
         identity,
-        start_time,
+        process,
         info,
         ports,
         qmp_server,
@@ -314,16 +314,7 @@ pub async fn follow_guest(
             ),
         }));
     }
-    let why = follow_events(
-        &session,
-        &mut events,
-        conn,
-        pid,
-        start_time,
-        &inputs,
-        dropped,
-    )
-    .await;
+    let why = follow_events(&session, &mut events, conn, pid, process, &inputs, dropped).await;
     let _ = inputs.send(Input::GuestGone { conn, why });
     drop(slot);
 }
@@ -334,15 +325,15 @@ async fn follow_events(
     events: &mut QmpEvents,
     conn: ConnId,
     pid: u32,
-    start_time: Option<u64>,
+    process: Option<Process>,
     inputs: &mpsc::UnboundedSender<Input>,
     mut dropped: oneshot::Receiver<()>,
 ) -> String {
     let no_shutdown = procfs::has_arg(pid, "-no-shutdown");
     // A peer already gone (no start time) has exited: resolve at once.
     let exited = async move {
-        if let Some(start_time) = start_time {
-            process_exit(pid, start_time).await;
+        if let Some(process) = process {
+            process_exit(process).await;
         }
     };
     tokio::pin!(exited);
@@ -397,29 +388,30 @@ async fn ports_of(pid: u32) -> Vec<GuestPort> {
 /// How often `/proc` is read for a process no pidfd can watch.
 const EXIT_POLL: Duration = Duration::from_secs(1);
 
-/// Resolves once process `pid`, which started at `start_time`, has exited
-/// (as a zombie too; see [`procfs::is_running`]), at once if it already
-/// has.
+/// Resolves once `process` has exited (as a zombie too; see
+/// [`procfs::is_running`]), at once if it already has.
 ///
 /// A pidfd wakes it when the process exits. The pidfd is opened before
 /// the check, so that it names the process checked and not one that got
 /// the pid later. Where none can be had (the daemon is out of fds), `/proc`
 /// is read every [`EXIT_POLL`] instead: an exit must never go unnoticed,
 /// or a guest stays listed, with its names and forwards, for good.
-pub async fn process_exit(pid: u32, start_time: u64) {
-    let pidfd = qnet_hostnet::reaper::pidfd_open(pid).ok().and_then(|fd| {
-        // SAFETY: the OwnedFd is moved into the AsyncFd and stays open,
-        // the same descriptor, for the AsyncFd's whole life.
-        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
-    });
-    if !procfs::is_running(pid, start_time) {
+pub async fn process_exit(process: Process) {
+    let pidfd = qnet_hostnet::reaper::pidfd_open(process.pid)
+        .ok()
+        .and_then(|fd| {
+            // SAFETY: the OwnedFd is moved into the AsyncFd and stays open,
+            // the same descriptor, for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+        });
+    if !process.is_running() {
         return;
     }
     match pidfd {
         // A pidfd becomes readable when the process exits.
         Some(pidfd) => drop(pidfd.readable().await),
         None => {
-            while procfs::is_running(pid, start_time) {
+            while process.is_running() {
                 tokio::time::sleep(EXIT_POLL).await;
             }
         }
@@ -428,10 +420,10 @@ pub async fn process_exit(pid: u32, start_time: u64) {
 
 /// A guest recorded before a restart (or registered by the libvirt hook):
 /// report its exit.
-pub fn watch_exit(pid: u32, start_time: u64, inputs: mpsc::UnboundedSender<Input>) {
+pub fn watch_exit(process: Process, inputs: mpsc::UnboundedSender<Input>) {
     tokio::spawn(async move {
-        process_exit(pid, start_time).await;
-        let _ = inputs.send(Input::StaleGuestExited { pid });
+        process_exit(process).await;
+        let _ = inputs.send(Input::StaleGuestExited { pid: process.pid });
     });
 }
 
@@ -444,15 +436,15 @@ mod tests {
     async fn a_process_that_is_gone_has_exited() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
-        let start = procfs::start_time(pid).unwrap_or(0);
+        let process = Process::of(pid).unwrap_or(Process { pid, start_time: 0 });
         child.wait().unwrap();
-        timeout(Duration::from_secs(5), process_exit(pid, start))
+        timeout(Duration::from_secs(5), process_exit(process))
             .await
             .expect("a reaped process is gone");
         // A live one is not.
         let me = std::process::id();
-        let mine = procfs::start_time(me).unwrap();
-        assert!(timeout(Duration::from_millis(600), process_exit(me, mine))
+        let mine = Process::of(me).unwrap();
+        assert!(timeout(Duration::from_millis(600), process_exit(mine))
             .await
             .is_err());
     }
@@ -464,11 +456,11 @@ mod tests {
     async fn an_exited_process_not_yet_reaped_has_exited() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
-        let start = procfs::start_time(pid).expect("just started");
-        timeout(Duration::from_secs(5), process_exit(pid, start))
+        let process = Process::of(pid).expect("just started");
+        timeout(Duration::from_secs(5), process_exit(process))
             .await
             .expect("a zombie is gone");
-        assert!(!procfs::is_running(pid, start), "a zombie is not running");
+        assert!(!process.is_running(), "a zombie is not running");
         assert!(
             procfs::start_time(pid).is_some(),
             "still a zombie (not reaped)"

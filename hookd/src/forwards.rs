@@ -110,6 +110,8 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
+    use crate::procfs::Process;
+
     fn spec(guest: &str, ports: (u16, u16), guest_port: u16) -> ForwardSpec {
         ForwardSpec {
             guest: guest.parse().unwrap(),
@@ -122,8 +124,10 @@ mod tests {
 
     fn guest(name: &str, mac: &str, ip: [u8; 4]) -> Guest {
         Guest {
-            pid: 1,
-            start_time: 1,
+            process: Process {
+                pid: 1,
+                start_time: 1,
+            },
             uid: 0,
             name: Some(name.into()),
             uuid: None,

@@ -21,6 +21,7 @@ use qnet_api::{ApiError, QUIT_WAIT};
 use tokio::time::{timeout, Instant};
 
 use crate::error::failed;
+use crate::procfs::Process;
 use crate::qmp::{QmpError, QmpSession};
 
 /// How often a powering-down guest's run state is read.
@@ -29,8 +30,7 @@ const POLL: Duration = Duration::from_millis(250);
 /// The QEMU to stop.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub pid: u32,
-    pub start_time: u64,
+    pub process: Process,
     /// How replies name it: `web1` (pid 123).
     pub label: String,
 }
@@ -57,7 +57,7 @@ enum Off {
 /// Stops `target` as `how` says; the reply says what happened.
 pub async fn run(qmp: QmpSession, target: Target, how: How) -> Result<String, ApiError> {
     let started = Instant::now();
-    let mut exited = pin!(crate::follow::process_exit(target.pid, target.start_time));
+    let mut exited = pin!(crate::follow::process_exit(target.process));
     let How::Powerdown(grace) = how else {
         quit(&qmp, &target, exited).await?;
         return Ok(format!("{}: QEMU quit", target.label));
@@ -124,6 +124,6 @@ async fn quit(
         "{}: QEMU did not exit within {} s of `quit`{said}: kill it (kill -9 {})",
         target.label,
         QUIT_WAIT.as_secs(),
-        target.pid
+        target.process.pid
     )))
 }

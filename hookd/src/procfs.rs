@@ -3,8 +3,8 @@
 //! process" mean.
 //!
 //! A pid alone names a process only until it exits: pids are recycled.
-//! Whoever keeps a pid across time keeps its start time too
-//! ([`start_time`]) and compares both ([`is_running`]).
+//! Whoever keeps a pid across time keeps a [`Process`]: the pid with its
+//! start time ([`start_time`]), compared together ([`is_running`]).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -12,6 +12,30 @@ use std::os::unix::fs::MetadataExt;
 /// (`/proc/PID/stat` field 22); `None` if there is no such process.
 pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid)?.nth(19)?.parse().ok()
+}
+
+/// A process, named so that it stays the same one: a recycled pid has
+/// another start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    /// Clock ticks since boot (see [`start_time`]).
+    pub start_time: u64,
+}
+
+impl Process {
+    /// Process `pid` as it is now; `None` if there is no such process.
+    pub fn of(pid: u32) -> Option<Process> {
+        Some(Process {
+            pid,
+            start_time: start_time(pid)?,
+        })
+    }
+
+    /// Whether this is still the running process (see [`is_running`]).
+    pub fn is_running(self) -> bool {
+        is_running(self.pid, self.start_time)
+    }
 }
 
 /// Whether `pid` is still the process that started at `start_time`, and

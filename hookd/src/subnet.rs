@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::AddressFamily;
 use thiserror::Error;
@@ -145,83 +145,73 @@ pub async fn occupied() -> Result<Vec<Occupied>, SubnetError> {
             .cloned()
             .unwrap_or_else(|| format!("ifindex {index}"))
     };
-    let mut used = addresses(&netlink, &ifname).await?;
-    used.extend(routes(&netlink, &ifname).await?);
-    Ok(used)
-}
-
-/// The IPv4 addresses of every device.
-async fn addresses(
-    netlink: &Netlink,
-    ifname: &impl Fn(u32) -> String,
-) -> Result<Vec<Occupied>, SubnetError> {
-    let mut used = Vec::new();
     let request = netlink.handle().address().get().execute();
-    for msg in dump(request, "listing addresses").await? {
-        if msg.header.family != AddressFamily::Inet {
-            continue;
-        }
-        let v4 = |attr: &AddressAttribute| match attr {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some((true, *ip)),
-            AddressAttribute::Address(IpAddr::V4(ip)) => Some((false, *ip)),
-            _ => None,
-        };
-        // A point-to-point address occupies its peer's prefix (IFA_ADDRESS)
-        // as well as the local address.
-        for (_, ip) in msg.attributes.iter().filter_map(v4) {
-            if let Ok(net) = Ipv4Net::new(ip, msg.header.prefix_len) {
-                used.push(Occupied {
-                    net: net.trunc(),
-                    ifindex: Some(msg.header.index),
-                    what: format!("address {net} on {}", ifname(msg.header.index)),
-                });
-            }
-        }
-    }
-    Ok(used)
-}
-
-/// The IPv4 routes of every routing table, but default routes (they are
-/// not a collision).
-async fn routes(
-    netlink: &Netlink,
-    ifname: &impl Fn(u32) -> String,
-) -> Result<Vec<Occupied>, SubnetError> {
+    let addresses = dump(request, "listing addresses").await?;
     // Table 0 (RT_TABLE_UNSPEC) with no filter: the kernel dumps the
     // routes of every table.
     let mut query = RouteMessage::default();
     query.header.address_family = AddressFamily::Inet;
     let request = netlink.handle().route().get(query).execute();
-    let mut used = Vec::new();
-    for msg in dump(request, "listing routes").await? {
-        let len = msg.header.destination_prefix_length;
-        if msg.header.address_family != AddressFamily::Inet || len == 0 {
-            continue;
-        }
-        let mut dest = Ipv4Addr::UNSPECIFIED;
-        let mut table = u32::from(msg.header.table);
-        let mut oif = None;
-        for attr in &msg.attributes {
-            match attr {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => dest = *ip,
-                RouteAttribute::Table(t) => table = *t,
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                _ => {}
-            }
-        }
-        let Ok(net) = Ipv4Net::new(dest, len) else {
-            continue;
-        };
-        let dev = oif
-            .map(|i| format!(" dev {}", ifname(i)))
-            .unwrap_or_default();
-        used.push(Occupied {
-            net: net.trunc(),
-            ifindex: oif,
-            what: format!("route {net} table {table}{dev}"),
-        });
-    }
+    let routes = dump(request, "listing routes").await?;
+    let mut used: Vec<Occupied> = addresses
+        .iter()
+        .flat_map(|msg| address_ranges(msg, &ifname))
+        .collect();
+    used.extend(routes.iter().filter_map(|msg| route_range(msg, &ifname)));
     Ok(used)
+}
+
+/// What an IPv4 address occupies: its prefix, and for a point-to-point
+/// address its peer's (IFA_ADDRESS) as well; nothing for another family.
+fn address_ranges(msg: &AddressMessage, ifname: &impl Fn(u32) -> String) -> Vec<Occupied> {
+    if msg.header.family != AddressFamily::Inet {
+        return Vec::new();
+    }
+    let v4 = |attr: &AddressAttribute| match attr {
+        AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+            Some(*ip)
+        }
+        _ => None,
+    };
+    msg.attributes
+        .iter()
+        .filter_map(v4)
+        .filter_map(|ip| Ipv4Net::new(ip, msg.header.prefix_len).ok())
+        .map(|net| Occupied {
+            net: net.trunc(),
+            ifindex: Some(msg.header.index),
+            what: format!("address {net} on {}", ifname(msg.header.index)),
+        })
+        .collect()
+}
+
+/// What an IPv4 route occupies; `None` for a default route (not a
+/// collision) and for another family.
+fn route_range(msg: &RouteMessage, ifname: &impl Fn(u32) -> String) -> Option<Occupied> {
+    let len = msg.header.destination_prefix_length;
+    if msg.header.address_family != AddressFamily::Inet || len == 0 {
+        return None;
+    }
+    let mut dest = Ipv4Addr::UNSPECIFIED;
+    let mut table = u32::from(msg.header.table);
+    let mut oif = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dest = *ip,
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let net = Ipv4Net::new(dest, len).ok()?;
+    let dev = oif
+        .map(|i| format!(" dev {}", ifname(i)))
+        .unwrap_or_default();
+    Some(Occupied {
+        net: net.trunc(),
+        ifindex: oif,
+        what: format!("route {net} table {table}{dev}"),
+    })
 }
 
 /// Picks the first candidate /24 that overlaps no IPv4 route or address in
@@ -334,6 +324,47 @@ mod tests {
             used("192.168.0.0/16"),
         ];
         assert_eq!(pick_from(&all, &[]), None);
+    }
+
+    fn name(index: u32) -> String {
+        format!("eth{index}")
+    }
+
+    #[test]
+    fn an_address_occupies_its_prefix_and_a_peer_prefix_too() {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = 24;
+        msg.header.index = 3;
+        msg.attributes = vec![
+            AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5))),
+            AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1))),
+        ];
+        let ranges = address_ranges(&msg, &name);
+        let nets: Vec<Ipv4Net> = ranges.iter().map(|u| u.net).collect();
+        assert_eq!(nets, [net("10.1.0.0/24"), net("10.2.0.0/24")]);
+        assert_eq!(ranges[0].ifindex, Some(3));
+        assert_eq!(ranges[0].what, "address 10.1.0.5/24 on eth3");
+        msg.header.family = AddressFamily::Inet6;
+        assert!(address_ranges(&msg, &name).is_empty());
+    }
+
+    #[test]
+    fn a_route_occupies_its_destination_but_a_default_route_nothing() {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 16;
+        msg.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet(Ipv4Addr::new(10, 9, 0, 0))),
+            RouteAttribute::Table(100),
+            RouteAttribute::Oif(4),
+        ];
+        let range = route_range(&msg, &name).expect("a /16 route");
+        assert_eq!(range.net, net("10.9.0.0/16"));
+        assert_eq!(range.ifindex, Some(4));
+        assert_eq!(range.what, "route 10.9.0.0/16 table 100 dev eth4");
+        msg.header.destination_prefix_length = 0;
+        assert_eq!(route_range(&msg, &name), None);
     }
 
     #[test]

@@ -33,7 +33,13 @@ pub struct Link {
 impl Link {
     /// The key of the config file that declares this link.
     pub fn key(&self) -> &'static str {
-        if self.one_way {
+        Link::key_for(self.one_way)
+    }
+
+    /// The key of the config file that declares links one way (`true`)
+    /// or both ways.
+    pub fn key_for(one_way: bool) -> &'static str {
+        if one_way {
             "connect-to-one-way"
         } else {
             "connect-to"

@@ -358,7 +358,6 @@ fn parse_networks(
     check_overlaps(&networks).map_err(|(index, problem)| at(index, "subnet", problem))?;
     lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     links::check(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
-    lan::check_uplinks(&networks).map_err(|(index, key, problem)| at(index, key, problem))?;
     Ok((networks, origins))
 }
 

@@ -4,7 +4,7 @@
 
 use toml::Value;
 
-use super::{NetworkConfig, Origin};
+use super::{Link, NetworkConfig, Origin};
 use crate::api::{Setting, SettingSource};
 
 /// Every key of `net`, with `integration` its effective
@@ -44,15 +44,13 @@ pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>)
         "firewall-integration",
         Value::Boolean(integration).to_string(),
     ));
-    for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
-        let names: Vec<String> = net
-            .connect_to
-            .iter()
-            .filter(|l| l.one_way == one_way)
-            .map(|l| l.to.to_string())
-            .collect();
-        if !names.is_empty() {
-            values.push((key, list(names).to_string()));
+    // Each link under the key that declares it, two-way ones first.
+    let (one_way, two_way): (Vec<&Link>, Vec<&Link>) =
+        net.connect_to.iter().partition(|l| l.one_way);
+    for links in [two_way, one_way] {
+        if let Some(first) = links.first() {
+            let names = links.iter().map(|l| l.to.to_string()).collect();
+            values.push((first.key(), list(names).to_string()));
         }
     }
     if let Some(owner) = net.owner {
@@ -105,5 +103,39 @@ mod tests {
         }
         let again = Config::parse(Path::new("/x.toml"), &table).unwrap();
         assert_eq!(&again.networks[0], net);
+    }
+
+    #[test]
+    fn links_are_shown_under_the_key_that_declares_them() {
+        let mut text = String::new();
+        for (n, name, links) in [
+            (
+                1,
+                "a",
+                "connect-to-one-way = [\"c\"]\nconnect-to = [\"b\", \"d\"]\n",
+            ),
+            (2, "b", ""),
+            (3, "c", ""),
+            (4, "d", ""),
+        ] {
+            let subnet = format!("subnet = \"10.42.{n}.0/24\"\n");
+            text.push_str(&format!("[[network]]\nname = \"{name}\"\n{subnet}{links}"));
+        }
+        let config = Config::parse(Path::new("/etc/qnet/hookd.toml"), &text).unwrap();
+        let shown = settings(&config.networks[0], true, None);
+        let links: Vec<(&str, &str)> = shown
+            .iter()
+            .filter(|s| s.key.starts_with("connect-to"))
+            .map(|s| (s.key.as_str(), s.value.as_str()))
+            .collect();
+        assert_eq!(
+            links,
+            [
+                ("connect-to", "[\"b\", \"d\"]"),
+                ("connect-to-one-way", "[\"c\"]")
+            ]
+        );
+        let unlinked = settings(&config.networks[1], true, None);
+        assert!(!unlinked.iter().any(|s| s.key.starts_with("connect-to")));
     }
 }

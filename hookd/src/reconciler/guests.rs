@@ -7,28 +7,19 @@ use super::{plan, ConnId, GuestUp, Peer, Reconciler, Session};
 use crate::discover::GuestPort;
 use crate::follow::{self, Origin};
 use crate::orphans;
+use crate::procfs::Process;
 use crate::qmp::NicInfo;
 use crate::state::alloc::{self, AutoRequest};
 use crate::state::{self, Guest, Nic, NicOwner};
 
 impl Reconciler {
     pub(super) fn guest_up(&mut self, up: GuestUp) {
-        let GuestUp {
-            conn,
-            identity,
-            start_time,
-            info,
-            ports,
-            qmp_server,
-            qmp,
-            keepalive,
-        } = up;
-        let pid = identity.pid;
-        let name = info.name.as_deref().map(bounded_name);
+        let pid = up.identity.pid;
+        let name = up.info.name.as_deref().map(bounded_name);
         tracing::info!(
             pid,
             name = name.as_deref().unwrap_or("-"),
-            nics = info.nics.len(),
+            nics = up.info.nics.len(),
             "guest connected"
         );
         // A newer session of the same QEMU replaces the older one, whose
@@ -36,30 +27,30 @@ impl Reconciler {
         // one session, however often it (or anyone with its pid) connects.
         self.sessions.retain(|_, s| s.pid != pid);
         self.sessions.insert(
-            conn,
+            up.conn,
             Session {
                 pid,
-                qmp,
+                qmp: up.qmp,
                 powerdown: None,
-                _keepalive: keepalive,
+                _keepalive: up.keepalive,
             },
         );
-        if let Some(path) = &qmp_server {
+        if let Some(path) = &up.qmp_server {
             self.state.attached.insert(path.clone());
         }
         self.state.guests.insert(
             pid,
             Guest {
-                pid,
-                start_time: start_time.unwrap_or(0),
-                uid: identity.uid,
+                // Already gone: start time 0 is no QEMU's, so it is not running.
+                process: up.process.unwrap_or(Process { pid, start_time: 0 }),
+                uid: up.identity.uid,
                 name,
-                uuid: info.uuid.clone(),
-                qmp_server,
+                uuid: up.info.uuid.clone(),
+                qmp_server: up.qmp_server,
                 nics: Vec::new(),
             },
         );
-        self.assign_nics(pid, &info.nics, &ports);
+        self.assign_nics(pid, &up.info.nics, &up.ports);
         self.dirty.all();
     }
 
@@ -188,7 +179,7 @@ impl Reconciler {
                 self.forget_guest(pid);
                 continue;
             }
-            follow::watch_exit(pid, guest.start_time, self.inputs.clone());
+            follow::watch_exit(guest.process, self.inputs.clone());
             if let Some(path) = guest.qmp_server.clone() {
                 let conn = self.new_conn();
                 tokio::spawn(follow::follow_guest(

@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::discover::GuestPort;
 use crate::libvirt::LeaseUpdate;
+use crate::procfs::Process;
 use crate::qmp::{GuestIdentity, GuestInfo, NicInfo, QmpSession};
 
 /// Identifies one QMP connection (a guest may reconnect with a new one).
@@ -80,8 +81,8 @@ impl Input {
 pub struct GuestUp {
     pub conn: ConnId,
     pub identity: GuestIdentity,
-    /// The process's start time (`None`: it has already exited).
-    pub start_time: Option<u64>,
+    /// The process, with its start time (`None`: it has already exited).
+    pub process: Option<Process>,
     pub info: GuestInfo,
     pub ports: Vec<GuestPort>,
     pub qmp_server: Option<PathBuf>,

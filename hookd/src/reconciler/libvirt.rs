@@ -16,7 +16,7 @@ use super::{Peer, Reconciler};
 use crate::error::{conflict, exhausted, invalid};
 use crate::follow;
 use crate::libvirt::{self, LeaseUpdate};
-use crate::procfs;
+use crate::procfs::{self, Process};
 use crate::state::alloc::{self, AutoRequest, ReservationTable as _};
 use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
 
@@ -56,13 +56,12 @@ impl Reconciler {
     ) -> Result<Reply, ApiError> {
         qnet_api::check_uuid(&r.uuid).map_err(|e| invalid(e.0))?;
         let name = bounded_name(r.name.as_str());
-        let start_time = match r.pid {
-            Some(pid) => Some(
-                procfs::start_time(pid)
-                    .ok_or_else(|| invalid(format!("guest `{name}`: no process {pid}")))?,
-            ),
-            None => None,
-        };
+        let process = r
+            .pid
+            .map(|pid| {
+                Process::of(pid).ok_or_else(|| invalid(format!("guest `{name}`: no process {pid}")))
+            })
+            .transpose()?;
         let placed = self.place_libvirt_nics(&name, &r.nics)?;
         self.check_libvirt_forwards(&name, &r.uuid, &placed, &r.forwards)?;
 
@@ -106,8 +105,8 @@ impl Reconciler {
                 libvirt: Some(r.uuid.clone()),
             });
         }
-        if let (Some(pid), Some(start_time)) = (r.pid, start_time) {
-            self.record_libvirt_guest(pid, start_time, &name, &r.uuid, nics.clone());
+        if let Some(process) = process {
+            self.record_libvirt_guest(process, &name, &r.uuid, nics.clone());
         }
         // Several files change at once here: a failed save leaves the
         // state dirty for a retry rather than half-undone.
@@ -297,27 +296,20 @@ impl Reconciler {
         }
     }
 
-    fn record_libvirt_guest(
-        &mut self,
-        pid: u32,
-        start_time: u64,
-        name: &str,
-        uuid: &str,
-        nics: Vec<Nic>,
-    ) {
+    fn record_libvirt_guest(&mut self, process: Process, name: &str, uuid: &str, nics: Vec<Nic>) {
+        let pid = process.pid;
         let known = self
             .state
             .guests
             .get(&pid)
-            .is_some_and(|g| g.start_time == start_time);
+            .is_some_and(|g| g.process == process);
         self.state
             .guests
             .retain(|p, g| *p == pid || g.uuid.as_deref() != Some(uuid));
         self.state.guests.insert(
             pid,
             Guest {
-                pid,
-                start_time,
+                process,
                 uid: procfs::uid_of(pid).unwrap_or(0),
                 name: Some(name.to_owned()),
                 uuid: Some(uuid.to_owned()),
@@ -326,7 +318,7 @@ impl Reconciler {
             },
         );
         if !known {
-            follow::watch_exit(pid, start_time, self.inputs.clone());
+            follow::watch_exit(process, self.inputs.clone());
         }
     }
 
@@ -414,7 +406,7 @@ impl Reconciler {
                     .iter()
                     .any(|nic| nic.libvirt_bridge.as_deref() == Some(update.bridge.as_str()))
             })
-            .map(|g| g.pid)
+            .map(|g| g.process.pid)
             .collect();
         for pid in on_bridge {
             let Some(mut guest) = self.state.guests.get_mut(&pid) else {
@@ -520,7 +512,7 @@ impl Reconciler {
             .retain(|f| f.libvirt.as_deref() != Some(uuid));
         self.commit(move |state| {
             for g in removed_guests {
-                state.guests.insert(g.pid, g);
+                state.guests.insert(g.process.pid, g);
             }
             state.forwards.extend(removed_forwards);
         })?;

@@ -8,7 +8,7 @@ use qnet_api::{ApiError, NetName, NetworkInfo, Reply, Settings};
 
 use super::networks::done;
 use super::{Peer, Reconciler};
-use crate::config::{self, policy, runtime, RuntimeFile};
+use crate::config::{self, policy, runtime, Link, RuntimeFile};
 use crate::error::{conflict, denied, exhausted, failed, invalid, not_found};
 use crate::subnet;
 
@@ -154,11 +154,11 @@ impl Reconciler {
         let file = self.runtime_file(&from, "link")?;
         let mut table: toml::Table = toml::from_str(&file.text)
             .map_err(|e| invalid(format!("{}: {}", file.path.display(), e.message())))?;
-        for key in [LINK_KEY, LINK_ONE_WAY_KEY] {
+        for key in [false, true].map(Link::key_for) {
             remove_from_list(&mut table, key, to.as_str());
         }
         if !remove {
-            let key = if one_way { LINK_ONE_WAY_KEY } else { LINK_KEY };
+            let key = Link::key_for(one_way);
             let list = table
                 .entry(key)
                 .or_insert_with(|| toml::Value::Array(Vec::new()));
@@ -274,10 +274,6 @@ impl Reconciler {
         Ok(())
     }
 }
-
-/// The keys of a network's links (see `config`).
-const LINK_KEY: &str = "connect-to";
-const LINK_ONE_WAY_KEY: &str = "connect-to-one-way";
 
 /// Removes `name` from the list `key` of `table` (and the key with its
 /// last item).

@@ -4,6 +4,7 @@ use qnet_api::{PortMap, Proto};
 
 use super::*;
 use crate::config::Config;
+use crate::procfs::Process;
 use crate::state::alloc::ReservationTable as _;
 use crate::state::{Nic, Reservation};
 
@@ -84,8 +85,10 @@ fn a_macvtap_matches_its_nic_by_mac() {
 
 fn guest(name: &str, n: u8, ip: [u8; 4]) -> Guest {
     Guest {
-        pid: u32::from(n),
-        start_time: 1,
+        process: Process {
+            pid: u32::from(n),
+            start_time: 1,
+        },
         uid: 1000,
         name: Some(name.into()),
         uuid: None,

@@ -31,8 +31,13 @@ impl Reconciler {
             Some(grace) => How::Powerdown(grace.duration()),
             None => How::Quit,
         };
-        tracing::info!(pid = target.pid, uid = peer.uid, ?how, "stopping guest");
-        let pid = target.pid;
+        tracing::info!(
+            pid = target.process.pid,
+            uid = peer.uid,
+            ?how,
+            "stopping guest"
+        );
+        let pid = target.process.pid;
         let task = tokio::spawn(async move {
             let response = match guest_stop::run(qmp, target, how).await {
                 Ok(message) => {
@@ -64,11 +69,10 @@ impl Reconciler {
         // Named by what the caller typed (checked: no control characters),
         // not by QEMU's own -name, which could hold anything.
         let target = Target {
-            pid: guest.pid,
-            start_time: guest.start_time,
-            label: format!("`{wanted}` (pid {})", guest.pid),
+            process: guest.process,
+            label: format!("`{wanted}` (pid {})", guest.process.pid),
         };
-        let Some(session) = self.sessions.values().find(|s| s.pid == target.pid) else {
+        let Some(session) = self.sessions.values().find(|s| s.pid == target.process.pid) else {
             return Err(not_found(format!(
                 "{}: qnet-hookd holds no QMP session of it (a libvirt guest stops with `virsh shutdown`; a QEMU that is reconnecting can be stopped once `qnetctl guests` shows it again)",
                 target.label

@@ -89,7 +89,7 @@ fn guest_status(g: &Guest) -> GuestStatus {
     GuestStatus {
         name: g.name.clone(),
         uuid: g.uuid.clone(),
-        pid: g.pid,
+        pid: g.process.pid,
         uid: g.uid,
         user: user_name(g.uid),
         status: if g.is_running() { "running" } else { "gone" }.into(),

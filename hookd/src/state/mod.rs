@@ -23,7 +23,7 @@ use ipnet::Ipv4Net;
 use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
 
 use crate::config::NetworkConfig;
-use crate::procfs;
+use crate::procfs::Process;
 
 pub use store::{StateError, Store};
 pub use tracked::{Guests, Reservations};
@@ -87,10 +87,9 @@ pub struct NicOwner {
 /// A QEMU process the daemon follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guest {
-    pub pid: u32,
-    /// Start time of the process (clock ticks since boot), so a recycled
-    /// pid is not mistaken for the guest.
-    pub start_time: u64,
+    /// The QEMU, with its start time, so that a recycled pid is not
+    /// mistaken for the guest.
+    pub process: Process,
     pub uid: u32,
     /// `-name`, at most [`qnet_api::MAX_GUEST_NAME`] bytes.
     pub name: Option<String>,
@@ -103,7 +102,7 @@ pub struct Guest {
 impl Guest {
     /// Whether this is still the running process.
     pub fn is_running(&self) -> bool {
-        procfs::is_running(self.pid, self.start_time)
+        self.process.is_running()
     }
 
     /// The owner key of this guest's automatic reservations.
@@ -111,7 +110,7 @@ impl Guest {
         match (&self.uuid, &self.name) {
             (Some(uuid), _) => format!("uuid:{uuid}"),
             (None, Some(name)) => format!("name:{name}"),
-            (None, None) => format!("pid:{}:{}", self.pid, self.start_time),
+            (None, None) => format!("pid:{}:{}", self.process.pid, self.process.start_time),
         }
     }
 }

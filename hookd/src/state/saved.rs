@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
 use crate::config::NetworkConfig;
+use crate::procfs::Process;
 
 pub const VERSION: u32 = 3;
 
@@ -216,8 +217,8 @@ pub struct SavedNic {
 impl From<&Guest> for SavedGuest {
     fn from(g: &Guest) -> Self {
         SavedGuest {
-            pid: g.pid,
-            start_time: g.start_time,
+            pid: g.process.pid,
+            start_time: g.process.start_time,
             uid: g.uid,
             name: g.name.clone(),
             uuid: g.uuid.clone(),
@@ -241,8 +242,10 @@ impl From<&Guest> for SavedGuest {
 impl From<SavedGuest> for Guest {
     fn from(g: SavedGuest) -> Self {
         Guest {
-            pid: g.pid,
-            start_time: g.start_time,
+            process: Process {
+                pid: g.pid,
+                start_time: g.start_time,
+            },
             uid: g.uid,
             name: g.name,
             uuid: g.uuid,

@@ -264,7 +264,7 @@ impl Store {
         // does not wait behind the disk.
         files.write_all(writes, Durability::ProcessCrash)?;
         for guest in written {
-            saved.insert(guest.pid, guest.clone());
+            saved.insert(guest.process.pid, guest.clone());
         }
         let paths = gone.iter().map(|pid| dir.join(format!("{pid}.json")));
         files.remove_all(paths.collect(), Durability::ProcessCrash)?;

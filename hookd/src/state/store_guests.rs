@@ -64,8 +64,8 @@ impl Store {
                 continue;
             };
             let guest = Guest::from(saved);
-            self.guests.insert(guest.pid, guest.clone());
-            state.guests.insert(guest.pid, guest);
+            self.guests.insert(guest.process.pid, guest.clone());
+            state.guests.insert(guest.process.pid, guest);
         }
         Ok(())
     }

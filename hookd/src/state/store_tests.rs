@@ -1,6 +1,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
+use crate::procfs::Process;
 use crate::state::journal;
 use crate::state::saved::SavedReservation;
 use crate::state::{LibvirtAddress, Nic, NicOwner};
@@ -36,8 +37,7 @@ fn forward(port: u16) -> Forward {
 
 fn guest(pid: u32) -> Guest {
     Guest {
-        pid,
-        start_time: 1,
+        process: Process { pid, start_time: 1 },
         uid: 0,
         name: Some("web".into()),
         uuid: None,
@@ -432,7 +432,7 @@ fn version_2_reservation_files_move_into_the_journal() {
 fn write_old_record(dir: &Dirs, guest: &Guest) {
     let old = dir.path().join(GUESTS_DIR);
     fs::create_dir_all(&old).unwrap();
-    let path = old.join(format!("{}.json", guest.pid));
+    let path = old.join(format!("{}.json", guest.process.pid));
     fs::write(path, record_bytes(&SavedGuest::from(guest))).unwrap();
 }
 

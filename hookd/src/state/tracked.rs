@@ -312,7 +312,7 @@ impl DerefMut for GuestMut<'_> {
 impl Drop for GuestMut<'_> {
     fn drop(&mut self) {
         if let Some(guest) = self.guest.take() {
-            self.guests.insert(guest.pid, guest);
+            self.guests.insert(guest.process.pid, guest);
         }
     }
 }
@@ -333,6 +333,7 @@ impl InUse for RunningOn<'_> {
 mod tests {
     use super::super::Nic;
     use super::*;
+    use crate::procfs::Process;
 
     fn mac(n: u8) -> Mac {
         Mac::from_octets([0x52, 0x54, 0, 0, 0, n])
@@ -340,8 +341,7 @@ mod tests {
 
     fn guest(pid: u32, nics: &[(&str, u8)]) -> Guest {
         Guest {
-            pid,
-            start_time: 1,
+            process: Process { pid, start_time: 1 },
             uid: 0,
             name: None,
             uuid: None,
