@@ -1,10 +1,12 @@
 //! Network keys from the command line into the values the daemon checks
 //! (hookd.toml's keys and types): `--dhcp-range A-B` becomes the file's
-//! `["A", "B"]`, `--blocked-ports tcp/25,udp/53` a list, and so on. The
-//! daemon validates them; this only gives them their shape.
+//! `["A", "B"]`, `--blocked-ports tcp/25,udp/53` and `--set
+//! connect-to-one-way=a,b` lists, and so on. The daemon validates them;
+//! this only gives them their shape.
 
 use qnet_api::{Invalid, Settings};
 use qnet_hookd::cli::qnetctl::NetworkKeys;
+use qnet_hookd::config::Link;
 use serde_json::Value;
 
 /// The settings `keys` name, `--set KEY=VALUE` ones last (they win).
@@ -61,7 +63,8 @@ pub fn value(key: &str, text: &str) -> Result<Value, Invalid> {
             })?;
             list(&format!("{},{}", first.trim(), last.trim()))
         }
-        "blocked-ports" | "connect-to" => list(text),
+        "blocked-ports" => list(text),
+        _ if key == Link::key_for(false) || key == Link::key_for(true) => list(text),
         "ipv6" => serde_json::json!({ "subnet": text }),
         "firewall-integration" => match text {
             "true" | "yes" | "on" => Value::Bool(true),
@@ -90,6 +93,9 @@ mod tests {
             ),
             ("blocked-ports", "tcp/25, udp/53", r#"["tcp/25","udp/53"]"#),
             ("blocked-ports", "", "[]"),
+            ("connect-to", "lab, dmz", r#"["lab","dmz"]"#),
+            ("connect-to-one-way", "lab,dmz", r#"["lab","dmz"]"#),
+            ("connect-to-one-way", "lab", r#"["lab"]"#),
             ("ipv6", "fd00::/64", r#"{"subnet":"fd00::/64"}"#),
             (
                 "ipv6",
