@@ -66,21 +66,14 @@ EXIT STATUS
     1  anything else; one line on stderr says what went wrong and how to fix
        it, and no device is left behind";
 
+// clap names the command after the package, `qnet-bridge-helper` like the
+// binary. `--debug` and `--version` come with `ProtocolArgs`: every qnet
+// helper has them.
 #[derive(Debug, Parser)]
-#[command(
-    name = "qnet-bridge-helper",
-    version = qnet_hostnet::protocol::VERSION_LINE.as_str(),
-    about = ABOUT,
-    long_about = LONG_ABOUT,
-    after_long_help = AFTER_LONG_HELP,
-)]
+#[command(about = ABOUT, long_about = LONG_ABOUT, after_long_help = AFTER_LONG_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub protocol: ProtocolArgs,
-
-    /// Log each step to stderr (a qnet extension; QEMU never passes it).
-    #[arg(long)]
-    pub debug: bool,
 }
 
 #[cfg(test)]
@@ -100,7 +93,7 @@ mod tests {
         assert!(cli.protocol.use_vnet);
         assert_eq!(cli.protocol.fd, 5);
         assert_eq!(cli.protocol.br, "br0");
-        assert!(!cli.debug);
+        assert!(!cli.protocol.debug);
     }
 
     #[test]
@@ -110,7 +103,7 @@ mod tests {
         let cli = parse(&["--br=br1", "--debug", "--use-vnet", "--fd=7"]).unwrap();
         assert_eq!(cli.protocol.br, "br1");
         assert_eq!(cli.protocol.fd, 7);
-        assert!(cli.debug);
+        assert!(cli.protocol.debug);
     }
 
     #[test]

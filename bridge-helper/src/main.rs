@@ -27,13 +27,13 @@ const PROGRAM: &str = "qnet-bridge-helper";
 fn main() -> ExitCode {
     // Before anything the caller controls is looked at.
     let privileges = privilege::drop_to_net_admin().map_err(HelperError::from);
-    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| cli.debug, run)
+    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| &cli.protocol, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
     let bridge = cli.protocol.br.as_str();
     tracing::debug!(?privileges, bridge, fd = cli.protocol.fd, "starting");
-    if cli.debug {
+    if cli.protocol.debug {
         tracing::debug!(credentials = privilege::describe_credentials());
     }
     acl::check_name(bridge).map_err(|source| HelperError::BadName {

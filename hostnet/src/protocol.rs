@@ -3,14 +3,19 @@
 //! QEMU runs `HELPER --use-vnet --fd=N --br=BRIDGE`, or, when the helper
 //! string holds a space or tab, `/bin/sh -c "HELPER ARGS --use-vnet --fd=N
 //! [--br=BRIDGE]"` (it leaves `--br=` out when the string already has one).
-//! Both helpers flatten [`ProtocolArgs`] into their own clap parser.
+//! Both helpers flatten [`ProtocolArgs`] into their own clap parser, which
+//! also gives them what every qnet helper adds to QEMU's protocol: `--debug`
+//! and the `--version` line.
 
 use std::os::fd::RawFd;
 use std::sync::LazyLock;
 
 use clap::Args;
 
+// `version` applies to the command this is flattened into: both helpers
+// print the same line (see `VERSION_LINE`).
 #[derive(Debug, Clone, Args, PartialEq, Eq)]
+#[command(version = VERSION_LINE.as_str())]
 pub struct ProtocolArgs {
     /// Give the device a virtio-net header (IFF_VNET_HDR) if the kernel supports it. QEMU always passes this.
     #[arg(long = "use-vnet")]
@@ -23,6 +28,10 @@ pub struct ProtocolArgs {
     /// The bridge (bridge helper) or lower device (macvtap helper) to attach to.
     #[arg(long = "br", value_name = "NAME", required = true)]
     pub br: String,
+
+    /// Log each step to stderr (a qnet extension; QEMU never passes it).
+    #[arg(long)]
+    pub debug: bool,
 }
 
 /// A helper's `--version` line: the version (every crate of the
@@ -43,13 +52,14 @@ pub static VERSION_LINE: LazyLock<String> = LazyLock::new(|| {
 
 /// A helper's `main` once it has dropped its privileges (`privileges`, or
 /// why it could not): parses argv (clap errors as [`exit_for_cli_error`]
-/// says), turns on `--debug` logging, runs `run`, and makes its error one
-/// line on stderr and exit status 1.
+/// says), turns on `--debug` logging (`protocol` finds the helper's
+/// [`ProtocolArgs`] in its command line), runs `run`, and makes its error
+/// one line on stderr and exit status 1.
 pub fn helper_main<C, P, E>(
     program: &str,
     usage: &str,
     privileges: Result<P, E>,
-    debug: fn(&C) -> bool,
+    protocol: fn(&C) -> &ProtocolArgs,
     run: impl FnOnce(&C, P) -> Result<(), E>,
 ) -> std::process::ExitCode
 where
@@ -60,7 +70,7 @@ where
         Ok(cli) => cli,
         Err(err) => return exit_for_cli_error(program, usage, err),
     };
-    init_debug_logging(debug(&cli));
+    init_debug_logging(protocol(&cli).debug);
     match privileges.and_then(|p| run(&cli, p)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -156,8 +166,6 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         protocol: ProtocolArgs,
-        #[arg(long)]
-        debug: bool,
     }
 
     fn error_line(args: &[&str]) -> String {

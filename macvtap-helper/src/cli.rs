@@ -158,14 +158,11 @@ impl fmt::Display for GuestMac {
     }
 }
 
+// clap names the command after the package, `qnet-macvtap-helper` like the
+// binary. `--debug` and `--version` come with `ProtocolArgs`: every qnet
+// helper has them.
 #[derive(Debug, Parser)]
-#[command(
-    name = "qnet-macvtap-helper",
-    version = qnet_hostnet::protocol::VERSION_LINE.as_str(),
-    about = ABOUT,
-    long_about = LONG_ABOUT,
-    after_long_help = AFTER_LONG_HELP,
-)]
+#[command(about = ABOUT, long_about = LONG_ABOUT, after_long_help = AFTER_LONG_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub protocol: ProtocolArgs,
@@ -177,10 +174,6 @@ pub struct Cli {
     /// The guest NIC's MAC (the mac= of QEMU's -device); required except in passthru mode.
     #[arg(long, value_name = "MAC")]
     pub mac: Option<GuestMac>,
-
-    /// Log each step to stderr (a qnet extension; QEMU never passes it).
-    #[arg(long)]
-    pub debug: bool,
 }
 
 #[cfg(test)]

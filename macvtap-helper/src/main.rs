@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     // needed to open /dev/tapN stay permitted (not effective) until then.
     let privileges = privilege::drop_to_net_admin_keeping(&devnode::PRIVATE_NODE_CAPS)
         .map_err(HelperError::from);
-    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| cli.debug, run)
+    protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| &cli.protocol, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
@@ -38,7 +38,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     let mode = MacvtapMode::from(cli.mode);
     let fd = cli.protocol.fd;
     tracing::debug!(?privileges, lower, %mode, fd, "starting");
-    log_credentials(cli.debug, "at start");
+    log_credentials(cli.protocol.debug, "at start");
     let mac = checked_arguments(lower, mode, cli)?;
     let socket =
         fdpass::borrow_unix_stream(fd).map_err(|source| HelperError::BadSocket { fd, source })?;
@@ -59,7 +59,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     let macvtap = Guarded::create(request, qemu.pidfd)?;
     let tap = macvtap.open_queue(cli.protocol.use_vnet)?;
     privilege::release_spare()?;
-    log_credentials(cli.debug, "after opening the device");
+    log_credentials(cli.protocol.debug, "after opening the device");
     // A QEMU that died meanwhile (and whose pid might be reused) has
     // closed its end of the socket.
     if reaper::peer_gone(socket).unwrap_or(true) {

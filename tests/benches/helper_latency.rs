@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 
 use qnet_tests::helper_bench::{
-    bench_main, helper_from_env, installed_helper, measure_alternately, print_table, run_sandboxed,
-    Candidate, BRIDGE, WARMUP,
+    bench_main, helper_from_env, installed_helper, measure_and_print, run_sandboxed, Candidate,
+    BRIDGE,
 };
 use qnet_tests::require_tool;
 
@@ -52,8 +52,12 @@ fn worker(rounds: usize) {
         ),
         Candidate::process_floor(),
     ];
-    measure_alternately(&mut candidates, rounds, |_, _| {});
-    println!("bridge helper latency: {rounds} rounds after {WARMUP} warm-up, alternating; bridge in a private netns, same ACL");
-    println!();
-    print_table(&mut candidates, 1, "anchor");
+    measure_and_print(
+        "bridge helper latency",
+        "bridge in a private netns, same ACL",
+        &mut candidates,
+        rounds,
+        |_, _| {},
+        (1, "anchor"),
+    );
 }

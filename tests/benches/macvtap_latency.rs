@@ -19,13 +19,13 @@
 //! free again). The reapers the samples leave wait for the worker and exit
 //! with it. Results are printed as a Markdown table.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use qnet_hostnet::link::LinkSocket;
 use qnet_hostnet::tap::tap_info;
 use qnet_tests::helper_bench::{
-    bench_main, helper_from_env, installed_helper, measure_alternately, print_table, run_sandboxed,
-    Candidate, BRIDGE, WARMUP,
+    bench_main, helper_from_env, installed_helper, measure_and_print, run_sandboxed, Candidate,
+    BRIDGE,
 };
 
 const LOWER: &str = "qvbench";
@@ -82,17 +82,19 @@ fn worker(rounds: usize) {
     ];
     // A macvtap outlives its fd: delete it, so that every sample finds
     // `qmvtap0` free again.
-    measure_alternately(&mut candidates, rounds, |c, fd| {
+    let delete_macvtap = |c: &Candidate, fd: OwnedFd| {
         if c.br == Some(LOWER) {
             let (name, _) = tap_info(fd.as_fd()).unwrap();
             let link = netlink.link_by_name(&name).unwrap().unwrap();
             netlink.delete(link.index).unwrap();
         }
-    });
-    println!(
-        "helper latency: {rounds} rounds after {WARMUP} warm-up, alternating; devices in a \
-         private netns"
+    };
+    measure_and_print(
+        "helper latency",
+        "devices in a private netns",
+        &mut candidates,
+        rounds,
+        delete_macvtap,
+        (1, "qnet-bridge-helper"),
     );
-    println!();
-    print_table(&mut candidates, 1, "qnet-bridge-helper");
 }

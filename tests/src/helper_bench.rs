@@ -200,6 +200,24 @@ pub fn measure_alternately(
     }
 }
 
+/// A helper bench's worker after its set-up: measures `candidates`
+/// alternately (see [`measure_alternately`], which hands `received` each
+/// fd), then prints `title` with how it was measured and `setting`, and
+/// the table (see [`print_table`]).
+pub fn measure_and_print(
+    title: &str,
+    setting: &str,
+    candidates: &mut [Candidate],
+    rounds: usize,
+    received: impl FnMut(&Candidate, OwnedFd),
+    (base, base_label): (usize, &str),
+) {
+    measure_alternately(candidates, rounds, received);
+    println!("{title}: {rounds} rounds after {WARMUP} warm-up, alternating; {setting}");
+    println!();
+    print_table(candidates, base, base_label);
+}
+
 /// The results as a Markdown table, each median exec→fd also as a ratio
 /// to that of `candidates[base]` (named `base_label` in the header).
 pub fn print_table(candidates: &mut [Candidate], base: usize, base_label: &str) {
