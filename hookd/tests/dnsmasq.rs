@@ -84,6 +84,13 @@ fn lease_script(dir: &Path) -> String {
 }
 
 impl Lan {
+    /// Gives the guest a static address in 10.42.0.0/24 outside the DHCP
+    /// range, to talk DNS from whatever its lease.
+    fn static_guest_address(&self) {
+        self.guest
+            .ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
+    }
+
     /// Asks for a lease from inside the guest (a fresh DISCOVER every
     /// time: the script configures nothing) and returns the address
     /// offered.
@@ -108,6 +115,20 @@ impl Lan {
                 )
             })
     }
+}
+
+/// The guest's reservation as `vm1` at `ip`, and that name in DNS.
+fn vm1_at(ip: Ipv4Addr) -> (DhcpHost, DnsHost) {
+    let name = DnsHost {
+        ip,
+        name: "vm1".parse().unwrap(),
+    };
+    let reservation = DhcpHost {
+        mac: GUEST_MAC.parse().unwrap(),
+        ip,
+        name: Some(name.name.clone()),
+    };
+    (reservation, name)
 }
 
 /// Resolves `name` at `server` from inside `guest`.
@@ -190,23 +211,7 @@ async fn wait_for_new_pid(handle: &qnet_hookd::dnsmasq::DnsmasqHandle, old: u32)
 fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
     let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     let lab = lan("dhcp", &net);
-    // The guest talks DNS from a static address outside the DHCP range.
-    lab.guest
-        .ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
-    let host = |ip: [u8; 4]| {
-        let ip = Ipv4Addr::from(ip);
-        (
-            vec![DhcpHost {
-                mac: GUEST_MAC.parse().unwrap(),
-                ip,
-                name: Some("vm1".parse().unwrap()),
-            }],
-            vec![DnsHost {
-                ip,
-                name: "vm1".parse().unwrap(),
-            }],
-        )
-    };
+    lab.static_guest_address();
 
     lab.daemon.block_on(|| async {
         let handle = spawn(&net, &lab.paths).expect("spawn");
@@ -220,9 +225,9 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
 
         // A reservation, then a real DHCP client gets it; DNS knows the name.
         let reserve = async |ip: [u8; 4]| {
-            let (dhcp_hosts, dns_hosts) = host(ip);
+            let (reservation, name) = vm1_at(Ipv4Addr::from(ip));
             handle
-                .set_hosts(dhcp_hosts, dns_hosts)
+                .set_hosts(vec![reservation], vec![name])
                 .await
                 .expect("set_hosts");
             assert_eq!(lab.dhcp().await, Ipv4Addr::from(ip));
@@ -252,9 +257,9 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
             .dhcp_hosts_dir("lab")
             .join(GUEST_MAC.to_lowercase());
         let inode = std::fs::metadata(&host_file).unwrap().ino();
-        let (dhcp_hosts, dns_hosts) = host([10, 42, 0, 60]);
+        let (reservation, name) = vm1_at(Ipv4Addr::new(10, 42, 0, 60));
         handle
-            .set_hosts(dhcp_hosts, dns_hosts)
+            .set_hosts(vec![reservation], vec![name])
             .await
             .expect("set_hosts");
         assert_eq!(std::fs::metadata(&host_file).unwrap().ino(), inode);
@@ -319,16 +324,9 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
 fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
     let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     let lab = lan("names", &net);
-    lab.guest
-        .ip(&["addr", "add", "10.42.0.250/24", "dev", "eth0"]);
+    lab.static_guest_address();
     let ip = Ipv4Addr::new(10, 42, 0, 50);
-    let reservation = || {
-        vec![DhcpHost {
-            mac: GUEST_MAC.parse().unwrap(),
-            ip,
-            name: Some("vm1".parse().unwrap()),
-        }]
-    };
+    let (reservation, name) = vm1_at(ip);
     let reads = || {
         let log = std::fs::read_to_string(lab.paths.log_file("lab")).unwrap_or_default();
         log.lines()
@@ -338,11 +336,10 @@ fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
     lab.daemon.block_on(|| async {
         let handle = spawn(&net, &lab.paths).expect("spawn");
         handle.wait_ready(READY).await.expect("dnsmasq starts");
-        let name = vec![DnsHost {
-            ip,
-            name: "vm1".parse().unwrap(),
-        }];
-        handle.set_hosts(reservation(), name).await.unwrap();
+        handle
+            .set_hosts(vec![reservation.clone()], vec![name])
+            .await
+            .unwrap();
         assert_eq!(
             resolve(&lab.guest, "vm1.lab.qnet", "10.42.0.1").await,
             Some(ip)
@@ -350,7 +347,10 @@ fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
         let reads_before = reads();
 
         // The guest leaves: its name goes, its reservation stays.
-        handle.set_hosts(reservation(), Vec::new()).await.unwrap();
+        handle
+            .set_hosts(vec![reservation], Vec::new())
+            .await
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while resolve(&lab.guest, "vm1.lab.qnet", "10.42.0.1")
             .await
