@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use qnet_tests::fake_guest::{self, Identity};
 use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::netns::{run, NetNs};
-use qnet_tests::procfs::ProcStatus;
+use qnet_tests::procfs::{clock_ticks_per_sec, cpu_ticks, ProcStatus};
 use serde_json::{json, Value};
 
 const NET: &str = "bench";
@@ -673,28 +673,13 @@ struct Usage {
 
 fn usage(pid: u32) -> Usage {
     let status = ProcStatus::of(pid);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is the
-    // first, utime (14) and stime (15) the 12th and 13th.
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let cpu_ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     Usage {
         rss_kib: status.number("VmRSS:"),
         threads: status.number("Threads:"),
-        cpu_ticks,
+        cpu_ticks: cpu_ticks(pid),
         fds,
     }
-}
-
-fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ticks).unwrap_or(100)
 }
 
 fn ticks_ms(ticks: u64) -> u64 {
