@@ -81,7 +81,7 @@ fn print(d: &DomainInfo) -> String {
 fuzz_target!(|data: &[u8]| {
     let domain = match parse_domain_bytes(data) {
         Ok(domain) => domain,
-        Err(e) => return assert_one_line("domain error", &e, data.len()),
+        Err(e) => return assert_one_line("domain error", &e.to_string(), data.len()),
     };
     assert_bounded("interfaces", domain.interfaces.len() * 8, data.len());
     assert_bounded(

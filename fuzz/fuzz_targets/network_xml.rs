@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     let network = match parse_network_status(text) {
         Ok(Some(network)) => network,
         Ok(None) => return,
-        Err(e) => return assert_one_line("network error", &e, data.len()),
+        Err(e) => return assert_one_line("network error", &e.to_string(), data.len()),
     };
     assert_bounded("subnets", network.subnets.len() * 8, data.len());
     assert!(network.bridge.parse::<qnet_api::IfName>().is_ok());

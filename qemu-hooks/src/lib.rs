@@ -16,9 +16,12 @@
 //! files is safe from a hook; calling libvirt is not (it waits for us).
 
 pub mod cli;
+mod error;
 mod network;
 
+pub use error::{HookError, XmlError, XmlErrorKind};
 pub use network::{find_libvirt_network, parse_network_status};
+use XmlErrorKind::{Invalid, Malformed, Metadata, Refused};
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -157,57 +160,46 @@ struct XmlTarget {
 // ----- parsing -----------------------------------------------------------------
 
 /// Reads the domain XML from raw bytes (stdin).
-pub fn parse_domain_bytes(bytes: &[u8]) -> Result<DomainInfo, String> {
+pub fn parse_domain_bytes(bytes: &[u8]) -> Result<DomainInfo, XmlError> {
     if bytes.len() > MAX_XML_BYTES {
-        return Err(format!(
-            "domain XML longer than {} MiB: refused",
-            MAX_XML_BYTES / (1024 * 1024)
-        ));
+        return Err(too_long());
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("domain XML is not UTF-8 ({e})"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| XmlError::new(Refused, format!("domain XML is not UTF-8 ({e})")))?;
     parse_domain(text)
 }
 
-/// Reads the domain XML. The error is one line (see [`one_line_error`]).
-pub fn parse_domain(text: &str) -> Result<DomainInfo, String> {
-    read_domain(text).map_err(one_line_error)
-}
-
-/// Longest error message about an XML document.
-const MAX_ERROR: usize = 1024;
-
-/// quick-xml's messages and ours quote the document (element names,
-/// attribute values, whole stretches of text after a mismatched end tag),
-/// line breaks and all: the error reaches libvirt's log and the user as
-/// one line, of bounded length.
-fn one_line_error(message: String) -> String {
-    qnet_api::types::one_line(&message, MAX_ERROR)
-}
-
-fn read_domain(text: &str) -> Result<DomainInfo, String> {
-    if text.len() > MAX_XML_BYTES {
-        return Err(format!(
+fn too_long() -> XmlError {
+    XmlError::new(
+        Refused,
+        format!(
             "domain XML longer than {} MiB: refused",
             MAX_XML_BYTES / (1024 * 1024)
-        ));
+        ),
+    )
+}
+
+/// Reads the domain XML.
+pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
+    if text.len() > MAX_XML_BYTES {
+        return Err(too_long());
     }
     let block = scan(text)?;
-    let domain: XmlDomain =
-        quick_xml::de::from_str(text).map_err(|e| format!("domain XML: {e}"))?;
+    let domain: XmlDomain = quick_xml::de::from_str(text)
+        .map_err(|e| XmlError::new(Malformed, format!("domain XML: {e}")))?;
     if domain.name.trim().is_empty() {
-        return Err("domain XML: empty <name>".into());
+        return Err(XmlError::new(Invalid, "domain XML: empty <name>"));
     }
     if domain.uuid.trim().is_empty() {
-        return Err("domain XML: empty <uuid>".into());
+        return Err(XmlError::new(Invalid, "domain XML: empty <uuid>"));
     }
     let mut interfaces = Vec::new();
     for (i, iface) in domain.devices.interfaces.into_iter().enumerate() {
         // libvirt always writes a MAC; one without cannot be reserved.
         let Some(mac) = iface.mac else { continue };
-        let mac: Mac = mac
-            .address
-            .parse()
-            .map_err(|e| format!("domain XML: <interface> #{}: {e}", i + 1))?;
+        let mac: Mac = mac.address.parse().map_err(|e| {
+            XmlError::new(Invalid, format!("domain XML: <interface> #{}: {e}", i + 1))
+        })?;
         let source = iface.source;
         interfaces.push(Interface {
             kind: iface.kind,
@@ -224,8 +216,9 @@ fn read_domain(text: &str) -> Result<DomainInfo, String> {
     for f in &block.forwards {
         if let Some(mac) = &f.mac {
             if !macs.contains(mac) {
-                return Err(format!(
-                    "qnet metadata: <forward mac=\"{mac}\">: the domain has no interface with that MAC"
+                return Err(XmlError::new(
+                    Metadata,
+                    format!("qnet metadata: <forward mac=\"{mac}\">: the domain has no interface with that MAC"),
                 ));
             }
         }
@@ -236,7 +229,7 @@ fn read_domain(text: &str) -> Result<DomainInfo, String> {
         forwards.push(ForwardSpec {
             guest: guest
                 .parse()
-                .map_err(|e| format!("qnet metadata: <forward>: {e}"))?,
+                .map_err(|e| XmlError::new(Metadata, format!("qnet metadata: <forward>: {e}")))?,
             proto: f.proto,
             ports: f.ports,
             host_addr: f.host_addr,
@@ -245,8 +238,9 @@ fn read_domain(text: &str) -> Result<DomainInfo, String> {
     }
     for (mac, _) in &block.addresses {
         if !macs.contains(mac) {
-            return Err(format!(
-                "qnet metadata: <address mac=\"{mac}\">: the domain has no interface with that MAC"
+            return Err(XmlError::new(
+                Metadata,
+                format!("qnet metadata: <address mac=\"{mac}\">: the domain has no interface with that MAC"),
             ));
         }
     }
@@ -278,7 +272,7 @@ struct RawForward {
 
 /// The checking pass: no DTD, bounded depth, well-formed, and the qnet
 /// block of `<domain><metadata>` picked out by namespace.
-fn scan(text: &str) -> Result<QnetBlock, String> {
+fn scan(text: &str) -> Result<QnetBlock, XmlError> {
     let mut reader = NsReader::from_str(text);
     reader.config_mut().check_end_names = true;
     let mut block = QnetBlock::default();
@@ -289,11 +283,14 @@ fn scan(text: &str) -> Result<QnetBlock, String> {
     loop {
         let (ns, event) = reader
             .read_resolved_event()
-            .map_err(|e| format!("domain XML is not well-formed: {e}"))?;
+            .map_err(|e| XmlError::new(Malformed, format!("domain XML is not well-formed: {e}")))?;
         let ours = matches!(ns, ResolveResult::Bound(n) if n.as_ref() == QNET_XMLNS.as_bytes());
         match event {
             Event::DocType(_) => {
-                return Err("domain XML carries a DTD (<!DOCTYPE>): refused".into());
+                return Err(XmlError::new(
+                    Refused,
+                    "domain XML carries a DTD (<!DOCTYPE>): refused",
+                ));
             }
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
@@ -301,26 +298,36 @@ fn scan(text: &str) -> Result<QnetBlock, String> {
                 if stack.is_empty() {
                     roots += 1;
                     if local != b"domain" || ns != ResolveResult::Unbound {
-                        return Err(format!(
-                            "not a libvirt domain XML: the root element is <{}>",
-                            String::from_utf8_lossy(e.name().as_ref())
+                        return Err(XmlError::new(
+                            Malformed,
+                            format!(
+                                "not a libvirt domain XML: the root element is <{}>",
+                                String::from_utf8_lossy(e.name().as_ref())
+                            ),
                         ));
                     }
                     if roots > 1 {
-                        return Err("domain XML has more than one root element".into());
+                        return Err(XmlError::new(
+                            Malformed,
+                            "domain XML has more than one root element",
+                        ));
                     }
                 }
                 if stack.len() >= MAX_DEPTH {
-                    return Err(format!(
-                        "domain XML nests deeper than {MAX_DEPTH} elements: refused"
+                    return Err(XmlError::new(
+                        Refused,
+                        format!("domain XML nests deeper than {MAX_DEPTH} elements: refused"),
                     ));
                 }
                 let in_metadata = stack.len() == 2 && stack[1].0 == b"metadata";
                 let in_block = stack.len() == 3 && stack[1].0 == b"metadata" && stack[2].1;
                 if ours && in_metadata {
                     if block.present {
-                        return Err(format!(
-                            "qnet metadata: more than one element in namespace {QNET_XMLNS}"
+                        return Err(XmlError::new(
+                            Metadata,
+                            format!(
+                                "qnet metadata: more than one element in namespace {QNET_XMLNS}"
+                            ),
                         ));
                     }
                     block.present = true;
@@ -339,7 +346,7 @@ fn scan(text: &str) -> Result<QnetBlock, String> {
         }
     }
     if roots == 0 {
-        return Err("domain XML is empty".into());
+        return Err(XmlError::new(Malformed, "domain XML is empty"));
     }
     Ok(block)
 }
@@ -350,7 +357,7 @@ fn qnet_element(
     e: &BytesStart<'_>,
     local: &[u8],
     block: &mut QnetBlock,
-) -> Result<(), String> {
+) -> Result<(), XmlError> {
     let attrs = Attrs::read(reader, e, local)?;
     match local {
         b"forward" => block.forwards.push(forward_element(&attrs)?),
@@ -375,7 +382,7 @@ struct Attrs {
 }
 
 impl Attrs {
-    fn read(reader: &NsReader<&[u8]>, e: &BytesStart<'_>, local: &[u8]) -> Result<Attrs, String> {
+    fn read(reader: &NsReader<&[u8]>, e: &BytesStart<'_>, local: &[u8]) -> Result<Attrs, XmlError> {
         let mut attrs = Attrs {
             element: String::from_utf8_lossy(local).to_string(),
             list: Vec::new(),
@@ -392,8 +399,11 @@ impl Attrs {
         Ok(attrs)
     }
 
-    fn bad(&self, msg: String) -> String {
-        format!("qnet metadata: <{}>: {msg}", self.element)
+    fn bad(&self, msg: String) -> XmlError {
+        XmlError::new(
+            Metadata,
+            format!("qnet metadata: <{}>: {msg}", self.element),
+        )
     }
 
     fn get(&self, key: &str) -> Option<String> {
@@ -404,14 +414,14 @@ impl Attrs {
     }
 
     /// The attribute `key`, or an error saying what it should hold.
-    fn require(&self, key: &str, what: &str) -> Result<String, String> {
+    fn require(&self, key: &str, what: &str) -> Result<String, XmlError> {
         self.get(key)
             .ok_or_else(|| self.bad(format!("missing attribute `{key}`{what}")))
     }
 
     /// Refuses an attribute not in `known` (a typo would silently do
     /// nothing otherwise).
-    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+    fn check_known(&self, known: &[&str]) -> Result<(), XmlError> {
         match self.list.iter().find(|(k, _)| !known.contains(&k.as_str())) {
             Some((k, _)) => Err(self.bad(format!(
                 "unknown attribute `{k}` (known: {})",
@@ -423,7 +433,7 @@ impl Attrs {
 }
 
 /// `<qnet:forward proto= host-port= [guest-port=] [host-addr=] [mac=] [network=]/>`.
-fn forward_element(attrs: &Attrs) -> Result<RawForward, String> {
+fn forward_element(attrs: &Attrs) -> Result<RawForward, XmlError> {
     attrs.check_known(&[
         "proto",
         "host-port",
@@ -469,7 +479,7 @@ fn forward_element(attrs: &Attrs) -> Result<RawForward, String> {
 }
 
 /// `<qnet:address mac= ip=/>`.
-fn address_element(attrs: &Attrs) -> Result<(Mac, Ipv4Addr), String> {
+fn address_element(attrs: &Attrs) -> Result<(Mac, Ipv4Addr), XmlError> {
     attrs.check_known(&["mac", "ip"])?;
     let mac: Mac = attrs
         .require("mac", "")?

@@ -14,7 +14,9 @@ use clap::Parser;
 use qnet_api::client::{self, ClientError};
 use qnet_api::Request;
 use qnet_libvirt_hook::cli::Cli;
-use qnet_libvirt_hook::{find_libvirt_network, parse_domain_bytes, DomainInfo, MAX_XML_BYTES};
+use qnet_libvirt_hook::{
+    find_libvirt_network, parse_domain_bytes, DomainInfo, HookError, MAX_XML_BYTES,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -26,32 +28,32 @@ fn main() -> ExitCode {
     let read = std::io::stdin()
         .take(MAX_XML_BYTES as u64 + 1)
         .read_to_end(&mut input);
-    let fail = |message: String| {
-        eprintln!("qnet-libvirt-hook: guest `{guest}` ({operation}): {message}");
+    let fail = |e: HookError| {
+        eprintln!("qnet-libvirt-hook: guest `{guest}` ({operation}): {e}");
         ExitCode::FAILURE
     };
     match operation.as_str() {
         "migrate" | "restore" => {
             // A filter: the XML goes back unchanged.
             if let Err(e) = read {
-                return fail(format!("reading the domain XML: {e}"));
+                return fail(HookError::ReadXml(e));
             }
             if input.len() > MAX_XML_BYTES {
-                return fail("domain XML too long".into());
+                return fail(HookError::XmlTooLong);
             }
             let mut out = std::io::stdout().lock();
             if let Err(e) = out.write_all(&input).and_then(|()| out.flush()) {
-                return fail(format!("writing the domain XML: {e}"));
+                return fail(HookError::WriteXml(e));
             }
             ExitCode::SUCCESS
         }
         "prepare" | "start" | "started" | "reconnect" => {
             if let Err(e) = read {
-                return fail(format!("reading the domain XML: {e}"));
+                return fail(HookError::ReadXml(e));
             }
             let domain = match parse_domain_bytes(&input) {
                 Ok(domain) => domain,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.into()),
             };
             let pid = match operation.as_str() {
                 "started" | "reconnect" => read_pid(&cli.pid_dir, &domain.name),
@@ -62,8 +64,8 @@ fn main() -> ExitCode {
         "stopped" | "release" => {
             // Teardown never fails the guest: report and go on.
             let uuid = match read
-                .map_err(|e| e.to_string())
-                .and_then(|_| parse_domain_bytes(&input))
+                .map_err(HookError::ReadXml)
+                .and_then(|_| parse_domain_bytes(&input).map_err(HookError::from))
             {
                 Ok(domain) => domain.uuid,
                 Err(e) => {
@@ -75,7 +77,7 @@ fn main() -> ExitCode {
             match client::request(&cli.socket, &request, timeout(&cli)) {
                 Ok(_) | Err(ClientError::NotRunning { .. }) => {}
                 Err(e) => {
-                    let _ = fail(e.to_string());
+                    let _ = fail(HookError::Hookd(e));
                 }
             }
             ExitCode::SUCCESS
@@ -108,7 +110,7 @@ fn register(
     cli: &Cli,
     domain: &DomainInfo,
     pid: Option<u32>,
-    fail: &dyn Fn(String) -> ExitCode,
+    fail: &dyn Fn(HookError) -> ExitCode,
 ) -> ExitCode {
     if domain.interfaces.is_empty() && !domain.has_qnet {
         return ExitCode::SUCCESS;
@@ -126,7 +128,7 @@ fn register(
     });
     let name = match domain.name.parse() {
         Ok(name) => name,
-        Err(e) => return fail(format!("domain name: {e}")),
+        Err(e) => return fail(HookError::DomainName(e)),
     };
     let request = Request::GuestRegister {
         name,
@@ -137,15 +139,13 @@ fn register(
     };
     match client::request(&cli.socket, &request, timeout(cli)) {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e @ ClientError::NotRunning { .. }) if domain.has_qnet => fail(format!(
-            "the domain's XML asks for qnet (qnet metadata), but {e}"
-        )),
+        Err(e @ ClientError::NotRunning { .. }) if domain.has_qnet => {
+            fail(HookError::HookdNeeded(e))
+        }
         Err(ClientError::NotRunning { .. }) => ExitCode::SUCCESS,
-        Err(e) if domain.has_qnet => fail(e.to_string()),
+        Err(e) if domain.has_qnet => fail(HookError::Hookd(e)),
         Err(e) => {
-            let _ = fail(format!(
-                "{e} (the guest has no qnet metadata: starting anyway)"
-            ));
+            let _ = fail(HookError::HookdIgnored(e));
             ExitCode::SUCCESS
         }
     }

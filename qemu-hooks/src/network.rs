@@ -49,25 +49,22 @@ struct XmlIp {
 /// root `<networkstatus>` around `<network>`) or definition (root
 /// `<network>`): name, bridge, forward mode, IPv4 subnets. `None` when the
 /// network has no bridge of its own (`<forward mode='hostdev'>` and
-/// friends): there is nothing hookd could follow. The error is one line.
-pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, String> {
-    read_network_status(text).map_err(one_line_error)
-}
-
-pub(crate) fn read_network_status(text: &str) -> Result<Option<LibvirtNetwork>, String> {
+/// friends): there is nothing hookd could follow.
+pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, XmlError> {
     if text.len() as u64 > MAX_NETWORK_XML_BYTES {
-        return Err("network XML too long".into());
+        return Err(XmlError::new(Refused, "network XML too long"));
     }
     if text.contains("<!DOCTYPE") {
-        return Err("network XML carries a DTD (<!DOCTYPE>): refused".into());
+        return Err(XmlError::new(
+            Refused,
+            "network XML carries a DTD (<!DOCTYPE>): refused",
+        ));
     }
-    let status: XmlNetworkStatus =
-        quick_xml::de::from_str(text).map_err(|e| format!("network XML: {e}"))?;
+    let malformed = |e: quick_xml::DeError| XmlError::new(Malformed, format!("network XML: {e}"));
+    let status: XmlNetworkStatus = quick_xml::de::from_str(text).map_err(malformed)?;
     let network = match status.network {
         Some(network) => network,
-        None => {
-            quick_xml::de::from_str::<XmlNetwork>(text).map_err(|e| format!("network XML: {e}"))?
-        }
+        None => quick_xml::de::from_str::<XmlNetwork>(text).map_err(malformed)?,
     };
     let Some(bridge) = network
         .bridge
@@ -79,7 +76,7 @@ pub(crate) fn read_network_status(text: &str) -> Result<Option<LibvirtNetwork>, 
     };
     let bridge: IfName = bridge
         .parse()
-        .map_err(|e| format!("network XML: bridge {e}"))?;
+        .map_err(|e| XmlError::new(Invalid, format!("network XML: bridge {e}")))?;
     let mut subnets = Vec::new();
     for ip in &network.ips {
         if ip.family.as_deref().is_some_and(|f| f != "ipv4") {
@@ -113,14 +110,15 @@ pub(crate) fn read_network_status(text: &str) -> Result<Option<LibvirtNetwork>, 
 }
 
 /// Reads one status file, bounded.
-pub(crate) fn read_network_file(path: &Path) -> Result<Option<LibvirtNetwork>, String> {
+pub(crate) fn read_network_file(path: &Path) -> Result<Option<LibvirtNetwork>, XmlError> {
     let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let io = |e: std::io::Error| XmlError::new(XmlErrorKind::Io, format!("{shown}: {e}"));
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut text = String::new();
     file.take(MAX_NETWORK_XML_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("{shown}: {e}"))?;
-    parse_network_status(&text).map_err(|e| format!("{shown}: {e}"))
+        .map_err(io)?;
+    parse_network_status(&text).map_err(|e| e.within(shown))
 }
 
 /// The running libvirt network an interface is on, from libvirt's status
@@ -130,7 +128,7 @@ pub(crate) fn read_network_file(path: &Path) -> Result<Option<LibvirtNetwork>, S
 pub fn find_libvirt_network(
     dir: &Path,
     iface: &Interface,
-) -> Result<Option<LibvirtNetwork>, String> {
+) -> Result<Option<LibvirtNetwork>, XmlError> {
     if let Some(name) = &iface.source_network {
         // A name, not a path.
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -155,7 +153,12 @@ pub fn find_libvirt_network(
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Err(e) => {
+            return Err(XmlError::new(
+                XmlErrorKind::Io,
+                format!("{}: {e}", dir.display()),
+            ))
+        }
     };
     for entry in entries.flatten().take(MAX_NETWORK_FILES) {
         let path = entry.path();

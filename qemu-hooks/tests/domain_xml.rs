@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use qnet_libvirt_hook::{parse_domain, parse_domain_bytes, MAX_XML_BYTES, QNET_XMLNS};
+use qnet_libvirt_hook::{
+    parse_domain, parse_domain_bytes, XmlErrorKind, MAX_XML_BYTES, QNET_XMLNS,
+};
 
 fn sample(op: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -153,6 +155,8 @@ fn malformed_qnet_block_names_the_element() {
         ("<q:address mac='zz' ip='10.0.0.1'/>", "<address>"),
     ] {
         let err = parse_domain(&domain(&qnet(inner), NICS)).unwrap_err();
+        assert_eq!(err.kind(), XmlErrorKind::Metadata, "{inner}: {err}");
+        let err = err.to_string();
         assert!(
             err.contains("qnet metadata") && err.contains(wanted),
             "{inner}: {err}"
@@ -162,15 +166,22 @@ fn malformed_qnet_block_names_the_element() {
     let two = format!("{}{}", qnet(""), qnet(""));
     assert!(parse_domain(&domain(&two, NICS))
         .unwrap_err()
+        .to_string()
         .contains("more than one"));
 }
 
 #[test]
 fn missing_fields_are_errors() {
     let no_name = "<domain><uuid>u</uuid></domain>";
-    assert!(parse_domain(no_name).unwrap_err().contains("name"));
+    assert!(parse_domain(no_name)
+        .unwrap_err()
+        .to_string()
+        .contains("name"));
     let no_uuid = "<domain><name>a</name></domain>";
-    assert!(parse_domain(no_uuid).unwrap_err().contains("uuid"));
+    assert!(parse_domain(no_uuid)
+        .unwrap_err()
+        .to_string()
+        .contains("uuid"));
     let empty_name = "<domain><name> </name><uuid>u</uuid></domain>";
     assert!(parse_domain(empty_name).is_err());
     let bad_mac = domain(
@@ -179,6 +190,7 @@ fn missing_fields_are_errors() {
     );
     assert!(parse_domain(&bad_mac)
         .unwrap_err()
+        .to_string()
         .contains("<interface> #1"));
     // An interface without a MAC is skipped, not an error.
     let no_mac = domain("", "<interface type='user'/>");
@@ -186,6 +198,7 @@ fn missing_fields_are_errors() {
     assert!(parse_domain("").is_err());
     assert!(parse_domain("<network><name>a</name></network>")
         .unwrap_err()
+        .to_string()
         .contains("root element"));
 }
 
@@ -195,32 +208,52 @@ fn hostile_input_is_refused() {
     let billion =
         "<?xml version='1.0'?><!DOCTYPE domain [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;&a;'>]>\
                    <domain><name>&b;</name><uuid>u</uuid></domain>";
-    assert!(parse_domain(billion).unwrap_err().contains("DTD"));
+    assert_eq!(
+        parse_domain(billion).unwrap_err().kind(),
+        XmlErrorKind::Refused
+    );
+    assert!(parse_domain(billion)
+        .unwrap_err()
+        .to_string()
+        .contains("DTD"));
     let undefined = "<domain><name>&x;</name><uuid>u</uuid></domain>";
     assert!(parse_domain(undefined).is_err());
     let external = "<!DOCTYPE domain SYSTEM 'file:///etc/passwd'><domain/>";
-    assert!(parse_domain(external).unwrap_err().contains("DTD"));
+    assert!(parse_domain(external)
+        .unwrap_err()
+        .to_string()
+        .contains("DTD"));
     // Deep nesting.
     let deep = format!(
         "<domain><name>a</name><uuid>u</uuid>{}{}</domain>",
         "<x>".repeat(100_000),
         "</x>".repeat(100_000)
     );
-    assert!(parse_domain(&deep).unwrap_err().contains("deeper"));
+    assert!(parse_domain(&deep)
+        .unwrap_err()
+        .to_string()
+        .contains("deeper"));
     // Huge.
     let huge = format!(
         "<domain><name>a</name><uuid>u</uuid><description>{}</description></domain>",
         "a".repeat(MAX_XML_BYTES)
     );
-    assert!(parse_domain(&huge).unwrap_err().contains("longer"));
+    assert!(parse_domain(&huge)
+        .unwrap_err()
+        .to_string()
+        .contains("longer"));
     assert!(parse_domain_bytes(huge.as_bytes())
         .unwrap_err()
+        .to_string()
         .contains("longer"));
     // Not UTF-8.
     let mut latin1 = b"<domain><name>caf".to_vec();
     latin1.extend_from_slice(&[0xe9]);
     latin1.extend_from_slice(b"</name><uuid>u</uuid></domain>");
-    assert!(parse_domain_bytes(&latin1).unwrap_err().contains("UTF-8"));
+    assert!(parse_domain_bytes(&latin1)
+        .unwrap_err()
+        .to_string()
+        .contains("UTF-8"));
     // Not well-formed.
     assert!(parse_domain("<domain><name>a</name><uuid>u</uuid>").is_err());
     assert!(parse_domain("<domain><name>a</nam></domain>").is_err());
@@ -243,7 +276,7 @@ fn errors_are_one_line() {
              <q:forward proto=\"tcp\" host-port=\"80\" host-addr=\"1&#10;2\"/></q:qnet></metadata></domain>"
         ),
     ] {
-        let err = parse_domain(&xml).unwrap_err();
+        let err = parse_domain(&xml).unwrap_err().to_string();
         assert!(!err.chars().any(char::is_control), "{err:?}");
         assert!(err.len() <= 1100, "{}", err.len());
     }
