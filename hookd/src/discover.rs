@@ -50,6 +50,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::api::Mac;
 use crate::netlink::{Netlink, NetlinkError};
 
 /// The TUN/TAP clone device, and its number (misc major 10, `TUN_MINOR`
@@ -73,7 +74,7 @@ pub struct GuestPort {
     pub ifindex: u32,
     /// The host device's MAC address. For a TAP this is *not* the guest's;
     /// for a macvtap it is (see the module documentation).
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<Mac>,
     /// Master device (bridge) a TAP is enslaved to, if any.
     pub master: Option<String>,
     /// Lower device of a macvtap; `None` if it is in another network
@@ -259,7 +260,11 @@ async fn resolve(
             kind,
             ifname: link.name,
             ifindex: link.index,
-            mac: link.mac.as_deref().and_then(|m| m.try_into().ok()),
+            mac: link
+                .mac
+                .as_deref()
+                .and_then(|m| m.try_into().ok())
+                .map(Mac::from_octets),
             master,
             lower,
             fd,

@@ -15,6 +15,7 @@ use std::time::Duration;
 mod common;
 
 use common::block_on;
+use qnet_hookd::api::Mac;
 use qnet_hookd::discover::{self, DiscoverError, GuestPort, PortKind};
 use qnet_hookd::qmp::{self, NicInfo, QmpSession};
 use qnet_hostnet::link::LinkSocket;
@@ -109,14 +110,6 @@ impl Drop for Qemu {
     }
 }
 
-fn parse_mac(text: &str) -> [u8; 6] {
-    let mut mac = [0; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
-}
-
 #[tokio::test]
 async fn taps_and_their_bridge() {
     let ns = NetNs::new("disc");
@@ -163,7 +156,7 @@ async fn taps_and_their_bridge() {
                 kind: PortKind::Tap,
                 ifname: "qtapd0".into(),
                 ifindex: tap0.index,
-                mac: tap0.mac,
+                mac: tap0.mac.map(Mac::from_octets),
                 master: Some("qbrd0".into()),
                 lower: None,
                 fd: ports[0].fd,
@@ -172,7 +165,7 @@ async fn taps_and_their_bridge() {
                 kind: PortKind::Tap,
                 ifname: "qtapd1".into(),
                 ifindex: tap1.index,
-                mac: tap1.mac,
+                mac: tap1.mac.map(Mac::from_octets),
                 master: None,
                 lower: None,
                 fd: ports[1].fd,
@@ -192,7 +185,7 @@ async fn taps_and_their_bridge() {
     // The guest's MACs come from QMP, one NIC per TAP, in the same order.
     let macs: Vec<String> = nics.iter().map(|n| n.mac.to_string()).collect();
     assert_eq!(macs, ["52:54:00:00:d1:50", "52:54:00:00:d1:51"]);
-    assert_ne!(ports[0].mac, Some(nics[0].mac.octets()));
+    assert_ne!(ports[0].mac, Some(nics[0].mac));
 
     // Resolved in our own (the host's) namespace, those TAPs do not exist.
     let elsewhere = discover::guest_ports(pid).await.unwrap();
@@ -297,7 +290,7 @@ async fn macvtaps_and_their_lower_device() {
         kind: PortKind::Macvtap,
         ifname: name.into(),
         ifindex,
-        mac: Some(parse_mac(mac)),
+        mac: Some(mac.parse().unwrap()),
         master: None,
         lower: Some("qveth0".into()),
         fd,
@@ -307,7 +300,7 @@ async fn macvtaps_and_their_lower_device() {
     // A macvtap's MAC is its guest NIC's MAC: that is how they are matched.
     for port in &ports {
         assert!(
-            nics.iter().any(|n| Some(n.mac.octets()) == port.mac),
+            nics.iter().any(|n| Some(n.mac) == port.mac),
             "no NIC for {port:?} in {nics:?}"
         );
     }

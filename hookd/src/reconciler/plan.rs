@@ -53,7 +53,7 @@ pub fn place_nics(
         .map(|(i, nic)| {
             let macvtap = ports
                 .iter()
-                .find(|p| p.kind == PortKind::Macvtap && p.mac == Some(nic.mac.octets()));
+                .find(|p| p.kind == PortKind::Macvtap && p.mac == Some(nic.mac));
             let (device, network) = if let Some(port) = macvtap {
                 (Some(port.ifname.clone()), None)
             } else if taps.len() == nics.len() {
