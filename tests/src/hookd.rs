@@ -204,11 +204,11 @@ impl Hookd {
     }
 
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir().join("qmp.sock")
+        self.dir().join(QMP_SOCKET)
     }
 
     pub fn ctl_socket(&self) -> PathBuf {
-        self.dir().join("ctl.sock")
+        self.dir().join(CTL_SOCKET)
     }
 
     /// Sends `bytes` to the control socket as they are, ends the request
@@ -499,6 +499,10 @@ pub fn qmp_client_args(socket: &Path) -> Vec<String> {
     ]
 }
 
+/// The daemon's sockets, in a test's directory.
+const CTL_SOCKET: &str = "ctl.sock";
+const QMP_SOCKET: &str = "qmp.sock";
+
 /// The daemon's paths for a test whose files are in `dir` (hookd.toml,
 /// `state/`, the two sockets) and whose run directory is `run`.
 fn path_args(dir: &Path, run: &Path) -> [std::ffi::OsString; 10] {
@@ -510,9 +514,9 @@ fn path_args(dir: &Path, run: &Path) -> [std::ffi::OsString; 10] {
         "--state-dir".into(),
         dir.join("state").into(),
         "--ctl-socket".into(),
-        dir.join("ctl.sock").into(),
+        dir.join(CTL_SOCKET).into(),
         "--qmp-socket".into(),
-        dir.join("qmp.sock").into(),
+        dir.join(QMP_SOCKET).into(),
     ]
 }
 

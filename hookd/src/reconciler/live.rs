@@ -46,11 +46,17 @@ impl Reconciler {
     async fn try_reload(&mut self, force: bool) -> Result<String, ApiError> {
         crate::ctl::set_group(&self.paths.ctl_socket);
         let mut files = ConfigFiles::read(&self.paths.config).map_err(config_refused)?;
-        let departed = departed_owners(&files.parse().map_err(config_refused)?);
-        for (_, path) in &departed {
-            files = files.with_runtime(path, None);
+        let mut config = files.parse().map_err(config_refused)?;
+        let departed = departed_owners(&config);
+        if !departed.is_empty() {
+            for (_, path) in &departed {
+                files = files.with_runtime(path, None);
+            }
+            // Read again without their networks (what linked to one of
+            // them is refused now, say).
+            config = files.parse().map_err(config_refused)?;
         }
-        let plan = self.plan(files, force).await?;
+        let plan = self.plan_parsed(files, config, force).await?;
         let summary = summary(&plan.diff);
         // Persist first: a departed user's networks are gone for good
         // before they are taken down.
@@ -128,6 +134,16 @@ impl Reconciler {
     /// touching nothing.
     async fn plan(&mut self, files: ConfigFiles, force: bool) -> Result<Plan, ApiError> {
         let config = files.parse().map_err(config_refused)?;
+        self.plan_parsed(files, config, force).await
+    }
+
+    /// [`Self::plan`] of `files` already parsed into `config`.
+    async fn plan_parsed(
+        &mut self,
+        files: ConfigFiles,
+        config: Config,
+        force: bool,
+    ) -> Result<Plan, ApiError> {
         self.refuse_silent_teardown(&config)
             .map_err(|e| invalid(e.to_string()))?;
         let wanted = self.wanted_networks(&config).await?;
