@@ -21,7 +21,7 @@ mod network;
 
 pub use error::{HookError, XmlError, XmlErrorKind};
 pub use network::{find_libvirt_network, parse_network_status};
-use XmlErrorKind::{Invalid, Malformed, Metadata, Refused};
+use XmlErrorKind as Kind;
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -165,13 +165,13 @@ pub fn parse_domain_bytes(bytes: &[u8]) -> Result<DomainInfo, XmlError> {
         return Err(too_long());
     }
     let text = std::str::from_utf8(bytes)
-        .map_err(|e| XmlError::new(Refused, format!("domain XML is not UTF-8 ({e})")))?;
+        .map_err(|e| XmlError::new(Kind::Refused, format!("domain XML is not UTF-8 ({e})")))?;
     parse_domain(text)
 }
 
 fn too_long() -> XmlError {
     XmlError::new(
-        Refused,
+        Kind::Refused,
         format!(
             "domain XML longer than {} MiB: refused",
             MAX_XML_BYTES / (1024 * 1024)
@@ -186,19 +186,22 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
     }
     let block = scan(text)?;
     let domain: XmlDomain = quick_xml::de::from_str(text)
-        .map_err(|e| XmlError::new(Malformed, format!("domain XML: {e}")))?;
+        .map_err(|e| XmlError::new(Kind::Malformed, format!("domain XML: {e}")))?;
     if domain.name.trim().is_empty() {
-        return Err(XmlError::new(Invalid, "domain XML: empty <name>"));
+        return Err(XmlError::new(Kind::Invalid, "domain XML: empty <name>"));
     }
     if domain.uuid.trim().is_empty() {
-        return Err(XmlError::new(Invalid, "domain XML: empty <uuid>"));
+        return Err(XmlError::new(Kind::Invalid, "domain XML: empty <uuid>"));
     }
     let mut interfaces = Vec::new();
     for (i, iface) in domain.devices.interfaces.into_iter().enumerate() {
         // libvirt always writes a MAC; one without cannot be reserved.
         let Some(mac) = iface.mac else { continue };
         let mac: Mac = mac.address.parse().map_err(|e| {
-            XmlError::new(Invalid, format!("domain XML: <interface> #{}: {e}", i + 1))
+            XmlError::new(
+                Kind::Invalid,
+                format!("domain XML: <interface> #{}: {e}", i + 1),
+            )
         })?;
         let source = iface.source;
         interfaces.push(Interface {
@@ -217,7 +220,7 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
         if let Some(mac) = &f.mac {
             if !macs.contains(mac) {
                 return Err(XmlError::new(
-                    Metadata,
+                    Kind::Metadata,
                     format!("qnet metadata: <forward mac=\"{mac}\">: the domain has no interface with that MAC"),
                 ));
             }
@@ -227,9 +230,9 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
             None => name.clone(),
         };
         forwards.push(ForwardSpec {
-            guest: guest
-                .parse()
-                .map_err(|e| XmlError::new(Metadata, format!("qnet metadata: <forward>: {e}")))?,
+            guest: guest.parse().map_err(|e| {
+                XmlError::new(Kind::Metadata, format!("qnet metadata: <forward>: {e}"))
+            })?,
             proto: f.proto,
             ports: f.ports,
             host_addr: f.host_addr,
@@ -239,7 +242,7 @@ pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
     for (mac, _) in &block.addresses {
         if !macs.contains(mac) {
             return Err(XmlError::new(
-                Metadata,
+                Kind::Metadata,
                 format!("qnet metadata: <address mac=\"{mac}\">: the domain has no interface with that MAC"),
             ));
         }
@@ -281,14 +284,17 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
     let mut stack: Vec<(Vec<u8>, bool)> = Vec::new();
     let mut roots = 0;
     loop {
-        let (ns, event) = reader
-            .read_resolved_event()
-            .map_err(|e| XmlError::new(Malformed, format!("domain XML is not well-formed: {e}")))?;
+        let (ns, event) = reader.read_resolved_event().map_err(|e| {
+            XmlError::new(
+                Kind::Malformed,
+                format!("domain XML is not well-formed: {e}"),
+            )
+        })?;
         let ours = matches!(ns, ResolveResult::Bound(n) if n.as_ref() == QNET_XMLNS.as_bytes());
         match event {
             Event::DocType(_) => {
                 return Err(XmlError::new(
-                    Refused,
+                    Kind::Refused,
                     "domain XML carries a DTD (<!DOCTYPE>): refused",
                 ));
             }
@@ -299,7 +305,7 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
                     roots += 1;
                     if local != b"domain" || ns != ResolveResult::Unbound {
                         return Err(XmlError::new(
-                            Malformed,
+                            Kind::Malformed,
                             format!(
                                 "not a libvirt domain XML: the root element is <{}>",
                                 String::from_utf8_lossy(e.name().as_ref())
@@ -308,14 +314,14 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
                     }
                     if roots > 1 {
                         return Err(XmlError::new(
-                            Malformed,
+                            Kind::Malformed,
                             "domain XML has more than one root element",
                         ));
                     }
                 }
                 if stack.len() >= MAX_DEPTH {
                     return Err(XmlError::new(
-                        Refused,
+                        Kind::Refused,
                         format!("domain XML nests deeper than {MAX_DEPTH} elements: refused"),
                     ));
                 }
@@ -324,7 +330,7 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
                 if ours && in_metadata {
                     if block.present {
                         return Err(XmlError::new(
-                            Metadata,
+                            Kind::Metadata,
                             format!(
                                 "qnet metadata: more than one element in namespace {QNET_XMLNS}"
                             ),
@@ -346,7 +352,7 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
         }
     }
     if roots == 0 {
-        return Err(XmlError::new(Malformed, "domain XML is empty"));
+        return Err(XmlError::new(Kind::Malformed, "domain XML is empty"));
     }
     Ok(block)
 }
@@ -401,7 +407,7 @@ impl Attrs {
 
     fn bad(&self, msg: String) -> XmlError {
         XmlError::new(
-            Metadata,
+            Kind::Metadata,
             format!("qnet metadata: <{}>: {msg}", self.element),
         )
     }

@@ -52,15 +52,16 @@ struct XmlIp {
 /// friends): there is nothing hookd could follow.
 pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, XmlError> {
     if text.len() as u64 > MAX_NETWORK_XML_BYTES {
-        return Err(XmlError::new(Refused, "network XML too long"));
+        return Err(XmlError::new(Kind::Refused, "network XML too long"));
     }
     if text.contains("<!DOCTYPE") {
         return Err(XmlError::new(
-            Refused,
+            Kind::Refused,
             "network XML carries a DTD (<!DOCTYPE>): refused",
         ));
     }
-    let malformed = |e: quick_xml::DeError| XmlError::new(Malformed, format!("network XML: {e}"));
+    let malformed =
+        |e: quick_xml::DeError| XmlError::new(Kind::Malformed, format!("network XML: {e}"));
     let status: XmlNetworkStatus = quick_xml::de::from_str(text).map_err(malformed)?;
     let network = match status.network {
         Some(network) => network,
@@ -76,7 +77,7 @@ pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, XmlErr
     };
     let bridge: IfName = bridge
         .parse()
-        .map_err(|e| XmlError::new(Invalid, format!("network XML: bridge {e}")))?;
+        .map_err(|e| XmlError::new(Kind::Invalid, format!("network XML: bridge {e}")))?;
     let mut subnets = Vec::new();
     for ip in &network.ips {
         if ip.family.as_deref().is_some_and(|f| f != "ipv4") {
@@ -112,7 +113,7 @@ pub fn parse_network_status(text: &str) -> Result<Option<LibvirtNetwork>, XmlErr
 /// Reads one status file, bounded.
 pub(crate) fn read_network_file(path: &Path) -> Result<Option<LibvirtNetwork>, XmlError> {
     let shown = path.display();
-    let io = |e: std::io::Error| XmlError::new(XmlErrorKind::Io, format!("{shown}: {e}"));
+    let io = |e: std::io::Error| XmlError::new(Kind::Io, format!("{shown}: {e}"));
     let file = std::fs::File::open(path).map_err(io)?;
     let mut text = String::new();
     file.take(MAX_NETWORK_XML_BYTES + 1)
@@ -153,12 +154,7 @@ pub fn find_libvirt_network(
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(XmlError::new(
-                XmlErrorKind::Io,
-                format!("{}: {e}", dir.display()),
-            ))
-        }
+        Err(e) => return Err(XmlError::new(Kind::Io, format!("{}: {e}", dir.display()))),
     };
     for entry in entries.flatten().take(MAX_NETWORK_FILES) {
         let path = entry.path();
