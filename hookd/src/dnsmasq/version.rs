@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 /// The first version whose `--hostsdir` follows changed and removed files.
 const NAMES_FOLLOW_FILES_SINCE: (u32, u32) = (2, 89);
@@ -19,19 +20,18 @@ const NAMES_FOLLOW_FILES_SINCE: (u32, u32) = (2, 89);
 /// `dns-hosts.d` by itself. `false` when its version cannot be told: a
 /// SIGHUP is always correct, only slower.
 ///
-/// Asked once, when a network's dnsmasq is spawned: a dnsmasq upgraded
-/// under a running daemon is newer, never older, in practice.
+/// Asked of the first network's dnsmasq whose version can be read, then
+/// kept for the daemon's life: every network runs the same program, so a
+/// daemon starting with many networks runs `dnsmasq --version` once, not
+/// once per network; and a dnsmasq upgraded under a running daemon is
+/// newer, never older, in practice.
 pub fn names_follow_files(program: &Path) -> bool {
-    let output = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    let version = output
-        .ok()
-        .and_then(|o| parse_version(&String::from_utf8_lossy(&o.stdout)));
-    match version {
-        Some(v) => v >= NAMES_FOLLOW_FILES_SINCE,
+    static KNOWN: OnceLock<bool> = OnceLock::new();
+    if let Some(known) = KNOWN.get() {
+        return *known;
+    }
+    match version_of(program) {
+        Some(version) => *KNOWN.get_or_init(|| version >= NAMES_FOLLOW_FILES_SINCE),
         None => {
             tracing::info!(
                 "cannot tell {}'s version: names that change or go are re-read with a SIGHUP",
@@ -40,6 +40,17 @@ pub fn names_follow_files(program: &Path) -> bool {
             false
         }
     }
+}
+
+/// The version `program --version` prints, if it prints dnsmasq's line.
+fn version_of(program: &Path) -> Option<(u32, u32)> {
+    let output = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&output.stdout))
 }
 
 /// `(major, minor)` of `dnsmasq --version`'s first line, `Dnsmasq version
@@ -81,8 +92,8 @@ mod tests {
     }
 
     #[test]
-    fn a_program_that_is_not_dnsmasq_gets_sighups() {
-        assert!(!names_follow_files(Path::new("/bin/true")));
-        assert!(!names_follow_files(Path::new("/nonexistent/dnsmasq")));
+    fn a_program_that_is_not_dnsmasq_has_no_version() {
+        assert_eq!(version_of(Path::new("/bin/true")), None);
+        assert_eq!(version_of(Path::new("/nonexistent/dnsmasq")), None);
     }
 }
