@@ -67,10 +67,6 @@ pub enum HookError {
     ReadXml(io::Error),
     #[error("writing the domain XML: {0}")]
     WriteXml(io::Error),
-    /// A domain XML to pass through (migrate, restore) that is longer than
-    /// any libvirt writes.
-    #[error("domain XML longer than {} MiB: refused", crate::MAX_XML_BYTES / (1024 * 1024))]
-    XmlTooLong,
     #[error(transparent)]
     Xml(#[from] XmlError),
     #[error("domain name: {0}")]

@@ -161,29 +161,30 @@ struct XmlTarget {
 
 /// Reads the domain XML from raw bytes (stdin).
 pub fn parse_domain_bytes(bytes: &[u8]) -> Result<DomainInfo, XmlError> {
-    if bytes.len() > MAX_XML_BYTES {
-        return Err(too_long());
-    }
+    check_length(bytes.len())?;
     let text = std::str::from_utf8(bytes)
         .map_err(|e| XmlError::new(Kind::Refused, format!("domain XML is not UTF-8 ({e})")))?;
     parse_domain(text)
 }
 
-fn too_long() -> XmlError {
-    XmlError::new(
+/// Refuses a domain XML of `len` bytes longer than [`MAX_XML_BYTES`],
+/// whether it is to be read or only passed through.
+pub fn check_length(len: usize) -> Result<(), XmlError> {
+    if len <= MAX_XML_BYTES {
+        return Ok(());
+    }
+    Err(XmlError::new(
         Kind::Refused,
         format!(
             "domain XML longer than {} MiB: refused",
             MAX_XML_BYTES / (1024 * 1024)
         ),
-    )
+    ))
 }
 
 /// Reads the domain XML.
 pub fn parse_domain(text: &str) -> Result<DomainInfo, XmlError> {
-    if text.len() > MAX_XML_BYTES {
-        return Err(too_long());
-    }
+    check_length(text.len())?;
     let block = scan(text)?;
     let domain: XmlDomain = quick_xml::de::from_str(text)
         .map_err(|e| XmlError::new(Kind::Malformed, format!("domain XML: {e}")))?;

@@ -15,7 +15,7 @@ use qnet_api::client::{self, ClientError};
 use qnet_api::Request;
 use qnet_libvirt_hook::cli::Cli;
 use qnet_libvirt_hook::{
-    find_libvirt_network, parse_domain_bytes, DomainInfo, HookError, MAX_XML_BYTES,
+    check_length, find_libvirt_network, parse_domain_bytes, DomainInfo, HookError, MAX_XML_BYTES,
 };
 
 fn main() -> ExitCode {
@@ -38,8 +38,8 @@ fn main() -> ExitCode {
             if let Err(e) = read {
                 return fail(HookError::ReadXml(e));
             }
-            if input.len() > MAX_XML_BYTES {
-                return fail(HookError::XmlTooLong);
+            if let Err(e) = check_length(input.len()) {
+                return fail(e.into());
             }
             let mut out = std::io::stdout().lock();
             if let Err(e) = out.write_all(&input).and_then(|()| out.flush()) {
