@@ -15,6 +15,7 @@ use qnet_hookd::api::Mode;
 use qnet_hookd::config::{Ipv6Config, NetworkConfig};
 use qnet_hookd::dnsmasq::{spawn, DhcpHost, DnsHost, DnsmasqError, Paths};
 use qnet_hookd::network::bring_up;
+use qnet_tests::dnsmasq::reservation_reads;
 
 /// Generous failure bound for dnsmasq to (re)start.
 const READY: Duration = Duration::from_secs(20);
@@ -329,9 +330,7 @@ fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
     let (reservation, name) = vm1_at(ip);
     let reads = || {
         let log = std::fs::read_to_string(lab.paths.log_file("lab")).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
-            .count()
+        reservation_reads(&log)
     };
     lab.daemon.block_on(|| async {
         let handle = spawn(&net, &lab.paths).expect("spawn");

@@ -57,6 +57,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use qnet_tests::dnsmasq::reservation_reads;
 use qnet_tests::fake_guest::{self, Identity};
 use qnet_tests::hookd::{network, Hookd};
 use qnet_tests::netns::{run, NetNs};
@@ -728,18 +729,6 @@ struct Snapshot {
     at: Instant,
 }
 
-fn daemon_and_dnsmasq(daemon: u32, net_dir: &Path, rereads: usize) -> Snapshot {
-    let dnsmasq_pid = dnsmasq_pid(net_dir).unwrap_or(0);
-    Snapshot {
-        daemon: usage(daemon),
-        dnsmasq: usage(dnsmasq_pid),
-        dnsmasq_pid,
-        rereads,
-        state_bytes: 0,
-        at: Instant::now(),
-    }
-}
-
 /// Counts dnsmasq's `read .../dhcp-hosts.d/...` log lines as the log
 /// grows. The daemon rotates the log by copying it to `.log.1` and
 /// truncating it: a log shorter than what was counted has been rotated,
@@ -756,25 +745,28 @@ impl LogReads {
         let log = net_dir.join("dnsmasq.log");
         let len = std::fs::metadata(&log).map_or(0, |m| m.len());
         if len < self.offset {
-            self.count += reads_in(&net_dir.join("dnsmasq.log.1"), self.offset);
+            self.count += reads_in(&net_dir.join("dnsmasq.log.1"), self.offset).0;
             self.offset = 0;
         }
-        self.count += reads_in(&log, self.offset);
-        self.offset = len;
+        let (reads, end) = reads_in(&log, self.offset);
+        self.count += reads;
+        self.offset = end;
         self.count
     }
 }
 
-/// The `read .../dhcp-hosts.d/` lines of `path` from byte `from` on.
-fn reads_in(path: &Path, from: u64) -> usize {
+/// The `read .../dhcp-hosts.d/` lines among the complete lines of `path`
+/// from byte `from` on, and the offset after the last of those lines: a
+/// line dnsmasq is still writing is counted next time, and only once.
+fn reads_in(path: &Path, from: u64) -> (usize, u64) {
     let Ok(bytes) = std::fs::read(path) else {
-        return 0;
+        return (0, from);
     };
     let start = usize::try_from(from).map_or(bytes.len(), |f| f.min(bytes.len()));
-    String::from_utf8_lossy(&bytes[start..])
-        .lines()
-        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
-        .count()
+    let tail = &bytes[start..];
+    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let reads = reservation_reads(&String::from_utf8_lossy(&tail[..complete]));
+    (reads, (start + complete) as u64)
 }
 
 /// The processes measured.
@@ -787,10 +779,15 @@ struct Target {
 
 impl Target {
     fn snapshot(&self) -> Snapshot {
-        let rereads = self.log_reads.borrow_mut().update(&self.net_dir);
-        let mut snapshot = daemon_and_dnsmasq(self.daemon, &self.net_dir, rereads);
-        snapshot.state_bytes = std::fs::metadata(&self.state_file).map_or(0, |m| m.len());
-        snapshot
+        let dnsmasq_pid = dnsmasq_pid(&self.net_dir).unwrap_or(0);
+        Snapshot {
+            daemon: usage(self.daemon),
+            dnsmasq: usage(dnsmasq_pid),
+            dnsmasq_pid,
+            rereads: self.log_reads.borrow_mut().update(&self.net_dir),
+            state_bytes: std::fs::metadata(&self.state_file).map_or(0, |m| m.len()),
+            at: Instant::now(),
+        }
     }
 }
 

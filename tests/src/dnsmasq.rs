@@ -196,3 +196,12 @@ impl Drop for Dnsmasq {
         let _ = self.child.wait();
     }
 }
+
+/// How many reservation files (`…/dhcp-hosts.d/MAC`) a dnsmasq log says
+/// were read: one per new file it picks up through inotify, and every one
+/// of them at each SIGHUP (dnsmasq logs `read PATH` for each).
+pub fn reservation_reads(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(" read ") && l.contains("/dhcp-hosts.d/"))
+        .count()
+}
