@@ -116,7 +116,7 @@ pub mod qnetctl {
     use std::path::PathBuf;
 
     use clap::{Parser, Subcommand};
-    use qnet_api::Proto;
+    use qnet_api::{GuestRef, Mac, NetName, PortMap, Proto};
 
     /// Control qnet-hookd: networks, guests, DHCP reservations and port forwards.
     ///
@@ -196,14 +196,14 @@ pub mod qnetctl {
         /// exits cleanly, flushing its disk images).
         Stop {
             /// The guest's -name, or a NIC's MAC.
-            guest: String,
+            guest: GuestRef,
         },
         /// Press the guest's ACPI power button, like `virsh shutdown`; if QEMU has not
         /// exited after --timeout seconds (default 30), quit it. A guest without an ACPI
         /// handler (acpid, systemd-logind) ignores the button.
         Powerdown {
             /// The guest's -name, or a NIC's MAC.
-            guest: String,
+            guest: GuestRef,
         },
     }
 
@@ -211,29 +211,29 @@ pub mod qnetctl {
     pub enum ReserveCommand {
         /// Reserve an address (the next free one unless --ip) for a MAC, kept until `reserve rm`.
         Add {
-            network: String,
-            mac: String,
+            network: NetName,
+            mac: Mac,
             #[arg(long)]
             ip: Option<Ipv4Addr>,
             /// DNS name (without the network's domain).
             #[arg(long)]
-            name: Option<String>,
+            name: Option<GuestRef>,
         },
         /// Remove a reservation.
-        Rm { network: String, mac: String },
+        Rm { network: NetName, mac: Mac },
         /// List reservations (of one network, or all).
-        List { network: Option<String> },
+        List { network: Option<NetName> },
     }
 
     #[derive(Debug, Subcommand)]
     pub enum ForwardCommand {
         /// Forward HOSTPORT[-HOSTPORT2][:GUESTPORT] of the host to GUEST (its -name or a NIC's MAC).
         Add {
-            guest: String,
+            guest: GuestRef,
             /// tcp or udp.
             proto: Proto,
             /// HOSTPORT[-HOSTPORT2][:GUESTPORT], e.g. 8080:80 or 9000-9009.
-            ports: String,
+            ports: PortMap,
             /// Only this host address (default: every address of the host, and 127.0.0.1).
             #[arg(long)]
             host_addr: Option<IpAddr>,
@@ -255,18 +255,18 @@ pub mod qnetctl {
     #[derive(Debug, Subcommand)]
     pub enum NetworkCommand {
         /// Bring a network up (its bridge, rules and dnsmasq).
-        Up { name: String },
+        Up { name: NetName },
         /// Take a network down (its reservations are kept).
-        Down { name: String },
+        Down { name: NetName },
         /// Create a network now, kept across restarts (networks.d/NAME.toml).
         Create {
-            name: String,
+            name: NetName,
             #[command(flatten)]
             keys: NetworkKeys,
         },
         /// Change keys of a network created at run time.
         Edit {
-            name: String,
+            name: NetName,
             #[command(flatten)]
             keys: NetworkKeys,
             /// Give KEY its default value again.
@@ -278,23 +278,23 @@ pub mod qnetctl {
         },
         /// Delete a network created at run time, with its reservations.
         Delete {
-            name: String,
+            name: NetName,
             /// Delete it although guests run on it.
             #[arg(long)]
             force: bool,
         },
         /// A network's whole configuration, and where each value comes from.
-        Show { name: String },
+        Show { name: NetName },
         /// Let guests of FROM connect to guests of TO, and back unless --one-way.
         Link {
-            from: String,
-            to: String,
+            from: NetName,
+            to: NetName,
             /// Only FROM's guests may open connections (TO's only answer).
             #[arg(long)]
             one_way: bool,
         },
         /// Take away the link from FROM to TO.
-        Unlink { from: String, to: String },
+        Unlink { from: NetName, to: NetName },
     }
 
     /// The keys of a network, as in hookd.toml's [[network]] (see

@@ -3,6 +3,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::error::Error as _;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::Parser;
 use qnet_api::{client, ForwardSpec, Grace, Invalid, Reply, Request};
 use qnet_hookd::cli::qnetctl::{
@@ -13,7 +16,14 @@ mod render;
 mod settings;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == ErrorKind::ValueValidation => {
+            eprintln!("qnetctl: {}", invalid_value(&e));
+            return ExitCode::FAILURE;
+        }
+        Err(e) => e.exit(),
+    };
     let request = match request(cli.command, cli.timeout) {
         Ok(request) => request,
         Err(e) => {
@@ -46,9 +56,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// The request a command line asks for; values are checked here, with the
-/// same messages the daemon would give. `timeout` is `--timeout`: a power-
-/// down's grace.
+/// A value refused by one of the daemon's types, in the daemon's words
+/// (which quote the value), after the argument it was given for.
+fn invalid_value(e: &clap::Error) -> String {
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => format!("{arg}: "),
+        _ => String::new(),
+    };
+    match e.source() {
+        Some(why) => format!("{arg}{why}"),
+        None => e.to_string(),
+    }
+}
+
+/// The request a command line asks for. clap has already parsed names,
+/// MACs and port maps with the types the daemon checks them with (so a bad
+/// one gets the daemon's message before anything is sent); network keys
+/// are shaped here and checked by the daemon. `timeout` is `--timeout`: a
+/// power-down's grace.
 fn request(command: Command, timeout: u64) -> Result<Request, Invalid> {
     Ok(match command {
         Command::Status => Request::Status,
@@ -64,11 +89,11 @@ fn request(command: Command, timeout: u64) -> Result<Request, Invalid> {
             Request::Attach { qmp }
         }
         Command::Guest(GuestCommand::Stop { guest }) => Request::GuestStop {
-            guest: guest.parse()?,
+            guest,
             powerdown: None,
         },
         Command::Guest(GuestCommand::Powerdown { guest }) => Request::GuestStop {
-            guest: guest.parse()?,
+            guest,
             powerdown: Some(Grace::from_secs(timeout)?),
         },
     })
@@ -82,31 +107,22 @@ fn reserve_request(command: ReserveCommand) -> Result<Request, Invalid> {
             ip,
             name,
         } => Request::ReserveAdd {
-            network: network.parse()?,
-            mac: mac.parse()?,
+            network,
+            mac,
             ip,
-            name: name.map(|n| n.parse()).transpose()?,
+            name,
         },
-        ReserveCommand::Rm { network, mac } => Request::ReserveRm {
-            network: network.parse()?,
-            mac: mac.parse()?,
-        },
-        ReserveCommand::List { network } => Request::ReserveList {
-            network: network.map(|n| n.parse()).transpose()?,
-        },
+        ReserveCommand::Rm { network, mac } => Request::ReserveRm { network, mac },
+        ReserveCommand::List { network } => Request::ReserveList { network },
     })
 }
 
 fn network_request(command: NetworkCommand) -> Result<Request, Invalid> {
     Ok(match command {
-        NetworkCommand::Up { name } => Request::NetworkUp {
-            name: name.parse()?,
-        },
-        NetworkCommand::Down { name } => Request::NetworkDown {
-            name: name.parse()?,
-        },
+        NetworkCommand::Up { name } => Request::NetworkUp { name },
+        NetworkCommand::Down { name } => Request::NetworkDown { name },
         NetworkCommand::Create { name, keys } => Request::NetworkCreate {
-            name: name.parse()?,
+            name,
             settings: settings::from_keys(keys)?,
         },
         NetworkCommand::Edit {
@@ -115,27 +131,22 @@ fn network_request(command: NetworkCommand) -> Result<Request, Invalid> {
             unset,
             force,
         } => Request::NetworkEdit {
-            name: name.parse()?,
+            name,
             set: settings::from_keys(keys)?,
             unset,
             force,
         },
-        NetworkCommand::Delete { name, force } => Request::NetworkDelete {
-            name: name.parse()?,
-            force,
-        },
-        NetworkCommand::Show { name } => Request::NetworkShow {
-            name: name.parse()?,
-        },
+        NetworkCommand::Delete { name, force } => Request::NetworkDelete { name, force },
+        NetworkCommand::Show { name } => Request::NetworkShow { name },
         NetworkCommand::Link { from, to, one_way } => Request::NetworkLink {
-            from: from.parse()?,
-            to: to.parse()?,
+            from,
+            to,
             one_way,
             remove: false,
         },
         NetworkCommand::Unlink { from, to } => Request::NetworkLink {
-            from: from.parse()?,
-            to: to.parse()?,
+            from,
+            to,
             one_way: false,
             remove: true,
         },
@@ -152,9 +163,9 @@ fn forward_request(command: ForwardCommand) -> Result<Request, Invalid> {
             network,
         } => Request::ForwardAdd {
             forward: ForwardSpec {
-                guest: guest.parse()?,
+                guest,
                 proto,
-                ports: ports.parse()?,
+                ports,
                 host_addr,
                 network,
             },
