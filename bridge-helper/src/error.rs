@@ -3,11 +3,9 @@
 
 use std::path::PathBuf;
 
-use qnet_hostnet::acl::{AclError, Denial, NameError};
-use qnet_hostnet::fdpass::FdPassError;
+use qnet_hostnet::acl::{AclError, Denial};
 use qnet_hostnet::link::LinkError;
-use qnet_hostnet::owner::OwnerError;
-use qnet_hostnet::privilege::PrivilegeError;
+use qnet_hostnet::protocol::ProtocolError;
 use qnet_hostnet::reaper::ReaperError;
 use qnet_hostnet::tap::TapError;
 use thiserror::Error;
@@ -15,13 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum HelperError {
     #[error(transparent)]
-    Privilege(#[from] PrivilegeError),
-    #[error("bridge name `{name}` is invalid: {source}")]
-    BadName { name: String, source: NameError },
-    #[error("--fd={fd} is not the unix socket QEMU passes to a helper: {source}")]
-    BadSocket { fd: i32, source: FdPassError },
-    #[error(transparent)]
-    Owner(#[from] OwnerError),
+    Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Acl(#[from] AclError),
     #[error("{}", .0.message("bridge"))]
@@ -55,6 +47,4 @@ pub enum HelperError {
     },
     #[error("cannot start the process that deletes TAP `{tap}` when QEMU exits: {source}")]
     Reaper { tap: String, source: ReaperError },
-    #[error("failed to send the fd of TAP `{tap}` to QEMU: {source}")]
-    Send { tap: String, source: FdPassError },
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use qnet_hostnet::acl::{self, FsReader};
 use qnet_hostnet::link::LinkSocket;
-use qnet_hostnet::{fdpass, owner, privilege, protocol, CONFIG_DIR};
+use qnet_hostnet::{privilege, protocol, CONFIG_DIR};
 
 use crate::error::HelperError;
 use qnet_bridge_helper::cli::Cli;
@@ -26,26 +26,22 @@ const PROGRAM: &str = "qnet-bridge-helper";
 
 fn main() -> ExitCode {
     // Before anything the caller controls is looked at.
-    let privileges = privilege::drop_to_net_admin().map_err(HelperError::from);
+    let privileges = privilege::drop_to_net_admin();
     protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| &cli.protocol, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
-    let bridge = cli.protocol.br.as_str();
-    tracing::debug!(?privileges, bridge, fd = cli.protocol.fd, "starting");
+    tracing::debug!(
+        ?privileges,
+        bridge = cli.protocol.br,
+        fd = cli.protocol.fd,
+        "starting"
+    );
     if cli.protocol.debug {
         tracing::debug!(credentials = privilege::describe_credentials());
     }
-    acl::check_name(bridge).map_err(|source| HelperError::BadName {
-        name: bridge.to_string(),
-        source,
-    })?;
-    let socket =
-        fdpass::borrow_unix_stream(cli.protocol.fd).map_err(|source| HelperError::BadSocket {
-            fd: cli.protocol.fd,
-            source,
-        })?;
-    let qemu = owner::identify_qemu(socket, cli.protocol.fd)?;
+    let bridge = cli.protocol.device_name("bridge")?;
+    let (socket, qemu) = cli.protocol.caller()?;
 
     let conf = PathBuf::from(CONFIG_DIR).join("bridge.conf");
     let rules = acl::load(&FsReader::default(), &conf)?;
@@ -64,10 +60,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
 
     let tap = device::create_attached_tap(&mut netlink, &bridge_link, cli.protocol.use_vnet)?;
     let guarded = device::guard_tap(&mut netlink, &tap, qemu)?;
-    fdpass::send_fd(socket, tap.as_fd()).map_err(|source| HelperError::Send {
-        tap: tap.name().to_string(),
-        source,
-    })?;
+    protocol::hand_over(socket, tap.as_fd(), "TAP", tap.name())?;
     guarded.commit().map_err(|source| HelperError::Reaper {
         tap: tap.name().to_string(),
         source,

@@ -7,10 +7,16 @@
 //! also gives them what every qnet helper adds to QEMU's protocol: `--debug`
 //! and the `--version` line.
 
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::LazyLock;
 
 use clap::Args;
+use thiserror::Error;
+
+use crate::acl::{self, NameError};
+use crate::fdpass::{self, FdPassError};
+use crate::owner::{self, OwnerError, Qemu};
+use crate::privilege::{PrivilegeError, Privileges};
 
 // `version` applies to the command this is flattened into: both helpers
 // print the same line (see `VERSION_LINE`).
@@ -34,6 +40,68 @@ pub struct ProtocolArgs {
     pub debug: bool,
 }
 
+/// What QEMU's side of the protocol can get wrong, whichever device the
+/// helper makes.
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("{what} name `{name}` is invalid: {source}")]
+    BadName {
+        what: &'static str,
+        name: String,
+        source: NameError,
+    },
+    #[error("--fd={fd} is not the unix socket QEMU passes to a helper: {source}")]
+    BadSocket { fd: RawFd, source: FdPassError },
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
+    #[error("failed to send the fd of {what} `{name}` to QEMU: {source}")]
+    Send {
+        what: &'static str,
+        name: String,
+        source: FdPassError,
+    },
+}
+
+/// Hands the new device to QEMU: its fd over QEMU's `socket`, as QEMU's
+/// `net/tap.c` expects it. `what` and `name` say which device, for the
+/// error.
+pub fn hand_over(
+    socket: BorrowedFd<'_>,
+    device: BorrowedFd<'_>,
+    what: &'static str,
+    name: &str,
+) -> Result<(), ProtocolError> {
+    fdpass::send_fd(socket, device).map_err(|source| ProtocolError::Send {
+        what,
+        name: name.to_string(),
+        source,
+    })
+}
+
+impl ProtocolArgs {
+    /// `--br`, once it is a name the kernel could give a device (`what`
+    /// says which device, for the error): checked before any lookup, so
+    /// no ACL or netlink code sees a name no device can have.
+    pub fn device_name(&self, what: &'static str) -> Result<&str, ProtocolError> {
+        acl::check_name(&self.br).map_err(|source| ProtocolError::BadName {
+            what,
+            name: self.br.clone(),
+            source,
+        })?;
+        Ok(&self.br)
+    }
+
+    /// QEMU's socket (`--fd`), and the QEMU process behind it, identified
+    /// as [`owner::identify_qemu`] says: whom the device is made for.
+    pub fn caller(&self) -> Result<(BorrowedFd<'static>, Qemu), ProtocolError> {
+        let fd = self.fd;
+        let socket = fdpass::borrow_unix_stream(fd)
+            .map_err(|source| ProtocolError::BadSocket { fd, source })?;
+        let qemu = owner::identify_qemu(socket, fd)?;
+        Ok((socket, qemu))
+    }
+}
+
 /// A helper's `--version` line: the version (every crate of the
 /// workspace has the same) and the build-time ACL directory, so a user
 /// can tell which files it reads.
@@ -55,12 +123,12 @@ pub static VERSION_LINE: LazyLock<String> = LazyLock::new(|| {
 /// says), turns on `--debug` logging (`protocol` finds the helper's
 /// [`ProtocolArgs`] in its command line), runs `run`, and makes its error
 /// one line on stderr and exit status 1.
-pub fn helper_main<C, P, E>(
+pub fn helper_main<C, E>(
     program: &str,
     usage: &str,
-    privileges: Result<P, E>,
+    privileges: Result<Privileges, PrivilegeError>,
     protocol: fn(&C) -> &ProtocolArgs,
-    run: impl FnOnce(&C, P) -> Result<(), E>,
+    run: impl FnOnce(&C, Privileges) -> Result<(), E>,
 ) -> std::process::ExitCode
 where
     C: clap::Parser,
@@ -71,12 +139,14 @@ where
         Err(err) => return exit_for_cli_error(program, usage, err),
     };
     init_debug_logging(protocol(&cli).debug);
-    match privileges.and_then(|p| run(&cli, p)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            say(format_args!("{program}: {err}"));
-            std::process::ExitCode::FAILURE
-        }
+    let failed = |err: &dyn std::fmt::Display| {
+        say(format_args!("{program}: {err}"));
+        std::process::ExitCode::FAILURE
+    };
+    match privileges.map(|p| run(&cli, p)) {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(err)) => failed(&err),
+        Err(err) => failed(&err),
     }
 }
 

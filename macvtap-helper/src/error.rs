@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use qnet_hostnet::acl::{AclError, Denial, NameError};
+use qnet_hostnet::acl::{AclError, Denial};
 use qnet_hostnet::devnode::DevNodeError;
-use qnet_hostnet::fdpass::FdPassError;
 use qnet_hostnet::link::{LinkError, MacvtapMode};
 use qnet_hostnet::privilege::PrivilegeError;
+use qnet_hostnet::protocol::ProtocolError;
 use qnet_hostnet::reaper::ReaperError;
 use qnet_hostnet::tap::TapError;
 use thiserror::Error;
@@ -16,18 +16,14 @@ use thiserror::Error;
 pub enum HelperError {
     #[error(transparent)]
     Privilege(#[from] PrivilegeError),
-    #[error("lower device name `{name}` is invalid: {source}")]
-    BadName { name: String, source: NameError },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     #[error(
         "--mac is required in {mode} mode: a macvtap drops every frame that is not addressed \
          to its own MAC, so pass the guest NIC's MAC (the mac= of QEMU's -device), \
          e.g. --mac=52:54:00:12:34:56"
     )]
     MacRequired { mode: MacvtapMode },
-    #[error("--fd={fd} is not the unix socket QEMU passes to a helper: {source}")]
-    BadSocket { fd: i32, source: FdPassError },
-    #[error(transparent)]
-    Owner(#[from] qnet_hostnet::owner::OwnerError),
     #[error("{}: {why}", path.display())]
     BadLimit { path: PathBuf, why: String },
     #[error(
@@ -108,6 +104,4 @@ pub enum HelperError {
     QemuGone { pid: u32 },
     #[error("cannot start the process that removes macvtap `{name}` when QEMU exits: {source}")]
     Reaper { name: String, source: ReaperError },
-    #[error("failed to send the fd of macvtap `{name}` to QEMU: {source}")]
-    Send { name: String, source: FdPassError },
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use qnet_hostnet::acl::{self, AclError, FsReader, ReadError};
 use qnet_hostnet::link::{Link, LinkSocket, MacvtapMode};
-use qnet_hostnet::{devnode, fdpass, owner, privilege, protocol, reaper, CONFIG_DIR};
+use qnet_hostnet::{devnode, privilege, protocol, reaper, CONFIG_DIR};
 
 use crate::device::{Guarded, Request};
 use crate::error::HelperError;
@@ -28,21 +28,17 @@ const PROGRAM: &str = "qnet-macvtap-helper";
 fn main() -> ExitCode {
     // Before anything the caller controls is looked at. The capabilities
     // needed to open /dev/tapN stay permitted (not effective) until then.
-    let privileges = privilege::drop_to_net_admin_keeping(&devnode::PRIVATE_NODE_CAPS)
-        .map_err(HelperError::from);
+    let privileges = privilege::drop_to_net_admin_keeping(&devnode::PRIVATE_NODE_CAPS);
     protocol::helper_main(PROGRAM, USAGE, privileges, |cli: &Cli| &cli.protocol, run)
 }
 
 fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> {
-    let lower = cli.protocol.br.as_str();
     let mode = MacvtapMode::from(cli.mode);
-    let fd = cli.protocol.fd;
-    tracing::debug!(?privileges, lower, %mode, fd, "starting");
+    tracing::debug!(?privileges, lower = cli.protocol.br, %mode, fd = cli.protocol.fd, "starting");
     log_credentials(cli.protocol.debug, "at start");
-    let mac = checked_arguments(lower, mode, cli)?;
-    let socket =
-        fdpass::borrow_unix_stream(fd).map_err(|source| HelperError::BadSocket { fd, source })?;
-    let qemu = owner::identify_qemu(socket, fd)?;
+    let lower = cli.protocol.device_name("lower device")?;
+    let mac = guest_mac(mode, cli)?;
+    let (socket, qemu) = cli.protocol.caller()?;
     let lower_link = allowed_lower(lower)?;
     if !privileges.net_admin {
         return Err(HelperError::NoNetAdmin);
@@ -65,10 +61,7 @@ fn run(cli: &Cli, privileges: privilege::Privileges) -> Result<(), HelperError> 
     if reaper::peer_gone(socket).unwrap_or(true) {
         return Err(HelperError::QemuGone { pid: qemu_pid });
     }
-    fdpass::send_fd(socket, tap.as_fd()).map_err(|source| HelperError::Send {
-        name: macvtap.name().to_string(),
-        source,
-    })?;
+    protocol::hand_over(socket, tap.as_fd(), "macvtap", macvtap.name())?;
     let name = macvtap.name().to_string();
     macvtap.commit()?;
     tracing::debug!(
@@ -86,17 +79,9 @@ fn log_credentials(debug: bool, when: &str) {
     }
 }
 
-/// The lower device's name is one the kernel could have, and every mode
-/// but passthru has the guest's MAC (a macvtap drops frames to others).
-fn checked_arguments(
-    lower: &str,
-    mode: MacvtapMode,
-    cli: &Cli,
-) -> Result<Option<[u8; 6]>, HelperError> {
-    acl::check_name(lower).map_err(|source| HelperError::BadName {
-        name: lower.to_string(),
-        source,
-    })?;
+/// The guest's MAC, which every mode but passthru needs (a macvtap drops
+/// frames to others).
+fn guest_mac(mode: MacvtapMode, cli: &Cli) -> Result<Option<[u8; 6]>, HelperError> {
     let mac = cli.mac.map(|mac| mac.0);
     if mac.is_none() && mode != MacvtapMode::Passthru {
         return Err(HelperError::MacRequired { mode });
