@@ -396,7 +396,7 @@ pub struct LibvirtNic {
     pub network: Option<String>,
     /// `<source bridge=...>`: the qnet network owning that bridge.
     #[serde(default)]
-    pub bridge: Option<String>,
+    pub bridge: Option<IfName>,
     /// `<target dev=...>`: the host device, when libvirt names it.
     #[serde(default)]
     pub device: Option<IfName>,

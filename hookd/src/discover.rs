@@ -50,7 +50,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::api::Mac;
+use crate::api::{IfName, Mac};
 use crate::netlink::{Netlink, NetlinkError};
 
 /// The TUN/TAP clone device, and its number (misc major 10, `TUN_MINOR`
@@ -70,16 +70,16 @@ pub enum PortKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestPort {
     pub kind: PortKind,
-    pub ifname: String,
+    pub ifname: IfName,
     pub ifindex: u32,
     /// The host device's MAC address. For a TAP this is *not* the guest's;
     /// for a macvtap it is (see the module documentation).
     pub mac: Option<Mac>,
     /// Master device (bridge) a TAP is enslaved to, if any.
-    pub master: Option<String>,
+    pub master: Option<IfName>,
     /// Lower device of a macvtap; `None` if it is in another network
     /// namespace.
-    pub lower: Option<String>,
+    pub lower: Option<IfName>,
     /// Lowest descriptor number QEMU holds on the device (a multiqueue NIC
     /// holds one per queue); ports are sorted by it.
     pub fd: u32,
@@ -247,18 +247,28 @@ async fn resolve(
             );
             continue;
         }
+        // The kernel's names keep IfName's rules (they are the kernel's);
+        // one that does not is not a device we made or can act on.
+        let Ok(ifname) = link.name.parse::<IfName>() else {
+            tracing::warn!("{device:?} (fd {fd}) has a name no interface can have; skipping it");
+            continue;
+        };
+        let name_of = |index| async move {
+            let name = netlink.name_of(index).await?;
+            Ok::<_, NetlinkError>(name.and_then(|n| n.parse::<IfName>().ok()))
+        };
         let master = match link.master {
-            Some(master) => netlink.name_of(master).await?,
+            Some(master) => name_of(master).await?,
             None => None,
         };
         // A lower device in another namespace has no name here.
         let lower = match (kind, link.lower, link.lower_netnsid) {
-            (PortKind::Macvtap, Some(index), None) => netlink.name_of(index).await?,
+            (PortKind::Macvtap, Some(index), None) => name_of(index).await?,
             _ => None,
         };
         ports.push(GuestPort {
             kind,
-            ifname: link.name,
+            ifname,
             ifindex: link.index,
             mac: link
                 .mac

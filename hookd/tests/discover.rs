@@ -21,6 +21,7 @@ use qnet_hookd::qmp::{self, NicInfo, QmpSession};
 use qnet_hostnet::link::LinkSocket;
 use qnet_tests::guest::command_in_netns;
 use qnet_tests::netns::NetNs;
+use tokio::sync::Mutex;
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -37,6 +38,17 @@ struct Qemu {
     qmp: PathBuf,
     _dir: tempfile::TempDir,
 }
+
+/// The two tests with devices run one after the other. QEMU 10's
+/// `tap_open` first tries `/dev/tap<ifindex of ifname>` (so that
+/// `ifname=` may name a macvtap), and only then `/dev/net/tun`; but
+/// devtmpfs is the whole host's while ifindexes are per namespace. With
+/// the macvtap test's `qmvt0` (ifindex 4 in its namespace) existing, the
+/// TAP test's QEMU opened that `/dev/tap4` as the second queue of its
+/// `qtapd1` (ifindex 4 in its own).
+/// (tokio's mutex: each test's runtime is its own, and a test that
+/// panics holding it does not poison it.)
+static ALONE: Mutex<()> = Mutex::const_new(());
 
 impl Qemu {
     /// Starts QEMU in `ns` with `args`; `fds` become QEMU's fds 3, 4, ...
@@ -112,6 +124,7 @@ impl Drop for Qemu {
 
 #[tokio::test]
 async fn taps_and_their_bridge() {
+    let _alone = ALONE.lock().await;
     let ns = NetNs::new("disc");
     ns.ip(&["link", "add", "qbrd0", "type", "bridge"]);
     ns.ip(&["link", "set", "qbrd0", "up"]);
@@ -154,16 +167,16 @@ async fn taps_and_their_bridge() {
         [
             GuestPort {
                 kind: PortKind::Tap,
-                ifname: "qtapd0".into(),
+                ifname: "qtapd0".parse().unwrap(),
                 ifindex: tap0.index,
                 mac: tap0.mac.map(Mac::from_octets),
-                master: Some("qbrd0".into()),
+                master: Some("qbrd0".parse().unwrap()),
                 lower: None,
                 fd: ports[0].fd,
             },
             GuestPort {
                 kind: PortKind::Tap,
-                ifname: "qtapd1".into(),
+                ifname: "qtapd1".parse().unwrap(),
                 ifindex: tap1.index,
                 mac: tap1.mac.map(Mac::from_octets),
                 master: None,
@@ -225,6 +238,7 @@ fn open_macvtap(ns: &NetNs, name: &str, index: u32, use_dev: bool) -> (File, Str
 
 #[tokio::test]
 async fn macvtaps_and_their_lower_device() {
+    let _alone = ALONE.lock().await;
     let ns = NetNs::new("disc");
     ns.ip(&[
         "link", "add", "qveth0", "type", "veth", "peer", "name", "qveth1",
@@ -288,11 +302,11 @@ async fn macvtaps_and_their_lower_device() {
     .zip(&indexes)
     .map(|(&(name, fd, mac), &ifindex)| GuestPort {
         kind: PortKind::Macvtap,
-        ifname: name.into(),
+        ifname: name.parse().unwrap(),
         ifindex,
         mac: Some(mac.parse().unwrap()),
         master: None,
-        lower: Some("qveth0".into()),
+        lower: Some("qveth0".parse().unwrap()),
         fd,
     })
     .collect();

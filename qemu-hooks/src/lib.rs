@@ -91,7 +91,10 @@ impl DomainInfo {
             .map(|i| LibvirtNic {
                 mac: i.mac,
                 network: i.source_network.clone(),
-                bridge: i.source_bridge.clone(),
+                bridge: i
+                    .source_bridge
+                    .as_deref()
+                    .and_then(|b| b.parse::<IfName>().ok()),
                 device: i
                     .target_dev
                     .as_deref()

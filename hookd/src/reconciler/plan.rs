@@ -64,7 +64,7 @@ pub fn place_nics(
             Placement {
                 mac: nic.mac,
                 qemu_name: nic.name.clone(),
-                device: device.and_then(|d| d.parse().ok()),
+                device,
                 network,
             }
         })

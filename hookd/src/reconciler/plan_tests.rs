@@ -22,10 +22,10 @@ fn nic_info(name: &str, n: u8) -> NicInfo {
 fn tap(name: &str, bridge: Option<&str>, fd: u32) -> GuestPort {
     GuestPort {
         kind: PortKind::Tap,
-        ifname: name.into(),
+        ifname: name.parse().unwrap(),
         ifindex: fd,
         mac: Some(Mac::from_octets([0xfe, 0, 0, 0, 0, fd as u8])),
-        master: bridge.map(str::to_owned),
+        master: bridge.map(|b| b.parse().unwrap()),
         lower: None,
         fd,
     }
@@ -71,11 +71,11 @@ fn a_macvtap_matches_its_nic_by_mac() {
     let nics = [nic_info("net0", 1)];
     let macvtap = GuestPort {
         kind: PortKind::Macvtap,
-        ifname: "qmvtap0".into(),
+        ifname: "qmvtap0".parse().unwrap(),
         ifindex: 9,
         mac: Some(mac(1)),
         master: None,
-        lower: Some("eth0".into()),
+        lower: Some("eth0".parse().unwrap()),
         fd: 4,
     };
     let placed = place_nics(&nics, &[macvtap], lab_of);
