@@ -482,6 +482,24 @@ pub fn fresh_log_dir(name: &str) -> PathBuf {
     log_dir(name)
 }
 
+/// The installed `qemu-system-x86_64`'s version (major, minor, micro), as
+/// its `--version` line gives it: what its QMP greeting must say.
+pub fn qemu_version() -> (u64, u64, u64) {
+    let out = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .expect("qemu-system-x86_64 --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_qemu_version(&text).unwrap_or_else(|| panic!("no version in {text:?}"))
+}
+
+/// The version in `QEMU emulator version 10.0.2 (Debian ...)`.
+fn parse_qemu_version(text: &str) -> Option<(u64, u64, u64)> {
+    let word = text.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut numbers = word.split('.').map(|n| n.parse::<u64>().ok());
+    Some((numbers.next()??, numbers.next()??, numbers.next()??))
+}
+
 /// `qemu-system-x86_64` for a guest that never runs (`-S`, TCG, no
 /// default devices, no display, 64 MiB), with stdin and stdout closed: a
 /// QEMU to speak QMP with and to hold devices. The caller adds its
@@ -507,6 +525,17 @@ pub fn stopped_qemu() -> std::process::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_versions() {
+        let line = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n";
+        assert_eq!(parse_qemu_version(line), Some((10, 0, 2)));
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"),
+            Some((7, 2, 19))
+        );
+        assert_eq!(parse_qemu_version("qemu"), None);
+    }
 
     #[test]
     fn netdev_ids() {
