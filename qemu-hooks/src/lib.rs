@@ -307,21 +307,7 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
                 let local = e.local_name().as_ref().to_vec();
                 if stack.is_empty() {
                     roots += 1;
-                    if local != b"domain" || ns != ResolveResult::Unbound {
-                        return Err(XmlError::new(
-                            Kind::Malformed,
-                            format!(
-                                "not a libvirt domain XML: the root element is <{}>",
-                                String::from_utf8_lossy(e.name().as_ref())
-                            ),
-                        ));
-                    }
-                    if roots > 1 {
-                        return Err(XmlError::new(
-                            Kind::Malformed,
-                            "domain XML has more than one root element",
-                        ));
-                    }
+                    check_root(e, &ns, roots)?;
                 }
                 if stack.len() >= MAX_DEPTH {
                     return Err(XmlError::new(
@@ -359,6 +345,27 @@ fn scan(text: &str) -> Result<QnetBlock, XmlError> {
         return Err(XmlError::new(Kind::Malformed, "domain XML is empty"));
     }
     Ok(block)
+}
+
+/// A root element (the `roots`th): the one root must be an unqualified
+/// `<domain>`.
+fn check_root(e: &BytesStart, ns: &ResolveResult, roots: usize) -> Result<(), XmlError> {
+    if e.local_name().as_ref() != b"domain" || *ns != ResolveResult::Unbound {
+        return Err(XmlError::new(
+            Kind::Malformed,
+            format!(
+                "not a libvirt domain XML: the root element is <{}>",
+                String::from_utf8_lossy(e.name().as_ref())
+            ),
+        ));
+    }
+    if roots > 1 {
+        return Err(XmlError::new(
+            Kind::Malformed,
+            "domain XML has more than one root element",
+        ));
+    }
+    Ok(())
 }
 
 /// One element of the qnet block.
