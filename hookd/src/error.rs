@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::config::ConfigError;
 use crate::dnsmasq::DnsmasqError;
 use crate::firewall::FirewallError;
+use crate::lan::LanError;
 use crate::network::NetworkError;
 use crate::state::StateError;
 use crate::subnet::SubnetError;
@@ -25,6 +26,13 @@ pub enum DaemonError {
         network: String,
         #[source]
         source: NetworkError,
+    },
+    /// A LAN network's switch-over of its uplink, or its undoing.
+    #[error("network `{network}`: {source}")]
+    Lan {
+        network: String,
+        #[source]
+        source: LanError,
     },
     #[error("network `{network}`: dnsmasq: {source}")]
     Dnsmasq {
@@ -58,6 +66,14 @@ impl DaemonError {
     /// `.map_err(DaemonError::network(name))`.
     pub fn network(name: &NetName) -> impl Fn(NetworkError) -> DaemonError + Copy + '_ {
         move |source| DaemonError::Network {
+            network: name.to_string(),
+            source,
+        }
+    }
+
+    /// What a failure of LAN network `name`'s uplink switch-over becomes.
+    pub fn lan(name: &NetName) -> impl Fn(LanError) -> DaemonError + Copy + '_ {
+        move |source| DaemonError::Lan {
             network: name.to_string(),
             source,
         }

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::path::Path;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{
@@ -40,8 +39,6 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
-    #[error(transparent)]
-    Lan(#[from] crate::lan::LanError),
 }
 
 impl NetworkError {
@@ -50,8 +47,7 @@ impl NetworkError {
         match self {
             Self::Netlink(e) => e.raw_os_error(),
             Self::Sysctl { source: e, .. } => e.raw_os_error(),
-            Self::Lan(crate::lan::LanError::Netlink(e)) => e.raw_os_error(),
-            Self::NotABridge { .. } | Self::Lan(_) => None,
+            Self::NotABridge { .. } => None,
         }
     }
 }
@@ -207,24 +203,6 @@ async fn ensure_address(
         // Added concurrently: present now, which is all we want.
         Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
         Err(e) => Err(failed(format!("adding {ip}/{prefix_len} to `{bridge}`"))(e)),
-    }
-}
-
-/// Brings network `net` up whatever its mode: a LAN network through
-/// [`crate::lan`] (which keeps what its uplink had in `state_dir`), the
-/// others with [`bring_up`].
-pub async fn up(net: &NetworkConfig, state_dir: &Path) -> Result<(), NetworkError> {
-    match net.is_lan() {
-        true => Ok(crate::lan::bring_up(net, state_dir).await?),
-        false => bring_up(net).await,
-    }
-}
-
-/// Takes network `net` down whatever its mode (see [`up`]).
-pub async fn down(net: &NetworkConfig, state_dir: &Path) -> Result<(), NetworkError> {
-    match net.is_lan() {
-        true => Ok(crate::lan::bring_down(net, state_dir).await?),
-        false => bring_down(net).await,
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 use qnet_api::{ApiError, NetName, Reply};
 
-use super::networks::done;
+use super::networks::{bring_down, bring_up, done};
 use super::users::departed_owners;
 use super::{NetworkRuntime, Reconciler};
 use crate::config::diff::{self, Change, NetworkDiff};
@@ -280,9 +280,7 @@ impl Reconciler {
         if change == Change::Recreate && (old.is_lan() || new.is_lan()) {
             // A LAN network's uplink goes back before it is taken over
             // again (or given to another network).
-            network::down(old, &self.paths.state_dir)
-                .await
-                .map_err(failed)?;
+            bring_down(old, &self.paths.state_dir).await?;
         } else if change == Change::Recreate {
             network::readdress(old, &new).await.map_err(failed)?;
         }
@@ -291,9 +289,7 @@ impl Reconciler {
         if change >= Change::Dnsmasq {
             self.network_up(&name).await
         } else {
-            network::up(&new, &self.paths.state_dir)
-                .await
-                .map_err(failed)?;
+            bring_up(&new, &self.paths.state_dir).await?;
             self.state.known_networks.insert(name, new);
             self.dirty.state = true;
             Ok(())
@@ -310,7 +306,7 @@ impl Reconciler {
                 handle.stop().await;
             }
         }
-        if let Err(e) = network::down(net, &self.paths.state_dir).await {
+        if let Err(e) = bring_down(net, &self.paths.state_dir).await {
             tracing::warn!(network = %net.name, "removing: {e}");
         }
         dnsmasq::remove_stale(net.name.as_str(), &self.dnsmasq_paths()).await;

@@ -1,6 +1,8 @@
 //! Networks: bringing them up and down (bridge, dnsmasq), the nft ruleset
 //! of every network that is up, and the hosts each dnsmasq serves.
 
+use std::path::Path;
+
 use qnet_api::{ApiError, NetName, Reply};
 
 use super::{plan, NetworkRuntime, Peer, Reconciler};
@@ -8,7 +10,34 @@ use crate::config::{Config, NetworkConfig};
 use crate::error::{not_found, DaemonError};
 use crate::firewall::peers::{LibvirtForward, Opened, Openings};
 use crate::state::State;
-use crate::{dnsmasq, network, subnet};
+use crate::{dnsmasq, lan, network, subnet};
+
+/// Brings network `net` up whatever its mode: a LAN network through
+/// [`lan`] (which keeps what its uplink had in `state_dir`), the others
+/// through [`network`]. Kept here, above both, since `lan` uses
+/// `network`'s bridge code.
+pub(super) async fn bring_up(net: &NetworkConfig, state_dir: &Path) -> Result<(), DaemonError> {
+    match net.is_lan() {
+        true => lan::bring_up(net, state_dir)
+            .await
+            .map_err(DaemonError::lan(&net.name)),
+        false => network::bring_up(net)
+            .await
+            .map_err(DaemonError::network(&net.name)),
+    }
+}
+
+/// Takes network `net` down whatever its mode (see [`bring_up`]).
+pub(super) async fn bring_down(net: &NetworkConfig, state_dir: &Path) -> Result<(), DaemonError> {
+    match net.is_lan() {
+        true => lan::bring_down(net, state_dir)
+            .await
+            .map_err(DaemonError::lan(&net.name)),
+        false => network::bring_down(net)
+            .await
+            .map_err(DaemonError::network(&net.name)),
+    }
+}
 
 impl Reconciler {
     /// The networks of `config` (plus the default network when it asks for
@@ -96,9 +125,7 @@ impl Reconciler {
             return Ok(());
         };
         let net = runtime.config.clone();
-        network::up(&net, &paths.state_dir)
-            .await
-            .map_err(DaemonError::network(name))?;
+        bring_up(&net, &paths.state_dir).await?;
         // A LAN network's guests lease from the LAN's own DHCP server.
         if !net.is_lan() {
             let handle = dnsmasq::spawn(&net, &paths).map_err(DaemonError::dnsmasq(name))?;
@@ -121,9 +148,7 @@ impl Reconciler {
         }
         runtime.up = false;
         let net = runtime.config.clone();
-        network::down(&net, &self.paths().state_dir)
-            .await
-            .map_err(DaemonError::network(name))?;
+        bring_down(&net, &self.paths().state_dir).await?;
         self.state.known_networks.remove(name);
         self.dirty.state = true;
         Ok(())
