@@ -60,7 +60,6 @@ use toml::Spanned;
 
 use crate::api::types::one_line;
 use crate::api::{DomainName, ForwardSpec, IfName, Mode, NetName, PortMap, Proto};
-use crate::state::alloc;
 
 pub mod diff;
 mod files;
@@ -274,10 +273,21 @@ impl Integration {
     }
 }
 
+impl RawNetwork {
+    /// A `[[network]]`, validated by its mode: bridged by [`lan`], the
+    /// others by [`raw`] (which `lan` builds on).
+    fn validate(self) -> Result<NetworkConfig, raw::Problem> {
+        match self.mode {
+            Some(Mode::Bridged) => lan::validate_bridged(self),
+            _ => self.validate_addressed(),
+        }
+    }
+}
+
 /// `[limits]`: how much one guest or user may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    pub reservations: alloc::Limits,
+    pub reservations: ReservationLimits,
     /// QMP sessions one non-root uid may hold open at once.
     pub qmp_sessions_per_user: usize,
 }
@@ -285,8 +295,27 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            reservations: alloc::Limits::default(),
+            reservations: ReservationLimits::default(),
             qmp_sessions_per_user: 64,
+        }
+    }
+}
+
+/// How far automatic reservations go (see [`crate::state::alloc`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationLimits {
+    /// Automatic reservations one guest NIC may hold.
+    pub per_nic: usize,
+    /// Seconds a MAC must have been unseen before its automatic
+    /// reservation may be reused for another guest when the pool is empty.
+    pub reclaim_after: u64,
+}
+
+impl Default for ReservationLimits {
+    fn default() -> Self {
+        ReservationLimits {
+            per_nic: 4,
+            reclaim_after: 30 * 24 * 3600,
         }
     }
 }

@@ -40,7 +40,7 @@ impl RawLimits {
         within("qmp-sessions-per-user", sessions, 1..=100_000, "1-100000")?;
         within("reclaim-after-days", days, 0..=36_500, "at most 36500")?;
         Ok(Limits {
-            reservations: alloc::Limits {
+            reservations: ReservationLimits {
                 per_nic,
                 reclaim_after: days * 86_400,
             },
@@ -147,10 +147,9 @@ impl RawNetwork {
             .collect()
     }
 
-    pub(super) fn validate(self) -> Result<NetworkConfig, Problem> {
-        if self.mode == Some(Mode::Bridged) {
-            return super::lan::validate_bridged(self);
-        }
+    /// A network with addresses of its own (every mode but bridged),
+    /// validated.
+    pub(super) fn validate_addressed(self) -> Result<NetworkConfig, Problem> {
         let name = network_name(&self.name)?;
         let bridge: IfName = typed("bridge", self.bridge.as_deref().unwrap_or(&self.name))?;
         let uplink: Option<IfName> = self

@@ -23,7 +23,7 @@ use qnet_api::{DnsLabel, Mac};
 use thiserror::Error;
 
 use super::{NicOwner, Reservation};
-use crate::config::NetworkConfig;
+use crate::config::{NetworkConfig, ReservationLimits as Limits};
 
 /// Which MACs running guests have on the network: those are never
 /// evicted. A set, or the state's index of running NICs.
@@ -59,25 +59,6 @@ impl ReservationTable for BTreeMap<Mac, Reservation> {
     }
     fn insert(&mut self, mac: Mac, reservation: Reservation) -> Option<Reservation> {
         BTreeMap::insert(self, mac, reservation)
-    }
-}
-
-/// How far automatic reservations go (hookd.toml `[limits]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Automatic reservations one guest NIC may hold.
-    pub per_nic: usize,
-    /// Seconds a MAC must have been unseen before its automatic
-    /// reservation may be reused for another guest when the pool is empty.
-    pub reclaim_after: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            per_nic: 4,
-            reclaim_after: 30 * 24 * 3600,
-        }
     }
 }
 
