@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::reconciler::{Input, Peer};
+use crate::reconciler::input::{Input, Peer};
 
 /// Group whose members may use the control socket besides root.
 pub const CTL_GROUP: &str = "qnet";

@@ -15,15 +15,7 @@ use crate::reconciler::{Input, Reconciler};
 use crate::systemd::{self, PassedSockets};
 use crate::{ctl, firewall, libvirt};
 
-/// Where the daemon keeps things; every path can be moved by a flag.
-#[derive(Debug, Clone)]
-pub struct Paths {
-    pub config: PathBuf,
-    pub run_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub ctl_socket: PathBuf,
-    pub qmp_socket: PathBuf,
-}
+pub use crate::paths::Paths;
 
 /// Runs the daemon until SIGTERM/SIGINT. Networks, rules and dnsmasq stay
 /// up when it exits: running guests keep working, and the next start

@@ -38,6 +38,7 @@ mod guest_stop;
 mod hostports;
 mod logrelay;
 mod orphans;
+mod paths;
 mod procfs;
 mod programs;
 mod ratelimit;

@@ -1,7 +1,9 @@
 //! Guests followed over QMP: connecting, changing NICs, leaving; and the
 //! guests of a previous run, adopted at start.
 
-use qnet_api::{DnsLabel, MAX_GUEST_NAME};
+use qnet_api::DnsLabel;
+
+use super::input::bounded_name;
 
 use super::{plan, ConnId, GuestUp, Peer, Reconciler, Session};
 use crate::discover::GuestPort;
@@ -225,19 +227,4 @@ impl Reconciler {
             None,
         ));
     }
-}
-
-/// A guest's name as the daemon keeps it: at most
-/// [`MAX_GUEST_NAME`] bytes (cut on a character boundary). QEMU's `-name`
-/// is whatever its user typed; megabytes of it must not live in the
-/// daemon, its state files or every `guests` reply.
-pub fn bounded_name(name: &str) -> String {
-    if name.len() <= MAX_GUEST_NAME {
-        return name.to_owned();
-    }
-    let mut end = MAX_GUEST_NAME;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].to_owned()
 }

@@ -10,7 +10,7 @@ use qnet_api::{
     ApiError, DnsLabel, ForwardSpec, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName, Reply,
 };
 
-use super::guests::bounded_name;
+use super::input::bounded_name;
 use super::networks::done;
 use super::{Peer, Reconciler};
 use crate::error::{conflict, exhausted, invalid};

@@ -28,7 +28,7 @@
 mod doctor;
 mod forwards;
 mod guests;
-mod input;
+pub mod input;
 mod libvirt;
 mod live;
 mod netverbs;
@@ -46,16 +46,15 @@ use std::sync::Arc;
 use qnet_api::{ApiError, ForwardSpec, NetName};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use guests::bounded_name;
 pub use input::{ConnId, GuestUp, Input, Peer};
 
 use crate::config::{Config, ConfigFiles, Integration, Limits, NetworkConfig, Origin, UserPolicy};
-use crate::daemon::Paths;
 use crate::dnsmasq::DnsmasqHandle;
 use crate::error::{storage, DaemonError};
 use crate::firewall::peers::Openings;
 use crate::firewall::{Firewall, ForwardElement};
 use crate::follow::Sessions;
+use crate::paths::Paths;
 use crate::qmp::QmpSession;
 use crate::state::{State, Store};
 
