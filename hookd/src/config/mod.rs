@@ -301,7 +301,8 @@ impl Default for Limits {
     }
 }
 
-/// How far automatic reservations go (see [`crate::state::alloc`]).
+/// How far automatic reservations go (the daemon's `state::alloc` applies
+/// them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReservationLimits {
     /// Automatic reservations one guest NIC may hold.

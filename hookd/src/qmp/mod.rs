@@ -68,6 +68,7 @@
 mod events;
 mod lazybuf;
 mod parse;
+mod queue;
 mod reader;
 mod session;
 mod shared;

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::events::EventQueue;
+use super::queue::EventQueue;
 use super::types::QmpEvent;
 
 /// Signals here are a flag and a `Notify` each, not tokio channels: a

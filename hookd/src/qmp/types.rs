@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use qnet_api::Mac;
 
-pub use super::events::DEFAULT_EVENTS;
-
 /// Default bound on every wait for the peer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default cap on the length of one QMP message (one line).
 pub const DEFAULT_MAX_LINE: usize = 4 << 20;
+/// Default bound on the events queued for the consumer
+/// ([`SessionOptions::events`]).
+pub const DEFAULT_EVENTS: usize = 16;
 
 /// Tunables of a session; [`Default`] gives [`DEFAULT_TIMEOUT`],
 /// [`DEFAULT_MAX_LINE`] and [`DEFAULT_EVENTS`].
@@ -106,7 +107,7 @@ pub enum QmpEvent {
     Stop,
     Resume,
     /// The guest changed a NIC's receive filter, typically its MAC:
-    /// re-read it with [`QmpSession::query_nics`].
+    /// re-read it with [`QmpSession::query_nics`](super::QmpSession::query_nics).
     NicRxFilterChanged {
         name: Option<String>,
         path: String,
