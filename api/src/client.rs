@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::wire::{ApiError, Reply, Request, Response};
+use crate::reply::{ApiError, Reply, Response};
+use crate::wire::Request;
 
 #[derive(Debug, Error)]
 pub enum ClientError {

@@ -13,5 +13,6 @@ pub mod reply;
 pub mod types;
 pub mod wire;
 
+pub use reply::*;
 pub use types::{DnsLabel, DomainName, IfName, Invalid, Mac, NetName, PortMap, Proto};
 pub use wire::*;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{DnsLabel, Mac};
-use crate::wire::{ForwardSpec, Mode};
+use crate::wire::{BadRequest, ForwardSpec, Mode};
 
 /// A forward and whether it is in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +83,14 @@ impl ApiError {
             kind,
             message: message.into(),
         }
+    }
+}
+
+/// A refused request line reaches the client as an
+/// [`ErrorKind::Invalid`] error.
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> ApiError {
+        ApiError::new(ErrorKind::Invalid, e.to_string())
     }
 }
 

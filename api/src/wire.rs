@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::reply::*;
 use crate::types::{one_line, preview, IfName, Invalid, Mac, NetName, PortMap, Proto};
 
 pub const DEFAULT_CTL_SOCKET: &str = "/run/qnet/ctl.sock";
@@ -335,12 +334,6 @@ pub enum BadRequest {
     Malformed(String),
 }
 
-impl From<BadRequest> for ApiError {
-    fn from(e: BadRequest) -> ApiError {
-        ApiError::new(ErrorKind::Invalid, e.to_string())
-    }
-}
-
 /// How long the daemon waits for QEMU to exit after `quit`.
 pub const QUIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -518,6 +511,7 @@ impl ForwardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reply::{ApiError, ErrorKind, Reply, Response};
 
     /// Reproducer of the ctl_request fuzz target: serde quoted the unknown
     /// variant raw, so a DEL or a line break reached the client's terminal.
