@@ -2,7 +2,8 @@
 //! and the daemon, so a request means the same thing from every door.
 //!
 //! Wire format: the client connects to the control socket, writes one
-//! [`Request`] as a JSON line, and reads one [`Response`](crate::reply::Response) as a JSON line.
+//! [`Request`] as a JSON line, and reads one
+//! [`Response`](crate::reply::Response) as a JSON line.
 //! Every field is a typed value ([`crate::types`]): a request that names a
 //! bad MAC, port range or network is refused while it is decoded, before
 //! the daemon acts on any of it.
