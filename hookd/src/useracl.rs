@@ -165,9 +165,10 @@ pub fn is_member(uid: u32, group: &str) -> Option<bool> {
 /// Another passwd entry whose primary group is `gid`.
 fn other_user_with_group(uid: u32, gid: u32) -> Option<String> {
     let mut found = None;
-    // SAFETY: getpwent's static buffer is read before the next call; the
-    // daemon calls the *pwent family from this one function only, on the
-    // reconciler's task.
+    // libc's, since nix reads one entry by uid or name but cannot walk
+    // them all. SAFETY: getpwent's static buffer is read before the next
+    // call; the daemon calls the *pwent family from this one function
+    // only, on the reconciler's task.
     unsafe {
         libc::setpwent();
         loop {

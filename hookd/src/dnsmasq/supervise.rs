@@ -225,9 +225,7 @@ fn start(s: &Supervised) -> io::Result<tokio::process::Child> {
     // SAFETY: setsid() is async-signal-safe and touches no memory of ours.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
+            nix::unistd::setsid()?;
             Ok(())
         });
     }

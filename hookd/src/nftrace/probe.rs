@@ -1,10 +1,11 @@
 //! Running the probes of [`super`]: the veth pair on the bridge, our
 //! table, `nft -a monitor trace`, the frames, and removing it all again.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 use rtnetlink::{LinkUnspec, LinkVeth};
 use tokio::io::AsyncReadExt;
 
@@ -134,14 +135,15 @@ async fn remove(netlink: &Netlink) {
 
 /// Writes each frame out of device `ifindex` (AF_PACKET).
 fn send(ifindex: u32, frames: impl Iterator<Item = Vec<u8>>) -> Result<(), ProbeError> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned
-    // at once.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(ProbeError::Send(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a new descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| ProbeError::Send(e.into()))?;
+    // sendto stays libc's: nix builds a link-layer address only from a
+    // raw sockaddr_ll anyway.
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
