@@ -1,13 +1,17 @@
-//! Modules depend one way (ARCHITECTURE.md, "No import cycles"): in every
-//! crate of the workspace, no module reaches itself through the `crate::`
-//! and `super::` paths of its non-test code.
+//! The shape ARCHITECTURE.md promises, kept true for whoever carries the
+//! code on:
+//! - modules depend one way ("No import cycles"): in every crate, no
+//!   module reaches itself through the `crate::` and `super::` paths of
+//!   its non-test code;
+//! - no product source file is over 600 lines of non-test code, and no
+//!   function over 80 lines: past that, split by concern.
 //!
 //! A module is a source file (`a/b.rs` or `a/b/mod.rs` is `a::b`); a path
 //! names the longest module it starts with. A module's use of its own
 //! descendants or ancestors is not an edge: `mod.rs` declares its children,
 //! and children may read what their parent holds. Code after a file's
 //! `#[cfg(test)]` and `*_tests.rs` files are left out: tests may look
-//! anywhere.
+//! anywhere, and a table of cases may be long.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -36,6 +40,43 @@ fn no_module_imports_itself_through_others() {
         );
     }
     assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+}
+
+const MAX_FILE_LINES: usize = 600;
+const MAX_FN_LINES: usize = 80;
+
+#[test]
+fn no_file_or_function_is_too_long() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut long = Vec::new();
+    for dir in CRATES.iter().filter(|d| !d.starts_with("tests/")) {
+        for file in rust_files(&root.join(dir), true) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = non_test(&text);
+            let shown = file.strip_prefix(&root).unwrap().display().to_string();
+            if code.len() > MAX_FILE_LINES {
+                long.push(format!("{shown}: {} lines", code.len()));
+            }
+            for (line, name, length) in functions(&code) {
+                if length > MAX_FN_LINES {
+                    long.push(format!("{shown}:{line}: fn {name} is {length} lines"));
+                }
+            }
+        }
+    }
+    assert!(long.is_empty(), "too long: {long:#?}");
+}
+
+#[test]
+fn functions_are_measured_from_fn_to_their_closing_brace() {
+    let code: Vec<&str> = "impl A {\n    pub async fn a(&self) {\n        x();\n    }\n}\n\
+                           fn b() -> u8 {\n    1\n}\nfn declared();\n"
+        .lines()
+        .collect();
+    assert_eq!(
+        functions(&code),
+        [(2, "a".to_owned(), 3), (6, "b".to_owned(), 3)]
+    );
 }
 
 #[test]
@@ -77,7 +118,10 @@ type Graph = BTreeMap<String, BTreeSet<String>>;
 
 /// Module → the modules its non-test code names.
 fn module_graph(src: &Path) -> Graph {
-    let files = rust_files(src);
+    let files: Vec<PathBuf> = rust_files(src, false)
+        .into_iter()
+        .filter(|f| !["main.rs", "lib.rs"].contains(&file_name(f).as_str()))
+        .collect();
     let module_of = |file: &Path| -> String {
         let rel = file.strip_prefix(src).unwrap().with_extension("");
         let mut parts: Vec<String> = rel
@@ -94,10 +138,10 @@ fn module_graph(src: &Path) -> Graph {
     for file in &files {
         let module = module_of(file);
         let text = std::fs::read_to_string(file).unwrap();
-        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let code = non_test(&text).join("\n");
         let parent = module.rsplit_once("::").map_or("", |(p, _)| p);
         let mut edges = BTreeSet::new();
-        for path in paths_in(code) {
+        for path in paths_in(&code) {
             let absolute = match path.split_once("::") {
                 Some(("crate", rest)) => rest.to_owned(),
                 Some(("super", rest)) if !parent.is_empty() => format!("{parent}::{rest}"),
@@ -117,25 +161,61 @@ fn module_graph(src: &Path) -> Graph {
     graph
 }
 
-/// The `.rs` files under `dir`, but for `bin/` (each binary is a crate of
-/// its own), `main.rs`, `lib.rs` and test files.
-fn rust_files(dir: &Path) -> Vec<PathBuf> {
+/// The `.rs` files under `dir` but test files; with `bins`, also those of
+/// `bin/` (each binary is a crate of its own, so not for the module graph).
+fn rust_files(dir: &Path, bins: bool) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let name = file_name(&path);
         if path.is_dir() {
-            if name != "bin" {
-                files.extend(rust_files(&path));
+            if bins || name != "bin" {
+                files.extend(rust_files(&path, bins));
             }
-        } else if name.ends_with(".rs")
-            && !["main.rs", "lib.rs"].contains(&name.as_str())
-            && !name.ends_with("_tests.rs")
-        {
+        } else if name.ends_with(".rs") && !name.ends_with("_tests.rs") {
             files.push(path);
         }
     }
     files
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// The lines of `text` before its `#[cfg(test)]`.
+fn non_test(text: &str) -> Vec<&str> {
+    text.lines()
+        .take_while(|l| !l.starts_with("#[cfg(test)]"))
+        .collect()
+}
+
+/// Each function of `code` with a body, as rustfmt lays it out: its line
+/// (from 1), name and length, from its `fn` line to the `}` at its indent.
+fn functions(code: &[&str]) -> Vec<(usize, String, usize)> {
+    let mut found = Vec::new();
+    for (i, line) in code.iter().enumerate() {
+        let indent = line.len() - line.trim_start().len();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = words.iter().position(|w| *w == "fn") else {
+            continue;
+        };
+        let qualifiers = words[..at].iter().all(|w| {
+            w.starts_with("pub") || ["async", "unsafe", "const", "extern", "\"C\""].contains(w)
+        });
+        if !qualifiers || line.trim_end().ends_with(';') || words.len() <= at + 1 {
+            continue;
+        }
+        let name: String = words[at + 1]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{}}}", " ".repeat(indent));
+        if let Some(end) = code[i..].iter().position(|l| l.trim_end() == close) {
+            found.push((i + 1, name, end + 1));
+        }
+    }
+    found
 }
 
 /// Every `crate::…` and `super::…` path in `code` outside comments, with
