@@ -57,8 +57,14 @@ pub enum LanError {
         source: std::io::Error,
     },
     /// The record cannot be read: we do not know what the uplink had.
-    #[error("{0}; the uplink may need its addresses and routes back by hand: then delete the file and retry")]
-    Record(String),
+    #[error("{0}; {BY_HAND}")]
+    Record(#[from] record::RecordError),
+    /// The record of an uplink given back cannot be removed.
+    #[error("{0}; {BY_HAND}")]
+    RemoveRecord(#[source] std::io::Error),
+    /// The uplink is the bridge's port, but no record says what it had.
+    #[error("no record of what `{uplink}` had before `{bridge}` took it over; {BY_HAND}")]
+    NoRecord { uplink: String, bridge: String },
     /// A failed switch-over or restore left something undone (logged).
     #[error("{what}: {first}; {left} (the record stays, so the next start, `network down` or removing the network retries)")]
     Incomplete {
@@ -67,6 +73,10 @@ pub enum LanError {
         left: String,
     },
 }
+
+/// What a record that cannot be trusted leaves to the admin.
+const BY_HAND: &str =
+    "the uplink may need its addresses and routes back by hand: then delete the file and retry";
 
 /// The boot id: a record from another boot means nothing.
 fn boot_id() -> String {
@@ -133,10 +143,10 @@ pub async fn bring_down(net: &NetworkConfig, state_dir: &Path) -> Result<(), Lan
     // the uplink is not its port (deleting it would cut the host off).
     let kernel = Kernel::open(uplink, &net.bridge)?;
     if kernel.switched().await? {
-        return Err(LanError::Record(format!(
-            "no record of what `{uplink}` had before `{}` took it over",
-            net.bridge
-        )));
+        return Err(LanError::NoRecord {
+            uplink: uplink.to_string(),
+            bridge: net.bridge.to_string(),
+        });
     }
     kernel.apply(&Action::DeleteBridge).await
 }
@@ -166,9 +176,7 @@ pub async fn restore_unwanted(state_dir: &Path, wanted: impl Fn(&str) -> bool) {
 /// The record of `network` if it belongs to this boot; one of an earlier
 /// boot is removed.
 fn current_record(state_dir: &Path, network: &str) -> Result<Option<Record>, LanError> {
-    let Some(rec) =
-        record::load(state_dir, network).map_err(|e| LanError::Record(e.to_string()))?
-    else {
+    let Some(rec) = record::load(state_dir, network)? else {
         return Ok(None);
     };
     if rec.boot_id == boot_id() {
@@ -178,7 +186,7 @@ fn current_record(state_dir: &Path, network: &str) -> Result<Option<Record>, Lan
         network,
         "LAN record of an earlier boot: the kernel holds none of it, dropping it"
     );
-    record::remove(state_dir, network).map_err(|e| LanError::Record(e.to_string()))?;
+    record::remove(state_dir, network).map_err(LanError::RemoveRecord)?;
     Ok(None)
 }
 
@@ -205,7 +213,7 @@ async fn restore(state_dir: &Path, rec: &Record) -> Result<(), LanError> {
             left: format!("{count} step(s) failed"),
         });
     }
-    record::remove(state_dir, &rec.network).map_err(|e| LanError::Record(e.to_string()))?;
+    record::remove(state_dir, &rec.network).map_err(LanError::RemoveRecord)?;
     tracing::info!(network = %rec.network, uplink = %snap.uplink, "uplink restored");
     Ok(())
 }
@@ -242,8 +250,7 @@ async fn switch_over(kernel: &Kernel, state_dir: &Path, rec: &Record) -> Result<
             undo.reverse();
             return match run_all(kernel, &undo).await {
                 None => {
-                    record::remove(state_dir, &rec.network)
-                        .map_err(|e| LanError::Record(e.to_string()))?;
+                    record::remove(state_dir, &rec.network).map_err(LanError::RemoveRecord)?;
                     Err(e)
                 }
                 Some((_, count)) => Err(LanError::Incomplete {
