@@ -91,14 +91,8 @@ impl DomainInfo {
             .map(|i| LibvirtNic {
                 mac: i.mac,
                 network: i.source_network.clone(),
-                bridge: i
-                    .source_bridge
-                    .as_deref()
-                    .and_then(|b| b.parse::<IfName>().ok()),
-                device: i
-                    .target_dev
-                    .as_deref()
-                    .and_then(|d| d.parse::<IfName>().ok()),
+                bridge: if_name(&i.source_bridge),
+                device: if_name(&i.target_dev),
                 ip: self
                     .addresses
                     .iter()
@@ -108,6 +102,12 @@ impl DomainInfo {
             })
             .collect()
     }
+}
+
+/// A device name from the XML, when it is one the kernel could give a
+/// device: any other names no device there is, so the daemon is not told.
+fn if_name(name: &Option<String>) -> Option<IfName> {
+    name.as_deref().and_then(|n| n.parse().ok())
 }
 
 // ----- serde view of the domain ---------------------------------------------
