@@ -28,7 +28,7 @@ const CRATES: &[&str] = &[
 
 #[test]
 fn no_module_imports_itself_through_others() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = workspace();
     let mut cycles = Vec::new();
     for dir in CRATES {
         let graph = module_graph(&root.join(dir));
@@ -47,7 +47,7 @@ const MAX_FN_LINES: usize = 80;
 
 #[test]
 fn no_file_or_function_is_too_long() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = workspace();
     let mut long = Vec::new();
     for dir in CRATES.iter().filter(|d| !d.starts_with("tests/")) {
         for file in rust_files(&root.join(dir), true) {
@@ -115,6 +115,11 @@ fn paths_name_the_longest_module() {
 }
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
+
+/// The workspace's root, which [`CRATES`] are relative to.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 /// Module → the modules its non-test code names.
 fn module_graph(src: &Path) -> Graph {
