@@ -90,7 +90,24 @@ async fn listed_after<T>(
     change: impl Future<Output = Result<T, FirewallError>>,
 ) -> (T, String) {
     let result = change.await.expect(what);
-    (result, FW.listing().await.expect("list"))
+    (result, settled_listing().await)
+}
+
+/// The table as nft lists it, once two listings 20 ms apart agree. Right
+/// after thousands of elements went in, the kernel may still be resizing
+/// a map's hash table, and a dump that walks it meanwhile can list an
+/// element twice and miss another.
+async fn settled_listing() -> String {
+    let mut last = FW.listing().await.expect("list");
+    for _ in 0..250 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = FW.listing().await.expect("list");
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the table's listing did not settle within 5 s");
 }
 
 /// `HOST..=HOST_END:GUEST` as one rule per port, offsets kept.
