@@ -28,7 +28,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{network, NetNs};
+use common::{network, own, NetNs};
 use qnet_hookd::api::{DnsLabel, Mac, Mode};
 use qnet_hookd::dnsmasq::{spawn, DhcpHost, DnsHost, Paths};
 use qnet_hookd::network::bring_up;
@@ -109,7 +109,7 @@ fn measure(n: u32, kind: Kind) -> f64 {
     };
     ns.block_on(|| async {
         bring_up(&net).await.expect("bring_up");
-        let handle = spawn(&net, &paths).expect("spawn dnsmasq");
+        let handle = spawn(&net, own(&net), &paths).expect("spawn dnsmasq");
         let (mut dhcp, mut dns): (Vec<_>, Vec<_>) = (0..n).map(|i| guest(i, true)).unzip();
         // Before dnsmasq is ready: it reads them all once, with a SIGHUP.
         handle

@@ -44,7 +44,7 @@ pub fn rules_for(
         return rules;
     };
     let v6 = net
-        .and_then(|n| n.ipv6)
+        .and_then(|n| n.addressing.as_ref()?.ipv6)
         .map(|ipv6| slaac_address(ipv6.subnet.network(), nic.mac));
     for (host_port, guest_port) in spec.ports.pairs() {
         let mut push = |host_addr: Option<IpAddr>, guest_addr: IpAddr| {
@@ -172,7 +172,7 @@ mod tests {
         // A qnet network called like the libvirt one, with IPv6.
         let mut lab = crate::config::Config::default_network("10.9.0.0/24".parse().unwrap());
         lab.name = "lab".parse().unwrap();
-        lab.ipv6 = crate::config::Ipv6Config::first_router("fd42::/64".parse().unwrap());
+        lab.own_mut().ipv6 = crate::config::Ipv6Config::first_router("fd42::/64".parse().unwrap());
         let rules = desired([&spec("web", (8080, 8080), 80)], &[&web], &[&lab]);
         let targets: Vec<IpAddr> = rules.iter().map(|r| r.guest_addr).collect();
         assert_eq!(targets, [IpAddr::V4(Ipv4Addr::new(192, 168, 122, 9))]);

@@ -243,9 +243,7 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
             .await
             .map_err(failed(format!("setting the MAC address of `{name}`")))?;
     }
-    let v4 = (IpAddr::V4(net.router), net.subnet.prefix_len());
-    let v6 = (net.ipv6.as_ref()).map(|v6| (IpAddr::V6(v6.router), v6.subnet.prefix_len()));
-    for (router, prefix_len) in std::iter::once(v4).chain(v6) {
+    for (router, prefix_len) in router_addresses(net) {
         ensure_address(handle, name, dev.index, router, prefix_len).await?;
     }
     if !dev.up {
@@ -258,7 +256,8 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
     }
     if matches!(net.mode, Mode::Nat | Mode::Routed) {
         enable_sysctl("/proc/sys/net/ipv4/ip_forward")?;
-        if net.ipv6.is_some() && enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")? {
+        let ipv6 = net.addressing.as_ref().is_some_and(|a| a.ipv6.is_some());
+        if ipv6 && enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")? {
             warn_about_accept_ra(name);
         }
     }
@@ -323,10 +322,14 @@ pub async fn readdress(old: &NetworkConfig, new: &NetworkConfig) -> Result<(), N
     bring_up(new).await
 }
 
-/// The router addresses a network puts on its bridge.
+/// The router addresses a network puts on its bridge (a LAN network: none,
+/// its bridge carries what its uplink had).
 fn router_addresses(net: &NetworkConfig) -> Vec<(IpAddr, u8)> {
-    let mut addrs = vec![(IpAddr::V4(net.router), net.subnet.prefix_len())];
-    if let Some(v6) = &net.ipv6 {
+    let Some(own) = &net.addressing else {
+        return Vec::new();
+    };
+    let mut addrs = vec![(IpAddr::V4(own.router), own.subnet.prefix_len())];
+    if let Some(v6) = &own.ipv6 {
         addrs.push((IpAddr::V6(v6.router), v6.subnet.prefix_len()));
     }
     addrs

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{network, plug_guest, require, NetNs};
+use common::{network, own, own_mut, plug_guest, require, NetNs};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qnet_hookd::api::Mode;
@@ -215,7 +215,7 @@ fn reservations_reload_on_sighup_and_the_supervisor_restarts_dnsmasq() {
     lab.static_guest_address();
 
     lab.daemon.block_on(|| async {
-        let handle = spawn(&net, &lab.paths).expect("spawn");
+        let handle = spawn(&net, own(&net), &lab.paths).expect("spawn");
         let pid = handle.wait_ready(READY).await.expect("dnsmasq starts");
         assert_eq!(handle.pid(), Some(pid));
         let config = std::fs::read_to_string(lab.paths.config_file("lab")).unwrap();
@@ -285,7 +285,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
     let net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     let lab = lan("adopt", &net);
     lab.daemon.block_on(|| async {
-        let first = spawn(&net, &lab.paths).expect("spawn");
+        let first = spawn(&net, own(&net), &lab.paths).expect("spawn");
         let old = first.wait_ready(READY).await.expect("dnsmasq starts");
         first
             .set_hosts(
@@ -304,7 +304,7 @@ fn spawn_replaces_a_dnsmasq_left_by_a_previous_daemon() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(alive(old), "dnsmasq must outlive the daemon's handle");
 
-        let second = spawn(&net, &lab.paths).expect("spawn again");
+        let second = spawn(&net, own(&net), &lab.paths).expect("spawn again");
         let new = second
             .wait_ready(READY)
             .await
@@ -333,7 +333,7 @@ fn a_name_that_goes_leaves_dns_without_a_sighup_where_dnsmasq_follows_it() {
         reservation_reads(&log)
     };
     lab.daemon.block_on(|| async {
-        let handle = spawn(&net, &lab.paths).expect("spawn");
+        let handle = spawn(&net, own(&net), &lab.paths).expect("spawn");
         handle.wait_ready(READY).await.expect("dnsmasq starts");
         handle
             .set_hosts(vec![reservation.clone()], vec![name])
@@ -374,12 +374,12 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
     let mut a = network("a", "qna", Mode::Nat, "10.42.0.0/24");
     let mut b = network("b", "qnb", Mode::Isolated, "10.43.0.0/24");
     // With IPv6 too, so that dnsmasq accepts the RA settings of both modes.
-    a.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
-    b.ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
+    own_mut(&mut a).ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    own_mut(&mut b).ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
     let (daemon, _tmp, paths) = daemon_with("two", &[&a, &b]);
     daemon.block_on(|| async {
-        let ha = spawn(&a, &paths).unwrap();
-        let hb = spawn(&b, &paths).unwrap();
+        let ha = spawn(&a, own(&a), &paths).unwrap();
+        let hb = spawn(&b, own(&b), &paths).unwrap();
         let pa = ha.wait_ready(READY).await.expect("a's dnsmasq");
         let pb = hb.wait_ready(READY).await.expect("b's dnsmasq");
         assert_ne!(pa, pb);
@@ -395,10 +395,10 @@ fn two_networks_run_their_own_dnsmasq_side_by_side() {
 fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
     // Not a range within one /24: dnsmasq refuses its config.
-    net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));
+    own_mut(&mut net).dhcp_range = (Ipv4Addr::new(10, 42, 0, 9), Ipv4Addr::new(10, 42, 1, 3));
     let (daemon, _tmp, paths) = daemon_with("broken", &[&net]);
     daemon.block_on(|| async {
-        let handle = spawn(&net, &paths).unwrap();
+        let handle = spawn(&net, own(&net), &paths).unwrap();
         let err = handle
             .wait_ready(Duration::from_secs(2))
             .await
@@ -417,10 +417,10 @@ fn a_dnsmasq_that_cannot_start_is_retried_and_its_error_reported() {
 #[test]
 fn router_advertisements_give_guests_an_ipv6_address() {
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    own_mut(&mut net).ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     let lab = lan("ra", &net);
     lab.daemon.block_on(|| async {
-        let handle = spawn(&net, &lab.paths).expect("spawn");
+        let handle = spawn(&net, own(&net), &lab.paths).expect("spawn");
         handle.wait_ready(READY).await.expect("dnsmasq starts");
         // SLAAC from dnsmasq's RAs.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

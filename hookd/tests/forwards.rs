@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{ip_json, network, plug_guest, require, veth, NetNs};
+use common::{ip_json, network, own_mut, plug_guest, require, veth, NetNs};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{Ipv6Config, NetworkConfig};
 use qnet_hookd::firewall::{self, ElementReport, Firewall, FirewallError, ForwardElement};
@@ -48,7 +48,7 @@ const UPLINK6: &str = "fd99::1";
 
 fn net() -> NetworkConfig {
     let mut net = network("fwd", "qnfwd", Mode::Nat, "10.42.0.0/24");
-    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    own_mut(&mut net).ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     net
 }
 

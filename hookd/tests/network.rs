@@ -5,7 +5,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{ip_json, network, NetNs};
+use common::{ip_json, network, own_mut, NetNs};
 use ipnet::Ipv4Net;
 use qnet_hookd::api::Mode;
 use qnet_hookd::config::Ipv6Config;
@@ -56,7 +56,7 @@ fn sysctl(ns: &NetNs, path: &str) -> String {
 fn bring_up_creates_the_bridge_with_its_mac_and_addresses_idempotently() {
     let ns = NetNs::new("up");
     let mut net = network("lab", "qnlab", Mode::Nat, "10.42.0.0/24");
-    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    own_mut(&mut net).ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     let host_forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     assert_eq!(sysctl(&ns, "/proc/sys/net/ipv4/ip_forward"), "0");
 
@@ -208,7 +208,7 @@ fn pick_free_subnet_skips_addresses_and_routes_of_every_table() {
 
     // A restart must keep the subnet on its own bridge rather than move on.
     let mut cfg = network("qnet0", "qnet0", Mode::Nat, "10.213.5.0/24");
-    cfg.router = Ipv4Addr::new(10, 213, 5, 1);
+    own_mut(&mut cfg).router = Ipv4Addr::new(10, 213, 5, 1);
     ns.block_on(|| bring_up(&cfg)).expect("bring_up");
     assert_eq!(ns.block_on(pick_free_subnet).unwrap(), net("10.213.6.0/24"));
     assert_eq!(

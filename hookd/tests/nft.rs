@@ -17,7 +17,7 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{accept_one, network, plug_guest, require, veth, NetNs};
+use common::{accept_one, network, own, own_mut, plug_guest, require, veth, NetNs};
 use qnet_hookd::api::{Mode, Proto};
 use qnet_hookd::config::{BlockedPort, Ipv6Config, NetworkConfig};
 use qnet_hookd::firewall::{self, Firewall, FirewallError};
@@ -32,7 +32,7 @@ const DROPPED_AFTER: Duration = Duration::from_secs(3);
 
 fn lab(mode: Mode) -> NetworkConfig {
     let mut net = network("lab", "qnlab", mode, "10.42.0.0/24");
-    net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+    own_mut(&mut net).ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
     net
 }
 
@@ -110,7 +110,7 @@ fn apply_replaces_only_our_table_and_is_repeatable() {
     let foreign_before = foreign();
 
     let mut nat = lab(Mode::Nat);
-    nat.blocked_ports = vec![BlockedPort {
+    own_mut(&mut nat).blocked_ports = vec![BlockedPort {
         proto: Proto::Tcp,
         port: 25,
     }];
@@ -207,7 +207,7 @@ fn a_failed_apply_reports_nft_and_keeps_the_previous_table() {
 #[test]
 fn nat_masquerades_rejects_blocked_ports_and_keeps_the_outside_out() {
     let mut net = lab(Mode::Nat);
-    net.blocked_ports = vec![
+    own_mut(&mut net).blocked_ports = vec![
         BlockedPort {
             proto: Proto::Tcp,
             port: 2525,
@@ -335,9 +335,9 @@ fn links_open_their_directions_only_without_masquerade() {
     };
     let mut a = lab(Mode::Nat);
     // Declared by lab alone: b's guests may connect back all the same.
-    a.connect_to = vec![link("b", false), link("c", true), link("i", true)];
+    own_mut(&mut a).connect_to = vec![link("b", false), link("c", true), link("i", true)];
     let mut b = network("b", "qnb", Mode::Nat, "10.43.0.0/24");
-    b.ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
+    own_mut(&mut b).ipv6 = Ipv6Config::first_router("fd43::/64".parse().unwrap());
     let c = network("c", "qnc", Mode::Nat, "10.44.0.0/24");
     let i = network("i", "qni", Mode::Isolated, "10.45.0.0/24");
     let nets = vec![a, b, c, i];
@@ -349,11 +349,17 @@ fn links_open_their_directions_only_without_masquerade() {
             daemon.block_on(|| bring_up(net)).expect("bring_up");
             let mac = format!("52:54:00:00:01:{n:02x}");
             plug_guest(&daemon, &net.bridge, &format!("p{n}"), &guest, &mac);
-            let base = net.subnet.network().octets();
+            let base = own(net).subnet.network().octets();
             let addr = format!("{}.{}.{}.10/24", base[0], base[1], base[2]);
             guest.ip(&["addr", "add", &addr, "dev", "eth0"]);
-            guest.ip(&["route", "add", "default", "via", &net.router.to_string()]);
-            if let Some(v6) = &net.ipv6 {
+            guest.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &own(net).router.to_string(),
+            ]);
+            if let Some(v6) = &own(net).ipv6 {
                 let addr = format!("{}10/64", v6.subnet.network());
                 guest.ip(&["addr", "add", &addr, "dev", "eth0", "nodad"]);
                 guest.ip(&[

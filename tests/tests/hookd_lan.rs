@@ -407,11 +407,26 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     world.assert_online();
 
     // The same at run time: `network create` takes over, `delete` gives back.
-    hookd
+    let created = hookd
         .qnetctl(&[
             "network", "create", "lan", "--mode", "bridged", "--uplink", "eth0",
         ])
-        .unwrap_or_else(|e| panic!("{e}\n{}", hookd.log()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", hookd.log()))
+        .to_string();
+    // Told and shown without addresses of its own: it has none.
+    assert!(
+        created.contains("on the LAN of eth0") && !created.contains("0.0.0.0"),
+        "{created}"
+    );
+    let shown = hookd.qnetctl(&["network", "show", "lan"]).unwrap();
+    let keys: Vec<&str> = (shown["network"]["settings"].as_array().unwrap().iter())
+        .filter_map(|s| s["key"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["name", "bridge", "mode", "uplink", "firewall-integration"],
+        "{shown}"
+    );
     let bridge = world.host.ip_json(&["link", "show", "eth0"])[0]["master"].clone();
     assert!(world.bridge_exists_named(bridge.as_str().unwrap_or_default()));
     world.assert_online();

@@ -71,7 +71,10 @@ fn change(
     new: &NetworkConfig,
     dnsmasq_differs: impl Fn(&NetworkConfig, &NetworkConfig) -> bool,
 ) -> Change {
-    let link = |n: &NetworkConfig| (n.bridge.clone(), n.subnet, n.router, n.ipv6);
+    let link = |n: &NetworkConfig| {
+        let addresses = n.addressing.as_ref().map(|a| (a.subnet, a.router, a.ipv6));
+        (n.bridge.clone(), addresses)
+    };
     // A LAN network's bridge is its uplink's: another uplink, or a mode
     // to or from bridged, gives the uplink back and takes over anew.
     let lan = |n: &NetworkConfig| n.is_lan().then(|| n.uplink.clone());
@@ -129,11 +132,15 @@ mod tests {
         // change that follows.
         type Edit = fn(&mut NetworkConfig);
         let cases: [(Edit, bool, Change); 6] = [
-            (|n| n.blocked_ports.push(p("tcp/25")), false, Rules),
+            (
+                |n| n.own_mut().blocked_ports.push(p("tcp/25")),
+                false,
+                Rules,
+            ),
             (|n| n.uplink = Some(p("eth0")), false, Rules),
-            (|n| n.domain = p("x.example"), true, Dnsmasq),
-            (|n| n.subnet = p("10.77.1.0/25"), true, Recreate),
-            (|n| n.router = p("10.77.1.254"), false, Recreate),
+            (|n| n.own_mut().domain = p("x.example"), true, Dnsmasq),
+            (|n| n.own_mut().subnet = p("10.77.1.0/25"), true, Recreate),
+            (|n| n.own_mut().router = p("10.77.1.254"), false, Recreate),
             (|n| n.bridge = p("other"), true, Recreate),
         ];
         for (edit, dnsmasq, expected) in cases {

@@ -16,17 +16,28 @@
 
 use super::*;
 
-/// What a LAN network's typed fields that do not apply hold: nothing
-/// reads them (every user of `subnet`, `router` and `dhcp_range` skips
-/// networks for which [`NetworkConfig::is_lan`] holds).
-const NO_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 32);
-
 impl NetworkConfig {
     /// A LAN network (`mode = "bridged"`): no dnsmasq, reservations,
-    /// forwards or rules of ours; its `subnet`, `router` and `dhcp_range`
-    /// mean nothing.
+    /// forwards or rules of ours, and no [`Addressing`].
     pub fn is_lan(&self) -> bool {
         self.mode == Mode::Bridged
+    }
+
+    /// Its addressing, in unit tests of networks that have one.
+    #[cfg(test)]
+    pub fn own(&self) -> &Addressing {
+        self.addressing.as_ref().expect("a network with addressing")
+    }
+
+    /// The same, to change it.
+    #[cfg(test)]
+    pub fn own_mut(&mut self) -> &mut Addressing {
+        self.addressing.as_mut().expect("a network with addressing")
+    }
+
+    /// Its links to other networks (`connect-to`): none for a LAN network.
+    pub fn connect_to(&self) -> &[Link] {
+        self.addressing.as_ref().map_or(&[], |a| &a.connect_to)
     }
 }
 
@@ -70,20 +81,13 @@ pub(super) fn validate_bridged(raw: RawNetwork) -> Result<NetworkConfig, Problem
                 .into(),
         ));
     }
-    let domain = typed("domain", &format!("{name}.qnet"))?;
     Ok(NetworkConfig {
         name,
         bridge,
         mode: Mode::Bridged,
-        subnet: NO_SUBNET,
-        router: Ipv4Addr::UNSPECIFIED,
-        dhcp_range: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED),
-        domain,
         uplink: Some(uplink),
-        blocked_ports: Vec::new(),
-        ipv6: None,
         owner: raw.owner,
-        connect_to: Vec::new(),
+        addressing: None,
     })
 }
 

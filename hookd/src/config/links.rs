@@ -57,7 +57,7 @@ pub fn allowed(networks: &[NetworkConfig]) -> Vec<(&NetworkConfig, &NetworkConfi
         networks.iter().map(|n| (&n.name, n)).collect();
     let mut pairs = BTreeMap::new();
     for net in networks {
-        for link in &net.connect_to {
+        for link in net.connect_to() {
             let Some(&other) = by_name.get(&link.to) else {
                 continue;
             };
@@ -81,7 +81,7 @@ pub fn allowed(networks: &[NetworkConfig]) -> Vec<(&NetworkConfig, &NetworkConfi
 /// key and the problem.
 pub fn check(networks: &[NetworkConfig]) -> Result<(), (usize, &'static str, String)> {
     for (index, net) in networks.iter().enumerate() {
-        for link in &net.connect_to {
+        for link in net.connect_to() {
             let problem = |text: String| Err((index, link.key(), text));
             let Some(other) = networks.iter().find(|n| n.name == link.to) else {
                 return problem(format!("no network `{}`", link.to));
@@ -122,7 +122,7 @@ mod tests {
         let mut net = Config::default_network("10.9.0.0/24".parse().unwrap());
         net.name = name.parse().unwrap();
         net.mode = mode;
-        net.connect_to = links
+        net.own_mut().connect_to = links
             .iter()
             .map(|(to, one_way)| Link {
                 to: to.parse().unwrap(),
@@ -200,10 +200,10 @@ mod tests {
             one_way,
         };
         assert_eq!(
-            config.networks[0].connect_to,
+            config.networks[0].connect_to(),
             [link("b", false), link("c", true)]
         );
-        assert!(config.networks[1].connect_to.is_empty());
+        assert!(config.networks[1].connect_to().is_empty());
         for (extra, expected) in [
             (
                 "connect-to = [\"x\"]",

@@ -49,7 +49,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -158,30 +158,50 @@ impl ConfigError {
 }
 
 /// One network as the daemon uses it: every default filled in, validated.
-/// A LAN network ([`NetworkConfig::is_lan`]) has no addressing of its own:
-/// its `subnet`, `router` and `dhcp_range` are unspecified placeholders.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A LAN network ([`NetworkConfig::is_lan`]) has no addressing of its
+/// own, so its [`addressing`](Self::addressing) is `None`: code that needs
+/// a subnet, router or DNS domain must say what a LAN network does
+/// instead. The saved state has its own form (`state::saved`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub name: NetName,
     pub bridge: IfName,
     pub mode: Mode,
+    pub uplink: Option<IfName>,
+    /// The user a network belongs to (`qnetctl network create` by a
+    /// member of group qnet): only they and root see it, change it and
+    /// put guests on it. `None`: the admin's, usable by everyone.
+    pub owner: Option<u32>,
+    /// What a network that gives its guests their addresses has: `Some`
+    /// in every mode but bridged, `None` in bridged.
+    pub addressing: Option<Addressing>,
+}
+
+/// The addresses, names and policy of a nat, routed or isolated network:
+/// everything a LAN network takes from the LAN instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addressing {
     pub subnet: Ipv4Net,
     pub router: Ipv4Addr,
     pub dhcp_range: (Ipv4Addr, Ipv4Addr),
     pub domain: DomainName,
-    pub uplink: Option<IfName>,
     pub blocked_ports: Vec<BlockedPort>,
     pub ipv6: Option<Ipv6Config>,
-    /// The user a network belongs to (`qnetctl network create` by a
-    /// member of group qnet): only they and root see it, change it and
-    /// put guests on it. `None`: the admin's, usable by everyone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<u32>,
     /// `connect-to` and `connect-to-one-way`: the networks this one's
     /// guests may open connections to (see [`links`]), sorted by name, each
     /// once. Only the firewall reads them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_to: Vec<Link>,
+}
+
+impl Addressing {
+    /// Whether `ip` is in the network's IPv4 subnet or its IPv6 one.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.subnet.contains(&ip),
+            IpAddr::V6(ip) => self.ipv6.is_some_and(|v6| v6.subnet.contains(&ip)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,18 +472,13 @@ pub fn lan_forward(network: &str) -> String {
 /// The index of the later of two networks whose subnets overlap, and why
 /// (LAN networks have no subnet of their own).
 pub fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
-    for (i, a) in networks.iter().enumerate().filter(|(_, n)| !n.is_lan()) {
-        for (j, b) in networks
-            .iter()
-            .enumerate()
-            .skip(i + 1)
-            .filter(|(_, n)| !n.is_lan())
-        {
-            if a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()) {
-                return Err((
-                    j,
-                    format!("{} overlaps network `{}` ({})", b.subnet, a.name, a.subnet),
-                ));
+    let subnets: Vec<(usize, &NetName, Ipv4Net)> = (networks.iter().enumerate())
+        .filter_map(|(i, n)| Some((i, &n.name, n.addressing.as_ref()?.subnet)))
+        .collect();
+    for (k, (_, name, a)) in subnets.iter().enumerate() {
+        for (j, _, b) in &subnets[k + 1..] {
+            if a.contains(&b.network()) || b.contains(&a.network()) {
+                return Err((*j, format!("{b} overlaps network `{name}` ({a})")));
             }
         }
     }
@@ -489,12 +504,12 @@ mod tests {
         let net = &config.networks[0];
         assert_eq!(net.bridge, "lab");
         assert_eq!(net.mode, Mode::Nat);
-        assert_eq!(net.router, Ipv4Addr::new(10, 42, 0, 1));
+        assert_eq!(net.own().router, Ipv4Addr::new(10, 42, 0, 1));
         assert_eq!(
-            net.dhcp_range,
+            net.own().dhcp_range,
             (Ipv4Addr::new(10, 42, 0, 2), Ipv4Addr::new(10, 42, 0, 254))
         );
-        assert_eq!(net.domain, "lab.qnet");
+        assert_eq!(net.own().domain, "lab.qnet");
         assert!(!config.use_default_network);
     }
 
@@ -518,11 +533,11 @@ ipv6 = { subnet = "fd43::/64" }
         .unwrap();
         let net = &config.networks[0];
         assert_eq!(net.mode, Mode::Isolated);
-        assert_eq!(net.router, Ipv4Addr::new(10, 43, 0, 254));
-        assert_eq!(net.blocked_ports.len(), 2);
-        assert_eq!(net.blocked_ports[0].to_string(), "tcp/25");
+        assert_eq!(net.own().router, Ipv4Addr::new(10, 43, 0, 254));
+        assert_eq!(net.own().blocked_ports.len(), 2);
+        assert_eq!(net.own().blocked_ports[0].to_string(), "tcp/25");
         assert_eq!(
-            net.ipv6.unwrap().router,
+            net.own().ipv6.unwrap().router,
             "fd43::1".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(net.uplink.as_deref(), Some("eth0"));
@@ -776,7 +791,7 @@ ipv6 = { subnet = "fd43::/64" }
         let net = Config::default_network("10.213.7.0/24".parse().unwrap());
         assert_eq!(net.name, "qnet0");
         assert_eq!(net.bridge, "qnet0");
-        assert_eq!(net.router, Ipv4Addr::new(10, 213, 7, 1));
+        assert_eq!(net.own().router, Ipv4Addr::new(10, 213, 7, 1));
         assert_eq!(net.mode, Mode::Nat);
     }
 

@@ -200,15 +200,17 @@ impl RawNetwork {
             name,
             bridge,
             mode: self.mode.unwrap_or(Mode::Nat),
-            subnet,
-            router,
-            dhcp_range,
-            domain,
             uplink,
-            blocked_ports,
-            ipv6,
             owner: self.owner,
-            connect_to,
+            addressing: Some(Addressing {
+                subnet,
+                router,
+                dhcp_range,
+                domain,
+                blocked_ports,
+                ipv6,
+                connect_to,
+            }),
         })
     }
 }

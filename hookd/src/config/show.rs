@@ -4,55 +4,29 @@
 
 use toml::Value;
 
-use super::{Link, NetworkConfig, Origin};
+use super::{Addressing, Link, NetworkConfig, Origin};
 use crate::api::{Setting, SettingSource};
 
 /// Every key of `net`, with `integration` its effective
 /// `firewall-integration`, in the order the file documents them; where
 /// each value came from per `origin` (`None`: the default network).
 pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>) -> Vec<Setting> {
-    let text = |s: &dyn ToString| Value::String(s.to_string()).to_string();
-    let list = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
     let mut values = vec![
         ("name", text(&net.name)),
         ("bridge", text(&net.bridge)),
         ("mode", text(&net.mode)),
-        ("subnet", text(&net.subnet)),
-        ("router", text(&net.router)),
-        (
-            "dhcp-range",
-            list(vec![
-                net.dhcp_range.0.to_string(),
-                net.dhcp_range.1.to_string(),
-            ])
-            .to_string(),
-        ),
-        ("domain", text(&net.domain)),
     ];
+    let own = net.addressing.as_ref();
+    values.extend(own.map(addresses).unwrap_or_default());
     if let Some(uplink) = &net.uplink {
         values.push(("uplink", text(uplink)));
     }
-    let ports = net.blocked_ports.iter().map(ToString::to_string).collect();
-    values.push(("blocked-ports", list(ports).to_string()));
-    if let Some(v6) = &net.ipv6 {
-        let mut table = toml::Table::new();
-        table.insert("subnet".into(), Value::String(v6.subnet.to_string()));
-        table.insert("router".into(), Value::String(v6.router.to_string()));
-        values.push(("ipv6", Value::Table(table).to_string()));
-    }
+    values.extend(own.map(policy).unwrap_or_default());
     values.push((
         "firewall-integration",
         Value::Boolean(integration).to_string(),
     ));
-    // Each link under the key that declares it, two-way ones first.
-    let (one_way, two_way): (Vec<&Link>, Vec<&Link>) =
-        net.connect_to.iter().partition(|l| l.one_way);
-    for links in [two_way, one_way] {
-        if let Some(first) = links.first() {
-            let names = links.iter().map(|l| l.to.to_string()).collect();
-            values.push((first.key(), list(names).to_string()));
-        }
-    }
+    values.extend(own.map(|a| links(&a.connect_to)).unwrap_or_default());
     if let Some(owner) = net.owner {
         values.push(("owner", Value::Integer(i64::from(owner)).to_string()));
     }
@@ -64,6 +38,56 @@ pub fn settings(net: &NetworkConfig, integration: bool, origin: Option<&Origin>)
             source: source(origin, key),
         })
         .collect()
+}
+
+/// A network's own addresses, as the file has them before `uplink`: a LAN
+/// network has none.
+fn addresses(a: &Addressing) -> Vec<(&'static str, String)> {
+    vec![
+        ("subnet", text(&a.subnet)),
+        ("router", text(&a.router)),
+        (
+            "dhcp-range",
+            list(vec![a.dhcp_range.0.to_string(), a.dhcp_range.1.to_string()]).to_string(),
+        ),
+        ("domain", text(&a.domain)),
+    ]
+}
+
+/// `blocked-ports` and `ipv6`, which a LAN network does not have either.
+fn policy(a: &Addressing) -> Vec<(&'static str, String)> {
+    let ports = a.blocked_ports.iter().map(ToString::to_string).collect();
+    let mut values = vec![("blocked-ports", list(ports).to_string())];
+    if let Some(v6) = &a.ipv6 {
+        let mut table = toml::Table::new();
+        table.insert("subnet".into(), Value::String(v6.subnet.to_string()));
+        table.insert("router".into(), Value::String(v6.router.to_string()));
+        values.push(("ipv6", Value::Table(table).to_string()));
+    }
+    values
+}
+
+/// Each link under the key that declares it, two-way ones first.
+fn links(connect_to: &[Link]) -> Vec<(&'static str, String)> {
+    let (one_way, two_way): (Vec<&Link>, Vec<&Link>) = connect_to.iter().partition(|l| l.one_way);
+    let mut values = Vec::new();
+    for links in [two_way, one_way] {
+        if let Some(first) = links.first() {
+            let names = links.iter().map(|l| l.to.to_string()).collect();
+            values.push((first.key(), list(names).to_string()));
+        }
+    }
+    values
+}
+
+/// A value as TOML writes a string.
+fn text(s: &dyn ToString) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
+/// A list of strings as TOML writes it.
+fn list(items: Vec<String>) -> Value {
+    Value::Array(items.into_iter().map(Value::String).collect())
 }
 
 fn source(origin: Option<&Origin>, key: &str) -> SettingSource {
@@ -137,5 +161,25 @@ mod tests {
         );
         let unlinked = settings(&config.networks[1], true, None);
         assert!(!unlinked.iter().any(|s| s.key.starts_with("connect-to")));
+    }
+
+    #[test]
+    fn a_lan_network_shows_only_the_keys_it_has() {
+        let text = "[[network]]\nname = \"lan\"\nmode = \"bridged\"\nuplink = \"eth0\"\n";
+        let config = Config::parse(Path::new("/etc/qnet/hookd.toml"), text).unwrap();
+        let net = &config.networks[0];
+        let shown = settings(net, true, config.origins.get(&net.name));
+        let keys: Vec<&str> = shown.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["name", "bridge", "mode", "uplink", "firewall-integration"]
+        );
+        // What is shown reads back as the same network.
+        let mut table = String::from("[[network]]\n");
+        for s in &shown {
+            table.push_str(&format!("{} = {}\n", s.key, s.value));
+        }
+        let again = Config::parse(Path::new("/x.toml"), &table).unwrap();
+        assert_eq!(&again.networks[0], net);
     }
 }

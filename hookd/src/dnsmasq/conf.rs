@@ -6,15 +6,21 @@ use std::path::Path;
 
 use super::Paths;
 use crate::api::Mode;
-use crate::config::NetworkConfig;
+use crate::config::{Addressing, NetworkConfig};
 
-/// `RUN/<net>/dnsmasq.conf` for `net`. With `run_as_root`, dnsmasq keeps
+/// `RUN/<net>/dnsmasq.conf` for `net`, whose addressing is `own` (a LAN
+/// network runs no dnsmasq). With `run_as_root`, dnsmasq keeps
 /// root instead of switching to its default unprivileged user (needed only
 /// when that user could not read the hosts files again on SIGHUP).
-pub fn render_config(net: &NetworkConfig, paths: &Paths, run_as_root: bool) -> String {
+pub fn render_config(
+    net: &NetworkConfig,
+    own: &Addressing,
+    paths: &Paths,
+    run_as_root: bool,
+) -> String {
     let name = &net.name;
     let br = &net.bridge;
-    let (start, end) = net.dhcp_range;
+    let (start, end) = own.dhcp_range;
     let lease_max = u32::from(end) - u32::from(start) + 1;
     let mut c = String::new();
     let _ = writeln!(
@@ -31,21 +37,21 @@ pub fn render_config(net: &NetworkConfig, paths: &Paths, run_as_root: bool) -> S
     let _ = writeln!(c, "interface={br}");
     let _ = writeln!(c, "except-interface=lo");
     let _ = writeln!(c, "bind-dynamic");
-    let _ = writeln!(c, "listen-address={}", net.router);
-    if let Some(v6) = &net.ipv6 {
+    let _ = writeln!(c, "listen-address={}", own.router);
+    if let Some(v6) = &own.ipv6 {
         let _ = writeln!(c, "listen-address={}", v6.router);
     }
     let _ = writeln!(c, "no-hosts");
-    let _ = writeln!(c, "domain={}", net.domain);
-    let _ = writeln!(c, "local=/{}/", net.domain);
-    let _ = writeln!(c, "dhcp-range={start},{end},{},12h", net.subnet.netmask());
+    let _ = writeln!(c, "domain={}", own.domain);
+    let _ = writeln!(c, "local=/{}/", own.domain);
+    let _ = writeln!(c, "dhcp-range={start},{end},{},12h", own.subnet.netmask());
     let _ = writeln!(c, "dhcp-authoritative");
     let _ = writeln!(c, "dhcp-lease-max={lease_max}");
     if net.mode == Mode::Isolated {
         // No default route via the host: nothing is forwarded anyway.
         let _ = writeln!(c, "dhcp-option=option:router");
     }
-    if let Some(v6) = &net.ipv6 {
+    if let Some(v6) = &own.ipv6 {
         let _ = writeln!(c, "enable-ra");
         let _ = writeln!(
             c,
@@ -94,7 +100,7 @@ mod tests {
         let mut net =
             NetworkConfig::with_defaults("lab", Mode::Nat, "10.42.0.0/24".parse().unwrap());
         net.bridge = "qnlab".parse().unwrap();
-        net.dhcp_range = (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199));
+        net.own_mut().dhcp_range = (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199));
         net
     }
 
@@ -127,16 +133,18 @@ pid-file=/run/qnet/lab/dnsmasq.pid
 log-facility=/run/qnet/lab/dnsmasq.log
 log-dhcp
 ";
-        assert_eq!(render_config(&lab(), &paths(), false), expected);
-        assert!(render_config(&lab(), &paths(), true).ends_with("log-dhcp\nuser=root\n"));
+        let net = lab();
+        assert_eq!(render_config(&net, net.own(), &paths(), false), expected);
+        let as_root = render_config(&net, net.own(), &paths(), true);
+        assert!(as_root.ends_with("log-dhcp\nuser=root\n"));
     }
 
     #[test]
     fn config_with_ipv6_and_isolation() {
         let mut net = lab();
         net.mode = Mode::Isolated;
-        net.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
-        let text = render_config(&net, &paths(), false);
+        net.own_mut().ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+        let text = render_config(&net, net.own(), &paths(), false);
         for line in [
             "listen-address=fd42::1\n",
             "enable-ra\n",

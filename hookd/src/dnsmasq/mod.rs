@@ -49,7 +49,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::config::NetworkConfig;
+use crate::config::{Addressing, NetworkConfig};
 use crate::fsutil::write_atomic_unsynced;
 use crate::programs::find_program;
 
@@ -147,7 +147,7 @@ pub struct DnsmasqHandle {
     names_follow_files: bool,
 }
 
-/// Writes `net`'s files and starts its dnsmasq under supervision. Must be
+/// Writes `net`'s files (`own`: its addressing) and starts its dnsmasq under supervision. Must be
 /// called within a tokio runtime; returns at once (see
 /// [`DnsmasqHandle::wait_ready`]).
 ///
@@ -156,7 +156,11 @@ pub struct DnsmasqHandle {
 /// leases are in the lease file, which the new one reads. Existing hosts
 /// files are kept until the next [`DnsmasqHandle::set_hosts`], so guests
 /// keep their reservations across the restart.
-pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, DnsmasqError> {
+pub fn spawn(
+    net: &NetworkConfig,
+    own: &Addressing,
+    paths: &Paths,
+) -> Result<DnsmasqHandle, DnsmasqError> {
     let name = net.name.as_str();
     let dir = paths.net_dir(name);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -177,12 +181,12 @@ pub fn spawn(net: &NetworkConfig, paths: &Paths) -> Result<DnsmasqHandle, Dnsmas
     let config = paths.config_file(name);
     write_atomic_unsynced(
         &config,
-        conf::render_config(net, paths, run_as_root).as_bytes(),
+        conf::render_config(net, own, paths, run_as_root).as_bytes(),
         0o644,
     )
     .map_err(io_err(format!("writing {}", config.display())))?;
 
-    let domain = net.domain.to_string();
+    let domain = own.domain.to_string();
     let hosts = read_hosts(paths, name, &domain)?;
 
     let (status_tx, status) = watch::channel(Status::default());

@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use super::element::{ForwardElement, ListingOrder, Map};
 use crate::api::{Mode, Proto};
-use crate::config::{links, NetworkConfig};
+use crate::config::{links, Addressing, NetworkConfig};
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "qnet";
@@ -137,19 +137,24 @@ pub fn render(networks: &[NetworkConfig]) -> String {
 /// connections into another unless they are linked. Links skip the `out`
 /// chain: blocked ports and `uplink` are about the way out of the host.
 pub fn render_with_forwards(networks: &[NetworkConfig], forwards: &[ForwardElement]) -> String {
-    let mut nets: Vec<&NetworkConfig> = networks.iter().collect();
-    nets.sort_by(|a, b| a.name.cmp(&b.name));
+    // Only networks with addresses of their own have rules: a LAN
+    // network's guests are on the LAN, neither routed nor NATed by us.
+    let mut nets: Vec<(&NetworkConfig, &Addressing)> = (networks.iter())
+        .filter_map(|n| Some((n, n.addressing.as_ref()?)))
+        .collect();
+    nets.sort_by(|(a, _), (b, _)| a.name.cmp(&b.name));
     let links = links::allowed(networks);
     let mut table = Emitter::table();
     forward_maps(&mut table, forwards);
     loopback_guard(&mut table);
     dnat_chains(&mut table);
-    postrouting(&mut table, &nets, &links);
-    forward(&mut table, &nets, !links.is_empty());
+    let configs: Vec<&NetworkConfig> = nets.iter().map(|(net, _)| *net).collect();
+    postrouting(&mut table, &configs, &links);
+    forward(&mut table, &configs, !links.is_empty());
     links_chain(&mut table, &links);
-    for net in nets.iter().filter(|n| n.mode != Mode::Isolated) {
+    for (net, own) in nets.iter().filter(|(n, _)| n.mode != Mode::Isolated) {
         network_in(&mut table, net);
-        network_out(&mut table, net);
+        network_out(&mut table, net, own);
     }
     table.finish()
 }
@@ -251,10 +256,13 @@ fn postrouting(table: &mut Emitter, nets: &[&NetworkConfig], links: &[LinkPair<'
 }
 
 /// The network's subnets with the keyword nft matches them by: `ip`, then
-/// `ip6` when the network has IPv6.
+/// `ip6` when the network has IPv6 (a LAN network: none of its own).
 fn subnets(net: &NetworkConfig) -> Vec<(&'static str, String)> {
-    let mut subnets = vec![("ip", net.subnet.trunc().to_string())];
-    if let Some(v6) = &net.ipv6 {
+    let Some(own) = &net.addressing else {
+        return Vec::new();
+    };
+    let mut subnets = vec![("ip", own.subnet.trunc().to_string())];
+    if let Some(v6) = &own.ipv6 {
         subnets.push(("ip6", v6.subnet.trunc().to_string()));
     }
     subnets
@@ -358,11 +366,12 @@ fn network_in(table: &mut Emitter, net: &NetworkConfig) {
     );
 }
 
-/// `net_<name>_out`: what a bridge's guests may send to be forwarded.
-fn network_out(table: &mut Emitter, net: &NetworkConfig) {
+/// `net_<name>_out`: what a bridge's guests (addressed by `own`) may send
+/// to be forwarded.
+fn network_out(table: &mut Emitter, net: &NetworkConfig, own: &Addressing) {
     table.block(format_args!("chain {}", chain(&net.name, "out")), |b| {
-        b.line(format_args!("ip saddr != {} drop", net.subnet.trunc()));
-        match &net.ipv6 {
+        b.line(format_args!("ip saddr != {} drop", own.subnet.trunc()));
+        match &own.ipv6 {
             Some(v6) => b.line(format_args!("ip6 saddr != {} drop", v6.subnet.trunc())),
             None => b.line("meta nfproto ipv6 drop"),
         }
@@ -370,7 +379,7 @@ fn network_out(table: &mut Emitter, net: &NetworkConfig) {
             (Proto::Tcp, "reject with tcp reset"),
             (Proto::Udp, "reject"),
         ] {
-            let ports: Vec<String> = net
+            let ports: Vec<String> = own
                 .blocked_ports
                 .iter()
                 .filter(|p| p.proto == proto)
@@ -451,15 +460,15 @@ mod tests {
     fn net(name: &str, mode: Mode, subnet: &str) -> NetworkConfig {
         let mut net = NetworkConfig::with_defaults(name, mode, subnet.parse().unwrap());
         net.bridge = format!("br-{name}").parse().unwrap();
-        let first = u32::from(net.subnet.network());
-        net.dhcp_range = ((first + 2).into(), (first + 200).into());
+        let first = u32::from(net.own().subnet.network());
+        net.own_mut().dhcp_range = ((first + 2).into(), (first + 200).into());
         net
     }
 
     /// `net` alone with uplink `uplink` and IPv6 subnet `v6`, rendered.
     fn render_dual_stack(mut net: NetworkConfig, uplink: &str, v6: &str) -> String {
         net.uplink = Some(uplink.parse().unwrap());
-        net.ipv6 = Ipv6Config::first_router(v6.parse().unwrap());
+        net.own_mut().ipv6 = Ipv6Config::first_router(v6.parse().unwrap());
         render(&[net])
     }
 
@@ -508,7 +517,7 @@ mod tests {
     #[test]
     fn nat_network_with_blocked_ports() {
         let mut lab = net("lab", Mode::Nat, "10.42.0.0/24");
-        lab.blocked_ports = vec![
+        lab.own_mut().blocked_ports = vec![
             BlockedPort {
                 proto: Proto::Tcp,
                 port: 25,
@@ -577,6 +586,20 @@ mod tests {
 }
 "#;
         assert_eq!(render(&[iso]), expected);
+    }
+
+    #[test]
+    fn a_lan_network_has_nothing_in_the_table() {
+        let lan = NetworkConfig {
+            name: "lan".parse().unwrap(),
+            bridge: "br-lan".parse().unwrap(),
+            mode: Mode::Bridged,
+            uplink: Some("eth0".parse().unwrap()),
+            owner: None,
+            addressing: None,
+        };
+        let iso = net("iso", Mode::Isolated, "10.43.0.0/24");
+        assert_eq!(render(&[iso.clone(), lan]), render(&[iso]));
     }
 
     #[test]
@@ -650,10 +673,10 @@ mod tests {
             one_way,
         };
         let mut a = net("a", Mode::Nat, "10.1.0.0/24");
-        a.ipv6 = v6(1);
-        a.connect_to = vec![link("b", false), link("c", true), link("gone", false)];
+        a.own_mut().ipv6 = v6(1);
+        a.own_mut().connect_to = vec![link("b", false), link("c", true), link("gone", false)];
         let mut b = net("b", Mode::Nat, "10.2.0.0/24");
-        b.ipv6 = v6(2);
+        b.own_mut().ipv6 = v6(2);
         let c = net("c", Mode::Isolated, "10.3.0.0/24");
         let text = render(&[c.clone(), b.clone(), a.clone()]);
         assert!(
@@ -689,14 +712,14 @@ mod tests {
             alone.contains("\t\tiifname . oifname { \"br-c\" . \"br-a\" } ct state"),
             "{alone}"
         );
-        a.connect_to.clear();
+        a.own_mut().connect_to.clear();
         assert!(!render(&[a, b]).contains("links"));
     }
 
     #[test]
     fn forwards_are_map_elements_in_nfts_order_each_once() {
         let mut lab = net("lab", Mode::Nat, "10.42.0.0/24");
-        lab.ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
+        lab.own_mut().ipv6 = Ipv6Config::first_router("fd42::/64".parse().unwrap());
         let web = rule(Proto::Tcp, Some("10.99.0.1"), 8080, "10.42.0.10", 80);
         let dns = rule(Proto::Udp, None, 5353, "10.42.0.11", 53);
         let ssh = rule(Proto::Tcp, None, 22, "10.42.0.11", 22);

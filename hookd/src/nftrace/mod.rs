@@ -28,7 +28,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use crate::api::{Mode, Problem};
-use crate::config::NetworkConfig;
+use crate::config::{Addressing, NetworkConfig};
 
 /// Our table while a probe runs (family `inet`).
 pub const TABLE: &str = "qnet_probe";
@@ -79,13 +79,14 @@ impl fmt::Display for Probe {
     }
 }
 
-/// The probes for `net` from address `src`: DHCP always; outbound unless
-/// the network is isolated (nothing leaves it, by design).
-pub fn probes(net: &NetworkConfig, src: Ipv4Addr) -> Vec<Probe> {
+/// The probes for `net` (`own`: its addressing) from address `src`: DHCP
+/// always; outbound unless the network is isolated (nothing leaves it, by
+/// design).
+pub fn probes(net: &NetworkConfig, own: &Addressing, src: Ipv4Addr) -> Vec<Probe> {
     let mut probes = vec![Probe {
         path: Path::Dhcp,
         src,
-        dst: net.router,
+        dst: own.router,
         sport: 68,
         dport: 67,
     }];
@@ -103,13 +104,13 @@ pub fn probes(net: &NetworkConfig, src: Ipv4Addr) -> Vec<Probe> {
 
 /// The highest host address of the network's subnet that is neither the
 /// router nor in `taken` (guests' addresses), if any.
-pub fn spare_address(net: &NetworkConfig, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
-    let first = u32::from(net.subnet.network());
-    let last = u32::from(net.subnet.broadcast());
+pub fn spare_address(own: &Addressing, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let first = u32::from(own.subnet.network());
+    let last = u32::from(own.subnet.broadcast());
     (first.saturating_add(1)..last)
         .rev()
         .map(Ipv4Addr::from)
-        .find(|ip| *ip != net.router && !taken.contains(ip))
+        .find(|ip| *ip != own.router && !taken.contains(ip))
 }
 
 /// The nft script that (re)creates our table for probes from `src` on

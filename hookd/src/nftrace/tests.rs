@@ -5,7 +5,7 @@ use std::str::FromStr;
 fn lab(mode: Mode) -> NetworkConfig {
     let mut net = NetworkConfig::with_defaults("lab", mode, "10.9.0.0/24".parse().unwrap());
     net.bridge = IfName::from_str("qnlab").unwrap();
-    net.dhcp_range = ("10.9.0.2".parse().unwrap(), "10.9.0.200".parse().unwrap());
+    net.own_mut().dhcp_range = ("10.9.0.2".parse().unwrap(), "10.9.0.200".parse().unwrap());
     net
 }
 
@@ -25,38 +25,45 @@ trace id f43e5fbb inet custom forwarding rule iifname \"qnlab\" tcp dport 80 cou
 fn probes_come_from_a_spare_address_and_isolated_networks_get_no_outbound_one() {
     let net = lab(Mode::Nat);
     assert_eq!(
-        spare_address(&net, &[]),
+        spare_address(net.own(), &[]),
         Some("10.9.0.254".parse().unwrap())
     );
     let taken = ["10.9.0.254".parse().unwrap()];
     assert_eq!(
-        spare_address(&net, &taken),
+        spare_address(net.own(), &taken),
         Some("10.9.0.253".parse().unwrap())
     );
     let src = "10.9.0.254".parse().unwrap();
-    let p = probes(&net, src);
+    let p = probes(&net, net.own(), src);
     assert_eq!(p.len(), 2);
     assert_eq!(
         (p[0].path, p[0].dst, p[0].dport),
-        (Path::Dhcp, net.router, 67)
+        (Path::Dhcp, net.own().router, 67)
     );
     assert_eq!(
         (p[1].path, p[1].dst, p[1].dport),
         (Path::Outbound, OUTSIDE, 80)
     );
-    assert_eq!(probes(&lab(Mode::Isolated), src).len(), 1);
+    let isolated = lab(Mode::Isolated);
+    assert_eq!(probes(&isolated, isolated.own(), src).len(), 1);
     // A /31 has no host address besides the router's.
     let mut tiny = lab(Mode::Nat);
-    tiny.subnet = "10.9.0.0/30".parse().unwrap();
-    tiny.router = "10.9.0.2".parse().unwrap();
-    assert_eq!(spare_address(&tiny, &[]), Some("10.9.0.1".parse().unwrap()));
-    assert_eq!(spare_address(&tiny, &["10.9.0.1".parse().unwrap()]), None);
+    tiny.own_mut().subnet = "10.9.0.0/30".parse().unwrap();
+    tiny.own_mut().router = "10.9.0.2".parse().unwrap();
+    assert_eq!(
+        spare_address(tiny.own(), &[]),
+        Some("10.9.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        spare_address(tiny.own(), &["10.9.0.1".parse().unwrap()]),
+        None
+    );
 }
 
 #[test]
 fn frames_carry_valid_checksums() {
     let net = lab(Mode::Nat);
-    for probe in probes(&net, "10.9.0.254".parse().unwrap()) {
+    for probe in probes(&net, net.own(), "10.9.0.254".parse().unwrap()) {
         let f = frame(&probe, [2, 0, 0, 0, 0, 1]);
         assert_eq!(&f[..6], &[2, 0, 0, 0, 0, 1]);
         assert_eq!(&f[6..12], &PROBE_MAC);
@@ -93,7 +100,7 @@ fn the_table_marks_and_ends_only_the_probes() {
 #[test]
 fn a_drop_by_someone_else_is_named_with_its_table_chain_rule_and_handle() {
     let net = lab(Mode::Nat);
-    let p = probes(&net, "10.9.0.254".parse().unwrap());
+    let p = probes(&net, net.own(), "10.9.0.254".parse().unwrap());
     let got = outcome(DROPPED, &p[1]);
     assert_eq!(
         got,
@@ -125,7 +132,7 @@ fn a_drop_by_someone_else_is_named_with_its_table_chain_rule_and_handle() {
 #[test]
 fn policies_our_end_and_no_route_are_told_apart() {
     let net = lab(Mode::Nat);
-    let p = probes(&net, "10.9.0.254".parse().unwrap());
+    let p = probes(&net, net.own(), "10.9.0.254".parse().unwrap());
     let head = DROPPED.lines().take(4).collect::<Vec<_>>().join("\n");
     let policy = format!("{head}\ntrace id f43e5fbb ip filter FORWARD policy drop \n");
     match outcome(&policy, &p[1]) {

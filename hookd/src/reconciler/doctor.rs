@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use qnet_api::{ApiError, Mac, Problem, Reply};
 
 use super::{NetworkRuntime, Reconciler};
-use crate::config::NetworkConfig;
+use crate::config::{Addressing, NetworkConfig};
 use crate::doctor::{
     diagnose, diagnose_libvirt, diagnose_libvirt_nft, last_rule_handles, BridgeState, NetworkFacts,
     TableFacts,
@@ -30,12 +30,15 @@ impl Reconciler {
         let mut problems = Vec::new();
         // LAN networks have no router address, dnsmasq or forwarding of
         // ours to diagnose.
-        for runtime in chosen.into_iter().filter(|n| !n.config.is_lan()) {
-            let facts = self.network_facts(runtime).await;
+        let addressed = chosen
+            .into_iter()
+            .filter_map(|n| Some((n, n.config.addressing.as_ref()?)));
+        for (runtime, own) in addressed {
+            let facts = self.network_facts(runtime, own).await;
             let bridge_ok = facts.bridge == BridgeState::Ok;
             problems.extend(diagnose(&facts, &tables));
             if trace && runtime.up && bridge_ok {
-                problems.extend(self.trace(&runtime.config).await);
+                problems.extend(self.trace(&runtime.config, own).await);
             }
         }
         if target.is_none() {
@@ -82,8 +85,9 @@ impl Reconciler {
             .collect())
     }
 
-    /// The problems the nftrace probes of `net` find ([`nftrace`]).
-    async fn trace(&self, net: &NetworkConfig) -> Vec<Problem> {
+    /// The problems the nftrace probes of `net` (`own`: its addressing)
+    /// find ([`nftrace`]).
+    async fn trace(&self, net: &NetworkConfig, own: &Addressing) -> Vec<Problem> {
         let name = net.name.to_string();
         let taken: Vec<Ipv4Addr> = self
             .state
@@ -98,13 +102,13 @@ impl Reconciler {
                 fix: fix.to_owned(),
             }]
         };
-        let Some(src) = nftrace::spare_address(net, &taken) else {
+        let Some(src) = nftrace::spare_address(own, &taken) else {
             return one(
                 "nftrace: no spare address in the subnet to probe from".into(),
                 "free one address of the subnet (a reservation) and try again",
             );
         };
-        let probes = nftrace::probes(net, src);
+        let probes = nftrace::probes(net, own, src);
         match nftrace::probe::run(&net.bridge, &probes).await {
             Ok(trace) => probes
                 .iter()
@@ -136,7 +140,7 @@ impl Reconciler {
         tables
     }
 
-    async fn network_facts(&self, runtime: &NetworkRuntime) -> NetworkFacts {
+    async fn network_facts(&self, runtime: &NetworkRuntime, own: &Addressing) -> NetworkFacts {
         let net = &runtime.config;
         let dnsmasq_running = runtime
             .dnsmasq
@@ -153,7 +157,7 @@ impl Reconciler {
             net: Opened::of(net),
             up: runtime.up,
             integrated: self.integration.enabled(&net.name),
-            bridge: bridge_state(&net.bridge, IpAddr::V4(net.router)),
+            bridge: bridge_state(&net.bridge, IpAddr::V4(own.router)),
             bridge_mac: std::fs::read_to_string(format!("/sys/class/net/{}/address", net.bridge))
                 .ok()
                 .and_then(|a| a.trim().parse().ok()),
@@ -162,19 +166,16 @@ impl Reconciler {
             ip_forward: read_flag("/proc/sys/net/ipv4/ip_forward"),
             rp_filter_strict: rp_filter_strict(&net.bridge),
             firewalld_zone,
-            taken_ports: self.taken_ports(net),
+            taken_ports: self.taken_ports(own),
         }
     }
 
-    /// Installed forwards into `net` whose host port a host process
-    /// listens on.
-    fn taken_ports(&self, net: &crate::config::NetworkConfig) -> Vec<(String, String)> {
+    /// Installed forwards into the network addressed by `own` whose host
+    /// port a host process listens on.
+    fn taken_ports(&self, own: &Addressing) -> Vec<(String, String)> {
         self.installed
             .iter()
-            .filter(|e| match e.guest_addr {
-                IpAddr::V4(ip) => net.subnet.contains(&ip),
-                IpAddr::V6(ip) => net.ipv6.is_some_and(|v6| v6.subnet.contains(&ip)),
-            })
+            .filter(|e| own.contains(e.guest_addr))
             .filter_map(|e| {
                 let owner = hostports::host_listener(e.proto, e.host_port)?;
                 Some((

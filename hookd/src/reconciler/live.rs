@@ -156,9 +156,10 @@ impl Reconciler {
         let current: Vec<NetworkConfig> =
             self.networks.values().map(|n| n.config.clone()).collect();
         let paths = self.dnsmasq_paths();
-        let diff = diff::diff(&current, &wanted, |a, b| {
-            dnsmasq::render_config(a, &paths, false) != dnsmasq::render_config(b, &paths, false)
-        });
+        let conf = |n: &NetworkConfig| {
+            (n.addressing.as_ref()).map(|own| dnsmasq::render_config(n, own, &paths, false))
+        };
+        let diff = diff::diff(&current, &wanted, |a, b| conf(a) != conf(b));
         if !force {
             self.refuse_moving_subnets(&diff)?;
         }
@@ -186,8 +187,11 @@ impl Reconciler {
     /// A subnet that moves under reservations or running guests would
     /// leave them with addresses of the old one: only with `force`.
     fn refuse_moving_subnets(&self, diff: &NetworkDiff) -> Result<(), ApiError> {
+        let subnet = |n: &NetworkConfig| (n.addressing.as_ref()).map(|a| a.subnet);
+        let shown =
+            |n: &NetworkConfig| subnet(n).map_or_else(|| "the LAN".into(), |s| s.to_string());
         for (old, new, _) in &diff.changed {
-            if old.subnet == new.subnet {
+            if subnet(old) == subnet(new) {
                 continue;
             }
             let reservations = self
@@ -200,7 +204,9 @@ impl Reconciler {
                 return Err(conflict(format!(
                     "network `{}`: moving it from {} to {} would strand {reservations} reservation(s) and {guests} running guest(s): \
                      use --force (reservations outside the new subnet are dropped; guests get new addresses when they renew)",
-                    old.name, old.subnet, new.subnet
+                    old.name,
+                    shown(old),
+                    shown(new)
                 )));
             }
         }
@@ -263,7 +269,7 @@ impl Reconciler {
         change: Change,
     ) -> Result<(), crate::error::DaemonError> {
         let name = new.name.clone();
-        self.drop_reservations_outside(&name, new.subnet);
+        self.drop_reservations_outside(&name, new.addressing.as_ref().map(|a| a.subnet));
         let Some(runtime) = self.networks.get_mut(&name) else {
             return Ok(());
         };
@@ -327,13 +333,21 @@ impl Reconciler {
 
     /// After `--force` moved a network's subnet: its reservations outside
     /// the new one cannot be served any more.
-    fn drop_reservations_outside(&mut self, name: &NetName, subnet: Ipv4Net) {
+    fn drop_reservations_outside(&mut self, name: &NetName, subnet: Option<Ipv4Net>) {
         if self.state.reservations.contains_key(name) {
             let mut reservations = self.state.reservations.table_mut(name);
             let before = reservations.len();
-            reservations.retain(|_, r| subnet.contains(&r.ip));
+            reservations.retain(|_, r| subnet.is_some_and(|s| s.contains(&r.ip)));
             if reservations.len() != before {
-                tracing::warn!(network = %name, dropped = before - reservations.len(), "dropped reservations outside the new subnet {subnet}");
+                let dropped = before - reservations.len();
+                match subnet {
+                    Some(subnet) => {
+                        tracing::warn!(network = %name, dropped, "dropped reservations outside the new subnet {subnet}")
+                    }
+                    None => {
+                        tracing::warn!(network = %name, dropped, "dropped reservations: the network is bridged now, on the LAN's addresses")
+                    }
+                }
                 self.dirty.state = true;
             }
         }

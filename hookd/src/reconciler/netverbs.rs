@@ -54,9 +54,16 @@ impl Reconciler {
             .await?;
         let net = &self.network(&name)?.config;
         let mut message = format!(
-            "network `{name}` created: {} network on bridge {}, {} (router {})",
-            net.mode, net.bridge, net.subnet, net.router
+            "network `{name}` created: {} network on bridge {}",
+            net.mode, net.bridge
         );
+        match (&net.addressing, &net.uplink) {
+            (Some(own), _) => {
+                message.push_str(&format!(", {} (router {})", own.subnet, own.router))
+            }
+            (None, Some(uplink)) => message.push_str(&format!(", on the LAN of {uplink}")),
+            (None, None) => {}
+        }
         if owner.is_some() {
             message.push_str(&self.user_acl_note(peer.uid, &net.bridge));
         } else {
@@ -74,7 +81,7 @@ impl Reconciler {
         force: bool,
         peer: Peer,
     ) -> Result<Reply, ApiError> {
-        let current = self.network_for(&name, peer)?.config.subnet;
+        let current = (self.network_for(&name, peer)?.config.addressing.as_ref()).map(|a| a.subnet);
         let file = self.runtime_file(&name, "edit")?;
         let mut table: toml::Table = toml::from_str(&file.text)
             .map_err(|e| invalid(format!("{}: {}", file.path.display(), e.message())))?;
@@ -100,8 +107,7 @@ impl Reconciler {
             .get("owner")
             .and_then(toml::Value::as_integer)
             .and_then(|o| u32::try_from(o).ok());
-        self.resolve_auto_subnet(&mut table, Some(current), owner)
-            .await?;
+        self.resolve_auto_subnet(&mut table, current, owner).await?;
         let text = runtime::render(&table);
         if text == file.text {
             return Ok(done(format!("network `{name}`: nothing to change")));
@@ -231,8 +237,9 @@ impl Reconciler {
     /// `subnet = "auto"` (or no subnet at all) becomes a free subnet: one
     /// no route or address of the host and no configured network
     /// overlaps; a /24 of the usual candidates for root's networks, one of
-    /// the users' pool for a user's (`owner`). `current` is the network's
-    /// own subnet (an edit), which is not in the way.
+    /// the users' pool for a user's (`owner`). `current` is the subnet of
+    /// the network being edited, which is not in the way (`None`: a new
+    /// network, or a LAN network, which has none and may become a nat one).
     async fn resolve_auto_subnet(
         &self,
         table: &mut toml::Table,
@@ -255,13 +262,12 @@ impl Reconciler {
             .await
             .map_err(|e| failed(format!("picking a subnet: {e}")))?;
         for n in self.networks.values() {
-            if Some(n.config.subnet) == current {
+            let Some(own) = n.config.addressing.as_ref() else {
                 continue;
+            };
+            if Some(own.subnet) != current {
+                used.push(subnet::Occupied::configured(&n.config.name, own.subnet));
             }
-            used.push(subnet::Occupied::configured(
-                &n.config.name,
-                n.config.subnet,
-            ));
         }
         let picked = match owner {
             None => subnet::pick_from(&used, &[]),

@@ -127,8 +127,8 @@ impl Reconciler {
         let net = runtime.config.clone();
         bring_up(&net, &paths.state_dir).await?;
         // A LAN network's guests lease from the LAN's own DHCP server.
-        if !net.is_lan() {
-            let handle = dnsmasq::spawn(&net, &paths).map_err(DaemonError::dnsmasq(name))?;
+        if let Some(own) = &net.addressing {
+            let handle = dnsmasq::spawn(&net, own, &paths).map_err(DaemonError::dnsmasq(name))?;
             runtime.dnsmasq = Some(handle);
         }
         runtime.up = true;

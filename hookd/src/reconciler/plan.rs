@@ -154,9 +154,10 @@ pub fn desired_elements<'a>(
         .filter_map(|nic| nic.ip.map(IpAddr::V4))
         .collect();
     elements.retain(|e| {
-        let guest_net_up = networks_up.iter().any(|n| match e.guest_addr {
-            IpAddr::V4(a) => n.subnet.contains(&a),
-            IpAddr::V6(a) => n.ipv6.is_some_and(|v6| v6.subnet.contains(&a)),
+        let guest_net_up = (networks_up.iter()).any(|n| {
+            n.addressing
+                .as_ref()
+                .is_some_and(|a| a.contains(e.guest_addr))
         });
         guest_net_up || on_libvirt.contains(&e.guest_addr)
     });

@@ -20,12 +20,7 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, ApiError> {
         let net = self.network_for(network, peer)?.config.clone();
-        if net.is_lan() {
-            return Err(invalid(format!(
-                "`{network}` is a bridged network: its guests get their addresses from the LAN's own \
-                 DHCP server, so reserve the address there"
-            )));
-        }
+        let domain = alloc::addressing(&net).map_err(alloc_error)?.domain.clone();
         let name = match name {
             Some(n) => Some(DnsLabel::from_guest_name(n.as_str()).ok_or_else(|| {
                 invalid(format!(
@@ -72,9 +67,7 @@ impl Reconciler {
         })?;
         self.dirty.dnsmasq = true;
         self.dirty.forwards = true;
-        let named = name
-            .map(|n| format!(" ({n}.{})", net.domain))
-            .unwrap_or_default();
+        let named = name.map(|n| format!(" ({n}.{domain})")).unwrap_or_default();
         Ok(done(format!("reserved {ip}{named} for {mac} on {network}")))
     }
 
@@ -101,6 +94,6 @@ fn alloc_error(e: AllocError) -> ApiError {
     match e {
         AllocError::Exhausted { .. } => exhausted(e.to_string()),
         AllocError::Taken { .. } => conflict(e.to_string()),
-        AllocError::NotAGuestAddress { .. } => invalid(e.to_string()),
+        AllocError::NotAGuestAddress { .. } | AllocError::Lan { .. } => invalid(e.to_string()),
     }
 }

@@ -1,6 +1,8 @@
 //! Read-only replies: what the caller may see of networks, guests and
 //! reservations, as wire types.
 
+use std::net::Ipv4Addr;
+
 use qnet_api::{
     GuestNic, GuestStatus, NetName, NetworkStatus, Reply, Reservation as WireReservation,
 };
@@ -24,12 +26,16 @@ impl Reconciler {
                 name: n.config.name.to_string(),
                 mode: n.config.mode,
                 bridge: n.config.bridge.to_string(),
-                subnet: match (&n.config.uplink, n.config.is_lan()) {
-                    (Some(uplink), true) => format!("LAN of {uplink}"),
-                    _ => n.config.subnet.to_string(),
+                subnet: match (&n.config.addressing, &n.config.uplink) {
+                    (Some(own), _) => own.subnet.to_string(),
+                    (None, Some(uplink)) => format!("LAN of {uplink}"),
+                    (None, None) => "LAN".to_owned(),
                 },
-                router: n.config.router,
-                ipv6: n.config.ipv6.map(|v6| v6.subnet.to_string()),
+                // The wire says 0.0.0.0 for a LAN network (see NetworkStatus).
+                router: (n.config.addressing.as_ref()).map_or(Ipv4Addr::UNSPECIFIED, |a| a.router),
+                ipv6: (n.config.addressing.as_ref())
+                    .and_then(|a| a.ipv6)
+                    .map(|v6| v6.subnet.to_string()),
                 up: n.up,
                 degraded: n.dnsmasq.as_ref().and_then(|d| d.degraded()),
                 guests: self.state.guests_on(&n.config.name),

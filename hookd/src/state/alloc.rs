@@ -23,7 +23,7 @@ use qnet_api::{DnsLabel, Mac};
 use thiserror::Error;
 
 use super::{NicOwner, Reservation};
-use crate::config::{NetworkConfig, ReservationLimits as Limits};
+use crate::config::{Addressing, NetworkConfig, ReservationLimits as Limits};
 
 /// Which MACs running guests have on the network: those are never
 /// evicted. A set, or the state's index of running NICs.
@@ -81,6 +81,18 @@ pub enum AllocError {
         other: Mac,
         network: String,
     },
+    #[error(
+        "`{network}` is a bridged network: its guests get their addresses from the LAN's own \
+         DHCP server, so reserve the address there"
+    )]
+    Lan { network: String },
+}
+
+/// `net`'s addressing: a LAN network has none to reserve from.
+pub fn addressing(net: &NetworkConfig) -> Result<&Addressing, AllocError> {
+    (net.addressing.as_ref()).ok_or_else(|| AllocError::Lan {
+        network: net.name.to_string(),
+    })
 }
 
 /// Who asks for an automatic reservation.
@@ -112,6 +124,7 @@ pub fn reserve_auto(
     limits: Limits,
     now: u64,
 ) -> Result<Granted, AllocError> {
+    let own = addressing(net)?;
     if let Some(existing) = table.get_mut(&request.mac) {
         existing.last_seen = now;
         if existing.name.is_none() {
@@ -143,13 +156,13 @@ pub fn reserve_auto(
                 .extend(gone.map(|ip| (mac, ip, "the NIC holds too many automatic reservations")));
         }
     }
-    let ip = match free_address(net, table.view()) {
+    let ip = match free_address(own, table.view()) {
         Some(ip) => ip,
         None => {
             let (mac, ip) = reclaimable(table.view(), in_use, limits, now).ok_or_else(|| {
                 AllocError::Exhausted {
                     network: net.name.to_string(),
-                    size: range_size(net),
+                    size: range_size(own),
                 }
             })?;
             table.remove(&mac);
@@ -187,6 +200,7 @@ pub fn explicit_address(
     limits: Limits,
     now: u64,
 ) -> Result<(Ipv4Addr, Option<Mac>), AllocError> {
+    let own = addressing(net)?;
     if let Some(ip) = wanted {
         check_guest_address(net, ip)?;
         if let Some((other, _)) = table.iter().find(|(m, r)| r.ip == ip && **m != mac) {
@@ -201,29 +215,30 @@ pub fn explicit_address(
     if let Some(existing) = table.get(&mac) {
         return Ok((existing.ip, None));
     }
-    if let Some(ip) = free_address(net, table) {
+    if let Some(ip) = free_address(own, table) {
         return Ok((ip, None));
     }
     reclaimable(table, in_use, limits, now)
         .map(|(mac, ip)| (ip, Some(mac)))
         .ok_or_else(|| AllocError::Exhausted {
             network: net.name.to_string(),
-            size: range_size(net),
+            size: range_size(own),
         })
 }
 
 /// Whether `ip` may be given to a guest of `net`: inside its subnet, not
-/// the network, broadcast or router address.
+/// the network, broadcast or router address (and never on a LAN network).
 pub fn check_guest_address(net: &NetworkConfig, ip: Ipv4Addr) -> Result<(), AllocError> {
-    if !net.subnet.contains(&ip)
-        || ip == net.router
-        || ip == net.subnet.network()
-        || ip == net.subnet.broadcast()
+    let own = addressing(net)?;
+    if !own.subnet.contains(&ip)
+        || ip == own.router
+        || ip == own.subnet.network()
+        || ip == own.subnet.broadcast()
     {
         return Err(AllocError::NotAGuestAddress {
             ip,
             network: net.name.to_string(),
-            subnet: net.subnet,
+            subnet: own.subnet,
         });
     }
     Ok(())
@@ -235,12 +250,12 @@ pub fn check_guest_address(net: &NetworkConfig, ip: Ipv4Addr) -> Result<(), Allo
 /// table: the taken addresses of the range go into one vector, sorted,
 /// and the first gap is the answer (a set built per call cost an
 /// allocation per thousand-odd reservations).
-pub fn free_address(net: &NetworkConfig, table: &BTreeMap<Mac, Reservation>) -> Option<Ipv4Addr> {
-    let (start, end) = (u32::from(net.dhcp_range.0), u32::from(net.dhcp_range.1));
+pub fn free_address(own: &Addressing, table: &BTreeMap<Mac, Reservation>) -> Option<Ipv4Addr> {
+    let (start, end) = (u32::from(own.dhcp_range.0), u32::from(own.dhcp_range.1));
     let mut taken: Vec<u32> = table
         .values()
         .map(|r| u32::from(r.ip))
-        .chain([u32::from(net.router)])
+        .chain([u32::from(own.router)])
         .filter(|ip| (start..=end).contains(ip))
         .collect();
     taken.sort_unstable();
@@ -276,8 +291,8 @@ fn reclaimable(
         .map(|(mac, r)| (*mac, r.ip))
 }
 
-fn range_size(net: &NetworkConfig) -> u32 {
-    let (start, end) = net.dhcp_range;
+fn range_size(own: &Addressing) -> u32 {
+    let (start, end) = own.dhcp_range;
     u32::from(end).saturating_sub(u32::from(start)) + 1
 }
 
@@ -294,7 +309,7 @@ mod tests {
 
     fn net(pool: u8) -> NetworkConfig {
         let mut net = Config::default_network("10.9.0.0/24".parse().unwrap());
-        net.dhcp_range = (
+        net.own_mut().dhcp_range = (
             Ipv4Addr::new(10, 9, 0, 10),
             Ipv4Addr::new(10, 9, 0, 9 + pool),
         );
@@ -303,6 +318,32 @@ mod tests {
 
     fn mac(n: u8) -> Mac {
         Mac::from_octets([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn a_lan_network_has_no_address_to_give() {
+        let mut lan = net(4);
+        lan.mode = crate::api::Mode::Bridged;
+        lan.addressing = None;
+        let ip = Ipv4Addr::new(10, 9, 0, 10);
+        fn refused<T>(result: Result<T, AllocError>) -> bool {
+            matches!(result, Err(AllocError::Lan { network }) if network == "qnet0")
+        }
+        assert!(refused(check_guest_address(&lan, ip)));
+        let table = BTreeMap::new();
+        let explicit = explicit_address(&table, &lan, mac(1), None, &BTreeSet::new(), LIMITS, 0);
+        assert!(refused(explicit));
+        let mut table = BTreeMap::new();
+        let auto = reserve_auto(
+            &mut table,
+            &lan,
+            request(1, "g"),
+            &BTreeSet::new(),
+            LIMITS,
+            0,
+        );
+        assert!(refused(auto.map(|g| g.ip)));
+        assert!(table.is_empty());
     }
 
     fn request(n: u8, guest: &str) -> AutoRequest {
@@ -349,7 +390,7 @@ mod tests {
         ];
         for (held, router, want) in cases {
             let mut net = net(5);
-            net.router = Ipv4Addr::new(10, 9, 0, router);
+            net.own_mut().router = Ipv4Addr::new(10, 9, 0, router);
             let table: BTreeMap<Mac, Reservation> = held
                 .iter()
                 .map(|&last| {
@@ -366,7 +407,7 @@ mod tests {
                 .collect();
             let want = want.map(|last| Ipv4Addr::new(10, 9, 0, last));
             assert_eq!(
-                free_address(&net, &table),
+                free_address(net.own(), &table),
                 want,
                 "{held:?}, router .{router}"
             );
@@ -450,9 +491,9 @@ mod tests {
         let granted = auto(&mut table, &net, 1, "a", 0).unwrap();
         let none = BTreeSet::new();
         for bad in [
-            net.router,
-            net.subnet.network(),
-            net.subnet.broadcast(),
+            net.own().router,
+            net.own().subnet.network(),
+            net.own().subnet.broadcast(),
             Ipv4Addr::new(10, 8, 0, 1),
         ] {
             assert!(matches!(

@@ -27,11 +27,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
+use qnet_api::{DnsLabel, DomainName, ForwardSpec, IfName, Mac, Mode, NetName};
 use serde::{Deserialize, Serialize};
 
 use super::{Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
-use crate::config::NetworkConfig;
+use crate::config::{Addressing, BlockedPort, Ipv6Config, Link, NetworkConfig};
 use crate::procfs::Process;
 
 pub const VERSION: u32 = 3;
@@ -43,13 +43,92 @@ pub struct Header {
     #[serde(default)]
     pub default_subnet: Option<Ipv4Net>,
     #[serde(default)]
-    pub known_networks: BTreeMap<NetName, NetworkConfig>,
+    pub known_networks: BTreeMap<NetName, SavedNetwork>,
     #[serde(default)]
     pub networks_down: BTreeSet<NetName>,
     #[serde(default)]
     pub attached: BTreeSet<PathBuf>,
     #[serde(default)]
     pub libvirt_addresses: BTreeMap<Mac, SavedLibvirtAddress>,
+}
+
+/// A network the daemon brought up, as it was configured then (the
+/// header's `known_networks`), so that one gone from the config is still
+/// taken down after a restart.
+///
+/// The fields are those every earlier daemon wrote, flat. A LAN network has
+/// no addressing, but its record still carries what earlier daemons put
+/// there for it (subnet 0.0.0.0/32, router 0.0.0.0) so that a daemon
+/// downgraded to an earlier release still reads the file; they are ignored
+/// when it loads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNetwork {
+    pub name: NetName,
+    pub bridge: IfName,
+    pub mode: Mode,
+    pub subnet: Ipv4Net,
+    pub router: Ipv4Addr,
+    pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainName>,
+    pub uplink: Option<IfName>,
+    #[serde(default)]
+    pub blocked_ports: Vec<BlockedPort>,
+    pub ipv6: Option<Ipv6Config>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_to: Vec<Link>,
+}
+
+impl From<&NetworkConfig> for SavedNetwork {
+    fn from(net: &NetworkConfig) -> Self {
+        let lan_domain = || format!("{}.qnet", net.name).parse().ok();
+        let nowhere = Ipv4Addr::UNSPECIFIED;
+        let own = net.addressing.as_ref();
+        SavedNetwork {
+            name: net.name.clone(),
+            bridge: net.bridge.clone(),
+            mode: net.mode,
+            subnet: own.map_or(Ipv4Net::from(nowhere), |a| a.subnet),
+            router: own.map_or(nowhere, |a| a.router),
+            dhcp_range: own.map_or((nowhere, nowhere), |a| a.dhcp_range),
+            domain: own.map_or_else(lan_domain, |a| Some(a.domain.clone())),
+            uplink: net.uplink.clone(),
+            blocked_ports: own.map_or_else(Vec::new, |a| a.blocked_ports.clone()),
+            ipv6: own.and_then(|a| a.ipv6),
+            owner: net.owner,
+            connect_to: own.map_or_else(Vec::new, |a| a.connect_to.clone()),
+        }
+    }
+}
+
+impl SavedNetwork {
+    /// The network as the daemon uses it: `None` for a record of a nat,
+    /// routed or isolated network without its domain, which no daemon
+    /// writes.
+    pub fn into_config(self) -> Option<NetworkConfig> {
+        let addressing = match self.mode {
+            Mode::Bridged => None,
+            _ => Some(Addressing {
+                subnet: self.subnet,
+                router: self.router,
+                dhcp_range: self.dhcp_range,
+                domain: self.domain?,
+                blocked_ports: self.blocked_ports,
+                ipv6: self.ipv6,
+                connect_to: self.connect_to,
+            }),
+        };
+        Some(NetworkConfig {
+            name: self.name,
+            bridge: self.bridge,
+            mode: self.mode,
+            uplink: self.uplink,
+            owner: self.owner,
+            addressing,
+        })
+    }
 }
 
 /// `state.json` of version 1: everything in one file. Read only.

@@ -42,8 +42,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::alloc::ReservationTable as _;
-use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest};
+use super::saved::{self, Header, LegacyV1, SavedForward, SavedGuest, SavedNetwork};
 use super::{Forward, Guest, Reservation, State};
+use crate::config::NetworkConfig;
 use crate::fsutil::{self, Durability};
 use read::{json_files, read_if_exists, read_record, set_aside, subdirs};
 
@@ -196,7 +197,7 @@ impl Store {
             None => return set_aside(&path, "not a qnet state file"),
         };
         state.default_subnet = header.default_subnet;
-        state.known_networks = header.known_networks;
+        state.known_networks = known_networks(header.known_networks);
         state.networks_down = header.networks_down;
         state.attached = header.attached;
         state.libvirt_addresses = header
@@ -382,11 +383,31 @@ fn record_bytes<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(record).expect("records serialise")
 }
 
+/// The known networks of a header; a record that is not one (see
+/// [`SavedNetwork::into_config`]) is left out with a warning: at worst its
+/// bridge stays after the network left the config.
+fn known_networks(saved: BTreeMap<NetName, SavedNetwork>) -> BTreeMap<NetName, NetworkConfig> {
+    let mut known = BTreeMap::new();
+    for (name, record) in saved {
+        match record.into_config() {
+            Some(net) => {
+                known.insert(name, net);
+            }
+            None => {
+                tracing::warn!(network = %name, "state.json: its record has no `domain`: left out")
+            }
+        }
+    }
+    known
+}
+
 fn header_of(state: &State) -> Header {
     Header {
         version: saved::VERSION,
         default_subnet: state.default_subnet,
-        known_networks: state.known_networks.clone(),
+        known_networks: (state.known_networks.iter())
+            .map(|(name, net)| (name.clone(), net.into()))
+            .collect(),
         networks_down: state.networks_down.clone(),
         attached: state.attached.clone(),
         libvirt_addresses: state

@@ -481,3 +481,60 @@ fn one_dir_for_state_and_run_keeps_the_guests() {
     assert_eq!(again.guests, state.guests);
     assert_eq!(names(&dir.path().join(GUESTS_DIR)), ["5.json"]);
 }
+
+#[test]
+fn known_networks_load_as_earlier_daemons_wrote_them() {
+    let dir = Dirs::new();
+    // As every daemon so far wrote them: flat, and a LAN network with
+    // placeholders for the addressing it does not have.
+    let nowhere = ["0.0.0.0", "0.0.0.0"];
+    fs::write(
+        dir.path().join(STATE_FILE),
+        serde_json::json!({
+            "version": 3,
+            "known_networks": {
+                "lab": {"name": "lab", "bridge": "qnlab", "mode": "nat", "subnet": "10.42.0.0/24",
+                    "router": "10.42.0.1", "dhcp_range": ["10.42.0.2", "10.42.0.254"],
+                    "domain": "lab.qnet", "uplink": null, "blocked_ports": [{"proto": "tcp", "port": 25}], "ipv6": null},
+                "lan": {"name": "lan", "bridge": "lan", "mode": "bridged", "subnet": "0.0.0.0/32",
+                    "router": "0.0.0.0", "dhcp_range": nowhere, "domain": "lan.qnet",
+                    "uplink": "eth0", "blocked_ports": [], "ipv6": null},
+                // No daemon writes a nat network without its domain.
+                "odd": {"name": "odd", "bridge": "odd", "mode": "nat", "subnet": "10.43.0.0/24",
+                    "router": "10.43.0.1", "dhcp_range": ["10.43.0.2", "10.43.0.9"],
+                    "uplink": null, "ipv6": null}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (mut store, mut state) = dir.open();
+    let names: Vec<&str> = state.known_networks.keys().map(NetName::as_str).collect();
+    assert_eq!(
+        names,
+        ["lab", "lan"],
+        "the record without a domain is left out"
+    );
+    let lab = &state.known_networks[&"lab".parse::<NetName>().unwrap()];
+    let own = lab.addressing.as_ref().expect("lab has addressing");
+    assert_eq!(own.subnet, "10.42.0.0/24".parse().unwrap());
+    assert_eq!(own.blocked_ports[0].to_string(), "tcp/25");
+    let lan = &state.known_networks[&"lan".parse::<NetName>().unwrap()];
+    assert_eq!(lan.addressing, None);
+    assert_eq!(lan.uplink, Some("eth0".parse().unwrap()));
+    // Written again the same way, so an earlier daemon still reads it.
+    state.networks_down.insert("lab".parse().unwrap());
+    store.save(&mut state).unwrap();
+    let header: serde_json::Value = serde_json::from_str(&header(dir.path())).unwrap();
+    let lan = &header["known_networks"]["lan"];
+    assert_eq!(
+        (&lan["subnet"], &lan["router"], &lan["domain"]),
+        (
+            &serde_json::json!("0.0.0.0/32"),
+            &serde_json::json!("0.0.0.0"),
+            &serde_json::json!("lan.qnet")
+        )
+    );
+    assert_eq!(lan["dhcp_range"], serde_json::json!(nowhere));
+    assert_eq!(reopened(&dir), state);
+}

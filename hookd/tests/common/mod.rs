@@ -38,8 +38,18 @@ pub fn network(
     let mut net = qnet_hookd::config::NetworkConfig::with_defaults(name, mode, subnet);
     net.bridge = bridge.parse().unwrap();
     let base = u32::from(subnet.network());
-    net.dhcp_range = ((base + 100).into(), (base + 199).into());
+    own_mut(&mut net).dhcp_range = ((base + 100).into(), (base + 199).into());
     net
+}
+
+/// The addressing of a network the tests made with one (not a LAN one).
+pub fn own(net: &qnet_hookd::config::NetworkConfig) -> &qnet_hookd::config::Addressing {
+    net.addressing.as_ref().expect("a network with addressing")
+}
+
+/// The same, to change it.
+pub fn own_mut(net: &mut qnet_hookd::config::NetworkConfig) -> &mut qnet_hookd::config::Addressing {
+    net.addressing.as_mut().expect("a network with addressing")
 }
 
 /// Runs `future` on a runtime of the calling thread (and so in its

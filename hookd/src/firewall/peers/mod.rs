@@ -76,7 +76,7 @@ impl Opened {
             bridge: net.bridge.clone(),
             mode: net.mode,
             // A LAN bridge passes the LAN's IPv6 whatever qnet configures.
-            ipv6: net.ipv6.is_some() || net.is_lan(),
+            ipv6: net.addressing.as_ref().is_none_or(|a| a.ipv6.is_some()),
         }
     }
 }
