@@ -23,7 +23,10 @@ pub fn target_nic<'a>(
         guest.nics.iter().find(|nic| {
             let wanted_guest = by_name || mac == Some(nic.mac);
             let wanted_network = match &spec.network {
-                Some(net) => nic.network.as_deref() == Some(net.as_str()),
+                Some(net) => nic
+                    .network
+                    .as_ref()
+                    .is_some_and(|on| on.name() == net.as_str()),
                 None => nic.network.is_some(),
             };
             wanted_guest && wanted_network && nic.ip.is_some()
@@ -108,6 +111,7 @@ pub fn desired<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::NicNetwork;
     use std::net::Ipv4Addr;
 
     use crate::procfs::Process;
@@ -136,9 +140,8 @@ mod tests {
                 mac: mac.parse().unwrap(),
                 qemu_name: None,
                 device: None,
-                network: Some("lab".into()),
+                network: Some(NicNetwork::Qnet("lab".parse().unwrap())),
                 ip: Some(Ipv4Addr::from(ip)),
-                libvirt_bridge: None,
             }],
         }
     }
@@ -168,7 +171,10 @@ mod tests {
     #[test]
     fn a_nic_on_a_libvirt_network_gets_ipv4_only_even_if_a_qnet_network_has_its_name() {
         let mut web = guest("web", "52:54:00:00:00:01", [192, 168, 122, 9]);
-        web.nics[0].libvirt_bridge = Some("virbr0".parse().unwrap());
+        web.nics[0].network = Some(NicNetwork::Libvirt {
+            name: "lab".into(),
+            bridge: "virbr0".parse().unwrap(),
+        });
         // A qnet network called like the libvirt one, with IPv6.
         let mut lab = crate::config::Config::default_network("10.9.0.0/24".parse().unwrap());
         lab.name = "lab".parse().unwrap();

@@ -80,7 +80,7 @@ impl Reconciler {
                 guest
                     .nics
                     .iter()
-                    .any(|nic| nic.network.as_deref() == Some(n.config.name.as_str()))
+                    .any(|nic| nic.is_on_qnet_network(n.config.name.as_str()))
             })
             .collect())
     }

@@ -12,7 +12,7 @@ use crate::orphans;
 use crate::procfs::Process;
 use crate::qmp::NicInfo;
 use crate::state::alloc::{self, AutoRequest};
-use crate::state::{self, Guest, Nic, NicOwner};
+use crate::state::{self, Guest, Nic, NicNetwork, NicOwner};
 
 impl Reconciler {
     pub(super) fn guest_up(&mut self, up: GuestUp) {
@@ -101,10 +101,10 @@ impl Reconciler {
 
     /// Marks the reservation of `nic` as seen at `now`.
     fn touch_reservation(&mut self, nic: &Nic, now: u64) {
-        let Some(network) = nic.network.as_deref() else {
+        let Some(network) = nic.qnet_network() else {
             return;
         };
-        if let Some(r) = self.state.reservations.get_mut(network, &nic.mac) {
+        if let Some(r) = self.state.reservations.get_mut(network.as_str(), &nic.mac) {
             r.last_seen = now;
         }
     }
@@ -160,9 +160,8 @@ impl Reconciler {
                 mac: placed.mac,
                 qemu_name: Some(placed.qemu_name),
                 device: placed.device,
-                network: placed.network.map(|n| n.to_string()),
+                network: placed.network.map(NicNetwork::Qnet),
                 ip,
-                libvirt_bridge: None,
             });
         }
         if let Some(mut guest) = self.state.guests.get_mut(&pid) {

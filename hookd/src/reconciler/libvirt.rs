@@ -18,7 +18,7 @@ use crate::follow;
 use crate::libvirt::{self, LeaseUpdate};
 use crate::procfs::{self, Process};
 use crate::state::alloc::{self, AutoRequest, ReservationTable as _};
-use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
+use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation};
 
 /// Where a libvirt guest's NIC is.
 enum Place {
@@ -69,18 +69,21 @@ impl Reconciler {
         let mut nics = Vec::new();
         let mut libvirt_nets = Vec::new();
         for (place, nic) in placed {
-            let (network, ip, libvirt_bridge) = match place {
+            let (network, ip) = match place {
                 Place::Qnet(net) => {
                     let ip = self.libvirt_reservation(&net, nic, &label, &r.uuid, peer)?;
-                    (Some(net.to_string()), Some(ip), None)
+                    (Some(NicNetwork::Qnet(net)), Some(ip))
                 }
                 Place::Libvirt(lv) => {
                     let ip = self.libvirt_address(nic.mac, &lv, nic.ip).await;
-                    let entry = (Some(lv.name.clone()), ip, Some(lv.bridge.clone()));
+                    let on = NicNetwork::Libvirt {
+                        name: lv.name.clone(),
+                        bridge: lv.bridge.clone(),
+                    };
                     libvirt_nets.push(lv);
-                    entry
+                    (Some(on), ip)
                 }
-                Place::Elsewhere => (None, None, None),
+                Place::Elsewhere => (None, None),
             };
             nics.push(Nic {
                 mac: nic.mac,
@@ -88,7 +91,6 @@ impl Reconciler {
                 device: nic.device.clone(),
                 network,
                 ip,
-                libvirt_bridge,
             });
         }
         if !r.forwards.is_empty() {
@@ -402,9 +404,10 @@ impl Reconciler {
             .guests
             .values()
             .filter(|g| {
-                g.nics
-                    .iter()
-                    .any(|nic| nic.libvirt_bridge.as_deref() == Some(update.bridge.as_str()))
+                g.nics.iter().any(|nic| {
+                    nic.libvirt_bridge()
+                        .is_some_and(|b| b.as_str() == update.bridge)
+                })
             })
             .map(|g| g.process.pid)
             .collect();
@@ -414,9 +417,13 @@ impl Reconciler {
             };
             let guest = &mut *guest;
             for nic in guest.nics.iter_mut() {
-                if nic.libvirt_bridge.as_deref() != Some(update.bridge.as_str()) {
+                let Some(NicNetwork::Libvirt { name, bridge }) = &nic.network else {
+                    continue;
+                };
+                if bridge.as_str() != update.bridge {
                     continue;
                 }
+                let (network, bridge) = (name.clone(), bridge.clone());
                 let fixed = self
                     .state
                     .libvirt_addresses
@@ -429,17 +436,11 @@ impl Reconciler {
                 if nic.ip != Some(ip) {
                     tracing::info!(guest = guest.name.as_deref().unwrap_or("-"), mac = %nic.mac, %ip, bridge = %update.bridge, "libvirt lease");
                     nic.ip = Some(ip);
-                    changed.push((
-                        nic.mac,
-                        nic.network.clone().unwrap_or_default(),
-                        nic.libvirt_bridge.clone(),
-                        ip,
-                    ));
+                    changed.push((nic.mac, network, bridge, ip));
                 }
             }
         }
         for (mac, network, bridge, ip) in changed {
-            let Some(bridge) = bridge else { continue };
             self.state.libvirt_addresses.insert(
                 mac,
                 LibvirtAddress {
@@ -467,7 +468,7 @@ impl Reconciler {
                     .get(&nic.mac)
                     .is_some_and(|a| a.fixed)
             })
-            .filter_map(|nic| nic.libvirt_bridge.as_ref().map(|b| b.to_string()))
+            .filter_map(|nic| nic.libvirt_bridge().map(ToString::to_string))
             .collect();
         self.lease_watch.send_if_modified(|current| {
             let changed = *current != bridges;
@@ -480,9 +481,9 @@ impl Reconciler {
 
     /// Whether a running guest has a NIC on the libvirt network `name`.
     pub(super) fn is_libvirt_network(&self, name: &str) -> bool {
-        self.state
-            .nics()
-            .any(|nic| nic.libvirt_bridge.is_some() && nic.network.as_deref() == Some(name))
+        self.state.nics().any(
+            |nic| matches!(&nic.network, Some(NicNetwork::Libvirt { name: n, .. }) if n == name),
+        )
     }
 
     /// The libvirt guest `uuid` stopped: its record and forwards go; its
@@ -534,11 +535,13 @@ fn describe_nics(nics: &[Nic]) -> String {
         return "no NICs".into();
     }
     nics.iter()
-        .map(|n| match (&n.network, n.ip, &n.libvirt_bridge) {
-            (Some(net), Some(ip), None) => format!("{} {ip} on {net}", n.mac),
-            (Some(net), Some(ip), Some(_)) => format!("{} {ip} on libvirt network {net}", n.mac),
-            (Some(net), None, Some(_)) => {
-                format!("{} on libvirt network {net}, waiting for its lease", n.mac)
+        .map(|n| match (&n.network, n.ip) {
+            (Some(NicNetwork::Qnet(net)), Some(ip)) => format!("{} {ip} on {net}", n.mac),
+            (Some(NicNetwork::Libvirt { name, .. }), Some(ip)) => {
+                format!("{} {ip} on libvirt network {name}", n.mac)
+            }
+            (Some(NicNetwork::Libvirt { name, .. }), None) => {
+                format!("{} on libvirt network {name}, waiting for its lease", n.mac)
             }
             _ => format!("{} not on a qnet or libvirt network", n.mac),
         })

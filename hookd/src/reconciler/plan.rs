@@ -150,7 +150,7 @@ pub fn desired_elements<'a>(
     let on_libvirt: BTreeSet<IpAddr> = guests
         .iter()
         .flat_map(|g| g.nics.iter())
-        .filter(|nic| nic.libvirt_bridge.is_some())
+        .filter(|nic| nic.libvirt_bridge().is_some())
         .filter_map(|nic| nic.ip.map(IpAddr::V4))
         .collect();
     elements.retain(|e| {

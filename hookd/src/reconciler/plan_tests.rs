@@ -1,3 +1,4 @@
+use crate::state::NicNetwork;
 use std::net::Ipv4Addr;
 
 use qnet_api::{PortMap, Proto};
@@ -97,9 +98,8 @@ fn guest(name: &str, n: u8, ip: [u8; 4]) -> Guest {
             mac: mac(n),
             qemu_name: Some("net0".into()),
             device: None,
-            network: Some("qnet0".into()),
+            network: Some(NicNetwork::Qnet("qnet0".parse().unwrap())),
             ip: Some(Ipv4Addr::from(ip)),
-            libvirt_bridge: None,
         }],
     }
 }

@@ -105,9 +105,9 @@ fn guest_status(g: &Guest) -> GuestStatus {
             .map(|n| GuestNic {
                 mac: n.mac,
                 device: n.device.as_ref().map(ToString::to_string),
-                network: n.network.clone(),
+                network: n.network.as_ref().map(|on| on.name().to_owned()),
                 ip: n.ip,
-                libvirt_bridge: n.libvirt_bridge.as_ref().map(ToString::to_string),
+                libvirt_bridge: n.libvirt_bridge().map(ToString::to_string),
             })
             .collect(),
     }

@@ -123,29 +123,54 @@ pub struct Nic {
     pub qemu_name: Option<String>,
     /// The host device (TAP or macvtap) backing the NIC, when known.
     pub device: Option<IfName>,
-    /// The qnet network, or the libvirt network when `libvirt_bridge` is
-    /// set.
-    pub network: Option<String>,
+    /// The network it is on, when it is on one qnet knows.
+    pub network: Option<NicNetwork>,
     pub ip: Option<Ipv4Addr>,
-    /// The bridge of the libvirt network the NIC is on, when `network` is
-    /// one of libvirt's own networks: `ip` is then libvirt's lease (or the
-    /// metadata's fixed address) and no qnet reservation exists.
-    pub libvirt_bridge: Option<IfName>,
+}
+
+/// The network a guest NIC is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicNetwork {
+    /// A network of qnet's: `ip` is the NIC's reservation.
+    Qnet(NetName),
+    /// One of libvirt's own networks (a libvirt guest's): `ip` is the last
+    /// lease libvirt's dnsmasq gave (or the metadata's fixed address), and
+    /// no qnet reservation exists.
+    Libvirt { name: String, bridge: IfName },
+}
+
+impl NicNetwork {
+    /// The network's name, whoever's it is.
+    pub fn name(&self) -> &str {
+        match self {
+            NicNetwork::Qnet(name) => name.as_str(),
+            NicNetwork::Libvirt { name, .. } => name,
+        }
+    }
 }
 
 impl Nic {
     /// Whether the NIC is on the qnet network `name` (a NIC on a libvirt
     /// network of the same name is not).
     pub fn is_on_qnet_network(&self, name: &str) -> bool {
-        self.qnet_network() == Some(name)
+        self.qnet_network().is_some_and(|n| n.as_str() == name)
     }
 
     /// The qnet network the NIC is on, if it is on one (not on a libvirt
     /// network).
-    pub fn qnet_network(&self) -> Option<&str> {
-        self.network
-            .as_deref()
-            .filter(|_| self.libvirt_bridge.is_none())
+    pub fn qnet_network(&self) -> Option<&NetName> {
+        match &self.network {
+            Some(NicNetwork::Qnet(name)) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The bridge of the libvirt network the NIC is on, if it is on one.
+    pub fn libvirt_bridge(&self) -> Option<&IfName> {
+        match &self.network {
+            Some(NicNetwork::Libvirt { bridge, .. }) => Some(bridge),
+            _ => None,
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use ipnet::Ipv4Net;
 use qnet_api::{DnsLabel, DomainName, ForwardSpec, IfName, Mac, Mode, NetName};
 use serde::{Deserialize, Serialize};
 
-use super::{Forward, Guest, LibvirtAddress, Nic, NicOwner, Reservation};
+use super::{Forward, Guest, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation};
 use crate::config::{Addressing, BlockedPort, Ipv6Config, Link, NetworkConfig};
 use crate::procfs::Process;
 
@@ -302,18 +302,7 @@ impl From<&Guest> for SavedGuest {
             name: g.name.clone(),
             uuid: g.uuid.clone(),
             qmp_server: g.qmp_server.clone(),
-            nics: g
-                .nics
-                .iter()
-                .map(|n| SavedNic {
-                    mac: n.mac,
-                    qemu_name: n.qemu_name.clone(),
-                    device: n.device.clone(),
-                    network: n.network.clone(),
-                    ip: n.ip,
-                    libvirt_bridge: n.libvirt_bridge.clone(),
-                })
-                .collect(),
+            nics: g.nics.iter().map(SavedNic::from).collect(),
         }
     }
 }
@@ -329,18 +318,39 @@ impl From<SavedGuest> for Guest {
             name: g.name,
             uuid: g.uuid,
             qmp_server: g.qmp_server,
-            nics: g
-                .nics
-                .into_iter()
-                .map(|n| Nic {
-                    mac: n.mac,
-                    qemu_name: n.qemu_name,
-                    device: n.device,
-                    network: n.network,
-                    ip: n.ip,
-                    libvirt_bridge: n.libvirt_bridge,
-                })
-                .collect(),
+            nics: g.nics.into_iter().map(Nic::from).collect(),
+        }
+    }
+}
+
+impl From<&Nic> for SavedNic {
+    fn from(n: &Nic) -> Self {
+        SavedNic {
+            mac: n.mac,
+            qemu_name: n.qemu_name.clone(),
+            device: n.device.clone(),
+            network: n.network.as_ref().map(|on| on.name().to_owned()),
+            ip: n.ip,
+            libvirt_bridge: n.libvirt_bridge().cloned(),
+        }
+    }
+}
+
+impl From<SavedNic> for Nic {
+    /// A qnet network that is no network name (a record edited by hand)
+    /// leaves the NIC on no network.
+    fn from(n: SavedNic) -> Self {
+        let network = match (n.network, n.libvirt_bridge) {
+            (Some(name), Some(bridge)) => Some(NicNetwork::Libvirt { name, bridge }),
+            (Some(name), None) => name.parse().ok().map(NicNetwork::Qnet),
+            (None, _) => None,
+        };
+        Nic {
+            mac: n.mac,
+            qemu_name: n.qemu_name,
+            device: n.device,
+            network,
+            ip: n.ip,
         }
     }
 }

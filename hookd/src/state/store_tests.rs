@@ -4,7 +4,7 @@ use super::*;
 use crate::procfs::Process;
 use crate::state::journal;
 use crate::state::saved::SavedReservation;
-use crate::state::{LibvirtAddress, Nic, NicOwner};
+use crate::state::{LibvirtAddress, Nic, NicNetwork, NicOwner};
 
 fn reservation(ip: [u8; 4]) -> Reservation {
     Reservation {
@@ -46,9 +46,8 @@ fn guest(pid: u32) -> Guest {
             mac: mac(1),
             qemu_name: Some("net0".into()),
             device: Some("tap0".parse().unwrap()),
-            network: Some("lab".into()),
+            network: Some(NicNetwork::Qnet("lab".parse().unwrap())),
             ip: Some(Ipv4Addr::new(10, 0, 0, 5)),
-            libvirt_bridge: None,
         }],
     }
 }
@@ -537,4 +536,32 @@ fn known_networks_load_as_earlier_daemons_wrote_them() {
     );
     assert_eq!(lan["dhcp_range"], serde_json::json!(nowhere));
     assert_eq!(reopened(&dir), state);
+}
+
+#[test]
+fn a_nics_network_is_saved_flat_and_a_bad_qnet_name_loads_as_none() {
+    let on = |network| Nic {
+        mac: mac(1),
+        qemu_name: None,
+        device: None,
+        network: Some(network),
+        ip: Some(Ipv4Addr::new(192, 168, 122, 9)),
+    };
+    let libvirt = on(NicNetwork::Libvirt {
+        name: "default".into(),
+        bridge: "virbr0".parse().unwrap(),
+    });
+    let qnet = on(NicNetwork::Qnet("default".parse().unwrap()));
+    for (nic, bridge) in [(&libvirt, Some("virbr0")), (&qnet, None)] {
+        let saved = saved::SavedNic::from(nic);
+        assert_eq!(saved.network.as_deref(), Some("default"));
+        assert_eq!(saved.libvirt_bridge.as_ref().map(|b| b.as_str()), bridge);
+        assert_eq!(&Nic::from(saved), nic);
+    }
+    // A qnet network that is no network name (a record edited by hand).
+    let odd: saved::SavedNic = serde_json::from_value(serde_json::json!({
+        "mac": "52:54:00:00:00:01", "device": null, "network": "no/such net", "ip": null
+    }))
+    .unwrap();
+    assert_eq!(Nic::from(odd).network, None);
 }

@@ -271,8 +271,8 @@ impl Guests {
             let Some(net) = nic.qnet_network() else {
                 continue;
             };
-            self.nics_changed.insert((net.to_owned(), nic.mac));
-            let macs = self.on_networks.entry(net.to_owned()).or_default();
+            self.nics_changed.insert((net.to_string(), nic.mac));
+            let macs = self.on_networks.entry(net.to_string()).or_default();
             let count = macs.entry(nic.mac).or_default();
             if add {
                 *count += 1;
@@ -281,7 +281,7 @@ impl Guests {
                 if *count == 0 {
                     macs.remove(&nic.mac);
                     if macs.is_empty() {
-                        self.on_networks.remove(net);
+                        self.on_networks.remove(net.as_str());
                     }
                 }
             }
@@ -334,6 +334,7 @@ mod tests {
     use super::super::Nic;
     use super::*;
     use crate::procfs::Process;
+    use crate::state::NicNetwork;
 
     fn mac(n: u8) -> Mac {
         Mac::from_octets([0x52, 0x54, 0, 0, 0, n])
@@ -352,9 +353,8 @@ mod tests {
                     mac: mac(*n),
                     qemu_name: None,
                     device: None,
-                    network: Some((*net).into()),
+                    network: Some(NicNetwork::Qnet(net.parse().unwrap())),
                     ip: None,
-                    libvirt_bridge: None,
                 })
                 .collect(),
         }
