@@ -430,6 +430,21 @@ fn lan_network_takes_the_uplink_over_keeps_the_host_online_and_gives_it_back() {
     let bridge = world.host.ip_json(&["link", "show", "eth0"])[0]["master"].clone();
     assert!(world.bridge_exists_named(bridge.as_str().unwrap_or_default()));
     world.assert_online();
+    // Edited to nat: the uplink is given back and, as `network create`
+    // would, the network gets a free subnet of its own.
+    hookd
+        .qnetctl(&["network", "edit", "lan", "--mode", "nat"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", hookd.log()));
+    assert_eq!(world.uplink(), original, "after network edit to nat");
+    let status = lan_status(&hookd);
+    assert_eq!(status["mode"], "nat", "{status}");
+    let subnet = status["subnet"].as_str().unwrap_or_default();
+    let (network, prefix) = subnet.split_once('/').unwrap_or_default();
+    assert!(
+        network.parse::<std::net::Ipv4Addr>().is_ok() && prefix == "24",
+        "not a /24: {status}"
+    );
+    world.assert_online();
     hookd.qnetctl(&["network", "delete", "lan"]).unwrap();
     assert_eq!(world.uplink(), original, "after network delete");
     world.assert_online();
