@@ -16,7 +16,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use qnet_fuzz::{assert_bounded, assert_one_line};
 use qnet_hookd::api::Mode;
-use qnet_hookd::config::{Config, ConfigFiles, NetworkConfig, RuntimeFile};
+use qnet_hookd::config::{Addressing, Config, ConfigFiles, NetworkConfig, RuntimeFile};
 
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -73,16 +73,10 @@ fn print(config: &Config) -> String {
 fn print_network(out: &mut String, n: &NetworkConfig) {
     let _ = writeln!(
         out,
-        "[[network]]\nname = {}\nbridge = {}\nmode = \"{}\"\nsubnet = \"{}\"\nrouter = \"{}\"\n\
-         dhcp-range = [\"{}\", \"{}\"]\ndomain = {}",
+        "[[network]]\nname = {}\nbridge = {}\nmode = \"{}\"",
         quote(&n.name),
         quote(&n.bridge),
         n.mode,
-        n.subnet,
-        n.router,
-        n.dhcp_range.0,
-        n.dhcp_range.1,
-        quote(&n.domain),
     );
     if let Some(uplink) = &n.uplink {
         let _ = writeln!(out, "uplink = {}", quote(uplink));
@@ -90,9 +84,22 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
     if let Some(owner) = n.owner {
         let _ = writeln!(out, "owner = {owner}");
     }
-    let ports: Vec<String> = n.blocked_ports.iter().map(|p| format!("\"{p}\"")).collect();
+    // A LAN network has none of the rest.
+    let Some(a) = &n.addressing else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "subnet = \"{}\"\nrouter = \"{}\"\ndhcp-range = [\"{}\", \"{}\"]\ndomain = {}",
+        a.subnet,
+        a.router,
+        a.dhcp_range.0,
+        a.dhcp_range.1,
+        quote(&a.domain),
+    );
+    let ports: Vec<String> = a.blocked_ports.iter().map(|p| format!("\"{p}\"")).collect();
     let _ = writeln!(out, "blocked-ports = [{}]", ports.join(", "));
-    if let Some(v6) = &n.ipv6 {
+    if let Some(v6) = &a.ipv6 {
         let _ = writeln!(
             out,
             "ipv6 = {{ subnet = \"{}\", router = \"{}\" }}",
@@ -100,7 +107,7 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
         );
     }
     for (key, one_way) in [("connect-to", false), ("connect-to-one-way", true)] {
-        let names: Vec<String> = n
+        let names: Vec<String> = a
             .connect_to
             .iter()
             .filter(|l| l.one_way == one_way)
@@ -111,27 +118,37 @@ fn print_network(out: &mut String, n: &NetworkConfig) {
 }
 
 fn check_invariants(config: &Config) {
-    let host = |n: &NetworkConfig, a: std::net::Ipv4Addr| {
-        n.subnet.contains(&a) && a != n.subnet.network() && a != n.subnet.broadcast()
+    let host = |a: &Addressing, ip: std::net::Ipv4Addr| {
+        a.subnet.contains(&ip) && ip != a.subnet.network() && ip != a.subnet.broadcast()
     };
     for (i, n) in config.networks.iter().enumerate() {
-        assert!(n.subnet.prefix_len() <= 29 && n.subnet == n.subnet.trunc());
-        assert!(host(n, n.router) && host(n, n.dhcp_range.0) && host(n, n.dhcp_range.1));
-        assert!(n.dhcp_range.0 <= n.dhcp_range.1);
-        assert!(!(n.dhcp_range.0..=n.dhcp_range.1).contains(&n.router));
-        if let Some(v6) = &n.ipv6 {
+        // Addressing exactly when the mode gives its guests addresses.
+        assert_eq!(n.addressing.is_none(), n.mode == Mode::Bridged);
+        for m in &config.networks[i + 1..] {
+            assert!(n.name != m.name && n.bridge != m.bridge);
+        }
+        let Some(a) = &n.addressing else {
+            continue;
+        };
+        assert!(a.subnet.prefix_len() <= 29 && a.subnet == a.subnet.trunc());
+        assert!(host(a, a.router) && host(a, a.dhcp_range.0) && host(a, a.dhcp_range.1));
+        assert!(a.dhcp_range.0 <= a.dhcp_range.1);
+        assert!(!(a.dhcp_range.0..=a.dhcp_range.1).contains(&a.router));
+        if let Some(v6) = &a.ipv6 {
             assert!(v6.subnet.contains(&v6.router) && v6.router != v6.subnet.network());
         }
-        for link in &n.connect_to {
+        for link in &a.connect_to {
             let to = config.networks.iter().find(|m| m.name == link.to);
-            assert!(to.is_some_and(|to| to.name != n.name));
+            assert!(to.is_some_and(|to| to.name != n.name && to.addressing.is_some()));
             assert!(n.mode != Mode::Isolated);
             assert!(link.one_way || to.is_some_and(|to| to.mode != Mode::Isolated));
         }
-        for m in &config.networks[i + 1..] {
-            assert!(n.name != m.name && n.bridge != m.bridge);
+        for b in config.networks[i + 1..]
+            .iter()
+            .filter_map(|m| m.addressing.as_ref())
+        {
             assert!(
-                !n.subnet.contains(&m.subnet.network()) && !m.subnet.contains(&n.subnet.network())
+                !a.subnet.contains(&b.subnet.network()) && !b.subnet.contains(&a.subnet.network())
             );
         }
     }
