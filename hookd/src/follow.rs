@@ -26,7 +26,7 @@ use crate::error;
 use crate::procfs::{self, Process};
 use crate::qmp::{self, QmpEvent, QmpEvents, QmpSession};
 use crate::ratelimit::RateLimit;
-use crate::reconciler::input::{bounded_name, ConnId, GuestUp, Input, Peer};
+use crate::reconciler::input::{ConnId, GuestUp, Input, Peer};
 use crate::warn_limited;
 
 /// Descriptors kept free of QMP sessions for everything else the daemon
@@ -309,8 +309,7 @@ pub async fn follow_guest(
         let _ = attach.reply.send(Response::Ok(Reply::Done {
             message: format!(
                 "following QEMU pid {pid}{}",
-                name.map(|n| format!(" ({})", bounded_name(&n)))
-                    .unwrap_or_default()
+                name.map(|n| format!(" ({n})")).unwrap_or_default()
             ),
         }));
     }

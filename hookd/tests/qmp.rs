@@ -1026,6 +1026,36 @@ async fn dial_errors() {
     }
 }
 
+/// A peer whose `-name` carries terminal escapes and a newline, and whose
+/// UUID is an escape sequence: what a user could run instead of QEMU.
+async fn escaping(mut fake: Fake) {
+    while let Some(message) = fake.recv().await {
+        let id = &message["id"];
+        let reply = match message["execute"].as_str().unwrap_or_default() {
+            "query-name" => json!({"name": "\u{1b}]0;owned\u{7}web\nroot# "}),
+            "query-uuid" => json!({"UUID": "\u{1b}[2J"}),
+            "query-status" => json!({"status": "running", "singlestep": false, "running": true}),
+            "query-rx-filter" => json!([]),
+            "human-monitor-command" => json!(""),
+            _ => return,
+        };
+        fake.reply(id, reply).await;
+    }
+}
+
+#[tokio::test]
+async fn a_peers_name_loses_its_control_characters_and_a_bad_uuid_is_none() {
+    for mode in MODES {
+        let (session, _rx, _fake, _dir) =
+            session(mode, escaping, SessionOptions::default(), 64).await;
+        let info = bounded("query_info", session.query_info()).await.unwrap();
+        let name = info.name.expect("a name");
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        assert!(name.contains("owned") && name.contains("web"), "{name:?}");
+        assert_eq!(info.uuid, None);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Real QEMU
 

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::shared::{Reply, ReplyError};
 use super::types::{Greeting, NicInfo, QmpEvent};
 use qnet_api::types::one_line;
-use qnet_api::Mac;
+use qnet_api::{kept_text, Mac};
 
 /// One message after the greeting; a reply may borrow from its line.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ pub fn greeting(message: &Value) -> Result<Greeting, NotQmp> {
         package: version
             .and_then(|v| v.get("package"))
             .and_then(Value::as_str)
-            .map(bounded)
+            .map(kept_text)
             .unwrap_or_default(),
         capabilities: qmp
             .get("capabilities")
@@ -153,7 +153,7 @@ pub fn greeting(message: &Value) -> Result<Greeting, NotQmp> {
                 caps.iter()
                     .filter_map(Value::as_str)
                     .take(16)
-                    .map(bounded)
+                    .map(kept_text)
                     .collect()
             })
             .unwrap_or_default(),
@@ -164,7 +164,7 @@ pub fn parse_event(name: &str, data: Option<&Value>) -> QmpEvent {
     let string = |key: &str| {
         data.and_then(|d| d.get(key))
             .and_then(Value::as_str)
-            .map(bounded)
+            .map(kept_text)
     };
     match name {
         "SHUTDOWN" => QmpEvent::Shutdown {
@@ -186,7 +186,7 @@ pub fn parse_event(name: &str, data: Option<&Value>) -> QmpEvent {
             device: string("device"),
             path: string("path").unwrap_or_default(),
         },
-        other => QmpEvent::Other(bounded(other)),
+        other => QmpEvent::Other(kept_text(other)),
     }
 }
 
@@ -216,8 +216,8 @@ pub fn parse_info_network(text: &str) -> Vec<NicInfo> {
             break;
         }
         // Cut first, then compare: two long names that share their first
-        // MAX_PEER_STRING bytes are one NIC as far as we can tell them apart.
-        let name = bounded(name);
+        // MAX_GUEST_NAME bytes (see kept_text) are one NIC as far as we can tell them apart.
+        let name = kept_text(name);
         if !nics.iter().any(|n| n.name == name) {
             nics.push(NicInfo { name, mac });
         }
@@ -225,22 +225,8 @@ pub fn parse_info_network(text: &str) -> Vec<NicInfo> {
     nics
 }
 
-/// Longest string the daemon keeps of anything a QMP peer says (a name, a
-/// UUID, a run state, a NIC's name, an event's field): a peer may send
-/// megabytes in one line, and whatever is kept lives in every guest record,
-/// state file and `guests` reply. QEMU's own strings are far shorter.
-pub const MAX_PEER_STRING: usize = qnet_api::MAX_GUEST_NAME;
 /// Most NICs kept of one guest (QEMU allows 32 PCI slots per bus).
 pub const MAX_NICS: usize = 64;
-
-/// `text` cut to [`MAX_PEER_STRING`] bytes on a character boundary.
-pub fn bounded(text: &str) -> String {
-    let mut end = text.len().min(MAX_PEER_STRING);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
 
 pub fn is_nil_uuid(uuid: &str) -> bool {
     uuid.bytes().all(|b| b == b'0' || b == b'-')
@@ -276,7 +262,7 @@ mod tests {
     fn info_network_names_are_unique_after_cutting() {
         // Found by the qmp fuzz target: names longer than the bound that
         // differ only after it came out twice under one (cut) name.
-        let long = "n".repeat(MAX_PEER_STRING);
+        let long = "n".repeat(qnet_api::MAX_GUEST_NAME);
         let text = format!(
             "{long}a: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\n\
              {long}b: index=1,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:02\n"
@@ -375,16 +361,16 @@ mod tests {
 
     #[test]
     fn peer_strings_are_bounded_on_a_character_boundary() {
-        assert_eq!(bounded("web"), "web");
-        let long = "é".repeat(MAX_PEER_STRING);
-        let cut = bounded(&long);
-        assert!(cut.len() <= MAX_PEER_STRING && cut.len() >= MAX_PEER_STRING - 1);
+        assert_eq!(kept_text("web"), "web");
+        let long = "é".repeat(qnet_api::MAX_GUEST_NAME);
+        let cut = kept_text(&long);
+        assert!(cut.len() <= qnet_api::MAX_GUEST_NAME && cut.len() >= qnet_api::MAX_GUEST_NAME - 1);
         assert!(cut.chars().all(|c| c == 'é'));
         let data = serde_json::json!({"reason": "x".repeat(1 << 20)});
         let QmpEvent::Shutdown { reason, .. } = parse_event("SHUTDOWN", Some(&data)) else {
             panic!("not a shutdown");
         };
-        assert_eq!(reason.unwrap().len(), MAX_PEER_STRING);
+        assert_eq!(reason.unwrap().len(), qnet_api::MAX_GUEST_NAME);
         let many: String = (0..1000)
             .map(|i| {
                 format!(

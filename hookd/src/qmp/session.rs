@@ -16,14 +16,14 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::events::QmpEvents;
 use super::lazybuf::LazyBufReader;
-use super::parse::{bounded, is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
+use super::parse::{is_nil_uuid, parse_info_network, preview_value, MAX_NICS};
 use super::reader::{read_greeting, read_loop, write_queued};
 use super::shared::{Deliver, PendingGuard, ReplyError, Shared, CLOSED_BY_US};
 use super::types::{
     Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, SessionOptions,
     DEFAULT_TIMEOUT,
 };
-use qnet_api::Mac;
+use qnet_api::{check_uuid, kept_text, Mac};
 
 /// Connects to a QEMU listening on `path` (`-qmp unix:PATH,server=on`),
 /// within [`DEFAULT_TIMEOUT`].
@@ -273,13 +273,12 @@ impl QmpSession {
             self.query_status(),
             self.query_nics(),
         )?;
-        // Everything kept of the peer's strings is bounded here, at the
-        // edge: a `-name` of megabytes is cut before anything holds it.
-        let uuid = Some(uuid.UUID)
-            .filter(|u| !is_nil_uuid(u))
-            .map(|u| bounded(&u));
+        // Everything kept of the peer's strings is made safe here, at the
+        // edge: a `-name` of megabytes is cut, control characters go, and a
+        // UUID must look like one, before anything holds them.
+        let uuid = Some(uuid.UUID).filter(|u| !is_nil_uuid(u) && check_uuid(u).is_ok());
         Ok(GuestInfo {
-            name: name.name.as_deref().map(bounded),
+            name: name.name.as_deref().map(kept_text),
             uuid,
             status: status.status,
             running: status.running,
@@ -296,7 +295,7 @@ impl QmpSession {
         }
         let Status { status, running } = self.request("query-status", None).await?;
         Ok(GuestStatus {
-            status: bounded(&status),
+            status: kept_text(&status),
             running,
         })
     }
@@ -323,7 +322,7 @@ impl QmpSession {
             .take(MAX_NICS)
             .map(|f| match f.main_mac.parse::<Mac>().ok() {
                 Some(mac) => Ok(NicInfo {
-                    name: bounded(&f.name),
+                    name: kept_text(&f.name),
                     mac,
                 }),
                 None => Err(QmpError::Decode {
@@ -331,8 +330,8 @@ impl QmpSession {
                     command: COMMAND.into(),
                     detail: format!(
                         "NIC {:?} has an invalid main-mac {:?}",
-                        bounded(&f.name),
-                        bounded(&f.main_mac)
+                        kept_text(&f.name),
+                        kept_text(&f.main_mac)
                     ),
                 }),
             })

@@ -3,8 +3,6 @@
 
 use qnet_api::DnsLabel;
 
-use super::input::bounded_name;
-
 use super::{plan, ConnId, GuestUp, Peer, Reconciler, Session};
 use crate::discover::GuestPort;
 use crate::follow::{self, Origin};
@@ -17,7 +15,8 @@ use crate::state::{self, Guest, Nic, NicNetwork, NicOwner};
 impl Reconciler {
     pub(super) fn guest_up(&mut self, up: GuestUp) {
         let pid = up.identity.pid;
-        let name = up.info.name.as_deref().map(bounded_name);
+        // Made safe where QMP said it (qmp::session::query_info).
+        let name = up.info.name.clone();
         tracing::info!(
             pid,
             name = name.as_deref().unwrap_or("-"),

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use qnet_api::{Request, Response, MAX_GUEST_NAME};
+use qnet_api::{Request, Response};
 use tokio::sync::oneshot;
 
 use crate::discover::GuestPort;
@@ -93,19 +93,4 @@ pub struct GuestUp {
     /// and pidfd) as soon as the reconciler drops this, e.g. because a
     /// newer session of the same QEMU replaced it.
     pub keepalive: oneshot::Sender<()>,
-}
-
-/// A guest's name as the daemon keeps it: at most
-/// [`MAX_GUEST_NAME`] bytes (cut on a character boundary). QEMU's `-name`
-/// is whatever its user typed; megabytes of it must not live in the
-/// daemon, its state files or every `guests` reply.
-pub fn bounded_name(name: &str) -> String {
-    if name.len() <= MAX_GUEST_NAME {
-        return name.to_owned();
-    }
-    let mut end = MAX_GUEST_NAME;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].to_owned()
 }

@@ -10,7 +10,6 @@ use qnet_api::{
     ApiError, DnsLabel, ForwardSpec, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName, Reply,
 };
 
-use super::input::bounded_name;
 use super::networks::done;
 use super::{Peer, Reconciler};
 use crate::error::{conflict, exhausted, invalid};
@@ -55,7 +54,8 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, ApiError> {
         qnet_api::check_uuid(&r.uuid).map_err(|e| invalid(e.0))?;
-        let name = bounded_name(r.name.as_str());
+        // A GuestRef: at most MAX_GUEST_NAME bytes, no control characters.
+        let name = r.name.as_str().to_owned();
         let process = r
             .pid
             .map(|pid| {

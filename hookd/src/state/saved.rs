@@ -308,6 +308,8 @@ impl From<&Guest> for SavedGuest {
 }
 
 impl From<SavedGuest> for Guest {
+    /// Name and UUID are made safe as they are where QMP gives them (a
+    /// record of an older daemon may hold what it did not check).
     fn from(g: SavedGuest) -> Self {
         Guest {
             process: Process {
@@ -315,8 +317,8 @@ impl From<SavedGuest> for Guest {
                 start_time: g.start_time,
             },
             uid: g.uid,
-            name: g.name,
-            uuid: g.uuid,
+            name: g.name.as_deref().map(qnet_api::kept_text),
+            uuid: g.uuid.filter(|u| qnet_api::check_uuid(u).is_ok()),
             qmp_server: g.qmp_server,
             nics: g.nics.into_iter().map(Nic::from).collect(),
         }
