@@ -109,6 +109,55 @@ macro_rules! string_newtype {
     };
 }
 
+/// Longest guest name (`-name`, a libvirt domain name) the daemon keeps.
+pub const MAX_GUEST_NAME: usize = 255;
+
+/// A string a peer gave (a QEMU's `-name`, anything else a QMP peer says)
+/// as qnet keeps and shows it: each control character replaced by U+FFFD,
+/// and cut to at most [`MAX_GUEST_NAME`] bytes on a character boundary.
+/// Whatever is kept lives in every guest record, state file and `guests`
+/// reply, and is printed in root's terminal by `qnetctl guests`: a peer
+/// may send megabytes, or escape sequences that rewrite the terminal.
+pub fn kept_text(text: &str) -> String {
+    let mut kept = String::new();
+    for c in text.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        // The replacement is 3 bytes: the bound is on what is kept.
+        if kept.len() + c.len_utf8() > MAX_GUEST_NAME {
+            break;
+        }
+        kept.push(c);
+    }
+    kept
+}
+
+/// A guest's name as qnet keeps it (QEMU's `-name`, a libvirt domain's
+/// name): [`kept_text`] of what its peer said. Made, never refused, since a
+/// guest is followed whatever it is called; parsing cannot fail either.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestName(String);
+
+impl GuestName {
+    /// `text` made safe to keep and show.
+    pub fn kept(text: &str) -> GuestName {
+        GuestName(kept_text(text))
+    }
+}
+
+impl FromStr for GuestName {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<GuestName, Self::Err> {
+        Ok(GuestName::kept(text))
+    }
+}
+
+string_newtype!(GuestName);
+
 /// A guest NIC's MAC address: unicast, printed lower-case as
 /// `52:54:00:12:34:56` (as QEMU, libvirt and dnsmasq write it). Parses
 /// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabb.ccdd.eeff`, in
@@ -451,6 +500,31 @@ pub use qnet_hostnet::protocol::one_line;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_name_is_made_safe_never_refused() {
+        let name: GuestName = "web\u{1b}[2J".parse().unwrap();
+        assert_eq!(name, "web\u{fffd}[2J");
+        let read: GuestName = serde_json::from_str("\"a\\nb\"").unwrap();
+        assert_eq!(read.as_str(), "a\u{fffd}b");
+        assert_eq!(serde_json::to_string(&read).unwrap(), "\"a\u{fffd}b\"");
+    }
+
+    #[test]
+    fn kept_text_is_bounded_and_has_no_control_characters() {
+        assert_eq!(kept_text("web-1 ü"), "web-1 ü");
+        assert_eq!(
+            kept_text("a\u{1b}[2Jb\nc\u{7f}"),
+            "a\u{fffd}[2Jb\u{fffd}c\u{fffd}"
+        );
+        let long = "é".repeat(MAX_GUEST_NAME);
+        let cut = kept_text(&long);
+        assert!(cut.len() <= MAX_GUEST_NAME && cut.len() >= MAX_GUEST_NAME - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        let escapes = kept_text(&"\u{1b}".repeat(MAX_GUEST_NAME));
+        assert!(escapes.len() <= MAX_GUEST_NAME && escapes.len() >= MAX_GUEST_NAME - 2);
+        assert!(escapes.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+    }
 
     #[test]
     fn macs_parse_in_every_spelling_and_print_lower_case() {

@@ -25,8 +25,7 @@ pub const DEFAULT_CTL_SOCKET: &str = "/run/qnet/ctl.sock";
 pub const DEFAULT_QMP_SOCKET: &str = "/run/qnet/qmp.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Longest guest name (`-name`, a libvirt domain name) the daemon keeps.
-pub const MAX_GUEST_NAME: usize = 255;
+pub use crate::types::{kept_text, MAX_GUEST_NAME};
 
 /// How a network reaches the outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,29 +128,6 @@ impl<'de> Deserialize<'de> for GuestRef {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
     }
-}
-
-/// A string a peer gave (a QEMU's `-name`, anything else a QMP peer says)
-/// as qnet keeps and shows it: each control character replaced by U+FFFD,
-/// and cut to at most [`MAX_GUEST_NAME`] bytes on a character boundary.
-/// Whatever is kept lives in every guest record, state file and `guests`
-/// reply, and is printed in root's terminal by `qnetctl guests`: a peer
-/// may send megabytes, or escape sequences that rewrite the terminal.
-pub fn kept_text(text: &str) -> String {
-    let mut kept = String::new();
-    for c in text.chars() {
-        let c = if c.is_control() {
-            char::REPLACEMENT_CHARACTER
-        } else {
-            c
-        };
-        // The replacement is 3 bytes: the bound is on what is kept.
-        if kept.len() + c.len_utf8() > MAX_GUEST_NAME {
-            break;
-        }
-        kept.push(c);
-    }
-    kept
 }
 
 /// A libvirt domain UUID as libvirt writes it: hex digits and `-`, at
@@ -666,22 +642,6 @@ mod tests {
             let line = format!(r#"{{"op":"guest-stop","guest":"web1","powerdown":{secs}}}"#);
             assert!(Request::from_line(&line).is_err(), "{secs}");
         }
-    }
-
-    #[test]
-    fn kept_text_is_bounded_and_has_no_control_characters() {
-        assert_eq!(kept_text("web-1 ü"), "web-1 ü");
-        assert_eq!(
-            kept_text("a\u{1b}[2Jb\nc\u{7f}"),
-            "a\u{fffd}[2Jb\u{fffd}c\u{fffd}"
-        );
-        let long = "é".repeat(MAX_GUEST_NAME);
-        let cut = kept_text(&long);
-        assert!(cut.len() <= MAX_GUEST_NAME && cut.len() >= MAX_GUEST_NAME - 1);
-        assert!(cut.chars().all(|c| c == 'é'));
-        let escapes = kept_text(&"\u{1b}".repeat(MAX_GUEST_NAME));
-        assert!(escapes.len() <= MAX_GUEST_NAME && escapes.len() >= MAX_GUEST_NAME - 2);
-        assert!(escapes.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
     }
 
     #[test]

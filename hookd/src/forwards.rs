@@ -112,6 +112,7 @@ pub fn desired<'a>(
 mod tests {
     use super::*;
     use crate::state::NicNetwork;
+    use qnet_api::GuestName;
     use std::net::Ipv4Addr;
 
     use crate::procfs::Process;
@@ -133,7 +134,7 @@ mod tests {
                 start_time: 1,
             },
             uid: 0,
-            name: Some(name.into()),
+            name: Some(GuestName::kept(name)),
             uuid: None,
             qmp_server: None,
             nics: vec![Nic {

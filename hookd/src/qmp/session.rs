@@ -23,7 +23,7 @@ use super::types::{
     Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, SessionOptions,
     DEFAULT_TIMEOUT,
 };
-use qnet_api::{check_uuid, kept_text, Mac};
+use qnet_api::{check_uuid, kept_text, GuestName, Mac};
 
 /// Connects to a QEMU listening on `path` (`-qmp unix:PATH,server=on`),
 /// within [`DEFAULT_TIMEOUT`].
@@ -278,7 +278,7 @@ impl QmpSession {
         // UUID must look like one, before anything holds them.
         let uuid = Some(uuid.UUID).filter(|u| !is_nil_uuid(u) && check_uuid(u).is_ok());
         Ok(GuestInfo {
-            name: name.name.as_deref().map(kept_text),
+            name: name.name.as_deref().map(GuestName::kept),
             uuid,
             status: status.status,
             running: status.running,

@@ -4,7 +4,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qnet_api::Mac;
+use qnet_api::{GuestName, Mac};
 
 /// Default bound on every wait for the peer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,8 +60,8 @@ pub struct Greeting {
 /// What [`QmpSession::query_info`] learns about a guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestInfo {
-    /// `-name`, if given.
-    pub name: Option<String>,
+    /// `-name`, if given, made safe ([`qnet_api::kept_text`]).
+    pub name: Option<GuestName>,
     /// `-uuid`, if given (QEMU reports the nil UUID when it was not; that
     /// is mapped to `None`).
     pub uuid: Option<String>,

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use qnet_api::{
-    ApiError, DnsLabel, ForwardSpec, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName, Reply,
+    ApiError, DnsLabel, ForwardSpec, GuestName, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName,
+    Reply,
 };
 
 use super::networks::done;
@@ -54,7 +55,6 @@ impl Reconciler {
         peer: Peer,
     ) -> Result<Reply, ApiError> {
         qnet_api::check_uuid(&r.uuid).map_err(|e| invalid(e.0))?;
-        // A GuestRef: at most MAX_GUEST_NAME bytes, no control characters.
         let name = r.name.as_str().to_owned();
         let process = r
             .pid
@@ -313,7 +313,8 @@ impl Reconciler {
             Guest {
                 process,
                 uid: procfs::uid_of(pid).unwrap_or(0),
-                name: Some(name.to_owned()),
+                // A GuestRef already: no control characters, 255 bytes.
+                name: Some(GuestName::kept(name)),
                 uuid: Some(uuid.to_owned()),
                 qmp_server: None,
                 nics,

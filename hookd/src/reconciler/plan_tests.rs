@@ -1,7 +1,7 @@
 use crate::state::NicNetwork;
 use std::net::Ipv4Addr;
 
-use qnet_api::{PortMap, Proto};
+use qnet_api::{GuestName, PortMap, Proto};
 
 use super::*;
 use crate::config::Config;
@@ -91,7 +91,7 @@ fn guest(name: &str, n: u8, ip: [u8; 4]) -> Guest {
             start_time: 1,
         },
         uid: 1000,
-        name: Some(name.into()),
+        name: Some(GuestName::kept(name)),
         uuid: None,
         qmp_server: None,
         nics: vec![Nic {

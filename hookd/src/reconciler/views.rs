@@ -93,7 +93,7 @@ impl Reconciler {
 
 fn guest_status(g: &Guest) -> GuestStatus {
     GuestStatus {
-        name: g.name.clone(),
+        name: g.name.as_ref().map(ToString::to_string),
         uuid: g.uuid.clone(),
         pid: g.process.pid,
         uid: g.uid,

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use qnet_api::{DnsLabel, ForwardSpec, IfName, Mac, NetName};
+use qnet_api::{DnsLabel, ForwardSpec, GuestName, IfName, Mac, NetName};
 
 use crate::config::NetworkConfig;
 use crate::procfs::Process;
@@ -91,8 +91,8 @@ pub struct Guest {
     /// mistaken for the guest.
     pub process: Process,
     pub uid: u32,
-    /// `-name`, at most [`qnet_api::MAX_GUEST_NAME`] bytes.
-    pub name: Option<String>,
+    /// `-name` (or the libvirt domain's name).
+    pub name: Option<GuestName>,
     pub uuid: Option<String>,
     /// The QMP server socket, when the daemon dialed it.
     pub qmp_server: Option<PathBuf>,

@@ -27,7 +27,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use qnet_api::{DnsLabel, DomainName, ForwardSpec, IfName, Mac, Mode, NetName};
+use qnet_api::{DnsLabel, DomainName, ForwardSpec, GuestName, IfName, Mac, Mode, NetName};
 use serde::{Deserialize, Serialize};
 
 use super::{Forward, Guest, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation};
@@ -299,7 +299,7 @@ impl From<&Guest> for SavedGuest {
             pid: g.process.pid,
             start_time: g.process.start_time,
             uid: g.uid,
-            name: g.name.clone(),
+            name: g.name.as_ref().map(ToString::to_string),
             uuid: g.uuid.clone(),
             qmp_server: g.qmp_server.clone(),
             nics: g.nics.iter().map(SavedNic::from).collect(),
@@ -317,7 +317,7 @@ impl From<SavedGuest> for Guest {
                 start_time: g.start_time,
             },
             uid: g.uid,
-            name: g.name.as_deref().map(qnet_api::kept_text),
+            name: g.name.as_deref().map(GuestName::kept),
             uuid: g.uuid.filter(|u| qnet_api::check_uuid(u).is_ok()),
             qmp_server: g.qmp_server,
             nics: g.nics.into_iter().map(Nic::from).collect(),

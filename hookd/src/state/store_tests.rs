@@ -1,5 +1,7 @@
 use std::net::Ipv4Addr;
 
+use qnet_api::GuestName;
+
 use super::*;
 use crate::procfs::Process;
 use crate::state::journal;
@@ -39,7 +41,7 @@ fn guest(pid: u32) -> Guest {
     Guest {
         process: Process { pid, start_time: 1 },
         uid: 0,
-        name: Some("web".into()),
+        name: Some(GuestName::kept("web")),
         uuid: None,
         qmp_server: None,
         nics: vec![Nic {
