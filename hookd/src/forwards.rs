@@ -47,7 +47,7 @@ pub fn rules_for(
         return rules;
     };
     let v6 = net
-        .and_then(|n| n.addressing.as_ref()?.ipv6)
+        .and_then(NetworkConfig::ipv6)
         .map(|ipv6| slaac_address(ipv6.subnet.network(), nic.mac));
     for (host_port, guest_port) in spec.ports.pairs() {
         let mut push = |host_addr: Option<IpAddr>, guest_addr: IpAddr| {

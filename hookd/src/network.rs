@@ -256,8 +256,7 @@ pub async fn bring_up(net: &NetworkConfig) -> Result<(), NetworkError> {
     }
     if matches!(net.mode, Mode::Nat | Mode::Routed) {
         enable_sysctl("/proc/sys/net/ipv4/ip_forward")?;
-        let ipv6 = net.addressing.as_ref().is_some_and(|a| a.ipv6.is_some());
-        if ipv6 && enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")? {
+        if net.ipv6().is_some() && enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")? {
             warn_about_accept_ra(name);
         }
     }

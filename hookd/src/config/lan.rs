@@ -34,11 +34,6 @@ impl NetworkConfig {
     pub fn own_mut(&mut self) -> &mut Addressing {
         self.addressing.as_mut().expect("a network with addressing")
     }
-
-    /// Its links to other networks (`connect-to`): none for a LAN network.
-    pub fn connect_to(&self) -> &[Link] {
-        self.addressing.as_ref().map_or(&[], |a| &a.connect_to)
-    }
 }
 
 /// The keys a LAN network refuses, in the order they are reported.

@@ -194,6 +194,23 @@ pub struct Addressing {
     pub connect_to: Vec<Link>,
 }
 
+/// The parts of its [`Addressing`] that code asks of any network, each
+/// `None` (or empty) for a LAN network.
+impl NetworkConfig {
+    pub fn subnet(&self) -> Option<Ipv4Net> {
+        self.addressing.as_ref().map(|a| a.subnet)
+    }
+
+    pub fn ipv6(&self) -> Option<Ipv6Config> {
+        self.addressing.as_ref().and_then(|a| a.ipv6)
+    }
+
+    /// Its links to other networks (`connect-to`).
+    pub fn connect_to(&self) -> &[Link] {
+        self.addressing.as_ref().map_or(&[], |a| &a.connect_to)
+    }
+}
+
 impl Addressing {
     /// Whether `ip` is in the network's IPv4 subnet or its IPv6 one.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -473,7 +490,7 @@ pub fn lan_forward(network: &str) -> String {
 /// (LAN networks have no subnet of their own).
 pub fn check_overlaps(networks: &[NetworkConfig]) -> Result<(), (usize, String)> {
     let subnets: Vec<(usize, &NetName, Ipv4Net)> = (networks.iter().enumerate())
-        .filter_map(|(i, n)| Some((i, &n.name, n.addressing.as_ref()?.subnet)))
+        .filter_map(|(i, n)| Some((i, &n.name, n.subnet()?)))
         .collect();
     for (k, (_, name, a)) in subnets.iter().enumerate() {
         for (j, _, b) in &subnets[k + 1..] {

@@ -147,9 +147,9 @@ pub struct DnsmasqHandle {
     names_follow_files: bool,
 }
 
-/// Writes `net`'s files (`own`: its addressing) and starts its dnsmasq under supervision. Must be
-/// called within a tokio runtime; returns at once (see
-/// [`DnsmasqHandle::wait_ready`]).
+/// Writes `net`'s files (`own`: its addressing) and starts its dnsmasq
+/// under supervision. Must be called within a tokio runtime; returns at
+/// once (see [`DnsmasqHandle::wait_ready`]).
 ///
 /// A dnsmasq left by a previous daemon (its pid file names a live process
 /// whose command line has our `--conf-file=`) is terminated first; its

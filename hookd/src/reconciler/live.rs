@@ -187,11 +187,12 @@ impl Reconciler {
     /// A subnet that moves under reservations or running guests would
     /// leave them with addresses of the old one: only with `force`.
     fn refuse_moving_subnets(&self, diff: &NetworkDiff) -> Result<(), ApiError> {
-        let subnet = |n: &NetworkConfig| (n.addressing.as_ref()).map(|a| a.subnet);
-        let shown =
-            |n: &NetworkConfig| subnet(n).map_or_else(|| "the LAN".into(), |s| s.to_string());
+        let shown = |n: &NetworkConfig| {
+            n.subnet()
+                .map_or_else(|| "the LAN".into(), |s| s.to_string())
+        };
         for (old, new, _) in &diff.changed {
-            if subnet(old) == subnet(new) {
+            if old.subnet() == new.subnet() {
                 continue;
             }
             let reservations = self
@@ -269,7 +270,7 @@ impl Reconciler {
         change: Change,
     ) -> Result<(), crate::error::DaemonError> {
         let name = new.name.clone();
-        self.drop_reservations_outside(&name, new.addressing.as_ref().map(|a| a.subnet));
+        self.drop_reservations_outside(&name, new.subnet());
         let Some(runtime) = self.networks.get_mut(&name) else {
             return Ok(());
         };

@@ -81,7 +81,7 @@ impl Reconciler {
         force: bool,
         peer: Peer,
     ) -> Result<Reply, ApiError> {
-        let current = (self.network_for(&name, peer)?.config.addressing.as_ref()).map(|a| a.subnet);
+        let current = self.network_for(&name, peer)?.config.subnet();
         let file = self.runtime_file(&name, "edit")?;
         let mut table: toml::Table = toml::from_str(&file.text)
             .map_err(|e| invalid(format!("{}: {}", file.path.display(), e.message())))?;
@@ -262,11 +262,12 @@ impl Reconciler {
             .await
             .map_err(|e| failed(format!("picking a subnet: {e}")))?;
         for n in self.networks.values() {
-            let Some(own) = n.config.addressing.as_ref() else {
+            // A LAN network has no subnet of its own to avoid.
+            let Some(taken) = n.config.subnet() else {
                 continue;
             };
-            if Some(own.subnet) != current {
-                used.push(subnet::Occupied::configured(&n.config.name, own.subnet));
+            if Some(taken) != current {
+                used.push(subnet::Occupied::configured(&n.config.name, taken));
             }
         }
         let picked = match owner {

@@ -33,9 +33,7 @@ impl Reconciler {
                 },
                 // The wire says 0.0.0.0 for a LAN network (see NetworkStatus).
                 router: (n.config.addressing.as_ref()).map_or(Ipv4Addr::UNSPECIFIED, |a| a.router),
-                ipv6: (n.config.addressing.as_ref())
-                    .and_then(|a| a.ipv6)
-                    .map(|v6| v6.subnet.to_string()),
+                ipv6: n.config.ipv6().map(|v6| v6.subnet.to_string()),
                 up: n.up,
                 degraded: n.dnsmasq.as_ref().and_then(|d| d.degraded()),
                 guests: self.state.guests_on(&n.config.name),

@@ -96,9 +96,9 @@ impl From<&NetworkConfig> for SavedNetwork {
             domain: own.map_or_else(lan_domain, |a| Some(a.domain.clone())),
             uplink: net.uplink.clone(),
             blocked_ports: own.map_or_else(Vec::new, |a| a.blocked_ports.clone()),
-            ipv6: own.and_then(|a| a.ipv6),
+            ipv6: net.ipv6(),
             owner: net.owner,
-            connect_to: own.map_or_else(Vec::new, |a| a.connect_to.clone()),
+            connect_to: net.connect_to().to_vec(),
         }
     }
 }

@@ -76,7 +76,7 @@ impl Opened {
             bridge: net.bridge.clone(),
             mode: net.mode,
             // A LAN bridge passes the LAN's IPv6 whatever qnet configures.
-            ipv6: net.addressing.as_ref().is_none_or(|a| a.ipv6.is_some()),
+            ipv6: net.is_lan() || net.ipv6().is_some(),
         }
     }
 }
