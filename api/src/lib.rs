@@ -14,5 +14,7 @@ pub mod types;
 pub mod wire;
 
 pub use reply::*;
-pub use types::{DnsLabel, DomainName, GuestName, IfName, Invalid, Mac, NetName, PortMap, Proto};
+pub use types::{
+    DnsLabel, DomainName, GuestName, GuestUuid, IfName, Invalid, Mac, NetName, PortMap, Proto,
+};
 pub use wire::*;

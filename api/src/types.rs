@@ -158,6 +158,31 @@ impl FromStr for GuestName {
 
 string_newtype!(GuestName);
 
+/// A guest's UUID as QEMU (`query-uuid`) and libvirt (`<uuid>`) write it:
+/// hex digits and `-`, at most 64 bytes. Unlike a name it is refused when
+/// it is anything else: it keys reservations and forwards, and ends up in
+/// saved state and logs.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestUuid(String);
+
+impl FromStr for GuestUuid {
+    type Err = Invalid;
+
+    fn from_str(text: &str) -> Result<GuestUuid, Invalid> {
+        let ok = !text.is_empty()
+            && text.len() <= 64
+            && text.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        Invalid::unless(
+            ok,
+            text,
+            "is not a UUID such as 4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
+        )?;
+        Ok(GuestUuid(text.to_owned()))
+    }
+}
+
+string_newtype!(GuestUuid);
+
 /// A guest NIC's MAC address: unicast, printed lower-case as
 /// `52:54:00:12:34:56` (as QEMU, libvirt and dnsmasq write it). Parses
 /// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabb.ccdd.eeff`, in
@@ -508,6 +533,20 @@ mod tests {
         let read: GuestName = serde_json::from_str("\"a\\nb\"").unwrap();
         assert_eq!(read.as_str(), "a\u{fffd}b");
         assert_eq!(serde_json::to_string(&read).unwrap(), "\"a\u{fffd}b\"");
+    }
+
+    #[test]
+    fn uuids_are_bounded() {
+        let uuid = |text: &str| text.parse::<GuestUuid>();
+        assert!(uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa0").is_ok());
+        assert!(uuid("").is_err());
+        assert!(uuid("../../etc").is_err());
+        assert!(uuid(&"a".repeat(65)).is_err());
+        let refused = serde_json::from_str::<GuestUuid>("\"\\u001b[2J\"").unwrap_err();
+        assert!(
+            refused.to_string().contains("is not a UUID such as"),
+            "{refused}"
+        );
     }
 
     #[test]

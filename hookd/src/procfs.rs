@@ -16,7 +16,7 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// A process, named so that it stays the same one: a recycled pid has
 /// another start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Process {
     pub pid: u32,
     /// Clock ticks since boot (see [`start_time`]).

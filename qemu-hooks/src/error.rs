@@ -71,6 +71,8 @@ pub enum HookError {
     Xml(#[from] XmlError),
     #[error("domain name: {0}")]
     DomainName(Invalid),
+    #[error("domain UUID: {0}")]
+    DomainUuid(Invalid),
     /// hookd is not running, and the domain asks for qnet.
     #[error("the domain's XML asks for qnet (qnet metadata), but {0}")]
     HookdNeeded(ClientError),

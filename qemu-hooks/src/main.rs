@@ -66,8 +66,9 @@ fn main() -> ExitCode {
             let uuid = match read
                 .map_err(HookError::ReadXml)
                 .and_then(|_| parse_domain_bytes(&input).map_err(HookError::from))
+                .and_then(|domain| domain.uuid.parse().map_err(HookError::DomainUuid))
             {
-                Ok(domain) => domain.uuid,
+                Ok(uuid) => uuid,
                 Err(e) => {
                     let _ = fail(e);
                     return ExitCode::SUCCESS;
@@ -130,9 +131,13 @@ fn register(
         Ok(name) => name,
         Err(e) => return fail(HookError::DomainName(e)),
     };
+    let uuid = match domain.uuid.parse() {
+        Ok(uuid) => uuid,
+        Err(e) => return fail(HookError::DomainUuid(e)),
+    };
     let request = Request::GuestRegister {
         name,
-        uuid: domain.uuid.clone(),
+        uuid,
         nics,
         forwards: domain.forwards.clone(),
         pid,

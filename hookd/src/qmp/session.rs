@@ -23,7 +23,7 @@ use super::types::{
     Greeting, GuestIdentity, GuestInfo, GuestStatus, NicInfo, QmpError, SessionOptions,
     DEFAULT_TIMEOUT,
 };
-use qnet_api::{check_uuid, kept_text, GuestName, Mac};
+use qnet_api::{kept_text, GuestName, GuestUuid, Mac};
 
 /// Connects to a QEMU listening on `path` (`-qmp unix:PATH,server=on`),
 /// within [`DEFAULT_TIMEOUT`].
@@ -276,7 +276,9 @@ impl QmpSession {
         // Everything kept of the peer's strings is made safe here, at the
         // edge: a `-name` of megabytes is cut, control characters go, and a
         // UUID must look like one, before anything holds them.
-        let uuid = Some(uuid.UUID).filter(|u| !is_nil_uuid(u) && check_uuid(u).is_ok());
+        let uuid = Some(uuid.UUID)
+            .filter(|u| !is_nil_uuid(u))
+            .and_then(|u| u.parse::<GuestUuid>().ok());
         Ok(GuestInfo {
             name: name.name.as_deref().map(GuestName::kept),
             uuid,

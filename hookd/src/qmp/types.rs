@@ -4,7 +4,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qnet_api::{GuestName, Mac};
+use qnet_api::{GuestName, GuestUuid, Mac};
 
 /// Default bound on every wait for the peer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,7 +64,7 @@ pub struct GuestInfo {
     pub name: Option<GuestName>,
     /// `-uuid`, if given (QEMU reports the nil UUID when it was not; that
     /// is mapped to `None`).
-    pub uuid: Option<String>,
+    pub uuid: Option<GuestUuid>,
     /// QEMU's run state, e.g. `"prelaunch"`, `"running"`, `"paused"`,
     /// `"shutdown"`, `"guest-panicked"`.
     pub status: String,

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use qnet_api::{ApiError, ForwardInfo, ForwardSpec, Proto, Reply};
+use qnet_api::{ApiError, ForwardInfo, ForwardSpec, GuestUuid, Proto, Reply};
 
 use super::networks::done;
 use super::{plan, Peer, Reconciler};
@@ -27,7 +27,7 @@ pub(super) struct Declared<'a> {
     /// Who added it at run time; `None` for hookd.toml's.
     pub owner_uid: Option<u32>,
     /// The UUID of the libvirt domain that declares it.
-    pub libvirt: Option<&'a str>,
+    pub libvirt: Option<&'a GuestUuid>,
 }
 
 impl Reconciler {
@@ -47,7 +47,7 @@ impl Reconciler {
                 "runtime"
             },
             owner_uid: Some(f.owner_uid),
-            libvirt: f.libvirt.as_deref(),
+            libvirt: f.libvirt.as_ref(),
         });
         config.chain(runtime)
     }

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use qnet_api::{
-    ApiError, DnsLabel, ForwardSpec, GuestName, GuestRef, LibvirtNetwork, LibvirtNic, Mac, NetName,
-    Reply,
+    ApiError, DnsLabel, ForwardSpec, GuestName, GuestRef, GuestUuid, LibvirtNetwork, LibvirtNic,
+    Mac, NetName, Reply,
 };
 
 use super::networks::done;
@@ -18,7 +18,9 @@ use crate::follow;
 use crate::libvirt::{self, LeaseUpdate};
 use crate::procfs::{self, Process};
 use crate::state::alloc::{self, AutoRequest, ReservationTable as _};
-use crate::state::{self, Forward, Guest, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation};
+use crate::state::{
+    self, Forward, Guest, GuestKey, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation,
+};
 
 /// Where a libvirt guest's NIC is.
 enum Place {
@@ -33,7 +35,7 @@ enum Place {
 /// A registration, checked as a whole before anything changes.
 pub(super) struct Registration {
     pub name: GuestRef,
-    pub uuid: String,
+    pub uuid: GuestUuid,
     pub nics: Vec<LibvirtNic>,
     pub forwards: Vec<ForwardSpec>,
     pub pid: Option<u32>,
@@ -54,7 +56,6 @@ impl Reconciler {
         r: Registration,
         peer: Peer,
     ) -> Result<Reply, ApiError> {
-        qnet_api::check_uuid(&r.uuid).map_err(|e| invalid(e.0))?;
         let name = r.name.as_str().to_owned();
         let process = r
             .pid
@@ -98,7 +99,7 @@ impl Reconciler {
         }
         self.state
             .forwards
-            .retain(|f| f.libvirt.as_deref() != Some(r.uuid.as_str()));
+            .retain(|f| f.libvirt.as_ref() != Some(&r.uuid));
         let forward_count = r.forwards.len();
         for spec in r.forwards {
             self.state.forwards.push(Forward {
@@ -211,7 +212,7 @@ impl Reconciler {
     fn check_libvirt_forwards(
         &self,
         name: &str,
-        uuid: &str,
+        uuid: &GuestUuid,
         placed: &[(Place, &LibvirtNic)],
         specs: &[ForwardSpec],
     ) -> Result<(), ApiError> {
@@ -253,7 +254,7 @@ impl Reconciler {
         net: &NetName,
         nic: &LibvirtNic,
         label: &Option<DnsLabel>,
-        uuid: &str,
+        uuid: &GuestUuid,
         peer: Peer,
     ) -> Result<Ipv4Addr, ApiError> {
         let config = self.networks[net].config.clone();
@@ -279,7 +280,7 @@ impl Reconciler {
                     mac: nic.mac,
                     name: label.clone(),
                     owner: NicOwner {
-                        guest: format!("uuid:{uuid}"),
+                        guest: GuestKey::Uuid(uuid.clone()),
                         nic: nic.mac.to_string(),
                     },
                     uid: peer.uid,
@@ -298,7 +299,13 @@ impl Reconciler {
         }
     }
 
-    fn record_libvirt_guest(&mut self, process: Process, name: &str, uuid: &str, nics: Vec<Nic>) {
+    fn record_libvirt_guest(
+        &mut self,
+        process: Process,
+        name: &str,
+        uuid: &GuestUuid,
+        nics: Vec<Nic>,
+    ) {
         let pid = process.pid;
         let known = self
             .state
@@ -307,7 +314,7 @@ impl Reconciler {
             .is_some_and(|g| g.process == process);
         self.state
             .guests
-            .retain(|p, g| *p == pid || g.uuid.as_deref() != Some(uuid));
+            .retain(|p, g| *p == pid || g.uuid.as_ref() != Some(uuid));
         self.state.guests.insert(
             pid,
             Guest {
@@ -315,7 +322,7 @@ impl Reconciler {
                 uid: procfs::uid_of(pid).unwrap_or(0),
                 // A GuestRef already: no control characters, 255 bytes.
                 name: Some(GuestName::kept(name)),
-                uuid: Some(uuid.to_owned()),
+                uuid: Some(uuid.clone()),
                 qmp_server: None,
                 nics,
             },
@@ -370,16 +377,13 @@ impl Reconciler {
     /// Warns, once per guest and network, that forwards into a libvirt
     /// network whose own firewall rejects inbound connections work from
     /// the host only. We never edit libvirt's rules (they are not ours).
-    fn warn_libvirt_inbound(&mut self, name: &str, uuid: &str, nets: &[LibvirtNetwork]) {
+    fn warn_libvirt_inbound(&mut self, name: &str, uuid: &GuestUuid, nets: &[LibvirtNetwork]) {
         // Integrated, qnet accepts its forwards in libvirt's chain itself.
         if self.integration.global {
             return;
         }
         for lv in nets.iter().filter(|lv| !lv.admits_inbound()) {
-            if self
-                .libvirt_warned
-                .insert((uuid.to_string(), lv.name.clone()))
-            {
+            if self.libvirt_warned.insert((uuid.clone(), lv.name.clone())) {
                 let mode = lv.forward_mode.as_deref().unwrap_or("isolated");
                 tracing::warn!(
                     guest = %name,
@@ -489,29 +493,29 @@ impl Reconciler {
 
     /// The libvirt guest `uuid` stopped: its record and forwards go; its
     /// reservations stay (sticky).
-    pub(super) fn guest_unregister(&mut self, uuid: &str) -> Result<Reply, ApiError> {
+    pub(super) fn guest_unregister(&mut self, uuid: &GuestUuid) -> Result<Reply, ApiError> {
         let guests_before = self.state.guests.len();
         let forwards_before = self.state.forwards.len();
         let removed_guests: Vec<Guest> = self
             .state
             .guests
             .values()
-            .filter(|g| g.qmp_server.is_none() && g.uuid.as_deref() == Some(uuid))
+            .filter(|g| g.qmp_server.is_none() && g.uuid.as_ref() == Some(uuid))
             .cloned()
             .collect();
         let removed_forwards: Vec<Forward> = self
             .state
             .forwards
             .iter()
-            .filter(|f| f.libvirt.as_deref() == Some(uuid))
+            .filter(|f| f.libvirt.as_ref() == Some(uuid))
             .cloned()
             .collect();
         self.state
             .guests
-            .retain(|_, g| g.qmp_server.is_some() || g.uuid.as_deref() != Some(uuid));
+            .retain(|_, g| g.qmp_server.is_some() || g.uuid.as_ref() != Some(uuid));
         self.state
             .forwards
-            .retain(|f| f.libvirt.as_deref() != Some(uuid));
+            .retain(|f| f.libvirt.as_ref() != Some(uuid));
         self.commit(move |state| {
             for g in removed_guests {
                 state.guests.insert(g.process.pid, g);

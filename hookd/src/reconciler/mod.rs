@@ -43,7 +43,7 @@ mod views;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use qnet_api::{ApiError, ForwardSpec, NetName};
+use qnet_api::{ApiError, ForwardSpec, GuestUuid, NetName};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use input::{ConnId, GuestUp, Input, Peer};
@@ -135,7 +135,7 @@ pub struct Reconciler {
     /// The bridges whose libvirt lease files the watcher follows.
     lease_watch: watch::Sender<BTreeSet<String>>,
     /// (guest UUID, libvirt network) pairs already warned about.
-    libvirt_warned: BTreeSet<(String, String)>,
+    libvirt_warned: BTreeSet<(GuestUuid, String)>,
     dirty: Dirty,
     /// Saves are failing (logged once per streak).
     save_failing: bool,

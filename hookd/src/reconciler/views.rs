@@ -92,7 +92,7 @@ impl Reconciler {
 fn guest_status(g: &Guest) -> GuestStatus {
     GuestStatus {
         name: g.name.as_ref().map(ToString::to_string),
-        uuid: g.uuid.clone(),
+        uuid: g.uuid.as_ref().map(ToString::to_string),
         pid: g.process.pid,
         uid: g.uid,
         user: user_name(g.uid),

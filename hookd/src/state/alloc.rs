@@ -300,6 +300,8 @@ fn range_size(own: &Addressing) -> u32 {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::state::GuestKey;
+    use qnet_api::GuestName;
 
     /// A network whose DHCP range holds `size` addresses, and its empty
     /// reservation table.
@@ -351,7 +353,7 @@ mod tests {
             mac: mac(n),
             name: None,
             owner: NicOwner {
-                guest: guest.into(),
+                guest: GuestKey::Name(GuestName::kept(guest)),
                 nic: "net0".into(),
             },
             uid: 1000,

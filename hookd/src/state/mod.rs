@@ -16,11 +16,14 @@ pub mod store;
 mod tracked;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use ipnet::Ipv4Net;
-use qnet_api::{DnsLabel, ForwardSpec, GuestName, IfName, Mac, NetName};
+use qnet_api::types::preview;
+use qnet_api::{DnsLabel, ForwardSpec, GuestName, GuestUuid, IfName, Invalid, Mac, NetName};
 
 use crate::config::NetworkConfig;
 use crate::procfs::Process;
@@ -75,13 +78,59 @@ pub struct Reservation {
     pub last_seen: u64,
 }
 
-/// Which guest NIC an automatic reservation belongs to: the guest (its
-/// UUID, else its name, else its process) and QEMU's name for the NIC.
-/// A guest that changes its NIC's MAC keeps the same owner.
+/// Which guest NIC an automatic reservation belongs to: the guest and
+/// QEMU's name for the NIC (a libvirt NIC's MAC). A guest that changes its
+/// NIC's MAC keeps the same owner.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NicOwner {
-    pub guest: String,
+    pub guest: GuestKey,
     pub nic: String,
+}
+
+/// A guest as its automatic reservations name it: by its UUID, else its
+/// name, else its process. The first two outlive the process, so a guest
+/// started again finds its NICs' reservations; saved as `uuid:U`,
+/// `name:N` or `pid:P:T` (the start time).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GuestKey {
+    Uuid(GuestUuid),
+    Name(GuestName),
+    Process(Process),
+}
+
+impl fmt::Display for GuestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestKey::Uuid(uuid) => write!(f, "uuid:{uuid}"),
+            GuestKey::Name(name) => write!(f, "name:{name}"),
+            GuestKey::Process(p) => write!(f, "pid:{}:{}", p.pid, p.start_time),
+        }
+    }
+}
+
+impl FromStr for GuestKey {
+    type Err = Invalid;
+
+    fn from_str(text: &str) -> Result<GuestKey, Invalid> {
+        let process = |rest: &str| {
+            let (pid, start_time) = rest.split_once(':')?;
+            Some(Process {
+                pid: pid.parse().ok()?,
+                start_time: start_time.parse().ok()?,
+            })
+        };
+        match text.split_once(':') {
+            Some(("uuid", uuid)) => Ok(GuestKey::Uuid(uuid.parse()?)),
+            Some(("name", name)) => Ok(GuestKey::Name(GuestName::kept(name))),
+            Some(("pid", rest)) => process(rest)
+                .map(GuestKey::Process)
+                .ok_or_else(|| Invalid(format!("`{}` is not PID:START-TIME", preview(rest)))),
+            _ => Err(Invalid(format!(
+                "`{}` is not a guest key (uuid:U, name:N or pid:P:T)",
+                preview(text)
+            ))),
+        }
+    }
 }
 
 /// A QEMU process the daemon follows.
@@ -93,7 +142,7 @@ pub struct Guest {
     pub uid: u32,
     /// `-name` (or the libvirt domain's name).
     pub name: Option<GuestName>,
-    pub uuid: Option<String>,
+    pub uuid: Option<GuestUuid>,
     /// The QMP server socket, when the daemon dialed it.
     pub qmp_server: Option<PathBuf>,
     pub nics: Vec<Nic>,
@@ -105,12 +154,12 @@ impl Guest {
         self.process.is_running()
     }
 
-    /// The owner key of this guest's automatic reservations.
-    pub fn owner_key(&self) -> String {
+    /// The key of this guest's automatic reservations.
+    pub fn owner_key(&self) -> GuestKey {
         match (&self.uuid, &self.name) {
-            (Some(uuid), _) => format!("uuid:{uuid}"),
-            (None, Some(name)) => format!("name:{name}"),
-            (None, None) => format!("pid:{}:{}", self.process.pid, self.process.start_time),
+            (Some(uuid), _) => GuestKey::Uuid(uuid.clone()),
+            (None, Some(name)) => GuestKey::Name(name.clone()),
+            (None, None) => GuestKey::Process(self.process),
         }
     }
 }
@@ -182,7 +231,7 @@ pub struct Forward {
     pub owner_uid: u32,
     /// The UUID of the libvirt domain whose XML declares it (the libvirt
     /// hook): removed when that guest unregisters.
-    pub libvirt: Option<String>,
+    pub libvirt: Option<GuestUuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

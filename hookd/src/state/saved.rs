@@ -27,7 +27,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use qnet_api::{DnsLabel, DomainName, ForwardSpec, GuestName, IfName, Mac, Mode, NetName};
+use qnet_api::{
+    DnsLabel, DomainName, ForwardSpec, GuestName, GuestUuid, IfName, Mac, Mode, NetName,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Forward, Guest, LibvirtAddress, Nic, NicNetwork, NicOwner, Reservation};
@@ -244,7 +246,7 @@ impl From<&Reservation> for SavedReservation {
             explicit: r.explicit,
             owner_uid: r.owner_uid,
             nic: r.nic.as_ref().map(|o| SavedNicOwner {
-                guest: o.guest.clone(),
+                guest: o.guest.to_string(),
                 nic: o.nic.clone(),
             }),
             last_seen: r.last_seen,
@@ -253,15 +255,20 @@ impl From<&Reservation> for SavedReservation {
 }
 
 impl From<SavedReservation> for Reservation {
+    /// An owner whose guest key does not read (a record edited by hand)
+    /// is dropped: the reservation stays, owned by no NIC, as an older
+    /// daemon's automatic ones are.
     fn from(r: SavedReservation) -> Self {
         Reservation {
             ip: r.ip,
             name: r.name,
             explicit: r.explicit,
             owner_uid: r.owner_uid,
-            nic: r.nic.map(|o| NicOwner {
-                guest: o.guest,
-                nic: o.nic,
+            nic: r.nic.and_then(|o| {
+                Some(NicOwner {
+                    guest: o.guest.parse().ok()?,
+                    nic: o.nic,
+                })
             }),
             last_seen: r.last_seen,
         }
@@ -300,7 +307,7 @@ impl From<&Guest> for SavedGuest {
             start_time: g.process.start_time,
             uid: g.uid,
             name: g.name.as_ref().map(ToString::to_string),
-            uuid: g.uuid.clone(),
+            uuid: g.uuid.as_ref().map(ToString::to_string),
             qmp_server: g.qmp_server.clone(),
             nics: g.nics.iter().map(SavedNic::from).collect(),
         }
@@ -318,7 +325,7 @@ impl From<SavedGuest> for Guest {
             },
             uid: g.uid,
             name: g.name.as_deref().map(GuestName::kept),
-            uuid: g.uuid.filter(|u| qnet_api::check_uuid(u).is_ok()),
+            uuid: g.uuid.and_then(|u| u.parse().ok()),
             qmp_server: g.qmp_server,
             nics: g.nics.into_iter().map(Nic::from).collect(),
         }
@@ -364,7 +371,7 @@ pub struct SavedForward {
     pub spec: ForwardSpec,
     pub owner_uid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub libvirt: Option<String>,
+    pub libvirt: Option<GuestUuid>,
 }
 
 impl From<&Forward> for SavedForward {

@@ -1,12 +1,12 @@
 use std::net::Ipv4Addr;
 
-use qnet_api::GuestName;
+use qnet_api::{GuestName, GuestUuid};
 
 use super::*;
 use crate::procfs::Process;
 use crate::state::journal;
 use crate::state::saved::SavedReservation;
-use crate::state::{LibvirtAddress, Nic, NicNetwork, NicOwner};
+use crate::state::{GuestKey, LibvirtAddress, Nic, NicNetwork, NicOwner};
 
 fn reservation(ip: [u8; 4]) -> Reservation {
     Reservation {
@@ -15,7 +15,7 @@ fn reservation(ip: [u8; 4]) -> Reservation {
         explicit: false,
         owner_uid: Some(1000),
         nic: Some(NicOwner {
-            guest: "name:a".into(),
+            guest: "name:a".parse().unwrap(),
             nic: "net0".into(),
         }),
         last_seen: 7,
@@ -566,4 +566,44 @@ fn a_nics_network_is_saved_flat_and_a_bad_qnet_name_loads_as_none() {
     }))
     .unwrap();
     assert_eq!(Nic::from(odd).network, None);
+}
+
+#[test]
+fn a_reservations_owner_is_saved_as_earlier_daemons_wrote_it() {
+    let uuid: GuestUuid = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0".parse().unwrap();
+    let process = Process {
+        pid: 42,
+        start_time: 9,
+    };
+    for (key, saved) in [
+        (
+            GuestKey::Uuid(uuid),
+            "uuid:4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
+        ),
+        (GuestKey::Name(GuestName::kept("web:1")), "name:web:1"),
+        (GuestKey::Process(process), "pid:42:9"),
+    ] {
+        let mut owned = reservation([10, 0, 0, 2]);
+        owned.nic = Some(NicOwner {
+            guest: key.clone(),
+            nic: "net0".into(),
+        });
+        let record = saved::SavedReservation::from(&owned);
+        assert_eq!(record.nic.as_ref().map(|o| o.guest.as_str()), Some(saved));
+        assert_eq!(Reservation::from(record), owned);
+    }
+    // An owner edited by hand: the reservation stays, owned by no NIC.
+    for odd in ["uuid:../etc", "pid:42", "pid:x:9", "web", "mac:52"] {
+        let record: saved::SavedReservation = serde_json::from_value(serde_json::json!({
+            "ip": "10.0.0.2", "name": null, "explicit": false,
+            "nic": {"guest": odd, "nic": "net0"}
+        }))
+        .unwrap();
+        let loaded = Reservation::from(record);
+        assert_eq!(
+            (loaded.ip, loaded.nic),
+            (Ipv4Addr::new(10, 0, 0, 2), None),
+            "{odd}"
+        );
+    }
 }
