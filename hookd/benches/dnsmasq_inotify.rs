@@ -14,7 +14,9 @@
 //! - `both`: both (a new guest with a name);
 //! - `lease`: nothing of qnet's (its reservation was there from the
 //!   start); it takes its lease, as a booting guest does, with busybox
-//!   `udhcpc` from a namespace plugged into the bridge.
+//!   `udhcpc` from a namespace plugged into the bridge;
+//! - `SIGHUP`: nothing; dnsmasq is sent a SIGHUP, as it is for a
+//!   reservation that changes or goes (a row is then per SIGHUP).
 //!
 //! Printed: dnsmasq's CPU time over those 200 (`/proc/PID/schedstat`, in
 //! nanoseconds), per guest. Waiting for dnsmasq to be done with each guest
@@ -38,6 +40,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{network, own, own_mut, plug_guest, NetNs};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use qnet_hookd::api::{DnsLabel, Mac, Mode};
 use qnet_hookd::dnsmasq::{spawn, DhcpHost, DnsHost, Paths};
 use qnet_hookd::network::bring_up;
@@ -55,6 +59,7 @@ enum Kind {
     Name,
     Both,
     Lease,
+    Reload,
 }
 
 impl Kind {
@@ -64,6 +69,7 @@ impl Kind {
             Kind::Name => "name",
             Kind::Both => "both",
             Kind::Lease => "lease",
+            Kind::Reload => "SIGHUP",
         }
     }
 }
@@ -91,7 +97,13 @@ fn main() {
     println!("| guests already there | each new guest adds | dnsmasq CPU per guest |");
     println!("|---|---|---|");
     for n in counts {
-        for kind in [Kind::Reservation, Kind::Name, Kind::Both, Kind::Lease] {
+        for kind in [
+            Kind::Reservation,
+            Kind::Name,
+            Kind::Both,
+            Kind::Lease,
+            Kind::Reload,
+        ] {
             let ms = measure(n, kind);
             println!("| {n} | {} | {ms:.3} ms |", kind.label());
         }
@@ -203,8 +215,15 @@ fn measure(n: u32, kind: Kind) -> f64 {
 
         let before = cpu;
         for i in n..n + ADDED {
-            if matches!(kind, Kind::Lease) {
-                take_lease(&client, i);
+            match kind {
+                Kind::Lease => take_lease(&client, i),
+                Kind::Reload => {
+                    let pid = Pid::from_raw(i32::try_from(pid).unwrap());
+                    nix::sys::signal::kill(pid, Signal::SIGHUP).expect("SIGHUP dnsmasq");
+                }
+                _ => {}
+            }
+            if matches!(kind, Kind::Lease | Kind::Reload) {
                 cpu = wait_idle(pid, cpu, QUIET, LIMIT);
                 continue;
             }
