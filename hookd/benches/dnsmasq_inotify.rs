@@ -149,10 +149,10 @@ fn lease_file(n: u32) -> String {
 /// reservation.
 fn take_lease(client: &NetNs, i: u32) {
     let (host, _) = guest(i, true);
-    let mac = host.mac.to_string();
-    client.ip(&["link", "set", "eth0", "down"]);
-    client.ip(&["link", "set", "eth0", "address", &mac]);
-    client.ip(&["link", "set", "eth0", "up"]);
+    // A veth takes a new MAC while up: taking it down would take the
+    // bridge's carrier down with it, and dnsmasq would be measured
+    // following its interface as well.
+    client.ip(&["link", "set", "eth0", "address", &host.mac.to_string()]);
     let out = client.exec_output(&[
         "busybox",
         "udhcpc",
@@ -221,23 +221,20 @@ fn measure(n: u32, kind: Kind) -> f64 {
                     let pid = Pid::from_raw(i32::try_from(pid).unwrap());
                     nix::sys::signal::kill(pid, Signal::SIGHUP).expect("SIGHUP dnsmasq");
                 }
-                _ => {}
+                Kind::Reservation | Kind::Name | Kind::Both => {
+                    let (reservation, name) = guest(i, !matches!(kind, Kind::Reservation));
+                    if !matches!(kind, Kind::Name) {
+                        dhcp.push(reservation);
+                    }
+                    if !matches!(kind, Kind::Reservation) {
+                        dns.push(name);
+                    }
+                    handle
+                        .set_hosts(dhcp.clone(), dns.clone())
+                        .await
+                        .expect("hosts");
+                }
             }
-            if matches!(kind, Kind::Lease | Kind::Reload) {
-                cpu = wait_idle(pid, cpu, QUIET, LIMIT);
-                continue;
-            }
-            let (reservation, name) = guest(i, !matches!(kind, Kind::Reservation));
-            if !matches!(kind, Kind::Name) {
-                dhcp.push(reservation);
-            }
-            if !matches!(kind, Kind::Reservation) {
-                dns.push(name);
-            }
-            handle
-                .set_hosts(dhcp.clone(), dns.clone())
-                .await
-                .expect("hosts");
             cpu = wait_idle(pid, cpu, QUIET, LIMIT);
         }
         handle.stop().await;
