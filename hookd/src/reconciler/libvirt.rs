@@ -494,28 +494,26 @@ impl Reconciler {
     /// The libvirt guest `uuid` stopped: its record and forwards go; its
     /// reservations stay (sticky).
     pub(super) fn guest_unregister(&mut self, uuid: &GuestUuid) -> Result<Reply, ApiError> {
-        let guests_before = self.state.guests.len();
-        let forwards_before = self.state.forwards.len();
+        // A guest the daemon dialed over QMP is followed there, not here.
+        let registered = |g: &Guest| g.qmp_server.is_none() && g.uuid.as_ref() == Some(uuid);
+        let declared = |f: &Forward| f.libvirt.as_ref() == Some(uuid);
         let removed_guests: Vec<Guest> = self
             .state
             .guests
             .values()
-            .filter(|g| g.qmp_server.is_none() && g.uuid.as_ref() == Some(uuid))
+            .filter(|g| registered(g))
             .cloned()
             .collect();
         let removed_forwards: Vec<Forward> = self
             .state
             .forwards
             .iter()
-            .filter(|f| f.libvirt.as_ref() == Some(uuid))
+            .filter(|f| declared(f))
             .cloned()
             .collect();
-        self.state
-            .guests
-            .retain(|_, g| g.qmp_server.is_some() || g.uuid.as_ref() != Some(uuid));
-        self.state
-            .forwards
-            .retain(|f| f.libvirt.as_ref() != Some(uuid));
+        let (guests, forwards) = (removed_guests.len(), removed_forwards.len());
+        self.state.guests.retain(|_, g| !registered(g));
+        self.state.forwards.retain(|f| !declared(f));
         self.commit(move |state| {
             for g in removed_guests {
                 state.guests.insert(g.process.pid, g);
@@ -524,8 +522,6 @@ impl Reconciler {
         })?;
         // Its next start warns again.
         self.libvirt_warned.retain(|(u, _)| u != uuid);
-        let guests = guests_before - self.state.guests.len();
-        let forwards = forwards_before - self.state.forwards.len();
         self.dirty.dnsmasq = true;
         self.dirty.forwards = true;
         tracing::info!(%uuid, guests, forwards, "libvirt guest unregistered");
